@@ -1,0 +1,7 @@
+"""gatedfwa: gated sliding-window attention (GatedFWA, arXiv 2512.07782) for PyTorch."""
+
+from gatedfwa.ops.api import flash_gated_window_attention, gated_window_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["gated_window_attention", "flash_gated_window_attention"]

@@ -1,0 +1,1 @@
+"""Pure functions on tensors (no nn.Module): references, Triton kernels, public ops."""

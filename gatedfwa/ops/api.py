@@ -1,0 +1,190 @@
+"""Public entry points of the attention op: validation, backend dispatch, and the
+torch.library custom ops (with registered backward) around the Triton kernels.
+
+Backends:
+    "triton"  the kernels in gatedfwa/ops/attention.py; default for CUDA tensors. On CPU
+              tensors they run under TRITON_INTERPRET=1 (tests).
+    "torch"   the chunked PyTorch path of gatedfwa/ops/reference.py; default elsewhere.
+Set GATEDFWA_BACKEND=triton or GATEDFWA_BACKEND=torch to force one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from gatedfwa.ops.reference import chunked_gated_window_attention
+from gatedfwa.ops.validation import check_attention_args
+
+__all__ = ["gated_window_attention", "flash_gated_window_attention", "select_backend"]
+
+BACKENDS = ("triton", "torch")
+
+
+def select_backend(device: torch.device) -> str:
+    """The backend that serves tensors on ``device``: GATEDFWA_BACKEND if set, otherwise
+    Triton on CUDA and the chunked PyTorch path everywhere else."""
+    forced = os.environ.get("GATEDFWA_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"GATEDFWA_BACKEND must be one of {BACKENDS}, got {forced!r}")
+        return forced
+    return "triton" if device.type == "cuda" else "torch"
+
+
+# --------------------------------------------------------------------------------------
+# Custom ops around the Triton kernels. torch.compile treats them as opaque nodes with a
+# known output shape (register_fake) and a known backward (register_autograd).
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("gatedfwa::window_attention_forward", mutates_args=(), device_types=None)
+def _window_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    window_size: int | None,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from gatedfwa.ops.attention import attention_forward
+
+    return attention_forward(q, k, v, g, window_size, scale, cu_seqlens)
+
+
+@_window_attention_forward.register_fake
+def _(q, k, v, g, window_size, scale, cu_seqlens):
+    batch, seqlen, num_q_heads, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, num_q_heads, seqlen), dtype=torch.float32)
+
+
+@torch.library.custom_op("gatedfwa::window_attention_backward", mutates_args=(), device_types=None)
+def _window_attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    window_size: int | None,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv, dg); dg is an empty tensor when g is None."""
+    from gatedfwa.ops.attention import attention_backward
+
+    dq, dk, dv, dg = attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens)
+    if dg is None:
+        dg = q.new_empty((0,), dtype=torch.float32)
+    return dq, dk, dv, dg
+
+
+@_window_attention_backward.register_fake
+def _(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
+    dg = q.new_empty((0,), dtype=torch.float32) if g is None else torch.empty_like(g)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, window_size, scale, cu_seqlens = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, g, o, lse, cu_seqlens)
+    ctx.window_size = window_size
+    ctx.scale = scale
+    ctx.has_gate = g is not None
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, g, o, lse, cu_seqlens = ctx.saved_tensors
+    # lse is an auxiliary output; a gradient flowing into it is not supported.
+    dq, dk, dv, dg = _window_attention_backward(
+        do.contiguous(), q, k, v, g, o, lse, ctx.window_size, ctx.scale, cu_seqlens
+    )
+    return dq, dk, dv, (dg if ctx.has_gate else None), None, None, None
+
+
+_window_attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def gated_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    window_size: int | None = None,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Gated sliding-window attention (GatedFWA).
+
+    o_t = sum_{t - w < j <= t} softmax_j(scale * q_t . k_j + g_{j+1} + ... + g_t) v_j
+
+    Args:
+        q: [B, T, HQ, D] float16, bfloat16 or float32; D <= 256, any value (not only powers of 2).
+        k, v: [B, T, H, D] with HQ % H == 0 (GQA/MQA: key/value heads are shared, never copied).
+        g: [B, T, HQ] per-step log gates (<= 0), any float dtype, or None for plain SWA.
+        window_size: keys visible to a query, the query included (1 = itself only);
+            None = full causal (with g: "forgetting" attention).
+        scale: logit scale, default D ** -0.5.
+        cu_seqlens: int32 [N + 1] offsets of N sequences packed along T (B must be 1);
+            nothing, the gate sums included, crosses a sequence boundary.
+        return_lse: also return the log-sum-exp of each row's logits, [B, HQ, T] float32.
+
+    Returns:
+        o [B, T, HQ, D] in q's dtype, or (o, lse) when return_lse.
+    """
+    check_attention_args(q, k, v, g, window_size, scale, cu_seqlens)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if select_backend(q.device) == "triton":
+        o, lse = _window_attention_forward(
+            q.contiguous(), k.contiguous(), v.contiguous(),
+            None if g is None else g.contiguous(), window_size, scale, cu_seqlens,
+        )
+    else:
+        o, lse = chunked_gated_window_attention(q, k, v, g, window_size, scale, cu_seqlens)
+    return (o, lse) if return_lse else o
+
+
+def flash_gated_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, 0),
+    softmax_scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """flash-attn style alias of :func:`gated_window_attention` for migrating code.
+
+    ``window_size=(left, 0)``: each query sees ``left`` earlier keys plus itself
+    (our w = left + 1); left = -1 means unbounded. Attention is always causal, so the
+    right window must be 0.
+    """
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in window_size)
+    ):
+        raise TypeError(f"window_size must be a pair of ints (left, 0), got {window_size!r}")
+    left, right = window_size
+    if right != 0:
+        raise ValueError(f"window_size right must be 0 (attention is causal), got {right}")
+    if left < -1:
+        raise ValueError(f"window_size left must be >= 0, or -1 for unbounded, got {left}")
+    return gated_window_attention(
+        q, k, v, g,
+        window_size=None if left == -1 else left + 1,
+        scale=softmax_scale,
+        cu_seqlens=cu_seqlens,
+        return_lse=return_lse,
+    )

@@ -1,0 +1,108 @@
+"""Argument checks shared by the public ops. Each error names the argument and what was
+expected; nothing is broadcast, truncated or clamped silently."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _shape(x: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in x.shape) + "]"
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q [B, T, HQ, D], k and v [B, T, H, D], HQ % H == 0, D <= 256, one dtype and device."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions [batch, seqlen, heads, head_dim], got shape {_shape(x)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {_shape(k)} and v {_shape(v)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1]:
+        raise ValueError(f"q and k must agree in batch and seqlen, got q {_shape(q)} and k {_shape(k)}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(
+            f"the number of query heads ({q.shape[2]}) must be a positive multiple of the number of "
+            f"key/value heads ({k.shape[2]})"
+        )
+    if q.shape[3] > MAX_HEAD_DIM or q.shape[3] < 1:
+        raise ValueError(f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {q.shape[3]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def check_gate(g: torch.Tensor | None, q: torch.Tensor) -> None:
+    """g [B, T, HQ], a floating dtype, on q's device (or None)."""
+    if g is None:
+        return
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"g must be a torch.Tensor or None, got {type(g).__name__}")
+    expected = tuple(q.shape[:3])
+    if tuple(g.shape) != expected:
+        raise ValueError(f"g must have shape [batch, seqlen, query_heads] = {list(expected)}, got {_shape(g)}")
+    if not g.is_floating_point():
+        raise TypeError(f"g must be a floating-point tensor, got {g.dtype}")
+    if g.device != q.device:
+        raise ValueError(f"g must be on q's device {q.device}, got {g.device}")
+
+
+def check_window(window_size: int | None) -> None:
+    """None (full causal) or an int >= 1 that counts the query itself."""
+    if window_size is None:
+        return
+    if isinstance(window_size, bool) or not isinstance(window_size, int):
+        raise TypeError(f"window_size must be an int >= 1 or None, got {window_size!r}")
+    if window_size < 1:
+        raise ValueError(f"window_size must be >= 1 (it counts the query itself) or None, got {window_size}")
+
+
+def check_scale(scale: float | None) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> None:
+    """int32/int64 [N + 1], starting at 0, non-decreasing, ending at T, with batch size 1."""
+    if cu_seqlens is None:
+        return
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries [0, ..., T], got shape {_shape(cu_seqlens)}")
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got {q.shape[0]}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
+    if torch.compiler.is_compiling():
+        return  # value checks would need a host sync inside the graph
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {values}")
+    if values[-1] != q.shape[1]:
+        raise ValueError(f"cu_seqlens must end at the packed length T = {q.shape[1]}, got {values[-1]}")
+
+
+def check_attention_args(q, k, v, g, window_size, scale, cu_seqlens) -> None:
+    check_qkv(q, k, v)
+    check_gate(g, q)
+    check_window(window_size)
+    check_scale(scale)
+    check_cu_seqlens(cu_seqlens, q)
