@@ -1,0 +1,712 @@
+"""Triton kernels for gated sliding-window attention: forward, and backward (dq, dk, dv, dg).
+
+Math and notation: docs/math.md. Each query t sees keys j with bos <= j <= t and t - j < w;
+the logit of (t, j) is scale * q_t . k_j + U_t - U_j, with U the running sum of the log
+gates g inside the sequence.
+
+Numerical stability without a global cumulative sum
+---------------------------------------------------
+Only differences U_t - U_j with t - j < w are ever needed, so every program measures U from
+its own reference point: a forward/dq program that owns query rows [m0, m0 + BLOCK_M) uses
+L_i = U_i - U_{m0-1}, a dk/dv program that owns keys [n0, n0 + BLOCK_N) uses
+L_i = U_i - U_{n0-1}. L is assembled from block sums while the program walks its key (or
+query) tiles outward from the diagonal, so its magnitude is bounded by the span of one
+window, never by the sequence length, and the rounding of L_t - L_j does not grow with T.
+
+Softmax is invariant to a per-row constant, so the forward and dq kernels drop L_t from the
+logits (scale * q.k - L_j) and add it back only to the stored log-sum-exp.
+
+Tiles
+-----
+Forward and dq programs walk key tiles in two phases: the tiles on the diagonal (causal
+mask), then the tiles to the left, nearest first. Tiles wholly inside every row's window are
+processed without any mask; only the diagonal tiles and the tiles at the far edge of the
+window are masked. Tiles outside the window are never loaded. The dk/dv program mirrors this
+over query tiles.
+
+The gate gradient: d loss / d U_t = rowsum_j dS_tj - colsum_i dS_it. The dq kernel writes
+the row sums, the dk/dv kernel the column sums, and dg_s = sum_{t >= s} dU_t is a reverse
+cumulative sum inside each sequence. The row sums of dS are zero in exact arithmetic, so the
+partial sums stay bounded; the reverse sum runs in float64.
+
+Layouts: q/o [B*T, HQ, D], k/v [B*T, H, D] (the caller's [B, T, ., D] flattened), g
+[B*T, HQ] float32, lse/delta/row sums/column sums [B, HQ, T] float32. With cu_seqlens, B == 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ======================================================================================
+# Forward
+# ======================================================================================
+
+
+@triton.jit
+def _sequence_bounds(cu_seqlens, seq, seqlen, VARLEN: tl.constexpr):
+    """[bos, eos) of sequence `seq` in the flattened token axis."""
+    if VARLEN:
+        bos = tl.load(cu_seqlens + seq).to(tl.int32)
+        eos = tl.load(cu_seqlens + seq + 1).to(tl.int32)
+    else:
+        bos = seq * seqlen
+        eos = bos + seqlen
+    return bos, eos
+
+
+@triton.jit
+def _forward_tile(
+    acc, row_max, row_sum,
+    q, k_head, v_head, key_offset,
+    offs_m, offs_n, offs_d, bos, eos, window,
+    stride_kt, stride_vt, qk_scale,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold one key tile into the running softmax of a query block.
+
+    key_offset [BLOCK_N]: L_j * log2(e) of the tile's keys (ignored without gate).
+    Everything is in base-2 units: logits are multiplied by log2(e) once, so exp2 applies.
+    """
+    if MASKED:
+        key_ok = (offs_n >= bos) & (offs_n < eos)
+        k_mask = key_ok[None, :]
+        if not EVEN_D:
+            k_mask = k_mask & (offs_d[:, None] < HEAD_DIM)
+        k = tl.load(k_head + offs_n[None, :] * stride_kt + offs_d[:, None], mask=k_mask, other=0.0)
+    else:
+        if EVEN_D:
+            k = tl.load(k_head + offs_n[None, :] * stride_kt + offs_d[:, None])
+        else:
+            k = tl.load(k_head + offs_n[None, :] * stride_kt + offs_d[:, None],
+                        mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_GATE:
+        s = s - key_offset[None, :]
+    if MASKED:
+        distance = offs_m[:, None] - offs_n[None, :]
+        visible = (distance >= 0) & (distance < window) & key_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps max = -inf; subtract 0 instead so that
+    # exp2(-inf - 0) = 0 rather than NaN.
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.math.exp2(s - safe_max[:, None])
+    correction = tl.math.exp2(row_max - safe_max)
+    row_sum = row_sum * correction + tl.sum(p, 1)
+    acc = acc * correction[:, None]
+    if MASKED:
+        v_mask = key_ok[:, None]
+        if not EVEN_D:
+            v_mask = v_mask & (offs_d[None, :] < HEAD_DIM)
+        v = tl.load(v_head + offs_n[:, None] * stride_vt + offs_d[None, :], mask=v_mask, other=0.0)
+    else:
+        if EVEN_D:
+            v = tl.load(v_head + offs_n[:, None] * stride_vt + offs_d[None, :])
+        else:
+            v = tl.load(v_head + offs_n[:, None] * stride_vt + offs_d[None, :],
+                        mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, new_max, row_sum
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K, V, G, O, LSE, CU_SEQLENS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ot, stride_oh, stride_gt, stride_gh,
+    seqlen, num_q_heads, window, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one sequence and one query head."""
+    block = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    bos, eos = _sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    m0 = bos + block * BLOCK_M
+    if m0 >= eos:
+        return
+    kv_head = head // GROUP
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < eos
+    q_mask = row_ok[:, None]
+    if not EVEN_D:
+        q_mask = q_mask & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+
+    k_head = K + kv_head * stride_kh
+    v_head = V + kv_head * stride_vh
+    g_head = G + head * stride_gh
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    key_offset = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    # Phase 1: the diagonal tiles [m0, m0 + BLOCK_M), left to right. L_j = sum g[m0..j].
+    running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
+    for n0 in range(m0, tl.minimum(m0 + BLOCK_M, eos), BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if HAS_GATE:
+            gk = tl.load(g_head + offs_n * stride_gt, mask=offs_n < eos, other=0.0)
+            key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
+            running += tl.sum(gk, 0)
+        acc, row_max, row_sum = _forward_tile(
+            acc, row_max, row_sum, q, k_head, v_head, key_offset,
+            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
+            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
+
+    # Phase 2: tiles left of the diagonal, nearest first. L_j = -sum g[j+1..m0-1].
+    # Tiles whose keys are all >= bos and inside every row's window need no mask.
+    lowest_key = tl.maximum(bos, m0 - window + 1)
+    num_tiles = tl.cdiv(m0 - lowest_key, BLOCK_N)
+    unmasked_floor = tl.maximum(bos, m0 + BLOCK_M - window)
+    num_unmasked = tl.minimum(tl.maximum(m0 - unmasked_floor, 0) // BLOCK_N, num_tiles)
+    running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
+    for i in range(0, num_unmasked):
+        n0 = m0 - (i + 1) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if HAS_GATE:
+            gk = tl.load(g_head + offs_n * stride_gt)
+            running -= tl.sum(gk, 0)
+            key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
+        acc, row_max, row_sum = _forward_tile(
+            acc, row_max, row_sum, q, k_head, v_head, key_offset,
+            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
+            HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION)
+    for i in range(num_unmasked, num_tiles):
+        n0 = m0 - (i + 1) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if HAS_GATE:
+            gk = tl.load(g_head + offs_n * stride_gt, mask=offs_n >= bos, other=0.0)
+            running -= tl.sum(gk, 0)
+            key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
+        acc, row_max, row_sum = _forward_tile(
+            acc, row_max, row_sum, q, k_head, v_head, key_offset,
+            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
+            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
+
+    # Epilogue: normalise; rows without any visible key give 0 and lse = -inf.
+    has_keys = row_sum > 0.0
+    out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
+    o_mask = row_ok[:, None]
+    if not EVEN_D:
+        o_mask = o_mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(O + offs_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=o_mask)
+    lse = (row_max + tl.math.log2(tl.where(has_keys, row_sum, 1.0))) * LN2
+    if HAS_GATE:
+        gq = tl.load(g_head + offs_m * stride_gt, mask=row_ok, other=0.0)
+        lse += tl.cumsum(gq, 0)  # add back L_t, dropped from the logits
+    lse = tl.where(has_keys, lse, float("-inf"))
+    if VARLEN:
+        lse_row = LSE + head * seqlen + offs_m
+    else:
+        lse_row = LSE + (seq * num_q_heads + head) * seqlen + (offs_m - bos)
+    tl.store(lse_row, lse, mask=row_ok)
+
+
+# ======================================================================================
+# Backward
+# ======================================================================================
+
+
+@triton.jit
+def _delta_kernel(
+    O, DO, DELTA, CU_SEQLENS,
+    stride_ot, stride_oh, stride_dot, stride_doh,
+    seqlen, num_q_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """delta_t = sum_d o_t * do_t in float32, the softmax-backward row term."""
+    block = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    bos, eos = _sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    m0 = bos + block * BLOCK_M
+    if m0 >= eos:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < eos)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + offs_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if VARLEN:
+        row = DELTA + head * seqlen + offs_m
+    else:
+        row = DELTA + (seq * num_q_heads + head) * seqlen + (offs_m - bos)
+    tl.store(row, delta, mask=offs_m < eos)
+
+
+@triton.jit
+def _dq_tile(
+    dq, dgate_row, q, do, lse2, delta, k_head, v_head, key_offset,
+    offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Add one key tile's contribution to dq (unscaled) and to the row sums of dS."""
+    kv_mask = offs_d[:, None] < HEAD_DIM
+    if MASKED:
+        key_ok = (offs_n >= bos) & (offs_n < eos)
+        kv_mask = kv_mask & key_ok[None, :]
+    if MASKED or not EVEN_D:
+        kT = tl.load(k_head + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kv_mask, other=0.0)
+        vT = tl.load(v_head + offs_n[None, :] * stride_vt + offs_d[:, None], mask=kv_mask, other=0.0)
+    else:
+        kT = tl.load(k_head + offs_n[None, :] * stride_kt + offs_d[:, None])
+        vT = tl.load(v_head + offs_n[None, :] * stride_vt + offs_d[:, None])
+    s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_GATE:
+        s = s - key_offset[None, :]
+    if MASKED:
+        distance = offs_m[:, None] - offs_n[None, :]
+        visible = (distance >= 0) & (distance < window) & key_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if HAS_GATE:
+        dgate_row += tl.sum(ds, 1)
+    dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+    return dq, dgate_row
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, G, DO, LSE, DELTA, DQ, ROWSUM, CU_SEQLENS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_gt, stride_gh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    seqlen, num_q_heads, window, qk_scale, scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: dq of BLOCK_M query rows of one head, walking key tiles as the forward."""
+    block = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    bos, eos = _sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    m0 = bos + block * BLOCK_M
+    if m0 >= eos:
+        return
+    kv_head = head // GROUP
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < eos
+    qd_mask = row_ok[:, None]
+    if not EVEN_D:
+        qd_mask = qd_mask & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=qd_mask, other=0.0)
+    if VARLEN:
+        row_stat = head * seqlen + offs_m
+    else:
+        row_stat = (seq * num_q_heads + head) * seqlen + (offs_m - bos)
+    # Rows past the end load lse = 0 so that their (discarded) probabilities stay finite.
+    lse2 = tl.load(LSE + row_stat, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + row_stat, mask=row_ok, other=0.0)
+    g_head = G + head * stride_gh
+    if HAS_GATE:
+        gq = tl.load(g_head + offs_m * stride_gt, mask=row_ok, other=0.0)
+        lse2 -= tl.cumsum(gq, 0) * LOG2E  # logits below omit L_t, so does lse
+    k_head = K + kv_head * stride_kh
+    v_head = V + kv_head * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dgate_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+    key_offset = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
+    for n0 in range(m0, tl.minimum(m0 + BLOCK_M, eos), BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if HAS_GATE:
+            gk = tl.load(g_head + offs_n * stride_gt, mask=offs_n < eos, other=0.0)
+            key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
+            running += tl.sum(gk, 0)
+        dq, dgate_row = _dq_tile(
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, key_offset,
+            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
+            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
+
+    lowest_key = tl.maximum(bos, m0 - window + 1)
+    num_tiles = tl.cdiv(m0 - lowest_key, BLOCK_N)
+    unmasked_floor = tl.maximum(bos, m0 + BLOCK_M - window)
+    num_unmasked = tl.minimum(tl.maximum(m0 - unmasked_floor, 0) // BLOCK_N, num_tiles)
+    running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
+    for i in range(0, num_unmasked):
+        n0 = m0 - (i + 1) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if HAS_GATE:
+            gk = tl.load(g_head + offs_n * stride_gt)
+            running -= tl.sum(gk, 0)
+            key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
+        dq, dgate_row = _dq_tile(
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, key_offset,
+            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
+            HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION)
+    for i in range(num_unmasked, num_tiles):
+        n0 = m0 - (i + 1) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if HAS_GATE:
+            gk = tl.load(g_head + offs_n * stride_gt, mask=offs_n >= bos, other=0.0)
+            running -= tl.sum(gk, 0)
+            key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
+        dq, dgate_row = _dq_tile(
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, key_offset,
+            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
+            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
+
+    tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    if HAS_GATE:
+        tl.store(ROWSUM + row_stat, dgate_row, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
+    running, offs_m, offs_n, offs_d, bos, eos, window,
+    stride_qt, stride_dot, stride_gt, qk_scale,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """Add one query tile's contribution to dk, dv (unscaled) and the column sums of dS.
+
+    Works on the transposed scores sT [BLOCK_N keys, BLOCK_M queries] so that dk and dv
+    accumulate with the key rows in place.
+    """
+    row_ok = offs_m < eos
+    qT_mask = offs_d[:, None] < HEAD_DIM
+    do_mask = offs_d[None, :] < HEAD_DIM
+    if MASKED:
+        qT_mask = qT_mask & row_ok[None, :]
+        do_mask = do_mask & row_ok[:, None]
+    if MASKED or not EVEN_D:
+        qT = tl.load(q_head + offs_m[None, :] * stride_qt + offs_d[:, None], mask=qT_mask, other=0.0)
+        do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=do_mask, other=0.0)
+    else:
+        qT = tl.load(q_head + offs_m[None, :] * stride_qt + offs_d[:, None])
+        do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :])
+    if VARLEN:
+        stat = offs_m
+    else:
+        stat = offs_m - bos
+    if MASKED:
+        lse2 = tl.load(lse_head + stat, mask=row_ok, other=0.0) * LOG2E
+        delta = tl.load(delta_head + stat, mask=row_ok, other=0.0)
+    else:
+        lse2 = tl.load(lse_head + stat) * LOG2E
+        delta = tl.load(delta_head + stat)
+    sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_GATE:
+        if MASKED:
+            gq = tl.load(g_head + offs_m * stride_gt, mask=row_ok, other=0.0)
+        else:
+            gq = tl.load(g_head + offs_m * stride_gt)
+        query_offset = (running + tl.cumsum(gq, 0)) * LOG2E  # L_t relative to n0 - 1
+        running += tl.sum(gq, 0)
+        sT = sT + (query_offset[None, :] - key_offset[:, None])
+    if MASKED:
+        distance = offs_m[None, :] - offs_n[:, None]
+        visible = (distance >= 0) & (distance < window) & row_ok[None, :]
+        sT = tl.where(visible, sT, float("-inf"))
+    pT = tl.math.exp2(sT - lse2[None, :])
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    if HAS_GATE:
+        dgate_col += tl.sum(dsT, 1)
+    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+    return dk, dv, dgate_col, running
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, G, DO, LSE, DELTA, DK, DV, COLSUM, CU_SEQLENS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_gt, stride_gh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    seqlen, num_q_heads, window, qk_scale, scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: dk, dv of BLOCK_N keys of one kv head, summed over its GROUP query heads;
+    walks the query tiles that can see these keys, from the diagonal outward."""
+    block = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    bos, eos = _sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    n0 = bos + block * BLOCK_N
+    if n0 >= eos:
+        return
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < eos
+    kd_mask = key_ok[:, None]
+    if not EVEN_D:
+        kd_mask = kd_mask & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + offs_n[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kd_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kd_mask, other=0.0)
+
+    # Query tiles start at n0 (the diagonal). Tiles [0, num_diagonal) overlap the causal edge,
+    # tiles [num_diagonal, num_unmasked) are wholly visible, the rest reach the window's edge
+    # or the end of the sequence.
+    last_query = tl.minimum(eos, n0 + BLOCK_N - 1 + window)  # exclusive
+    num_tiles = tl.cdiv(last_query - n0, BLOCK_M)
+    num_diagonal = tl.minimum(tl.cdiv(BLOCK_N, BLOCK_M), num_tiles)
+    num_unmasked = tl.minimum(window // BLOCK_M, (eos - n0) // BLOCK_M)
+    num_unmasked = tl.maximum(tl.minimum(num_unmasked, num_tiles), num_diagonal)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for member in range(0, GROUP):
+        head = kv_head * GROUP + member
+        q_head = Q + head * stride_qh
+        do_head = DO + head * stride_doh
+        g_head = G + head * stride_gh
+        if VARLEN:
+            lse_head = LSE + head * seqlen
+            delta_head = DELTA + head * seqlen
+        else:
+            lse_head = LSE + (seq * num_q_heads + head) * seqlen
+            delta_head = DELTA + (seq * num_q_heads + head) * seqlen
+        key_offset = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_GATE:
+            gk = tl.load(g_head + offs_n * stride_gt, mask=key_ok, other=0.0)
+            key_offset = tl.cumsum(gk, 0) * LOG2E  # L_j relative to n0 - 1
+        dgate_col = tl.zeros([BLOCK_N], dtype=tl.float32)
+        running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
+        for i in range(0, num_diagonal):
+            offs_m = n0 + i * BLOCK_M + tl.arange(0, BLOCK_M)
+            dk, dv, dgate_col, running = _dkdv_tile(
+                dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
+                running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
+                qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN)
+        for i in range(num_diagonal, num_unmasked):
+            offs_m = n0 + i * BLOCK_M + tl.arange(0, BLOCK_M)
+            dk, dv, dgate_col, running = _dkdv_tile(
+                dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
+                running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
+                qk_scale, HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION, VARLEN)
+        for i in range(num_unmasked, num_tiles):
+            offs_m = n0 + i * BLOCK_M + tl.arange(0, BLOCK_M)
+            dk, dv, dgate_col, running = _dkdv_tile(
+                dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
+                running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
+                qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN)
+        if HAS_GATE:
+            if VARLEN:
+                col = COLSUM + head * seqlen + offs_n
+            else:
+                col = COLSUM + (seq * num_q_heads + head) * seqlen + (offs_n - bos)
+            tl.store(col, dgate_col, mask=key_ok)
+
+    tl.store(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
+    tl.store(DV + offs_n[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kd_mask)
+
+
+# ======================================================================================
+# Launch configuration
+# ======================================================================================
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _forward_config(head_dim: int) -> dict:
+    """Tile sizes for the forward and dq kernels (BLOCK_M must be a multiple of BLOCK_N)."""
+    if _interpreting():
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    block_d = _block_d(head_dim)
+    if block_d <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+def _dq_config(head_dim: int) -> dict:
+    if _interpreting():
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    block_d = _block_d(head_dim)
+    if block_d <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+    if block_d <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
+
+
+def _dkdv_config(head_dim: int) -> dict:
+    """BLOCK_N keys held per program, BLOCK_M queries per tile."""
+    if _interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+    block_d = _block_d(head_dim)
+    if block_d <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)
+    if block_d <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
+
+
+# Tests and benchmarks may replace these to try other tile sizes.
+CONFIGS = {"forward": _forward_config, "dq": _dq_config, "dkdv": _dkdv_config}
+
+
+class _Problem:
+    """Sizes shared by every launch of one call, derived once."""
+
+    def __init__(self, q, k, window_size, cu_seqlens):
+        batch, seqlen, self.num_q_heads, self.head_dim = q.shape
+        self.num_kv_heads = k.shape[2]
+        self.group = self.num_q_heads // self.num_kv_heads
+        self.block_d = _block_d(self.head_dim)
+        self.varlen = cu_seqlens is not None
+        if self.varlen:
+            self.num_seqs = cu_seqlens.numel() - 1
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            self.max_seqlen = int(lengths.max().item()) if self.num_seqs > 0 else 0
+            self.cu_seqlens = cu_seqlens
+        else:
+            self.num_seqs = batch
+            self.max_seqlen = seqlen
+            self.cu_seqlens = q  # unused pointer placeholder
+        self.seqlen = seqlen  # the packed length with cu_seqlens
+        # A window at least as long as any sequence is full causal attention.
+        limit = max(self.max_seqlen, 1)
+        self.window = limit if window_size is None else min(window_size, limit)
+
+    def grid(self, block: int, heads: int):
+        return (triton.cdiv(max(self.max_seqlen, 1), block), self.num_seqs, heads)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs get full-precision products; tf32 would cost ~1e-3 relative error.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, ...] -> [B*T, ...] view (x is contiguous)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def attention_forward(q, k, v, g, window_size, scale, cu_seqlens):
+    """q [B,T,HQ,D], k/v [B,T,H,D] contiguous, g [B,T,HQ] or None.
+    Returns o [B,T,HQ,D] (q's dtype) and lse [B,HQ,T] float32."""
+    problem = _Problem(q, k, window_size, cu_seqlens)
+    o = torch.empty_like(q)
+    lse = torch.empty((q.shape[0], problem.num_q_heads, q.shape[1]), dtype=torch.float32, device=q.device)
+    if q.shape[1] == 0 or problem.max_seqlen == 0:
+        lse.fill_(float("-inf"))
+        o.zero_()
+        return o, lse
+    gf = None if g is None else _flat(g).float().contiguous()
+    qf, kf, vf, of = _flat(q), _flat(k), _flat(v), _flat(o)
+    config = CONFIGS["forward"](problem.head_dim)
+    _forward_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
+        qf, kf, vf, gf if gf is not None else qf, of, lse, problem.cu_seqlens,
+        qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
+        of.stride(0), of.stride(1),
+        gf.stride(0) if gf is not None else 0, gf.stride(1) if gf is not None else 0,
+        problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E,
+        GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
+        HAS_GATE=g is not None, VARLEN=problem.varlen, DOT_PRECISION=_dot_precision(q.dtype),
+        **config,
+    )
+    return o, lse
+
+
+def _reverse_cumsum_within_sequences(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """x [B, HQ, T] -> y with y[..., s] = sum of x[..., t] over t >= s in s's sequence, float64."""
+    x = x.double()
+    suffix = x.flip(-1).cumsum(-1).flip(-1)
+    if cu_seqlens is None:
+        return suffix
+    # Packed sequences: subtract what lies past each position's own sequence end.
+    seqlen = x.shape[-1]
+    positions = torch.arange(seqlen, device=x.device)
+    ends = cu_seqlens[1:].long()
+    end_of = ends[torch.searchsorted(ends, positions, right=True)]
+    padded = torch.cat([suffix, suffix.new_zeros(*suffix.shape[:-1], 1)], dim=-1)
+    return suffix - padded[..., end_of]
+
+
+def attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
+    """Gradients of o with respect to q, k, v and g (None without gate)."""
+    problem = _Problem(q, k, window_size, cu_seqlens)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    has_gate = g is not None
+    if q.shape[1] == 0 or problem.max_seqlen == 0:
+        for grad in (dq, dk, dv):
+            grad.zero_()
+        return dq, dk, dv, (torch.zeros_like(g) if has_gate else None)
+    qf, kf, vf, of, dof = _flat(q), _flat(k), _flat(v), _flat(o), _flat(do)
+    dqf, dkf, dvf = _flat(dq), _flat(dk), _flat(dv)
+    gf = _flat(g).float().contiguous() if has_gate else qf
+    stats_shape = (q.shape[0], problem.num_q_heads, q.shape[1])
+    delta = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
+    # Row and column sums of dS; positions no program writes (none) would stay zero.
+    rowsum = torch.zeros(stats_shape, dtype=torch.float32, device=q.device) if has_gate else delta
+    colsum = torch.zeros(stats_shape, dtype=torch.float32, device=q.device) if has_gate else delta
+    precision = _dot_precision(q.dtype)
+    common = dict(GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
+                  HAS_GATE=has_gate, VARLEN=problem.varlen, DOT_PRECISION=precision)
+    g_strides = (gf.stride(0), gf.stride(1)) if has_gate else (0, 0)
+
+    delta_block = 16 if _interpreting() else 64
+    _delta_kernel[problem.grid(delta_block, problem.num_q_heads)](
+        of, dof, delta, problem.cu_seqlens, of.stride(0), of.stride(1), dof.stride(0), dof.stride(1),
+        problem.seqlen, problem.num_q_heads,
+        HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, BLOCK_M=delta_block, VARLEN=problem.varlen,
+    )
+    config = CONFIGS["dq"](problem.head_dim)
+    _dq_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
+        qf, kf, vf, gf, dof, lse, delta, dqf, rowsum, problem.cu_seqlens,
+        qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
+        *g_strides, dof.stride(0), dof.stride(1), dqf.stride(0), dqf.stride(1),
+        problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
+        **common, **config,
+    )
+    config = CONFIGS["dkdv"](problem.head_dim)
+    _dkdv_kernel[problem.grid(config["BLOCK_N"], problem.num_kv_heads)](
+        qf, kf, vf, gf, dof, lse, delta, dkf, dvf, colsum, problem.cu_seqlens,
+        qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
+        *g_strides, dof.stride(0), dof.stride(1),
+        dkf.stride(0), dkf.stride(1), dvf.stride(0), dvf.stride(1),
+        problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
+        **common, **config,
+    )
+    dg = None
+    if has_gate:
+        dg = _reverse_cumsum_within_sequences(rowsum - colsum, cu_seqlens)
+        dg = dg.transpose(1, 2).to(g.dtype).contiguous()
+    return dq, dk, dv, dg
