@@ -20,6 +20,7 @@ from gatedfwa.ops.validation import check_attention_args
 __all__ = ["gated_window_attention", "flash_gated_window_attention", "select_backend"]
 
 BACKENDS = ("triton", "torch")
+LN2 = 0.6931471805599453
 
 
 def select_backend(device: torch.device) -> str:
@@ -49,6 +50,7 @@ def _window_attention_forward(
     scale: float,
     cu_seqlens: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (o, lse2): the output and the base-2 log-sum-exp [B, HQ, T] float32."""
     from gatedfwa.ops.attention import attention_forward
 
     return attention_forward(q, k, v, g, window_size, scale, cu_seqlens)
@@ -73,7 +75,8 @@ def _window_attention_backward(
     scale: float,
     cu_seqlens: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv, dg); dg is an empty tensor when g is None."""
+    """lse2 is the forward's base-2 log-sum-exp. Returns (dq, dk, dv, dg); dg is an empty
+    tensor when g is None."""
     from gatedfwa.ops.attention import attention_backward
 
     dq, dk, dv, dg = attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens)
@@ -145,10 +148,11 @@ def gated_window_attention(
     check_attention_args(q, k, v, g, window_size, scale, cu_seqlens)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if select_backend(q.device) == "triton":
-        o, lse = _window_attention_forward(
+        o, lse2 = _window_attention_forward(
             q.contiguous(), k.contiguous(), v.contiguous(),
             None if g is None else g.contiguous(), window_size, scale, cu_seqlens,
         )
+        lse = lse2.detach() * LN2
     else:
         o, lse = chunked_gated_window_attention(q, k, v, g, window_size, scale, cu_seqlens)
     return (o, lse) if return_lse else o

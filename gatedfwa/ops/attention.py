@@ -7,14 +7,14 @@ gates g inside the sequence.
 Numerical stability without a global cumulative sum
 ---------------------------------------------------
 Only differences U_t - U_j with t - j < w are ever needed, so every program measures U from
-its own reference point: a forward/dq program that owns query rows [m0, m0 + BLOCK_M) uses
-L_i = U_i - U_{m0-1}, a dk/dv program that owns keys [n0, n0 + BLOCK_N) uses
-L_i = U_i - U_{n0-1}. L is assembled from block sums while the program walks its key (or
-query) tiles outward from the diagonal, so its magnitude is bounded by the span of one
-window, never by the sequence length, and the rounding of L_t - L_j does not grow with T.
-
-Softmax is invariant to a per-row constant, so the forward and dq kernels drop L_t from the
-logits (scale * q.k - L_j) and add it back only to the stored log-sum-exp.
+its own reference point r: L_i = U_i - U_r. A forward/dq program that owns query rows
+[m0, m0 + BLOCK_M) takes r = m0 - 1; a dk/dv program that owns keys [n0, n0 + BLOCK_N)
+takes r = n0 + BLOCK_N - 1. Either way r lies between every key and query of the
+off-diagonal tiles, where L_t <= 0 <= L_j (gates are <= 0): the bias L_t - L_j is then a sum
+of two same-signed terms and rounds like any sum, with no cancellation. L is assembled from
+tile sums while the program walks outward from the diagonal, so its magnitude is bounded by
+one window, never by the sequence length. Only inside the diagonal tiles, where keys and
+queries interleave, does L_t - L_j cancel, and there |L| is bounded by one tile's gate sum.
 
 Tiles
 -----
@@ -31,6 +31,8 @@ partial sums stay bounded; the reverse sum runs in float64.
 
 Layouts: q/o [B*T, HQ, D], k/v [B*T, H, D] (the caller's [B, T, ., D] flattened), g
 [B*T, HQ] float32, lse/delta/row sums/column sums [B, HQ, T] float32. With cu_seqlens, B == 1.
+The kernels keep the log-sum-exp in base 2 (lse2 = lse * log2(e)): the forward writes it and
+the backward reads it without converting back and forth.
 """
 
 from __future__ import annotations
@@ -68,9 +70,21 @@ def _sequence_bounds(cu_seqlens, seq, seqlen, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _left_key_offsets(gk, gates_between):
+    """Key offsets L_j * log2(e) of a tile left of the reference r, and the updated sum.
+
+    gk [BLOCK_N]: the tile's gates; gates_between: -(sum of the gates from the tile's end
+    to r), >= 0. L_j = gates_between - (g[j+1] + ... + g[tile end]): two non-negative terms.
+    """
+    tile_sum = tl.sum(gk, 0)
+    after_j = tile_sum - tl.cumsum(gk, 0)
+    return (gates_between - after_j) * LOG2E, gates_between - tile_sum
+
+
+@triton.jit
 def _forward_tile(
     acc, row_max, row_sum,
-    q, k_head, v_head, key_offset,
+    q, k_head, v_head, query_offset, key_offset,
     offs_m, offs_n, offs_d, bos, eos, window,
     stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
@@ -78,8 +92,8 @@ def _forward_tile(
 ):
     """Fold one key tile into the running softmax of a query block.
 
-    key_offset [BLOCK_N]: L_j * log2(e) of the tile's keys (ignored without gate).
-    Everything is in base-2 units: logits are multiplied by log2(e) once, so exp2 applies.
+    query_offset [BLOCK_M], key_offset [BLOCK_N]: L_t and L_j times log2(e) (unused without
+    gate). Logits are in base-2 units (multiplied by log2(e) once), so exp2 applies.
     """
     if MASKED:
         key_ok = (offs_n >= bos) & (offs_n < eos)
@@ -94,10 +108,16 @@ def _forward_tile(
             k = tl.load(k_head + offs_n[None, :] * stride_kt + offs_d[:, None],
                         mask=offs_d[:, None] < HEAD_DIM, other=0.0)
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-    if HAS_GATE:
-        s = s - key_offset[None, :]
     if MASKED:
         distance = offs_m[:, None] - offs_n[None, :]
+    if HAS_GATE:
+        bias = query_offset[:, None] - key_offset[None, :]
+        if MASKED:
+            # A key's decay to itself is exactly 0; the two offsets, summed in different
+            # orders, may differ by a rounding of |L|.
+            bias = tl.where(distance == 0, 0.0, bias)
+        s += bias
+    if MASKED:
         visible = (distance >= 0) & (distance < window) & key_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(s, 1))
@@ -159,9 +179,14 @@ def _forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    query_offset = tl.zeros([BLOCK_M], dtype=tl.float32)
     key_offset = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_GATE:
+        # L_t = g[m0] + ... + g[t] (reference r = m0 - 1).
+        gq = tl.load(g_head + offs_m * stride_gt, mask=row_ok, other=0.0)
+        query_offset = tl.cumsum(gq, 0) * LOG2E
 
-    # Phase 1: the diagonal tiles [m0, m0 + BLOCK_M), left to right. L_j = sum g[m0..j].
+    # Phase 1: the diagonal tiles [m0, m0 + BLOCK_M), left to right. L_j = g[m0] + ... + g[j].
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
     for n0 in range(m0, tl.minimum(m0 + BLOCK_M, eos), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -170,11 +195,12 @@ def _forward_kernel(
             key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
             running += tl.sum(gk, 0)
         acc, row_max, row_sum = _forward_tile(
-            acc, row_max, row_sum, q, k_head, v_head, key_offset,
+            acc, row_max, row_sum, q, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
 
-    # Phase 2: tiles left of the diagonal, nearest first. L_j = -sum g[j+1..m0-1].
+    # Phase 2: tiles left of the diagonal, nearest first. L_j = -(g[j+1] + ... + g[m0-1]) >= 0,
+    # built as (gates between this tile and m0) + (gates after j inside the tile).
     # Tiles whose keys are all >= bos and inside every row's window need no mask.
     lowest_key = tl.maximum(bos, m0 - window + 1)
     num_tiles = tl.cdiv(m0 - lowest_key, BLOCK_N)
@@ -186,10 +212,9 @@ def _forward_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
             gk = tl.load(g_head + offs_n * stride_gt)
-            running -= tl.sum(gk, 0)
-            key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
+            key_offset, running = _left_key_offsets(gk, running)
         acc, row_max, row_sum = _forward_tile(
-            acc, row_max, row_sum, q, k_head, v_head, key_offset,
+            acc, row_max, row_sum, q, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION)
     for i in range(num_unmasked, num_tiles):
@@ -197,10 +222,9 @@ def _forward_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
             gk = tl.load(g_head + offs_n * stride_gt, mask=offs_n >= bos, other=0.0)
-            running -= tl.sum(gk, 0)
-            key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
+            key_offset, running = _left_key_offsets(gk, running)
         acc, row_max, row_sum = _forward_tile(
-            acc, row_max, row_sum, q, k_head, v_head, key_offset,
+            acc, row_max, row_sum, q, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
 
@@ -212,10 +236,7 @@ def _forward_kernel(
         o_mask = o_mask & (offs_d[None, :] < HEAD_DIM)
     tl.store(O + offs_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=o_mask)
-    lse = (row_max + tl.math.log2(tl.where(has_keys, row_sum, 1.0))) * LN2
-    if HAS_GATE:
-        gq = tl.load(g_head + offs_m * stride_gt, mask=row_ok, other=0.0)
-        lse += tl.cumsum(gq, 0)  # add back L_t, dropped from the logits
+    lse = row_max + tl.math.log2(tl.where(has_keys, row_sum, 1.0))
     lse = tl.where(has_keys, lse, float("-inf"))
     if VARLEN:
         lse_row = LSE + head * seqlen + offs_m
@@ -259,7 +280,7 @@ def _delta_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, dgate_row, q, do, lse2, delta, k_head, v_head, key_offset,
+    dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
     offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -276,10 +297,14 @@ def _dq_tile(
         kT = tl.load(k_head + offs_n[None, :] * stride_kt + offs_d[:, None])
         vT = tl.load(v_head + offs_n[None, :] * stride_vt + offs_d[:, None])
     s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-    if HAS_GATE:
-        s = s - key_offset[None, :]
     if MASKED:
         distance = offs_m[:, None] - offs_n[None, :]
+    if HAS_GATE:
+        bias = query_offset[:, None] - key_offset[None, :]
+        if MASKED:
+            bias = tl.where(distance == 0, 0.0, bias)  # as in _forward_tile
+        s += bias
+    if MASKED:
         visible = (distance >= 0) & (distance < window) & key_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
     p = tl.math.exp2(s - lse2[:, None])
@@ -325,12 +350,13 @@ def _dq_kernel(
     else:
         row_stat = (seq * num_q_heads + head) * seqlen + (offs_m - bos)
     # Rows past the end load lse = 0 so that their (discarded) probabilities stay finite.
-    lse2 = tl.load(LSE + row_stat, mask=row_ok, other=0.0) * LOG2E
+    lse2 = tl.load(LSE + row_stat, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row_stat, mask=row_ok, other=0.0)
     g_head = G + head * stride_gh
+    query_offset = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_GATE:
         gq = tl.load(g_head + offs_m * stride_gt, mask=row_ok, other=0.0)
-        lse2 -= tl.cumsum(gq, 0) * LOG2E  # logits below omit L_t, so does lse
+        query_offset = tl.cumsum(gq, 0) * LOG2E
     k_head = K + kv_head * stride_kh
     v_head = V + kv_head * stride_vh
 
@@ -346,7 +372,7 @@ def _dq_kernel(
             key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
             running += tl.sum(gk, 0)
         dq, dgate_row = _dq_tile(
-            dq, dgate_row, q, do, lse2, delta, k_head, v_head, key_offset,
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
 
@@ -360,10 +386,9 @@ def _dq_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
             gk = tl.load(g_head + offs_n * stride_gt)
-            running -= tl.sum(gk, 0)
-            key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
+            key_offset, running = _left_key_offsets(gk, running)
         dq, dgate_row = _dq_tile(
-            dq, dgate_row, q, do, lse2, delta, k_head, v_head, key_offset,
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION)
     for i in range(num_unmasked, num_tiles):
@@ -371,10 +396,9 @@ def _dq_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
             gk = tl.load(g_head + offs_n * stride_gt, mask=offs_n >= bos, other=0.0)
-            running -= tl.sum(gk, 0)
-            key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
+            key_offset, running = _left_key_offsets(gk, running)
         dq, dgate_row = _dq_tile(
-            dq, dgate_row, q, do, lse2, delta, k_head, v_head, key_offset,
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
 
@@ -414,10 +438,10 @@ def _dkdv_tile(
     else:
         stat = offs_m - bos
     if MASKED:
-        lse2 = tl.load(lse_head + stat, mask=row_ok, other=0.0) * LOG2E
+        lse2 = tl.load(lse_head + stat, mask=row_ok, other=0.0)
         delta = tl.load(delta_head + stat, mask=row_ok, other=0.0)
     else:
-        lse2 = tl.load(lse_head + stat) * LOG2E
+        lse2 = tl.load(lse_head + stat)
         delta = tl.load(delta_head + stat)
     sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
     if HAS_GATE:
@@ -425,9 +449,12 @@ def _dkdv_tile(
             gq = tl.load(g_head + offs_m * stride_gt, mask=row_ok, other=0.0)
         else:
             gq = tl.load(g_head + offs_m * stride_gt)
-        query_offset = (running + tl.cumsum(gq, 0)) * LOG2E  # L_t relative to n0 - 1
+        query_offset = (running + tl.cumsum(gq, 0)) * LOG2E  # L_t, see _dkdv_kernel
         running += tl.sum(gq, 0)
-        sT = sT + (query_offset[None, :] - key_offset[:, None])
+        biasT = query_offset[None, :] - key_offset[:, None]
+        if MASKED:
+            biasT = tl.where(offs_m[None, :] == offs_n[:, None], 0.0, biasT)  # as in _forward_tile
+        sT += biasT
     if MASKED:
         distance = offs_m[None, :] - offs_n[:, None]
         visible = (distance >= 0) & (distance < window) & row_ok[None, :]
@@ -495,18 +522,25 @@ def _dkdv_kernel(
         else:
             lse_head = LSE + (seq * num_q_heads + head) * seqlen
             delta_head = DELTA + (seq * num_q_heads + head) * seqlen
+        # Reference r = the key block's last position. L_j = -(g[j+1] + ... + g[r]) >= 0.
+        # Diagonal query tiles lie inside the block: L_t = -(g[t+1] + ... + g[r]), walked
+        # from -(block sum) upward. Later tiles: L_t = g[r+1] + ... + g[t] <= 0, from 0.
         key_offset = tl.zeros([BLOCK_N], dtype=tl.float32)
+        zero = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
+        running = zero
         if HAS_GATE:
             gk = tl.load(g_head + offs_n * stride_gt, mask=key_ok, other=0.0)
-            key_offset = tl.cumsum(gk, 0) * LOG2E  # L_j relative to n0 - 1
+            block_sum = tl.sum(gk, 0)
+            key_offset = (tl.cumsum(gk, 0) - block_sum) * LOG2E
+            running = -block_sum
         dgate_col = tl.zeros([BLOCK_N], dtype=tl.float32)
-        running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
         for i in range(0, num_diagonal):
             offs_m = n0 + i * BLOCK_M + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
                 dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
                 running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
                 qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN)
+        running = zero
         for i in range(num_diagonal, num_unmasked):
             offs_m = n0 + i * BLOCK_M + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
@@ -565,7 +599,7 @@ def _dq_config(head_dim: int) -> dict:
 
 
 def _dkdv_config(head_dim: int) -> dict:
-    """BLOCK_N keys held per program, BLOCK_M queries per tile."""
+    """BLOCK_N keys held per program, BLOCK_M queries per tile (BLOCK_N a multiple of BLOCK_M)."""
     if _interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
     block_d = _block_d(head_dim)
@@ -607,6 +641,12 @@ class _Problem:
         return (triton.cdiv(max(self.max_seqlen, 1), block), self.num_seqs, heads)
 
 
+def _allocate_like(x: torch.Tensor) -> torch.Tensor:
+    """Uninitialised output buffer shaped like x. Tests replace this to fill outputs with NaN,
+    which shows any element a kernel fails to write."""
+    return torch.empty_like(x)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs get full-precision products; tf32 would cost ~1e-3 relative error.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -619,10 +659,10 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def attention_forward(q, k, v, g, window_size, scale, cu_seqlens):
     """q [B,T,HQ,D], k/v [B,T,H,D] contiguous, g [B,T,HQ] or None.
-    Returns o [B,T,HQ,D] (q's dtype) and lse [B,HQ,T] float32."""
+    Returns o [B,T,HQ,D] (q's dtype) and the base-2 log-sum-exp lse2 [B,HQ,T] float32."""
     problem = _Problem(q, k, window_size, cu_seqlens)
-    o = torch.empty_like(q)
-    lse = torch.empty((q.shape[0], problem.num_q_heads, q.shape[1]), dtype=torch.float32, device=q.device)
+    o = _allocate_like(q)
+    lse = _allocate_like(q.new_empty((q.shape[0], problem.num_q_heads, q.shape[1]), dtype=torch.float32))
     if q.shape[1] == 0 or problem.max_seqlen == 0:
         lse.fill_(float("-inf"))
         o.zero_()
@@ -659,11 +699,12 @@ def _reverse_cumsum_within_sequences(x: torch.Tensor, cu_seqlens: torch.Tensor |
 
 
 def attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
-    """Gradients of o with respect to q, k, v and g (None without gate)."""
+    """Gradients of o with respect to q, k, v and g (None without gate).
+    lse is the base-2 log-sum-exp that attention_forward returned."""
     problem = _Problem(q, k, window_size, cu_seqlens)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = _allocate_like(q)
+    dk = _allocate_like(k)
+    dv = _allocate_like(v)
     has_gate = g is not None
     if q.shape[1] == 0 or problem.max_seqlen == 0:
         for grad in (dq, dk, dv):

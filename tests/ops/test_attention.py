@@ -1,0 +1,298 @@
+"""Gated window attention: Triton kernels and the chunked PyTorch path against the float64
+naive reference, with the rule of DESIGN section 4 (error <= 2x the naive path's own error
+in the same precision + 1e-5), for outputs and every gradient.
+
+On the CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py), so sizes
+stay small; T is never a multiple of the tile sizes the interpreter uses (16 and 32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gatedfwa import flash_gated_window_attention, gated_window_attention
+from gatedfwa.ops import attention as triton_attention
+from gatedfwa.ops.reference import chunked_gated_window_attention, naive_gated_window_attention
+from gatedfwa.testing import assert_within_rule, max_abs_error
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_inputs(batch, seqlen, q_heads, kv_heads, head_dim, gate, dtype, device, gate_scale=1.0):
+    q = torch.randn(batch, seqlen, q_heads, head_dim, device=device, dtype=dtype)
+    k = torch.randn(batch, seqlen, kv_heads, head_dim, device=device, dtype=dtype)
+    v = torch.randn(batch, seqlen, kv_heads, head_dim, device=device, dtype=dtype)
+    g = None
+    if gate:
+        # Gates spread from nearly 0 (little decay) to a few units (strong decay).
+        g = F.logsigmoid(torch.randn(batch, seqlen, q_heads, device=device) * 2 + 1) * gate_scale
+        g = g.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    return q, k, v, g
+
+
+def run_with_grads(fn, q, k, v, g, do, **kwargs):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    gate = None if g is None else g.detach().clone().requires_grad_()
+    o, lse = fn(*leaves, gate, **kwargs)
+    inputs = leaves + ([gate] if gate is not None else [])
+    grads = torch.autograd.grad(o, inputs, do)
+    return o.detach(), lse.detach(), grads
+
+
+def triton_op(q, k, v, g, window_size, cu_seqlens):
+    return gated_window_attention(q, k, v, g, window_size=window_size, cu_seqlens=cu_seqlens, return_lse=True)
+
+
+def chunked_op(q, k, v, g, window_size, cu_seqlens):
+    return chunked_gated_window_attention(q, k, v, g, window_size=window_size, cu_seqlens=cu_seqlens)
+
+
+def naive_op(q, k, v, g, window_size, cu_seqlens):
+    return naive_gated_window_attention(q, k, v, g, window_size=window_size, cu_seqlens=cu_seqlens)
+
+
+def check_against_reference(fast_fn, q, k, v, g, window_size, cu_seqlens=None, factor=2.0):
+    """Run fast_fn, the naive path in q's precision and in float64; apply the rule to o, lse
+    and every gradient.
+
+    In float32 the naive path is nearly exact at these sizes, and the fixed slack of 1e-5 is
+    below the rounding of a decay sum of magnitude ~100 (strong gates over one tile) times
+    a gradient of magnitude ~1. There the slack is taken relative to the reference's
+    largest value instead (1e-5 * max|ref|, at least 1e-5)."""
+    do = torch.randn_like(q)
+    fast = run_with_grads(fast_fn, q, k, v, g, do, window_size=window_size, cu_seqlens=cu_seqlens)
+    low = run_with_grads(naive_op, q, k, v, g, do, window_size=window_size, cu_seqlens=cu_seqlens)
+    as64 = [x.double() for x in (q, k, v)] + [None if g is None else g.double()]
+    ref = run_with_grads(naive_op, *as64, do.double(), window_size=window_size, cu_seqlens=cu_seqlens)
+    def slack(reference):
+        if q.dtype != torch.float32 or reference.numel() == 0:
+            return 1e-5
+        finite = reference[torch.isfinite(reference)]
+        return 1e-5 * max(1.0, finite.abs().max().item() if finite.numel() else 1.0)
+
+    assert_within_rule("o", fast[0], low[0], ref[0], factor, atol=slack(ref[0]))
+    assert_within_rule("lse", fast[1], low[1], ref[1], factor, atol=slack(ref[1]))
+    for name, a, b, c in zip(("dq", "dk", "dv", "dg"), fast[2], low[2], ref[2]):
+        assert_within_rule(name, a, b, c, factor, atol=slack(c))
+    return fast
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Force the Triton kernels and poison every output buffer with NaN."""
+    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+
+    def poisoned(x):
+        return torch.full_like(x, float("nan"))
+
+    monkeypatch.setattr(triton_attention, "_allocate_like", poisoned)
+
+
+# (head_dim, q_heads, kv_heads, window, gate, seqlen): every head dim, both GQA ratios,
+# every window kind and both gate settings appear, without the full cartesian product.
+KERNEL_CASES = [
+    (32, 4, 1, 1, True, 45),
+    (32, 2, 2, None, False, 45),
+    (60, 4, 1, 16, True, 77),
+    (60, 2, 2, 64, False, 70),
+    (64, 2, 2, 16, True, 77),
+    (64, 4, 1, 200, True, 61),   # window longer than the sequence
+    (100, 2, 2, None, True, 50),
+    (100, 4, 1, 64, True, 83),
+    (128, 4, 1, 16, False, 40),
+    (128, 2, 2, 64, True, 70),
+]
+
+
+def case_id(case):
+    d, hq, h, w, gate, t = case
+    return f"D{d}-HQ{hq}H{h}-w{w}-{'gate' if gate else 'nogate'}-T{t}"
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=case_id)
+def test_triton_kernels_bf16(triton_backend, device, case):
+    head_dim, q_heads, kv_heads, window, gate, seqlen = case
+    q, k, v, g = make_inputs(2, seqlen, q_heads, kv_heads, head_dim, gate, torch.bfloat16, device)
+    check_against_reference(triton_op, q, k, v, g, window)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("window", [16, None])
+def test_triton_kernels_other_dtypes(triton_backend, device, dtype, window):
+    q, k, v, g = make_inputs(1, 53, 4, 2, 48, True, DTYPES[dtype], device)
+    check_against_reference(triton_op, q, k, v, g, window)
+
+
+@pytest.mark.parametrize("window", [1, 7, None])
+@pytest.mark.parametrize("gate", [True, False])
+def test_triton_kernels_varlen(triton_backend, device, window, gate):
+    # Empty and length-1 sequences, and lengths that straddle tile boundaries.
+    cu_seqlens = torch.tensor([0, 0, 1, 18, 18, 51, 52, 90], dtype=torch.int32, device=device)
+    q, k, v, g = make_inputs(1, 90, 4, 2, 32, gate, torch.bfloat16, device)
+    check_against_reference(triton_op, q, k, v, g, window, cu_seqlens)
+
+
+def test_triton_varlen_equals_separate_calls(triton_backend, device):
+    """Packing must not let attention or the gate sum cross a sequence boundary."""
+    cu_seqlens = torch.tensor([0, 21, 50], dtype=torch.int32, device=device)
+    q, k, v, g = make_inputs(1, 50, 2, 1, 32, True, torch.float32, device)
+    packed = gated_window_attention(q, k, v, g, window_size=9, cu_seqlens=cu_seqlens)
+    for start, end in ((0, 21), (21, 50)):
+        alone = gated_window_attention(q[:, start:end], k[:, start:end], v[:, start:end], g[:, start:end], window_size=9)
+        torch.testing.assert_close(packed[:, start:end], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate_value", [-1e4, -30.0])
+def test_triton_extreme_gates_stay_finite(triton_backend, device, gate_value):
+    q, k, v, _ = make_inputs(1, 100, 2, 2, 32, False, torch.float32, device)
+    # Mostly extreme gates (between gate_value and half of it) with ordinary ones between.
+    g = gate_value * (0.5 + 0.5 * torch.rand(1, 100, 2, device=device))
+    g[:, ::5] = -0.1
+    # With |g| ~ 1e4 every decay sum is ~1e5 and rounds at ~1e-2 in float32, in any prefix-sum
+    # formulation. The naive path rounds each bias once and reuses one probability matrix;
+    # the kernels recompute probabilities in the backward from other tile-local sums, which
+    # roughly doubles that rounding inside dS = P (dP - delta). Hence a factor of 4 here.
+    fast = check_against_reference(triton_op, q, k, v, g, 16, factor=4.0)
+    for t in (fast[0], fast[1], *fast[2]):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES[:6], ids=case_id)
+def test_chunked_path(device, case):
+    head_dim, q_heads, kv_heads, window, gate, seqlen = case
+    q, k, v, g = make_inputs(2, seqlen, q_heads, kv_heads, head_dim, gate, torch.bfloat16, device)
+    check_against_reference(chunked_op, q, k, v, g, window)
+
+
+@pytest.mark.parametrize("window", [1, 5, None])
+def test_chunked_path_varlen_fp32(device, window):
+    cu_seqlens = torch.tensor([0, 0, 1, 30, 30, 64], dtype=torch.int32, device=device)
+    q, k, v, g = make_inputs(1, 64, 4, 1, 24, True, torch.float32, device)
+    check_against_reference(chunked_op, q, k, v, g, window, cu_seqlens)
+
+
+def test_chunked_extreme_gates(device):
+    q, k, v, _ = make_inputs(1, 100, 2, 2, 16, False, torch.float32, device)
+    g = -1e4 * (0.5 + 0.5 * torch.rand(1, 100, 2, device=device))
+    g[:, ::3] = 0.0
+    fast = check_against_reference(chunked_op, q, k, v, g, 12)
+    assert all(torch.isfinite(t).all() for t in (fast[0], *fast[2]))
+
+
+def test_naive_reference_gradcheck():
+    q, k, v, g = make_inputs(1, 9, 2, 1, 4, True, torch.float64, "cpu")
+    inputs = [x.requires_grad_() for x in (q, k, v, g)]
+    assert torch.autograd.gradcheck(
+        lambda *xs: naive_gated_window_attention(*xs, window_size=4)[0], inputs, eps=1e-6, atol=1e-5
+    )
+
+
+def test_long_sequence_error_does_not_grow_with_position(device):
+    """T = 2^20 in one sequence, gates around -0.01, fp32: the error of the last 1000
+    positions is no worse than that of the first 1000. A global fp32 cumulative sum of the
+    gates would reach ~1e4 here and lose ~1e-3 absolute in every decay difference."""
+    seqlen, window, head_dim = 2**20, 32, 16
+    q, k, v, _ = make_inputs(1, seqlen, 1, 1, head_dim, False, torch.float32, device)
+    g = -0.01 * (1 + 0.5 * torch.rand(1, seqlen, 1, device=device))
+    with torch.no_grad():
+        o, _ = chunked_gated_window_attention(q, k, v, g, window_size=window)
+
+    def error_of(rows: slice) -> float:
+        # Rows only see the window before them, and decay differences are shift invariant:
+        # the float64 reference of a slice (with one window of history) is exact for them.
+        start = max(rows.start - window, 0)
+        ref, _ = naive_gated_window_attention(
+            *(x[:, start:rows.stop].double() for x in (q, k, v, g)), window_size=window
+        )
+        return max_abs_error(o[:, rows], ref[:, rows.start - start:])
+
+    head, tail = error_of(slice(0, 1000)), error_of(slice(seqlen - 1000, seqlen))
+    assert tail <= 2 * head + 1e-6, (head, tail)
+
+
+def test_backend_selection(monkeypatch, device):
+    q, k, v, g = make_inputs(1, 20, 2, 2, 16, True, torch.float32, device)
+    monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
+    torch_out = gated_window_attention(q, k, v, g, window_size=6)
+    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+    triton_out = gated_window_attention(q, k, v, g, window_size=6)
+    torch.testing.assert_close(torch_out, triton_out, rtol=1e-4, atol=1e-5)
+    monkeypatch.setenv("GATEDFWA_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="GATEDFWA_BACKEND"):
+        gated_window_attention(q, k, v, g)
+
+
+def test_flash_alias_matches(device):
+    q, k, v, g = make_inputs(1, 30, 2, 1, 16, True, torch.float32, device)
+    a = gated_window_attention(q, k, v, g, window_size=8, scale=0.3)
+    b = flash_gated_window_attention(q, k, v, g, window_size=(7, 0), softmax_scale=0.3)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    full = flash_gated_window_attention(q, k, v, g, window_size=(-1, 0))
+    torch.testing.assert_close(full, gated_window_attention(q, k, v, g), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="right"):
+        flash_gated_window_attention(q, k, v, g, window_size=(7, 3))
+    with pytest.raises(TypeError, match="window_size"):
+        flash_gated_window_attention(q, k, v, g, window_size=8)
+
+
+def test_compiles_fullgraph_with_triton_op(triton_backend, device):
+    """The custom op (forward and registered backward) does not break torch.compile's graph.
+    aot_eager exercises dynamo capture and AOT autograd without generating C++ code."""
+    q, k, v, g = make_inputs(1, 37, 2, 1, 16, True, torch.float32, device)
+    proj = torch.nn.Linear(16, 16).to(device)
+
+    def block(q, k, v, g):
+        o = gated_window_attention(q, k, v, g, window_size=8)
+        return proj(o).square().mean()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+    loss = compiled(*leaves)
+    loss.backward()
+    eager_leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+    block(*eager_leaves).backward()
+    torch.testing.assert_close(loss, block(q, k, v, g))
+    for a, b in zip(leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+BAD_ARGS = [
+    (dict(q=torch.randn(2, 8, 4)), ValueError, "q must have 4 dimensions"),
+    (dict(k=torch.randn(2, 9, 2, 16), v=torch.randn(2, 9, 2, 16)), ValueError, "q and k must agree"),
+    (dict(v=torch.randn(2, 8, 2, 8)), ValueError, "k and v must have the same shape"),
+    (dict(k=torch.randn(2, 8, 3, 16), v=torch.randn(2, 8, 3, 16)), ValueError, "multiple"),
+    (dict(q=torch.randn(2, 8, 4, 300), k=torch.randn(2, 8, 2, 300), v=torch.randn(2, 8, 2, 300)), ValueError, "head_dim"),
+    (dict(q=torch.randn(2, 8, 4, 16, dtype=torch.float16)), TypeError, "share one dtype"),
+    (dict(q=torch.randint(0, 3, (2, 8, 4, 16))), TypeError, "q must be float16"),
+    (dict(g=torch.randn(2, 8, 2)), ValueError, "g must have shape"),
+    (dict(window_size=0), ValueError, "window_size must be >= 1"),
+    (dict(window_size=2.5), TypeError, "window_size must be an int"),
+    (dict(cu_seqlens=torch.tensor([0, 8], dtype=torch.int32)), ValueError, "batch size must be 1"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,message", BAD_ARGS, ids=[b[2] for b in BAD_ARGS])
+def test_validation_errors(overrides, error, message):
+    args = dict(q=torch.randn(2, 8, 4, 16), k=torch.randn(2, 8, 2, 16), v=torch.randn(2, 8, 2, 16),
+                g=None, window_size=4, cu_seqlens=None)
+    args.update(overrides)
+    with pytest.raises(error, match=message):
+        gated_window_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "cu_seqlens,message",
+    [
+        (torch.tensor([0, 3, 8], dtype=torch.float32), "int32"),
+        (torch.tensor([1, 3, 8], dtype=torch.int32), "start at 0"),
+        (torch.tensor([0, 5, 3, 8], dtype=torch.int32), "non-decreasing"),
+        (torch.tensor([0, 3, 7], dtype=torch.int32), "end at"),
+        (torch.tensor([[0, 8]], dtype=torch.int32), "1-D"),
+    ],
+)
+def test_cu_seqlens_validation(cu_seqlens, message):
+    q, k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    with pytest.raises((ValueError, TypeError), match=message):
+        gated_window_attention(q, k, v, cu_seqlens=cu_seqlens)
