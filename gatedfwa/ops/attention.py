@@ -24,10 +24,12 @@ processed without any mask; only the diagonal tiles and the tiles at the far edg
 window are masked. Tiles outside the window are never loaded. The dk/dv program mirrors this
 over query tiles.
 
-The gate gradient: d loss / d U_t = rowsum_j dS_tj - colsum_i dS_it. The dq kernel writes
-the row sums, the dk/dv kernel the column sums, and dg_s = sum_{t >= s} dU_t is a reverse
-cumulative sum inside each sequence. The row sums of dS are zero in exact arithmetic, so the
-partial sums stay bounded; the reverse sum runs in float64.
+The gate gradient: d loss / d U_t = rowsum_j dS_tj - colsum_i dS_it, and
+dg_s = sum_{t >= s} dU_t, a reverse cumulative sum inside each sequence (run in float64).
+It equals the sum of dS over the pairs (t, j) with j < s <= t, a local quantity, but only if
+the row and column sums come from the very same dS values: both are taken in the dk/dv
+kernel (row sums added atomically across key blocks), so the reverse sum telescopes and no
+rounding accumulates along the sequence.
 
 Layouts: q/o [B*T, HQ, D], k/v [B*T, H, D] (the caller's [B, T, ., D] flattened), g
 [B*T, HQ] float32, lse/delta/row sums/column sums [B, HQ, T] float32. With cu_seqlens, B == 1.
@@ -280,12 +282,12 @@ def _delta_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
+    dq, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
     offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Add one key tile's contribution to dq (unscaled) and to the row sums of dS."""
+    """Add one key tile's contribution to dq (unscaled)."""
     kv_mask = offs_d[:, None] < HEAD_DIM
     if MASKED:
         key_ok = (offs_n >= bos) & (offs_n < eos)
@@ -310,15 +312,13 @@ def _dq_tile(
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
-    if HAS_GATE:
-        dgate_row += tl.sum(ds, 1)
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
-    return dq, dgate_row
+    return dq
 
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, G, DO, LSE, DELTA, DQ, ROWSUM, CU_SEQLENS,
+    Q, K, V, G, DO, LSE, DELTA, DQ, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_gt, stride_gh, stride_dot, stride_doh, stride_dqt, stride_dqh,
     seqlen, num_q_heads, window, qk_scale, scale,
@@ -361,7 +361,6 @@ def _dq_kernel(
     v_head = V + kv_head * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dgate_row = tl.zeros([BLOCK_M], dtype=tl.float32)
     key_offset = tl.zeros([BLOCK_N], dtype=tl.float32)
 
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
@@ -371,8 +370,8 @@ def _dq_kernel(
             gk = tl.load(g_head + offs_n * stride_gt, mask=offs_n < eos, other=0.0)
             key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
             running += tl.sum(gk, 0)
-        dq, dgate_row = _dq_tile(
-            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
+        dq = _dq_tile(
+            dq, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
 
@@ -387,8 +386,8 @@ def _dq_kernel(
         if HAS_GATE:
             gk = tl.load(g_head + offs_n * stride_gt)
             key_offset, running = _left_key_offsets(gk, running)
-        dq, dgate_row = _dq_tile(
-            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
+        dq = _dq_tile(
+            dq, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION)
     for i in range(num_unmasked, num_tiles):
@@ -397,26 +396,25 @@ def _dq_kernel(
         if HAS_GATE:
             gk = tl.load(g_head + offs_n * stride_gt, mask=offs_n >= bos, other=0.0)
             key_offset, running = _left_key_offsets(gk, running)
-        dq, dgate_row = _dq_tile(
-            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
+        dq = _dq_tile(
+            dq, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
 
     tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
-    if HAS_GATE:
-        tl.store(ROWSUM + row_stat, dgate_row, mask=row_ok)
 
 
 @triton.jit
 def _dkdv_tile(
     dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
-    running, offs_m, offs_n, offs_d, bos, eos, window,
+    rowsum_head, running, offs_m, offs_n, offs_d, bos, eos, window,
     stride_qt, stride_dot, stride_gt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """Add one query tile's contribution to dk, dv (unscaled) and the column sums of dS.
+    """Add one query tile's contribution to dk, dv (unscaled) and the row and column sums
+    of dS (row sums straight to memory, atomically: other key blocks add to the same rows).
 
     Works on the transposed scores sT [BLOCK_N keys, BLOCK_M queries] so that dk and dv
     accumulate with the key rows in place.
@@ -465,13 +463,14 @@ def _dkdv_tile(
     dsT = pT * (dpT - delta[None, :])
     if HAS_GATE:
         dgate_col += tl.sum(dsT, 1)
+        tl.atomic_add(rowsum_head + stat, tl.sum(dsT, 0), mask=row_ok, sem="relaxed")
     dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv, dgate_col, running
 
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, G, DO, LSE, DELTA, DK, DV, COLSUM, CU_SEQLENS,
+    Q, K, V, G, DO, LSE, DELTA, DK, DV, ROWSUM, COLSUM, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_gt, stride_gh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -517,11 +516,12 @@ def _dkdv_kernel(
         do_head = DO + head * stride_doh
         g_head = G + head * stride_gh
         if VARLEN:
-            lse_head = LSE + head * seqlen
-            delta_head = DELTA + head * seqlen
+            stat_offset = head * seqlen
         else:
-            lse_head = LSE + (seq * num_q_heads + head) * seqlen
-            delta_head = DELTA + (seq * num_q_heads + head) * seqlen
+            stat_offset = (seq * num_q_heads + head) * seqlen
+        lse_head = LSE + stat_offset
+        delta_head = DELTA + stat_offset
+        rowsum_head = ROWSUM + stat_offset
         # Reference r = the key block's last position. L_j = -(g[j+1] + ... + g[r]) >= 0.
         # Diagonal query tiles lie inside the block: L_t = -(g[t+1] + ... + g[r]), walked
         # from -(block sum) upward. Later tiles: L_t = g[r+1] + ... + g[t] <= 0, from 0.
@@ -538,26 +538,26 @@ def _dkdv_kernel(
             offs_m = n0 + i * BLOCK_M + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
                 dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
-                running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
+                rowsum_head, running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
                 qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN)
         running = zero
         for i in range(num_diagonal, num_unmasked):
             offs_m = n0 + i * BLOCK_M + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
                 dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
-                running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
+                rowsum_head, running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
                 qk_scale, HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION, VARLEN)
         for i in range(num_unmasked, num_tiles):
             offs_m = n0 + i * BLOCK_M + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
                 dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
-                running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
+                rowsum_head, running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
                 qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN)
         if HAS_GATE:
             if VARLEN:
-                col = COLSUM + head * seqlen + offs_n
+                col = COLSUM + stat_offset + offs_n
             else:
-                col = COLSUM + (seq * num_q_heads + head) * seqlen + (offs_n - bos)
+                col = COLSUM + stat_offset + (offs_n - bos)
             tl.store(col, dgate_col, mask=key_ok)
 
     tl.store(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
@@ -715,7 +715,7 @@ def attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
     gf = _flat(g).float().contiguous() if has_gate else qf
     stats_shape = (q.shape[0], problem.num_q_heads, q.shape[1])
     delta = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
-    # Row and column sums of dS; positions no program writes (none) would stay zero.
+    # Row sums of dS are accumulated atomically, so they start at zero.
     rowsum = torch.zeros(stats_shape, dtype=torch.float32, device=q.device) if has_gate else delta
     colsum = torch.zeros(stats_shape, dtype=torch.float32, device=q.device) if has_gate else delta
     precision = _dot_precision(q.dtype)
@@ -731,7 +731,7 @@ def attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
     )
     config = CONFIGS["dq"](problem.head_dim)
     _dq_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
-        qf, kf, vf, gf, dof, lse, delta, dqf, rowsum, problem.cu_seqlens,
+        qf, kf, vf, gf, dof, lse, delta, dqf, problem.cu_seqlens,
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
         *g_strides, dof.stride(0), dof.stride(1), dqf.stride(0), dqf.stride(1),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
@@ -739,7 +739,7 @@ def attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
     )
     config = CONFIGS["dkdv"](problem.head_dim)
     _dkdv_kernel[problem.grid(config["BLOCK_N"], problem.num_kv_heads)](
-        qf, kf, vf, gf, dof, lse, delta, dkf, dvf, colsum, problem.cu_seqlens,
+        qf, kf, vf, gf, dof, lse, delta, dkf, dvf, rowsum, colsum, problem.cu_seqlens,
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
         *g_strides, dof.stride(0), dof.stride(1),
         dkf.stride(0), dkf.stride(1), dvf.stride(0), dvf.stride(1),
