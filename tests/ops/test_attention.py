@@ -317,3 +317,14 @@ def test_cu_seqlens_validation(cu_seqlens, message):
     q, k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
     with pytest.raises((ValueError, TypeError), match=message):
         gated_window_attention(q, k, v, cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled kernels with their real tile sizes")
+@pytest.mark.parametrize("head_dim,q_heads,kv_heads,window", [(128, 4, 4, 300), (64, 8, 2, 1000), (80, 4, 1, None), (256, 2, 2, 200)])
+def test_triton_kernels_gpu_many_tiles(triton_backend, head_dim, q_heads, kv_heads, window):
+    """Sequences spanning many tiles of the GPU tile sizes, with masked and unmasked tiles."""
+    q, k, v, g = make_inputs(2, 1500, q_heads, kv_heads, head_dim, True, torch.bfloat16, "cuda")
+    check_against_reference(triton_op, q, k, v, g, window)
+    cu_seqlens = torch.tensor([0, 1, 700, 700, 1500], dtype=torch.int32, device="cuda")
+    check_against_reference(triton_op, q[:1], k[:1], v[:1], g[:1], window, cu_seqlens)

@@ -1,0 +1,106 @@
+"""Shared pieces of the benchmark scripts: environment record, ceilings, timing, FLOP
+counting and result files (JSON + markdown table under benchmarks/results/)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def git_commit() -> str:
+    """The commit being measured: GATEDFWA_COMMIT if set (the device copy has no .git)."""
+    if os.environ.get("GATEDFWA_COMMIT"):
+        return os.environ["GATEDFWA_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    import triton
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), sm_count=props.multi_processor_count,
+                    cuda=torch.version.cuda)
+    return info
+
+
+def bench_ms(fn, warmup_ms: float = 50, rep_ms: float = 300, grad_to_none=None) -> float:
+    """Median milliseconds of fn (CUDA events, after warm-up)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                                   return_mode="median")
+
+
+def measure_ceilings() -> dict:
+    """Device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate, measured now."""
+    src = torch.randn(2**30 // 2, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = bench_ms(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = bench_ms(lambda: a @ b)
+    result = {
+        "copy_GBps": 2 * src.numel() * src.element_size() / copy_ms / 1e6,
+        "bf16_matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9,
+    }
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return result
+
+
+def window_pairs(lengths, window: int | None) -> int:
+    """Number of (query, key) pairs inside the causal window over sequences of these lengths."""
+    total = 0
+    for n in lengths:
+        w = n if window is None else min(window, n)
+        total += w * (w + 1) // 2 + (n - w) * w
+    return total
+
+
+def attention_tflops(pairs: int, q_heads: int, head_dim: int, ms: float, backward: bool) -> float:
+    """TFLOP/s over in-window pairs: forward 4 * HQ * P * D, forward+backward 3.5x that."""
+    flops = 4 * q_heads * pairs * head_dim * (3.5 if backward else 1.0)
+    return flops / ms / 1e9
+
+
+def write_results(out_dir: str | Path, name: str, payload: dict, table_rows: list[dict], columns: list[str]) -> None:
+    """Write <name>.json (everything) and <name>.md (a table of table_rows)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    env = payload.get("environment", {})
+    lines = [
+        f"# {name}",
+        "",
+        f"{env.get('gpu', 'CPU')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+        f"commit {str(env.get('git_commit'))[:10]}, {env.get('date')}",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for row in table_rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
