@@ -39,15 +39,15 @@ the backward reads it without converting back and forth.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Kernels may read only constexpr globals.
+LOG2E = tl.constexpr(1.4426950408889634)
+LOG2E_HOST = 1.4426950408889634
 
 
 def _interpreting() -> bool:
@@ -675,7 +675,7 @@ def attention_forward(q, k, v, g, window_size, scale, cu_seqlens):
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
         of.stride(0), of.stride(1),
         gf.stride(0) if gf is not None else 0, gf.stride(1) if gf is not None else 0,
-        problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E,
+        problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E_HOST,
         GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
         HAS_GATE=g is not None, VARLEN=problem.varlen, DOT_PRECISION=_dot_precision(q.dtype),
         **config,
@@ -734,7 +734,7 @@ def attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
         qf, kf, vf, gf, dof, lse, delta, dqf, problem.cu_seqlens,
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
         *g_strides, dof.stride(0), dof.stride(1), dqf.stride(0), dqf.stride(1),
-        problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
+        problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E_HOST, scale,
         **common, **config,
     )
     config = CONFIGS["dkdv"](problem.head_dim)
@@ -743,7 +743,7 @@ def attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
         *g_strides, dof.stride(0), dof.stride(1),
         dkf.stride(0), dkf.stride(1), dvf.stride(0), dvf.stride(1),
-        problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
+        problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E_HOST, scale,
         **common, **config,
     )
     dg = None
