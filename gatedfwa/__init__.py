@@ -5,3 +5,7 @@ from gatedfwa.ops.api import flash_gated_window_attention, gated_window_attentio
 __version__ = "0.1.0"
 
 __all__ = ["gated_window_attention", "flash_gated_window_attention"]
+
+from gatedfwa.ops.gate import compute_log_gates, gated_fwa_attention, log_gates_from_projection  # noqa: E402
+
+__all__ += ["compute_log_gates", "gated_fwa_attention", "log_gates_from_projection"]

@@ -1,0 +1,536 @@
+"""Fused gate preprocessing: from the gate projections to the log gates g, in one pass each way.
+
+The gate of GatedFWA (docs/gate.md), per token t and query head h:
+
+    a_t    = x_t W_g + b_g
+    beta_t = 1 + ELU(x_t W_beta)
+    g_t    = logsigmoid(beta_t * a_t) / beta_t          (<= 0)
+
+A layer computes both projections with one matmul, gate_pre = x @ [W_g; W_beta]^T of shape
+[B, T, 2H] (a's pre-bias values in the first H columns, beta's pre-activation in the last H).
+The forward kernel reads gate_pre (and b_g) once and writes g [B, T, H] float32: exactly the
+per-step log gates the attention kernel reads (it forms its own local sums of g inside each
+tile, so no cumulative sum is made or stored here). The backward kernel reads the attention's
+dg, recomputes the gate terms from gate_pre, and writes d(gate_pre) [B, T, 2H] and partial
+sums for d(b_g), again in one pass; nothing [B, T, H]-sized is stored between the two.
+
+Numerics follow the stable forms of gate_reference.py (finite values and gradients from
+beta ~ 1e-22 to beta ~ 50 and |a| up to 1e4 and beyond). exp and log1p are built here from
+operations whose accuracy does not depend on the argument's size, because the GPU's fast exp
+(exp2 of x * log2(e)) loses about |x| * 6e-8 relative accuracy: 3e-6 at x = -50, far more
+than the reference's one rounding.
+
+Public functions:
+    compute_log_gates(a, beta_pre, cu_seqlens=None)         -> g [B, T, H] float32
+    log_gates_from_projection(gate_pre, gate_bias)          -> g [B, T, H] float32
+    gated_fwa_attention(q, k, v, x, gate_weight, gate_bias, ...)  x -> attention output
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gatedfwa.ops.api import gated_window_attention, select_backend
+from gatedfwa.ops.gate_reference import reference_log_gates
+from gatedfwa.ops.validation import _shape, check_attention_args, check_cu_seqlens
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+    _constexpr = tl.constexpr
+except ImportError:  # Triton is optional: without it the kernels below are never launched.
+    triton = tl = None
+
+    def _jit(fn):
+        return fn
+
+    def _constexpr(value):
+        return value
+
+
+__all__ = ["compute_log_gates", "log_gates_from_projection", "gated_fwa_attention"]
+
+# Elements (rows x heads) each program handles. 2048 keeps several programs per SM in flight
+# at the benchmark size (B*T*H = 2^19); tests lower it to get many programs and ragged tails.
+ELEMENTS_PER_PROGRAM = 2048
+NUM_WARPS = 4
+
+LOG2E = _constexpr(1.4426950408889634)
+# ln(2) split so that n * LN2_HI is exact in float32 for |n| < 2^9 (LN2_HI has 15 bits).
+LN2_HI = _constexpr(0.693145751953125)
+LN2_LO = _constexpr(1.4286067653302720e-06)
+
+
+# ======================================================================================
+# Device helpers
+# ======================================================================================
+
+
+@_jit
+def _exp_nonpositive(x):
+    """exp(x) for x <= 0 within about one ulp for any x (0 below ~ -104, like float32 itself).
+
+    exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, with exp(r) from its Taylor
+    series to r^9/9! (the rest is < 3e-10 relative). Neither the hardware exp (exp2 of
+    x log2(e), whose error grows with |x|) nor Triton's interpreter exp (numpy, up to 1.6 ulp)
+    is involved, so GPU and CPU runs round alike. 2^n is assembled from exponent bits in two
+    factors so that n below -126 underflows gradually.
+    """
+    x = tl.maximum(x, -170.0)
+    n = tl.floor(x * LOG2E + 0.5)
+    r = (x - n * LN2_HI) - n * LN2_LO
+    series = 1.0 / 362880.0
+    series = series * r + 1.0 / 40320.0
+    series = series * r + 1.0 / 5040.0
+    series = series * r + 1.0 / 720.0
+    series = series * r + 1.0 / 120.0
+    series = series * r + 1.0 / 24.0
+    series = series * r + 1.0 / 6.0
+    series = series * r + 0.5
+    series = series * r + 1.0
+    exp_r = series * r + 1.0
+    n_int = n.to(tl.int32)
+    n_first = tl.maximum(n_int, -126)
+    n_second = n_int - n_first
+    scale_first = ((n_first + 127) << 23).to(tl.float32, bitcast=True)
+    scale_second = ((n_second + 127) << 23).to(tl.float32, bitcast=True)
+    return exp_r * scale_first * scale_second
+
+
+@_jit
+def _log1p_unit(e):
+    """log(1 + e) for 0 <= e <= 1, within about one ulp, relative accuracy kept for tiny e.
+
+    log(1 + e) = 2 atanh(s) = 2s + 2s^3 (1/3 + s^2/5 + ... + s^14/17), s = e / (2 + e) <= 1/3
+    (the first omitted term is < 2e-10 relative). Since 2s = e - e s exactly, this is
+    e - s (e - 2 s^2 Q): the exact e leads and the rounding of s only touches the smaller
+    correction term.
+    """
+    s = e / (2.0 + e)
+    s2 = s * s
+    series = 1.0 / 17.0
+    series = series * s2 + 1.0 / 15.0
+    series = series * s2 + 1.0 / 13.0
+    series = series * s2 + 1.0 / 11.0
+    series = series * s2 + 1.0 / 9.0
+    series = series * s2 + 1.0 / 7.0
+    series = series * s2 + 1.0 / 5.0
+    series = series * s2 + 1.0 / 3.0
+    return e - s * (e - 2.0 * s2 * series)
+
+
+@_jit
+def _gate_terms(a, beta_pre):
+    """Shared by forward and backward (float32 blocks): beta, |z| = beta |a|, e = exp(-|z|)
+    and log1p(e)."""
+    beta = tl.where(beta_pre > 0, 1.0 + beta_pre, _exp_nonpositive(tl.minimum(beta_pre, 0.0)))
+    z_abs = beta * tl.abs(a)
+    e = _exp_nonpositive(-z_abs)
+    return beta, z_abs, e, _log1p_unit(e)
+
+
+@_jit
+def _tile_offsets(pid, num_rows, num_heads, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = (pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)
+    mask = (rows[:, None] < num_rows) & (heads[None, :] < num_heads)
+    return rows, heads, mask
+
+
+@_jit
+def _load_gate_inputs(
+    a_ptr, beta_pre_ptr, bias_ptr, rows, heads, mask, a_row_stride, beta_row_stride, num_heads,
+    HAS_BIAS: tl.constexpr,
+):
+    a = tl.load(a_ptr + rows[:, None] * a_row_stride + heads[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + heads, mask=heads < num_heads, other=0.0).to(tl.float32)
+        a = a + bias[None, :]
+    beta_pre = tl.load(
+        beta_pre_ptr + rows[:, None] * beta_row_stride + heads[None, :], mask=mask, other=0.0
+    ).to(tl.float32)
+    return a, beta_pre
+
+
+# ======================================================================================
+# Kernels. Inputs are 2-D views [rows, H] with unit stride along H: either two separate
+# tensors, or the two halves of gate_pre [rows, 2H] (row stride 2H).
+# ======================================================================================
+
+
+@_jit
+def _gate_forward_kernel(
+    a_ptr, beta_pre_ptr, bias_ptr, g_ptr,
+    num_rows, num_heads, a_row_stride, beta_row_stride,
+    HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """g = min(a, 0) - log1p(exp(-beta |a|)) / beta, written to g [rows, H] float32."""
+    rows, heads, mask = _tile_offsets(tl.program_id(0), num_rows, num_heads, BLOCK_ROWS, BLOCK_H)
+    a, beta_pre = _load_gate_inputs(
+        a_ptr, beta_pre_ptr, bias_ptr, rows, heads, mask, a_row_stride, beta_row_stride, num_heads,
+        HAS_BIAS,
+    )
+    beta, z_abs, e, log1p_e = _gate_terms(a, beta_pre)
+    # logsigmoid(z) / beta with z / beta = a taken exactly: no round trip through z.
+    g = tl.minimum(a, 0.0) - log1p_e / beta
+    tl.store(g_ptr + rows[:, None] * num_heads + heads[None, :], g, mask=mask)
+
+
+@_jit
+def _gate_backward_kernel(
+    dg_ptr, a_ptr, beta_pre_ptr, bias_ptr, da_ptr, dbeta_pre_ptr, dbias_partial_ptr,
+    num_rows, num_heads, a_row_stride, beta_row_stride, da_row_stride, dbeta_row_stride,
+    HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """From dg [rows, H] float32: da = dg sigmoid(-z), dbeta_pre = dg h(z) beta'(beta_pre) / beta^2
+    with h(z) = log1p(e) + |z| e / (1 + e), and, with a bias, this program's column sums of da
+    into dbias_partial [programs, H] float32 (summed on the host: a few KB)."""
+    pid = tl.program_id(0)
+    rows, heads, mask = _tile_offsets(pid, num_rows, num_heads, BLOCK_ROWS, BLOCK_H)
+    a, beta_pre = _load_gate_inputs(
+        a_ptr, beta_pre_ptr, bias_ptr, rows, heads, mask, a_row_stride, beta_row_stride, num_heads,
+        HAS_BIAS,
+    )
+    dg = tl.load(dg_ptr + rows[:, None] * num_heads + heads[None, :], mask=mask, other=0.0).to(tl.float32)
+    beta, z_abs, e, log1p_e = _gate_terms(a, beta_pre)
+    one_plus_e = 1.0 + e
+    # sigmoid(-z): e / (1 + e) when z >= 0, 1 / (1 + e) when z < 0 (the sign of z is a's).
+    da = dg * tl.where(a >= 0, e, 1.0) / one_plus_e
+    h = log1p_e + z_abs * (e / one_plus_e)
+    inv_beta = 1.0 / beta
+    # beta' = 1 for beta_pre > 0 (beta >= 1), beta' = beta otherwise: 1/beta^2 is never formed
+    # for small beta, where it would overflow float32.
+    dbeta_pre = dg * h * inv_beta * tl.where(beta_pre > 0, inv_beta, 1.0)
+    tl.store(da_ptr + rows[:, None] * da_row_stride + heads[None, :], da.to(da_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        dbeta_pre_ptr + rows[:, None] * dbeta_row_stride + heads[None, :],
+        dbeta_pre.to(dbeta_pre_ptr.dtype.element_ty), mask=mask,
+    )
+    if HAS_BIAS:
+        column_sums = tl.sum(tl.where(mask, da, 0.0), axis=0)
+        tl.store(dbias_partial_ptr + pid * num_heads + heads, column_sums, mask=heads < num_heads)
+
+
+# ======================================================================================
+# Launchers (2-D views [rows, H], unit stride along H)
+# ======================================================================================
+
+
+def _allocate(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised output buffer. Tests replace this to fill outputs with NaN, which shows
+    any element a kernel fails to write."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _launch_shape(num_rows: int, num_heads: int, elements_per_program: int | None):
+    block_h = triton.next_power_of_2(max(num_heads, 1))
+    elements = elements_per_program or ELEMENTS_PER_PROGRAM
+    block_rows = max(1, min(triton.next_power_of_2(max(num_rows, 1)), elements // block_h))
+    return block_rows, block_h, triton.cdiv(num_rows, block_rows)
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise ImportError(
+            "the triton backend of the gate needs Triton (pip install triton), "
+            "or set GATEDFWA_BACKEND=torch for the PyTorch path"
+        )
+
+
+def gate_forward_2d(a, beta_pre, bias, elements_per_program=None):
+    """a, beta_pre [rows, H] (unit stride along H), bias [H] or None -> g [rows, H] float32."""
+    _require_triton()
+    num_rows, num_heads = a.shape
+    g = _allocate((num_rows, num_heads), torch.float32, a.device)
+    if g.numel() == 0:
+        return g
+    block_rows, block_h, programs = _launch_shape(num_rows, num_heads, elements_per_program)
+    _gate_forward_kernel[(programs,)](
+        a, beta_pre, bias if bias is not None else a, g,
+        num_rows, num_heads, a.stride(0), beta_pre.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=NUM_WARPS,
+    )
+    return g
+
+
+def gate_backward_2d(dg, a, beta_pre, bias, da, dbeta_pre, elements_per_program=None):
+    """Writes da and dbeta_pre ([rows, H] views, unit stride along H, any float dtype) from
+    dg [rows, H] float32; returns d(bias) [H] float32 when bias is given, else None."""
+    _require_triton()
+    num_rows, num_heads = a.shape
+    if a.numel() == 0:
+        return None if bias is None else torch.zeros(num_heads, dtype=torch.float32, device=a.device)
+    block_rows, block_h, programs = _launch_shape(num_rows, num_heads, elements_per_program)
+    partial = (
+        _allocate((programs, num_heads), torch.float32, a.device) if bias is not None else dg
+    )
+    _gate_backward_kernel[(programs,)](
+        dg, a, beta_pre, bias if bias is not None else a, da, dbeta_pre, partial,
+        num_rows, num_heads, a.stride(0), beta_pre.stride(0), da.stride(0), dbeta_pre.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=NUM_WARPS,
+    )
+    return None if bias is None else partial.sum(dim=0)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, N] contiguous -> [B*T, N] view."""
+    return x.reshape(-1, x.shape[-1])
+
+
+# ======================================================================================
+# Custom ops (opaque to torch.compile, with registered backward)
+# ======================================================================================
+
+
+@torch.library.custom_op("gatedfwa::log_gates", mutates_args=(), device_types=None)
+def _log_gates_op(a: torch.Tensor, beta_pre: torch.Tensor) -> torch.Tensor:
+    a, beta_pre = a.contiguous(), beta_pre.contiguous()
+    return gate_forward_2d(_rows(a), _rows(beta_pre), None).view(a.shape)
+
+
+@_log_gates_op.register_fake
+def _(a, beta_pre):
+    return a.new_empty(a.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("gatedfwa::log_gates_backward", mutates_args=(), device_types=None)
+def _log_gates_backward_op(
+    dg: torch.Tensor, a: torch.Tensor, beta_pre: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    a, beta_pre = a.contiguous(), beta_pre.contiguous()
+    da = _allocate(a.shape, a.dtype, a.device)
+    dbeta_pre = _allocate(beta_pre.shape, beta_pre.dtype, beta_pre.device)
+    gate_backward_2d(_rows(dg.float().contiguous()), _rows(a), _rows(beta_pre), None, _rows(da), _rows(dbeta_pre))
+    return da, dbeta_pre
+
+
+@_log_gates_backward_op.register_fake
+def _(dg, a, beta_pre):
+    return torch.empty_like(a, memory_format=torch.contiguous_format), torch.empty_like(
+        beta_pre, memory_format=torch.contiguous_format
+    )
+
+
+def _log_gates_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _log_gates_backward(ctx, dg):
+    a, beta_pre = ctx.saved_tensors
+    return _log_gates_backward_op(dg, a, beta_pre)
+
+
+_log_gates_op.register_autograd(_log_gates_backward, setup_context=_log_gates_setup)
+
+
+@torch.library.custom_op("gatedfwa::log_gates_from_projection", mutates_args=(), device_types=None)
+def _projection_op(gate_pre: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    gate_pre = gate_pre.contiguous()
+    num_heads = gate_pre.shape[-1] // 2
+    flat = _rows(gate_pre)
+    g = gate_forward_2d(flat[:, :num_heads], flat[:, num_heads:], None if bias is None else bias.contiguous())
+    return g.view(*gate_pre.shape[:-1], num_heads)
+
+
+@_projection_op.register_fake
+def _(gate_pre, bias):
+    return gate_pre.new_empty((*gate_pre.shape[:-1], gate_pre.shape[-1] // 2), dtype=torch.float32)
+
+
+@torch.library.custom_op("gatedfwa::log_gates_from_projection_backward", mutates_args=(), device_types=None)
+def _projection_backward_op(
+    dg: torch.Tensor, gate_pre: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (d gate_pre [B, T, 2H] in gate_pre's dtype, d bias [H] in bias's dtype, or an
+    empty tensor without bias)."""
+    gate_pre = gate_pre.contiguous()
+    num_heads = gate_pre.shape[-1] // 2
+    flat = _rows(gate_pre)
+    d_gate_pre = _allocate(gate_pre.shape, gate_pre.dtype, gate_pre.device)
+    d_flat = _rows(d_gate_pre)
+    d_bias = gate_backward_2d(
+        _rows(dg.float().contiguous()), flat[:, :num_heads], flat[:, num_heads:],
+        None if bias is None else bias.contiguous(), d_flat[:, :num_heads], d_flat[:, num_heads:],
+    )
+    if d_bias is None:
+        return d_gate_pre, gate_pre.new_empty((0,))
+    return d_gate_pre, d_bias.to(bias.dtype)
+
+
+@_projection_backward_op.register_fake
+def _(dg, gate_pre, bias):
+    d_bias = gate_pre.new_empty((0,)) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(gate_pre, memory_format=torch.contiguous_format), d_bias
+
+
+def _projection_setup(ctx, inputs, output):
+    gate_pre, bias = inputs
+    ctx.save_for_backward(gate_pre, bias)
+    ctx.has_bias = bias is not None
+
+
+def _projection_backward(ctx, dg):
+    gate_pre, bias = ctx.saved_tensors
+    d_gate_pre, d_bias = _projection_backward_op(dg, gate_pre, bias)
+    return d_gate_pre, (d_bias if ctx.has_bias else None)
+
+
+_projection_op.register_autograd(_projection_backward, setup_context=_projection_setup)
+
+
+# ======================================================================================
+# Validation
+# ======================================================================================
+
+
+def _check_float_tensor(name: str, x, dims: int, layout: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions {layout}, got shape {_shape(x)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _check_bias(gate_bias, num_heads: int, device: torch.device) -> None:
+    if gate_bias is None:
+        return
+    _check_float_tensor("gate_bias", gate_bias, 1, "[query_heads]")
+    if gate_bias.shape[0] != num_heads:
+        raise ValueError(f"gate_bias must have shape [{num_heads}] (one per query head), got {_shape(gate_bias)}")
+    if gate_bias.device != device:
+        raise ValueError(f"gate_bias must be on device {device}, got {gate_bias.device}")
+
+
+def check_log_gate_args(a, beta_pre, cu_seqlens) -> None:
+    _check_float_tensor("a", a, 3, "[batch, seqlen, heads]")
+    _check_float_tensor("beta_pre", beta_pre, 3, "[batch, seqlen, heads]")
+    if a.shape != beta_pre.shape:
+        raise ValueError(f"a and beta_pre must have the same shape, got a {_shape(a)} and beta_pre {_shape(beta_pre)}")
+    if a.device != beta_pre.device:
+        raise ValueError(f"a and beta_pre must be on one device, got {a.device} and {beta_pre.device}")
+    check_cu_seqlens(cu_seqlens, a)
+
+
+def check_projection_args(gate_pre, gate_bias) -> None:
+    _check_float_tensor("gate_pre", gate_pre, 3, "[batch, seqlen, 2 * heads]")
+    if gate_pre.shape[-1] % 2 != 0:
+        raise ValueError(
+            f"gate_pre's last dimension must be even (a's H columns, then beta's H), got {_shape(gate_pre)}"
+        )
+    _check_bias(gate_bias, gate_pre.shape[-1] // 2, gate_pre.device)
+
+
+def check_gated_fwa_args(q, k, v, x, gate_weight, gate_bias, window_size, scale, cu_seqlens) -> None:
+    check_attention_args(q, k, v, None, window_size, scale, cu_seqlens)
+    num_q_heads = q.shape[2]
+    _check_float_tensor("x", x, 3, "[batch, seqlen, model_dim]")
+    if x.shape[:2] != q.shape[:2]:
+        raise ValueError(f"x and q must agree in batch and seqlen, got x {_shape(x)} and q {_shape(q)}")
+    if x.device != q.device:
+        raise ValueError(f"x must be on q's device {q.device}, got {x.device}")
+    _check_float_tensor("gate_weight", gate_weight, 2, "[2 * query_heads, model_dim]")
+    expected = (2 * num_q_heads, x.shape[-1])
+    if tuple(gate_weight.shape) != expected:
+        raise ValueError(
+            f"gate_weight must have shape [2 * query_heads, model_dim] = {list(expected)} "
+            f"(rows 0..{num_q_heads - 1} W_g, then W_beta), got {_shape(gate_weight)}"
+        )
+    if gate_weight.dtype != x.dtype:
+        raise TypeError(f"gate_weight must have x's dtype {x.dtype}, got {gate_weight.dtype}")
+    if gate_weight.device != x.device:
+        raise ValueError(f"gate_weight must be on x's device {x.device}, got {gate_weight.device}")
+    _check_bias(gate_bias, num_q_heads, x.device)
+
+
+# ======================================================================================
+# Public API
+# ======================================================================================
+
+
+def compute_log_gates(
+    a: torch.Tensor, beta_pre: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The GatedFWA log gates g = logsigmoid(beta * a) / beta, beta = 1 + ELU(beta_pre).
+
+    Args:
+        a: [B, T, H] gate pre-activation (x W_g + b_g), any floating dtype.
+        beta_pre: [B, T, H] beta's pre-activation (x W_beta), any floating dtype.
+        cu_seqlens: int32 [N + 1] offsets of packed sequences (B == 1), or None. Checked like
+            the attention op's, for symmetry; the gate is elementwise per token, so sequence
+            boundaries change nothing here (the attention kernel keeps sums inside sequences).
+
+    Returns:
+        g [B, T, H] float32, <= 0, differentiable with respect to a and beta_pre. Finite for
+        beta_pre >= -88 (beta ~ 1e-38; g ~ -log(2) / beta reaches float32's limit below).
+
+    Triton kernel for CUDA tensors, the stable PyTorch path (gate_reference.py) elsewhere;
+    GATEDFWA_BACKEND=triton|torch forces one.
+    """
+    check_log_gate_args(a, beta_pre, cu_seqlens)
+    if select_backend(a.device) == "triton":
+        return _log_gates_op(a, beta_pre)
+    return reference_log_gates(a, beta_pre).float()
+
+
+def log_gates_from_projection(gate_pre: torch.Tensor, gate_bias: torch.Tensor | None) -> torch.Tensor:
+    """Log gates from the fused gate projection, in one pass over it.
+
+    Args:
+        gate_pre: [B, T, 2H] = x @ gate_weight^T; columns 0..H-1 are x W_g (without bias),
+            columns H..2H-1 are x W_beta. Any floating dtype.
+        gate_bias: [H] b_g, or None.
+
+    Returns:
+        g [B, T, H] float32 (what gated_window_attention takes as g), differentiable with
+        respect to gate_pre and gate_bias; the backward writes d(gate_pre) in one pass.
+    """
+    check_projection_args(gate_pre, gate_bias)
+    if select_backend(gate_pre.device) == "triton":
+        return _projection_op(gate_pre, gate_bias)
+    num_heads = gate_pre.shape[-1] // 2
+    a = gate_pre[..., :num_heads].float()
+    if gate_bias is not None:
+        a = a + gate_bias.float()
+    return reference_log_gates(a, gate_pre[..., num_heads:]).float()
+
+
+def gated_fwa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    window_size: int | None = None,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """GatedFWA from projections to output: the gate from x, then gated window attention.
+
+        gate_pre = x @ gate_weight^T                           [B, T, 2HQ]
+        g        = log_gates_from_projection(gate_pre, gate_bias)   [B, T, HQ] float32
+        o        = gated_window_attention(q, k, v, g, window_size, scale, cu_seqlens)
+
+    Args:
+        q: [B, T, HQ, D]; k, v: [B, T, H, D] (see gated_window_attention).
+        x: [B, T, C] the layer input the gate reads.
+        gate_weight: [2 * HQ, C] in x's dtype; rows 0..HQ-1 are W_g, rows HQ..2HQ-1 W_beta.
+        gate_bias: [HQ] b_g (W_beta has no bias), or None.
+        window_size, scale, cu_seqlens, return_lse: as in gated_window_attention.
+
+    Returns:
+        o [B, T, HQ, D] in q's dtype, or (o, lse [B, HQ, T]) with return_lse. Gradients flow
+        to q, k, v, x, gate_weight and gate_bias; the gate's backward turns the attention's
+        dg into d(gate_pre) in one fused pass.
+    """
+    check_gated_fwa_args(q, k, v, x, gate_weight, gate_bias, window_size, scale, cu_seqlens)
+    gate_pre = F.linear(x, gate_weight)
+    g = log_gates_from_projection(gate_pre, gate_bias)
+    return gated_window_attention(
+        q, k, v, g, window_size=window_size, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse
+    )

@@ -1,0 +1,383 @@
+"""Gate preprocessing: the Triton kernels and the PyTorch path against the float64 autograd
+reference of g = logsigmoid(beta * a) / beta, beta = 1 + ELU(beta_pre), with the rule of
+DESIGN section 4 (error <= 2x the same formula's own error in the same precision + 1e-5),
+for values and gradients; plus, where the formula itself overflows in float32 (beta ~ 1e-22),
+finiteness and an elementwise relative comparison with the float64 reference.
+
+On the CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py). The kernels
+are launched with small programs (ELEMENTS_PER_PROGRAM lowered) so that every test spans
+several programs and a ragged last one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gatedfwa import compute_log_gates, gated_fwa_attention, log_gates_from_projection
+from gatedfwa.ops import gate
+from gatedfwa.ops.gate_reference import naive_log_gates, reference_log_gates
+from gatedfwa.ops.reference import chunked_gated_window_attention, naive_gated_window_attention
+from gatedfwa.testing import assert_within_rule
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    """Force a backend; for Triton, small programs and NaN-filled output buffers."""
+    monkeypatch.setenv("GATEDFWA_BACKEND", request.param)
+    if request.param == "triton":
+        monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", 64)
+        monkeypatch.setattr(
+            gate, "_allocate", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+        )
+    return request.param
+
+
+def gates_and_grads(fn, a, beta_pre, dg):
+    """fn(a, beta_pre) -> g; returns (g, da, dbeta_pre), detached."""
+    a = a.detach().clone().requires_grad_()
+    beta_pre = beta_pre.detach().clone().requires_grad_()
+    g = fn(a, beta_pre)
+    da, dbeta_pre = torch.autograd.grad(g, (a, beta_pre), dg.to(g.dtype))
+    return g.detach(), da, dbeta_pre
+
+
+def assert_within_relative_rule(name, fast, low, ref64):
+    """The DESIGN rule on errors relative to max(|ref|, 1), for outputs that span many decades
+    (g from -3.6e21 to -1e-30 in one tensor): there a plain maximum would compare the rounding
+    of the single largest element only."""
+    scale = ref64.abs().clamp(min=1)
+    assert_within_rule(name, fast.double() / scale, low.double() / scale, ref64 / scale)
+
+
+def assert_elementwise_close(name, fast, ref64, rtol):
+    """|fast - ref| <= rtol |ref| + 1e-9 everywhere; the 1e-9 covers the float64 formula's own
+    cancellation (~ |a| 1e-16 in its beta gradient)."""
+    excess = ((fast.double() - ref64).abs() - (rtol * ref64.abs() + 1e-9)).max().item()
+    assert excess <= 0, f"{name}: elementwise error exceeds {rtol:.0e} relative by {excess:.3e}"
+
+
+def output_rtol(dtype):
+    """Elementwise tolerance: ~170 float32 ulps for float32 results (the rounding of z = beta a
+    is amplified ~|z| times in exp(-|z|)), two roundings for bf16/fp16 results."""
+    return 2e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+
+
+def check_gates(fn, a, beta_pre, extremes=False):
+    """g, da, dbeta_pre of fn against the formula in float64 (and in the inputs' precision for
+    the rule). Random inputs: the plain rule. Extremes: finite everywhere, the rule on relative
+    errors, and an elementwise relative bound (the float32 formula's own gradients overflow
+    there, so the rule alone would bound nothing)."""
+    dg = torch.randn(a.shape, dtype=torch.float64, device=a.device)
+    fast = gates_and_grads(fn, a, beta_pre, dg)
+    low = gates_and_grads(naive_log_gates, a, beta_pre, dg)
+    ref = gates_and_grads(naive_log_gates, a.double(), beta_pre.double(), dg)
+    assert fast[0].dtype == torch.float32
+    assert fast[1].dtype == a.dtype and fast[2].dtype == beta_pre.dtype
+    for name, x, y, z in zip(("g", "da", "dbeta_pre"), fast, low, ref):
+        assert torch.isfinite(x).all(), f"{name} has non-finite entries"
+        if extremes:
+            assert_within_relative_rule(name, x, y, z)
+            assert_elementwise_close(name, x, z, output_rtol(x.dtype))
+        else:
+            assert_within_rule(name, x, y, z)
+    assert (fast[0] <= 0).all()
+    return fast
+
+
+# ----------------------------------------------------------------------------------------
+# The reference itself
+# ----------------------------------------------------------------------------------------
+
+
+def test_reference_gradcheck():
+    """Both PyTorch formulations, in float64, against finite differences (beta from ~0.02 to 10)."""
+    a = (torch.randn(3, 5, 4, dtype=torch.float64) * 3).requires_grad_()
+    beta_pre = (torch.randn(3, 5, 4, dtype=torch.float64) * 3).clamp(-4, 9).requires_grad_()
+    assert torch.autograd.gradcheck(naive_log_gates, (a, beta_pre))
+    assert torch.autograd.gradcheck(reference_log_gates, (a, beta_pre))
+
+
+def test_beta_stays_positive_where_one_plus_elu_underflows():
+    """1 + ELU(-50) is exactly 0 in float64; the stable beta keeps exp(-50)."""
+    beta_pre = torch.tensor([-50.0, -200.0], dtype=torch.float64)
+    assert (1 + F.elu(beta_pre) == 0).all()
+    g = naive_log_gates(torch.zeros_like(beta_pre), beta_pre)
+    expected = -torch.log(torch.tensor(2.0, dtype=torch.float64)) / torch.exp(beta_pre)
+    torch.testing.assert_close(g, expected, rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# compute_log_gates: random inputs and extremes
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_log_gates_random(backend, dtype, device):
+    """Gates in their usual range: beta from 0.05 up, |g| and the gradients up to ~20."""
+    a = (torch.randn(2, 37, 5, device=device) * 3).to(DTYPES[dtype])
+    beta_pre = (torch.randn(2, 37, 5, device=device) * 1.5).clamp(min=-3).to(DTYPES[dtype])
+    check_gates(compute_log_gates, a, beta_pre)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_log_gates_extremes(backend, dtype, device):
+    """a in +-{1e4, 1e3, 30, 1, 1e-3, 0} against beta_pre from -50 (beta ~ 2e-22) to 50 (beta =
+    51): g reaches -3.6e21 and dg/dbeta_pre 3.6e21, where the float32 formula's gradient
+    overflows (it divides by beta^2 ~ 4e-44)."""
+    magnitudes = torch.tensor([1e4, 1e3, 30.0, 1.0, 1e-3])
+    a_values = torch.cat([magnitudes, -magnitudes, torch.zeros(1)])
+    beta_values = torch.cat([torch.linspace(-50, 50, 41), torch.tensor([-1e-3, 0.0, 1e-3])])
+    a, beta_pre = torch.meshgrid(a_values, beta_values, indexing="ij")
+    a = a.reshape(1, -1, 4).to(device, DTYPES[dtype])
+    beta_pre = beta_pre.reshape(1, -1, 4).to(device, DTYPES[dtype])
+    g, da, dbeta_pre = check_gates(compute_log_gates, a, beta_pre, extremes=True)
+    assert g.min() < -1e21 and dbeta_pre.max() > 1e21  # the extreme end was reached
+
+
+def test_log_gates_float64_inputs_give_float32(backend, device):
+    a = torch.randn(1, 9, 3, dtype=torch.float64, device=device)
+    beta_pre = torch.randn(1, 9, 3, dtype=torch.float64, device=device)
+    g = compute_log_gates(a, beta_pre)
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g, naive_log_gates(a, beta_pre).float(), rtol=2e-6, atol=1e-6)
+
+
+def test_log_gates_non_contiguous_and_empty(backend, device):
+    base = torch.randn(2, 3, 11, 6, device=device)
+    a, beta_pre = base[:, 0, :, :5].transpose(0, 1), base[:, 1, :, 1:].transpose(0, 1)  # [11, 2, 5] views
+    torch.testing.assert_close(compute_log_gates(a, beta_pre), naive_log_gates(a, beta_pre), rtol=2e-6, atol=1e-6)
+    empty = torch.randn(2, 0, 4, device=device, requires_grad=True)
+    g = compute_log_gates(empty, empty)
+    assert g.shape == (2, 0, 4)
+    g.sum().backward()
+    assert empty.grad.shape == empty.shape
+
+
+def test_log_gates_cu_seqlens_changes_nothing(backend, device):
+    a = torch.randn(1, 30, 4, device=device)
+    beta_pre = torch.randn(1, 30, 4, device=device)
+    cu_seqlens = torch.tensor([0, 7, 7, 30], dtype=torch.int32, device=device)
+    torch.testing.assert_close(compute_log_gates(a, beta_pre, cu_seqlens), compute_log_gates(a, beta_pre))
+    with pytest.raises(ValueError, match="cu_seqlens must end at the packed length"):
+        compute_log_gates(a, beta_pre, torch.tensor([0, 7, 29], dtype=torch.int32, device=device))
+
+
+# ----------------------------------------------------------------------------------------
+# log_gates_from_projection: the fused layout [B, T, 2H] + bias
+# ----------------------------------------------------------------------------------------
+
+
+def projection_reference(gate_pre, gate_bias):
+    """The formula on the split projection, in gate_pre's dtype (float64 for the reference)."""
+    heads = gate_pre.shape[-1] // 2
+    a = gate_pre[..., :heads]
+    if gate_bias is not None:
+        a = a + gate_bias.to(a.dtype)
+    return naive_log_gates(a, gate_pre[..., heads:])
+
+
+def projection_grads(fn, gate_pre, gate_bias, dg):
+    leaves = [gate_pre.detach().clone().requires_grad_()]
+    if gate_bias is not None:
+        leaves.append(gate_bias.detach().clone().requires_grad_())
+    g = fn(leaves[0], leaves[1] if gate_bias is not None else None)
+    grads = torch.autograd.grad(g, leaves, dg.to(g.dtype))
+    return (g.detach(), *grads)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_projection(backend, dtype, with_bias, device):
+    heads = 6
+    gate_pre = (torch.randn(2, 29, 2 * heads, device=device) * 3).to(DTYPES[dtype])
+    gate_pre[0, :3, heads:] = -50.0  # beta ~ 2e-22 on a few tokens
+    gate_pre[1, :3, :heads] = 1e4
+    gate_bias = torch.randn(heads, device=device).to(DTYPES[dtype]) if with_bias else None
+    dg = torch.randn(2, 29, heads, dtype=torch.float64, device=device)
+    fast = projection_grads(log_gates_from_projection, gate_pre, gate_bias, dg)
+    low = projection_grads(projection_reference, gate_pre, gate_bias, dg)
+    as64 = None if gate_bias is None else gate_bias.double()
+    ref = projection_grads(projection_reference, gate_pre.double(), as64, dg)
+    assert fast[0].dtype == torch.float32 and fast[1].dtype == gate_pre.dtype
+    names = ("g", "d_gate_pre", "d_bias")
+    for name, x, y, z in zip(names, fast, low, ref):
+        assert torch.isfinite(x).all(), f"{name} has non-finite entries"
+        assert_within_relative_rule(name, x, y, z)
+    for name, x, z in zip(names[:2], fast[:2], ref[:2]):
+        assert_elementwise_close(name, x, z, output_rtol(x.dtype))
+
+
+def test_triton_and_torch_backends_agree(monkeypatch, device):
+    """The two paths side by side on one projection (values and both gradients)."""
+    monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", 64)
+    gate_pre = torch.randn(3, 21, 10, device=device) * 5
+    gate_bias = torch.randn(5, device=device)
+    dg = torch.randn(3, 21, 5, dtype=torch.float64, device=device)
+    results = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("GATEDFWA_BACKEND", backend)
+        results[backend] = projection_grads(log_gates_from_projection, gate_pre, gate_bias, dg)
+    for x, y in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_ops_opcheck(monkeypatch, device):
+    """Fake (meta) kernels, schemas and autograd registrations of the Triton custom ops."""
+    monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", 64)
+    a = torch.randn(2, 5, 3, device=device, requires_grad=True)
+    beta_pre = torch.randn(2, 5, 3, device=device, requires_grad=True)
+    torch.library.opcheck(gate._log_gates_op, (a, beta_pre), test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    gate_pre = torch.randn(2, 5, 6, device=device, requires_grad=True)
+    for bias in (torch.randn(3, device=device, requires_grad=True), None):
+        torch.library.opcheck(gate._projection_op, (gate_pre, bias), test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# ----------------------------------------------------------------------------------------
+# gated_fwa_attention: x and the gate weights to the attention output
+# ----------------------------------------------------------------------------------------
+
+
+def composite_reference(q, k, v, x, gate_weight, gate_bias, window_size, cu_seqlens):
+    """The composition of the reference pieces in the inputs' dtype: projection, formula,
+    naive quadratic attention."""
+    gate_pre = x @ gate_weight.t()
+    g = projection_reference(gate_pre, gate_bias)
+    return naive_gated_window_attention(q, k, v, g.to(q.dtype), window_size=window_size, cu_seqlens=cu_seqlens)
+
+
+def composite_grads(fn, inputs, do, window_size, cu_seqlens):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    o, lse = fn(*leaves, window_size, cu_seqlens)
+    grads = torch.autograd.grad(o, leaves, do.to(o.dtype))
+    return (o.detach(), lse.detach(), *grads)
+
+
+def run_composite(q, k, v, x, gate_weight, gate_bias, window_size, cu_seqlens):
+    return gated_fwa_attention(
+        q, k, v, x, gate_weight, gate_bias, window_size=window_size, cu_seqlens=cu_seqlens, return_lse=True
+    )
+
+
+@pytest.mark.parametrize(
+    "batch, window_size, cu_seqlens",
+    [(2, 8, None), (2, None, None), (1, 8, [0, 13, 13, 29, 40]), (1, None, [0, 13, 13, 29, 40])],
+    ids=["w8", "full", "w8-varlen", "full-varlen"],
+)
+def test_gated_fwa_attention(monkeypatch, batch, window_size, cu_seqlens, device):
+    """Torch attention backend (the Triton attention kernels have their own tests): output,
+    lse and the gradients of q, k, v, x, gate_weight and gate_bias against the float64
+    composition of the reference pieces."""
+    monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
+    seqlen, q_heads, kv_heads, head_dim, model_dim = 40, 4, 2, 16, 32
+    q = torch.randn(batch, seqlen, q_heads, head_dim, device=device)
+    k = torch.randn(batch, seqlen, kv_heads, head_dim, device=device)
+    v = torch.randn(batch, seqlen, kv_heads, head_dim, device=device)
+    x = torch.randn(batch, seqlen, model_dim, device=device)
+    gate_weight = torch.randn(2 * q_heads, model_dim, device=device) / model_dim**0.5
+    gate_bias = torch.randn(q_heads, device=device) + 2  # gates from ~0 to a few units of decay
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
+    inputs = (q, k, v, x, gate_weight, gate_bias)
+    do = torch.randn(q.shape, dtype=torch.float64, device=device)
+    fast = composite_grads(run_composite, inputs, do, window_size, cu)
+    low = composite_grads(composite_reference, inputs, do, window_size, cu)
+    ref = composite_grads(composite_reference, [t.double() for t in inputs], do, window_size, cu)
+    names = ("o", "lse", "dq", "dk", "dv", "dx", "d_gate_weight", "d_gate_bias")
+    for name, a, b, c in zip(names, fast, low, ref):
+        assert_within_rule(name, a, b, c)
+
+
+def test_gated_fwa_attention_with_triton_gate(monkeypatch, device):
+    """The composite with the Triton gate kernels inside (attention on its PyTorch path: this
+    test is about the gate), packed sequences, against the float64 reference pieces."""
+    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+    monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", 64)
+
+    def torch_attention(q, k, v, g, window_size=None, scale=None, cu_seqlens=None, return_lse=False):
+        o, lse = chunked_gated_window_attention(q, k, v, g, window_size, scale, cu_seqlens)
+        return (o, lse) if return_lse else o
+
+    monkeypatch.setattr(gate, "gated_window_attention", torch_attention)
+    q = torch.randn(1, 33, 4, 8, device=device)
+    k = torch.randn(1, 33, 1, 8, device=device)
+    v = torch.randn(1, 33, 1, 8, device=device)
+    x = torch.randn(1, 33, 12, device=device)
+    gate_weight = torch.randn(8, 12, device=device) / 12**0.5
+    gate_bias = torch.randn(4, device=device) + 2
+    cu = torch.tensor([0, 10, 33], dtype=torch.int32, device=device)
+    inputs = (q, k, v, x, gate_weight, gate_bias)
+    do = torch.randn(q.shape, dtype=torch.float64, device=device)
+    fast = composite_grads(run_composite, inputs, do, 6, cu)
+    low = composite_grads(composite_reference, inputs, do, 6, cu)
+    ref = composite_grads(composite_reference, [t.double() for t in inputs], do, 6, cu)
+    names = ("o", "lse", "dq", "dk", "dv", "dx", "d_gate_weight", "d_gate_bias")
+    for name, a, b, c in zip(names, fast, low, ref):
+        assert_within_rule(name, a, b, c)
+
+
+# ----------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------
+
+
+def test_log_gates_validation():
+    a = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match="a must have 3 dimensions"):
+        compute_log_gates(a[0], a[0])
+    with pytest.raises(ValueError, match="a and beta_pre must have the same shape"):
+        compute_log_gates(a, a[:, :4])
+    with pytest.raises(TypeError, match="beta_pre must be a floating-point tensor"):
+        compute_log_gates(a, a.long())
+    with pytest.raises(TypeError, match="a must be a torch.Tensor"):
+        compute_log_gates(1.0, a)
+    with pytest.raises(ValueError, match="batch size must be 1"):
+        compute_log_gates(a, a, torch.tensor([0, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="gate_pre's last dimension must be even"):
+        log_gates_from_projection(torch.randn(2, 5, 7), None)
+    with pytest.raises(ValueError, match=r"gate_bias must have shape \[3\]"):
+        log_gates_from_projection(torch.randn(2, 5, 6), torch.randn(6))
+    with pytest.raises(ValueError, match="gate_pre must have 3 dimensions"):
+        log_gates_from_projection(torch.randn(5, 6), None)
+
+
+def test_gated_fwa_attention_validation():
+    q = torch.randn(1, 6, 4, 8)
+    kv = torch.randn(1, 6, 2, 8)
+    x = torch.randn(1, 6, 10)
+    weight, bias = torch.randn(8, 10), torch.randn(4)
+    cases = [
+        (dict(gate_weight=torch.randn(4, 10)), ValueError, r"gate_weight must have shape \[2 \* query_heads, model_dim\] = \[8, 10\]"),
+        (dict(gate_weight=torch.randn(8, 9)), ValueError, "gate_weight must have shape"),
+        (dict(gate_weight=weight.double()), TypeError, "gate_weight must have x's dtype"),
+        (dict(gate_bias=torch.randn(8)), ValueError, r"gate_bias must have shape \[4\]"),
+        (dict(gate_bias=torch.randn(4).long()), TypeError, "gate_bias must be a floating-point tensor"),
+        (dict(x=torch.randn(1, 5, 10)), ValueError, "x and q must agree in batch and seqlen"),
+        (dict(x=torch.randn(6, 10)), ValueError, "x must have 3 dimensions"),
+        (dict(k=torch.randn(1, 6, 3, 8), v=torch.randn(1, 6, 3, 8)), ValueError, "positive multiple"),
+        (dict(window_size=0), ValueError, "window_size must be >= 1"),
+    ]
+    for changes, error, message in cases:
+        args = dict(q=q, k=kv, v=kv, x=x, gate_weight=weight, gate_bias=bias, window_size=None)
+        args.update(changes)
+        with pytest.raises(error, match=message):
+            gated_fwa_attention(**args)
+
+
+def test_import_without_triton():
+    """Triton is optional: without it, the package imports and the gate runs its PyTorch path."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, gatedfwa\n"
+        "g = gatedfwa.compute_log_gates(torch.randn(1, 4, 2), torch.randn(1, 4, 2))\n"
+        "assert g.shape == (1, 4, 2) and (g <= 0).all()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GATEDFWA_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
