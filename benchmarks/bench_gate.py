@@ -1,0 +1,343 @@
+"""Fused gate preprocessing on a GPU: numerics on the hardware, memory bandwidth of the
+kernels, and the end-to-end cost of gating (gate + gated attention vs ungated attention).
+
+    python benchmarks/bench_gate.py --out benchmarks/results     # GPU, about a minute
+    python benchmarks/bench_gate.py --quick --out /tmp/gate       # CPU smoke check, no timing
+
+Writes (under --out):
+  gate_numerics.json/.md    extremes and random inputs at full size vs a float64 reference
+  gate_bandwidth.json/.md   B=4, T=8192, H=16 (and larger): bytes moved / time, as % of the
+                            device copy bandwidth measured in the same run; tile sweep
+  gate_end_to_end.json/.md  B=4, T=8192, H=16, D=128, bf16, w in {512, 2048}: forward+backward
+                            of [fused gate + gated attention] / [attention with g=None], and
+                            the unfused PyTorch gate (eager, torch.compile) + the same attention
+Every variant runs in its own try block: an error is recorded in the JSON and the run goes on.
+With --quick the files are named *_quick and hold no timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+QUICK = "--quick" in sys.argv
+if QUICK and not torch.cuda.is_available():
+    # The smoke check runs the Triton gate kernels through the interpreter when there is no
+    # GPU; that must be chosen before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import bench_ms, environment, measure_ceilings, write_results  # noqa: E402
+
+from gatedfwa import gated_window_attention, log_gates_from_projection  # noqa: E402
+from gatedfwa.ops import gate as gate_ops  # noqa: E402
+from gatedfwa.ops.gate_reference import naive_log_gates  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TIMING = DEVICE == "cuda" and not QUICK
+
+
+def error_record(exc: BaseException) -> dict:
+    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6)}
+
+
+def time_or_run(fn, grad_to_none=None):
+    """Median ms on the GPU; elsewhere run once (logic check) and return None."""
+    if TIMING:
+        return bench_ms(fn, grad_to_none=grad_to_none)
+    fn()
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Numerics on the hardware: the custom exp / log1p of the kernels run on the real device
+# --------------------------------------------------------------------------------------
+
+
+def gate_grads(fn, a, beta_pre, dg):
+    a = a.detach().clone().requires_grad_()
+    beta_pre = beta_pre.detach().clone().requires_grad_()
+    g = fn(a, beta_pre)
+    return (g.detach(), *torch.autograd.grad(g, (a, beta_pre), dg.to(g.dtype)))
+
+
+def numerics(rows_per_grid: int) -> dict:
+    """Max elementwise relative error (1e-9 absolute slack) of g, da, dbeta_pre against the
+    float64 formula, for the extreme grid (a up to +-1e4, beta_pre -50..50) and random inputs;
+    and whether everything is finite."""
+    results = []
+    magnitudes = torch.tensor([1e4, 1e3, 30.0, 1.0, 1e-3])
+    a_values = torch.cat([magnitudes, -magnitudes, torch.zeros(1)])
+    beta_values = torch.linspace(-50, 50, 201)
+    a_grid, beta_grid = torch.meshgrid(a_values, beta_values, indexing="ij")
+    cases = {
+        "extremes fp32": (a_grid.reshape(1, -1, 1).float(), beta_grid.reshape(1, -1, 1).float()),
+        "random fp32": (torch.randn(1, rows_per_grid, 16) * 4, torch.randn(1, rows_per_grid, 16) * 3),
+    }
+    for name, (a, beta_pre) in cases.items():
+        try:
+            a, beta_pre = a.to(DEVICE), beta_pre.to(DEVICE)
+            dg = torch.randn(a.shape, dtype=torch.float64, device=DEVICE)
+            fast = gate_grads(gate_ops.compute_log_gates, a, beta_pre, dg)
+            ref = gate_grads(naive_log_gates, a.double(), beta_pre.double(), dg)
+            row = {"case": name, "elements": a.numel()}
+            ok = True
+            for label, x, r in zip(("g", "da", "dbeta_pre"), fast, ref):
+                error = (x.double() - r).abs()
+                finite = bool(torch.isfinite(x).all())
+                # The tests' bound: |x - r| <= 2e-5 |r| + 1e-9 (the float64 formula itself
+                # carries ~|a| 1e-16 of cancellation in its beta gradient).
+                within = bool((error <= 2e-5 * r.abs() + 1e-9).all())
+                large = r.abs() >= 1e-6
+                row[f"{label} max rel err"] = (error[large] / r.abs()[large]).max().item() if large.any() else 0.0
+                row[f"{label} finite"] = finite
+                ok &= finite and within
+            row["ok"] = ok
+        except Exception as exc:  # noqa: BLE001 - record and continue
+            row = {"case": name, **error_record(exc)}
+        results.append(row)
+    return {"rows": results}
+
+
+# --------------------------------------------------------------------------------------
+# Bandwidth of the fused kernels
+# --------------------------------------------------------------------------------------
+
+
+def gate_bytes(rows: int, heads: int, in_bytes: int, programs: int) -> tuple[int, int]:
+    """Bytes the forward and the backward kernel read + write.
+    forward:  gate_pre [rows, 2H] + bias [H] in, g [rows, H] float32 out
+    backward: dg [rows, H] float32 + gate_pre + bias in, d_gate_pre [rows, 2H] out,
+              plus the per-program bias partial sums (written, then read by the host sum)."""
+    forward = rows * 2 * heads * in_bytes + heads * in_bytes + rows * heads * 4
+    backward = rows * heads * 4 + 2 * rows * 2 * heads * in_bytes + heads * in_bytes + 2 * programs * heads * 4
+    return forward, backward
+
+
+def copy_gbps(num_bytes: int) -> float | None:
+    """Bandwidth (read + write) of a device copy that moves num_bytes in total."""
+    if not TIMING:
+        return None
+    src = torch.empty(max(num_bytes // 2, 1), dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
+
+
+def bandwidth(sizes, dtype, sweep, ceiling_gbps) -> dict:
+    rows_out, sweep_out = [], []
+    for batch, seqlen, heads in sizes:
+        row = {"B": batch, "T": seqlen, "H": heads, "dtype": str(dtype).replace("torch.", "")}
+        try:
+            rows = batch * seqlen
+            gate_pre = torch.randn(rows, 2 * heads, device=DEVICE, dtype=dtype) * 3
+            bias = torch.randn(heads, device=DEVICE, dtype=dtype)
+            dg = torch.randn(rows, heads, device=DEVICE, dtype=torch.float32)
+            a_view, beta_view = gate_pre[:, :heads], gate_pre[:, heads:]
+            d_gate_pre = torch.empty_like(gate_pre)
+            da_view, dbeta_view = d_gate_pre[:, :heads], d_gate_pre[:, heads:]
+            _, _, programs = gate_ops._launch_shape(rows, heads, None)
+            fwd_bytes, bwd_bytes = gate_bytes(rows, heads, gate_pre.element_size(), programs)
+
+            def forward():
+                return gate_ops.gate_forward_2d(a_view, beta_view, bias)
+
+            def backward():
+                return gate_ops.gate_backward_2d(dg, a_view, beta_view, bias, da_view, dbeta_view)
+
+            leaf = gate_pre.view(batch, seqlen, 2 * heads).detach().clone().requires_grad_()
+            bias_leaf = bias.detach().clone().requires_grad_()
+            dg3 = dg.view(batch, seqlen, heads)
+
+            def autograd_step():
+                log_gates_from_projection(leaf, bias_leaf).backward(dg3)
+
+            fwd_ms = time_or_run(forward)
+            bwd_ms = time_or_run(backward)
+            step_ms = time_or_run(autograd_step, grad_to_none=[leaf, bias_leaf])
+            total = fwd_bytes + bwd_bytes
+            row.update({"forward MB": fwd_bytes / 1e6, "backward MB": bwd_bytes / 1e6,
+                        "forward ms": fwd_ms, "backward ms": bwd_ms, "fwd+bwd autograd ms": step_ms})
+            if TIMING:
+                kernels_ms = fwd_ms + bwd_ms
+                same_size = copy_gbps(total)
+                row.update({
+                    "kernels GB/s": total / kernels_ms / 1e6,
+                    "% of copy BW": 100 * total / kernels_ms / 1e6 / ceiling_gbps,
+                    "same-bytes copy GB/s": same_size,
+                    "% of same-bytes copy": 100 * total / kernels_ms / 1e6 / same_size,
+                    "autograd GB/s": total / step_ms / 1e6,
+                    "autograd % of copy BW": 100 * total / step_ms / 1e6 / ceiling_gbps,
+                })
+            if sweep and (batch, seqlen, heads) == tuple(sizes[0]):
+                sweep_out = tile_sweep(a_view, beta_view, bias, dg, da_view, dbeta_view, heads, total, ceiling_gbps)
+        except Exception as exc:  # noqa: BLE001
+            row.update(error_record(exc))
+        rows_out.append(row)
+    return {"rows": rows_out, "sweep": sweep_out}
+
+
+def tile_sweep(a_view, beta_view, bias, dg, da_view, dbeta_view, heads, total_bytes, ceiling_gbps):
+    """Elements per program x warps for the forward and backward kernels."""
+    out = []
+    default_warps = gate_ops.NUM_WARPS
+    for warps in (4, 8):
+        for elements in (1024, 2048, 4096, 8192):
+            row = {"elements/program": elements, "warps": warps,
+                   "default": elements == gate_ops.ELEMENTS_PER_PROGRAM and warps == default_warps}
+            try:
+                gate_ops.NUM_WARPS = warps
+                fwd = time_or_run(lambda: gate_ops.gate_forward_2d(a_view, beta_view, bias, elements))
+                bwd = time_or_run(
+                    lambda: gate_ops.gate_backward_2d(dg, a_view, beta_view, bias, da_view, dbeta_view, elements)
+                )
+                row.update({"forward ms": fwd, "backward ms": bwd})
+                if TIMING:
+                    row["% of copy BW"] = 100 * total_bytes / (fwd + bwd) / 1e6 / ceiling_gbps
+            except Exception as exc:  # noqa: BLE001
+                row.update(error_record(exc))
+            finally:
+                gate_ops.NUM_WARPS = default_warps
+            out.append(row)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# End to end: gate + attention, forward + backward
+# --------------------------------------------------------------------------------------
+
+
+def unfused_gate(gate_pre, bias):
+    """The gate as plain PyTorch code would write it (float32 math, several kernels)."""
+    heads = gate_pre.shape[-1] // 2
+    a, beta_pre = gate_pre.float().split(heads, dim=-1)
+    beta = 1 + F.elu(beta_pre)
+    z = beta * (a + bias.float())
+    return F.logsigmoid(z) / beta
+
+
+def end_to_end(batch, seqlen, heads, head_dim, windows, dtype) -> dict:
+    rows = []
+    compile_backend = "inductor" if DEVICE == "cuda" else "eager"  # CPU smoke: no C++ build
+    compiled_gate = torch.compile(unfused_gate, backend=compile_backend, dynamic=False)
+
+    def leaf(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, device=DEVICE, dtype=dt) * scale).requires_grad_()
+
+    for window in windows:
+        q = leaf(batch, seqlen, heads, head_dim)
+        k = leaf(batch, seqlen, heads, head_dim)
+        v = leaf(batch, seqlen, heads, head_dim)
+        # Gate projections that give the usual gates (mean log gate ~ -0.05).
+        gate_pre = (torch.randn(batch, seqlen, 2 * heads, device=DEVICE, dtype=dtype)).requires_grad_()
+        bias = (torch.full((heads,), 3.0, device=DEVICE, dtype=dtype)).requires_grad_()
+        g_leaf = F.logsigmoid(torch.randn(batch, seqlen, heads, device=DEVICE) + 3).requires_grad_()
+        do = torch.randn(batch, seqlen, heads, head_dim, device=DEVICE, dtype=dtype)
+
+        def attend(g):
+            return gated_window_attention(q, k, v, g, window_size=window)
+
+        variants = {
+            "attention g=None": (lambda: attend(None).backward(do), [q, k, v]),
+            "attention, precomputed g": (lambda: attend(g_leaf).backward(do), [q, k, v, g_leaf]),
+            "fused gate + attention": (
+                lambda: attend(log_gates_from_projection(gate_pre, bias)).backward(do), [q, k, v, gate_pre, bias]),
+            "eager torch gate + attention": (
+                lambda: attend(unfused_gate(gate_pre, bias)).backward(do), [q, k, v, gate_pre, bias]),
+            "compiled torch gate + attention": (
+                lambda: attend(compiled_gate(gate_pre, bias)).backward(do), [q, k, v, gate_pre, bias]),
+        }
+        timings = {}
+        for name, (step, leaves) in variants.items():
+            row = {"window": window, "variant": name}
+            try:
+                step()  # first call: compilation / autotuning outside the timing
+                ms = time_or_run(step, grad_to_none=leaves)
+                row["fwd+bwd ms"] = ms
+                timings[name] = ms
+            except Exception as exc:  # noqa: BLE001
+                row.update(error_record(exc))
+            rows.append(row)
+        base = timings.get("attention g=None")
+        for row in rows:
+            if row["window"] == window and base and row.get("fwd+bwd ms"):
+                row["x of g=None"] = row["fwd+bwd ms"] / base
+        del q, k, v, gate_pre, bias, g_leaf, do
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    return {"rows": rows}
+
+
+# --------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, no timing: a logic check (CPU)")
+    args = parser.parse_args()
+    suffix = "_quick" if QUICK else ""
+    env = environment()
+
+    ceilings = {}
+    if TIMING:
+        try:
+            ceilings = measure_ceilings()
+        except Exception as exc:  # noqa: BLE001
+            ceilings = error_record(exc)
+    ceiling = ceilings.get("copy_GBps")
+
+    # 1. numerics on the device
+    forced = os.environ.get("GATEDFWA_BACKEND")
+    os.environ["GATEDFWA_BACKEND"] = "triton"  # the kernels (interpreted on a CPU smoke run)
+    try:
+        num = numerics(rows_per_grid=64 if QUICK else 32768)
+    finally:
+        if forced is None:
+            del os.environ["GATEDFWA_BACKEND"]
+        else:
+            os.environ["GATEDFWA_BACKEND"] = forced
+    write_results(args.out, f"gate_numerics{suffix}", {"environment": env, **num}, num["rows"],
+                  ["case", "elements", "g max rel err", "da max rel err", "dbeta_pre max rel err",
+                   "g finite", "da finite", "dbeta_pre finite", "ok", "error"])
+    print("numerics:", [(r["case"], r.get("ok", r.get("error"))) for r in num["rows"]])
+
+    # 2. bandwidth (the triton launchers are called directly)
+    sizes = [(1, 64, 16), (1, 37, 5)] if QUICK else [(4, 8192, 16), (16, 8192, 16), (64, 8192, 16)]
+    bw = bandwidth(sizes, torch.bfloat16, sweep=True, ceiling_gbps=ceiling)
+    payload = {"environment": env, "ceilings": ceilings, "target": ">= 70% of copy BW at B=4,T=8192,H=16", **bw}
+    columns = ["B", "T", "H", "dtype", "forward MB", "backward MB", "forward ms", "backward ms",
+               "kernels GB/s", "% of copy BW", "same-bytes copy GB/s", "% of same-bytes copy",
+               "fwd+bwd autograd ms", "autograd % of copy BW", "error"]
+    write_results(args.out, f"gate_bandwidth{suffix}", payload, bw["rows"] + [
+        {"B": f"sweep {r['elements/program']}x{r['warps']}w" + (" (default)" if r.get("default") else ""),
+         "forward ms": r.get("forward ms"), "backward ms": r.get("backward ms"),
+         "% of copy BW": r.get("% of copy BW"), "error": r.get("error", "")} for r in bw["sweep"]
+    ], columns)
+    print("bandwidth:", [(r["T"], r.get("% of copy BW"), r.get("error")) for r in bw["rows"]])
+
+    # 3. end to end
+    if QUICK:
+        e2e = end_to_end(1, 64, 4, 16, (8, 32), torch.float32)
+    else:
+        e2e = end_to_end(4, 8192, 16, 128, (512, 2048), torch.bfloat16)
+    payload = {"environment": env, "config": {"B": 1 if QUICK else 4, "T": 64 if QUICK else 8192,
+                                              "H": 4 if QUICK else 16, "D": 16 if QUICK else 128,
+                                              "dtype": "float32" if QUICK else "bfloat16"},
+               "target": "fused gate + attention <= 1.10 x attention g=None", **e2e}
+    write_results(args.out, f"gate_end_to_end{suffix}", payload, e2e["rows"],
+                  ["window", "variant", "fwd+bwd ms", "x of g=None", "error"])
+    print("end to end:", [(r["window"], r["variant"], r.get("x of g=None"), r.get("error")) for r in e2e["rows"]])
+
+
+if __name__ == "__main__":
+    main()
