@@ -322,6 +322,38 @@ def test_gated_fwa_attention_with_triton_gate(monkeypatch, device):
         assert_within_rule(name, a, b, c)
 
 
+def test_gated_fwa_attention_all_triton(monkeypatch, device):
+    """Gate kernels and attention kernels together (window 8, GQA), against the float64 pieces."""
+    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+    monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", 64)
+    q = torch.randn(2, 40, 4, 16, device=device)
+    k = torch.randn(2, 40, 2, 16, device=device)
+    v = torch.randn(2, 40, 2, 16, device=device)
+    x = torch.randn(2, 40, 32, device=device)
+    gate_weight = torch.randn(8, 32, device=device) / 32**0.5
+    gate_bias = torch.randn(4, device=device) + 2
+    inputs = (q, k, v, x, gate_weight, gate_bias)
+    do = torch.randn(q.shape, dtype=torch.float64, device=device)
+    fast = composite_grads(run_composite, inputs, do, 8, None)
+    low = composite_grads(composite_reference, inputs, do, 8, None)
+    ref = composite_grads(composite_reference, [t.double() for t in inputs], do, 8, None)
+    names = ("o", "lse", "dq", "dk", "dv", "dx", "d_gate_weight", "d_gate_bias")
+    for name, a, b, c in zip(names, fast, low, ref):
+        assert_within_rule(name, a, b, c)
+
+
+def test_compile_fullgraph(monkeypatch, device):
+    """The gate's custom ops keep a torch.compile(fullgraph=True) graph whole, backward included."""
+    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+    gate_pre = torch.randn(2, 5, 8, device=device, requires_grad=True)
+    gate_bias = torch.randn(4, device=device, requires_grad=True)
+    compiled = torch.compile(log_gates_from_projection, backend="aot_eager", fullgraph=True)
+    compiled(gate_pre, gate_bias).sum().backward()
+    expected = projection_grads(projection_reference, gate_pre, gate_bias, torch.ones(2, 5, 4, dtype=torch.float64))
+    torch.testing.assert_close(gate_pre.grad, expected[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gate_bias.grad, expected[2], rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------
