@@ -1,0 +1,3 @@
+"""Training: data and tokenizer (data.py, tokenizer.py), settings (config.py, presets.py), the
+loop (trainer.py), checkpoints (checkpoint.py), multi-process plumbing (distributed.py) and
+metrics (metrics.py). ``gatedfwa train`` (gatedfwa/cli/main.py) is the front door."""

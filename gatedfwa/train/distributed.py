@@ -1,0 +1,112 @@
+"""Process-group plumbing for multi-process training (``torchrun``), a no-op for one process.
+
+``torchrun --nproc-per-node N -m gatedfwa.cli.main train ...`` (or the ``gatedfwa`` script)
+sets RANK, LOCAL_RANK and WORLD_SIZE; :func:`init_distributed` reads them, joins the group
+(NCCL on GPUs, gloo on CPUs) and picks this process's device. Data parallelism is DDP: every
+process holds the whole model, computes its share of the global batch, and gradients are
+averaged, so N processes follow the same loss curve as one process with the same global
+batch. ``fsdp=True`` shards parameters and optimizer state instead (FSDP2, ``fully_shard``
+on each decoder layer and on the root), for models too large to replicate.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gatedfwa.train.errors import ConfigError
+
+__all__ = ["DistributedContext", "init_distributed", "wrap_model", "resolve_device"]
+
+
+@dataclass
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over processes (float64 on the wire)."""
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def mean(self, value: float) -> float:
+        return self.sum([value])[0] / self.world_size
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this process's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: unknown device {name!r} (expected auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device_name: str) -> DistributedContext:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    device = resolve_device(device_name, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return DistributedContext(rank, world_size, local_rank, device)
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The blocks of the longest ModuleList (the decoder layers of a transformer)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        return []
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+
+
+def wrap_model(model: nn.Module, ctx: DistributedContext, fsdp: bool) -> nn.Module:
+    """DDP (or FSDP2 when ``fsdp``) around ``model`` when several processes run; else itself."""
+    if not ctx.active:
+        return model
+    if fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise ConfigError("--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") from None
+        for layer in _decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+

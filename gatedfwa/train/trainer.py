@@ -1,0 +1,291 @@
+"""The training loop behind ``gatedfwa train``.
+
+One optimizer step:
+    for each of the ``accumulation`` micro-steps:
+        rows = this process's block of the step's windows        [micro_batch, seq_len]
+        loss = model(rows, labels=rows).loss / accumulation       (mean cross-entropy, nats)
+        loss.backward()                                           (DDP averages over processes)
+    clip the gradient norm, AdamW step at lr(step), zero the gradients
+
+Every ``eval_interval`` steps (and at the end) the held-out windows are scored; every
+``save_interval`` steps (and at the end) a checkpoint is written. All randomness after the
+model's initialisation comes from the step number (data) or is absent (no dropout), which is
+what makes ``--resume`` exact and N processes equal to one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gatedfwa.train.checkpoint import (
+    latest_checkpoint, load_training_state, run_dir_of, save_checkpoint,
+)
+from gatedfwa.train.config import TrainConfig
+from gatedfwa.train.data import WindowSampler, heldout_windows, load_corpus
+from gatedfwa.train.distributed import DistributedContext, init_distributed, wrap_model
+from gatedfwa.train.errors import ConfigError
+from gatedfwa.train.metrics import MetricsLog, nats_to_bits
+
+__all__ = ["train", "TrainResult", "learning_rate", "TrainingInterrupted"]
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; the message says where the checkpoint went."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    metrics: Path
+    plot: Path | None
+    step: int
+    heldout_loss: float  # nats per token
+    heldout_bits: float
+    unit: str
+    wall_s: float
+    parameters: int
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at
+    ``max_steps``. ``step`` counts steps already done (0 for the first)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on GPUs (weights and optimizer stay float32); float32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _build_model(config: TrainConfig, vocab_size: int, resume: Path | None):
+    from gatedfwa.models import GatedFWAConfig, GatedFWAForCausalLM
+
+    fields = config.model_fields(vocab_size)
+    try:
+        model_config = GatedFWAConfig(**fields)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model settings: {error}") from None
+    if resume is not None:
+        model = GatedFWAForCausalLM.from_pretrained(resume, dtype=torch.float32)
+        saved = model.config.to_dict()
+        wanted = model_config.to_dict()
+        differ = [k for k in fields if saved.get(k) != wanted.get(k)]
+        if differ:
+            raise ConfigError(
+                f"--resume: the model in {resume} differs from this run's model in "
+                + ", ".join(f"{k} ({saved.get(k)!r} there, {wanted.get(k)!r} here)" for k in differ)
+            )
+        return model
+    torch.manual_seed(config.seed)
+    return GatedFWAForCausalLM(model_config)
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices (and embeddings), none on norms, biases and gains."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, windows: torch.Tensor, micro_batch: int, ctx: DistributedContext) -> float:
+    """Mean held-out cross-entropy in nats per predicted token over all ``windows``
+    [n, seq_len]; processes split the windows and sum their totals."""
+    was_training = model.training
+    model.eval()
+    mine = windows[ctx.rank::ctx.world_size]
+    total, count = 0.0, 0
+    for start in range(0, len(mine), micro_batch):
+        rows = mine[start:start + micro_batch].to(ctx.device)
+        with _autocast(ctx.device):
+            loss = model(rows, labels=rows).loss
+        predicted = rows.shape[0] * (rows.shape[1] - 1)
+        total += float(loss) * predicted
+        count += predicted
+    model.train(was_training)
+    total, count = ctx.sum([total, count])
+    return total / count
+
+
+def _prepare_run_dir(out: Path, resume: Path | None, overwrite: bool, is_main: bool) -> None:
+    existing = latest_checkpoint(out)
+    if existing is not None and resume is None:
+        if not overwrite:
+            raise ConfigError(
+                f"--out {out} already holds a run ({existing.name}); continue it with --resume {out}, "
+                f"start over with --overwrite, or choose another --out"
+            )
+        if is_main:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+
+def train(config: TrainConfig, out: Path, resume: Path | None = None, overwrite: bool = False,
+          log=None) -> TrainResult:
+    """Runs (or resumes) training; returns where everything went. ``resume`` is a
+    checkpoint folder (already resolved). ``log(str)`` prints a line (main process only)."""
+    started = time.time()
+    config.validate()
+    ctx = init_distributed(config.device)
+    try:
+        return _train(config, Path(out), resume, overwrite, ctx, started, log)
+    finally:
+        ctx.close()
+
+
+def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
+    say = (log or (lambda line: print(line, file=sys.stderr, flush=True))) if ctx.is_main else (lambda line: None)
+    micro_batch, accumulation = config.micro_steps(ctx.world_size)
+    _prepare_run_dir(out, resume, overwrite, ctx.is_main)
+    ctx.barrier()
+
+    corpus = load_corpus(config.data, config.tokenizer, config.hf_dataset, config.hf_split, config.hf_text_field)
+    say(f"data: {corpus.description}; {len(corpus.train):,} training and {len(corpus.heldout):,} held-out {corpus.unit}s")
+    sampler = WindowSampler(corpus.train, config.seq_len, config.batch_size, config.seed)
+    heldout = heldout_windows(corpus.heldout, config.seq_len, config.eval_windows)
+
+    model = _build_model(config, corpus.vocab_size, resume).to(ctx.device)
+    model.train()
+    parameters = sum(p.numel() for p in model.parameters())
+    kinds = config.layer_kinds()
+    say(
+        f"model: {parameters / 1e6:.2f}M parameters, {len(kinds)} layers ({', '.join(sorted(set(kinds)))}), "
+        f"window {config.model.get('window_size')}, context {config.seq_len}; "
+        f"{ctx.world_size} process(es) on {ctx.device}, batch {config.batch_size} x {config.seq_len} tokens "
+        f"(micro-batch {micro_batch}, {accumulation} accumulation step(s))"
+    )
+    if ctx.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    network = wrap_model(model, ctx, config.fsdp)
+    optimizer = _optimizer(model, config)
+    step, tokens_seen = 0, 0
+    if resume is not None:
+        state = load_training_state(resume, model, optimizer, sharded=config.fsdp and ctx.active)
+        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        say(f"resumed from {resume} at step {step}")
+    if config.compile:
+        network = torch.compile(network)
+
+    record = {
+        "train": config.to_dict(), "tokenizer": corpus.tokenizer_spec, "unit": corpus.unit,
+        "data": corpus.description, "world_size": ctx.world_size, "parameters": parameters,
+    }
+    metrics = None
+    if ctx.is_main:
+        previous = run_dir_of(resume) / "metrics.jsonl" if resume is not None else None
+        metrics = MetricsLog(out, resume_step=step if resume is not None else None, previous=previous)
+    tokens_per_step = config.batch_size * config.seq_len
+    heldout_loss = float("nan")
+    evaluated_at = saved_at = None
+    checkpoint = resume
+
+    def save() -> Path:
+        nonlocal saved_at
+        saved_at = step
+        return save_checkpoint(out, step, model, optimizer, record, tokens_seen, config.keep_checkpoints,
+                               is_main=ctx.is_main, sharded=config.fsdp and ctx.active)
+
+    def run_eval() -> None:
+        nonlocal heldout_loss, evaluated_at
+        heldout_loss = evaluate(network if config.fsdp and ctx.active else model, heldout, micro_batch, ctx)
+        evaluated_at = step
+        if metrics is not None:
+            metrics.write({"step": step, "tokens": tokens_seen, "heldout_loss": heldout_loss,
+                           "heldout_bits": nats_to_bits(heldout_loss), "unit": corpus.unit})
+        say(f"step {step}/{config.max_steps}: held-out loss {nats_to_bits(heldout_loss):.3f} bits per {corpus.unit}")
+
+    progress = None
+    if ctx.is_main and config.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    in_update = False
+    try:
+        if step == 0 and config.eval_interval:
+            run_eval()
+        while step < config.max_steps:
+            tick = time.perf_counter()
+            lr = learning_rate(config, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = 0.0
+            for micro in range(accumulation):
+                rows = sampler.rows(step, micro, micro_batch, ctx.rank, ctx.world_size).to(ctx.device)
+                last = micro == accumulation - 1
+                sync = contextlib.nullcontext() if last or not hasattr(network, "no_sync") else network.no_sync()
+                with sync:
+                    with _autocast(ctx.device):
+                        loss = network(rows, labels=rows).loss
+                    (loss / accumulation).backward()
+                step_loss += float(loss.detach()) / accumulation
+            in_update = True
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            in_update = False
+            step_loss = ctx.mean(step_loss)
+            seconds = time.perf_counter() - tick
+            if metrics is not None:
+                metrics.write({"step": step, "tokens": tokens_seen, "train_loss": step_loss, "lr": lr,
+                               "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / seconds,
+                               "elapsed_s": time.time() - started})
+            if progress is not None:
+                shown = f"{nats_to_bits(step_loss):.3f} bits/{corpus.unit}"
+                progress.set_postfix_str(f"loss {shown}, {tokens_per_step / seconds:,.0f} tok/s", refresh=False)
+                progress.update(1)
+            if config.eval_interval and step % config.eval_interval == 0:
+                run_eval()
+            if config.save_interval and step % config.save_interval == 0:
+                checkpoint = save()
+        if evaluated_at != step:
+            run_eval()
+        if saved_at != step:
+            checkpoint = save()
+    except KeyboardInterrupt:
+        if progress is not None:
+            progress.close()
+        if ctx.world_size == 1 and not in_update and step > 0 and saved_at != step:
+            checkpoint = save()
+            raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {checkpoint}; "
+                                      f"continue with: gatedfwa train --resume {out}") from None
+        raise TrainingInterrupted(f"interrupted at step {step}; last checkpoint: {checkpoint}") from None
+    finally:
+        if progress is not None:
+            progress.close()
+        if metrics is not None:
+            metrics.close()
+    ctx.barrier()
+
+    plot_path = None
+    if ctx.is_main and config.plot:
+        from gatedfwa.plot import plot_runs
+
+        plot_path = plot_runs([out], out / "loss.png")
+    return TrainResult(
+        run_dir=out, checkpoint=checkpoint, metrics=out / "metrics.jsonl", plot=plot_path, step=step,
+        heldout_loss=heldout_loss, heldout_bits=nats_to_bits(heldout_loss), unit=corpus.unit,
+        wall_s=time.time() - started, parameters=parameters,
+    )
