@@ -1,0 +1,1 @@
+"""Command line: ``gatedfwa train | generate | plot`` (see ``gatedfwa --help``)."""

@@ -1,0 +1,175 @@
+"""``gatedfwa generate``: load a checkpoint, stream a continuation of a prompt, report speed
+and the decoding cache's memory.
+
+Text is printed as tokens arrive (through a ``transformers`` streamer); the report goes to
+stderr so that stdout holds only the text. The model's ``generate()`` decodes with its
+window cache, whose size stays at ``window_size`` tokens per layer however long the output
+grows; the report shows the cache's bytes next to what a full-attention cache of the same
+length would need.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from gatedfwa.train.checkpoint import read_train_record, resolve_checkpoint
+from gatedfwa.train.distributed import resolve_device
+from gatedfwa.train.errors import ConfigError
+from gatedfwa.train.tokenizer import tokenizer_from_spec
+
+__all__ = ["generate_text", "GenerationReport", "cache_bytes"]
+
+
+@dataclass
+class GenerationReport:
+    checkpoint: Path
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float  # from the first generated token to the last
+    first_token_s: float  # prompt processing and first token
+    tokens_per_s: float
+    cache_bytes: int | None  # None when the model returned no cache
+    full_cache_bytes: int  # keys + values of every layer for all tokens, for comparison
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by every tensor reachable from ``cache`` (attributes, lists, dicts),
+    each storage counted once."""
+    seen: set[int] = set()
+    visited: set[int] = set()
+    total = 0
+
+    def walk(obj, depth):
+        nonlocal total
+        if depth > 6 or id(obj) in visited:
+            return
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            key = storage.data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                walk(value, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                walk(value, depth + 1)
+        elif hasattr(obj, "__dict__"):
+            for value in vars(obj).values():
+                walk(value, depth + 1)
+
+    walk(cache, 0)
+    return total
+
+
+def _human(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+class _TextStreamer(BaseStreamer):
+    """transformers streamer protocol (put/end): prints decoded text as ids arrive and
+    records when each token came."""
+
+    def __init__(self, decode, out):
+        self.decode, self.out = decode, out
+        self.prompt_seen = False
+        self.times: list[float] = []
+        self.pieces: list[str] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        ids = value.reshape(-1).tolist()
+        self.times.extend([time.perf_counter()] * len(ids))
+        text = self.decode(ids)
+        if text:
+            self.pieces.append(text)
+            self.out.write(text)
+            self.out.flush()
+
+    def end(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8,
+                  top_k: int | None = 50, seed: int = 0, device: str = "auto", out=None) -> GenerationReport:
+    """Streams ``max_new_tokens`` tokens after ``prompt`` to ``out`` (default stdout)."""
+    from gatedfwa.models import GatedFWAForCausalLM
+
+    out = sys.stdout if out is None else out
+    if not prompt:
+        raise ConfigError("--prompt must not be empty (the model needs at least one token to continue)")
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {top_k}")
+    checkpoint = resolve_checkpoint(ckpt)
+    record = read_train_record(checkpoint)
+    tokenizer = tokenizer_from_spec(record["tokenizer"])
+    target = resolve_device(device)
+    dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    model = GatedFWAForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(target).eval()
+
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ConfigError("--prompt encodes to no tokens")
+    if max(ids) >= model.config.vocab_size:
+        raise ConfigError(f"--prompt has token id {max(ids)}, outside the model's vocabulary of {model.config.vocab_size}")
+    input_ids = torch.tensor([ids], dtype=torch.long, device=target)
+    streamer = _TextStreamer(tokenizer.stream_decoder(), out)
+    torch.manual_seed(seed)
+    sampling = temperature > 0
+    options = dict(max_new_tokens=max_new_tokens, do_sample=sampling, streamer=streamer,
+                   return_dict_in_generate=True, pad_token_id=0)
+    if sampling:
+        options.update(temperature=temperature, top_k=top_k)
+    out.write(prompt)
+    out.flush()
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = model.generate(input_ids, **options)
+    sequences = result.sequences if hasattr(result, "sequences") else result
+    new = int(sequences.shape[1] - input_ids.shape[1])
+    first = streamer.times[0] - start if streamer.times else 0.0
+    seconds = streamer.times[-1] - streamer.times[0] if len(streamer.times) > 1 else 0.0
+    rate = (new - 1) / seconds if seconds > 0 else float("nan")
+    cache = getattr(result, "past_key_values", None)
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    full = 2 * config.num_hidden_layers * int(sequences.shape[1]) * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    return GenerationReport(
+        checkpoint=checkpoint, text="".join(streamer.pieces), prompt_tokens=len(ids), new_tokens=new,
+        seconds=seconds, first_token_s=first, tokens_per_s=rate,
+        cache_bytes=None if cache is None else cache_bytes(cache), full_cache_bytes=full,
+    )
+
+
+def describe(report: GenerationReport, unit: str = "token") -> str:
+    """The lines ``gatedfwa generate`` prints to stderr after the text."""
+    return (
+        f"generated {report.new_tokens} tokens after a {report.prompt_tokens}-token prompt: "
+        f"{report.tokens_per_s:,.1f} tokens/s (first token after {report.first_token_s:.2f} s)\n"
+        f"decoding cache: {_human(report.cache_bytes)} "
+        f"(a full-attention cache of these {report.prompt_tokens + report.new_tokens} tokens: {_human(report.full_cache_bytes)})\n"
+        f"checkpoint: {report.checkpoint}"
+    )
