@@ -575,26 +575,31 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+# Tile sizes: the fastest of benchmarks/bench_attention.py --only sweep on an H200
+# (benchmarks/results/attention_sweep.md), B=4 T=8192 H=16, w = 512 and 2048.
+
+
 def _forward_config(head_dim: int) -> dict:
-    """Tile sizes for the forward and dq kernels (BLOCK_M must be a multiple of BLOCK_N)."""
+    """Tile sizes for the forward kernel (BLOCK_M must be a multiple of BLOCK_N)."""
     if _interpreting():
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     block_d = _block_d(head_dim)
     if block_d <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     if block_d <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
 def _dq_config(head_dim: int) -> dict:
+    """Tile sizes for the dq kernel (BLOCK_M must be a multiple of BLOCK_N)."""
     if _interpreting():
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     block_d = _block_d(head_dim)
     if block_d <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
     if block_d <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
 
 
@@ -604,9 +609,9 @@ def _dkdv_config(head_dim: int) -> dict:
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
     block_d = _block_d(head_dim)
     if block_d <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     if block_d <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
 
 
