@@ -9,3 +9,9 @@ __all__ = ["gated_window_attention", "flash_gated_window_attention"]
 from gatedfwa.ops.gate import compute_log_gates, gated_fwa_attention, log_gates_from_projection  # noqa: E402
 
 __all__ += ["compute_log_gates", "gated_fwa_attention", "log_gates_from_projection"]
+
+# Importing the models registers model_type "gatedfwa" with transformers' AutoConfig,
+# AutoModel and AutoModelForCausalLM (so AutoModelForCausalLM.from_pretrained loads saved models).
+from gatedfwa.models import GatedFWAConfig, GatedFWAForCausalLM, GatedFWAModel  # noqa: E402
+
+__all__ += ["GatedFWAConfig", "GatedFWAForCausalLM", "GatedFWAModel"]

@@ -1,0 +1,7 @@
+"""nn.Modules built on the ops: the GatedFWA attention layer and its helpers."""
+
+from gatedfwa.layers.attention import GatedFWAttention, gate_bias_init
+from gatedfwa.layers.norm import RMSNorm
+from gatedfwa.layers.rotary import apply_rotary, rotary_angles
+
+__all__ = ["GatedFWAttention", "gate_bias_init", "RMSNorm", "apply_rotary", "rotary_angles"]

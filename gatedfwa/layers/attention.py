@@ -1,0 +1,284 @@
+"""GatedFWAttention: the attention layer of a GatedFWA transformer block.
+
+    x [B, T, C]
+      -> q = x W_q [B, T, HQ, D],  k = x W_k, v = x W_v [B, T, H, D]
+      -> token shift of k and v (optional): mix in the previous token's projection
+      -> RMSNorm of q and k per head (optional)
+      -> rotary position embedding of q and k
+      -> gated window attention: the gate reads x (a = x W_g + b_g, beta = 1 + ELU(x W_beta),
+         g = logsigmoid(beta a) / beta), the window keeps the last w keys
+      -> sigmoid output gate (optional): o * sigmoid(x W_og)
+      -> o W_o [B, T, C]
+
+With the gate off this is plain sliding-window attention (the baseline); with
+window_size=None it is full causal attention (gate off) or forgetting attention (gate on).
+
+Gate bias initialisation. At initialisation x W_g and x W_beta are small, so beta ~ 1 and
+the per-step retention is exp(g) ~ sigmoid(b_g). b_g is set per query head so that the
+retentions sigmoid(b_g) are spread from ``gate_init_range[0]`` to ``gate_init_range[1]``
+(default 0.99 .. 0.999), geometrically in the decay 1 - sigmoid(b_g): the heads start with
+memory horizons of about 100 to 1000 tokens, i.e. little decay inside the window, and the
+model learns to forget faster where that helps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gatedfwa.layers.norm import RMSNorm
+from gatedfwa.layers.padding import pack, packed_layout, unpack
+from gatedfwa.layers.rotary import apply_rotary, rotary_angles
+from gatedfwa.ops.api import gated_window_attention
+from gatedfwa.ops.gate import gated_fwa_attention
+
+__all__ = ["GatedFWAttention", "gate_bias_init"]
+
+
+def gate_bias_init(num_heads: int, retention_range: tuple[float, float] = (0.99, 0.999)) -> torch.Tensor:
+    """b_g [num_heads] with sigmoid(b_g) running from retention_range[0] to [1], the decays
+    1 - sigmoid(b_g) spaced geometrically (one head: the geometric middle)."""
+    low, high = retention_range
+    if not (0.0 < low < 1.0 and 0.0 < high < 1.0):
+        raise ValueError(f"gate_init_range values must lie strictly between 0 and 1, got {retention_range}")
+    log_decay_low, log_decay_high = math.log(1.0 - low), math.log(1.0 - high)
+    if num_heads == 1:
+        fractions = torch.tensor([0.5], dtype=torch.float64)
+    else:
+        fractions = torch.linspace(0.0, 1.0, num_heads, dtype=torch.float64)
+    decay = torch.exp(log_decay_low + fractions * (log_decay_high - log_decay_low))
+    retention = 1.0 - decay
+    return torch.log(retention / decay).float()  # logit(retention)
+
+
+def _sequence_starts(seqlen: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """[T] bool: True where a token has no predecessor in its sequence."""
+    if cu_seqlens is None:
+        starts = torch.zeros(seqlen, dtype=torch.bool, device=device)
+        starts[0] = True
+        return starts
+    # One spare slot absorbs the starts of empty sequences at the very end.
+    starts = torch.zeros(seqlen + 1, dtype=torch.bool, device=device)
+    starts[cu_seqlens[:-1].long()] = True
+    return starts[:seqlen]
+
+
+def previous_token(x: torch.Tensor, cu_seqlens: torch.Tensor | None, first: torch.Tensor | None = None) -> torch.Tensor:
+    """The previous token's value at every position: x [B, T, ...] -> [B, T, ...].
+
+    Zero where a sequence starts (t = 0, or a cu_seqlens boundary), unless ``first``
+    [B, ...] is given: then t = 0 takes it (the last token of an earlier chunk, from a cache).
+    """
+    if x.shape[1] == 0:
+        return x
+    shifted = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
+    starts = _sequence_starts(x.shape[1], cu_seqlens, x.device)
+    shifted = shifted.masked_fill(starts.view(1, -1, *([1] * (x.dim() - 2))), 0.0)
+    if first is not None:
+        shifted = torch.cat((first[:, None].to(x.dtype), shifted[:, 1:]), dim=1)
+    return shifted
+
+
+class GatedFWAttention(nn.Module):
+    """Gated sliding-window attention layer (GatedFWA, arXiv 2512.07782).
+
+    Args:
+        hidden_size: C, the model width.
+        num_heads: HQ, query heads.
+        num_kv_heads: H, key/value heads (GQA when H < HQ); HQ % H == 0. Default HQ.
+        head_dim: D. Default C // HQ. Must be even (rotary pairs channels).
+        window_size: keys each query sees, itself included; None = no window (full causal).
+        use_gate: the GatedFWA gate (False: plain softmax attention over the window).
+        rope_theta: base of the rotary frequencies.
+        qk_norm: RMSNorm of each query and key head before the rotary embedding.
+        output_gate: multiply the attention output by sigmoid(x W_og) (per channel).
+        token_shift: replace k_t by (1 - m_t) k_t + m_t k_{t-1} and likewise v, with
+            per-kv-head mixes m_t = sigmoid(x_t W_shift) learned from the input.
+        norm_eps: epsilon of the QK RMSNorm.
+        gate_init_range: retentions sigmoid(b_g) the gate bias starts at (see module docstring).
+        layer_idx: index of this layer in its model (its slot in a decoding cache).
+
+    Parameters: q_proj, k_proj, v_proj, o_proj (no biases); with the gate, gate_proj.weight
+    [2 HQ, C] (rows W_g then W_beta, the layout gated_fwa_attention takes) and gate_bias [HQ];
+    q_norm, k_norm; output_gate_proj [HQ D, C]; shift_proj [2 H, C] (k mixes, then v mixes).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        window_size: int | None = None,
+        use_gate: bool = True,
+        rope_theta: float = 10000.0,
+        qk_norm: bool = False,
+        output_gate: bool = False,
+        token_shift: bool = False,
+        norm_eps: float = 1e-6,
+        gate_init_range: tuple[float, float] = (0.99, 0.999),
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})"
+            )
+        if head_dim is None:
+            if hidden_size % num_heads != 0:
+                raise ValueError(
+                    f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}) "
+                    f"when head_dim is not given"
+                )
+            head_dim = hidden_size // num_heads
+        if head_dim < 2 or head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be even and >= 2 (rotary embeddings pair channels), got {head_dim}")
+        if window_size is not None and (isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1):
+            raise ValueError(f"window_size must be an int >= 1 or None, got {window_size!r}")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.window_size = window_size
+        self.use_gate = use_gate
+        self.rope_theta = float(rope_theta)
+        self.token_shift = token_shift
+        self.gate_init_range = tuple(gate_init_range)
+        self.layer_idx = layer_idx
+        self.scale = head_dim**-0.5
+
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        if use_gate:
+            self.gate_proj = nn.Linear(hidden_size, 2 * num_heads, bias=False)
+            self.gate_bias = nn.Parameter(gate_bias_init(num_heads, self.gate_init_range))
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.output_gate_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False) if output_gate else None
+        self.shift_proj = nn.Linear(hidden_size, 2 * num_kv_heads, bias=False) if token_shift else None
+
+    def reset_gate_bias(self) -> None:
+        """Set gate_bias to its documented initial value (gate_bias_init)."""
+        if self.use_gate:
+            with torch.no_grad():
+                self.gate_bias.copy_(gate_bias_init(self.num_heads, self.gate_init_range))
+
+    # ----------------------------------------------------------------------------------
+    # Pieces shared by the parallel and the decoding paths
+    # ----------------------------------------------------------------------------------
+
+    def _project(self, x: torch.Tensor):
+        """x [B, T, C] -> q [B, T, HQ, D], raw k and v [B, T, H, D] (before shift/norm/rotary)."""
+        batch, seqlen, _ = x.shape
+        q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def _shift(self, x, k, v, k_prev, v_prev):
+        """Token shift: mix each raw k, v [B, T, H, D] with the previous token's."""
+        mix = torch.sigmoid(self.shift_proj(x)).to(k.dtype)[..., None]  # [B, T, 2H, 1]
+        k_mix, v_mix = mix[:, :, : self.num_kv_heads], mix[:, :, self.num_kv_heads :]
+        k = k + k_mix * (k_prev - k)
+        v = v + v_mix * (v_prev - v)
+        return k, v
+
+    def _position_encode(self, q, k, position_ids):
+        """QK RMSNorm (optional) then rotary embedding at position_ids [B, T]."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rotary_angles(position_ids, self.head_dim, self.rope_theta)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def _finish(self, x, o):
+        """o [B, T, HQ, D] -> output [B, T, C]: output gate (optional), then W_o."""
+        batch, seqlen = o.shape[:2]
+        o = o.reshape(batch, seqlen, self.num_heads * self.head_dim)
+        if self.output_gate_proj is not None:
+            o = o * torch.sigmoid(self.output_gate_proj(x)).to(o.dtype)
+        return self.o_proj(o)
+
+    def log_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate alone: x [B, T, C] -> g [B, T, HQ] float32 (<= 0). Used by decoding."""
+        from gatedfwa.ops.gate import log_gates_from_projection
+
+        return log_gates_from_projection(self.gate_proj(x), self.gate_bias)
+
+    # ----------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Parallel (training / scoring) forward.
+
+        Args:
+            hidden_states: x [B, T, C].
+            position_ids: [B, T] rotary positions; default 0..T-1 (with cu_seqlens: counted
+                from each sequence's start).
+            attention_mask: [B, T], 1 = token, 0 = padding (any place, e.g. left padding).
+                Padding is removed before attention (packed varlen), so real tokens see
+                exactly what they would see without it; padding rows of the output are 0.
+                The rotary positions of real tokens default to their rank among the row's
+                real tokens.
+            cu_seqlens: int32 [N + 1] when x packs N sequences along T (B == 1).
+
+        Returns:
+            [B, T, C] in x's dtype.
+        """
+        if attention_mask is not None:
+            if cu_seqlens is not None:
+                raise ValueError("pass either attention_mask or cu_seqlens, not both")
+            layout = packed_layout(attention_mask)
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            out = self.forward(pack(hidden_states, layout), pack(position_ids, layout), None, layout.cu_seqlens)
+            return unpack(out, layout)
+
+        x = hidden_states
+        batch, seqlen, _ = x.shape
+        if position_ids is None:
+            position_ids = default_position_ids(batch, seqlen, cu_seqlens, x.device)
+        q, k, v = self._project(x)
+        if self.token_shift:
+            k, v = self._shift(x, k, v, previous_token(k, cu_seqlens), previous_token(v, cu_seqlens))
+        q, k = self._position_encode(q, k, position_ids)
+        o = self._attend(q, k, v, x, cu_seqlens)
+        return self._finish(x, o)
+
+    def _attend(self, q, k, v, x, cu_seqlens):
+        """Gated (or plain) window attention of the whole sequence: [B, T, HQ, D]."""
+        if self.use_gate:
+            return gated_fwa_attention(
+                q, k, v, x, self.gate_proj.weight.to(x.dtype), self.gate_bias,
+                window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens,
+            )
+        return gated_window_attention(q, k, v, None, window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens)
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"window_size={self.window_size}, gate={self.use_gate}, token_shift={self.token_shift}"
+        )
+
+
+def default_position_ids(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
+    """[B, T] positions 0..T-1, or with cu_seqlens ([1, T]) counted from each sequence's start."""
+    positions = torch.arange(seqlen, device=device)
+    if cu_seqlens is None:
+        return positions[None].expand(batch, seqlen)
+    starts = cu_seqlens[:-1].long()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    start_of_token = torch.repeat_interleave(starts, lengths, output_size=seqlen)
+    return (positions - start_of_token)[None]

@@ -1,0 +1,257 @@
+"""GatedFWA causal language model, transformers-compatible.
+
+    input_ids [B, T]
+      -> token embedding                                   [B, T, C]
+      -> num_hidden_layers x Block:
+             x = x + Attention(RMSNorm(x))    (kind per layer: gatedfwa / swa / full / forgetting)
+             x = x + SwiGLU-MLP(RMSNorm(x))
+      -> RMSNorm -> lm_head                                logits [B, T, vocab]
+
+Padding (attention_mask with zeros, e.g. left-padded prompts) is handled exactly: the real
+tokens of every row are packed into one varlen row once, before the first block, and
+unpacked after the last, so no padding token ever enters a softmax or a gate sum.
+Decoding keeps per layer only the last w keys and values (gatedfwa.cache).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from gatedfwa.layers.attention import GatedFWAttention, default_position_ids, gate_bias_init
+from gatedfwa.layers.norm import RMSNorm
+from gatedfwa.layers.padding import pack, packed_layout, unpack
+from gatedfwa.models.configuration import GatedFWAConfig
+
+try:
+    from transformers import initialization as init
+except ImportError:  # transformers < 5: plain torch initialisers
+    from torch.nn import init
+
+__all__ = ["GatedFWAPreTrainedModel", "GatedFWAModel", "GatedFWAForCausalLM"]
+
+# transformers renamed the cache field of model outputs from past_key_values to cache (5.2x).
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class GatedFWAMLP(nn.Module):
+    """SwiGLU: down(silu(x W_gate) * (x W_up)), no biases."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GatedFWABlock(nn.Module):
+    """Pre-norm transformer block: attention then MLP, each on a residual branch."""
+
+    def __init__(self, config: GatedFWAConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.kind = config.layer_kinds[layer_idx]
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = GatedFWAttention(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            window_size=config.layer_window(layer_idx),
+            use_gate=config.layer_uses_gate(layer_idx),
+            rope_theta=config.rope_theta,
+            qk_norm=config.qk_norm,
+            output_gate=config.output_gate,
+            token_shift=config.token_shift,
+            norm_eps=config.rms_norm_eps,
+            gate_init_range=tuple(config.gate_init_range),
+            layer_idx=layer_idx,
+        )
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedFWAMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, position_ids, cu_seqlens=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), position_ids=position_ids, cu_seqlens=cu_seqlens)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GatedFWAPreTrainedModel(PreTrainedModel):
+    config_class = GatedFWAConfig
+    config: GatedFWAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["GatedFWABlock"]
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, initializer_range) weights; residual output projections (attention o_proj,
+        MLP down_proj) scaled by 1 / sqrt(2 * num_hidden_layers) so the residual stream's
+        variance does not grow with depth; norms at 1; gate biases at gate_bias_init."""
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        if isinstance(module, GatedFWAttention):
+            init.normal_(module.o_proj.weight, mean=0.0, std=residual_std)
+            if module.use_gate:
+                init.copy_(module.gate_bias, gate_bias_init(module.num_heads, module.gate_init_range))
+        elif isinstance(module, GatedFWAMLP):
+            init.normal_(module.down_proj.weight, mean=0.0, std=residual_std)
+        elif isinstance(module, nn.Linear):
+            # Also reached for o_proj/down_proj (after their parent): keep the scaled init.
+            if not getattr(module, "_gatedfwa_residual", False):
+                init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+
+
+class GatedFWAModel(GatedFWAPreTrainedModel):
+    """Embedding, blocks and final norm: input_ids -> hidden states [B, T, C]."""
+
+    def __init__(self, config: GatedFWAConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GatedFWABlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        for block in self.layers:
+            # Marks for _init_weights: these take the depth-scaled std.
+            block.attn.o_proj._gatedfwa_residual = True
+            block.mlp.down_proj._gatedfwa_residual = True
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Hidden states [B, T, C] after the final norm (see GatedFWAForCausalLM.forward for
+        the arguments)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seqlen = x.shape[:2]
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must be [batch, seqlen] with 1 for tokens and 0 for padding, "
+                f"got shape {list(attention_mask.shape)}"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, seqlen):
+            raise ValueError(
+                f"attention_mask must have shape [batch, seqlen] = {[batch, seqlen]}, got {list(attention_mask.shape)}"
+            )
+        layout = None
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            layout = packed_layout(attention_mask)
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+            else:
+                position_ids = default_position_ids(batch, seqlen, None, x.device)
+        cu_seqlens = None
+        if layout is not None:
+            x, position_ids, cu_seqlens = pack(x, layout), pack(position_ids, layout), layout.cu_seqlens
+        for block in self.layers:
+            x = block(x, position_ids, cu_seqlens)
+        x = self.norm(x)
+        if layout is not None:
+            x = unpack(x, layout)
+        return BaseModelOutputWithPast(last_hidden_state=x)
+
+
+class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
+    """GatedFWAModel plus the language-modelling head; works with generate()."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: GatedFWAConfig):
+        super().__init__(config)
+        self.model = GatedFWAModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """
+        Args:
+            input_ids: [B, T] token ids (or inputs_embeds [B, T, C]).
+            attention_mask: [B, T], 1 = token, 0 = padding (left padding for batched prompts).
+            position_ids: [B, T] rotary positions; default: the rank of each token among its
+                row's real tokens (0 for the first).
+            labels: [B, T] targets aligned with input_ids; shifted inside (position t predicts
+                labels[t + 1]); -100 is ignored.
+            logits_to_keep: compute logits only for the last n positions (0 = all), or for
+                the positions in a 1-D index tensor.
+
+        Returns:
+            CausalLMOutputWithPast: logits [B, T', vocab] (float32 cast only for the loss);
+            loss = mean next-token cross-entropy in nats over labels != -100.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+        )
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            kept = hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
+        else:
+            kept = hidden[:, logits_to_keep]
+        logits = self.lm_head(kept)
+        loss = None
+        if labels is not None:
+            if logits.shape[1] != hidden.shape[1]:
+                raise ValueError("labels need logits at every position: use logits_to_keep=0")
+            loss = causal_lm_loss(logits, labels)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats) of logits[:, t] against labels[:, t + 1], -100 ignored,
+    computed in float32."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must have shape [batch, seqlen] = {list(logits.shape[:2])}, got {list(labels.shape)}")
+    shifted_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shifted_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=-100)

@@ -1,0 +1,59 @@
+"""An independent, slow re-implementation of GatedFWAttention for tests: every step written
+out from the formulas (complex-number rotary, literal gate formula, the naive quadratic
+attention), run in any dtype, float64 for the reference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gatedfwa.ops.reference import naive_gated_window_attention
+
+
+def _rms(x, weight, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+def _rotate(x, positions, theta):
+    """x [B, T, H, D]: channels (i, i + D/2) as the complex number x_i + i x_{i+D/2},
+    multiplied by exp(i * position * theta^(-2i/D))."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])
+    angle = positions.double()[:, :, None, None] * freqs
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
+
+
+def reference_attention_layer(layer, x, position_ids=None, dtype=torch.float64):
+    """GatedFWAttention's output for x [B, T, C] (no padding), every step in ``dtype``."""
+    p = {name: t.detach().to(dtype) for name, t in layer.named_parameters()}
+    x = x.detach().to(dtype)
+    batch, seqlen, _ = x.shape
+    hq, h, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    if position_ids is None:
+        position_ids = torch.arange(seqlen)[None].expand(batch, seqlen)
+    q = (x @ p["q_proj.weight"].T).view(batch, seqlen, hq, d)
+    k = (x @ p["k_proj.weight"].T).view(batch, seqlen, h, d)
+    v = (x @ p["v_proj.weight"].T).view(batch, seqlen, h, d)
+    if layer.token_shift:
+        mix = torch.sigmoid(x @ p["shift_proj.weight"].T)[..., None]
+        k_prev = F.pad(k, (0, 0, 0, 0, 1, 0))[:, :-1]
+        v_prev = F.pad(v, (0, 0, 0, 0, 1, 0))[:, :-1]
+        k = (1 - mix[:, :, :h]) * k + mix[:, :, :h] * k_prev
+        v = (1 - mix[:, :, h:]) * v + mix[:, :, h:] * v_prev
+    if layer.q_norm is not None:
+        q = _rms(q, p["q_norm.weight"], layer.q_norm.eps)
+        k = _rms(k, p["k_norm.weight"], layer.k_norm.eps)
+    q = _rotate(q, position_ids, layer.rope_theta)
+    k = _rotate(k, position_ids, layer.rope_theta)
+    g = None
+    if layer.use_gate:
+        w = p["gate_proj.weight"]
+        a = x @ w[:hq].T + p["gate_bias"]
+        beta = 1 + F.elu(x @ w[hq:].T)
+        g = F.logsigmoid(beta * a) / beta
+    o, _ = naive_gated_window_attention(q, k, v, g, layer.window_size, layer.scale)
+    o = o.reshape(batch, seqlen, hq * d)
+    if layer.output_gate_proj is not None:
+        o = o * torch.sigmoid(x @ p["output_gate_proj.weight"].T)
+    return o @ p["o_proj.weight"].T
