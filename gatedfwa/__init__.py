@@ -15,3 +15,8 @@ __all__ += ["compute_log_gates", "gated_fwa_attention", "log_gates_from_projecti
 from gatedfwa.models import GatedFWAConfig, GatedFWAForCausalLM, GatedFWAModel  # noqa: E402
 
 __all__ += ["GatedFWAConfig", "GatedFWAForCausalLM", "GatedFWAModel"]
+
+from gatedfwa.cache import WindowCache, WindowLayerCache  # noqa: E402
+from gatedfwa.ops.decode import decode_gated_window_attention  # noqa: E402
+
+__all__ += ["WindowCache", "WindowLayerCache", "decode_gated_window_attention"]
