@@ -30,11 +30,25 @@ and updates the cache.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from gatedfwa.cache import WindowLayerCache
 from gatedfwa.ops.validation import SUPPORTED_DTYPES, check_scale
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+    _constexpr = tl.constexpr
+except ImportError:  # Triton is optional: without it every step takes the PyTorch path.
+    triton = tl = None
+
+    def _jit(fn):
+        return fn
+
+    def _constexpr(value):
+        return value
+
 
 __all__ = [
     "MAX_DECODE_LENGTH",
@@ -46,8 +60,16 @@ __all__ = [
 MAX_DECODE_LENGTH = 64
 """Most new tokens one decode call accepts; longer chunks belong to the parallel path."""
 
-LOG2E = tl.constexpr(1.4426950408889634)
+LOG2E = _constexpr(1.4426950408889634)
 LOG2E_HOST = 1.4426950408889634
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _shape(x: torch.Tensor) -> str:
@@ -123,7 +145,7 @@ def decode_gated_window_attention(
     scale = float(head_dim**-0.5 if scale is None else scale)
     from gatedfwa.ops.api import select_backend
 
-    if select_backend(q.device) == "triton":
+    if select_backend(q.device) == "triton" and triton is not None:
         o = decode_attention_triton(q, k_new, v_new, g_new, cache, scale, update_decays=True)
         cache.append(k_new, v_new, g_new, shift_decays=False)
     else:
@@ -188,7 +210,7 @@ def decode_attention_torch(q, k_new, v_new, g_new, cache: WindowLayerCache, scal
 # ======================================================================================
 
 
-@triton.jit
+@_jit
 def _softmax_fold(acc, row_max, row_sum, s, v, DOT_PRECISION: tl.constexpr):
     """Fold a tile of base-2 logits s [BLOCK_M, BLOCK_N] (-inf = invisible) and its values
     v [BLOCK_N, BLOCK_D] into the running softmax (acc, row_max, row_sum)."""
@@ -204,7 +226,7 @@ def _softmax_fold(acc, row_max, row_sum, s, v, DOT_PRECISION: tl.constexpr):
     return acc, new_max, row_sum
 
 
-@triton.jit
+@_jit
 def _decode_kernel(
     Q, K_NEW, V_NEW, G_CUM,
     K_CACHE, V_CACHE, DECAYS, POSITIONS,
@@ -311,7 +333,7 @@ def _decode_kernel(
                  out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@_jit
 def _combine_kernel(
     PART_O, PART_MAX, PART_SUM, O,
     stride_ob, stride_ol, stride_oh,
@@ -358,14 +380,14 @@ def decode_config(batch: int, num_kv_heads: int, group: int, length: int, head_d
                   device: torch.device) -> dict:
     """Tile sizes and the number of slot splits for one decode step."""
     rows = length * group
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_m = min(64, max(16, _next_power_of_2(rows)))
     block_n = 64 if head_dim <= 128 else 32
-    row_blocks = triton.cdiv(rows, block_m)
+    row_blocks = _cdiv(rows, block_m)
     programs = batch * num_kv_heads * row_blocks
     # Enough programs to keep every SM streaming (flash-decoding), but each split keeps at
     # least 4 tiles so that the combine step stays small.
-    wanted = triton.cdiv(4 * _num_sms(device), programs)
-    num_splits = max(1, min(wanted, triton.cdiv(used_slots, 4 * block_n)))
+    wanted = _cdiv(4 * _num_sms(device), programs)
+    num_splits = max(1, min(wanted, _cdiv(used_slots, 4 * block_n)))
     return dict(block_m=block_m, block_n=block_n, num_splits=num_splits, num_warps=4, num_stages=2)
 
 
@@ -383,11 +405,11 @@ def decode_attention_triton(
     config = decode_config(batch, num_kv_heads, group, length, head_dim, used, q.device)
     config.update(overrides)
     block_m, block_n = config["block_m"], config["block_n"]
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_l = max(16, triton.next_power_of_2(length))
-    row_blocks = triton.cdiv(length * group, block_m)
-    slots_per_split = triton.cdiv(triton.cdiv(max(used, 1), config["num_splits"]), block_n) * block_n
-    num_splits = max(1, triton.cdiv(used, slots_per_split))
+    block_d = max(16, _next_power_of_2(head_dim))
+    block_l = max(16, _next_power_of_2(length))
+    row_blocks = _cdiv(length * group, block_m)
+    slots_per_split = _cdiv(_cdiv(max(used, 1), config["num_splits"]), block_n) * block_n
+    num_splits = max(1, _cdiv(used, slots_per_split))
 
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     has_gate = g_new is not None
