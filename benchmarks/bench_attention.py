@@ -261,10 +261,41 @@ def sweep(shapes):
     return rows
 
 
+def profile_kernels(batch=4, seqlen=8192, heads=16, head_dim=128, window=2048):
+    """Time of each CUDA kernel in one forward+backward, gated and not (torch.profiler):
+    where the gate's cost goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for gate in (True, False):
+        q, k, v, g = make_inputs(batch, seqlen, heads, heads, head_dim, gate=gate, requires_grad=True)
+        do = torch.randn_like(q)
+
+        def step():
+            o = gated_window_attention(q, k, v, g, window_size=window)
+            o.backward(do)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                step()
+            torch.cuda.synchronize()
+        for event in prof.key_averages():
+            if event.device_type.name != "CUDA":
+                continue
+            total_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+            rows.append({"gate": gate, "kernel": event.key[:80], "calls": event.count // 10,
+                         "ms per step": total_us / 10 / 1000})
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown results")
-    parser.add_argument("--only", choices=["check", "speed", "sweep"], help="run one part only")
+    parser.add_argument("--only", choices=["check", "speed", "sweep", "profile"], help="run one part only")
     parser.add_argument("--no-peers", action="store_true", help="time gatedfwa only")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -301,6 +332,11 @@ def main(argv=None):
         write_results(args.out, "attention_speed", {"environment": env, "ceilings": ceilings, "rows": rows,
                                                      "flops": "in-window pairs P: fwd 4*B*HQ*P*D, fwd+bwd 3.5x"},
                       rows, columns)
+
+    if args.only == "profile":
+        rows = profile_kernels()
+        write_results(args.out, "attention_profile", {"environment": env, "rows": rows}, rows,
+                      ["gate", "kernel", "calls", "ms per step"])
 
     if args.only == "sweep":
         rows = sweep([(4, 8192, 16, 128, 2048), (4, 8192, 16, 128, 512), (4, 8192, 16, 64, 512)])
