@@ -11,6 +11,7 @@ import torch
 
 from gatedfwa import gated_window_attention
 from gatedfwa.cache import WindowLayerCache
+from gatedfwa.ops import decode as decode_module
 from gatedfwa.ops.decode import (
     MAX_DECODE_LENGTH,
     decode_attention_torch,
@@ -115,25 +116,42 @@ def filled_cache(batch, q_heads, kv_heads, head_dim, window, gated, tokens, dtyp
     return cache
 
 
+class CountingLaunches:
+    """Stands in for a Triton kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize(
     "q_heads, kv_heads, head_dim, window, gated, length, splits, dtype",
     [
         (4, 2, 24, 20, True, 1, 1, torch.float32),
-        (4, 2, 24, 20, True, 3, 3, torch.float32),  # split-K over the slots + combine
-        (8, 1, 16, 20, False, 2, 2, torch.float32),  # MQA, no gate
+        (4, 2, 24, 40, True, 3, 3, torch.float32),  # split-K over the slots + combine
+        (8, 1, 16, 40, False, 2, 2, torch.float32),  # MQA, no gate
         (20, 1, 16, 12, True, 5, 1, torch.float32),  # 100 rows: two row blocks of 64
+        (20, 1, 16, 40, True, 5, 2, torch.float32),  # two row blocks and two splits
         (4, 4, 32, None, True, 2, 2, torch.float32),  # unbounded cache
-        (4, 2, 32, 20, True, 1, 2, torch.bfloat16),
+        (4, 2, 32, 40, True, 1, 2, torch.bfloat16),
     ],
 )
-def test_triton_kernel_matches_torch(q_heads, kv_heads, head_dim, window, gated, length, splits, dtype):
+def test_triton_kernel_matches_torch(monkeypatch, q_heads, kv_heads, head_dim, window, gated, length, splits, dtype):
     batch = 2
     cache = filled_cache(batch, q_heads, kv_heads, head_dim, window, gated, tokens=37, dtype=dtype)
     q, k_new, v_new, g_new = make_inputs(batch, length, q_heads, kv_heads, head_dim, dtype, gated)
     scale = head_dim**-0.5
     expected = decode_attention_torch(q, k_new, v_new, g_new, cache, scale)
     decays_before = None if cache.decays is None else cache.decays.clone()
-    got = decode_attention_triton(q, k_new, v_new, g_new, cache, scale, update_decays=True, num_splits=splits)
+    combine = CountingLaunches(decode_module._combine_kernel)
+    monkeypatch.setattr(decode_module, "_combine_kernel", combine)
+    # 16-slot tiles: the 37 cached tokens span 3 tiles, enough for 3 splits.
+    got = decode_attention_triton(q, k_new, v_new, g_new, cache, scale, update_decays=True,
+                                  num_splits=splits, block_n=16)
+    assert combine.launches == (1 if splits > 1 else 0)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert max_abs_error(got, expected) < tol
     if gated:
