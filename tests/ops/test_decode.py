@@ -137,6 +137,8 @@ class CountingLaunches:
         (20, 1, 16, 40, True, 5, 2, torch.float32),  # two row blocks and two splits
         (4, 4, 32, None, True, 2, 2, torch.float32),  # unbounded cache
         (4, 2, 32, 40, True, 1, 2, torch.bfloat16),
+        (2, 1, 100, 40, True, 2, 2, torch.float32),  # head dim not a power of two
+        (2, 2, 256, 20, True, 1, 1, torch.bfloat16),  # largest head dim
     ],
 )
 def test_triton_kernel_matches_torch(monkeypatch, q_heads, kv_heads, head_dim, window, gated, length, splits, dtype):
