@@ -262,12 +262,14 @@ def sweep(shapes):
 
 
 def profile_kernels(batch=4, seqlen=8192, heads=16, head_dim=128, window=2048):
-    """Time of each CUDA kernel in one forward+backward, gated and not (torch.profiler):
-    where the gate's cost goes."""
+    """Time of each CUDA kernel in one forward+backward (torch.profiler), gated with either way
+    of summing dS for the gate gradient, and ungated: where the gate's cost goes."""
     from torch.profiler import ProfilerActivity, profile
 
     rows = []
-    for gate in (True, False):
+    variants = [("gated, sums by dot", True, True), ("gated, sums by reduction", True, False), ("no gate", False, True)]
+    for name, gate, by_dot in variants:
+        kernels.SUMS_BY_DOT = by_dot
         q, k, v, g = make_inputs(batch, seqlen, heads, heads, head_dim, gate=gate, requires_grad=True)
         do = torch.randn_like(q)
 
@@ -283,12 +285,15 @@ def profile_kernels(batch=4, seqlen=8192, heads=16, head_dim=128, window=2048):
                 step()
             torch.cuda.synchronize()
         for event in prof.key_averages():
-            if event.device_type.name != "CUDA":
-                continue
             total_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-            rows.append({"gate": gate, "kernel": event.key[:80], "calls": event.count // 10,
-                         "ms per step": total_us / 10 / 1000})
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+            if total_us and event.key.startswith("_"):
+                rows.append({"variant": name, "kernel": event.key[:60], "calls": event.count // 10,
+                             "ms per step": total_us / 10 / 1000})
+                print(rows[-1], flush=True)
+        leaves = [x for x in (q, k, v, g) if x is not None]
+        rows.append({"variant": name, "kernel": "fwd+bwd (do_bench)", "ms per step": bench_ms(step, grad_to_none=leaves)})
+        print(rows[-1], flush=True)
+    kernels.SUMS_BY_DOT = True
     return rows
 
 
@@ -336,7 +341,7 @@ def main(argv=None):
     if args.only == "profile":
         rows = profile_kernels()
         write_results(args.out, "attention_profile", {"environment": env, "rows": rows}, rows,
-                      ["gate", "kernel", "calls", "ms per step"])
+                      ["variant", "kernel", "calls", "ms per step"])
 
     if args.only == "sweep":
         rows = sweep([(4, 8192, 16, 128, 2048), (4, 8192, 16, 128, 512), (4, 8192, 16, 64, 512)])
