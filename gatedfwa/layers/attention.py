@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gatedfwa.layers.norm import RMSNorm
-from gatedfwa.layers.padding import pack, packed_layout, unpack
+from gatedfwa.cache import WindowLayerCache
+from gatedfwa.layers.padding import PackedLayout, pack, packed_layout, unpack
 from gatedfwa.layers.rotary import apply_rotary, rotary_angles
 from gatedfwa.ops.api import gated_window_attention
-from gatedfwa.ops.gate import gated_fwa_attention
+from gatedfwa.ops.gate import gated_fwa_attention, log_gates_from_projection
 
 __all__ = ["GatedFWAttention", "gate_bias_init"]
 
@@ -206,8 +207,6 @@ class GatedFWAttention(nn.Module):
 
     def log_gates(self, x: torch.Tensor) -> torch.Tensor:
         """The gate alone: x [B, T, C] -> g [B, T, HQ] float32 (<= 0). Used by decoding."""
-        from gatedfwa.ops.gate import log_gates_from_projection
-
         return log_gates_from_projection(self.gate_proj(x), self.gate_bias)
 
     # ----------------------------------------------------------------------------------
@@ -220,41 +219,69 @@ class GatedFWAttention(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        cache: WindowLayerCache | None = None,
+        layout: PackedLayout | None = None,
     ) -> torch.Tensor:
-        """Parallel (training / scoring) forward.
+        """Attention output for x.
 
         Args:
             hidden_states: x [B, T, C].
-            position_ids: [B, T] rotary positions; default 0..T-1 (with cu_seqlens: counted
-                from each sequence's start).
-            attention_mask: [B, T], 1 = token, 0 = padding (any place, e.g. left padding).
-                Padding is removed before attention (packed varlen), so real tokens see
-                exactly what they would see without it; padding rows of the output are 0.
-                The rotary positions of real tokens default to their rank among the row's
-                real tokens.
-            cu_seqlens: int32 [N + 1] when x packs N sequences along T (B == 1).
+            position_ids: [B, T] rotary positions. Default: 0..T-1; with cu_seqlens counted
+                from each sequence's start; with attention_mask the rank of each token among
+                its row's real tokens; with a filled cache, continuing from the cache.
+            attention_mask: [B, T], 1 = token, 0 = padding (any place; left padding when a
+                cache is filled). Padding is removed before attention (packed varlen), so
+                real tokens see exactly what they would see without it; padding rows of the
+                output are 0.
+            cu_seqlens: int32 [N + 1] when x packs N sequences along T (B == 1; no cache).
+            cache: this layer's gatedfwa.cache.WindowLayerCache. Empty: x is a prompt; the
+                parallel path runs and fills the cache (prefill). Holding tokens: x holds
+                the next tokens (all real), run through the decode op against the cache,
+                at most MAX_DECODE_LENGTH per call of the op (longer x is split).
+            layout: x is already packed ([1, N, C]) from a padded batch with this layout
+                (the model packs once for all layers); used instead of attention_mask.
 
         Returns:
             [B, T, C] in x's dtype.
         """
+        if cache is not None and cache.seen_tokens > 0:
+            if attention_mask is not None or cu_seqlens is not None or layout is not None:
+                raise ValueError(
+                    "decoding against a filled cache takes new tokens without padding: "
+                    "attention_mask, cu_seqlens and layout must be None"
+                )
+            return self._decode(hidden_states, position_ids, cache)
         if attention_mask is not None:
-            if cu_seqlens is not None:
-                raise ValueError("pass either attention_mask or cu_seqlens, not both")
-            layout = packed_layout(attention_mask)
+            if cu_seqlens is not None or layout is not None:
+                raise ValueError("pass only one of attention_mask, cu_seqlens and layout")
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-            out = self.forward(pack(hidden_states, layout), pack(position_ids, layout), None, layout.cu_seqlens)
+            layout = packed_layout(attention_mask)
+            packed_positions = pack(position_ids, layout)
+            out = self.forward(pack(hidden_states, layout), packed_positions, cache=cache, layout=layout)
             return unpack(out, layout)
+        if layout is not None:
+            if cu_seqlens is not None:
+                raise ValueError("pass only one of cu_seqlens and layout")
+            cu_seqlens = layout.cu_seqlens
+        elif cache is not None and cu_seqlens is not None:
+            raise ValueError("a cache is filled from a padded batch (attention_mask), not from cu_seqlens")
 
         x = hidden_states
         batch, seqlen, _ = x.shape
         if position_ids is None:
             position_ids = default_position_ids(batch, seqlen, cu_seqlens, x.device)
-        q, k, v = self._project(x)
+        q, k_raw, v_raw = self._project(x)
+        k, v = k_raw, v_raw
         if self.token_shift:
             k, v = self._shift(x, k, v, previous_token(k, cu_seqlens), previous_token(v, cu_seqlens))
         q, k = self._position_encode(q, k, position_ids)
-        o = self._attend(q, k, v, x, cu_seqlens)
+        if cache is None:
+            o = self._attend(q, k, v, x, cu_seqlens)
+        else:
+            g = self.log_gates(x) if self.use_gate else None
+            o = gated_window_attention(q, k, v, g, window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens)
+            self._prefill(cache, layout, k, v, g, k_raw, v_raw)
         return self._finish(x, o)
 
     def _attend(self, q, k, v, x, cu_seqlens):
@@ -265,6 +292,53 @@ class GatedFWAttention(nn.Module):
                 window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens,
             )
         return gated_window_attention(q, k, v, None, window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens)
+
+    def _prefill(self, cache, layout, k, v, g, k_raw, v_raw) -> None:
+        """Write a prompt's keys, values and gates into an empty cache, in the padded layout
+        it keeps ([B, T, ...], left padding). The token shift state is the last position's
+        raw projections (zero for a row without tokens: nothing precedes its next token)."""
+        mask = None
+        if layout is not None:
+            k, v, k_raw, v_raw = (unpack(t, layout) for t in (k, v, k_raw, v_raw))
+            g = None if g is None else unpack(g, layout)
+            mask = torch.zeros(layout.batch * layout.seqlen, dtype=torch.bool, device=k.device)
+            mask[layout.indices] = True
+            mask = mask.view(layout.batch, layout.seqlen)
+        cache.prefill(k, v, g, attention_mask=mask, num_q_heads=self.num_heads)
+        if self.token_shift:
+            cache.extra_state["shift_k"] = k_raw[:, -1].clone()
+            cache.extra_state["shift_v"] = v_raw[:, -1].clone()
+
+    def _decode(self, x, position_ids, cache) -> torch.Tensor:
+        """New tokens x [B, L, C] against a filled cache, MAX_DECODE_LENGTH at a time."""
+        # Imported here: the decode op needs Triton, which training and scoring do not.
+        from gatedfwa.ops.decode import MAX_DECODE_LENGTH
+
+        batch, length, _ = x.shape
+        if position_ids is None:
+            # Each row continues from the number of real tokens it holds.
+            position_ids = cache.token_counts[:, None] + torch.arange(length, device=x.device)
+        outputs = []
+        for start in range(0, length, MAX_DECODE_LENGTH):
+            piece = slice(start, start + MAX_DECODE_LENGTH)
+            outputs.append(self._decode_piece(x[:, piece], position_ids[:, piece], cache))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def _decode_piece(self, x, position_ids, cache) -> torch.Tensor:
+        from gatedfwa.ops.decode import decode_gated_window_attention
+
+        q, k, v = self._project(x)
+        if self.token_shift:
+            k_raw, v_raw = k, v
+            k_prev = previous_token(k, None, first=cache.extra_state["shift_k"])
+            v_prev = previous_token(v, None, first=cache.extra_state["shift_v"])
+            k, v = self._shift(x, k, v, k_prev, v_prev)
+            cache.extra_state["shift_k"] = k_raw[:, -1].clone()
+            cache.extra_state["shift_v"] = v_raw[:, -1].clone()
+        q, k = self._position_encode(q, k, position_ids)
+        g = self.log_gates(x) if self.use_gate else None
+        o = decode_gated_window_attention(q, k, v, g, cache, scale=self.scale)
+        return self._finish(x, o)
 
     def extra_repr(self) -> str:
         return (

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from gatedfwa.cache import WindowCache
 from gatedfwa.layers.attention import GatedFWAttention, default_position_ids, gate_bias_init
 from gatedfwa.layers.norm import RMSNorm
 from gatedfwa.layers.padding import pack, packed_layout, unpack
@@ -78,8 +79,8 @@ class GatedFWABlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedFWAMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, position_ids, cu_seqlens=None, cache=None):
-        x = x + self.attn(self.attn_norm(x), position_ids=position_ids, cu_seqlens=cu_seqlens)
+    def forward(self, x, position_ids, layout=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), position_ids=position_ids, layout=layout, cache=cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -136,16 +137,23 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    def new_cache(self) -> WindowCache:
+        """An empty decoding cache for this model: per layer a ring buffer of its window
+        (growing for the window-free kinds "full" and "forgetting")."""
+        return WindowCache([self.config.layer_window(i) for i in range(self.config.num_hidden_layers)])
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        cache: WindowCache | None = None,
+        use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """Hidden states [B, T, C] after the final norm (see GatedFWAForCausalLM.forward for
-        the arguments)."""
+        """Hidden states [B, T, C] after the final norm, and the cache when one is used (see
+        GatedFWAForCausalLM.forward for the arguments)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -155,27 +163,48 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
                 f"attention_mask must be [batch, seqlen] with 1 for tokens and 0 for padding, "
                 f"got shape {list(attention_mask.shape)}"
             )
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, seqlen):
-            raise ValueError(
-                f"attention_mask must have shape [batch, seqlen] = {[batch, seqlen]}, got {list(attention_mask.shape)}"
+        if cache is not None and not isinstance(cache, WindowCache):
+            raise TypeError(
+                f"cache must be a gatedfwa.cache.WindowCache (from model.new_cache()), got {type(cache).__name__}"
             )
+        if use_cache and cache is None:
+            cache = self.new_cache()
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
+
         layout = None
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            layout = packed_layout(attention_mask)
-        if position_ids is None:
+        if cache is not None and cache.get_seq_length() > 0:
+            # Decoding: the new tokens follow the cached ones; generate() passes the mask of
+            # the whole stream, whose new columns must all be tokens.
             if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-            else:
-                position_ids = default_position_ids(batch, seqlen, None, x.device)
-        cu_seqlens = None
-        if layout is not None:
-            x, position_ids, cu_seqlens = pack(x, layout), pack(position_ids, layout), layout.cu_seqlens
-        for block in self.layers:
-            x = block(x, position_ids, cu_seqlens)
+                if attention_mask.shape[1] < seqlen or not bool(attention_mask[:, -seqlen:].bool().all()):
+                    raise ValueError(
+                        "while decoding with a cache, the new tokens (the last columns of attention_mask) "
+                        "must all be tokens (1): padding belongs at the left of the prompt"
+                    )
+            if position_ids is None:
+                position_ids = cache[0].token_counts[:, None] + torch.arange(seqlen, device=x.device)
+        else:
+            if attention_mask is not None and tuple(attention_mask.shape) != (batch, seqlen):
+                raise ValueError(
+                    f"attention_mask must have shape [batch, seqlen] = {[batch, seqlen]}, "
+                    f"got {list(attention_mask.shape)}"
+                )
+            if attention_mask is not None and not bool(attention_mask.bool().all()):
+                layout = packed_layout(attention_mask)
+            if position_ids is None:
+                if attention_mask is not None:
+                    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+                else:
+                    position_ids = default_position_ids(batch, seqlen, None, x.device)
+            if layout is not None:
+                x, position_ids = pack(x, layout), pack(position_ids, layout)
+        for i, block in enumerate(self.layers):
+            x = block(x, position_ids, layout=layout, cache=None if cache is None else cache[i])
         x = self.norm(x)
         if layout is not None:
             x = unpack(x, layout)
-        return BaseModelOutputWithPast(last_hidden_state=x)
+        return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache})
 
 
 class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
@@ -199,6 +228,10 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def new_cache(self) -> WindowCache:
+        """An empty decoding cache (see GatedFWAModel.new_cache)."""
+        return self.model.new_cache()
+
     def set_output_embeddings(self, value):
         self.lm_head = value
 
@@ -209,6 +242,9 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        cache: WindowCache | None = None,
+        past_key_values: WindowCache | None = None,
+        use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -220,18 +256,30 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
                 row's real tokens (0 for the first).
             labels: [B, T] targets aligned with input_ids; shifted inside (position t predicts
                 labels[t + 1]); -100 is ignored.
+            cache: a gatedfwa.cache.WindowCache (``past_key_values`` is the same argument
+                under the name older transformers versions use). Empty: the input is a
+                prompt, run in parallel, that fills it. Holding tokens: the input holds the
+                next tokens, decoded against it (and appended to it).
+            use_cache: create a cache when none is given and return it (generate() sets
+                this); default False, so training never builds one.
             logits_to_keep: compute logits only for the last n positions (0 = all), or for
                 the positions in a 1-D index tensor.
+            Other keyword arguments (from generate(), e.g. return_dict) are accepted and ignored.
 
         Returns:
-            CausalLMOutputWithPast: logits [B, T', vocab] (float32 cast only for the loss);
-            loss = mean next-token cross-entropy in nats over labels != -100.
+            CausalLMOutputWithPast: logits [B, T', vocab] in the model's dtype; loss = mean
+            next-token cross-entropy in nats over labels != -100 (computed in float32); the
+            cache (field ``cache``, or ``past_key_values`` on older transformers).
         """
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the cache once: cache or past_key_values, not both")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            cache=cache if cache is not None else past_key_values,
+            use_cache=use_cache,
         )
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -244,7 +292,17 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
             if logits.shape[1] != hidden.shape[1]:
                 raise ValueError("labels need logits at every position: use logits_to_keep=0")
             loss = causal_lm_loss(logits, labels)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a transformers DynamicCache: the first forward call
+        # (use_cache=True) creates the model's own WindowCache and returns it.
+        return False
+
+    def _reorder_cache(self, cache: WindowCache, beam_idx: torch.Tensor) -> WindowCache:
+        cache.reorder_cache(beam_idx)
+        return cache
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
