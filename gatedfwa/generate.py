@@ -40,8 +40,10 @@ class GenerationReport:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by every tensor reachable from ``cache`` (attributes, lists, dicts),
-    each storage counted once."""
+    """Bytes the decoding cache holds: its own ``memory_bytes()`` when it has one, else
+    every tensor reachable from it (attributes, lists, dicts), each storage counted once."""
+    if callable(getattr(cache, "memory_bytes", None)):
+        return int(cache.memory_bytes())
     seen: set[int] = set()
     visited: set[int] = set()
     total = 0
@@ -104,8 +106,7 @@ class _TextStreamer(BaseStreamer):
             self.out.flush()
 
     def end(self) -> None:
-        self.out.write("\n")
-        self.out.flush()
+        pass  # generate_text ends the line itself (not every transformers version calls end)
 
 
 def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8,
@@ -127,6 +128,10 @@ def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temp
     tokenizer = tokenizer_from_spec(record["tokenizer"])
     target = resolve_device(device)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar before the streamed text
+    hf_logging.set_verbosity_error()
     model = GatedFWAForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(target).eval()
 
     ids = tokenizer.encode(prompt)
@@ -147,12 +152,17 @@ def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temp
     start = time.perf_counter()
     with torch.no_grad():
         result = model.generate(input_ids, **options)
+    out.write("\n")
+    out.flush()
     sequences = result.sequences if hasattr(result, "sequences") else result
     new = int(sequences.shape[1] - input_ids.shape[1])
     first = streamer.times[0] - start if streamer.times else 0.0
     seconds = streamer.times[-1] - streamer.times[0] if len(streamer.times) > 1 else 0.0
     rate = (new - 1) / seconds if seconds > 0 else float("nan")
-    cache = getattr(result, "past_key_values", None)
+    # The cache field of generate()'s output is "cache" in recent transformers, "past_key_values" before.
+    cache = getattr(result, "cache", None)
+    if cache is None:
+        cache = getattr(result, "past_key_values", None)
     config = model.config
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -75,7 +75,6 @@ class TrainConfig:
         if self.attention is not None:
             fields["attention_kinds"] = self.attention
         fields["vocab_size"] = vocab_size
-        fields["max_position_embeddings"] = max(int(fields.get("max_position_embeddings", 0) or 0), self.seq_len)
         return fields
 
     def layer_kinds(self) -> list[str]:

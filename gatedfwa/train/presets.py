@@ -25,12 +25,12 @@ DEFAULT_PRESET = "cpu"
 PRESETS: dict[str, dict] = {
     "cpu": {
         "model": {
-            "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 64,
+            "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4,
+            "num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": 64,
             "window_size": 64, "rope_theta": 10000.0, "attention_kinds": "gatedfwa",
         },
-        "seq_len": 256, "batch_size": 16, "max_steps": 600, "lr": 3e-3, "warmup_steps": 40,
-        "eval_interval": 100, "eval_windows": 64, "save_interval": 200,
+        "seq_len": 256, "batch_size": 16, "max_steps": 300, "lr": 3e-3, "warmup_steps": 30,
+        "eval_interval": 100, "eval_windows": 64, "save_interval": 100,
     },
     "tiny": {
         "model": {

@@ -82,6 +82,9 @@ def _build_model(config: TrainConfig, vocab_size: int, resume: Path | None):
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model settings: {error}") from None
     if resume is not None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         model = GatedFWAForCausalLM.from_pretrained(resume, dtype=torch.float32)
         saved = model.config.to_dict()
         wanted = model_config.to_dict()

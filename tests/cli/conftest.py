@@ -1,0 +1,38 @@
+"""Helpers for the command-line tests: a small real-text corpus and a way to run
+``gatedfwa`` in-process and capture its exit status and output."""
+
+import shutil
+
+import pytest
+
+from gatedfwa.cli.main import main
+from gatedfwa.train.data import stdlib_source_files
+
+# Few, small steps: these tests check plumbing, not learning.
+FAST = ["--preset", "tiny", "--no-progress", "--no-plot"]
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    """A folder of 30 standard-library sources (real text, ~20 files per held-out file)."""
+    root, files = stdlib_source_files()
+    chosen = [f for f in files if 2_000 < f.stat().st_size < 20_000][::40][:30]
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, f in enumerate(chosen):
+        shutil.copy(f, folder / f"{i:02d}_{f.name}")
+    return folder
+
+
+@pytest.fixture
+def cli(capsys):
+    """run(args) -> (exit status, stdout, stderr) of ``gatedfwa args``."""
+
+    def run(args):
+        try:
+            status = main([str(a) for a in args])
+        except SystemExit as exit_:
+            status = exit_.code
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run

@@ -1,0 +1,80 @@
+"""Bad input ends with a one-line message naming the problem and exit status 2, never a
+traceback."""
+
+import pytest
+
+from gatedfwa.cli.main import build_parser
+from tests.cli.conftest import FAST
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, text_corpus):
+    """A 2-step tiny run to resume from."""
+    from gatedfwa.cli.main import main
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    main(["train", *FAST, "--data", str(text_corpus), "--out", str(run), "--max-steps", "2", "--eval-interval", "0"])
+    return run
+
+
+def _check(cli, args, message, command="train"):
+    status, out, err = cli(args)
+    assert status == 2, (status, out, err)
+    assert f"gatedfwa {command}: error:" in err and message in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{tmp}/missing"], "--data: no such file or folder: {tmp}/missing"),
+    (["--data", "{tmp}/empty"], "the corpus is empty"),
+    (["--preset", "huge"], "unknown preset 'huge'; choose one of: cpu, tiny"),
+    (["--attention", "linear"], "--attention: unknown attention kind 'linear'; choose one of: gatedfwa, swa, full, forgetting"),
+    (["--window", "128", "--seq-len", "64"], "model.window_size (128) is larger than the context seq_len (64)"),
+    (["--max-steps", "0"], "max_steps must be a positive integer"),
+    (["--config", "{tmp}/nope.json"], "--config: no such file"),
+    (["--config", "{tmp}/bad.json"], "is not valid JSON"),
+    (["--set", "colour=blue"], "unknown setting(s) colour"),
+    (["--resume", "{tmp}/missing"], "--resume: no such checkpoint or run folder"),
+    (["--resume", "{tmp}/empty"], "holds no checkpoint"),
+    (["--batch-size", "6", "--micro-batch-size", "4"], "batch_size 6 must be a multiple of micro_batch_size 4"),
+])
+def test_train_bad_input(tmp_path, cli, text_corpus, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.json").write_text("{not json")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    data = [] if "--data" in args else ["--data", str(text_corpus)]
+    _check(cli, ["train", *FAST, *data, "--out", tmp_path / "out", *args], message.replace("{tmp}", str(tmp_path)))
+
+
+def test_resume_from_another_config(cli, trained_run, text_corpus, tmp_path):
+    # Another preset, or one changed model setting: refused, with the differences listed.
+    _check(cli, ["train", "--preset", "cpu", "--resume", trained_run, "--out", tmp_path / "x"], "was trained with another config")
+    status, _, err = cli(["train", "--resume", trained_run, "--set", "model.hidden_size=32", "--out", tmp_path / "y"])
+    assert status == 2 and "model.hidden_size: 64 in the checkpoint, 32 now" in err and "Traceback" not in err
+    _check(cli, ["train", "--resume", trained_run, "--attention", "swa", "--out", tmp_path / "z"], "model.attention_kinds: 'gatedfwa' in the checkpoint, 'swa' now")
+
+
+def test_existing_run_is_not_overwritten_silently(cli, trained_run, text_corpus):
+    _check(cli, ["train", *FAST, "--data", text_corpus, "--out", trained_run], "already holds a run")
+
+
+def test_generate_and_plot_bad_input(cli, tmp_path, trained_run):
+    _check(cli, ["generate", "--ckpt", tmp_path / "missing"], "--ckpt: no such checkpoint or run folder", "generate")
+    _check(cli, ["generate", "--ckpt", trained_run, "--prompt", ""], "--prompt must not be empty", "generate")
+    _check(cli, ["generate", "--ckpt", trained_run, "--temperature", "-1"], "--temperature must be >= 0", "generate")
+    _check(cli, ["plot", tmp_path], "not a run folder (no metrics.jsonl in it)", "plot")
+    _check(cli, ["plot", trained_run, "--out", tmp_path / "x.jpg"], "--out must name a .png file", "plot")
+
+
+def test_every_option_has_help(cli):
+    parser = build_parser()
+    status, out, _ = cli(["--help"])
+    assert status == 0 and all(name in out for name in ("train", "generate", "plot"))
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subparsers.items():
+        status, out, _ = cli([name, "--help"])
+        assert status == 0
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            for flag in action.option_strings:
+                assert flag in out
