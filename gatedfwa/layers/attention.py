@@ -190,11 +190,12 @@ class GatedFWAttention(nn.Module):
         v = v + v_mix * (v_prev - v)
         return k, v
 
-    def _position_encode(self, q, k, position_ids):
-        """QK RMSNorm (optional) then rotary embedding at position_ids [B, T]."""
+    def _position_encode(self, q, k, position_ids, rotary=None):
+        """QK RMSNorm (optional) then rotary embedding at position_ids [B, T] (or with the
+        precomputed (cos, sin) of rotary_angles, when given)."""
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rotary_angles(position_ids, self.head_dim, self.rope_theta)
+        cos, sin = rotary_angles(position_ids, self.head_dim, self.rope_theta) if rotary is None else rotary
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def _finish(self, x, o):
@@ -221,6 +222,7 @@ class GatedFWAttention(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: WindowLayerCache | None = None,
         layout: PackedLayout | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attention output for x.
 
@@ -240,6 +242,9 @@ class GatedFWAttention(nn.Module):
                 at most MAX_DECODE_LENGTH per call of the op (longer x is split).
             layout: x is already packed ([1, N, C]) from a padded batch with this layout
                 (the model packs once for all layers); used instead of attention_mask.
+            rotary: (cos, sin) = rotary_angles(position_ids, head_dim, rope_theta), laid out
+                like x, when the caller computes them once for several layers; then
+                position_ids is not read.
 
         Returns:
             [B, T, C] in x's dtype.
@@ -250,15 +255,17 @@ class GatedFWAttention(nn.Module):
                     "decoding against a filled cache takes new tokens without padding: "
                     "attention_mask, cu_seqlens and layout must be None"
                 )
-            return self._decode(hidden_states, position_ids, cache)
+            return self._decode(hidden_states, position_ids, cache, rotary)
         if attention_mask is not None:
             if cu_seqlens is not None or layout is not None:
                 raise ValueError("pass only one of attention_mask, cu_seqlens and layout")
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
             layout = packed_layout(attention_mask)
+            if rotary is not None:
+                rotary = (pack(rotary[0], layout), pack(rotary[1], layout))
             packed_positions = pack(position_ids, layout)
-            out = self.forward(pack(hidden_states, layout), packed_positions, cache=cache, layout=layout)
+            out = self.forward(pack(hidden_states, layout), packed_positions, cache=cache, layout=layout, rotary=rotary)
             return unpack(out, layout)
         if layout is not None:
             if cu_seqlens is not None:
@@ -269,13 +276,13 @@ class GatedFWAttention(nn.Module):
 
         x = hidden_states
         batch, seqlen, _ = x.shape
-        if position_ids is None:
+        if position_ids is None and rotary is None:
             position_ids = default_position_ids(batch, seqlen, cu_seqlens, x.device)
         q, k_raw, v_raw = self._project(x)
         k, v = k_raw, v_raw
         if self.token_shift:
             k, v = self._shift(x, k, v, previous_token(k, cu_seqlens), previous_token(v, cu_seqlens))
-        q, k = self._position_encode(q, k, position_ids)
+        q, k = self._position_encode(q, k, position_ids, rotary)
         if cache is None:
             o = self._attend(q, k, v, x, cu_seqlens)
         else:
@@ -309,22 +316,25 @@ class GatedFWAttention(nn.Module):
             cache.extra_state["shift_k"] = k_raw[:, -1].clone()
             cache.extra_state["shift_v"] = v_raw[:, -1].clone()
 
-    def _decode(self, x, position_ids, cache) -> torch.Tensor:
+    def _decode(self, x, position_ids, cache, rotary=None) -> torch.Tensor:
         """New tokens x [B, L, C] against a filled cache, MAX_DECODE_LENGTH at a time."""
         # Imported here: the decode op needs Triton, which training and scoring do not.
         from gatedfwa.ops.decode import MAX_DECODE_LENGTH
 
         batch, length, _ = x.shape
-        if position_ids is None:
-            # Each row continues from the number of real tokens it holds.
-            position_ids = cache.token_counts[:, None] + torch.arange(length, device=x.device)
+        if rotary is None:
+            if position_ids is None:
+                # Each row continues from the number of real tokens it holds.
+                position_ids = cache.token_counts[:, None] + torch.arange(length, device=x.device)
+            rotary = rotary_angles(position_ids, self.head_dim, self.rope_theta)
         outputs = []
         for start in range(0, length, MAX_DECODE_LENGTH):
             piece = slice(start, start + MAX_DECODE_LENGTH)
-            outputs.append(self._decode_piece(x[:, piece], position_ids[:, piece], cache))
+            piece_rotary = (rotary[0][:, piece], rotary[1][:, piece])
+            outputs.append(self._decode_piece(x[:, piece], piece_rotary, cache))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    def _decode_piece(self, x, position_ids, cache) -> torch.Tensor:
+    def _decode_piece(self, x, rotary, cache) -> torch.Tensor:
         from gatedfwa.ops.decode import decode_gated_window_attention
 
         q, k, v = self._project(x)
@@ -335,7 +345,7 @@ class GatedFWAttention(nn.Module):
             k, v = self._shift(x, k, v, k_prev, v_prev)
             cache.extra_state["shift_k"] = k_raw[:, -1].clone()
             cache.extra_state["shift_v"] = v_raw[:, -1].clone()
-        q, k = self._position_encode(q, k, position_ids)
+        q, k = self._position_encode(q, k, None, rotary)
         g = self.log_gates(x) if self.use_gate else None
         o = decode_gated_window_attention(q, k, v, g, cache, scale=self.scale)
         return self._finish(x, o)

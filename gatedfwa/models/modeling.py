@@ -27,6 +27,7 @@ from gatedfwa.cache import WindowCache
 from gatedfwa.layers.attention import GatedFWAttention, default_position_ids, gate_bias_init
 from gatedfwa.layers.norm import RMSNorm
 from gatedfwa.layers.padding import pack, packed_layout, unpack
+from gatedfwa.layers.rotary import rotary_angles
 from gatedfwa.models.configuration import GatedFWAConfig
 
 try:
@@ -79,8 +80,8 @@ class GatedFWABlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedFWAMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, position_ids, layout=None, cache=None):
-        x = x + self.attn(self.attn_norm(x), position_ids=position_ids, layout=layout, cache=cache)
+    def forward(self, x, rotary, layout=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), layout=layout, cache=cache, rotary=rotary)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -199,8 +200,10 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
                     position_ids = default_position_ids(batch, seqlen, None, x.device)
             if layout is not None:
                 x, position_ids = pack(x, layout), pack(position_ids, layout)
+        # The rotary angles are the same in every layer: computed once here.
+        rotary = rotary_angles(position_ids, self.config.head_dim, self.config.rope_theta)
         for i, block in enumerate(self.layers):
-            x = block(x, position_ids, layout=layout, cache=None if cache is None else cache[i])
+            x = block(x, rotary, layout=layout, cache=None if cache is None else cache[i])
         x = self.norm(x)
         if layout is not None:
             x = unpack(x, layout)
