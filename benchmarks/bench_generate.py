@@ -44,7 +44,7 @@ from gatedfwa.models import GatedFWAConfig, GatedFWAForCausalLM  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and not QUICK else "cpu"
 
-FULL_MODEL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2304, num_hidden_layers=12,
+FULL_MODEL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2560, num_hidden_layers=12,
                   num_attention_heads=12, num_key_value_heads=12, head_dim=64, rope_theta=500000.0,
                   max_position_embeddings=65536, tie_word_embeddings=True)
 QUICK_MODEL = dict(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
