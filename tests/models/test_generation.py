@@ -51,6 +51,10 @@ def test_cache_memory_stays_bounded_over_ten_windows():
         result = model.generate(prompt, max_new_tokens=10 * window, min_new_tokens=10 * window, do_sample=False,
                                 pad_token_id=0, return_dict_in_generate=True)
     assert result.sequences.shape == (2, 3 + 10 * window)
+    returned = getattr(result, "cache", None) or getattr(result, "past_key_values", None)
+    assert isinstance(returned, WindowCache)  # generate() decoded with the model's window cache
+    assert all(layer.keys.shape == (2, 2, window, 8) for layer in returned)
+    assert returned.get_seq_length() == 3 + 10 * window - 1  # the last token is never fed back
     cache = model.new_cache()
     shapes, sizes = None, None
     with torch.no_grad():
