@@ -112,3 +112,18 @@ def test_cache_arguments_are_checked():
         model(ids[:, :1], cache=cache, attention_mask=torch.tensor([[1, 1, 1, 1, 0]]))
     assert model(ids).logits.shape == (1, 4, 61)  # no cache unless asked for
     assert getattr(model(ids), "cache", None) is None
+
+
+def test_triton_backend_decoding_equals_parallel(monkeypatch):
+    """The same equivalence through the Triton kernels (attention, gate, decode; under the
+    interpreter on CPU): the path a GPU takes."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+    model = sharpened(GatedFWAForCausalLM(tiny_config(token_shift=True, attention_kinds=["gatedfwa", "full"])))
+    ids = torch.randint(0, 61, (2, 14))  # T > 3w
+    with torch.no_grad():
+        parallel = model(ids).logits
+        out = model(ids[:, :6], use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        steps = [out.logits] + [model(ids[:, t:t + 1], cache=cache).logits for t in range(6, 14)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), parallel, rtol=1e-4, atol=1e-4)
