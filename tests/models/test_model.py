@@ -132,3 +132,18 @@ def test_config_defaults_and_window_free_kinds():
     config = GatedFWAConfig()
     assert config.head_dim == 64 and config.num_key_value_heads == 12 and config.intermediate_size % 64 == 0
     assert GatedFWAConfig(window_size=None, attention_kinds="full").layer_kinds == ["full"] * 12
+
+
+def test_initialisation():
+    config = tiny_config(num_hidden_layers=8, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                         num_key_value_heads=8, head_dim=32, gate_init_range=(0.95, 0.995))
+    model = GatedFWAForCausalLM(config)
+    from gatedfwa.layers import gate_bias_init
+
+    std, residual_std = 0.02, 0.02 / (2 * 8) ** 0.5
+    for block in model.model.layers:
+        torch.testing.assert_close(block.attn.gate_bias.detach(), gate_bias_init(8, (0.95, 0.995)))
+        assert abs(block.attn.q_proj.weight.std().item() - std) < 0.1 * std
+        assert abs(block.attn.o_proj.weight.std().item() - residual_std) < 0.1 * residual_std
+        assert abs(block.mlp.down_proj.weight.std().item() - residual_std) < 0.1 * residual_std
+        assert torch.equal(block.attn_norm.weight, torch.ones(256))
