@@ -32,7 +32,7 @@ kernel (row sums added atomically across key blocks), so the reverse sum telesco
 rounding accumulates along the sequence.
 
 Layouts: q/o [B*T, HQ, D], k/v [B*T, H, D] (the caller's [B, T, ., D] flattened), g
-[B*T, HQ] float32, lse/delta/row sums/column sums [B, HQ, T] float32. With cu_seqlens, B == 1.
+[B, HQ, T] float32 (contiguous along time), lse/delta/row sums/column sums [B, HQ, T] float32. With cu_seqlens, B == 1.
 The kernels keep the log-sum-exp in base 2 (lse2 = lse * log2(e)): the forward writes it and
 the backward reads it without converting back and forth.
 """
@@ -69,6 +69,17 @@ def _sequence_bounds(cu_seqlens, seq, seqlen, VARLEN: tl.constexpr):
         bos = seq * seqlen
         eos = bos + seqlen
     return bos, eos
+
+
+@triton.jit
+def _gate_batch_shift(seq, num_q_heads, seqlen, VARLEN: tl.constexpr):
+    """Gates are stored [B, HQ, T] (contiguous along time, so tiles load them in one
+    stretch) but indexed by the flattened token p = b * T + t: batch b's head h starts
+    (HQ - 1) * T * b further than p alone says."""
+    if VARLEN:
+        return 0
+    else:
+        return seq * (num_q_heads - 1) * seqlen
 
 
 @triton.jit
@@ -176,7 +187,7 @@ def _forward_kernel(
 
     k_head = K + kv_head * stride_kh
     v_head = V + kv_head * stride_vh
-    g_head = G + head * stride_gh
+    g_head = G + head * stride_gh + _gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -352,7 +363,7 @@ def _dq_kernel(
     # Rows past the end load lse = 0 so that their (discarded) probabilities stay finite.
     lse2 = tl.load(LSE + row_stat, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row_stat, mask=row_ok, other=0.0)
-    g_head = G + head * stride_gh
+    g_head = G + head * stride_gh + _gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
     query_offset = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_GATE:
         gq = tl.load(g_head + offs_m * stride_gt, mask=row_ok, other=0.0)
@@ -531,7 +542,7 @@ def _dkdv_kernel(
         head = kv_head * GROUP + member
         q_head = Q + head * stride_qh
         do_head = DO + head * stride_doh
-        g_head = G + head * stride_gh
+        g_head = G + head * stride_gh + _gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
         if VARLEN:
             stat_offset = head * seqlen
         else:
@@ -682,6 +693,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _gates_by_head(g: torch.Tensor) -> torch.Tensor:
+    """g [B, T, HQ] -> float32 [B, HQ, T], contiguous along time (see _gate_batch_shift)."""
+    return g.float().transpose(1, 2).contiguous()
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """[B, T, ...] -> [B*T, ...] view (x is contiguous)."""
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
@@ -697,14 +713,14 @@ def attention_forward(q, k, v, g, window_size, scale, cu_seqlens):
         lse.fill_(float("-inf"))
         o.zero_()
         return o, lse
-    gf = None if g is None else _flat(g).float().contiguous()
+    gf = None if g is None else _gates_by_head(g)
     qf, kf, vf, of = _flat(q), _flat(k), _flat(v), _flat(o)
     config = CONFIGS["forward"](problem.head_dim)
     _forward_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
         qf, kf, vf, gf if gf is not None else qf, of, lse, problem.cu_seqlens,
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
         of.stride(0), of.stride(1),
-        gf.stride(0) if gf is not None else 0, gf.stride(1) if gf is not None else 0,
+        *((1, q.shape[1]) if gf is not None else (0, 0)),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E_HOST,
         GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
         HAS_GATE=g is not None, VARLEN=problem.varlen, DOT_PRECISION=_dot_precision(q.dtype),
@@ -742,7 +758,7 @@ def attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
         return dq, dk, dv, (torch.zeros_like(g) if has_gate else None)
     qf, kf, vf, of, dof = _flat(q), _flat(k), _flat(v), _flat(o), _flat(do)
     dqf, dkf, dvf = _flat(dq), _flat(dk), _flat(dv)
-    gf = _flat(g).float().contiguous() if has_gate else qf
+    gf = _gates_by_head(g) if has_gate else qf
     stats_shape = (q.shape[0], problem.num_q_heads, q.shape[1])
     delta = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
     # Row sums of dS are accumulated atomically, so they start at zero.
@@ -751,7 +767,7 @@ def attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
     precision = _dot_precision(q.dtype)
     common = dict(GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
                   HAS_GATE=has_gate, VARLEN=problem.varlen, DOT_PRECISION=precision)
-    g_strides = (gf.stride(0), gf.stride(1)) if has_gate else (0, 0)
+    g_strides = (1, q.shape[1]) if has_gate else (0, 0)  # token, head strides of [B, HQ, T]
 
     delta_block = 16 if _interpreting() else 64
     _delta_kernel[problem.grid(delta_block, problem.num_q_heads)](
