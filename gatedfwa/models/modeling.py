@@ -100,16 +100,14 @@ class GatedFWAPreTrainedModel(PreTrainedModel):
         variance does not grow with depth; norms at 1; gate biases at gate_bias_init."""
         std = self.config.initializer_range
         residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        # transformers calls this on children before parents, and skips modules without
+        # parameters of their own: every parameter is set from its own module's branch.
         if isinstance(module, GatedFWAttention):
-            init.normal_(module.o_proj.weight, mean=0.0, std=residual_std)
             if module.use_gate:
                 init.copy_(module.gate_bias, gate_bias_init(module.num_heads, module.gate_init_range))
-        elif isinstance(module, GatedFWAMLP):
-            init.normal_(module.down_proj.weight, mean=0.0, std=residual_std)
         elif isinstance(module, nn.Linear):
-            # Also reached for o_proj/down_proj (after their parent): keep the scaled init.
-            if not getattr(module, "_gatedfwa_residual", False):
-                init.normal_(module.weight, mean=0.0, std=std)
+            residual = getattr(module, "_gatedfwa_residual", False)
+            init.normal_(module.weight, mean=0.0, std=residual_std if residual else std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
