@@ -43,11 +43,12 @@ class MetricsLog:
     file reads as one uninterrupted run."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None, previous: Path | None = None):
+        """``previous``: the metrics file of the run being resumed (it may be this one);
+        its records up to ``resume_step`` start the new file."""
         self.path = run_dir / METRICS_FILE
         keep: list[dict] = []
-        source = self.path if self.path.exists() else previous
-        if resume_step is not None and source is not None and source.exists():
-            keep = [r for r in read_metrics(source) if r.get("step", 0) <= resume_step]
+        if resume_step is not None and previous is not None and previous.exists():
+            keep = [r for r in read_metrics(previous) if r.get("step", 0) <= resume_step]
         with open(self.path, "w", encoding="utf-8") as f:
             for record in keep:
                 f.write(json.dumps(record) + "\n")

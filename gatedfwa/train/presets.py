@@ -30,7 +30,7 @@ PRESETS: dict[str, dict] = {
             "window_size": 64, "rope_theta": 10000.0, "attention_kinds": "gatedfwa",
         },
         "seq_len": 256, "batch_size": 16, "max_steps": 300, "lr": 3e-3, "warmup_steps": 30,
-        "eval_interval": 100, "eval_windows": 64, "save_interval": 100,
+        "eval_interval": 50, "eval_windows": 64, "save_interval": 100,
     },
     "tiny": {
         "model": {

@@ -156,7 +156,18 @@ def train(config: TrainConfig, out: Path, resume: Path | None = None, overwrite:
 
 
 def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
-    say = (log or (lambda line: print(line, file=sys.stderr, flush=True))) if ctx.is_main else (lambda line: None)
+    progress = None  # the tqdm bar, once training starts
+
+    def say(line: str) -> None:
+        if not ctx.is_main:
+            return
+        if log is not None:
+            log(line)
+        elif progress is not None:
+            progress.write(line, file=sys.stderr)  # above the bar, not through it
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     micro_batch, accumulation = config.micro_steps(ctx.world_size)
     _prepare_run_dir(out, resume, overwrite, ctx.is_main)
     ctx.barrier()
@@ -218,7 +229,6 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
                            "heldout_bits": nats_to_bits(heldout_loss), "unit": corpus.unit})
         say(f"step {step}/{config.max_steps}: held-out loss {nats_to_bits(heldout_loss):.3f} bits per {corpus.unit}")
 
-    progress = None
     if ctx.is_main and config.progress:
         from tqdm.auto import tqdm
 
