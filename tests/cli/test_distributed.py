@@ -1,5 +1,5 @@
 """Two processes (torchrun, gloo on the CPU) follow the loss curve of one process with the
-same global batch."""
+same global batch, with DDP and with FSDP2 sharding."""
 
 import json
 import os
@@ -10,25 +10,35 @@ import pytest
 
 from tests.cli.conftest import FAST
 
+STEPS = ["--max-steps", "4", "--eval-interval", "2", "--batch-size", "8"]
+
 
 def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_equal_one(tmp_path, cli, text_corpus):
-    settings = [*FAST, "--data", str(text_corpus), "--max-steps", "4", "--eval-interval", "2", "--batch-size", "8"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    status, _, err = cli(["train", *settings, "--out", str(one)])
-    assert status == 0, err
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, text_corpus):
+    from gatedfwa.cli.main import main
 
+    run = tmp_path_factory.mktemp("one") / "run"
+    main(["train", *FAST, "--data", str(text_corpus), *STEPS, "--out", str(run)])
+    return run
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tmp_path, text_corpus, one_process_run, mode):
+    two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "gatedfwa.cli.main", "train", *settings, "--out", str(two)]
+               "-m", "gatedfwa.cli.main", "train", *FAST, "--data", str(text_corpus), *STEPS, "--out", str(two)]
+    if mode == "fsdp":
+        command.append("--fsdp")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stderr and "micro-batch 4" in done.stderr
 
-    a, b = _records(one), _records(two)
+    a, b = _records(one_process_run), _records(two)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
         key = "train_loss" if "train_loss" in ra else "heldout_loss"
