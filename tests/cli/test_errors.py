@@ -54,6 +54,16 @@ def test_resume_from_another_config(cli, trained_run, text_corpus, tmp_path):
     _check(cli, ["train", "--resume", trained_run, "--attention", "swa", "--out", tmp_path / "z"], "model.attention_kinds: 'gatedfwa' in the checkpoint, 'swa' now")
 
 
+def test_unavailable_hugging_face_data_and_tokenizer(cli, tmp_path):
+    # Nothing is downloaded: a dataset or tokenizer missing from the local cache (or the
+    # optional 'datasets' package itself) is reported, not fetched.
+    status, _, err = cli(["train", *FAST, "--hf-dataset", "no-such-owner/no-such-dataset", "--out", tmp_path / "a"])
+    assert status == 2 and "Traceback" not in err
+    assert "needs the optional 'datasets' package" in err or "is not available locally" in err, err
+    _check(cli, ["train", *FAST, "--tokenizer", "no-such-tokenizer", "--out", tmp_path / "b"],
+           "tokenizer 'no-such-tokenizer' is not available locally")
+
+
 def test_existing_run_is_not_overwritten_silently(cli, trained_run, text_corpus):
     _check(cli, ["train", *FAST, "--data", text_corpus, "--out", trained_run], "already holds a run")
 
