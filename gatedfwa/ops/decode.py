@@ -33,21 +33,10 @@ import torch
 
 from gatedfwa.cache import WindowLayerCache
 from gatedfwa.ops.validation import SUPPORTED_DTYPES, check_scale
-
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-    _constexpr = tl.constexpr
-except ImportError:  # Triton is optional: without it every step takes the PyTorch path.
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
-
-    def _constexpr(value):
-        return value
+# Triton is optional: without it every step takes the PyTorch path.
+from gatedfwa.ops.triton_support import constexpr as _constexpr
+from gatedfwa.ops.triton_support import jit as _jit
+from gatedfwa.ops.triton_support import tl, triton
 
 
 __all__ = [

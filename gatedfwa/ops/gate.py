@@ -34,21 +34,10 @@ import torch.nn.functional as F
 from gatedfwa.ops.api import gated_window_attention, select_backend
 from gatedfwa.ops.gate_reference import reference_log_gates
 from gatedfwa.ops.validation import _shape, check_attention_args, check_cu_seqlens
-
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-    _constexpr = tl.constexpr
-except ImportError:  # Triton is optional: without it the kernels below are never launched.
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
-
-    def _constexpr(value):
-        return value
+# Triton is optional: without it the kernels below are never launched.
+from gatedfwa.ops.triton_support import constexpr as _constexpr
+from gatedfwa.ops.triton_support import jit as _jit
+from gatedfwa.ops.triton_support import tl, triton
 
 
 __all__ = ["compute_log_gates", "log_gates_from_projection", "gated_fwa_attention"]
