@@ -42,13 +42,11 @@ from typing import Iterator, Sequence
 
 import torch
 
+from gatedfwa.ops.validation import format_shape, check_gate_like
+
 __all__ = ["WindowLayerCache", "WindowCache"]
 
 _INITIAL_UNBOUNDED_CAPACITY = 256
-
-
-def _shape(x: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in x.shape) + "]"
 
 
 class WindowLayerCache:
@@ -191,31 +189,22 @@ class WindowLayerCache:
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
             if x.dim() != 4:
                 raise ValueError(f"{name} must have 4 dimensions [batch, seqlen, kv_heads, head_dim], "
-                                 f"got shape {_shape(x)}")
+                                 f"got shape {format_shape(x)}")
             if not x.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
         if k.shape != v.shape:
-            raise ValueError(f"{k_name} and {v_name} must have the same shape, got {_shape(k)} and {_shape(v)}")
+            raise ValueError(f"{k_name} and {v_name} must have the same shape, got {format_shape(k)} and {format_shape(v)}")
         if k.dtype != v.dtype or k.device != v.device:
             raise TypeError(f"{k_name} and {v_name} must share dtype and device, got {k.dtype}/{k.device} "
                             f"and {v.dtype}/{v.device}")
-        if g is not None:
-            if not isinstance(g, torch.Tensor):
-                raise TypeError(f"{g_name} must be a torch.Tensor or None, got {type(g).__name__}")
-            expected = [k.shape[0], k.shape[1], num_q_heads]
-            if list(g.shape) != expected:
-                raise ValueError(f"{g_name} must have shape [batch, seqlen, query_heads] = {expected}, got {_shape(g)}")
-            if not g.is_floating_point():
-                raise TypeError(f"{g_name} must be a floating-point tensor, got {g.dtype}")
-            if g.device != k.device:
-                raise ValueError(f"{g_name} must be on {k_name}'s device {k.device}, got {g.device}")
+        check_gate_like(g, (k.shape[0], k.shape[1], num_q_heads), k.device, g_name, k_name)
         if self.keys is None:
             return
         batch, heads, _, head_dim = self.keys.shape
         if k.shape[0] != batch or k.shape[2] != heads or k.shape[3] != head_dim:
             raise ValueError(
                 f"{k_name} must have shape [batch={batch}, seqlen, kv_heads={heads}, head_dim={head_dim}] "
-                f"to match the cache, got {_shape(k)}"
+                f"to match the cache, got {format_shape(k)}"
             )
         if num_q_heads != self.num_q_heads:
             raise ValueError(f"the cache holds {self.num_q_heads} query heads, got {num_q_heads}")
@@ -335,7 +324,7 @@ class WindowLayerCache:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(mask).__name__}")
         if tuple(mask.shape) != (batch, seqlen):
-            raise ValueError(f"attention_mask must have shape [batch, seqlen] = [{batch}, {seqlen}], got {_shape(mask)}")
+            raise ValueError(f"attention_mask must have shape [batch, seqlen] = [{batch}, {seqlen}], got {format_shape(mask)}")
         mask = mask.to(device=device) != 0
         if seqlen > 1 and bool((mask[:, :-1] & ~mask[:, 1:]).any()):
             raise ValueError("attention_mask must be left-padded (zeros only before a row's first token)")

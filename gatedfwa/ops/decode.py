@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from gatedfwa.cache import WindowLayerCache
-from gatedfwa.ops.validation import SUPPORTED_DTYPES, check_scale
+from gatedfwa.ops.validation import SUPPORTED_DTYPES, check_scale, format_shape
 # Triton is optional: without it every step takes the PyTorch path.
 from gatedfwa.ops.triton_support import constexpr as _constexpr
 from gatedfwa.ops.triton_support import jit as _jit
@@ -61,10 +61,6 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _shape(x: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in x.shape) + "]"
-
-
 # ======================================================================================
 # Validation and dispatch
 # ======================================================================================
@@ -78,7 +74,7 @@ def check_decode_args(q, k_new, v_new, g_new, cache, scale) -> None:
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     if q.dim() != 4:
-        raise ValueError(f"q must have 4 dimensions [batch, new_tokens, query_heads, head_dim], got shape {_shape(q)}")
+        raise ValueError(f"q must have 4 dimensions [batch, new_tokens, query_heads, head_dim], got shape {format_shape(q)}")
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
     batch, length, num_q_heads, head_dim = q.shape
@@ -89,7 +85,7 @@ def check_decode_args(q, k_new, v_new, g_new, cache, scale) -> None:
         )
     cache.check_step(k_new, v_new, g_new, num_q_heads, "k_new", "v_new", "g_new")
     if k_new.shape[0] != batch or k_new.shape[1] != length:
-        raise ValueError(f"k_new must agree with q in batch and new_tokens, got q {_shape(q)} and k_new {_shape(k_new)}")
+        raise ValueError(f"k_new must agree with q in batch and new_tokens, got q {format_shape(q)} and k_new {format_shape(k_new)}")
     if k_new.shape[3] != head_dim:
         raise ValueError(f"k_new must have q's head_dim {head_dim}, got {k_new.shape[3]}")
     if num_q_heads % k_new.shape[2] != 0:

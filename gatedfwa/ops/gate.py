@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from gatedfwa.ops.api import gated_window_attention, select_backend
 from gatedfwa.ops.gate_reference import reference_log_gates
-from gatedfwa.ops.validation import _shape, check_attention_args, check_cu_seqlens
+from gatedfwa.ops.validation import format_shape, check_attention_args, check_cu_seqlens
 # Triton is optional: without it the kernels below are never launched.
 from gatedfwa.ops.triton_support import constexpr as _constexpr
 from gatedfwa.ops.triton_support import jit as _jit
@@ -379,7 +379,7 @@ def _check_float_tensor(name: str, x, dims: int, layout: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dimensions {layout}, got shape {_shape(x)}")
+        raise ValueError(f"{name} must have {dims} dimensions {layout}, got shape {format_shape(x)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
@@ -389,7 +389,7 @@ def _check_bias(gate_bias, num_heads: int, device: torch.device) -> None:
         return
     _check_float_tensor("gate_bias", gate_bias, 1, "[query_heads]")
     if gate_bias.shape[0] != num_heads:
-        raise ValueError(f"gate_bias must have shape [{num_heads}] (one per query head), got {_shape(gate_bias)}")
+        raise ValueError(f"gate_bias must have shape [{num_heads}] (one per query head), got {format_shape(gate_bias)}")
     if gate_bias.device != device:
         raise ValueError(f"gate_bias must be on device {device}, got {gate_bias.device}")
 
@@ -398,7 +398,7 @@ def check_log_gate_args(a, beta_pre, cu_seqlens) -> None:
     _check_float_tensor("a", a, 3, "[batch, seqlen, heads]")
     _check_float_tensor("beta_pre", beta_pre, 3, "[batch, seqlen, heads]")
     if a.shape != beta_pre.shape:
-        raise ValueError(f"a and beta_pre must have the same shape, got a {_shape(a)} and beta_pre {_shape(beta_pre)}")
+        raise ValueError(f"a and beta_pre must have the same shape, got a {format_shape(a)} and beta_pre {format_shape(beta_pre)}")
     if a.device != beta_pre.device:
         raise ValueError(f"a and beta_pre must be on one device, got {a.device} and {beta_pre.device}")
     check_cu_seqlens(cu_seqlens, a)
@@ -408,7 +408,7 @@ def check_projection_args(gate_pre, gate_bias) -> None:
     _check_float_tensor("gate_pre", gate_pre, 3, "[batch, seqlen, 2 * heads]")
     if gate_pre.shape[-1] % 2 != 0:
         raise ValueError(
-            f"gate_pre's last dimension must be even (a's H columns, then beta's H), got {_shape(gate_pre)}"
+            f"gate_pre's last dimension must be even (a's H columns, then beta's H), got {format_shape(gate_pre)}"
         )
     _check_bias(gate_bias, gate_pre.shape[-1] // 2, gate_pre.device)
 
@@ -418,7 +418,7 @@ def check_gated_fwa_args(q, k, v, x, gate_weight, gate_bias, window_size, scale,
     num_q_heads = q.shape[2]
     _check_float_tensor("x", x, 3, "[batch, seqlen, model_dim]")
     if x.shape[:2] != q.shape[:2]:
-        raise ValueError(f"x and q must agree in batch and seqlen, got x {_shape(x)} and q {_shape(q)}")
+        raise ValueError(f"x and q must agree in batch and seqlen, got x {format_shape(x)} and q {format_shape(q)}")
     if x.device != q.device:
         raise ValueError(f"x must be on q's device {q.device}, got {x.device}")
     _check_float_tensor("gate_weight", gate_weight, 2, "[2 * query_heads, model_dim]")
@@ -426,7 +426,7 @@ def check_gated_fwa_args(q, k, v, x, gate_weight, gate_bias, window_size, scale,
     if tuple(gate_weight.shape) != expected:
         raise ValueError(
             f"gate_weight must have shape [2 * query_heads, model_dim] = {list(expected)} "
-            f"(rows 0..{num_q_heads - 1} W_g, then W_beta), got {_shape(gate_weight)}"
+            f"(rows 0..{num_q_heads - 1} W_g, then W_beta), got {format_shape(gate_weight)}"
         )
     if gate_weight.dtype != x.dtype:
         raise TypeError(f"gate_weight must have x's dtype {x.dtype}, got {gate_weight.dtype}")

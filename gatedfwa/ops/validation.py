@@ -11,7 +11,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def _shape(x: torch.Tensor) -> str:
+def format_shape(x: torch.Tensor) -> str:
+    """A shape as error messages print it: [2, 8, 4, 16]."""
     return "[" + ", ".join(str(s) for s in x.shape) + "]"
 
 
@@ -21,13 +22,13 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions [batch, seqlen, heads, head_dim], got shape {_shape(x)}")
+            raise ValueError(f"{name} must have 4 dimensions [batch, seqlen, heads, head_dim], got shape {format_shape(x)}")
         if x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {_shape(k)} and v {_shape(v)}")
+        raise ValueError(f"k and v must have the same shape, got k {format_shape(k)} and v {format_shape(v)}")
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1]:
-        raise ValueError(f"q and k must agree in batch and seqlen, got q {_shape(q)} and k {_shape(k)}")
+        raise ValueError(f"q and k must agree in batch and seqlen, got q {format_shape(q)} and k {format_shape(k)}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
@@ -45,17 +46,29 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def check_gate(g: torch.Tensor | None, q: torch.Tensor) -> None:
     """g [B, T, HQ], a floating dtype, on q's device (or None)."""
+    check_gate_like(g, tuple(q.shape[:3]), q.device)
+
+
+def check_gate_like(
+    g: torch.Tensor | None,
+    expected_shape: tuple[int, ...],
+    device: torch.device,
+    name: str = "g",
+    reference_name: str = "q",
+) -> None:
+    """g of expected_shape [batch, seqlen, query_heads], a floating dtype, on ``device`` (the
+    device of the tensor called reference_name in messages), or None."""
     if g is None:
         return
     if not isinstance(g, torch.Tensor):
-        raise TypeError(f"g must be a torch.Tensor or None, got {type(g).__name__}")
-    expected = tuple(q.shape[:3])
-    if tuple(g.shape) != expected:
-        raise ValueError(f"g must have shape [batch, seqlen, query_heads] = {list(expected)}, got {_shape(g)}")
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(g).__name__}")
+    expected = list(expected_shape)
+    if list(g.shape) != expected:
+        raise ValueError(f"{name} must have shape [batch, seqlen, query_heads] = {expected}, got {format_shape(g)}")
     if not g.is_floating_point():
-        raise TypeError(f"g must be a floating-point tensor, got {g.dtype}")
-    if g.device != q.device:
-        raise ValueError(f"g must be on q's device {q.device}, got {g.device}")
+        raise TypeError(f"{name} must be a floating-point tensor, got {g.dtype}")
+    if g.device != device:
+        raise ValueError(f"{name} must be on {reference_name}'s device {device}, got {g.device}")
 
 
 def check_window(window_size: int | None) -> None:
@@ -84,7 +97,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> None:
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries [0, ..., T], got shape {_shape(cu_seqlens)}")
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries [0, ..., T], got shape {format_shape(cu_seqlens)}")
     if q.shape[0] != 1:
         raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got {q.shape[0]}")
     if cu_seqlens.device != q.device:
