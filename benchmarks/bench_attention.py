@@ -12,7 +12,6 @@ Writes attention_check.json/.md and attention_speed.json/.md (GPU name, versions
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import traceback
@@ -137,7 +136,7 @@ def flex_variants(q, k, v, g, window):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False)
-    batch, seqlen = q.shape[0], q.shape[1]
+    seqlen = q.shape[1]
 
     def sliding(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (q_idx - kv_idx < window)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -50,7 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_ms, environment, measure_ceilings, write_results  # noqa: E402
+from common import bench_ms, environment, error_record, measure_ceilings, write_results  # noqa: E402
 
 from gatedfwa.cache import WindowLayerCache  # noqa: E402
 from gatedfwa.ops.decode import (  # noqa: E402
@@ -115,10 +114,6 @@ def graph_ms(calls, min_ms: float = 2.0, repeats: int = 25) -> float:
             times.append(start.elapsed_time(end) / (rounds * len(calls)))
     del graph
     return sorted(times)[len(times) // 2]
-
-
-def error_record(exc: BaseException) -> dict:
-    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6)}
 
 
 def full_cache(batch, window, q_heads, kv_heads, head_dim, gated, dtype, **_) -> WindowLayerCache:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_ms, environment, measure_ceilings, write_results  # noqa: E402
+from common import bench_ms, environment, error_record, measure_ceilings, write_results  # noqa: E402
 
 from gatedfwa import gated_window_attention, log_gates_from_projection  # noqa: E402
 from gatedfwa.ops import gate as gate_ops  # noqa: E402
@@ -44,10 +43,6 @@ from gatedfwa.ops.gate_reference import naive_log_gates  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TIMING = DEVICE == "cuda" and not QUICK
-
-
-def error_record(exc: BaseException) -> dict:
-    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6)}
 
 
 def time_or_run(fn, grad_to_none=None):

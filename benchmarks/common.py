@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import subprocess
+import traceback
 from pathlib import Path
 
 import torch
@@ -21,6 +22,11 @@ def git_commit() -> str:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def error_record(exc: BaseException) -> dict:
+    """What a failed variant leaves in the results, so that the run goes on."""
+    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=6)}
 
 
 def environment() -> dict:
