@@ -261,14 +261,12 @@ def sweep(shapes):
 
 
 def profile_kernels(batch=4, seqlen=8192, heads=16, head_dim=128, window=2048):
-    """Time of each CUDA kernel in one forward+backward (torch.profiler), gated with either way
-    of summing dS for the gate gradient, and ungated: where the gate's cost goes."""
+    """Time of each CUDA kernel in one forward+backward (torch.profiler), gated and ungated:
+    where the gate's cost goes."""
     from torch.profiler import ProfilerActivity, profile
 
     rows = []
-    variants = [("gated, sums by dot", True, True), ("gated, sums by reduction", True, False), ("no gate", False, True)]
-    for name, gate, by_dot in variants:
-        kernels.SUMS_BY_DOT = by_dot
+    for name, gate in (("gated", True), ("no gate", False)):
         q, k, v, g = make_inputs(batch, seqlen, heads, heads, head_dim, gate=gate, requires_grad=True)
         do = torch.randn_like(q)
 
@@ -292,7 +290,6 @@ def profile_kernels(batch=4, seqlen=8192, heads=16, head_dim=128, window=2048):
         leaves = [x for x in (q, k, v, g) if x is not None]
         rows.append({"variant": name, "kernel": "fwd+bwd (do_bench)", "ms per step": bench_ms(step, grad_to_none=leaves)})
         print(rows[-1], flush=True)
-    kernels.SUMS_BY_DOT = True
     return rows
 
 

@@ -423,15 +423,16 @@ def _dkdv_tile(
     stride_qt, stride_dot, stride_gt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUMS_BY_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Add one query tile's contribution to dk, dv (unscaled) and the row and column sums
     of dS (row sums straight to memory, atomically: other key blocks add to the same rows).
 
-    dgate_col [BLOCK_N, 16]: column sums of dS, repeated over the 16 columns. With
-    SUMS_BY_DOT both sums are products with a block of ones on the tensor cores, taken from
-    the same low-precision dS that dk uses, which keeps them consistent with each other and
-    avoids a cross-warp reduction per tile.
+    dgate_col [BLOCK_N, 16]: column sums of dS, repeated over the 16 columns. Both sums are
+    products with a block of ones on the tensor cores, taken from the same low-precision dS
+    that dk uses: that keeps them consistent with each other and avoids a cross-warp
+    reduction per tile (a tl.sum over the key axis made this kernel 17% slower on an H200,
+    benchmarks/results/attention_profile.md).
 
     Works on the transposed scores sT [BLOCK_N keys, BLOCK_M queries] so that dk and dv
     accumulate with the key rows in place.
@@ -480,17 +481,13 @@ def _dkdv_tile(
     dsT = pT * (dpT - delta[None, :])
     dsT_low = dsT.to(qT.dtype)
     if HAS_GATE:
-        if SUMS_BY_DOT:
-            ones_right = tl.full([BLOCK_M, 16], 1.0, dtype=tl.float32).to(qT.dtype)
-            ones_left = tl.full([16, BLOCK_N], 1.0, dtype=tl.float32).to(qT.dtype)
-            dgate_col = tl.dot(dsT_low, ones_right, dgate_col, input_precision=DOT_PRECISION)
-            rows = tl.dot(ones_left, dsT_low, input_precision=DOT_PRECISION)  # [16, BLOCK_M], equal rows
-            first = tl.arange(0, 16)[:, None] == 0
-            tl.atomic_add(rowsum_head + stat[None, :] + tl.zeros([16, 1], dtype=tl.int32), rows,
-                          mask=first & row_ok[None, :], sem="relaxed")
-        else:
-            dgate_col += tl.sum(dsT, 1)[:, None]
-            tl.atomic_add(rowsum_head + stat, tl.sum(dsT, 0), mask=row_ok, sem="relaxed")
+        ones_right = tl.full([BLOCK_M, 16], 1.0, dtype=tl.float32).to(qT.dtype)
+        ones_left = tl.full([16, BLOCK_N], 1.0, dtype=tl.float32).to(qT.dtype)
+        dgate_col = tl.dot(dsT_low, ones_right, dgate_col, input_precision=DOT_PRECISION)
+        rows = tl.dot(ones_left, dsT_low, input_precision=DOT_PRECISION)  # [16, BLOCK_M], equal rows
+        first = tl.arange(0, 16)[:, None] == 0
+        tl.atomic_add(rowsum_head + stat[None, :] + tl.zeros([16, 1], dtype=tl.int32), rows,
+                      mask=first & row_ok[None, :], sem="relaxed")
     dk = tl.dot(dsT_low, tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv, dgate_col, running
 
@@ -505,7 +502,6 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SUMS_BY_DOT: tl.constexpr,
 ):
     """One program: dk, dv of BLOCK_N keys of one kv head, summed over its GROUP query heads;
     walks the query tiles that can see these keys, from the diagonal outward."""
@@ -568,7 +564,7 @@ def _dkdv_kernel(
                 dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
                 rowsum_head, running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
                 qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, SUMS_BY_DOT)
+                BLOCK_M, BLOCK_N)
         running = zero
         for i in range(num_diagonal, num_unmasked):
             offs_m = n0 + i * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -576,14 +572,14 @@ def _dkdv_kernel(
                 dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
                 rowsum_head, running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
                 qk_scale, HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, SUMS_BY_DOT)
+                BLOCK_M, BLOCK_N)
         for i in range(num_unmasked, num_tiles):
             offs_m = n0 + i * BLOCK_M + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
                 dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
                 rowsum_head, running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
                 qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, SUMS_BY_DOT)
+                BLOCK_M, BLOCK_N)
         if HAS_GATE:
             if VARLEN:
                 col = COLSUM + stat_offset + offs_n
@@ -646,10 +642,6 @@ def _dkdv_config(head_dim: int) -> dict:
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
 
-
-# Row and column sums of dS for the gate gradient: tensor-core products with ones (True) or
-# reductions across the tile (False). Benchmarks flip it to compare.
-SUMS_BY_DOT = True
 
 # Tests and benchmarks may replace these to try other tile sizes.
 CONFIGS = {"forward": _forward_config, "dq": _dq_config, "dkdv": _dkdv_config}
@@ -790,7 +782,7 @@ def attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
         *g_strides, dof.stride(0), dof.stride(1),
         dkf.stride(0), dkf.stride(1), dvf.stride(0), dvf.stride(1),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E_HOST, scale,
-        SUMS_BY_DOT=SUMS_BY_DOT, **common, **config,
+        **common, **config,
     )
     dg = None
     if has_gate:
