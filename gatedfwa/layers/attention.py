@@ -26,12 +26,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gatedfwa.layers.norm import RMSNorm
 from gatedfwa.cache import WindowLayerCache
-from gatedfwa.layers.padding import PackedLayout, pack, packed_layout, unpack
+from gatedfwa.layers.padding import PackedLayout, pack, packed_layout, positions_from_mask, unpack
 from gatedfwa.layers.rotary import apply_rotary, rotary_angles
 from gatedfwa.ops.api import gated_window_attention
 from gatedfwa.ops.gate import gated_fwa_attention, log_gates_from_projection
@@ -260,7 +259,7 @@ class GatedFWAttention(nn.Module):
             if cu_seqlens is not None or layout is not None:
                 raise ValueError("pass only one of attention_mask, cu_seqlens and layout")
             if position_ids is None:
-                position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+                position_ids = positions_from_mask(attention_mask)
             layout = packed_layout(attention_mask)
             if rotary is not None:
                 rotary = (pack(rotary[0], layout), pack(rotary[1], layout))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PackedLayout", "packed_layout", "pack", "unpack"]
+__all__ = ["PackedLayout", "packed_layout", "pack", "unpack", "positions_from_mask"]
 
 
 @dataclass
@@ -62,3 +62,9 @@ def unpack(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     out = x.new_zeros((layout.batch * layout.seqlen, *x.shape[2:]))
     out = out.index_copy(0, layout.indices, x[0])
     return out.view(layout.batch, layout.seqlen, *x.shape[2:])
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions [B, T] int64 that count only real tokens: a left-padded row's first
+    real token is position 0, as it would be without padding (padding positions give 0)."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)

@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from gatedfwa.cache import WindowCache
 from gatedfwa.layers.attention import GatedFWAttention, default_position_ids, gate_bias_init
 from gatedfwa.layers.norm import RMSNorm
-from gatedfwa.layers.padding import pack, packed_layout, unpack
+from gatedfwa.layers.padding import pack, packed_layout, positions_from_mask, unpack
 from gatedfwa.layers.rotary import rotary_angles
 from gatedfwa.models.configuration import GatedFWAConfig
 
@@ -193,7 +193,7 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
                 layout = packed_layout(attention_mask)
             if position_ids is None:
                 if attention_mask is not None:
-                    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+                    position_ids = positions_from_mask(attention_mask)
                 else:
                     position_ids = default_position_ids(batch, seqlen, None, x.device)
             if layout is not None:
