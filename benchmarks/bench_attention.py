@@ -27,6 +27,8 @@ from common import attention_tflops, bench_ms, environment, measure_ceilings, wi
 
 from gatedfwa import gated_window_attention  # noqa: E402
 from gatedfwa.ops import attention as kernels  # noqa: E402
+from gatedfwa.ops.gate_attention import gate_attention  # noqa: E402
+from gatedfwa.ops.gate_sums import chunk_gate_sums  # noqa: E402
 from gatedfwa.ops.reference import chunked_gated_window_attention, naive_gated_window_attention  # noqa: E402
 
 DEVICE = "cuda"
@@ -232,7 +234,6 @@ def sweep(shapes):
     for batch, seqlen, heads, head_dim, window in shapes:
         q, k, v, g = make_inputs(batch, seqlen, heads, heads, head_dim)
         do = torch.randn_like(q)
-        o, lse2 = kernels.attention_forward(q, k, v, g, window, head_dim**-0.5, None)
         pairs = window_pairs([seqlen] * batch, window)
         for kernel, configs in SWEEP.items():
             for config in configs:
@@ -242,11 +243,14 @@ def sweep(shapes):
                 kernels.CONFIGS[kernel] = lambda d, c=config: dict(c)
                 row = {"shape": f"B{batch} T{seqlen} H{heads} D{head_dim} w{window}", "kernel": kernel, **config}
                 try:
+                    # The gate chunk follows the smallest tile side in use.
+                    sums = chunk_gate_sums(g, kernels.gate_chunk(head_dim))
+                    o, lse2 = kernels.attention_forward(q, k, v, sums, window, head_dim**-0.5, None)
                     if kernel == "forward":
-                        fn = lambda: kernels.attention_forward(q, k, v, g, window, head_dim**-0.5, None)  # noqa: E731
+                        fn = lambda: kernels.attention_forward(q, k, v, sums, window, head_dim**-0.5, None)  # noqa: E731
                         flops_factor = 1.0
                     else:
-                        fn = lambda: kernels.attention_backward(do, q, k, v, g, o, lse2, window, head_dim**-0.5, None)  # noqa: E731
+                        fn = lambda: kernels.attention_backward(do, q, k, v, sums, o, lse2, window, head_dim**-0.5, None)  # noqa: E731
                         flops_factor = 2.5
                     fn()
                     ms = bench_ms(fn)
@@ -266,12 +270,17 @@ def profile_kernels(batch=4, seqlen=8192, heads=16, head_dim=128, window=2048):
     from torch.profiler import ProfilerActivity, profile
 
     rows = []
-    for name, gate in (("gated", True), ("no gate", False)):
-        q, k, v, g = make_inputs(batch, seqlen, heads, heads, head_dim, gate=gate, requires_grad=True)
+    for name in ("gated, from g", "gated, fused from gate_pre", "no gate"):
+        q, k, v, g = make_inputs(batch, seqlen, heads, heads, head_dim, gate=name != "no gate", requires_grad=True)
         do = torch.randn_like(q)
+        gate_pre = torch.randn(batch, seqlen, 2 * heads, device="cuda", dtype=q.dtype, requires_grad=True)
+        gate_bias = torch.full((heads,), 3.0, device="cuda", dtype=q.dtype, requires_grad=True)
 
         def step():
-            o = gated_window_attention(q, k, v, g, window_size=window)
+            if name == "gated, fused from gate_pre":
+                o, _ = gate_attention(q, k, v, gate_pre, gate_bias, window, head_dim**-0.5, None)
+            else:
+                o = gated_window_attention(q, k, v, g, window_size=window)
             o.backward(do)
 
         for _ in range(3):
@@ -287,7 +296,7 @@ def profile_kernels(batch=4, seqlen=8192, heads=16, head_dim=128, window=2048):
                 rows.append({"variant": name, "kernel": event.key[:60], "calls": event.count // 10,
                              "ms per step": total_us / 10 / 1000})
                 print(rows[-1], flush=True)
-        leaves = [x for x in (q, k, v, g) if x is not None]
+        leaves = [x for x in (q, k, v, g, gate_pre, gate_bias) if x is not None]
         rows.append({"variant": name, "kernel": "fwd+bwd (do_bench)", "ms per step": bench_ms(step, grad_to_none=leaves)})
         print(rows[-1], flush=True)
     return rows

@@ -35,10 +35,12 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_ms, environment, error_record, measure_ceilings, write_results  # noqa: E402
+from common import bench_ms, environment, error_record, kernel_device_ms, measure_ceilings, write_results  # noqa: E402
 
 from gatedfwa import gated_window_attention, log_gates_from_projection  # noqa: E402
 from gatedfwa.ops import gate as gate_ops  # noqa: E402
+from gatedfwa.ops.gate_attention import gate_attention  # noqa: E402
+from gatedfwa.ops.gate_sums import chunk_gate_sums_from_projection  # noqa: E402
 from gatedfwa.ops.gate_reference import naive_log_gates  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,101 +111,79 @@ def numerics(rows_per_grid: int) -> dict:
 
 
 def gate_bytes(rows: int, heads: int, in_bytes: int, programs: int) -> tuple[int, int]:
-    """Bytes the forward and the backward kernel read + write.
-    forward:  gate_pre [rows, 2H] + bias [H] in, g [rows, H] float32 out
-    backward: dg [rows, H] float32 + gate_pre + bias in, d_gate_pre [rows, 2H] out,
-              plus the per-program bias partial sums (written, then read by the host sum)."""
-    forward = rows * 2 * heads * in_bytes + heads * in_bytes + rows * heads * 4
+    """Bytes the fused forward and backward kernels read + write (each byte counted once).
+    forward (gate_sums):  gate_pre [rows, 2H] + bias [H] in, sums P and S 2 x [rows, H] float32 out
+    backward (gate):      dg [B, H, T] float32 + gate_pre + bias in, d_gate_pre [rows, 2H] out,
+                          plus the per-program bias partial sums (written, then summed)."""
+    forward = rows * 2 * heads * in_bytes + heads * in_bytes + 2 * rows * heads * 4
     backward = rows * heads * 4 + 2 * rows * 2 * heads * in_bytes + heads * in_bytes + 2 * programs * heads * 4
     return forward, backward
 
 
 def copy_gbps(num_bytes: int) -> float | None:
-    """Bandwidth (read + write) of a device copy that moves num_bytes in total."""
+    """Bandwidth (read + write) of a device copy that moves num_bytes in total, by event
+    timing (launch included) and by the copy kernel's own device time."""
     if not TIMING:
-        return None
+        return None, None
     src = torch.empty(max(num_bytes // 2, 1), dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() / ms / 1e6
+    kernel_ms = sum(kernel_device_ms(lambda: dst.copy_(src)).values())
+    return 2 * src.numel() / ms / 1e6, 2 * src.numel() / kernel_ms / 1e6
 
 
-def bandwidth(sizes, dtype, sweep, ceiling_gbps) -> dict:
-    rows_out, sweep_out = [], []
+def bandwidth(sizes, dtype, ceiling_gbps) -> dict:
+    """The two kernels of the fused path: gate sums from gate_pre (forward) and the gate
+    backward reading dg in the attention's [B, H, T] layout. Two timings: do_bench around
+    each launch (launch latency included), and the kernels' device time (profiler)."""
+    rows_out = []
     for batch, seqlen, heads in sizes:
         row = {"B": batch, "T": seqlen, "H": heads, "dtype": str(dtype).replace("torch.", "")}
         try:
             rows = batch * seqlen
-            gate_pre = torch.randn(rows, 2 * heads, device=DEVICE, dtype=dtype) * 3
+            chunk = 64
+            gate_pre = torch.randn(batch, seqlen, 2 * heads, device=DEVICE, dtype=dtype) * 3
             bias = torch.randn(heads, device=DEVICE, dtype=dtype)
-            dg = torch.randn(rows, heads, device=DEVICE, dtype=torch.float32)
-            a_view, beta_view = gate_pre[:, :heads], gate_pre[:, heads:]
-            d_gate_pre = torch.empty_like(gate_pre)
+            dg = torch.randn(batch, heads, seqlen, device=DEVICE, dtype=torch.float32)
+            flat = gate_pre.view(rows, 2 * heads)
+            a_view, beta_view = flat[:, :heads], flat[:, heads:]
+            d_gate_pre = torch.empty_like(flat)
             da_view, dbeta_view = d_gate_pre[:, :heads], d_gate_pre[:, heads:]
             _, _, programs = gate_ops._launch_shape(rows, heads, None)
             fwd_bytes, bwd_bytes = gate_bytes(rows, heads, gate_pre.element_size(), programs)
 
             def forward():
-                return gate_ops.gate_forward_2d(a_view, beta_view, bias)
+                return chunk_gate_sums_from_projection(gate_pre, bias, chunk)
 
             def backward():
-                return gate_ops.gate_backward_2d(dg, a_view, beta_view, bias, da_view, dbeta_view)
-
-            leaf = gate_pre.view(batch, seqlen, 2 * heads).detach().clone().requires_grad_()
-            bias_leaf = bias.detach().clone().requires_grad_()
-            dg3 = dg.view(batch, seqlen, heads)
-
-            def autograd_step():
-                log_gates_from_projection(leaf, bias_leaf).backward(dg3)
+                return gate_ops.gate_backward_2d(dg, a_view, beta_view, bias, da_view, dbeta_view, dg_seqlen=seqlen)
 
             fwd_ms = time_or_run(forward)
             bwd_ms = time_or_run(backward)
-            step_ms = time_or_run(autograd_step, grad_to_none=[leaf, bias_leaf])
             total = fwd_bytes + bwd_bytes
             row.update({"forward MB": fwd_bytes / 1e6, "backward MB": bwd_bytes / 1e6,
-                        "forward ms": fwd_ms, "backward ms": bwd_ms, "fwd+bwd autograd ms": step_ms})
+                        "forward ms": fwd_ms, "backward ms": bwd_ms})
             if TIMING:
-                kernels_ms = fwd_ms + bwd_ms
-                same_size = copy_gbps(total)
+                fwd_kernels = kernel_device_ms(forward)
+                bwd_kernels = kernel_device_ms(backward)
+                # The backward's d(bias) partial sums are added by a small torch reduction.
+                kernel_ms = sum(fwd_kernels.values()) + sum(bwd_kernels.values())
+                copy_event, copy_kernel = copy_gbps(total)
                 row.update({
-                    "kernels GB/s": total / kernels_ms / 1e6,
-                    "% of copy BW": 100 * total / kernels_ms / 1e6 / ceiling_gbps,
-                    "same-bytes copy GB/s": same_size,
-                    "% of same-bytes copy": 100 * total / kernels_ms / 1e6 / same_size,
-                    "autograd GB/s": total / step_ms / 1e6,
-                    "autograd % of copy BW": 100 * total / step_ms / 1e6 / ceiling_gbps,
+                    "forward kernel ms": sum(fwd_kernels.values()),
+                    "backward kernel ms": sum(bwd_kernels.values()),
+                    "event GB/s": total / (fwd_ms + bwd_ms) / 1e6,
+                    "event % of copy BW": 100 * total / (fwd_ms + bwd_ms) / 1e6 / ceiling_gbps,
+                    "kernel GB/s": total / kernel_ms / 1e6,
+                    "kernel % of copy BW": 100 * total / kernel_ms / 1e6 / ceiling_gbps,
+                    "same-bytes copy event GB/s": copy_event,
+                    "same-bytes copy kernel GB/s": copy_kernel,
+                    "kernels": {**fwd_kernels, **bwd_kernels},
                 })
-            if sweep and (batch, seqlen, heads) == tuple(sizes[0]):
-                sweep_out = tile_sweep(a_view, beta_view, bias, dg, da_view, dbeta_view, heads, total, ceiling_gbps)
         except Exception as exc:  # noqa: BLE001
             row.update(error_record(exc))
         rows_out.append(row)
-    return {"rows": rows_out, "sweep": sweep_out}
-
-
-def tile_sweep(a_view, beta_view, bias, dg, da_view, dbeta_view, heads, total_bytes, ceiling_gbps):
-    """Elements per program x warps for the forward and backward kernels."""
-    out = []
-    default_warps = gate_ops.NUM_WARPS
-    for warps in (4, 8):
-        for elements in (1024, 2048, 4096, 8192):
-            row = {"elements/program": elements, "warps": warps,
-                   "default": elements == gate_ops.ELEMENTS_PER_PROGRAM and warps == default_warps}
-            try:
-                gate_ops.NUM_WARPS = warps
-                fwd = time_or_run(lambda: gate_ops.gate_forward_2d(a_view, beta_view, bias, elements))
-                bwd = time_or_run(
-                    lambda: gate_ops.gate_backward_2d(dg, a_view, beta_view, bias, da_view, dbeta_view, elements)
-                )
-                row.update({"forward ms": fwd, "backward ms": bwd})
-                if TIMING:
-                    row["% of copy BW"] = 100 * total_bytes / (fwd + bwd) / 1e6 / ceiling_gbps
-            except Exception as exc:  # noqa: BLE001
-                row.update(error_record(exc))
-            finally:
-                gate_ops.NUM_WARPS = default_warps
-            out.append(row)
-    return out
+    return {"rows": rows_out}
 
 
 # --------------------------------------------------------------------------------------
@@ -244,7 +224,10 @@ def end_to_end(batch, seqlen, heads, head_dim, windows, dtype) -> dict:
         variants = {
             "attention g=None": (lambda: attend(None).backward(do), [q, k, v]),
             "attention, precomputed g": (lambda: attend(g_leaf).backward(do), [q, k, v, g_leaf]),
-            "fused gate + attention": (
+            "fused gate + attention (one op)": (
+                lambda: gate_attention(q, k, v, gate_pre, bias, window, head_dim**-0.5, None)[0].backward(do),
+                [q, k, v, gate_pre, bias]),
+            "Triton gate kernel + attention": (
                 lambda: attend(log_gates_from_projection(gate_pre, bias)).backward(do), [q, k, v, gate_pre, bias]),
             "eager torch gate + attention": (
                 lambda: attend(unfused_gate(gate_pre, bias)).backward(do), [q, k, v, gate_pre, bias]),
@@ -308,17 +291,14 @@ def main() -> None:
 
     # 2. bandwidth (the triton launchers are called directly)
     sizes = [(1, 64, 16), (1, 37, 5)] if QUICK else [(4, 8192, 16), (16, 8192, 16), (64, 8192, 16)]
-    bw = bandwidth(sizes, torch.bfloat16, sweep=True, ceiling_gbps=ceiling)
+    bw = bandwidth(sizes, torch.bfloat16, ceiling_gbps=ceiling)
     payload = {"environment": env, "ceilings": ceilings, "target": ">= 70% of copy BW at B=4,T=8192,H=16", **bw}
     columns = ["B", "T", "H", "dtype", "forward MB", "backward MB", "forward ms", "backward ms",
-               "kernels GB/s", "% of copy BW", "same-bytes copy GB/s", "% of same-bytes copy",
-               "fwd+bwd autograd ms", "autograd % of copy BW", "error"]
-    write_results(args.out, f"gate_bandwidth{suffix}", payload, bw["rows"] + [
-        {"B": f"sweep {r['elements/program']}x{r['warps']}w" + (" (default)" if r.get("default") else ""),
-         "forward ms": r.get("forward ms"), "backward ms": r.get("backward ms"),
-         "% of copy BW": r.get("% of copy BW"), "error": r.get("error", "")} for r in bw["sweep"]
-    ], columns)
-    print("bandwidth:", [(r["T"], r.get("% of copy BW"), r.get("error")) for r in bw["rows"]])
+               "event GB/s", "event % of copy BW", "forward kernel ms", "backward kernel ms",
+               "kernel GB/s", "kernel % of copy BW", "same-bytes copy event GB/s",
+               "same-bytes copy kernel GB/s", "error"]
+    write_results(args.out, f"gate_bandwidth{suffix}", payload, bw["rows"], columns)
+    print("bandwidth:", [(r["B"], r.get("kernel % of copy BW"), r.get("error")) for r in bw["rows"]])
 
     # 3. end to end
     if QUICK:
@@ -328,7 +308,7 @@ def main() -> None:
     payload = {"environment": env, "config": {"B": 1 if QUICK else 4, "T": 64 if QUICK else 8192,
                                               "H": 4 if QUICK else 16, "D": 16 if QUICK else 128,
                                               "dtype": "float32" if QUICK else "bfloat16"},
-               "target": "fused gate + attention <= 1.10 x attention g=None", **e2e}
+               "target": "fused gate + attention (one op) <= 1.10 x attention g=None", **e2e}
     write_results(args.out, f"gate_end_to_end{suffix}", payload, e2e["rows"],
                   ["window", "variant", "fwd+bwd ms", "x of g=None", "error"])
     print("end to end:", [(r["window"], r["variant"], r.get("x of g=None"), r.get("error")) for r in e2e["rows"]])

@@ -54,6 +54,30 @@ def bench_ms(fn, warmup_ms: float = 50, rep_ms: float = 300, grad_to_none=None) 
                                    return_mode="median")
 
 
+def kernel_device_ms(fn, iterations: int = 30) -> dict[str, float]:
+    """Device time per call of each CUDA kernel that fn launches (torch.profiler, CUPTI), with
+    the L2 cache flushed before every call, as do_bench does. Unlike event timing around
+    fn, this leaves out launch latency and the gaps between kernels: what the kernels
+    themselves take. Returns {kernel name: ms per call}; the flush's own kernel is left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            flush.zero_()
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        total_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if total_us and "Fill" not in event.key and "fill" not in event.key:
+            times[event.key] = total_us / iterations / 1000
+    return times
+
+
 def measure_ceilings() -> dict:
     """Device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate, measured now."""
     src = torch.randn(2**30 // 2, device="cuda", dtype=torch.bfloat16)  # 1 GiB

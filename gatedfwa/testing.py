@@ -21,6 +21,18 @@ def max_abs_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return diff.max().item()
 
 
+def float32_slack(reference: torch.Tensor, dtype: torch.dtype) -> float:
+    """The rule's absolute slack: 1e-5, or in float32 1e-5 * max|reference| (at least 1e-5).
+
+    In float32 the naive path is nearly exact at test sizes, and a fixed 1e-5 is below the
+    rounding of a decay sum of magnitude ~100 (strong gates over one tile) times a gradient
+    of magnitude ~1; the slack is then taken relative to the reference's largest value."""
+    if dtype != torch.float32 or reference.numel() == 0:
+        return 1e-5
+    finite = reference[torch.isfinite(reference)]
+    return 1e-5 * max(1.0, finite.abs().max().item() if finite.numel() else 1.0)
+
+
 def assert_within_rule(
     name: str,
     fast: torch.Tensor,

@@ -34,6 +34,16 @@ def select_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
+def _gate_sums(g: torch.Tensor | None, q: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    """The chunk-local gate sums [2, B, HQ, T] the kernels read (gate_sums.py), or None."""
+    if g is None:
+        return None
+    from gatedfwa.ops.attention import gate_chunk
+    from gatedfwa.ops.gate_sums import chunk_gate_sums
+
+    return chunk_gate_sums(g, gate_chunk(q.shape[-1]), cu_seqlens)
+
+
 # --------------------------------------------------------------------------------------
 # Custom ops around the Triton kernels. torch.compile treats them as opaque nodes with a
 # known output shape (register_fake) and a known backward (register_autograd).
@@ -53,7 +63,7 @@ def _window_attention_forward(
     """Returns (o, lse2): the output and the base-2 log-sum-exp [B, HQ, T] float32."""
     from gatedfwa.ops.attention import attention_forward
 
-    return attention_forward(q, k, v, g, window_size, scale, cu_seqlens)
+    return attention_forward(q, k, v, _gate_sums(g, q, cu_seqlens), window_size, scale, cu_seqlens)
 
 
 @_window_attention_forward.register_fake
@@ -79,10 +89,11 @@ def _window_attention_backward(
     tensor when g is None."""
     from gatedfwa.ops.attention import attention_backward
 
-    dq, dk, dv, dg = attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens)
+    sums = _gate_sums(g, q, cu_seqlens)  # recomputed: one light pass over g
+    dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens)
     if dg is None:
-        dg = q.new_empty((0,), dtype=torch.float32)
-    return dq, dk, dv, dg
+        return dq, dk, dv, q.new_empty((0,), dtype=torch.float32)
+    return dq, dk, dv, dg.transpose(1, 2).to(g.dtype).contiguous()
 
 
 @_window_attention_backward.register_fake

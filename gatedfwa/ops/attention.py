@@ -83,15 +83,48 @@ def _gate_batch_shift(seq, num_q_heads, seqlen, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _left_key_offsets(gk, gates_between):
-    """Key offsets L_j * log2(e) of a tile left of the reference r, and the updated sum.
+def _chunk_total(p_head, chunk_start, eos, CHUNK: tl.constexpr):
+    """Sum of the gates of the chunk that starts at chunk_start (0 past the sequence end):
+    the chunk's inclusive prefix sum at its last valid position."""
+    last = tl.minimum(chunk_start + CHUNK - 1, eos - 1)
+    return tl.load(p_head + last, mask=chunk_start < eos, other=0.0)
 
-    gk [BLOCK_N]: the tile's gates; gates_between: -(sum of the gates from the tile's end
-    to r), >= 0. L_j = gates_between - (g[j+1] + ... + g[tile end]): two non-negative terms.
-    """
-    tile_sum = tl.sum(gk, 0)
-    after_j = tile_sum - tl.cumsum(gk, 0)
-    return (gates_between - after_j) * LOG2E, gates_between - tile_sum
+
+@triton.jit
+def _tile_prefix(p_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr):
+    """Inclusive prefix sums of the gates inside the tile [start, start + TILE) and the tile's
+    total. From the chunk sums (gate_sums.py): P[t] plus the totals of the tile's chunks
+    before t's, all terms of one sign."""
+    if MASKED:
+        prefix = tl.load(p_head + offs, mask=offs < eos, other=0.0)
+    else:
+        prefix = tl.load(p_head + offs)
+    total = _chunk_total(p_head, start, eos, CHUNK)
+    if TILE > CHUNK:
+        previous = total
+        for c in tl.static_range(1, TILE // CHUNK):
+            prefix += tl.where(offs >= start + c * CHUNK, previous, 0.0)
+            previous = _chunk_total(p_head, start + c * CHUNK, eos, CHUNK)
+            total += previous
+    return prefix, total
+
+
+@triton.jit
+def _tile_suffix(p_head, s_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """Exclusive suffix sums g[j+1] + ... + g[tile end] inside the tile [start, start + TILE)
+    and the tile's total: S[j] plus the totals of the tile's chunks after j's."""
+    if MASKED:
+        suffix = tl.load(s_head + offs, mask=offs < eos, other=0.0)
+    else:
+        suffix = tl.load(s_head + offs)
+    total = _chunk_total(p_head, start, eos, CHUNK)
+    if TILE > CHUNK:
+        for c in tl.static_range(1, TILE // CHUNK):
+            later = _chunk_total(p_head, start + c * CHUNK, eos, CHUNK)
+            suffix += tl.where(offs < start + c * CHUNK, later, 0.0)
+            total += later
+    return suffix, total
 
 
 @triton.jit
@@ -158,12 +191,12 @@ def _forward_tile(
 
 @triton.jit
 def _forward_kernel(
-    Q, K, V, G, O, LSE, CU_SEQLENS,
+    Q, K, V, SUMS, O, LSE, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ot, stride_oh, stride_gt, stride_gh,
+    stride_ot, stride_oh, sums_plane,
     seqlen, num_q_heads, window, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one sequence and one query head."""
@@ -187,7 +220,8 @@ def _forward_kernel(
 
     k_head = K + kv_head * stride_kh
     v_head = V + kv_head * stride_vh
-    g_head = G + head * stride_gh + _gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
+    p_head = SUMS + head * seqlen + _gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
+    s_head = p_head + sums_plane
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -196,24 +230,24 @@ def _forward_kernel(
     key_offset = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_GATE:
         # L_t = g[m0] + ... + g[t] (reference r = m0 - 1).
-        gq = tl.load(g_head + offs_m * stride_gt, mask=row_ok, other=0.0)
-        query_offset = tl.cumsum(gq, 0) * LOG2E
+        query_offset, _ = _tile_prefix(p_head, offs_m, m0, eos, BLOCK_M, GATE_CHUNK, True)
+        query_offset = query_offset * LOG2E
 
     # Phase 1: the diagonal tiles [m0, m0 + BLOCK_M), left to right. L_j = g[m0] + ... + g[j].
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
     for n0 in range(m0, tl.minimum(m0 + BLOCK_M, eos), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            gk = tl.load(g_head + offs_n * stride_gt, mask=offs_n < eos, other=0.0)
-            key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
-            running += tl.sum(gk, 0)
+            prefix, tile_sum = _tile_prefix(p_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, True)
+            key_offset = (running + prefix) * LOG2E
+            running += tile_sum
         acc, row_max, row_sum = _forward_tile(
             acc, row_max, row_sum, q, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
 
     # Phase 2: tiles left of the diagonal, nearest first. L_j = -(g[j+1] + ... + g[m0-1]) >= 0,
-    # built as (gates between this tile and m0) + (gates after j inside the tile).
+    # built as -(gates between this tile and m0) - (gates after j inside the tile).
     # Tiles whose keys are all >= bos and inside every row's window need no mask.
     lowest_key = tl.maximum(bos, m0 - window + 1)
     num_tiles = tl.cdiv(m0 - lowest_key, BLOCK_N)
@@ -224,8 +258,9 @@ def _forward_kernel(
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            gk = tl.load(g_head + offs_n * stride_gt)
-            key_offset, running = _left_key_offsets(gk, running)
+            suffix, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
+            key_offset = (running - suffix) * LOG2E
+            running -= tile_sum
         acc, row_max, row_sum = _forward_tile(
             acc, row_max, row_sum, q, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
@@ -234,8 +269,9 @@ def _forward_kernel(
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            gk = tl.load(g_head + offs_n * stride_gt, mask=offs_n >= bos, other=0.0)
-            key_offset, running = _left_key_offsets(gk, running)
+            suffix, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
+            key_offset = (running - suffix) * LOG2E
+            running -= tile_sum
         acc, row_max, row_sum = _forward_tile(
             acc, row_max, row_sum, q, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
@@ -329,12 +365,12 @@ def _dq_tile(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, G, DO, LSE, DELTA, DQ, CU_SEQLENS,
+    Q, K, V, SUMS, DO, LSE, DELTA, DQ, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_gt, stride_gh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    sums_plane, stride_dot, stride_doh, stride_dqt, stride_dqh,
     seqlen, num_q_heads, window, qk_scale, scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: dq of BLOCK_M query rows of one head, walking key tiles as the forward."""
@@ -363,11 +399,12 @@ def _dq_kernel(
     # Rows past the end load lse = 0 so that their (discarded) probabilities stay finite.
     lse2 = tl.load(LSE + row_stat, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row_stat, mask=row_ok, other=0.0)
-    g_head = G + head * stride_gh + _gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
+    p_head = SUMS + head * seqlen + _gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
+    s_head = p_head + sums_plane
     query_offset = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_GATE:
-        gq = tl.load(g_head + offs_m * stride_gt, mask=row_ok, other=0.0)
-        query_offset = tl.cumsum(gq, 0) * LOG2E
+        query_offset, _ = _tile_prefix(p_head, offs_m, m0, eos, BLOCK_M, GATE_CHUNK, True)
+        query_offset = query_offset * LOG2E
     k_head = K + kv_head * stride_kh
     v_head = V + kv_head * stride_vh
 
@@ -378,9 +415,9 @@ def _dq_kernel(
     for n0 in range(m0, tl.minimum(m0 + BLOCK_M, eos), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            gk = tl.load(g_head + offs_n * stride_gt, mask=offs_n < eos, other=0.0)
-            key_offset = (running + tl.cumsum(gk, 0)) * LOG2E
-            running += tl.sum(gk, 0)
+            prefix, tile_sum = _tile_prefix(p_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, True)
+            key_offset = (running + prefix) * LOG2E
+            running += tile_sum
         dq = _dq_tile(
             dq, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
@@ -395,8 +432,9 @@ def _dq_kernel(
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            gk = tl.load(g_head + offs_n * stride_gt)
-            key_offset, running = _left_key_offsets(gk, running)
+            suffix, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
+            key_offset = (running - suffix) * LOG2E
+            running -= tile_sum
         dq = _dq_tile(
             dq, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
@@ -405,8 +443,9 @@ def _dq_kernel(
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            gk = tl.load(g_head + offs_n * stride_gt, mask=offs_n >= bos, other=0.0)
-            key_offset, running = _left_key_offsets(gk, running)
+            suffix, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
+            key_offset = (running - suffix) * LOG2E
+            running -= tile_sum
         dq = _dq_tile(
             dq, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
@@ -418,12 +457,12 @@ def _dq_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
-    rowsum_head, running, offs_m, offs_n, offs_d, bos, eos, window,
-    stride_qt, stride_dot, stride_gt, qk_scale,
+    dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
+    rowsum_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window,
+    stride_qt, stride_dot, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
 ):
     """Add one query tile's contribution to dk, dv (unscaled) and the row and column sums
     of dS (row sums straight to memory, atomically: other key blocks add to the same rows).
@@ -461,12 +500,9 @@ def _dkdv_tile(
         delta = tl.load(delta_head + stat)
     sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
     if HAS_GATE:
-        if MASKED:
-            gq = tl.load(g_head + offs_m * stride_gt, mask=row_ok, other=0.0)
-        else:
-            gq = tl.load(g_head + offs_m * stride_gt)
-        query_offset = (running + tl.cumsum(gq, 0)) * LOG2E  # L_t, see _dkdv_kernel
-        running += tl.sum(gq, 0)
+        prefix, tile_sum = _tile_prefix(p_head, offs_m, m_start, eos, BLOCK_M, GATE_CHUNK, MASKED)
+        query_offset = (running + prefix) * LOG2E  # L_t, see _dkdv_kernel
+        running += tile_sum
         biasT = query_offset[None, :] - key_offset[:, None]
         if MASKED:
             biasT = tl.where(offs_m[None, :] == offs_n[:, None], 0.0, biasT)  # as in _forward_tile
@@ -494,13 +530,13 @@ def _dkdv_tile(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, G, DO, LSE, DELTA, DK, DV, ROWSUM, COLSUM, CU_SEQLENS,
+    Q, K, V, SUMS, DO, LSE, DELTA, DK, DV, ROWSUM, COLSUM, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_gt, stride_gh, stride_dot, stride_doh,
+    sums_plane, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     seqlen, num_q_heads, window, qk_scale, scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: dk, dv of BLOCK_N keys of one kv head, summed over its GROUP query heads;
@@ -538,7 +574,7 @@ def _dkdv_kernel(
         head = kv_head * GROUP + member
         q_head = Q + head * stride_qh
         do_head = DO + head * stride_doh
-        g_head = G + head * stride_gh + _gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
+        p_head = SUMS + head * seqlen + _gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
         if VARLEN:
             stat_offset = head * seqlen
         else:
@@ -553,33 +589,36 @@ def _dkdv_kernel(
         zero = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
         running = zero
         if HAS_GATE:
-            gk = tl.load(g_head + offs_n * stride_gt, mask=key_ok, other=0.0)
-            block_sum = tl.sum(gk, 0)
-            key_offset = (tl.cumsum(gk, 0) - block_sum) * LOG2E
+            suffix, block_sum = _tile_suffix(p_head, p_head + sums_plane, offs_n, n0, eos, BLOCK_N,
+                                             GATE_CHUNK, True)
+            key_offset = -suffix * LOG2E
             running = -block_sum
         dgate_col = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         for i in range(0, num_diagonal):
-            offs_m = n0 + i * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_start = n0 + i * BLOCK_M
+            offs_m = m_start + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
-                dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
-                rowsum_head, running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
+                dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
+                rowsum_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
                 qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N)
+                BLOCK_M, BLOCK_N, GATE_CHUNK)
         running = zero
         for i in range(num_diagonal, num_unmasked):
-            offs_m = n0 + i * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_start = n0 + i * BLOCK_M
+            offs_m = m_start + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
-                dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
-                rowsum_head, running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
+                dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
+                rowsum_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
                 qk_scale, HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N)
+                BLOCK_M, BLOCK_N, GATE_CHUNK)
         for i in range(num_unmasked, num_tiles):
-            offs_m = n0 + i * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_start = n0 + i * BLOCK_M
+            offs_m = m_start + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
-                dk, dv, dgate_col, k, v, key_offset, q_head, do_head, g_head, lse_head, delta_head,
-                rowsum_head, running, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot, stride_gt,
+                dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
+                rowsum_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
                 qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N)
+                BLOCK_M, BLOCK_N, GATE_CHUNK)
         if HAS_GATE:
             if VARLEN:
                 col = COLSUM + stat_offset + offs_n
@@ -639,12 +678,25 @@ def _dkdv_config(head_dim: int) -> dict:
     if block_d <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     if block_d <= 128:
-        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3)
+        # 32 x 64 w4 s3 measured the same within 1% (attention_sweep.md); 64 x 64 makes
+        # every D <= 128 tile one gate chunk of 64 (gate_chunk).
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
 
 
 # Tests and benchmarks may replace these to try other tile sizes.
 CONFIGS = {"forward": _forward_config, "dq": _dq_config, "dkdv": _dkdv_config}
+
+
+def gate_chunk(head_dim: int) -> int:
+    """The chunk length of the gate sums (gate_sums.py) for this head size: the smallest tile
+    side of the three kernels, so that every tile is a whole number of chunks (tile sides are
+    powers of two)."""
+    sides = []
+    for kernel in ("forward", "dq", "dkdv"):
+        config = CONFIGS[kernel](head_dim)
+        sides += [config["BLOCK_M"], config["BLOCK_N"]]
+    return min(sides)
 
 
 class _Problem:
@@ -685,19 +737,22 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _gates_by_head(g: torch.Tensor) -> torch.Tensor:
-    """g [B, T, HQ] -> float32 [B, HQ, T], contiguous along time (see _gate_batch_shift)."""
-    return g.float().transpose(1, 2).contiguous()
-
-
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """[B, T, ...] -> [B*T, ...] view (x is contiguous)."""
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def attention_forward(q, k, v, g, window_size, scale, cu_seqlens):
-    """q [B,T,HQ,D], k/v [B,T,H,D] contiguous, g [B,T,HQ] or None.
+def _check_sums(sums: torch.Tensor | None, q: torch.Tensor) -> None:
+    expected = (2, q.shape[0], q.shape[2], q.shape[1])
+    if sums is not None and (tuple(sums.shape) != expected or sums.dtype != torch.float32 or not sums.is_contiguous()):
+        raise ValueError(f"gate sums must be contiguous float32 {list(expected)}, got {sums.dtype} {list(sums.shape)}")
+
+
+def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens):
+    """q [B,T,HQ,D], k/v [B,T,H,D] contiguous; sums [2,B,HQ,T] float32, the chunk gate sums
+    of gate_sums.py at chunk length gate_chunk(D), or None without gate.
     Returns o [B,T,HQ,D] (q's dtype) and the base-2 log-sum-exp lse2 [B,HQ,T] float32."""
+    _check_sums(sums, q)
     problem = _Problem(q, k, window_size, cu_seqlens)
     o = _allocate_like(q)
     lse = _allocate_like(q.new_empty((q.shape[0], problem.num_q_heads, q.shape[1]), dtype=torch.float32))
@@ -705,17 +760,15 @@ def attention_forward(q, k, v, g, window_size, scale, cu_seqlens):
         lse.fill_(float("-inf"))
         o.zero_()
         return o, lse
-    gf = None if g is None else _gates_by_head(g)
     qf, kf, vf, of = _flat(q), _flat(k), _flat(v), _flat(o)
     config = CONFIGS["forward"](problem.head_dim)
     _forward_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
-        qf, kf, vf, gf if gf is not None else qf, of, lse, problem.cu_seqlens,
+        qf, kf, vf, sums if sums is not None else qf, of, lse, problem.cu_seqlens,
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
-        of.stride(0), of.stride(1),
-        *((1, q.shape[1]) if gf is not None else (0, 0)),
+        of.stride(0), of.stride(1), sums.stride(0) if sums is not None else 0,
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E_HOST,
         GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
-        HAS_GATE=g is not None, VARLEN=problem.varlen, DOT_PRECISION=_dot_precision(q.dtype),
+        GATE_CHUNK=gate_chunk(problem.head_dim), HAS_GATE=sums is not None, VARLEN=problem.varlen, DOT_PRECISION=_dot_precision(q.dtype),
         **config,
     )
     return o, lse
@@ -736,30 +789,32 @@ def _reverse_cumsum_within_sequences(x: torch.Tensor, cu_seqlens: torch.Tensor |
     return suffix - padded[..., end_of]
 
 
-def attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
-    """Gradients of o with respect to q, k, v and g (None without gate).
-    lse is the base-2 log-sum-exp that attention_forward returned."""
+def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens):
+    """Gradients of o with respect to q, k, v and the log gates: (dq, dk, dv, dg) with
+    dg [B,HQ,T] float32 (None without gate). sums and lse are what attention_forward used
+    and returned (lse2 in base 2)."""
+    _check_sums(sums, q)
     problem = _Problem(q, k, window_size, cu_seqlens)
     dq = _allocate_like(q)
     dk = _allocate_like(k)
     dv = _allocate_like(v)
-    has_gate = g is not None
+    has_gate = sums is not None
+    stats_shape = (q.shape[0], problem.num_q_heads, q.shape[1])
     if q.shape[1] == 0 or problem.max_seqlen == 0:
         for grad in (dq, dk, dv):
             grad.zero_()
-        return dq, dk, dv, (torch.zeros_like(g) if has_gate else None)
+        return dq, dk, dv, (q.new_zeros(stats_shape, dtype=torch.float32) if has_gate else None)
     qf, kf, vf, of, dof = _flat(q), _flat(k), _flat(v), _flat(o), _flat(do)
     dqf, dkf, dvf = _flat(dq), _flat(dk), _flat(dv)
-    gf = _gates_by_head(g) if has_gate else qf
-    stats_shape = (q.shape[0], problem.num_q_heads, q.shape[1])
+    gf = sums if has_gate else qf
     delta = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
     # Row sums of dS are accumulated atomically, so they start at zero.
     rowsum = torch.zeros(stats_shape, dtype=torch.float32, device=q.device) if has_gate else delta
     colsum = torch.zeros(stats_shape, dtype=torch.float32, device=q.device) if has_gate else delta
     precision = _dot_precision(q.dtype)
     common = dict(GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
-                  HAS_GATE=has_gate, VARLEN=problem.varlen, DOT_PRECISION=precision)
-    g_strides = (1, q.shape[1]) if has_gate else (0, 0)  # token, head strides of [B, HQ, T]
+                  GATE_CHUNK=gate_chunk(problem.head_dim), HAS_GATE=has_gate, VARLEN=problem.varlen, DOT_PRECISION=precision)
+    sums_plane = sums.stride(0) if has_gate else 0
 
     delta_block = 16 if _interpreting() else 64
     _delta_kernel[problem.grid(delta_block, problem.num_q_heads)](
@@ -771,7 +826,7 @@ def attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
     _dq_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
         qf, kf, vf, gf, dof, lse, delta, dqf, problem.cu_seqlens,
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
-        *g_strides, dof.stride(0), dof.stride(1), dqf.stride(0), dqf.stride(1),
+        sums_plane, dof.stride(0), dof.stride(1), dqf.stride(0), dqf.stride(1),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E_HOST, scale,
         **common, **config,
     )
@@ -779,13 +834,12 @@ def attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
     _dkdv_kernel[problem.grid(config["BLOCK_N"], problem.num_kv_heads)](
         qf, kf, vf, gf, dof, lse, delta, dkf, dvf, rowsum, colsum, problem.cu_seqlens,
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
-        *g_strides, dof.stride(0), dof.stride(1),
+        sums_plane, dof.stride(0), dof.stride(1),
         dkf.stride(0), dkf.stride(1), dvf.stride(0), dvf.stride(1),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E_HOST, scale,
         **common, **config,
     )
     dg = None
     if has_gate:
-        dg = _reverse_cumsum_within_sequences(rowsum - colsum, cu_seqlens)
-        dg = dg.transpose(1, 2).to(g.dtype).contiguous()
+        dg = _reverse_cumsum_within_sequences(rowsum - colsum, cu_seqlens).float()
     return dq, dk, dv, dg

@@ -8,17 +8,16 @@ The gate of GatedFWA (docs/gate.md), per token t and query head h:
 
 A layer computes both projections with one matmul, gate_pre = x @ [W_g; W_beta]^T of shape
 [B, T, 2H] (a's pre-bias values in the first H columns, beta's pre-activation in the last H).
-The forward kernel reads gate_pre (and b_g) once and writes g [B, T, H] float32: exactly the
-per-step log gates the attention kernel reads (it forms its own local sums of g inside each
-tile, so no cumulative sum is made or stored here). The backward kernel reads the attention's
-dg, recomputes the gate terms from gate_pre, and writes d(gate_pre) [B, T, 2H] and partial
-sums for d(b_g), again in one pass; nothing [B, T, H]-sized is stored between the two.
+The forward kernel here reads gate_pre (and b_g) once and writes g [B, T, H] float32, for
+users who want the gates themselves. The attention path does not need g: gated_fwa_attention
+has the kernel of gate_sums.py turn gate_pre straight into the chunk-local gate sums the
+attention kernels read. Either way, the backward kernel reads the attention's dg, recomputes
+the gate terms from gate_pre, and writes d(gate_pre) [B, T, 2H] and partial sums for d(b_g)
+in one pass; nothing [B, T, H]-sized is stored between the two.
 
 Numerics follow the stable forms of gate_reference.py (finite values and gradients from
-beta ~ 1e-22 to beta ~ 50 and |a| up to 1e4 and beyond). exp and log1p are built here from
-operations whose accuracy does not depend on the argument's size, because the GPU's fast exp
-(exp2 of x * log2(e)) loses about |x| * 6e-8 relative accuracy: 3e-6 at x = -50, far more
-than the reference's one rounding.
+beta ~ 1e-22 to beta ~ 50 and |a| up to 1e4 and beyond); the device functions are in
+gate_math.py.
 
 Public functions:
     compute_log_gates(a, beta_pre, cu_seqlens=None)         -> g [B, T, H] float32
@@ -31,11 +30,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gatedfwa.ops.api import gated_window_attention, select_backend
+from gatedfwa.ops.api import LN2, gated_window_attention, select_backend
+from gatedfwa.ops.gate_attention import gate_attention
 from gatedfwa.ops.gate_reference import reference_log_gates
 from gatedfwa.ops.validation import format_shape, check_attention_args, check_cu_seqlens
+from gatedfwa.ops.gate_math import gate_terms, log_gate
 # Triton is optional: without it the kernels below are never launched.
-from gatedfwa.ops.triton_support import constexpr as _constexpr
 from gatedfwa.ops.triton_support import jit as _jit
 from gatedfwa.ops.triton_support import tl, triton
 
@@ -46,80 +46,6 @@ __all__ = ["compute_log_gates", "log_gates_from_projection", "gated_fwa_attentio
 # at the benchmark size (B*T*H = 2^19); tests lower it to get many programs and ragged tails.
 ELEMENTS_PER_PROGRAM = 2048
 NUM_WARPS = 4
-
-LOG2E = _constexpr(1.4426950408889634)
-# ln(2) split so that n * LN2_HI is exact in float32 for |n| < 2^9 (LN2_HI has 15 bits).
-LN2_HI = _constexpr(0.693145751953125)
-LN2_LO = _constexpr(1.4286067653302720e-06)
-
-
-# ======================================================================================
-# Device helpers
-# ======================================================================================
-
-
-@_jit
-def _exp_nonpositive(x):
-    """exp(x) for x <= 0 within about one ulp for any x (0 below ~ -104, like float32 itself).
-
-    exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, with exp(r) from its Taylor
-    series to r^9/9! (the rest is < 3e-10 relative). Neither the hardware exp (exp2 of
-    x log2(e), whose error grows with |x|) nor Triton's interpreter exp (numpy, up to 1.6 ulp)
-    is involved, so GPU and CPU runs round alike. 2^n is assembled from exponent bits in two
-    factors so that n below -126 underflows gradually.
-    """
-    x = tl.maximum(x, -170.0)
-    n = tl.floor(x * LOG2E + 0.5)
-    r = (x - n * LN2_HI) - n * LN2_LO
-    series = 1.0 / 362880.0
-    series = series * r + 1.0 / 40320.0
-    series = series * r + 1.0 / 5040.0
-    series = series * r + 1.0 / 720.0
-    series = series * r + 1.0 / 120.0
-    series = series * r + 1.0 / 24.0
-    series = series * r + 1.0 / 6.0
-    series = series * r + 0.5
-    series = series * r + 1.0
-    exp_r = series * r + 1.0
-    n_int = n.to(tl.int32)
-    n_first = tl.maximum(n_int, -126)
-    n_second = n_int - n_first
-    scale_first = ((n_first + 127) << 23).to(tl.float32, bitcast=True)
-    scale_second = ((n_second + 127) << 23).to(tl.float32, bitcast=True)
-    return exp_r * scale_first * scale_second
-
-
-@_jit
-def _log1p_unit(e):
-    """log(1 + e) for 0 <= e <= 1, within about one ulp, relative accuracy kept for tiny e.
-
-    log(1 + e) = 2 atanh(s) = 2s + 2s^3 (1/3 + s^2/5 + ... + s^14/17), s = e / (2 + e) <= 1/3
-    (the first omitted term is < 2e-10 relative). Since 2s = e - e s exactly, this is
-    e - s (e - 2 s^2 Q): the exact e leads and the rounding of s only touches the smaller
-    correction term.
-    """
-    s = e / (2.0 + e)
-    s2 = s * s
-    series = 1.0 / 17.0
-    series = series * s2 + 1.0 / 15.0
-    series = series * s2 + 1.0 / 13.0
-    series = series * s2 + 1.0 / 11.0
-    series = series * s2 + 1.0 / 9.0
-    series = series * s2 + 1.0 / 7.0
-    series = series * s2 + 1.0 / 5.0
-    series = series * s2 + 1.0 / 3.0
-    return e - s * (e - 2.0 * s2 * series)
-
-
-@_jit
-def _gate_terms(a, beta_pre):
-    """Shared by forward and backward (float32 blocks): beta, |z| = beta |a|, e = exp(-|z|)
-    and log1p(e)."""
-    beta = tl.where(beta_pre > 0, 1.0 + beta_pre, _exp_nonpositive(tl.minimum(beta_pre, 0.0)))
-    z_abs = beta * tl.abs(a)
-    e = _exp_nonpositive(-z_abs)
-    return beta, z_abs, e, _log1p_unit(e)
-
 
 @_jit
 def _tile_offsets(pid, num_rows, num_heads, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -162,19 +88,18 @@ def _gate_forward_kernel(
         a_ptr, beta_pre_ptr, bias_ptr, rows, heads, mask, a_row_stride, beta_row_stride, num_heads,
         HAS_BIAS,
     )
-    beta, z_abs, e, log1p_e = _gate_terms(a, beta_pre)
-    # logsigmoid(z) / beta with z / beta = a taken exactly: no round trip through z.
-    g = tl.minimum(a, 0.0) - log1p_e / beta
+    g = log_gate(a, beta_pre)
     tl.store(g_ptr + rows[:, None] * num_heads + heads[None, :], g, mask=mask)
 
 
 @_jit
 def _gate_backward_kernel(
     dg_ptr, a_ptr, beta_pre_ptr, bias_ptr, da_ptr, dbeta_pre_ptr, dbias_partial_ptr,
-    num_rows, num_heads, a_row_stride, beta_row_stride, da_row_stride, dbeta_row_stride,
-    HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+    num_rows, num_heads, a_row_stride, beta_row_stride, da_row_stride, dbeta_row_stride, seqlen,
+    HAS_BIAS: tl.constexpr, DG_BY_HEAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """From dg [rows, H] float32: da = dg sigmoid(-z), dbeta_pre = dg h(z) beta'(beta_pre) / beta^2
+    """From dg float32, [rows, H] or (DG_BY_HEAD) [B, H, T] as the attention's backward makes
+    it, with rows = B * T and T = seqlen: da = dg sigmoid(-z), dbeta_pre = dg h(z) beta'(beta_pre) / beta^2
     with h(z) = log1p(e) + |z| e / (1 + e), and, with a bias, this program's column sums of da
     into dbias_partial [programs, H] float32 (summed on the host: a few KB)."""
     pid = tl.program_id(0)
@@ -183,8 +108,14 @@ def _gate_backward_kernel(
         a_ptr, beta_pre_ptr, bias_ptr, rows, heads, mask, a_row_stride, beta_row_stride, num_heads,
         HAS_BIAS,
     )
-    dg = tl.load(dg_ptr + rows[:, None] * num_heads + heads[None, :], mask=mask, other=0.0).to(tl.float32)
-    beta, z_abs, e, log1p_e = _gate_terms(a, beta_pre)
+    if DG_BY_HEAD:
+        # Row b * T + t of head h lies at (b * H + h) * T + t.
+        batch_shift = (rows // seqlen) * (num_heads - 1) * seqlen
+        dg_offsets = (rows + batch_shift)[:, None] + heads[None, :] * seqlen
+    else:
+        dg_offsets = rows[:, None] * num_heads + heads[None, :]
+    dg = tl.load(dg_ptr + dg_offsets, mask=mask, other=0.0).to(tl.float32)
+    beta, z_abs, e, log1p_e = gate_terms(a, beta_pre)
     one_plus_e = 1.0 + e
     # sigmoid(-z): e / (1 + e) when z >= 0, 1 / (1 + e) when z < 0 (the sign of z is a's).
     da = dg * tl.where(a >= 0, e, 1.0) / one_plus_e
@@ -245,9 +176,12 @@ def gate_forward_2d(a, beta_pre, bias, elements_per_program=None):
     return g
 
 
-def gate_backward_2d(dg, a, beta_pre, bias, da, dbeta_pre, elements_per_program=None):
+def gate_backward_2d(dg, a, beta_pre, bias, da, dbeta_pre, elements_per_program=None, dg_seqlen=None):
     """Writes da and dbeta_pre ([rows, H] views, unit stride along H, any float dtype) from
-    dg [rows, H] float32; returns d(bias) [H] float32 when bias is given, else None."""
+    dg float32; returns d(bias) [H] float32 when bias is given, else None.
+
+    dg is [rows, H], or, with dg_seqlen = T, the attention backward's [B, H, T] layout
+    (rows = B * T): the kernel reads it in place, no transpose is made."""
     _require_triton()
     num_rows, num_heads = a.shape
     if a.numel() == 0:
@@ -259,7 +193,8 @@ def gate_backward_2d(dg, a, beta_pre, bias, da, dbeta_pre, elements_per_program=
     _gate_backward_kernel[(programs,)](
         dg, a, beta_pre, bias if bias is not None else a, da, dbeta_pre, partial,
         num_rows, num_heads, a.stride(0), beta_pre.stride(0), da.stride(0), dbeta_pre.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=NUM_WARPS,
+        dg_seqlen or 1, HAS_BIAS=bias is not None, DG_BY_HEAD=dg_seqlen is not None,
+        BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=NUM_WARPS,
     )
     return None if bias is None else partial.sum(dim=0)
 
@@ -504,6 +439,7 @@ def gated_fwa_attention(
         gate_pre = x @ gate_weight^T                           [B, T, 2HQ]
         g        = log_gates_from_projection(gate_pre, gate_bias)   [B, T, HQ] float32
         o        = gated_window_attention(q, k, v, g, window_size, scale, cu_seqlens)
+    (the composition it equals; see below for what runs).
 
     Args:
         q: [B, T, HQ, D]; k, v: [B, T, H, D] (see gated_window_attention).
@@ -514,11 +450,18 @@ def gated_fwa_attention(
 
     Returns:
         o [B, T, HQ, D] in q's dtype, or (o, lse [B, HQ, T]) with return_lse. Gradients flow
-        to q, k, v, x, gate_weight and gate_bias; the gate's backward turns the attention's
-        dg into d(gate_pre) in one fused pass.
+        to q, k, v, x, gate_weight and gate_bias.
+
+    On the Triton backend the gate and the attention run as one op (gate_attention.py): one
+    pass over gate_pre writes the chunk-local gate sums the attention kernels read, g is never
+    stored, and the backward turns the attention's dg into d(gate_pre) in one pass.
     """
     check_gated_fwa_args(q, k, v, x, gate_weight, gate_bias, window_size, scale, cu_seqlens)
     gate_pre = F.linear(x, gate_weight)
+    if select_backend(q.device) == "triton":
+        scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+        o, lse2 = gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens)
+        return (o, lse2.detach() * LN2) if return_lse else o
     g = log_gates_from_projection(gate_pre, gate_bias)
     return gated_window_attention(
         q, k, v, g, window_size=window_size, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse

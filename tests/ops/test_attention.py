@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from gatedfwa import flash_gated_window_attention, gated_window_attention
 from gatedfwa.ops import attention as triton_attention
 from gatedfwa.ops.reference import chunked_gated_window_attention, naive_gated_window_attention
-from gatedfwa.testing import assert_within_rule, max_abs_error
+from gatedfwa.testing import assert_within_rule, float32_slack, max_abs_error
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -55,22 +55,14 @@ def naive_op(q, k, v, g, window_size, cu_seqlens):
 
 def check_against_reference(fast_fn, q, k, v, g, window_size, cu_seqlens=None):
     """Run fast_fn, the naive path in q's precision and in float64; apply the rule to o, lse
-    and every gradient.
-
-    In float32 the naive path is nearly exact at these sizes, and the fixed slack of 1e-5 is
-    below the rounding of a decay sum of magnitude ~100 (strong gates over one tile) times
-    a gradient of magnitude ~1. There the slack is taken relative to the reference's
-    largest value instead (1e-5 * max|ref|, at least 1e-5)."""
+    and every gradient (float32 slack: gatedfwa.testing.float32_slack)."""
     do = torch.randn_like(q)
     fast = run_with_grads(fast_fn, q, k, v, g, do, window_size=window_size, cu_seqlens=cu_seqlens)
     low = run_with_grads(naive_op, q, k, v, g, do, window_size=window_size, cu_seqlens=cu_seqlens)
     as64 = [x.double() for x in (q, k, v)] + [None if g is None else g.double()]
     ref = run_with_grads(naive_op, *as64, do.double(), window_size=window_size, cu_seqlens=cu_seqlens)
     def slack(reference):
-        if q.dtype != torch.float32 or reference.numel() == 0:
-            return 1e-5
-        finite = reference[torch.isfinite(reference)]
-        return 1e-5 * max(1.0, finite.abs().max().item() if finite.numel() else 1.0)
+        return float32_slack(reference, q.dtype)
 
     assert_within_rule("o", fast[0], low[0], ref[0], atol=slack(ref[0]))
     assert_within_rule("lse", fast[1], low[1], ref[1], atol=slack(ref[1]))
@@ -142,6 +134,22 @@ def test_triton_varlen_equals_separate_calls(triton_backend, device):
     for start, end in ((0, 21), (21, 50)):
         alone = gated_window_attention(q[:, start:end], k[:, start:end], v[:, start:end], g[:, start:end], window_size=9)
         torch.testing.assert_close(packed[:, start:end], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [40, None])
+def test_triton_tiles_of_several_gate_chunks(triton_backend, device, monkeypatch, window):
+    """Tiles that span 2 and 4 chunks of the gate sums (the kernels add the totals of the
+    tile's other chunks), varlen, against the reference."""
+    configs = {
+        "forward": lambda d: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+        "dq": lambda d: dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
+        "dkdv": lambda d: dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1),
+    }
+    monkeypatch.setattr(triton_attention, "CONFIGS", configs)
+    assert triton_attention.gate_chunk(32) == 16
+    cu_seqlens = torch.tensor([0, 70, 71, 150], dtype=torch.int32, device=device)
+    q, k, v, g = make_inputs(1, 150, 2, 1, 32, True, torch.bfloat16, device)
+    check_against_reference(triton_op, q, k, v, g, window, cu_seqlens)
 
 
 def extreme_gates(shape, gate_value, device):

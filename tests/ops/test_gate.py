@@ -23,7 +23,7 @@ from gatedfwa import compute_log_gates, gated_fwa_attention, log_gates_from_proj
 from gatedfwa.ops import gate
 from gatedfwa.ops.gate_reference import naive_log_gates, reference_log_gates
 from gatedfwa.ops.reference import chunked_gated_window_attention, naive_gated_window_attention
-from gatedfwa.testing import assert_within_rule
+from gatedfwa.testing import assert_within_rule, float32_slack
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -294,17 +294,17 @@ def test_gated_fwa_attention(monkeypatch, batch, window_size, cu_seqlens, device
         assert_within_rule(name, a, b, c)
 
 
-def test_gated_fwa_attention_with_triton_gate(monkeypatch, device):
-    """The composite with the Triton gate kernels inside (attention on its PyTorch path: this
-    test is about the gate), packed sequences, against the float64 reference pieces."""
-    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+def test_projection_gate_kernel_composes_with_attention(monkeypatch, device):
+    """The Triton gate kernel's g (log_gates_from_projection) fed to the PyTorch attention,
+    packed sequences, against the float64 reference pieces: the piece users call on its own."""
     monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", 64)
 
-    def torch_attention(q, k, v, g, window_size=None, scale=None, cu_seqlens=None, return_lse=False):
-        o, lse = chunked_gated_window_attention(q, k, v, g, window_size, scale, cu_seqlens)
-        return (o, lse) if return_lse else o
+    def composite(q, k, v, x, gate_weight, gate_bias, window_size, cu_seqlens):
+        monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+        g = log_gates_from_projection(x @ gate_weight.t(), gate_bias)
+        monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
+        return chunked_gated_window_attention(q, k, v, g, window_size, None, cu_seqlens)
 
-    monkeypatch.setattr(gate, "gated_window_attention", torch_attention)
     q = torch.randn(1, 33, 4, 8, device=device)
     k = torch.randn(1, 33, 1, 8, device=device)
     v = torch.randn(1, 33, 1, 8, device=device)
@@ -314,7 +314,7 @@ def test_gated_fwa_attention_with_triton_gate(monkeypatch, device):
     cu = torch.tensor([0, 10, 33], dtype=torch.int32, device=device)
     inputs = (q, k, v, x, gate_weight, gate_bias)
     do = torch.randn(q.shape, dtype=torch.float64, device=device)
-    fast = composite_grads(run_composite, inputs, do, 6, cu)
+    fast = composite_grads(composite, inputs, do, 6, cu)
     low = composite_grads(composite_reference, inputs, do, 6, cu)
     ref = composite_grads(composite_reference, [t.double() for t in inputs], do, 6, cu)
     names = ("o", "lse", "dq", "dk", "dv", "dx", "d_gate_weight", "d_gate_bias")
@@ -322,24 +322,56 @@ def test_gated_fwa_attention_with_triton_gate(monkeypatch, device):
         assert_within_rule(name, a, b, c)
 
 
-def test_gated_fwa_attention_all_triton(monkeypatch, device):
-    """Gate kernels and attention kernels together (window 8, GQA), against the float64 pieces."""
+@pytest.mark.parametrize(
+    "batch, window_size, cu_seqlens, with_bias",
+    [(2, 8, None, True), (1, 12, [0, 13, 13, 29, 40], True), (2, None, None, False)],
+    ids=["w8", "w12-varlen", "full-no-bias"],
+)
+def test_gated_fwa_attention_all_triton(monkeypatch, batch, window_size, cu_seqlens, with_bias, device):
+    """The fused op (gate sums from gate_pre, attention kernels, gate backward reading dg in
+    place), GQA, against the float64 composition of the reference pieces."""
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
     monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", 64)
-    q = torch.randn(2, 40, 4, 16, device=device)
-    k = torch.randn(2, 40, 2, 16, device=device)
-    v = torch.randn(2, 40, 2, 16, device=device)
-    x = torch.randn(2, 40, 32, device=device)
+    q = torch.randn(batch, 40, 4, 16, device=device)
+    k = torch.randn(batch, 40, 2, 16, device=device)
+    v = torch.randn(batch, 40, 2, 16, device=device)
+    x = torch.randn(batch, 40, 32, device=device)
     gate_weight = torch.randn(8, 32, device=device) / 32**0.5
-    gate_bias = torch.randn(4, device=device) + 2
+    gate_bias = torch.randn(4, device=device) + 2 if with_bias else None
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
     inputs = (q, k, v, x, gate_weight, gate_bias)
     do = torch.randn(q.shape, dtype=torch.float64, device=device)
-    fast = composite_grads(run_composite, inputs, do, 8, None)
-    low = composite_grads(composite_reference, inputs, do, 8, None)
-    ref = composite_grads(composite_reference, [t.double() for t in inputs], do, 8, None)
     names = ("o", "lse", "dq", "dk", "dv", "dx", "d_gate_weight", "d_gate_bias")
+    if gate_bias is None:
+        inputs, names = inputs[:-1], names[:-1]
+
+        def with_none(fn):
+            return lambda *args: fn(*args[:5], None, *args[5:])
+        fast_fn, ref_fn = with_none(run_composite), with_none(composite_reference)
+    else:
+        fast_fn, ref_fn = run_composite, composite_reference
+    fast = composite_grads(fast_fn, inputs, do, window_size, cu)
+    low = composite_grads(ref_fn, inputs, do, window_size, cu)
+    ref = composite_grads(ref_fn, [t.double() for t in inputs], do, window_size, cu)
     for name, a, b, c in zip(names, fast, low, ref):
-        assert_within_rule(name, a, b, c)
+        # float32 slack as in the attention tests: dg sums many rounded dS terms.
+        assert_within_rule(name, a, b, c, atol=float32_slack(c, torch.float32))
+
+
+def test_gate_attention_opcheck(monkeypatch, device):
+    """The fused op's schema, fake tensors and autograd registration."""
+    from gatedfwa.ops import gate_attention
+
+    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+    q = torch.randn(1, 9, 2, 16, device=device, requires_grad=True)
+    k = torch.randn(1, 9, 1, 16, device=device, requires_grad=True)
+    v = torch.randn(1, 9, 1, 16, device=device, requires_grad=True)
+    gate_pre = torch.randn(1, 9, 4, device=device, requires_grad=True)
+    bias = torch.randn(2, device=device, requires_grad=True)
+    torch.library.opcheck(
+        gate_attention._gate_attention_forward, (q, k, v, gate_pre, bias, 4, 0.25, None),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 def test_compile_fullgraph(monkeypatch, device):

@@ -1,0 +1,175 @@
+"""Chunk-local gate sums: the form in which the attention kernels read the gates.
+
+The attention logit of query t and key j carries the decay U_t - U_j = g[j+1] + ... + g[t].
+The kernels never form the running sum U itself (its magnitude grows with the sequence and
+would round away the small differences that matter); they measure decay from reference
+points next to the tiles they work on (docs/math.md). What they need per tile is sums of g
+inside the tile, and those are what this module precomputes, once per call, so that no
+attention program scans gates itself:
+
+    chunks of CHUNK positions, counted from each sequence's first token;
+    P[t] = g[c] + ... + g[t]             inclusive prefix inside t's chunk [c, c + CHUNK)
+    S[t] = g[t+1] + ... + g[chunk end]   exclusive suffix inside t's chunk (its last valid
+                                         position when the sequence ends inside the chunk)
+
+Both are sums of same-signed terms taken directly, never differences of longer sums, so each
+rounds like any short sum. A chunk's total is P at its last position. CHUNK divides every tile
+size of the attention kernels (attention.gate_chunk), so a tile is a whole number of chunks.
+
+Layout: sums [2, B, H, T] float32, sums[0] = P and sums[1] = S, contiguous along time (one
+stretch per tile load), the same [B, H, T] layout as the kernels' row statistics. With
+cu_seqlens, B == 1 and T is the packed length.
+
+Two producers share one kernel: from the log gates g [B, T, H] (gated_window_attention), or
+straight from the gate projection gate_pre [B, T, 2H] and b_g (gated_fwa_attention), in which
+case g is evaluated in registers (gate_math.log_gate) and never stored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gatedfwa.ops.gate_math import log_gate
+# Triton is optional: without it the kernel below is never launched.
+from gatedfwa.ops.triton_support import jit as _jit
+from gatedfwa.ops.triton_support import tl, triton
+
+__all__ = ["chunk_gate_sums", "chunk_gate_sums_from_projection", "reference_chunk_gate_sums"]
+
+NUM_WARPS = 4
+MAX_BLOCK_H = 64
+
+
+@_jit
+def _log_gates_at(
+    src, beta_src, bias, tokens, heads, mask, token_stride, beta_token_stride,
+    FROM_PROJECTION: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """float32 log gates of the [tokens, heads] block, 0 where mask is false. bias: the
+    block's b_g values [heads] float32 (FROM_PROJECTION with HAS_BIAS)."""
+    if FROM_PROJECTION:
+        a = tl.load(src + tokens[:, None] * token_stride + heads[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            a = a + bias[None, :]
+        beta_pre = tl.load(
+            beta_src + tokens[:, None] * beta_token_stride + heads[None, :], mask=mask, other=0.0
+        ).to(tl.float32)
+        # Masked slots would evaluate the gate at a = 0 (g = -log 2): zero them.
+        return tl.where(mask, log_gate(a, beta_pre), 0.0)
+    else:
+        return tl.load(src + tokens[:, None] * token_stride + heads[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@_jit
+def _chunk_sums_kernel(
+    SRC, BETA_SRC, BIAS, SUMS, CU_SEQLENS,
+    token_stride, beta_token_stride, seqlen, num_heads, plane,
+    FROM_PROJECTION: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One program: one chunk of one sequence, BLOCK_H heads. Tokens are flattened (b * T + t);
+    SRC/BETA_SRC rows are tokens with unit stride along heads."""
+    chunk = tl.program_id(0)
+    seq = tl.program_id(1)
+    if VARLEN:
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int32)
+        eos = tl.load(CU_SEQLENS + seq + 1).to(tl.int32)
+        batch_shift = 0
+    else:
+        bos = seq * seqlen
+        eos = bos + seqlen
+        # Token p = b * T + t of head h is stored at (b * H + h) * T + t.
+        batch_shift = seq * (num_heads - 1) * seqlen
+    c0 = bos + chunk * CHUNK
+    if c0 >= eos:
+        return
+    chunk_end = tl.minimum(c0 + CHUNK, eos)
+    tokens = (c0 + tl.arange(0, CHUNK)).to(tl.int64)
+    heads = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = (heads < num_heads)[None, :]
+    here = (tokens < chunk_end)[:, None] & head_ok
+    # S needs the gates one position later, shifted inside the chunk: loading them again
+    # (same cache lines) keeps every sum a direct one.
+    after = (tokens + 1 < chunk_end)[:, None] & head_ok
+    bias = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + heads, mask=heads < num_heads, other=0.0).to(tl.float32)
+    g_here = _log_gates_at(SRC, BETA_SRC, bias, tokens, heads, here, token_stride, beta_token_stride,
+                           FROM_PROJECTION, HAS_BIAS)
+    g_after = _log_gates_at(SRC, BETA_SRC, bias, tokens + 1, heads, after, token_stride, beta_token_stride,
+                            FROM_PROJECTION, HAS_BIAS)
+    prefix = tl.cumsum(g_here, 0)
+    suffix = tl.cumsum(g_after, 0, reverse=True)
+    out = SUMS + batch_shift + tokens[:, None] + heads[None, :].to(tl.int64) * seqlen
+    tl.store(out, prefix, mask=here)
+    tl.store(out + plane, suffix, mask=here)
+
+
+def _launch(src, beta_src, bias, num_heads, batch, seqlen, chunk, cu_seqlens, max_seqlen, device):
+    sums = torch.empty((2, batch, num_heads, seqlen), dtype=torch.float32, device=device)
+    if sums.numel() == 0 or max_seqlen == 0:
+        return sums.zero_()
+    block_h = min(triton.next_power_of_2(num_heads), MAX_BLOCK_H)
+    num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+    grid = (triton.cdiv(max_seqlen, chunk), num_seqs, triton.cdiv(num_heads, block_h))
+    from_projection = beta_src is not None
+    _chunk_sums_kernel[grid](
+        src, beta_src if from_projection else src, bias if bias is not None else src, sums,
+        cu_seqlens if cu_seqlens is not None else src,
+        src.stride(-2), beta_src.stride(-2) if from_projection else 0, seqlen, num_heads, sums.stride(0),
+        FROM_PROJECTION=from_projection, HAS_BIAS=bias is not None, VARLEN=cu_seqlens is not None,
+        CHUNK=chunk, BLOCK_H=block_h, num_warps=NUM_WARPS,
+    )
+    return sums
+
+
+def chunk_gate_sums(g: torch.Tensor, chunk: int, cu_seqlens: torch.Tensor | None = None,
+                    max_seqlen: int | None = None) -> torch.Tensor:
+    """g [B, T, H] log gates (any float dtype, unit stride along H) -> sums [2, B, H, T] float32.
+
+    chunk: a power of two, the chunk length. max_seqlen: the longest sequence with cu_seqlens
+    (computed when not given, which reads cu_seqlens on the host)."""
+    batch, seqlen, num_heads = g.shape
+    if max_seqlen is None:
+        max_seqlen = _max_seqlen(cu_seqlens, seqlen)
+    return _launch(g.contiguous(), None, None, num_heads, batch, seqlen, chunk, cu_seqlens, max_seqlen, g.device)
+
+
+def chunk_gate_sums_from_projection(gate_pre: torch.Tensor, gate_bias: torch.Tensor | None, chunk: int,
+                                    cu_seqlens: torch.Tensor | None = None,
+                                    max_seqlen: int | None = None) -> torch.Tensor:
+    """gate_pre [B, T, 2H] (x W_g without bias, then x W_beta), gate_bias [H] or None ->
+    sums [2, B, H, T] float32 of g = logsigmoid(beta a) / beta, g itself never stored."""
+    gate_pre = gate_pre.contiguous()
+    batch, seqlen, two_h = gate_pre.shape
+    num_heads = two_h // 2
+    if max_seqlen is None:
+        max_seqlen = _max_seqlen(cu_seqlens, seqlen)
+    return _launch(gate_pre[..., :num_heads], gate_pre[..., num_heads:],
+                   None if gate_bias is None else gate_bias.contiguous(),
+                   num_heads, batch, seqlen, chunk, cu_seqlens, max_seqlen, gate_pre.device)
+
+
+def _max_seqlen(cu_seqlens: torch.Tensor | None, seqlen: int) -> int:
+    if cu_seqlens is None:
+        return seqlen
+    if cu_seqlens.numel() < 2:
+        return 0
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+
+
+def reference_chunk_gate_sums(g: torch.Tensor, chunk: int, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """The definition above in float64 PyTorch (tests): g [B, T, H] -> [2, B, H, T] float64."""
+    batch, seqlen, num_heads = g.shape
+    g = g.double().transpose(1, 2)  # [B, H, T]
+    sums = torch.zeros((2, batch, num_heads, seqlen), dtype=torch.float64, device=g.device)
+    bounds = [(0, seqlen)] if cu_seqlens is None else list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()))
+    for start, stop in bounds:
+        for c0 in range(start, stop, chunk):
+            c1 = min(c0 + chunk, stop)
+            piece = g[..., c0:c1]
+            sums[0, ..., c0:c1] = piece.cumsum(-1)
+            # The suffix summed directly (not total - prefix, which cancels).
+            later = torch.cat([piece[..., 1:], piece.new_zeros(*piece.shape[:-1], 1)], dim=-1)
+            sums[1, ..., c0:c1] = later.flip(-1).cumsum(-1).flip(-1)
+    return sums

@@ -1,0 +1,65 @@
+"""The chunk-local gate sums the attention kernels read (gatedfwa/ops/gate_sums.py), Triton
+kernel (interpreter on CPU) against the float64 definition."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gatedfwa.ops import gate_sums
+from gatedfwa.ops.gate_reference import reference_log_gates
+from gatedfwa.ops.gate_sums import (
+    chunk_gate_sums,
+    chunk_gate_sums_from_projection,
+    reference_chunk_gate_sums,
+)
+
+
+def relative_error(fast, ref):
+    """Max |fast - ref| / (|ref| + 1e-6): every sum is of same-signed terms, so float32
+    accuracy is relative to the sum itself."""
+    return ((fast.double() - ref).abs() / (ref.abs() + 1e-6)).max().item()
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sums_from_gates(chunk, dtype, device):
+    g = F.logsigmoid(torch.randn(2, 37, 5, device=device) * 3).to(dtype)
+    sums = chunk_gate_sums(g, chunk)
+    assert sums.shape == (2, 2, 5, 37) and sums.dtype == torch.float32
+    assert relative_error(sums, reference_chunk_gate_sums(g, chunk)) < 1e-5
+
+
+def test_sums_respect_sequence_boundaries(device, monkeypatch):
+    """Packed sequences, an empty and a one-token one; several head blocks."""
+    monkeypatch.setattr(gate_sums, "MAX_BLOCK_H", 2)
+    cu_seqlens = torch.tensor([0, 5, 5, 6, 30, 37], dtype=torch.int32, device=device)
+    g = F.logsigmoid(torch.randn(1, 37, 5, device=device) * 3)
+    sums = chunk_gate_sums(g, 8, cu_seqlens)
+    ref = reference_chunk_gate_sums(g, 8, cu_seqlens)
+    assert relative_error(sums, ref) < 1e-5
+    # A chunk never reaches into the next sequence: position 4 ends sequence 0, so its
+    # suffix is empty, and the one-token sequence's prefix is its own gate.
+    assert torch.all(sums[1, 0, :, 4] == 0)
+    torch.testing.assert_close(sums[0, 0, :, 5], g[0, 5].float())
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_sums_from_projection(with_bias, device):
+    """From gate_pre, including the extremes (a up to 1e4, beta_pre from -50 to 50): finite,
+    and equal to the sums of the float64 formula."""
+    heads = 3
+    a = torch.cat([torch.randn(1, 40, heads, device=device) * 3,
+                   torch.tensor([1e4, -1e4, 0.5], device=device).expand(1, 8, heads)], dim=1)
+    beta_pre = torch.cat([torch.randn(1, 40, heads, device=device) * 3,
+                          torch.linspace(-50, 50, 8 * heads, device=device).view(1, 8, heads)], dim=1)
+    bias = torch.randn(heads, device=device) if with_bias else None
+    gate_pre = torch.cat([a, beta_pre], dim=-1)
+    sums = chunk_gate_sums_from_projection(gate_pre, bias, 16)
+    a64 = a.double() + (0 if bias is None else bias.double())
+    ref = reference_chunk_gate_sums(reference_log_gates(a64, beta_pre.double()), 16)
+    assert torch.isfinite(sums).all()
+    assert relative_error(sums, ref) < 1e-5
+
+
+def test_empty(device):
+    assert chunk_gate_sums(torch.zeros(2, 0, 3, device=device), 16).shape == (2, 2, 3, 0)
