@@ -280,17 +280,30 @@ class WindowLayerCache:
         length = k_new.shape[1]
         self._ensure_capacity(self.seen_tokens + length)
         keep = min(length, self.capacity)
-        first = length - keep
-        stream = torch.arange(self.seen_tokens + first, self.seen_tokens + length, device=k_new.device)
-        slots = stream % self.capacity if self.window_size is not None else stream
+        first = length - keep  # a ring smaller than L keeps only the last W new tokens
+        new_decays = None
         if g_new is not None:
             gates = g_new.float()
             if shift_decays:
                 self.decays += gates.sum(1)[:, :, None]
-            self.decays.index_copy_(2, slots, _suffix_sums_after(gates)[:, first:].transpose(1, 2))
-        self.keys.index_copy_(2, slots, k_new[:, first:].transpose(1, 2))
-        self.values.index_copy_(2, slots, v_new[:, first:].transpose(1, 2))
-        self.positions.index_copy_(1, slots, stream[None, :].expand(self.batch_size, keep))
+            if length > 1:
+                new_decays = _suffix_sums_after(gates)[:, first:]  # [B, keep, HQ]
+        # Written run by run of consecutive slots rather than through an index tensor: a
+        # decode step of one token then costs one small copy per tensor, with no slot
+        # indices to build (narrow = a slice along one dimension, a view).
+        for slot, offset, count in self._slot_runs(self.seen_tokens + first, keep):
+            self.keys.narrow(2, slot, count).copy_(k_new.narrow(1, first + offset, count).transpose(1, 2))
+            self.values.narrow(2, slot, count).copy_(v_new.narrow(1, first + offset, count).transpose(1, 2))
+            position = self.seen_tokens + first + offset
+            if count == 1:
+                self.positions.narrow(1, slot, 1).fill_(position)
+            else:
+                positions = torch.arange(position, position + count, device=self.positions.device)
+                self.positions.narrow(1, slot, count).copy_(positions)
+            if new_decays is not None:
+                self.decays.narrow(2, slot, count).copy_(new_decays.narrow(1, offset, count).transpose(1, 2))
+            elif g_new is not None:
+                self.decays.narrow(2, slot, count).zero_()  # a single new token: no gate after it yet
         self.token_counts += length
         self.seen_tokens += length
 
@@ -315,6 +328,16 @@ class WindowLayerCache:
         if self.decays is not None:
             self.decays = grown(self.decays, 2, 0)
         self.positions = grown(self.positions, 1, -1)
+
+    def _slot_runs(self, first_position: int, count: int) -> list[tuple[int, int, int]]:
+        """Where the tokens at stream positions first_position .. first_position + count - 1
+        (count <= capacity) live: runs (first slot, index of the run's first token among the
+        count, run length) of consecutive slots. One run, or two where a ring wraps around."""
+        if self.window_size is None:
+            return [(first_position, 0, count)]
+        slot = first_position % self.capacity
+        head = min(count, self.capacity - slot)
+        return [(slot, 0, head)] if head == count else [(slot, 0, head), (0, head, count - head)]
 
     @staticmethod
     def _check_mask(mask: torch.Tensor | None, batch: int, seqlen: int, device) -> torch.Tensor | None:

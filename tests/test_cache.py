@@ -137,3 +137,29 @@ def test_window_cache_container():
     model_cache.reset()
     assert model_cache.get_seq_length() == 0
     assert WindowCache.uniform(2, 8)[1].window_size == 8
+
+
+@pytest.mark.parametrize("window", [None, 1, 4, 5])
+def test_append_in_chunks_equals_prefill_of_the_whole_stream(window):
+    """append writes runs of consecutive slots (two where the ring wraps, the last W tokens
+    of a chunk longer than the ring); prefill writes through one index tensor. After the
+    same stream both hold the same tokens in the same slots."""
+    _, k, v, g = random_step(2, 23, 4, 2, 8)
+    chunks = [3, 1, 1, 6, 2, 1, 1, 5, 1]  # after a 2-token prompt: 23 tokens in all
+    appended = WindowLayerCache(window)
+    appended.prefill(k[:, :2], v[:, :2], g[:, :2])
+    start = 2
+    for n in chunks:
+        appended.append(k[:, start:start + n], v[:, start:start + n], g[:, start:start + n])
+        start += n
+    assert start == 23
+    whole = WindowLayerCache(window)
+    whole.prefill(k, v, g)
+    used = whole.slots_in_use
+    assert appended.slots_in_use == used and appended.seen_tokens == 23
+    assert torch.equal(appended.positions[:, :used], whole.positions[:, :used])
+    assert torch.equal(appended.keys[:, :, :used], whole.keys[:, :, :used])
+    assert torch.equal(appended.values[:, :, :used], whole.values[:, :, :used])
+    # Same decays up to float32 rounding (summed in a different order).
+    torch.testing.assert_close(appended.decays[:, :, :used], whole.decays[:, :, :used], rtol=1e-5, atol=1e-5)
+    assert appended.token_counts.tolist() == [23, 23]
