@@ -33,6 +33,7 @@ from gatedfwa.cache import WindowLayerCache
 from gatedfwa.layers.padding import PackedLayout, pack, packed_layout, positions_from_mask, unpack
 from gatedfwa.layers.rotary import apply_rotary, rotary_angles
 from gatedfwa.ops.api import gated_window_attention
+from gatedfwa.ops.decode import MAX_DECODE_LENGTH, decode_gated_window_attention
 from gatedfwa.ops.gate import gated_fwa_attention, log_gates_from_projection
 
 __all__ = ["GatedFWAttention", "gate_bias_init"]
@@ -66,20 +67,15 @@ def _sequence_starts(seqlen: int, cu_seqlens: torch.Tensor | None, device: torch
     return starts[:seqlen]
 
 
-def previous_token(x: torch.Tensor, cu_seqlens: torch.Tensor | None, first: torch.Tensor | None = None) -> torch.Tensor:
-    """The previous token's value at every position: x [B, T, ...] -> [B, T, ...].
-
-    Zero where a sequence starts (t = 0, or a cu_seqlens boundary), unless ``first``
-    [B, ...] is given: then t = 0 takes it (the last token of an earlier chunk, from a cache).
-    """
+def previous_token(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """The previous token's value at every position: x [B, T, ...] -> [B, T, ...], zero where
+    a sequence starts (t = 0, or a cu_seqlens boundary). Decoding takes the previous token
+    of its first new token from the cache instead (see GatedFWAttention._decode_piece)."""
     if x.shape[1] == 0:
         return x
     shifted = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
     starts = _sequence_starts(x.shape[1], cu_seqlens, x.device)
-    shifted = shifted.masked_fill(starts.view(1, -1, *([1] * (x.dim() - 2))), 0.0)
-    if first is not None:
-        shifted = torch.cat((first[:, None].to(x.dtype), shifted[:, 1:]), dim=1)
-    return shifted
+    return shifted.masked_fill(starts.view(1, -1, *([1] * (x.dim() - 2))), 0.0)
 
 
 class GatedFWAttention(nn.Module):
@@ -317,30 +313,30 @@ class GatedFWAttention(nn.Module):
 
     def _decode(self, x, position_ids, cache, rotary=None) -> torch.Tensor:
         """New tokens x [B, L, C] against a filled cache, MAX_DECODE_LENGTH at a time."""
-        # Imported here: the decode op needs Triton, which training and scoring do not.
-        from gatedfwa.ops.decode import MAX_DECODE_LENGTH
-
         batch, length, _ = x.shape
         if rotary is None:
             if position_ids is None:
                 # Each row continues from the number of real tokens it holds.
                 position_ids = cache.token_counts[:, None] + torch.arange(length, device=x.device)
             rotary = rotary_angles(position_ids, self.head_dim, self.rope_theta)
+        if length <= MAX_DECODE_LENGTH:
+            return self._decode_piece(x, rotary, cache)
         outputs = []
         for start in range(0, length, MAX_DECODE_LENGTH):
             piece = slice(start, start + MAX_DECODE_LENGTH)
             piece_rotary = (rotary[0][:, piece], rotary[1][:, piece])
             outputs.append(self._decode_piece(x[:, piece], piece_rotary, cache))
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return torch.cat(outputs, dim=1)
 
     def _decode_piece(self, x, rotary, cache) -> torch.Tensor:
-        from gatedfwa.ops.decode import decode_gated_window_attention
-
         q, k, v = self._project(x)
         if self.token_shift:
+            # Every new token is real and follows the cached ones: token 0's predecessor is
+            # the cached last token, token i's is new token i - 1 (no sequence starts here,
+            # so no mask as in previous_token).
             k_raw, v_raw = k, v
-            k_prev = previous_token(k, None, first=cache.extra_state["shift_k"])
-            v_prev = previous_token(v, None, first=cache.extra_state["shift_v"])
+            k_prev = torch.cat((cache.extra_state["shift_k"][:, None], k[:, :-1]), dim=1)
+            v_prev = torch.cat((cache.extra_state["shift_v"][:, None], v[:, :-1]), dim=1)
             k, v = self._shift(x, k, v, k_prev, v_prev)
             cache.extra_state["shift_k"] = k_raw[:, -1].clone()
             cache.extra_state["shift_v"] = v_raw[:, -1].clone()

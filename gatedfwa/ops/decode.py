@@ -29,9 +29,12 @@ and updates the cache.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from gatedfwa.cache import WindowLayerCache
+from gatedfwa.ops.api import select_backend
 from gatedfwa.ops.validation import SUPPORTED_DTYPES, check_scale, format_shape
 # Triton is optional: without it every step takes the PyTorch path.
 from gatedfwa.ops.triton_support import constexpr as _constexpr
@@ -128,8 +131,6 @@ def decode_gated_window_attention(
     if not cache.is_allocated:
         cache.allocate(batch, k_new.shape[2], num_q_heads, head_dim, k_new.dtype, k_new.device, g_new is not None)
     scale = float(head_dim**-0.5 if scale is None else scale)
-    from gatedfwa.ops.api import select_backend
-
     if select_backend(q.device) == "triton" and triton is not None:
         o = decode_attention_triton(q, k_new, v_new, g_new, cache, scale, update_decays=True)
         cache.append(k_new, v_new, g_new, shift_decays=False)
@@ -358,7 +359,13 @@ def _combine_kernel(
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    # Looked up once per GPU: decode_config runs on every layer of every decode step.
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def decode_config(batch: int, num_kv_heads: int, group: int, length: int, head_dim: int, used_slots: int,
@@ -398,7 +405,12 @@ def decode_attention_triton(
 
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     has_gate = g_new is not None
-    g_cum = g_new.float().cumsum(1).contiguous() if has_gate else q
+    if not has_gate:
+        g_cum = q  # never read (HAS_GATE is off); any tensor will do
+    elif length == 1:
+        g_cum = g_new.float().contiguous()  # the inclusive sum of one gate is the gate
+    else:
+        g_cum = g_new.float().cumsum(1).contiguous()
     decays = cache.decays if has_gate else q
     o = torch.empty_like(q)
     split = num_splits > 1
