@@ -173,13 +173,18 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
 
         layout = None
         if cache is not None and cache.get_seq_length() > 0:
-            # Decoding: the new tokens follow the cached ones; generate() passes the mask of
-            # the whole stream, whose new columns must all be tokens.
+            # Decoding: the new tokens follow the cached ones and are all real tokens.
+            # generate() passes the mask of the whole stream (ones appended at each step).
+            # Its new columns' values are checked only when the mask is on the CPU, where
+            # reading them is free; on a GPU the read would make every step wait for the
+            # device.
             if attention_mask is not None:
-                if attention_mask.shape[1] < seqlen or not bool(attention_mask[:, -seqlen:].bool().all()):
+                if attention_mask.shape[0] != batch or attention_mask.shape[1] < seqlen or (
+                    attention_mask.device.type == "cpu" and not bool(attention_mask[:, -seqlen:].bool().all())
+                ):
                     raise ValueError(
-                        "while decoding with a cache, the new tokens (the last columns of attention_mask) "
-                        "must all be tokens (1): padding belongs at the left of the prompt"
+                        "while decoding with a cache, attention_mask must be the stream's [batch, length] mask "
+                        "whose new (last) columns are all tokens (1): padding belongs at the left of the prompt"
                     )
             if position_ids is None:
                 position_ids = cache[0].token_counts[:, None] + torch.arange(seqlen, device=x.device)
@@ -253,6 +258,9 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
         Args:
             input_ids: [B, T] token ids (or inputs_embeds [B, T, C]).
             attention_mask: [B, T], 1 = token, 0 = padding (left padding for batched prompts).
+                When decoding with a filled cache, the mask of the whole stream (as
+                generate() passes it) or None; the new tokens are all tokens (padding
+                belongs to the prompt; checked for a mask on the CPU, not read on a GPU).
             position_ids: [B, T] rotary positions; default: the rank of each token among its
                 row's real tokens (0 for the first).
             labels: [B, T] targets aligned with input_ids; shifted inside (position t predicts
