@@ -329,12 +329,13 @@ def _delta_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
+    dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
     offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_SUMS_IN_DQ: tl.constexpr,
 ):
-    """Add one key tile's contribution to dq (unscaled)."""
+    """Add one key tile's contribution to dq (unscaled) and, with ROW_SUMS_IN_DQ, to the
+    float32 row sums of dS, dgate_row [BLOCK_M]."""
     kv_mask = offs_d[:, None] < HEAD_DIM
     if MASKED:
         key_ok = (offs_n >= bos) & (offs_n < eos)
@@ -359,19 +360,22 @@ def _dq_tile(
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if HAS_GATE and ROW_SUMS_IN_DQ:
+        dgate_row += tl.sum(ds, 1)
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
-    return dq
+    return dq, dgate_row
 
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, SUMS, DO, LSE, DELTA, DQ, CU_SEQLENS,
+    Q, K, V, SUMS, DO, LSE, DELTA, DQ, ROWSUM, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     sums_plane, stride_dot, stride_doh, stride_dqt, stride_dqh,
     seqlen, num_q_heads, window, qk_scale, scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROW_SUMS_IN_DQ: tl.constexpr,
 ):
     """One program: dq of BLOCK_M query rows of one head, walking key tiles as the forward."""
     block = tl.program_id(0)
@@ -409,6 +413,7 @@ def _dq_kernel(
     v_head = V + kv_head * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dgate_row = tl.zeros([BLOCK_M], dtype=tl.float32)
     key_offset = tl.zeros([BLOCK_N], dtype=tl.float32)
 
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
@@ -418,10 +423,10 @@ def _dq_kernel(
             prefix, tile_sum = _tile_prefix(p_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, True)
             key_offset = (running + prefix) * LOG2E
             running += tile_sum
-        dq = _dq_tile(
-            dq, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
+        dq, dgate_row = _dq_tile(
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
+            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, ROW_SUMS_IN_DQ)
 
     lowest_key = tl.maximum(bos, m0 - window + 1)
     num_tiles = tl.cdiv(m0 - lowest_key, BLOCK_N)
@@ -435,10 +440,10 @@ def _dq_kernel(
             suffix, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
             key_offset = (running - suffix) * LOG2E
             running -= tile_sum
-        dq = _dq_tile(
-            dq, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
+        dq, dgate_row = _dq_tile(
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION)
+            HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION, ROW_SUMS_IN_DQ)
     for i in range(num_unmasked, num_tiles):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -446,13 +451,15 @@ def _dq_kernel(
             suffix, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
             key_offset = (running - suffix) * LOG2E
             running -= tile_sum
-        dq = _dq_tile(
-            dq, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
+        dq, dgate_row = _dq_tile(
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
+            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, ROW_SUMS_IN_DQ)
 
     tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    if HAS_GATE and ROW_SUMS_IN_DQ:
+        tl.store(ROWSUM + row_stat, dgate_row, mask=row_ok)
 
 
 @triton.jit
@@ -463,6 +470,7 @@ def _dkdv_tile(
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
+    ROW_SUMS_IN_DQ: tl.constexpr,
 ):
     """Add one query tile's contribution to dk, dv (unscaled) and the row and column sums
     of dS (row sums straight to memory, atomically: other key blocks add to the same rows).
@@ -516,7 +524,9 @@ def _dkdv_tile(
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dsT = pT * (dpT - delta[None, :])
     dsT_low = dsT.to(qT.dtype)
-    if HAS_GATE:
+    if HAS_GATE and ROW_SUMS_IN_DQ:
+        dgate_col += tl.sum(dsT, 1)
+    elif HAS_GATE:
         ones_right = tl.full([BLOCK_M, 16], 1.0, dtype=tl.float32).to(qT.dtype)
         ones_left = tl.full([16, BLOCK_N], 1.0, dtype=tl.float32).to(qT.dtype)
         dgate_col = tl.dot(dsT_low, ones_right, dgate_col, input_precision=DOT_PRECISION)
@@ -538,6 +548,7 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROW_SUMS_IN_DQ: tl.constexpr,
 ):
     """One program: dk, dv of BLOCK_N keys of one kv head, summed over its GROUP query heads;
     walks the query tiles that can see these keys, from the diagonal outward."""
@@ -593,7 +604,10 @@ def _dkdv_kernel(
                                              GATE_CHUNK, True)
             key_offset = -suffix * LOG2E
             running = -block_sum
-        dgate_col = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        if ROW_SUMS_IN_DQ:
+            dgate_col = tl.zeros([BLOCK_N], dtype=tl.float32)
+        else:
+            dgate_col = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         for i in range(0, num_diagonal):
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -601,7 +615,7 @@ def _dkdv_kernel(
                 dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
                 rowsum_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
                 qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK)
+                BLOCK_M, BLOCK_N, GATE_CHUNK, ROW_SUMS_IN_DQ)
         running = zero
         for i in range(num_diagonal, num_unmasked):
             m_start = n0 + i * BLOCK_M
@@ -610,7 +624,7 @@ def _dkdv_kernel(
                 dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
                 rowsum_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
                 qk_scale, HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK)
+                BLOCK_M, BLOCK_N, GATE_CHUNK, ROW_SUMS_IN_DQ)
         for i in range(num_unmasked, num_tiles):
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -618,14 +632,18 @@ def _dkdv_kernel(
                 dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
                 rowsum_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
                 qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK)
+                BLOCK_M, BLOCK_N, GATE_CHUNK, ROW_SUMS_IN_DQ)
         if HAS_GATE:
             if VARLEN:
                 col = COLSUM + stat_offset + offs_n
             else:
                 col = COLSUM + stat_offset + (offs_n - bos)
-            first = tl.arange(0, 16)[None, :] == 0
-            tl.store(col[:, None] + tl.zeros([1, 16], dtype=tl.int32), dgate_col, mask=key_ok[:, None] & first)
+            if ROW_SUMS_IN_DQ:
+                tl.store(col, dgate_col, mask=key_ok)
+            else:
+                first = tl.arange(0, 16)[None, :] == 0
+                tl.store(col[:, None] + tl.zeros([1, 16], dtype=tl.int32), dgate_col,
+                         mask=key_ok[:, None] & first)
 
     tl.store(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
@@ -686,6 +704,10 @@ def _dkdv_config(head_dim: int) -> dict:
 
 # Tests and benchmarks may replace these to try other tile sizes.
 CONFIGS = {"forward": _forward_config, "dq": _dq_config, "dkdv": _dkdv_config}
+
+# Where the row sums of dS (for dg) are taken: float32 in the dq kernel (True) or from the
+# low-precision dS on the tensor cores in the dk/dv kernel, added atomically (False).
+ROW_SUMS_IN_DQ = True
 
 
 def gate_chunk(head_dim: int) -> int:
@@ -808,12 +830,17 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     dqf, dkf, dvf = _flat(dq), _flat(dk), _flat(dv)
     gf = sums if has_gate else qf
     delta = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
-    # Row sums of dS are accumulated atomically, so they start at zero.
-    rowsum = torch.zeros(stats_shape, dtype=torch.float32, device=q.device) if has_gate else delta
-    colsum = torch.zeros(stats_shape, dtype=torch.float32, device=q.device) if has_gate else delta
+    # With the row sums taken in the dk/dv kernel they are accumulated atomically, so they
+    # start at zero; the dq kernel writes every row once.
+    if has_gate and ROW_SUMS_IN_DQ:
+        rowsum = _allocate_like(delta)
+        colsum = _allocate_like(delta)
+    else:
+        rowsum = torch.zeros(stats_shape, dtype=torch.float32, device=q.device) if has_gate else delta
+        colsum = torch.zeros(stats_shape, dtype=torch.float32, device=q.device) if has_gate else delta
     precision = _dot_precision(q.dtype)
     common = dict(GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
-                  GATE_CHUNK=gate_chunk(problem.head_dim), HAS_GATE=has_gate, VARLEN=problem.varlen, DOT_PRECISION=precision)
+                  GATE_CHUNK=gate_chunk(problem.head_dim), HAS_GATE=has_gate, ROW_SUMS_IN_DQ=ROW_SUMS_IN_DQ, VARLEN=problem.varlen, DOT_PRECISION=precision)
     sums_plane = sums.stride(0) if has_gate else 0
 
     delta_block = 16 if _interpreting() else 64
@@ -824,7 +851,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     )
     config = CONFIGS["dq"](problem.head_dim)
     _dq_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
-        qf, kf, vf, gf, dof, lse, delta, dqf, problem.cu_seqlens,
+        qf, kf, vf, gf, dof, lse, delta, dqf, rowsum, problem.cu_seqlens,
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
         sums_plane, dof.stride(0), dof.stride(1), dqf.stride(0), dqf.stride(1),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E_HOST, scale,

@@ -241,6 +241,32 @@ def test_long_sequence_error_does_not_grow_with_position(device):
     assert tail <= 2 * head + 1e-6, (head, tail)
 
 
+@pytest.mark.parametrize("row_sums_in_dq", [True])
+def test_gate_gradient_error_does_not_grow_along_the_sequence(triton_backend, device, monkeypatch, row_sums_in_dq):
+    """dg is a reverse cumulative sum over the whole sequence of (row sums - column sums) of
+    dS: any mismatch between the two accumulates towards the start. fp32, T = 2048: the dg
+    error over the first 256 positions stays that of the last 256 (float64 references on
+    slices with one window of context each side are exact for the slice)."""
+    monkeypatch.setattr(triton_attention, "ROW_SUMS_IN_DQ", row_sums_in_dq)
+    seqlen, window, span = 2048, 16, 256
+    q, k, v, _ = make_inputs(1, seqlen, 1, 1, 16, False, torch.float32, device)
+    g = -0.05 * (1 + torch.rand(1, seqlen, 1, device=device))
+    do = torch.randn_like(q)
+    g_leaf = g.clone().requires_grad_()
+    o = gated_window_attention(q, k, v, g_leaf, window_size=window)
+    (dg,) = torch.autograd.grad(o, g_leaf, do)
+
+    def error_of(start: int, stop: int) -> float:
+        lo, hi = max(start - window, 0), min(stop + window, seqlen)
+        pieces = [x[:, lo:hi].double().requires_grad_() for x in (q, k, v, g)]
+        ref, _ = naive_gated_window_attention(*pieces, window_size=window)
+        (dg_ref,) = torch.autograd.grad(ref, pieces[3], do[:, lo:hi].double())
+        return max_abs_error(dg[:, start:stop], dg_ref[:, start - lo:stop - lo])
+
+    head, tail = error_of(0, span), error_of(seqlen - span, seqlen)
+    assert head <= 2 * tail + 1e-6, (head, tail)
+
+
 def test_backend_selection(monkeypatch, device):
     q, k, v, g = make_inputs(1, 20, 2, 2, 16, True, torch.float32, device)
     monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
