@@ -324,8 +324,8 @@ def test_projection_gate_kernel_composes_with_attention(monkeypatch, device):
 
 @pytest.mark.parametrize(
     "batch, window_size, cu_seqlens, with_bias",
-    [(2, 8, None, True), (1, 12, [0, 13, 13, 29, 40], True), (2, None, None, False)],
-    ids=["w8", "w12-varlen", "full-no-bias"],
+    [(2, 8, None, True), (1, 12, [0, 13, 13, 29, 40], True), (2, None, None, True), (2, 4, None, False)],
+    ids=["w8", "w12-varlen", "full", "w4-no-bias"],
 )
 def test_gated_fwa_attention_all_triton(monkeypatch, batch, window_size, cu_seqlens, with_bias, device):
     """The fused op (gate sums from gate_pre, attention kernels, gate backward reading dg in
@@ -354,8 +354,13 @@ def test_gated_fwa_attention_all_triton(monkeypatch, batch, window_size, cu_seql
     low = composite_grads(ref_fn, inputs, do, window_size, cu)
     ref = composite_grads(ref_fn, [t.double() for t in inputs], do, window_size, cu)
     for name, a, b, c in zip(names, fast, low, ref):
-        # float32 slack as in the attention tests: dg sums many rounded dS terms.
-        assert_within_rule(name, a, b, c, atol=float32_slack(c, torch.float32))
+        # float32 slack as in the attention tests. The gradients that flow through the gate
+        # (dx, d_gate_weight, d_gate_bias) get ten times that: the kernels' dg is a float64
+        # reverse cumulative sum of float32 row and column sums of dS, ~1e-6 relative to
+        # those sums, and the projection's backward adds it up over tokens.
+        through_gate = name in ("dx", "d_gate_weight", "d_gate_bias")
+        atol = float32_slack(c, torch.float32) * (10 if through_gate else 1)
+        assert_within_rule(name, a, b, c, atol=atol)
 
 
 def test_gate_attention_opcheck(monkeypatch, device):
