@@ -12,9 +12,12 @@ its own reference point r: L_i = U_i - U_r. A forward/dq program that owns query
 takes r = n0 + BLOCK_N - 1. Either way r lies between every key and query of the
 off-diagonal tiles, where L_t <= 0 <= L_j (gates are <= 0): the bias L_t - L_j is then a sum
 of two same-signed terms and rounds like any sum, with no cancellation. L is assembled from
-tile sums while the program walks outward from the diagonal, so its magnitude is bounded by
-one window, never by the sequence length. Only inside the diagonal tiles, where keys and
-queries interleave, does L_t - L_j cancel, and there |L| is bounded by one tile's gate sum.
+the chunk-local gate sums of gate_sums.py (inclusive prefix P and exclusive suffix S inside
+chunks of GATE_CHUNK positions; every tile is a whole number of chunks) and a running sum of
+tile totals while the program walks outward from the diagonal, so its magnitude is bounded by
+one window, never by the sequence length, and no program scans gates itself. Only inside the
+diagonal tiles, where keys and queries interleave, does L_t - L_j cancel, and there |L| is
+bounded by one tile's gate sum.
 
 Tiles
 -----
@@ -26,13 +29,15 @@ over query tiles.
 
 The gate gradient: d loss / d U_t = rowsum_j dS_tj - colsum_i dS_it, and
 dg_s = sum_{t >= s} dU_t, a reverse cumulative sum inside each sequence (run in float64).
-It equals the sum of dS over the pairs (t, j) with j < s <= t, a local quantity, but only if
-the row and column sums come from the very same dS values: both are taken in the dk/dv
-kernel (row sums added atomically across key blocks), so the reverse sum telescopes and no
-rounding accumulates along the sequence.
+It equals the sum of dS over the pairs (t, j) with j < s <= t, a local quantity, but the
+reverse sum only telescopes to it if the row and column sums agree to float32 rounding: both
+are float32 sums of the float32 dS (rows in the dq kernel, columns in the dk/dv kernel, each
+a reduction inside the matmul layout's thread groups, written once, no atomics).
+tests/ops/test_attention.py checks that dg's error does not grow towards the sequence start.
 
-Layouts: q/o [B*T, HQ, D], k/v [B*T, H, D] (the caller's [B, T, ., D] flattened), g
-[B, HQ, T] float32 (contiguous along time), lse/delta/row sums/column sums [B, HQ, T] float32. With cu_seqlens, B == 1.
+Layouts: q/o [B*T, HQ, D], k/v [B*T, H, D] (the caller's [B, T, ., D] flattened), gate sums
+[2, B, HQ, T] float32 (contiguous along time), lse/delta/row sums/column sums [B, HQ, T]
+float32. With cu_seqlens, B == 1.
 The kernels keep the log-sum-exp in base 2 (lse2 = lse * log2(e)): the forward writes it and
 the backward reads it without converting back and forth.
 """
@@ -332,10 +337,11 @@ def _dq_tile(
     dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
     offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_SUMS_IN_DQ: tl.constexpr,
+    HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Add one key tile's contribution to dq (unscaled) and, with ROW_SUMS_IN_DQ, to the
-    float32 row sums of dS, dgate_row [BLOCK_M]."""
+    """Add one key tile's contribution to dq (unscaled) and, with a gate, to the float32 row
+    sums of dS, dgate_row [BLOCK_M] (a reduction inside each thread group of the matmul
+    layout: no shared memory)."""
     kv_mask = offs_d[:, None] < HEAD_DIM
     if MASKED:
         key_ok = (offs_n >= bos) & (offs_n < eos)
@@ -360,7 +366,7 @@ def _dq_tile(
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
-    if HAS_GATE and ROW_SUMS_IN_DQ:
+    if HAS_GATE:
         dgate_row += tl.sum(ds, 1)
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
     return dq, dgate_row
@@ -375,7 +381,6 @@ def _dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ROW_SUMS_IN_DQ: tl.constexpr,
 ):
     """One program: dq of BLOCK_M query rows of one head, walking key tiles as the forward."""
     block = tl.program_id(0)
@@ -426,7 +431,7 @@ def _dq_kernel(
         dq, dgate_row = _dq_tile(
             dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, ROW_SUMS_IN_DQ)
+            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
 
     lowest_key = tl.maximum(bos, m0 - window + 1)
     num_tiles = tl.cdiv(m0 - lowest_key, BLOCK_N)
@@ -443,7 +448,7 @@ def _dq_kernel(
         dq, dgate_row = _dq_tile(
             dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION, ROW_SUMS_IN_DQ)
+            HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION)
     for i in range(num_unmasked, num_tiles):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -454,32 +459,25 @@ def _dq_kernel(
         dq, dgate_row = _dq_tile(
             dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, ROW_SUMS_IN_DQ)
+            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
 
     tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
-    if HAS_GATE and ROW_SUMS_IN_DQ:
+    if HAS_GATE:
         tl.store(ROWSUM + row_stat, dgate_row, mask=row_ok)
 
 
 @triton.jit
 def _dkdv_tile(
     dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
-    rowsum_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window,
+    running, m_start, offs_m, offs_n, offs_d, bos, eos, window,
     stride_qt, stride_dot, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
-    ROW_SUMS_IN_DQ: tl.constexpr,
 ):
-    """Add one query tile's contribution to dk, dv (unscaled) and the row and column sums
-    of dS (row sums straight to memory, atomically: other key blocks add to the same rows).
-
-    dgate_col [BLOCK_N, 16]: column sums of dS, repeated over the 16 columns. Both sums are
-    products with a block of ones on the tensor cores, taken from the same low-precision dS
-    that dk uses: that keeps them consistent with each other and avoids a cross-warp
-    reduction per tile (a tl.sum over the key axis made this kernel 17% slower on an H200,
-    benchmarks/results/attention_profile.md).
+    """Add one query tile's contribution to dk, dv (unscaled) and, with a gate, to the
+    float32 column sums of dS, dgate_col [BLOCK_N] (the dq kernel takes the row sums).
 
     Works on the transposed scores sT [BLOCK_N keys, BLOCK_M queries] so that dk and dv
     accumulate with the key rows in place.
@@ -524,23 +522,15 @@ def _dkdv_tile(
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dsT = pT * (dpT - delta[None, :])
     dsT_low = dsT.to(qT.dtype)
-    if HAS_GATE and ROW_SUMS_IN_DQ:
+    if HAS_GATE:
         dgate_col += tl.sum(dsT, 1)
-    elif HAS_GATE:
-        ones_right = tl.full([BLOCK_M, 16], 1.0, dtype=tl.float32).to(qT.dtype)
-        ones_left = tl.full([16, BLOCK_N], 1.0, dtype=tl.float32).to(qT.dtype)
-        dgate_col = tl.dot(dsT_low, ones_right, dgate_col, input_precision=DOT_PRECISION)
-        rows = tl.dot(ones_left, dsT_low, input_precision=DOT_PRECISION)  # [16, BLOCK_M], equal rows
-        first = tl.arange(0, 16)[:, None] == 0
-        tl.atomic_add(rowsum_head + stat[None, :] + tl.zeros([16, 1], dtype=tl.int32), rows,
-                      mask=first & row_ok[None, :], sem="relaxed")
     dk = tl.dot(dsT_low, tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv, dgate_col, running
 
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, SUMS, DO, LSE, DELTA, DK, DV, ROWSUM, COLSUM, CU_SEQLENS,
+    Q, K, V, SUMS, DO, LSE, DELTA, DK, DV, COLSUM, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     sums_plane, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -548,7 +538,6 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ROW_SUMS_IN_DQ: tl.constexpr,
 ):
     """One program: dk, dv of BLOCK_N keys of one kv head, summed over its GROUP query heads;
     walks the query tiles that can see these keys, from the diagonal outward."""
@@ -592,7 +581,6 @@ def _dkdv_kernel(
             stat_offset = (seq * num_q_heads + head) * seqlen
         lse_head = LSE + stat_offset
         delta_head = DELTA + stat_offset
-        rowsum_head = ROWSUM + stat_offset
         # Reference r = the key block's last position. L_j = -(g[j+1] + ... + g[r]) >= 0.
         # Diagonal query tiles lie inside the block: L_t = -(g[t+1] + ... + g[r]), walked
         # from -(block sum) upward. Later tiles: L_t = g[r+1] + ... + g[t] <= 0, from 0.
@@ -604,46 +592,38 @@ def _dkdv_kernel(
                                              GATE_CHUNK, True)
             key_offset = -suffix * LOG2E
             running = -block_sum
-        if ROW_SUMS_IN_DQ:
-            dgate_col = tl.zeros([BLOCK_N], dtype=tl.float32)
-        else:
-            dgate_col = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        dgate_col = tl.zeros([BLOCK_N], dtype=tl.float32)
         for i in range(0, num_diagonal):
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
                 dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
-                rowsum_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
+                running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
                 qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK, ROW_SUMS_IN_DQ)
+                BLOCK_M, BLOCK_N, GATE_CHUNK)
         running = zero
         for i in range(num_diagonal, num_unmasked):
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
                 dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
-                rowsum_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
+                running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
                 qk_scale, HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK, ROW_SUMS_IN_DQ)
+                BLOCK_M, BLOCK_N, GATE_CHUNK)
         for i in range(num_unmasked, num_tiles):
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
                 dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
-                rowsum_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
+                running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
                 qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK, ROW_SUMS_IN_DQ)
+                BLOCK_M, BLOCK_N, GATE_CHUNK)
         if HAS_GATE:
             if VARLEN:
                 col = COLSUM + stat_offset + offs_n
             else:
                 col = COLSUM + stat_offset + (offs_n - bos)
-            if ROW_SUMS_IN_DQ:
-                tl.store(col, dgate_col, mask=key_ok)
-            else:
-                first = tl.arange(0, 16)[None, :] == 0
-                tl.store(col[:, None] + tl.zeros([1, 16], dtype=tl.int32), dgate_col,
-                         mask=key_ok[:, None] & first)
+            tl.store(col, dgate_col, mask=key_ok)
 
     tl.store(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
@@ -704,10 +684,6 @@ def _dkdv_config(head_dim: int) -> dict:
 
 # Tests and benchmarks may replace these to try other tile sizes.
 CONFIGS = {"forward": _forward_config, "dq": _dq_config, "dkdv": _dkdv_config}
-
-# Where the row sums of dS (for dg) are taken: float32 in the dq kernel (True) or from the
-# low-precision dS on the tensor cores in the dk/dv kernel, added atomically (False).
-ROW_SUMS_IN_DQ = True
 
 
 def gate_chunk(head_dim: int) -> int:
@@ -830,17 +806,12 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     dqf, dkf, dvf = _flat(dq), _flat(dk), _flat(dv)
     gf = sums if has_gate else qf
     delta = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
-    # With the row sums taken in the dk/dv kernel they are accumulated atomically, so they
-    # start at zero; the dq kernel writes every row once.
-    if has_gate and ROW_SUMS_IN_DQ:
-        rowsum = _allocate_like(delta)
-        colsum = _allocate_like(delta)
-    else:
-        rowsum = torch.zeros(stats_shape, dtype=torch.float32, device=q.device) if has_gate else delta
-        colsum = torch.zeros(stats_shape, dtype=torch.float32, device=q.device) if has_gate else delta
+    # Row sums of dS come from the dq kernel, column sums from the dk/dv kernel, each written once.
+    rowsum = _allocate_like(delta) if has_gate else delta
+    colsum = _allocate_like(delta) if has_gate else delta
     precision = _dot_precision(q.dtype)
     common = dict(GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
-                  GATE_CHUNK=gate_chunk(problem.head_dim), HAS_GATE=has_gate, ROW_SUMS_IN_DQ=ROW_SUMS_IN_DQ, VARLEN=problem.varlen, DOT_PRECISION=precision)
+                  GATE_CHUNK=gate_chunk(problem.head_dim), HAS_GATE=has_gate, VARLEN=problem.varlen, DOT_PRECISION=precision)
     sums_plane = sums.stride(0) if has_gate else 0
 
     delta_block = 16 if _interpreting() else 64
@@ -859,7 +830,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     )
     config = CONFIGS["dkdv"](problem.head_dim)
     _dkdv_kernel[problem.grid(config["BLOCK_N"], problem.num_kv_heads)](
-        qf, kf, vf, gf, dof, lse, delta, dkf, dvf, rowsum, colsum, problem.cu_seqlens,
+        qf, kf, vf, gf, dof, lse, delta, dkf, dvf, colsum, problem.cu_seqlens,
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
         sums_plane, dof.stride(0), dof.stride(1),
         dkf.stride(0), dkf.stride(1), dvf.stride(0), dvf.stride(1),

@@ -241,13 +241,13 @@ def test_long_sequence_error_does_not_grow_with_position(device):
     assert tail <= 2 * head + 1e-6, (head, tail)
 
 
-@pytest.mark.parametrize("row_sums_in_dq", [True])
-def test_gate_gradient_error_does_not_grow_along_the_sequence(triton_backend, device, monkeypatch, row_sums_in_dq):
+def test_gate_gradient_error_does_not_grow_along_the_sequence(triton_backend, device):
     """dg is a reverse cumulative sum over the whole sequence of (row sums - column sums) of
     dS: any mismatch between the two accumulates towards the start. fp32, T = 2048: the dg
     error over the first 256 positions stays that of the last 256 (float64 references on
-    slices with one window of context each side are exact for the slice)."""
-    monkeypatch.setattr(triton_attention, "ROW_SUMS_IN_DQ", row_sums_in_dq)
+    slices with one window of context each side are exact for the slice). An earlier
+    scheme (row and column sums as tensor-core products with ones, row sums added
+    atomically across key blocks) failed this: head 9.4e-6 against tail 2.8e-6."""
     seqlen, window, span = 2048, 16, 256
     q, k, v, _ = make_inputs(1, seqlen, 1, 1, 16, False, torch.float32, device)
     g = -0.05 * (1 + torch.rand(1, seqlen, 1, device=device))
