@@ -250,13 +250,26 @@ def _log_gates_backward(ctx, dg):
 _log_gates_op.register_autograd(_log_gates_backward, setup_context=_log_gates_setup)
 
 
-@torch.library.custom_op("gatedfwa::log_gates_from_projection", mutates_args=(), device_types=None)
-def _projection_op(gate_pre: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _projection_forward(gate_pre: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """gate_pre [B, T, 2H], bias [H] or None -> g [B, T, H] float32 (the kernel launch)."""
     gate_pre = gate_pre.contiguous()
     num_heads = gate_pre.shape[-1] // 2
     flat = _rows(gate_pre)
     g = gate_forward_2d(flat[:, :num_heads], flat[:, num_heads:], None if bias is None else bias.contiguous())
     return g.view(*gate_pre.shape[:-1], num_heads)
+
+
+def _needs_op(*tensors) -> bool:
+    """Whether the call must go through the custom op: for autograd, or to stay one node in
+    a torch.compile graph."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+@torch.library.custom_op("gatedfwa::log_gates_from_projection", mutates_args=(), device_types=None)
+def _projection_op(gate_pre: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _projection_forward(gate_pre, bias)
 
 
 @_projection_op.register_fake
@@ -414,7 +427,11 @@ def log_gates_from_projection(gate_pre: torch.Tensor, gate_bias: torch.Tensor | 
     """
     check_projection_args(gate_pre, gate_bias)
     if select_backend(gate_pre.device) == "triton":
-        return _projection_op(gate_pre, gate_bias)
+        if _needs_op(gate_pre, gate_bias):
+            return _projection_op(gate_pre, gate_bias)
+        # Inference outside torch.compile (decoding calls this once per layer per token):
+        # the launcher directly, without the custom op's dispatch, ~30 us less host time.
+        return _projection_forward(gate_pre, gate_bias)
     num_heads = gate_pre.shape[-1] // 2
     a = gate_pre[..., :num_heads].float()
     if gate_bias is not None:

@@ -450,3 +450,17 @@ def test_import_without_triton():
     env = {k: v for k, v in os.environ.items() if k != "GATEDFWA_BACKEND"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_projection_without_grad_skips_the_custom_op(monkeypatch, device):
+    """Under no_grad (decoding) the launcher runs directly, with the same result as the op."""
+    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+    gate_pre = torch.randn(2, 7, 8, device=device)
+    bias = torch.randn(4, device=device)
+    with_op = gate._projection_op(gate_pre, bias)
+    calls = []
+    monkeypatch.setattr(gate, "_projection_op", lambda *args: calls.append(args))
+    with torch.no_grad():
+        direct = log_gates_from_projection(gate_pre, bias)
+    assert calls == []
+    torch.testing.assert_close(direct, with_op, rtol=0, atol=0)
