@@ -39,6 +39,7 @@ from common import bench_ms, environment, error_record, kernel_device_ms, measur
 
 from gatedfwa import gated_window_attention, log_gates_from_projection  # noqa: E402
 from gatedfwa.ops import gate as gate_ops  # noqa: E402
+from gatedfwa.ops.attention import gate_chunk  # noqa: E402
 from gatedfwa.ops.gate_attention import gate_attention  # noqa: E402
 from gatedfwa.ops.gate_sums import chunk_gate_sums_from_projection  # noqa: E402
 from gatedfwa.ops.gate_reference import naive_log_gates  # noqa: E402
@@ -141,7 +142,7 @@ def bandwidth(sizes, dtype, ceiling_gbps) -> dict:
         row = {"B": batch, "T": seqlen, "H": heads, "dtype": str(dtype).replace("torch.", "")}
         try:
             rows = batch * seqlen
-            chunk = 64
+            chunk = gate_chunk(128)  # what the attention path uses at D = 128
             gate_pre = torch.randn(batch, seqlen, 2 * heads, device=DEVICE, dtype=dtype) * 3
             bias = torch.randn(heads, device=DEVICE, dtype=dtype)
             dg = torch.randn(batch, heads, seqlen, device=DEVICE, dtype=torch.float32)

@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gatedfwa.ops.gate_sums import longest_sequence
+
 # Kernels may read only constexpr globals.
 LOG2E = tl.constexpr(1.4426950408889634)
 LOG2E_HOST = 1.4426950408889634
@@ -708,8 +710,7 @@ class _Problem:
         self.varlen = cu_seqlens is not None
         if self.varlen:
             self.num_seqs = cu_seqlens.numel() - 1
-            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-            self.max_seqlen = int(lengths.max().item()) if self.num_seqs > 0 else 0
+            self.max_seqlen = longest_sequence(cu_seqlens, seqlen)
             self.cu_seqlens = cu_seqlens
         else:
             self.num_seqs = batch

@@ -283,14 +283,22 @@ def _projection_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (d gate_pre [B, T, 2H] in gate_pre's dtype, d bias [H] in bias's dtype, or an
     empty tensor without bias)."""
+    return projection_backward(_rows(dg.float().contiguous()), gate_pre, bias)
+
+
+def projection_backward(dg: torch.Tensor, gate_pre: torch.Tensor, bias: torch.Tensor | None,
+                        dg_seqlen: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """d gate_pre [B, T, 2H] (gate_pre's dtype) and d bias [H] (bias's dtype; an empty tensor
+    without bias) from dg float32, given as in gate_backward_2d: [B*T, H], or [B, H, T] with
+    dg_seqlen = T."""
     gate_pre = gate_pre.contiguous()
     num_heads = gate_pre.shape[-1] // 2
     flat = _rows(gate_pre)
     d_gate_pre = _allocate(gate_pre.shape, gate_pre.dtype, gate_pre.device)
     d_flat = _rows(d_gate_pre)
     d_bias = gate_backward_2d(
-        _rows(dg.float().contiguous()), flat[:, :num_heads], flat[:, num_heads:],
-        None if bias is None else bias.contiguous(), d_flat[:, :num_heads], d_flat[:, num_heads:],
+        dg, flat[:, :num_heads], flat[:, num_heads:], None if bias is None else bias.contiguous(),
+        d_flat[:, :num_heads], d_flat[:, num_heads:], dg_seqlen=dg_seqlen,
     )
     if d_bias is None:
         return d_gate_pre, gate_pre.new_empty((0,))

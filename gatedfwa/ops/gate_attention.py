@@ -68,21 +68,11 @@ def _gate_attention_backward(
     """Returns (dq, dk, dv, d_gate_pre [B, T, 2HQ] in gate_pre's dtype, d_bias [HQ] in the
     bias's dtype, or an empty tensor without bias)."""
     from gatedfwa.ops.attention import attention_backward
-    from gatedfwa.ops.gate import gate_backward_2d
+    from gatedfwa.ops.gate import projection_backward
 
     dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens)
-    gate_pre = gate_pre.contiguous()
-    num_heads = gate_pre.shape[-1] // 2
-    flat = gate_pre.reshape(-1, 2 * num_heads)
-    d_gate_pre = torch.empty_like(gate_pre)
-    d_flat = d_gate_pre.view(-1, 2 * num_heads)
-    d_bias = gate_backward_2d(
-        dg, flat[:, :num_heads], flat[:, num_heads:], None if gate_bias is None else gate_bias.contiguous(),
-        d_flat[:, :num_heads], d_flat[:, num_heads:], dg_seqlen=gate_pre.shape[1],
-    )
-    if d_bias is None:
-        return dq, dk, dv, d_gate_pre, gate_pre.new_empty((0,))
-    return dq, dk, dv, d_gate_pre, d_bias.to(gate_bias.dtype)
+    d_gate_pre, d_bias = projection_backward(dg, gate_pre, gate_bias, dg_seqlen=gate_pre.shape[1])
+    return dq, dk, dv, d_gate_pre, d_bias
 
 
 @_gate_attention_backward.register_fake

@@ -131,7 +131,7 @@ def chunk_gate_sums(g: torch.Tensor, chunk: int, cu_seqlens: torch.Tensor | None
     (computed when not given, which reads cu_seqlens on the host)."""
     batch, seqlen, num_heads = g.shape
     if max_seqlen is None:
-        max_seqlen = _max_seqlen(cu_seqlens, seqlen)
+        max_seqlen = longest_sequence(cu_seqlens, seqlen)
     return _launch(g.contiguous(), None, None, num_heads, batch, seqlen, chunk, cu_seqlens, max_seqlen, g.device)
 
 
@@ -144,13 +144,14 @@ def chunk_gate_sums_from_projection(gate_pre: torch.Tensor, gate_bias: torch.Ten
     batch, seqlen, two_h = gate_pre.shape
     num_heads = two_h // 2
     if max_seqlen is None:
-        max_seqlen = _max_seqlen(cu_seqlens, seqlen)
+        max_seqlen = longest_sequence(cu_seqlens, seqlen)
     return _launch(gate_pre[..., :num_heads], gate_pre[..., num_heads:],
                    None if gate_bias is None else gate_bias.contiguous(),
                    num_heads, batch, seqlen, chunk, cu_seqlens, max_seqlen, gate_pre.device)
 
 
-def _max_seqlen(cu_seqlens: torch.Tensor | None, seqlen: int) -> int:
+def longest_sequence(cu_seqlens: torch.Tensor | None, seqlen: int) -> int:
+    """The longest sequence's length: seqlen without cu_seqlens, else read on the host."""
     if cu_seqlens is None:
         return seqlen
     if cu_seqlens.numel() < 2:
