@@ -13,7 +13,9 @@ attention program scans gates itself:
                                          position when the sequence ends inside the chunk)
 
 Both are sums of same-signed terms taken directly, never differences of longer sums, so each
-rounds like any short sum. A chunk's total is P at its last position. CHUNK divides every tile
+rounds like any short sum. A chunk's total is P at its last position. They are stored in base
+2, multiplied by log2(e) once here, because the attention kernels take exponentials with exp2:
+the sums then enter the logits without any per-tile arithmetic. CHUNK divides every tile
 size of the attention kernels (attention.gate_chunk), so a tile is a whole number of chunks.
 
 Layout: sums [2, B, H, T] float32, sums[0] = P and sums[1] = S, contiguous along time (one
@@ -32,32 +34,28 @@ import torch
 from gatedfwa.ops.gate_math import log_gate
 # Triton is optional: without it the kernel below is never launched.
 from gatedfwa.ops.triton_support import jit as _jit
-from gatedfwa.ops.triton_support import tl, triton
+from gatedfwa.ops.triton_support import constexpr, tl, triton
 
 __all__ = ["chunk_gate_sums", "chunk_gate_sums_from_projection", "reference_chunk_gate_sums"]
 
+# One program: CHUNKS_PER_PROGRAM chunks of one sequence, BLOCK_H heads. At the benchmark
+# size (B = 4, T = 8192, H = 16, chunk 64) 2 chunks give 256 programs of 2048 gates, about two
+# per SM; tests lower it to 1 to get many programs and raise it to see ragged blocks.
+CHUNKS_PER_PROGRAM = 2
 NUM_WARPS = 4
 MAX_BLOCK_H = 64
+LOG2E_HOST = 1.4426950408889634
+# Kernels may read only constexpr globals.
+LOG2E = constexpr(LOG2E_HOST)
 
 
 @_jit
-def _log_gates_at(
-    src, beta_src, bias, tokens, heads, mask, token_stride, beta_token_stride,
-    FROM_PROJECTION: tl.constexpr, HAS_BIAS: tl.constexpr,
-):
-    """float32 log gates of the [tokens, heads] block, 0 where mask is false. bias: the
-    block's b_g values [heads] float32 (FROM_PROJECTION with HAS_BIAS)."""
-    if FROM_PROJECTION:
-        a = tl.load(src + tokens[:, None] * token_stride + heads[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            a = a + bias[None, :]
-        beta_pre = tl.load(
-            beta_src + tokens[:, None] * beta_token_stride + heads[None, :], mask=mask, other=0.0
-        ).to(tl.float32)
-        # Masked slots would evaluate the gate at a = 0 (g = -log 2): zero them.
-        return tl.where(mask, log_gate(a, beta_pre), 0.0)
-    else:
-        return tl.load(src + tokens[:, None] * token_stride + heads[None, :], mask=mask, other=0.0).to(tl.float32)
+def _suffix_combine(later_total, later_rest, earlier_total, earlier_rest):
+    """Combine for the reverse scan that gives S. A segment of positions is (total, rest):
+    the sum of all its gates, and the sum of all but its first one. A reverse scan hands the
+    segment later in time first (Triton scans the flipped sequence). Both components only
+    ever add gates, so S comes out as a direct sum, like a plain cumulative sum."""
+    return later_total + earlier_total, earlier_rest + later_total
 
 
 @_jit
@@ -65,11 +63,13 @@ def _chunk_sums_kernel(
     SRC, BETA_SRC, BIAS, SUMS, CU_SEQLENS,
     token_stride, beta_token_stride, seqlen, num_heads, plane,
     FROM_PROJECTION: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
+    CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """One program: one chunk of one sequence, BLOCK_H heads. Tokens are flattened (b * T + t);
-    SRC/BETA_SRC rows are tokens with unit stride along heads."""
-    chunk = tl.program_id(0)
+    """One program: CHUNKS consecutive chunks of one sequence, BLOCK_H heads, as a block
+    [CHUNKS, CHUNK, BLOCK_H] scanned along its middle axis. Tokens are flattened (b * T + t);
+    SRC/BETA_SRC rows are tokens with unit stride along heads. Every gate is loaded and
+    evaluated once: P is its cumulative sum, S the exclusive reverse one (_suffix_combine)."""
+    block = tl.program_id(0)
     seq = tl.program_id(1)
     if VARLEN:
         bos = tl.load(CU_SEQLENS + seq).to(tl.int32)
@@ -80,29 +80,30 @@ def _chunk_sums_kernel(
         eos = bos + seqlen
         # Token p = b * T + t of head h is stored at (b * H + h) * T + t.
         batch_shift = seq * (num_heads - 1) * seqlen
-    c0 = bos + chunk * CHUNK
-    if c0 >= eos:
+    start = bos + block * (CHUNKS * CHUNK)
+    if start >= eos:
         return
-    chunk_end = tl.minimum(c0 + CHUNK, eos)
-    tokens = (c0 + tl.arange(0, CHUNK)).to(tl.int64)
-    heads = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
-    head_ok = (heads < num_heads)[None, :]
-    here = (tokens < chunk_end)[:, None] & head_ok
-    # S needs the gates one position later, shifted inside the chunk: loading them again
-    # (same cache lines) keeps every sum a direct one.
-    after = (tokens + 1 < chunk_end)[:, None] & head_ok
-    bias = tl.zeros([BLOCK_H], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(BIAS + heads, mask=heads < num_heads, other=0.0).to(tl.float32)
-    g_here = _log_gates_at(SRC, BETA_SRC, bias, tokens, heads, here, token_stride, beta_token_stride,
-                           FROM_PROJECTION, HAS_BIAS)
-    g_after = _log_gates_at(SRC, BETA_SRC, bias, tokens + 1, heads, after, token_stride, beta_token_stride,
-                            FROM_PROJECTION, HAS_BIAS)
-    prefix = tl.cumsum(g_here, 0)
-    suffix = tl.cumsum(g_after, 0, reverse=True)
-    out = SUMS + batch_shift + tokens[:, None] + heads[None, :].to(tl.int64) * seqlen
-    tl.store(out, prefix, mask=here)
-    tl.store(out + plane, suffix, mask=here)
+    chunk_ids = tl.arange(0, CHUNKS)[:, None, None]
+    positions = tl.arange(0, CHUNK)[None, :, None]
+    # Chunks count from the sequence start and the block starts on a chunk boundary, so the
+    # block's chunks are whole chunks of the sequence (the last one cut at eos).
+    tokens = (start + chunk_ids * CHUNK + positions).to(tl.int64)
+    heads = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)[None, None, :]
+    mask = (tokens < eos) & (heads < num_heads)
+    g = tl.load(SRC + tokens * token_stride + heads, mask=mask, other=0.0).to(tl.float32)
+    if FROM_PROJECTION:
+        if HAS_BIAS:
+            g = g + tl.load(BIAS + heads, mask=heads < num_heads, other=0.0).to(tl.float32)
+        beta_pre = tl.load(BETA_SRC + tokens * beta_token_stride + heads, mask=mask, other=0.0).to(tl.float32)
+        # Masked slots would evaluate the gate at a = 0 (g = -log 2): zero them, so that
+        # the last valid position's S sums only zeros.
+        g = tl.where(mask, log_gate(g, beta_pre), 0.0)
+    g = g * LOG2E
+    prefix = tl.cumsum(g, 1)
+    _, suffix = tl.associative_scan((g, tl.zeros_like(g)), 1, _suffix_combine, reverse=True)
+    out = SUMS + batch_shift + tokens + heads.to(tl.int64) * seqlen
+    tl.store(out, prefix, mask=mask)
+    tl.store(out + plane, suffix, mask=mask)
 
 
 def _launch(src, beta_src, bias, num_heads, batch, seqlen, chunk, cu_seqlens, max_seqlen, device):
@@ -111,21 +112,23 @@ def _launch(src, beta_src, bias, num_heads, batch, seqlen, chunk, cu_seqlens, ma
         return sums.zero_()
     block_h = min(triton.next_power_of_2(num_heads), MAX_BLOCK_H)
     num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
-    grid = (triton.cdiv(max_seqlen, chunk), num_seqs, triton.cdiv(num_heads, block_h))
+    # No more chunks per program than the longest sequence has (short sequences, decoding).
+    chunks = min(CHUNKS_PER_PROGRAM, triton.next_power_of_2(triton.cdiv(max_seqlen, chunk)))
+    grid = (triton.cdiv(max_seqlen, chunks * chunk), num_seqs, triton.cdiv(num_heads, block_h))
     from_projection = beta_src is not None
     _chunk_sums_kernel[grid](
         src, beta_src if from_projection else src, bias if bias is not None else src, sums,
         cu_seqlens if cu_seqlens is not None else src,
         src.stride(-2), beta_src.stride(-2) if from_projection else 0, seqlen, num_heads, sums.stride(0),
         FROM_PROJECTION=from_projection, HAS_BIAS=bias is not None, VARLEN=cu_seqlens is not None,
-        CHUNK=chunk, BLOCK_H=block_h, num_warps=NUM_WARPS,
+        CHUNK=chunk, CHUNKS=chunks, BLOCK_H=block_h, num_warps=NUM_WARPS,
     )
     return sums
 
 
 def chunk_gate_sums(g: torch.Tensor, chunk: int, cu_seqlens: torch.Tensor | None = None,
                     max_seqlen: int | None = None) -> torch.Tensor:
-    """g [B, T, H] log gates (any float dtype, unit stride along H) -> sums [2, B, H, T] float32.
+    """g [B, T, H] log gates (any float dtype, unit stride along H) -> sums [2, B, H, T] float32 (base 2).
 
     chunk: a power of two, the chunk length. max_seqlen: the longest sequence with cu_seqlens
     (computed when not given, which reads cu_seqlens on the host)."""
@@ -139,7 +142,7 @@ def chunk_gate_sums_from_projection(gate_pre: torch.Tensor, gate_bias: torch.Ten
                                     cu_seqlens: torch.Tensor | None = None,
                                     max_seqlen: int | None = None) -> torch.Tensor:
     """gate_pre [B, T, 2H] (x W_g without bias, then x W_beta), gate_bias [H] or None ->
-    sums [2, B, H, T] float32 of g = logsigmoid(beta a) / beta, g itself never stored."""
+    sums [2, B, H, T] float32 (base 2) of g = logsigmoid(beta a) / beta, g itself never stored."""
     gate_pre = gate_pre.contiguous()
     batch, seqlen, two_h = gate_pre.shape
     num_heads = two_h // 2
@@ -160,7 +163,8 @@ def longest_sequence(cu_seqlens: torch.Tensor | None, seqlen: int) -> int:
 
 
 def reference_chunk_gate_sums(g: torch.Tensor, chunk: int, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """The definition above in float64 PyTorch (tests): g [B, T, H] -> [2, B, H, T] float64."""
+    """The definition above in float64 PyTorch (tests): g [B, T, H] -> [2, B, H, T] float64,
+    base 2 (times log2(e)) as the kernel writes it."""
     batch, seqlen, num_heads = g.shape
     g = g.double().transpose(1, 2)  # [B, H, T]
     sums = torch.zeros((2, batch, num_heads, seqlen), dtype=torch.float64, device=g.device)
@@ -173,4 +177,4 @@ def reference_chunk_gate_sums(g: torch.Tensor, chunk: int, cu_seqlens: torch.Ten
             # The suffix summed directly (not total - prefix, which cancels).
             later = torch.cat([piece[..., 1:], piece.new_zeros(*piece.shape[:-1], 1)], dim=-1)
             sums[1, ..., c0:c1] = later.flip(-1).cumsum(-1).flip(-1)
-    return sums
+    return sums * LOG2E_HOST
