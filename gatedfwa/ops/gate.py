@@ -42,8 +42,8 @@ from gatedfwa.ops.triton_support import tl, triton
 
 __all__ = ["compute_log_gates", "log_gates_from_projection", "gated_fwa_attention"]
 
-# Elements (rows x heads) each program handles. 2048 keeps several programs per SM in flight
-# at the benchmark size (B*T*H = 2^19); tests lower it to get many programs and ragged tails.
+# Elements (rows x heads) each program handles. At the benchmark size (B*T*H = 2^19) 2048 gives
+# 256 programs, two per SM; tests lower it to get many programs and ragged tails.
 ELEMENTS_PER_PROGRAM = 2048
 NUM_WARPS = 4
 
@@ -95,41 +95,55 @@ def _gate_forward_kernel(
 @_jit
 def _gate_backward_kernel(
     dg_ptr, a_ptr, beta_pre_ptr, bias_ptr, da_ptr, dbeta_pre_ptr, dbias_partial_ptr,
-    num_rows, num_heads, a_row_stride, beta_row_stride, da_row_stride, dbeta_row_stride, seqlen,
+    seqlen, num_heads, a_row_stride, beta_row_stride, da_row_stride, dbeta_row_stride,
     HAS_BIAS: tl.constexpr, DG_BY_HEAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """From dg float32, [rows, H] or (DG_BY_HEAD) [B, H, T] as the attention's backward makes
     it, with rows = B * T and T = seqlen: da = dg sigmoid(-z), dbeta_pre = dg h(z) beta'(beta_pre) / beta^2
     with h(z) = log1p(e) + |z| e / (1 + e), and, with a bias, this program's column sums of da
-    into dbias_partial [programs, H] float32 (summed on the host: a few KB)."""
-    pid = tl.program_id(0)
-    rows, heads, mask = _tile_offsets(pid, num_rows, num_heads, BLOCK_ROWS, BLOCK_H)
+    into dbias_partial [programs, H] float32 (summed on the host: a few KB).
+
+    Grid (time blocks, B): a program covers BLOCK_ROWS positions of one batch row (without
+    DG_BY_HEAD the caller passes B = 1, T = rows), so its dg rows are BLOCK_ROWS contiguous
+    floats per head: loads along time, while gate_pre is read and d(gate_pre) written along
+    heads; the compiler moves the block between the two layouts through shared memory."""
+    t = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    batch = tl.program_id(1).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)
+    mask = (t < seqlen)[:, None] & (heads < num_heads)[None, :]
+    rows = batch * seqlen + t
     a, beta_pre = _load_gate_inputs(
         a_ptr, beta_pre_ptr, bias_ptr, rows, heads, mask, a_row_stride, beta_row_stride, num_heads,
         HAS_BIAS,
     )
     if DG_BY_HEAD:
         # Row b * T + t of head h lies at (b * H + h) * T + t.
-        batch_shift = (rows // seqlen) * (num_heads - 1) * seqlen
-        dg_offsets = (rows + batch_shift)[:, None] + heads[None, :] * seqlen
+        dg_offsets = batch * num_heads * seqlen + heads[None, :].to(tl.int64) * seqlen + t[:, None]
     else:
         dg_offsets = rows[:, None] * num_heads + heads[None, :]
     dg = tl.load(dg_ptr + dg_offsets, mask=mask, other=0.0).to(tl.float32)
     beta, z_abs, e, log1p_e = gate_terms(a, beta_pre)
-    one_plus_e = 1.0 + e
-    # sigmoid(-z): e / (1 + e) when z >= 0, 1 / (1 + e) when z < 0 (the sign of z is a's).
-    da = dg * tl.where(a >= 0, e, 1.0) / one_plus_e
-    h = log1p_e + z_abs * (e / one_plus_e)
+    # One reciprocal serves both sigmoid(-z) and h.
+    e_over = e / (1.0 + e)
+    # sigmoid(-z): e / (1 + e) when z >= 0, 1 / (1 + e) = 1 - e / (1 + e) when z < 0 (the sign
+    # of z is a's); 1 - e/(1+e) >= 1/2 there, so the subtraction loses nothing.
+    da_factor = tl.where(a >= 0, e_over, 1.0 - e_over)
+    h = log1p_e + z_abs * e_over
     inv_beta = 1.0 / beta
     # beta' = 1 for beta_pre > 0 (beta >= 1), beta' = beta otherwise: 1/beta^2 is never formed
     # for small beta, where it would overflow float32.
-    dbeta_pre = dg * h * inv_beta * tl.where(beta_pre > 0, inv_beta, 1.0)
+    dbeta_factor = h * inv_beta * tl.where(beta_pre > 0, inv_beta, 1.0)
+    # dg enters last, in two products: fewer values cross between dg's layout and gate_pre's
+    # (about a fifth fewer instructions on sm_90 than multiplying dg in as the terms form).
+    da = dg * da_factor
+    dbeta_pre = dg * dbeta_factor
     tl.store(da_ptr + rows[:, None] * da_row_stride + heads[None, :], da.to(da_ptr.dtype.element_ty), mask=mask)
     tl.store(
         dbeta_pre_ptr + rows[:, None] * dbeta_row_stride + heads[None, :],
         dbeta_pre.to(dbeta_pre_ptr.dtype.element_ty), mask=mask,
     )
     if HAS_BIAS:
+        pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         column_sums = tl.sum(tl.where(mask, da, 0.0), axis=0)
         tl.store(dbias_partial_ptr + pid * num_heads + heads, column_sums, mask=heads < num_heads)
 
@@ -186,14 +200,18 @@ def gate_backward_2d(dg, a, beta_pre, bias, da, dbeta_pre, elements_per_program=
     num_rows, num_heads = a.shape
     if a.numel() == 0:
         return None if bias is None else torch.zeros(num_heads, dtype=torch.float32, device=a.device)
-    block_rows, block_h, programs = _launch_shape(num_rows, num_heads, elements_per_program)
+    # Programs never straddle two batch rows, so that dg's rows stay contiguous in each.
+    seqlen = dg_seqlen or num_rows
+    batch = num_rows // seqlen
+    block_rows, block_h, _ = _launch_shape(seqlen, num_heads, elements_per_program)
+    grid = (triton.cdiv(seqlen, block_rows), batch)
     partial = (
-        _allocate((programs, num_heads), torch.float32, a.device) if bias is not None else dg
+        _allocate((grid[0] * grid[1], num_heads), torch.float32, a.device) if bias is not None else dg
     )
-    _gate_backward_kernel[(programs,)](
+    _gate_backward_kernel[grid](
         dg, a, beta_pre, bias if bias is not None else a, da, dbeta_pre, partial,
-        num_rows, num_heads, a.stride(0), beta_pre.stride(0), da.stride(0), dbeta_pre.stride(0),
-        dg_seqlen or 1, HAS_BIAS=bias is not None, DG_BY_HEAD=dg_seqlen is not None,
+        seqlen, num_heads, a.stride(0), beta_pre.stride(0), da.stride(0), dbeta_pre.stride(0),
+        HAS_BIAS=bias is not None, DG_BY_HEAD=dg_seqlen is not None,
         BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=NUM_WARPS,
     )
     return None if bias is None else partial.sum(dim=0)

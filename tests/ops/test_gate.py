@@ -215,6 +215,31 @@ def test_projection(backend, dtype, with_bias, device):
         assert_elementwise_close(name, x, z, output_rtol(x.dtype))
 
 
+@pytest.mark.parametrize("elements", [64, 4096])
+def test_projection_backward_reads_dg_by_head(monkeypatch, elements, device):
+    """The fused op's backward reads dg in the attention's [B, H, T] layout (dg_seqlen = T):
+    the same d(gate_pre) as from dg [B*T, H], and both within the rule of the float64
+    gradients. Small programs (ragged in every batch row) and one program per row."""
+    monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", elements)
+    monkeypatch.setattr(
+        gate, "_allocate", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    )
+    batch, seqlen, heads = 3, 37, 5
+    gate_pre = torch.randn(batch, seqlen, 2 * heads, device=device) * 3
+    gate_bias = torch.randn(heads, device=device)
+    dg = torch.randn(batch, heads, seqlen, device=device)
+    by_head = gate.projection_backward(dg, gate_pre, gate_bias, dg_seqlen=seqlen)
+    by_row = gate.projection_backward(dg.transpose(1, 2).reshape(-1, heads), gate_pre, gate_bias)
+    assert torch.equal(by_head[0], by_row[0])
+    low = projection_grads(projection_reference, gate_pre, gate_bias, dg.transpose(1, 2))
+    ref = projection_grads(projection_reference, gate_pre.double(), gate_bias.double(), dg.transpose(1, 2))
+    for name, index in (("d_gate_pre", 0), ("d_bias", 1)):
+        for fast in (by_head, by_row):
+            assert torch.isfinite(fast[index]).all()
+            assert_within_relative_rule(name, fast[index], low[index + 1], ref[index + 1])
+    assert_elementwise_close("d_gate_pre", by_head[0], ref[1], output_rtol(torch.float32))
+
+
 def test_triton_and_torch_backends_agree(monkeypatch, device):
     """The two paths side by side on one projection (values and both gradients)."""
     monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", 64)
