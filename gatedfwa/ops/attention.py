@@ -17,7 +17,17 @@ chunks of GATE_CHUNK positions; every tile is a whole number of chunks) and a ru
 tile totals while the program walks outward from the diagonal, so its magnitude is bounded by
 one window, never by the sequence length, and no program scans gates itself. Only inside the
 diagonal tiles, where keys and queries interleave, does L_t - L_j cancel, and there |L| is
-bounded by one tile's gate sum.
+bounded by one tile's gate sum. The sums come in base 2 (times log2(e)), like the logits.
+
+Applying the decay at no per-element cost
+-----------------------------------------
+Off the diagonal, L_t - L_j splits into a term per query row and a term per key that is the
+loaded sum itself (the suffix S inside the tile for forward/dq, whose reference lies right of
+the keys). The key term is added to the scores where they are scaled (one fused multiply-add,
+as the ungated kernel's multiply); the row term joins the per-row constant the softmax
+subtracts anyway: the running maximum in the forward, lse in dq, and in dk/dv, whose rows are
+keys, lse2 - P[t] precomputed per query by the delta kernel. Only the diagonal tiles form
+L_t - L_j per pair, so that a key's decay to itself is exactly 0.
 
 Tiles
 -----
@@ -52,8 +62,6 @@ import triton.language as tl
 
 from gatedfwa.ops.gate_sums import longest_sequence
 
-# Kernels may read only constexpr globals.
-LOG2E = tl.constexpr(1.4426950408889634)
 LOG2E_HOST = 1.4426950408889634
 
 
@@ -98,21 +106,36 @@ def _chunk_total(p_head, chunk_start, eos, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def _tile_carry(p_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl.constexpr, BEFORE: tl.constexpr):
+    """For a tile [start, start + TILE) of whole chunks: the tile's gate total, and per position
+    the totals of the tile's other chunks before (BEFORE) or after its own. All zero when the
+    tile is one chunk, which is the case of every tile for D <= 128."""
+    total = _chunk_total(p_head, start, eos, CHUNK)
+    carry = tl.zeros(offs.shape, dtype=tl.float32)
+    if TILE > CHUNK:
+        previous = total
+        for c in tl.static_range(1, TILE // CHUNK):
+            chunk_sum = _chunk_total(p_head, start + c * CHUNK, eos, CHUNK)
+            if BEFORE:
+                carry += tl.where(offs >= start + c * CHUNK, previous, 0.0)
+            else:
+                carry += tl.where(offs < start + c * CHUNK, chunk_sum, 0.0)
+            previous = chunk_sum
+            total += chunk_sum
+    return carry, total
+
+
+@triton.jit
 def _tile_prefix(p_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr):
     """Inclusive prefix sums of the gates inside the tile [start, start + TILE) and the tile's
-    total. From the chunk sums (gate_sums.py): P[t] plus the totals of the tile's chunks
-    before t's, all terms of one sign."""
+    total: P[t] plus the totals of the tile's chunks before t's, all terms of one sign."""
     if MASKED:
         prefix = tl.load(p_head + offs, mask=offs < eos, other=0.0)
     else:
         prefix = tl.load(p_head + offs)
-    total = _chunk_total(p_head, start, eos, CHUNK)
+    carry, total = _tile_carry(p_head, offs, start, eos, TILE, CHUNK, True)
     if TILE > CHUNK:
-        previous = total
-        for c in tl.static_range(1, TILE // CHUNK):
-            prefix += tl.where(offs >= start + c * CHUNK, previous, 0.0)
-            previous = _chunk_total(p_head, start + c * CHUNK, eos, CHUNK)
-            total += previous
+        prefix += carry
     return prefix, total
 
 
@@ -125,28 +148,36 @@ def _tile_suffix(p_head, s_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl
         suffix = tl.load(s_head + offs, mask=offs < eos, other=0.0)
     else:
         suffix = tl.load(s_head + offs)
-    total = _chunk_total(p_head, start, eos, CHUNK)
+    carry, total = _tile_carry(p_head, offs, start, eos, TILE, CHUNK, False)
     if TILE > CHUNK:
-        for c in tl.static_range(1, TILE // CHUNK):
-            later = _chunk_total(p_head, start + c * CHUNK, eos, CHUNK)
-            suffix += tl.where(offs < start + c * CHUNK, later, 0.0)
-            total += later
+        suffix += carry
     return suffix, total
+
+
+# How a tile applies the gate's decay L_t - L_j (base 2) to its logits.
+NO_DECAY = tl.constexpr(0)
+# Diagonal tiles: L_t - L_j formed per pair, exactly 0 on the diagonal.
+PAIR_DECAY = tl.constexpr(1)
+# Off-diagonal tiles: L_t - L_j = row_shift[t] + key_term[j]. The key term is added to the
+# scores (it fuses with the scale multiply), the row term moves into the per-row constant
+# that is subtracted anyway (running max or lse): no extra per-element work.
+SPLIT_DECAY = tl.constexpr(2)
 
 
 @triton.jit
 def _forward_tile(
     acc, row_max, row_sum,
-    q, k_head, v_head, query_offset, key_offset,
+    q, k_head, v_head, row_shift, key_term,
     offs_m, offs_n, offs_d, bos, eos, window,
     stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Fold one key tile into the running softmax of a query block.
 
-    query_offset [BLOCK_M], key_offset [BLOCK_N]: L_t and L_j times log2(e) (unused without
-    gate). Logits are in base-2 units (multiplied by log2(e) once), so exp2 applies.
+    Logits are in base-2 units (multiplied by log2(e) once), so exp2 applies. With a decay,
+    the logit of (t, j) is s_tj + row_shift[t] + key_term[j]: row_shift [BLOCK_M], key_term
+    [BLOCK_N] (unused with NO_DECAY). row_max tracks the maximum of the full logits.
     """
     if MASKED:
         key_ok = (offs_n >= bos) & (offs_n < eos)
@@ -163,21 +194,29 @@ def _forward_tile(
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         distance = offs_m[:, None] - offs_n[None, :]
-    if HAS_GATE:
-        bias = query_offset[:, None] - key_offset[None, :]
+    if DECAY == PAIR_DECAY:
+        decay = row_shift[:, None] + key_term[None, :]
         if MASKED:
             # A key's decay to itself is exactly 0; the two offsets, summed in different
             # orders, may differ by a rounding of |L|.
-            bias = tl.where(distance == 0, 0.0, bias)
-        s += bias
+            decay = tl.where(distance == 0, 0.0, decay)
+        s += decay
+    elif DECAY == SPLIT_DECAY:
+        s += key_term[None, :]
     if MASKED:
         visible = (distance >= 0) & (distance < window) & key_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
-    new_max = tl.maximum(row_max, tl.max(s, 1))
+    tile_max = tl.max(s, 1)
+    if DECAY == SPLIT_DECAY:
+        tile_max += row_shift
+    new_max = tl.maximum(row_max, tile_max)
     # A row that has seen no visible key yet keeps max = -inf; subtract 0 instead so that
     # exp2(-inf - 0) = 0 rather than NaN.
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-    p = tl.math.exp2(s - safe_max[:, None])
+    if DECAY == SPLIT_DECAY:
+        p = tl.math.exp2(s - (safe_max - row_shift)[:, None])
+    else:
+        p = tl.math.exp2(s - safe_max[:, None])
     correction = tl.math.exp2(row_max - safe_max)
     row_sum = row_sum * correction + tl.sum(p, 1)
     acc = acc * correction[:, None]
@@ -216,6 +255,12 @@ def _forward_kernel(
         return
     kv_head = head // GROUP
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    if HAS_GATE:
+        DIAGONAL: tl.constexpr = PAIR_DECAY
+        OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY
+    else:
+        DIAGONAL: tl.constexpr = NO_DECAY
+        OFF_DIAGONAL: tl.constexpr = NO_DECAY
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -234,11 +279,10 @@ def _forward_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     query_offset = tl.zeros([BLOCK_M], dtype=tl.float32)
-    key_offset = tl.zeros([BLOCK_N], dtype=tl.float32)
+    key_term = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_GATE:
         # L_t = g[m0] + ... + g[t] (reference r = m0 - 1).
         query_offset, _ = _tile_prefix(p_head, offs_m, m0, eos, BLOCK_M, GATE_CHUNK, True)
-        query_offset = query_offset * LOG2E
 
     # Phase 1: the diagonal tiles [m0, m0 + BLOCK_M), left to right. L_j = g[m0] + ... + g[j].
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
@@ -246,43 +290,46 @@ def _forward_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
             prefix, tile_sum = _tile_prefix(p_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, True)
-            key_offset = (running + prefix) * LOG2E
+            key_term = -(running + prefix)
             running += tile_sum
         acc, row_max, row_sum = _forward_tile(
-            acc, row_max, row_sum, q, k_head, v_head, query_offset, key_offset,
+            acc, row_max, row_sum, q, k_head, v_head, query_offset, key_term,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
+            HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION)
 
-    # Phase 2: tiles left of the diagonal, nearest first. L_j = -(g[j+1] + ... + g[m0-1]) >= 0,
-    # built as -(gates between this tile and m0) - (gates after j inside the tile).
-    # Tiles whose keys are all >= bos and inside every row's window need no mask.
+    # Phase 2: tiles left of the diagonal, nearest first. For key tile [n0, n0 + BLOCK_N):
+    # L_j = -(g[j+1] + ... + g[m0-1]) = running - S_tile[j], with running = -(gates in
+    # [n0 + BLOCK_N, m0)), so L_t - L_j = (L_t - running) + S_tile[j]: a row term and the
+    # suffix sums as loaded. Tiles whose keys are all >= bos and inside every row's window
+    # need no mask.
     lowest_key = tl.maximum(bos, m0 - window + 1)
     num_tiles = tl.cdiv(m0 - lowest_key, BLOCK_N)
     unmasked_floor = tl.maximum(bos, m0 + BLOCK_M - window)
     num_unmasked = tl.minimum(tl.maximum(m0 - unmasked_floor, 0) // BLOCK_N, num_tiles)
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
+    row_shift = query_offset
     for i in range(0, num_unmasked):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            suffix, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
-            key_offset = (running - suffix) * LOG2E
+            key_term, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
+            row_shift = query_offset - running
             running -= tile_sum
         acc, row_max, row_sum = _forward_tile(
-            acc, row_max, row_sum, q, k_head, v_head, query_offset, key_offset,
+            acc, row_max, row_sum, q, k_head, v_head, row_shift, key_term,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION)
+            HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION)
     for i in range(num_unmasked, num_tiles):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            suffix, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
-            key_offset = (running - suffix) * LOG2E
+            key_term, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
+            row_shift = query_offset - running
             running -= tile_sum
         acc, row_max, row_sum = _forward_tile(
-            acc, row_max, row_sum, q, k_head, v_head, query_offset, key_offset,
+            acc, row_max, row_sum, q, k_head, v_head, row_shift, key_term,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
+            HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION)
 
     # Epilogue: normalise; rows without any visible key give 0 and lse = -inf.
     has_keys = row_sum > 0.0
@@ -308,12 +355,15 @@ def _forward_kernel(
 
 @triton.jit
 def _delta_kernel(
-    O, DO, DELTA, CU_SEQLENS,
+    O, DO, LSE, SUMS, DELTA, SHIFTED_LSE, CU_SEQLENS,
     stride_ot, stride_oh, stride_dot, stride_doh,
     seqlen, num_q_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_GATE: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    """delta_t = sum_d o_t * do_t in float32, the softmax-backward row term."""
+    """delta_t = sum_d o_t * do_t in float32, the softmax-backward row term; with a gate also
+    lse2_t - P[t] (P the chunk prefix sum of gate_sums.py), the query term the dk/dv kernel
+    subtracts from its off-diagonal logits."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -323,27 +373,33 @@ def _delta_kernel(
         return
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < eos)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    row_ok = offs_m < eos
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(O + offs_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    # Row statistics and the prefix plane share the [B, HQ, T] layout.
     if VARLEN:
-        row = DELTA + head * seqlen + offs_m
+        row = head * seqlen + offs_m
     else:
-        row = DELTA + (seq * num_q_heads + head) * seqlen + (offs_m - bos)
-    tl.store(row, delta, mask=offs_m < eos)
+        row = (seq * num_q_heads + head) * seqlen + (offs_m - bos)
+    tl.store(DELTA + row, delta, mask=row_ok)
+    if HAS_GATE:
+        lse2 = tl.load(LSE + row, mask=row_ok, other=0.0)
+        prefix = tl.load(SUMS + row, mask=row_ok, other=0.0)
+        tl.store(SHIFTED_LSE + row, lse2 - prefix, mask=row_ok)
 
 
 @triton.jit
 def _dq_tile(
-    dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
+    dq, dgate_row, q, do, lse2, delta, k_head, v_head, row_shift, key_term,
     offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Add one key tile's contribution to dq (unscaled) and, with a gate, to the float32 row
     sums of dS, dgate_row [BLOCK_M] (a reduction inside each thread group of the matmul
-    layout: no shared memory)."""
+    layout: no shared memory). The decay is applied as in _forward_tile."""
     kv_mask = offs_d[:, None] < HEAD_DIM
     if MASKED:
         key_ok = (offs_n >= bos) & (offs_n < eos)
@@ -357,18 +413,23 @@ def _dq_tile(
     s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         distance = offs_m[:, None] - offs_n[None, :]
-    if HAS_GATE:
-        bias = query_offset[:, None] - key_offset[None, :]
+    if DECAY == PAIR_DECAY:
+        decay = row_shift[:, None] + key_term[None, :]
         if MASKED:
-            bias = tl.where(distance == 0, 0.0, bias)  # as in _forward_tile
-        s += bias
+            decay = tl.where(distance == 0, 0.0, decay)  # as in _forward_tile
+        s += decay
+    elif DECAY == SPLIT_DECAY:
+        s += key_term[None, :]
     if MASKED:
         visible = (distance >= 0) & (distance < window) & key_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
-    p = tl.math.exp2(s - lse2[:, None])
+    if DECAY == SPLIT_DECAY:
+        p = tl.math.exp2(s - (lse2 - row_shift)[:, None])
+    else:
+        p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
-    if HAS_GATE:
+    if DECAY != NO_DECAY:
         dgate_row += tl.sum(ds, 1)
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
     return dq, dgate_row
@@ -394,6 +455,12 @@ def _dq_kernel(
         return
     kv_head = head // GROUP
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    if HAS_GATE:
+        DIAGONAL: tl.constexpr = PAIR_DECAY
+        OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY
+    else:
+        DIAGONAL: tl.constexpr = NO_DECAY
+        OFF_DIAGONAL: tl.constexpr = NO_DECAY
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -415,53 +482,54 @@ def _dq_kernel(
     query_offset = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_GATE:
         query_offset, _ = _tile_prefix(p_head, offs_m, m0, eos, BLOCK_M, GATE_CHUNK, True)
-        query_offset = query_offset * LOG2E
     k_head = K + kv_head * stride_kh
     v_head = V + kv_head * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dgate_row = tl.zeros([BLOCK_M], dtype=tl.float32)
-    key_offset = tl.zeros([BLOCK_N], dtype=tl.float32)
+    key_term = tl.zeros([BLOCK_N], dtype=tl.float32)
 
+    # The decay's row and key terms as in _forward_kernel.
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
     for n0 in range(m0, tl.minimum(m0 + BLOCK_M, eos), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
             prefix, tile_sum = _tile_prefix(p_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, True)
-            key_offset = (running + prefix) * LOG2E
+            key_term = -(running + prefix)
             running += tile_sum
         dq, dgate_row = _dq_tile(
-            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_term,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
+            HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION)
 
     lowest_key = tl.maximum(bos, m0 - window + 1)
     num_tiles = tl.cdiv(m0 - lowest_key, BLOCK_N)
     unmasked_floor = tl.maximum(bos, m0 + BLOCK_M - window)
     num_unmasked = tl.minimum(tl.maximum(m0 - unmasked_floor, 0) // BLOCK_N, num_tiles)
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
+    row_shift = query_offset
     for i in range(0, num_unmasked):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            suffix, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
-            key_offset = (running - suffix) * LOG2E
+            key_term, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
+            row_shift = query_offset - running
             running -= tile_sum
         dq, dgate_row = _dq_tile(
-            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, row_shift, key_term,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION)
+            HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION)
     for i in range(num_unmasked, num_tiles):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            suffix, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
-            key_offset = (running - suffix) * LOG2E
+            key_term, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
+            row_shift = query_offset - running
             running -= tile_sum
         dq, dgate_row = _dq_tile(
-            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_offset,
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, row_shift, key_term,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION)
+            HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION)
 
     tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
@@ -471,18 +539,22 @@ def _dq_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
+    dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, lse_head, delta_head,
     running, m_start, offs_m, offs_n, offs_d, bos, eos, window,
     stride_qt, stride_dot, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
 ):
     """Add one query tile's contribution to dk, dv (unscaled) and, with a gate, to the
     float32 column sums of dS, dgate_col [BLOCK_N] (the dq kernel takes the row sums).
 
     Works on the transposed scores sT [BLOCK_N keys, BLOCK_M queries] so that dk and dv
-    accumulate with the key rows in place.
+    accumulate with the key rows in place. The decay (see _dkdv_kernel for the offsets):
+    PAIR_DECAY: key_term [BLOCK_N] is -L_j, L_t = running + the tile's prefix sums, lse_head
+    holds lse2. SPLIT_DECAY: key_term is -L_j; L_t - L_j = (running + key_term[j]) + P_tile[t]
+    and lse_head holds lse2 - P (_delta_kernel), so the query term needs no arithmetic when
+    the tile is one gate chunk. Returns running advanced past this tile.
     """
     row_ok = offs_m < eos
     qT_mask = offs_d[:, None] < HEAD_DIM
@@ -507,14 +579,19 @@ def _dkdv_tile(
         lse2 = tl.load(lse_head + stat)
         delta = tl.load(delta_head + stat)
     sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
-    if HAS_GATE:
+    if DECAY == PAIR_DECAY:
         prefix, tile_sum = _tile_prefix(p_head, offs_m, m_start, eos, BLOCK_M, GATE_CHUNK, MASKED)
-        query_offset = (running + prefix) * LOG2E  # L_t, see _dkdv_kernel
-        running += tile_sum
-        biasT = query_offset[None, :] - key_offset[:, None]
+        decayT = (running + prefix)[None, :] + key_term[:, None]
         if MASKED:
-            biasT = tl.where(offs_m[None, :] == offs_n[:, None], 0.0, biasT)  # as in _forward_tile
-        sT += biasT
+            decayT = tl.where(offs_m[None, :] == offs_n[:, None], 0.0, decayT)  # as in _forward_tile
+        sT += decayT
+        running += tile_sum
+    elif DECAY == SPLIT_DECAY:
+        carry, tile_sum = _tile_carry(p_head, offs_m, m_start, eos, BLOCK_M, GATE_CHUNK, True)
+        sT += (running + key_term)[:, None]
+        if BLOCK_M > GATE_CHUNK:
+            lse2 -= carry
+        running += tile_sum
     if MASKED:
         distance = offs_m[None, :] - offs_n[:, None]
         visible = (distance >= 0) & (distance < window) & row_ok[None, :]
@@ -524,7 +601,7 @@ def _dkdv_tile(
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dsT = pT * (dpT - delta[None, :])
     dsT_low = dsT.to(qT.dtype)
-    if HAS_GATE:
+    if DECAY != NO_DECAY:
         dgate_col += tl.sum(dsT, 1)
     dk = tl.dot(dsT_low, tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv, dgate_col, running
@@ -532,7 +609,7 @@ def _dkdv_tile(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, SUMS, DO, LSE, DELTA, DK, DV, COLSUM, CU_SEQLENS,
+    Q, K, V, SUMS, DO, LSE, SHIFTED_LSE, DELTA, DK, DV, COLSUM, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     sums_plane, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -551,6 +628,12 @@ def _dkdv_kernel(
     if n0 >= eos:
         return
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    if HAS_GATE:
+        DIAGONAL: tl.constexpr = PAIR_DECAY
+        OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY
+    else:
+        DIAGONAL: tl.constexpr = NO_DECAY
+        OFF_DIAGONAL: tl.constexpr = NO_DECAY
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -581,44 +664,48 @@ def _dkdv_kernel(
             stat_offset = head * seqlen
         else:
             stat_offset = (seq * num_q_heads + head) * seqlen
-        lse_head = LSE + stat_offset
         delta_head = DELTA + stat_offset
         # Reference r = the key block's last position. L_j = -(g[j+1] + ... + g[r]) >= 0.
         # Diagonal query tiles lie inside the block: L_t = -(g[t+1] + ... + g[r]), walked
         # from -(block sum) upward. Later tiles: L_t = g[r+1] + ... + g[t] <= 0, from 0.
-        key_offset = tl.zeros([BLOCK_N], dtype=tl.float32)
+        key_term = tl.zeros([BLOCK_N], dtype=tl.float32)
         zero = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
         running = zero
         if HAS_GATE:
             suffix, block_sum = _tile_suffix(p_head, p_head + sums_plane, offs_n, n0, eos, BLOCK_N,
                                              GATE_CHUNK, True)
-            key_offset = -suffix * LOG2E
+            key_term = suffix  # -L_j
             running = -block_sum
         dgate_col = tl.zeros([BLOCK_N], dtype=tl.float32)
         for i in range(0, num_diagonal):
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
-                dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
-                running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
-                qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN,
+                dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, LSE + stat_offset,
+                delta_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt,
+                stride_dot, qk_scale, HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION, VARLEN,
                 BLOCK_M, BLOCK_N, GATE_CHUNK)
+        # Off-diagonal tiles read lse2 - P instead of lse2.
+        if HAS_GATE:
+            lse_head = SHIFTED_LSE + stat_offset
+        else:
+            lse_head = LSE + stat_offset
         running = zero
         for i in range(num_diagonal, num_unmasked):
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
-                dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
+                dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, lse_head, delta_head,
                 running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
-                qk_scale, HEAD_DIM, EVEN_D, False, HAS_GATE, DOT_PRECISION, VARLEN,
+                qk_scale, HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION, VARLEN,
                 BLOCK_M, BLOCK_N, GATE_CHUNK)
         for i in range(num_unmasked, num_tiles):
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
-                dk, dv, dgate_col, k, v, key_offset, q_head, do_head, p_head, lse_head, delta_head,
+                dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, lse_head, delta_head,
                 running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
-                qk_scale, HEAD_DIM, EVEN_D, True, HAS_GATE, DOT_PRECISION, VARLEN,
+                qk_scale, HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION, VARLEN,
                 BLOCK_M, BLOCK_N, GATE_CHUNK)
         if HAS_GATE:
             if VARLEN:
@@ -815,11 +902,14 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
                   GATE_CHUNK=gate_chunk(problem.head_dim), HAS_GATE=has_gate, VARLEN=problem.varlen, DOT_PRECISION=precision)
     sums_plane = sums.stride(0) if has_gate else 0
 
+    # lse2 - P, the dk/dv kernel's query term off the diagonal (only with a gate).
+    shifted_lse = _allocate_like(delta) if has_gate else delta
     delta_block = 16 if _interpreting() else 64
     _delta_kernel[problem.grid(delta_block, problem.num_q_heads)](
-        of, dof, delta, problem.cu_seqlens, of.stride(0), of.stride(1), dof.stride(0), dof.stride(1),
-        problem.seqlen, problem.num_q_heads,
-        HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, BLOCK_M=delta_block, VARLEN=problem.varlen,
+        of, dof, lse, gf, delta, shifted_lse, problem.cu_seqlens,
+        of.stride(0), of.stride(1), dof.stride(0), dof.stride(1), problem.seqlen, problem.num_q_heads,
+        HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, BLOCK_M=delta_block, HAS_GATE=has_gate,
+        VARLEN=problem.varlen,
     )
     config = CONFIGS["dq"](problem.head_dim)
     _dq_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
@@ -831,7 +921,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     )
     config = CONFIGS["dkdv"](problem.head_dim)
     _dkdv_kernel[problem.grid(config["BLOCK_N"], problem.num_kv_heads)](
-        qf, kf, vf, gf, dof, lse, delta, dkf, dvf, colsum, problem.cu_seqlens,
+        qf, kf, vf, gf, dof, lse, shifted_lse, delta, dkf, dvf, colsum, problem.cu_seqlens,
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
         sums_plane, dof.stride(0), dof.stride(1),
         dkf.stride(0), dkf.stride(1), dvf.stride(0), dvf.stride(1),
