@@ -308,11 +308,23 @@ def _forward_kernel(
     num_unmasked = tl.minimum(tl.maximum(m0 - unmasked_floor, 0) // BLOCK_N, num_tiles)
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
     row_shift = query_offset
+    # Each tile's sums are loaded one tile ahead, so that their latency hides behind a tile's
+    # work. The address is clamped to the sequence start: whenever this phase has tiles,
+    # [bos, bos + BLOCK_N) lies inside [bos, m0), so the last, unused load stays in bounds.
+    next_key_term = key_term
+    next_sum = running
+    if HAS_GATE:
+        first = tl.maximum(m0 - BLOCK_N, bos)
+        next_key_term, next_sum = _tile_suffix(p_head, s_head, first + tl.arange(0, BLOCK_N), first, eos,
+                                               BLOCK_N, GATE_CHUNK, False)
     for i in range(0, num_unmasked):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            key_term, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
+            key_term, tile_sum = next_key_term, next_sum
+            after = tl.maximum(n0 - BLOCK_N, bos)
+            next_key_term, next_sum = _tile_suffix(p_head, s_head, after + tl.arange(0, BLOCK_N), after, eos,
+                                                   BLOCK_N, GATE_CHUNK, False)
             row_shift = query_offset - running
             running -= tile_sum
         acc, row_max, row_sum = _forward_tile(
@@ -323,7 +335,10 @@ def _forward_kernel(
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            key_term, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
+            key_term, tile_sum = next_key_term, next_sum
+            after = tl.maximum(n0 - BLOCK_N, bos)
+            next_key_term, next_sum = _tile_suffix(p_head, s_head, after + tl.arange(0, BLOCK_N), after, eos,
+                                                   BLOCK_N, GATE_CHUNK, False)
             row_shift = query_offset - running
             running -= tile_sum
         acc, row_max, row_sum = _forward_tile(
@@ -508,11 +523,21 @@ def _dq_kernel(
     num_unmasked = tl.minimum(tl.maximum(m0 - unmasked_floor, 0) // BLOCK_N, num_tiles)
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
     row_shift = query_offset
+    # The sums one tile ahead, as in _forward_kernel.
+    next_key_term = key_term
+    next_sum = running
+    if HAS_GATE:
+        first = tl.maximum(m0 - BLOCK_N, bos)
+        next_key_term, next_sum = _tile_suffix(p_head, s_head, first + tl.arange(0, BLOCK_N), first, eos,
+                                               BLOCK_N, GATE_CHUNK, False)
     for i in range(0, num_unmasked):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            key_term, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
+            key_term, tile_sum = next_key_term, next_sum
+            after = tl.maximum(n0 - BLOCK_N, bos)
+            next_key_term, next_sum = _tile_suffix(p_head, s_head, after + tl.arange(0, BLOCK_N), after, eos,
+                                                   BLOCK_N, GATE_CHUNK, False)
             row_shift = query_offset - running
             running -= tile_sum
         dq, dgate_row = _dq_tile(
@@ -523,7 +548,10 @@ def _dq_kernel(
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            key_term, tile_sum = _tile_suffix(p_head, s_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, False)
+            key_term, tile_sum = next_key_term, next_sum
+            after = tl.maximum(n0 - BLOCK_N, bos)
+            next_key_term, next_sum = _tile_suffix(p_head, s_head, after + tl.arange(0, BLOCK_N), after, eos,
+                                                   BLOCK_N, GATE_CHUNK, False)
             row_shift = query_offset - running
             running -= tile_sum
         dq, dgate_row = _dq_tile(

@@ -38,10 +38,10 @@ from gatedfwa.ops.triton_support import constexpr, tl, triton
 
 __all__ = ["chunk_gate_sums", "chunk_gate_sums_from_projection", "reference_chunk_gate_sums"]
 
-# One program: CHUNKS_PER_PROGRAM chunks of one sequence, BLOCK_H heads. At the benchmark
-# size (B = 4, T = 8192, H = 16, chunk 64) 2 chunks give 256 programs of 2048 gates, about two
-# per SM; tests lower it to 1 to get many programs and raise it to see ragged blocks.
-CHUNKS_PER_PROGRAM = 2
+# One program: CHUNKS_PER_PROGRAM chunks of one sequence, BLOCK_H heads. On an H200 one chunk
+# (4 warps) was fastest of 1-8 chunks and 2-8 warps, at B = 4 and 64 (T = 8192, H = 16, chunk
+# 64). Tests raise it to see several chunks per program and ragged blocks.
+CHUNKS_PER_PROGRAM = 1
 NUM_WARPS = 4
 MAX_BLOCK_H = 64
 LOG2E_HOST = 1.4426950408889634
