@@ -42,11 +42,12 @@ dg_s = sum_{t >= s} dU_t, a reverse cumulative sum inside each sequence (run in 
 It equals the sum of dS over the pairs (t, j) with j < s <= t, a local quantity, but the
 reverse sum only telescopes to it if the row and column sums agree to float32 rounding: both
 are float32 sums of the float32 dS (rows in the dq kernel, columns in the dk/dv kernel, each
-a reduction inside the matmul layout's thread groups, written once, no atomics).
+a reduction inside the matmul layout's thread groups, no atomics). The dq kernel writes the
+row sums to dU, and the dk/dv kernel, which runs after it, subtracts its column sums there.
 tests/ops/test_attention.py checks that dg's error does not grow towards the sequence start.
 
 Layouts: q/o [B*T, HQ, D], k/v [B*T, H, D] (the caller's [B, T, ., D] flattened), gate sums
-[2, B, HQ, T] float32 (contiguous along time), lse/delta/row sums/column sums [B, HQ, T]
+[2, B, HQ, T] float32 (contiguous along time), lse/delta/lse2 - P/dU [B, HQ, T]
 float32. With cu_seqlens, B == 1.
 The kernels keep the log-sum-exp in base 2 (lse2 = lse * log2(e)): the forward writes it and
 the backward reads it without converting back and forth.
@@ -452,7 +453,7 @@ def _dq_tile(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, SUMS, DO, LSE, DELTA, DQ, ROWSUM, CU_SEQLENS,
+    Q, K, V, SUMS, DO, LSE, DELTA, DQ, DU, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     sums_plane, stride_dot, stride_doh, stride_dqt, stride_dqh,
     seqlen, num_q_heads, window, qk_scale, scale,
@@ -562,7 +563,7 @@ def _dq_kernel(
     tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
     if HAS_GATE:
-        tl.store(ROWSUM + row_stat, dgate_row, mask=row_ok)
+        tl.store(DU + row_stat, dgate_row, mask=row_ok)  # the row sums; dk/dv subtracts the columns
 
 
 @triton.jit
@@ -637,7 +638,7 @@ def _dkdv_tile(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, SUMS, DO, LSE, SHIFTED_LSE, DELTA, DK, DV, COLSUM, CU_SEQLENS,
+    Q, K, V, SUMS, DO, LSE, SHIFTED_LSE, DELTA, DK, DV, DU, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     sums_plane, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -736,11 +737,12 @@ def _dkdv_kernel(
                 qk_scale, HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION, VARLEN,
                 BLOCK_M, BLOCK_N, GATE_CHUNK)
         if HAS_GATE:
+            # dU = row sums (written by the dq kernel) - column sums, for these keys.
             if VARLEN:
-                col = COLSUM + stat_offset + offs_n
+                du = DU + stat_offset + offs_n
             else:
-                col = COLSUM + stat_offset + (offs_n - bos)
-            tl.store(col, dgate_col, mask=key_ok)
+                du = DU + stat_offset + (offs_n - bos)
+            tl.store(du, tl.load(du, mask=key_ok, other=0.0) - dgate_col, mask=key_ok)
 
     tl.store(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
@@ -889,18 +891,18 @@ def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens):
 
 
 def _reverse_cumsum_within_sequences(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """x [B, HQ, T] -> y with y[..., s] = sum of x[..., t] over t >= s in s's sequence, float64."""
-    x = x.double()
-    suffix = x.flip(-1).cumsum(-1).flip(-1)
+    """x [B, HQ, T] float32 -> y float64 with y[..., s] = sum of x[..., t] over t >= s in s's
+    sequence: the inclusive prefix sum P in float64, then y_s = P[end - 1] - P[s] + x_s with end
+    the end of s's sequence (sequences sum dU to 0, so P stays as small as the sums themselves)."""
+    prefix = torch.cumsum(x, -1, dtype=torch.float64)
     if cu_seqlens is None:
-        return suffix
-    # Packed sequences: subtract what lies past each position's own sequence end.
-    seqlen = x.shape[-1]
-    positions = torch.arange(seqlen, device=x.device)
-    ends = cu_seqlens[1:].long()
-    end_of = ends[torch.searchsorted(ends, positions, right=True)]
-    padded = torch.cat([suffix, suffix.new_zeros(*suffix.shape[:-1], 1)], dim=-1)
-    return suffix - padded[..., end_of]
+        at_end = prefix[..., -1:]
+    else:
+        positions = torch.arange(x.shape[-1], device=x.device)
+        ends = cu_seqlens[1:].long()
+        end_of = ends[torch.searchsorted(ends, positions, right=True)]
+        at_end = prefix[..., end_of - 1]
+    return torch.sub(at_end, prefix).add_(x)
 
 
 def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens):
@@ -922,9 +924,8 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     dqf, dkf, dvf = _flat(dq), _flat(dk), _flat(dv)
     gf = sums if has_gate else qf
     delta = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
-    # Row sums of dS come from the dq kernel, column sums from the dk/dv kernel, each written once.
-    rowsum = _allocate_like(delta) if has_gate else delta
-    colsum = _allocate_like(delta) if has_gate else delta
+    # dU = row sums of dS (dq kernel) - column sums (dk/dv kernel, after it).
+    du = _allocate_like(delta) if has_gate else delta
     precision = _dot_precision(q.dtype)
     common = dict(GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
                   GATE_CHUNK=gate_chunk(problem.head_dim), HAS_GATE=has_gate, VARLEN=problem.varlen, DOT_PRECISION=precision)
@@ -941,7 +942,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     )
     config = CONFIGS["dq"](problem.head_dim)
     _dq_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
-        qf, kf, vf, gf, dof, lse, delta, dqf, rowsum, problem.cu_seqlens,
+        qf, kf, vf, gf, dof, lse, delta, dqf, du, problem.cu_seqlens,
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
         sums_plane, dof.stride(0), dof.stride(1), dqf.stride(0), dqf.stride(1),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E_HOST, scale,
@@ -949,7 +950,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     )
     config = CONFIGS["dkdv"](problem.head_dim)
     _dkdv_kernel[problem.grid(config["BLOCK_N"], problem.num_kv_heads)](
-        qf, kf, vf, gf, dof, lse, shifted_lse, delta, dkf, dvf, colsum, problem.cu_seqlens,
+        qf, kf, vf, gf, dof, lse, shifted_lse, delta, dkf, dvf, du, problem.cu_seqlens,
         qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
         sums_plane, dof.stride(0), dof.stride(1),
         dkf.stride(0), dkf.stride(1), dvf.stride(0), dvf.stride(1),
@@ -958,5 +959,5 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     )
     dg = None
     if has_gate:
-        dg = _reverse_cumsum_within_sequences(rowsum - colsum, cu_seqlens).float()
+        dg = _reverse_cumsum_within_sequences(du, cu_seqlens).float()
     return dq, dk, dv, dg
