@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 QUICK = "--quick" in sys.argv
+# End-to-end rounds: each variant is timed this many times, interleaved (median reported).
+E2E_ROUNDS = 1 if QUICK else 5
 if QUICK and not torch.cuda.is_available():
     # The smoke check runs the Triton gate kernels through the interpreter when there is no
     # GPU; that must be chosen before triton is imported.
@@ -251,21 +254,35 @@ def end_to_end(batch, seqlen, heads, head_dim, windows, dtype) -> dict:
             "compiled torch gate + attention": (
                 lambda: attend(compiled_gate(gate_pre, bias)).backward(do), [q, k, v, gate_pre, bias]),
         }
-        timings = {}
-        for name, (step, leaves) in variants.items():
-            row = {"window": window, "variant": name}
+        window_rows = {}
+        for name, (step, _) in variants.items():
+            window_rows[name] = {"window": window, "variant": name, "runs ms": []}
             try:
                 step()  # first call: compilation / autotuning outside the timing
-                ms = time_or_run(step, grad_to_none=leaves)
-                row["fwd+bwd ms"] = ms
-                timings[name] = ms
             except Exception as exc:  # noqa: BLE001
-                row.update(error_record(exc))
-            rows.append(row)
-        base = timings.get("attention g=None")
-        for row in rows:
-            if row["window"] == window and base and row.get("fwd+bwd ms"):
+                window_rows[name].update(error_record(exc))
+        # Round-robin: every variant is timed once per round, so that drifts of the clock or
+        # of the host hit all of them alike; each figure is the median over the rounds.
+        for _ in range(E2E_ROUNDS):
+            for name, (step, leaves) in variants.items():
+                row = window_rows[name]
+                if "error" in row:
+                    continue
+                try:
+                    ms = time_or_run(step, grad_to_none=leaves)
+                    if ms is not None:
+                        row["runs ms"].append(ms)
+                except Exception as exc:  # noqa: BLE001
+                    row.update(error_record(exc))
+        for row in window_rows.values():
+            if row["runs ms"]:
+                row["fwd+bwd ms"] = statistics.median(row["runs ms"])
+        base = window_rows["attention g=None"].get("fwd+bwd ms")
+        for row in window_rows.values():
+            if base and row.get("fwd+bwd ms"):
                 row["x of g=None"] = row["fwd+bwd ms"] / base
+                row["x range"] = f"{min(row['runs ms']) / base:.3f}-{max(row['runs ms']) / base:.3f}"
+        rows.extend(window_rows.values())
         del q, k, v, gate_pre, bias, g_leaf, do
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
@@ -329,7 +346,7 @@ def main() -> None:
                                               "dtype": "float32" if QUICK else "bfloat16"},
                "target": "fused gate + attention (one op) <= 1.10 x attention g=None", **e2e}
     write_results(args.out, f"gate_end_to_end{suffix}", payload, e2e["rows"],
-                  ["window", "variant", "fwd+bwd ms", "x of g=None", "error"])
+                  ["window", "variant", "fwd+bwd ms", "x of g=None", "x range", "error"])
     print("end to end:", [(r["window"], r["variant"], r.get("x of g=None"), r.get("error")) for r in e2e["rows"]])
 
 
