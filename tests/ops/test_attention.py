@@ -136,19 +136,29 @@ def test_triton_varlen_equals_separate_calls(triton_backend, device):
         torch.testing.assert_close(packed[:, start:end], alone, rtol=1e-5, atol=1e-5)
 
 
+# Tile sides (forward M x N, dq M x N, dk/dv M x N) with a gate chunk of 16: every kernel
+# has tiles of several chunks on the key side, the query side, or both.
+SEVERAL_CHUNK_TILES = {
+    "keys": ((64, 32), (32, 16), (16, 64)),
+    "queries": ((32, 16), (64, 32), (32, 64)),
+}
+
+
+@pytest.mark.parametrize("tiles", list(SEVERAL_CHUNK_TILES))
 @pytest.mark.parametrize("window", [40, None])
-def test_triton_tiles_of_several_gate_chunks(triton_backend, device, monkeypatch, window):
+def test_triton_tiles_of_several_gate_chunks(triton_backend, device, monkeypatch, window, tiles):
     """Tiles that span 2 and 4 chunks of the gate sums (the kernels add the totals of the
     tile's other chunks), varlen, against the reference."""
+    sides = dict(zip(("forward", "dq", "dkdv"), SEVERAL_CHUNK_TILES[tiles]))
     configs = {
-        "forward": lambda d: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
-        "dq": lambda d: dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
-        "dkdv": lambda d: dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1),
+        kernel: (lambda m, n: lambda d: dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=1))(*sides[kernel])
+        for kernel in sides
     }
     monkeypatch.setattr(triton_attention, "CONFIGS", configs)
     assert triton_attention.gate_chunk(32) == 16
-    cu_seqlens = torch.tensor([0, 70, 71, 150], dtype=torch.int32, device=device)
-    q, k, v, g = make_inputs(1, 150, 2, 1, 32, True, torch.bfloat16, device)
+    # The last sequence is long enough for query tiles of several chunks past a key block.
+    cu_seqlens = torch.tensor([0, 70, 71, 200], dtype=torch.int32, device=device)
+    q, k, v, g = make_inputs(1, 200, 2, 1, 32, True, torch.bfloat16, device)
     check_against_reference(triton_op, q, k, v, g, window, cu_seqlens)
 
 
