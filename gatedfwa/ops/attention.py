@@ -312,12 +312,14 @@ def _forward_kernel(
     # Each tile's sums are loaded one tile ahead, so that their latency hides behind a tile's
     # work. The address is clamped to the sequence start: whenever this phase has tiles,
     # [bos, bos + BLOCK_N) lies inside [bos, m0), so the last, unused load stays in bounds.
+    # The first load is masked at the sequence end: in a sequence's first block (m0 = bos)
+    # the phase has no tiles and a sequence shorter than a tile ends inside [bos, bos + BLOCK_N).
     next_key_term = key_term
     next_sum = running
     if HAS_GATE:
         first = tl.maximum(m0 - BLOCK_N, bos)
         next_key_term, next_sum = _tile_suffix(p_head, s_head, first + tl.arange(0, BLOCK_N), first, eos,
-                                               BLOCK_N, GATE_CHUNK, False)
+                                               BLOCK_N, GATE_CHUNK, True)
     for i in range(0, num_unmasked):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -530,7 +532,7 @@ def _dq_kernel(
     if HAS_GATE:
         first = tl.maximum(m0 - BLOCK_N, bos)
         next_key_term, next_sum = _tile_suffix(p_head, s_head, first + tl.arange(0, BLOCK_N), first, eos,
-                                               BLOCK_N, GATE_CHUNK, False)
+                                               BLOCK_N, GATE_CHUNK, True)
     for i in range(0, num_unmasked):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
