@@ -155,6 +155,16 @@ def _tile_suffix(p_head, s_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl
     return suffix, total
 
 
+@triton.jit
+def _suffix_sums_left_of(p_head, s_head, start, bos, eos, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
+                         MASKED: tl.constexpr):
+    """_tile_suffix of the key tile [start - BLOCK_N, start), the next one a forward/dq program
+    walks to, with its start clamped to the sequence start so that the address stays valid
+    after the last tile (whose values are then unused). MASKED also stops at eos."""
+    first = tl.maximum(start - BLOCK_N, bos)
+    return _tile_suffix(p_head, s_head, first + tl.arange(0, BLOCK_N), first, eos, BLOCK_N, GATE_CHUNK, MASKED)
+
+
 # How a tile applies the gate's decay L_t - L_j (base 2) to its logits.
 NO_DECAY = tl.constexpr(0)
 # Diagonal tiles: L_t - L_j formed per pair, exactly 0 on the diagonal.
@@ -317,17 +327,14 @@ def _forward_kernel(
     next_key_term = key_term
     next_sum = running
     if HAS_GATE:
-        first = tl.maximum(m0 - BLOCK_N, bos)
-        next_key_term, next_sum = _tile_suffix(p_head, s_head, first + tl.arange(0, BLOCK_N), first, eos,
-                                               BLOCK_N, GATE_CHUNK, True)
+        next_key_term, next_sum = _suffix_sums_left_of(p_head, s_head, m0, bos, eos, BLOCK_N, GATE_CHUNK, True)
     for i in range(0, num_unmasked):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
             key_term, tile_sum = next_key_term, next_sum
-            after = tl.maximum(n0 - BLOCK_N, bos)
-            next_key_term, next_sum = _tile_suffix(p_head, s_head, after + tl.arange(0, BLOCK_N), after, eos,
-                                                   BLOCK_N, GATE_CHUNK, False)
+            next_key_term, next_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK,
+                                                           False)
             row_shift = query_offset - running
             running -= tile_sum
         acc, row_max, row_sum = _forward_tile(
@@ -339,9 +346,8 @@ def _forward_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
             key_term, tile_sum = next_key_term, next_sum
-            after = tl.maximum(n0 - BLOCK_N, bos)
-            next_key_term, next_sum = _tile_suffix(p_head, s_head, after + tl.arange(0, BLOCK_N), after, eos,
-                                                   BLOCK_N, GATE_CHUNK, False)
+            next_key_term, next_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK,
+                                                           False)
             row_shift = query_offset - running
             running -= tile_sum
         acc, row_max, row_sum = _forward_tile(
@@ -530,17 +536,14 @@ def _dq_kernel(
     next_key_term = key_term
     next_sum = running
     if HAS_GATE:
-        first = tl.maximum(m0 - BLOCK_N, bos)
-        next_key_term, next_sum = _tile_suffix(p_head, s_head, first + tl.arange(0, BLOCK_N), first, eos,
-                                               BLOCK_N, GATE_CHUNK, True)
+        next_key_term, next_sum = _suffix_sums_left_of(p_head, s_head, m0, bos, eos, BLOCK_N, GATE_CHUNK, True)
     for i in range(0, num_unmasked):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
             key_term, tile_sum = next_key_term, next_sum
-            after = tl.maximum(n0 - BLOCK_N, bos)
-            next_key_term, next_sum = _tile_suffix(p_head, s_head, after + tl.arange(0, BLOCK_N), after, eos,
-                                                   BLOCK_N, GATE_CHUNK, False)
+            next_key_term, next_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK,
+                                                           False)
             row_shift = query_offset - running
             running -= tile_sum
         dq, dgate_row = _dq_tile(
@@ -552,9 +555,8 @@ def _dq_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
             key_term, tile_sum = next_key_term, next_sum
-            after = tl.maximum(n0 - BLOCK_N, bos)
-            next_key_term, next_sum = _tile_suffix(p_head, s_head, after + tl.arange(0, BLOCK_N), after, eos,
-                                                   BLOCK_N, GATE_CHUNK, False)
+            next_key_term, next_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK,
+                                                           False)
             row_shift = query_offset - running
             running -= tile_sum
         dq, dgate_row = _dq_tile(
