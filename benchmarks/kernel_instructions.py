@@ -8,13 +8,15 @@ unmasked loop that dominates long windows (a masked tile selects every score); t
 handle the diagonal and the window's far edge (paired across the two variants by size).
 
     python benchmarks/kernel_instructions.py --out benchmarks/results    # about a minute
+    python benchmarks/kernel_instructions.py --head-dim 64 --out /tmp     # another head size
 
 Writes kernel_instructions.json/.md. Instruction counts are not time (the loops also wait on
 memory and tensor cores), but they show where per-element work was added: each thread holds
 32 scores of a 64 x 64 tile, so one extra operation per score is 32 instructions.
 
-The kernels are specialised as at the benchmark size (B=4, T=8192, H=16, D=128, bf16): every
-pointer and integer argument divisible by 16, as Triton's launcher would find them.
+The kernels are specialised as at the benchmark size (B=4, T=8192, H=16, D=128 or --head-dim,
+bf16): every pointer and integer argument divisible by 16, as Triton's launcher would find
+them, and the tile sizes attention.py picks for that head size.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from common import environment, write_results  # noqa: E402
 from gatedfwa.ops import attention  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 64)
-HEAD_DIM = 128
 # Opcode groups for the table.
 KINDS = {
     "fp32": ("FADD", "FMUL", "FFMA", "FMNMX", "FSEL", "FSETP"),
@@ -61,10 +62,10 @@ def _nvdisasm() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
 
 
-def compile_sass(kernel, floats, config: dict, has_gate: bool) -> str:
-    """SASS text of one kernel specialised for D = 128, bf16, sm_90."""
-    constants = dict(GROUP=1, HEAD_DIM=HEAD_DIM, BLOCK_D=HEAD_DIM, BLOCK_M=config["BLOCK_M"],
-                     BLOCK_N=config["BLOCK_N"], GATE_CHUNK=attention.gate_chunk(HEAD_DIM),
+def compile_sass(kernel, floats, config: dict, has_gate: bool, head_dim: int) -> str:
+    """SASS text of one kernel specialised for head_dim (a power of two), bf16, sm_90."""
+    constants = dict(GROUP=1, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=config["BLOCK_M"],
+                     BLOCK_N=config["BLOCK_N"], GATE_CHUNK=attention.gate_chunk(head_dim),
                      HAS_GATE=has_gate, VARLEN=False, DOT_PRECISION="tf32")
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
@@ -121,14 +122,16 @@ def summarise(loop: collections.Counter) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--head-dim", type=int, default=128, choices=[32, 64, 128, 256])
     args = parser.parse_args(argv)
     rows = []
     for name, (kernel, floats, config_of) in KERNELS.items():
-        config = config_of(HEAD_DIM)
+        config = config_of(args.head_dim)
         counts = {}
         for has_gate in (False, True):
-            loops = loop_bodies(compile_sass(kernel, floats, config, has_gate))
-            # 32 scores per thread in a 64 x 64 tile of 4 warps; masking selects each of them.
+            loops = loop_bodies(compile_sass(kernel, floats, config, has_gate, args.head_dim))
+            # At least 32 scores per thread (a 64 x 64 tile over 128 threads); masking selects
+            # each of them, the unmasked loop only per row.
             unmasked = [loop for loop in loops if loop["FSEL"] < 16]
             # The unmasked loop: the largest loop without selects; the rest, largest first.
             order = sorted(unmasked, key=lambda c: -sum(c.values()))[:1]
@@ -145,7 +148,8 @@ def main(argv=None) -> None:
         print(name, [(r["loop"], r["gate"], r["instructions"]) for r in rows if r["kernel"] == name], flush=True)
     env = environment()
     env["compiled for"] = "sm_90 (H100/H200), offline"
-    write_results(args.out, "kernel_instructions", {"environment": env, "head_dim": HEAD_DIM, "rows": rows}, rows,
+    name = "kernel_instructions" if args.head_dim == 128 else f"kernel_instructions_d{args.head_dim}"
+    write_results(args.out, name, {"environment": env, "head_dim": args.head_dim, "rows": rows}, rows,
                   ["kernel", "tile", "loop", "gate", "instructions", "x of no gate", *KINDS])
 
 
