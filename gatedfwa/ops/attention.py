@@ -127,17 +127,26 @@ def _tile_carry(p_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl.constexp
 
 
 @triton.jit
+def _tile_sums(plane_head, p_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl.constexpr,
+               MASKED: tl.constexpr, PREFIX: tl.constexpr):
+    """One plane of the chunk sums over the tile [start, start + TILE), completed to tile sums
+    with the totals of the tile's other chunks (before t's for the prefix plane, after j's
+    for the suffix plane), and the tile's total."""
+    if MASKED:
+        sums = tl.load(plane_head + offs, mask=offs < eos, other=0.0)
+    else:
+        sums = tl.load(plane_head + offs)
+    carry, total = _tile_carry(p_head, offs, start, eos, TILE, CHUNK, PREFIX)
+    if TILE > CHUNK:
+        sums += carry
+    return sums, total
+
+
+@triton.jit
 def _tile_prefix(p_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr):
     """Inclusive prefix sums of the gates inside the tile [start, start + TILE) and the tile's
     total: P[t] plus the totals of the tile's chunks before t's, all terms of one sign."""
-    if MASKED:
-        prefix = tl.load(p_head + offs, mask=offs < eos, other=0.0)
-    else:
-        prefix = tl.load(p_head + offs)
-    carry, total = _tile_carry(p_head, offs, start, eos, TILE, CHUNK, True)
-    if TILE > CHUNK:
-        prefix += carry
-    return prefix, total
+    return _tile_sums(p_head, p_head, offs, start, eos, TILE, CHUNK, MASKED, True)
 
 
 @triton.jit
@@ -145,14 +154,7 @@ def _tile_suffix(p_head, s_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl
                  MASKED: tl.constexpr):
     """Exclusive suffix sums g[j+1] + ... + g[tile end] inside the tile [start, start + TILE)
     and the tile's total: S[j] plus the totals of the tile's chunks after j's."""
-    if MASKED:
-        suffix = tl.load(s_head + offs, mask=offs < eos, other=0.0)
-    else:
-        suffix = tl.load(s_head + offs)
-    carry, total = _tile_carry(p_head, offs, start, eos, TILE, CHUNK, False)
-    if TILE > CHUNK:
-        suffix += carry
-    return suffix, total
+    return _tile_sums(s_head, p_head, offs, start, eos, TILE, CHUNK, MASKED, False)
 
 
 @triton.jit
