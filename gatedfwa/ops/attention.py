@@ -896,19 +896,47 @@ def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens):
     return o, lse
 
 
-def _reverse_cumsum_within_sequences(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """x [B, HQ, T] float32 -> y float64 with y[..., s] = sum of x[..., t] over t >= s in s's
-    sequence: the inclusive prefix sum P in float64, then y_s = P[end - 1] - P[s] + x_s with end
-    the end of s's sequence (sequences sum dU to 0, so P stays as small as the sums themselves)."""
-    prefix = torch.cumsum(x, -1, dtype=torch.float64)
-    if cu_seqlens is None:
-        at_end = prefix[..., -1:]
+@triton.jit
+def _reverse_cumsum_kernel(
+    DU, DG, CU_SEQLENS, seqlen, num_q_heads,
+    BLOCK: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """dg_s = sum of dU_t over t >= s inside s's sequence, for one sequence and one head:
+    dU [B, HQ, T] float32 in, dg float32 out, accumulated in float64. The program walks its
+    row from the sequence end in blocks: each block's suffix sums plus the total of the
+    blocks after it. dU's row and column sums cancel over long stretches, so the running
+    total is summed in float64, where its rounding stays far below float32 dU's own."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    bos, eos = _sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    if VARLEN:
+        row = head * seqlen
     else:
-        positions = torch.arange(x.shape[-1], device=x.device)
-        ends = cu_seqlens[1:].long()
-        end_of = ends[torch.searchsorted(ends, positions, right=True)]
-        at_end = prefix[..., end_of - 1]
-    return torch.sub(at_end, prefix).add_(x)
+        row = (seq * num_q_heads + head) * seqlen - bos
+    later = tl.zeros([BLOCK], dtype=tl.float64).sum(0)
+    for i in range(0, tl.cdiv(eos - bos, BLOCK)):
+        offs = eos - (i + 1) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs >= bos
+        du = tl.load(DU + row + offs, mask=inside, other=0.0).to(tl.float64)
+        dg = tl.cumsum(du, 0, reverse=True) + later
+        tl.store(DG + row + offs, dg.to(tl.float32), mask=inside)
+        later += tl.sum(du, 0)
+
+
+def _reverse_cumsum_within_sequences(du: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """du [B, HQ, T] float32 (B == 1 with cu_seqlens) -> dg [B, HQ, T] float32 with
+    dg_s = sum of du_t over t >= s in s's sequence, summed in float64 in one launch."""
+    batch, num_q_heads, seqlen = du.shape
+    dg = _allocate_like(du)
+    num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+    if num_seqs == 0 or seqlen == 0:
+        return dg
+    block = 64 if _interpreting() else 2048
+    _reverse_cumsum_kernel[(num_seqs, num_q_heads)](
+        du, dg, du if cu_seqlens is None else cu_seqlens, seqlen, num_q_heads,
+        BLOCK=block, VARLEN=cu_seqlens is not None, num_warps=1 if _interpreting() else 8,
+    )
+    return dg
 
 
 def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens):
@@ -965,5 +993,5 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     )
     dg = None
     if has_gate:
-        dg = _reverse_cumsum_within_sequences(du, cu_seqlens).float()
+        dg = _reverse_cumsum_within_sequences(du, cu_seqlens)
     return dq, dk, dv, dg

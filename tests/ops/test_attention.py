@@ -277,6 +277,25 @@ def test_gate_gradient_error_does_not_grow_along_the_sequence(triton_backend, de
     assert head <= 2 * tail + 1e-6, (head, tail)
 
 
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 70, 71, 200], [0, 0, 130, 130, 200]])
+def test_reverse_cumsum_within_sequences(cu_seqlens, device):
+    """The dg scan kernel against a float64 PyTorch reverse sum per sequence: several blocks
+    per sequence (the interpreter's block is 64), a sequence of one position, empty ones."""
+    heads, seqlen = 3, 200
+    batch = 2 if cu_seqlens is None else 1
+    du = torch.randn(batch, heads, seqlen, device=device) * torch.logspace(-6, 2, seqlen, device=device)
+    bounds = [(0, seqlen)] if cu_seqlens is None else list(zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    expected = torch.zeros(batch, heads, seqlen, dtype=torch.float64, device=device)
+    for start, stop in bounds:
+        piece = du[..., start:stop].double()
+        expected[..., start:stop] = piece.flip(-1).cumsum(-1).flip(-1)
+    offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
+    dg = triton_attention._reverse_cumsum_within_sequences(du, offsets)
+    assert dg.dtype == torch.float32
+    # float32 rounding of the float64 sum, nothing more.
+    torch.testing.assert_close(dg.double(), expected, rtol=2 ** -23, atol=0)
+
+
 def test_backend_selection(monkeypatch, device):
     q, k, v, g = make_inputs(1, 20, 2, 2, 16, True, torch.float32, device)
     monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
