@@ -251,7 +251,7 @@ def sweep(shapes):
                 if head_dim > 128 and config["BLOCK_M"] * config["BLOCK_N"] > 64 * 64:
                     continue
                 kernels.CONFIGS.update(defaults)
-                kernels.CONFIGS[kernel] = lambda d, c=config: dict(c)
+                kernels.CONFIGS[kernel] = lambda d, has_gate=True, c=config: dict(c)
                 row = {"shape": f"B{batch} T{seqlen} H{heads} D{head_dim} w{window}", "kernel": kernel, **config}
                 try:
                     # The gate chunk follows the smallest tile side in use.

@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     rows = []
     for name, (kernel, floats, config_of) in KERNELS.items():
-        config = config_of(args.head_dim)
+        config = config_of(args.head_dim, True)  # the gated tiles, for both variants
         counts = {}
         for has_gate in (False, True):
             loops = loop_bodies(compile_sass(kernel, floats, config, has_gate, args.head_dim))

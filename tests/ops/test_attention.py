@@ -151,7 +151,8 @@ def test_triton_tiles_of_several_gate_chunks(triton_backend, device, monkeypatch
     tile's other chunks), varlen, against the reference."""
     sides = dict(zip(("forward", "dq", "dkdv"), SEVERAL_CHUNK_TILES[tiles]))
     configs = {
-        kernel: (lambda m, n: lambda d: dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=1))(*sides[kernel])
+        kernel: (lambda m, n: lambda d, has_gate=True: dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=1))(
+            *sides[kernel])
         for kernel in sides
     }
     monkeypatch.setattr(triton_attention, "CONFIGS", configs)
