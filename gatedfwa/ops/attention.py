@@ -62,12 +62,17 @@ import triton
 import triton.language as tl
 
 from gatedfwa.ops.gate_sums import longest_sequence
+from gatedfwa.ops.triton_support import cdiv, next_power_of_2
 
 LOG2E_HOST = 1.4426950408889634
 
 
+# Triton decides at decoration time whether its kernels are interpreted; read it once too.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 # ======================================================================================
@@ -762,7 +767,7 @@ def _dkdv_kernel(
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 # Tile sizes: the fastest of benchmarks/bench_attention.py --only sweep on an H200
@@ -851,7 +856,7 @@ class _Problem:
         self.window = limit if window_size is None else min(window_size, limit)
 
     def grid(self, block: int, heads: int):
-        return (triton.cdiv(max(self.max_seqlen, 1), block), self.num_seqs, heads)
+        return (cdiv(max(self.max_seqlen, 1), block), self.num_seqs, heads)
 
 
 def _allocate_like(x: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from gatedfwa.ops.validation import format_shape, check_attention_args, check_cu
 from gatedfwa.ops.gate_math import gate_terms, log_gate
 # Triton is optional: without it the kernels below are never launched.
 from gatedfwa.ops.triton_support import jit as _jit
-from gatedfwa.ops.triton_support import tl, triton
+from gatedfwa.ops.triton_support import cdiv, next_power_of_2, tl, triton
 
 
 __all__ = ["compute_log_gates", "log_gates_from_projection", "gated_fwa_attention"]
@@ -161,10 +161,10 @@ def _allocate(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def _launch_shape(num_rows: int, num_heads: int, elements_per_program: int | None):
-    block_h = triton.next_power_of_2(max(num_heads, 1))
+    block_h = next_power_of_2(max(num_heads, 1))
     elements = elements_per_program or ELEMENTS_PER_PROGRAM
-    block_rows = max(1, min(triton.next_power_of_2(max(num_rows, 1)), elements // block_h))
-    return block_rows, block_h, triton.cdiv(num_rows, block_rows)
+    block_rows = max(1, min(next_power_of_2(max(num_rows, 1)), elements // block_h))
+    return block_rows, block_h, cdiv(num_rows, block_rows)
 
 
 def _require_triton() -> None:
@@ -205,7 +205,7 @@ def gate_backward_2d(dg, a, beta_pre, bias, da, dbeta_pre, elements_per_program=
     seqlen = dg_seqlen or num_rows
     batch = num_rows // seqlen
     block_rows, block_h, _ = _launch_shape(seqlen, num_heads, elements_per_program)
-    grid = (triton.cdiv(seqlen, block_rows), batch)
+    grid = (cdiv(seqlen, block_rows), batch)
     partial = (
         _allocate((grid[0] * grid[1], num_heads), torch.float32, a.device) if bias is not None else dg
     )

@@ -34,7 +34,7 @@ import torch
 from gatedfwa.ops.gate_math import log_gate
 # Triton is optional: without it the kernel below is never launched.
 from gatedfwa.ops.triton_support import jit as _jit
-from gatedfwa.ops.triton_support import constexpr, tl, triton
+from gatedfwa.ops.triton_support import cdiv, constexpr, next_power_of_2, tl
 
 __all__ = ["chunk_gate_sums", "chunk_gate_sums_from_projection", "reference_chunk_gate_sums"]
 
@@ -110,11 +110,11 @@ def _launch(src, beta_src, bias, num_heads, batch, seqlen, chunk, cu_seqlens, ma
     sums = torch.empty((2, batch, num_heads, seqlen), dtype=torch.float32, device=device)
     if sums.numel() == 0 or max_seqlen == 0:
         return sums.zero_()
-    block_h = min(triton.next_power_of_2(num_heads), MAX_BLOCK_H)
+    block_h = min(next_power_of_2(num_heads), MAX_BLOCK_H)
     num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
     # No more chunks per program than the longest sequence has (short sequences, decoding).
-    chunks = min(CHUNKS_PER_PROGRAM, triton.next_power_of_2(triton.cdiv(max_seqlen, chunk)))
-    grid = (triton.cdiv(max_seqlen, chunks * chunk), num_seqs, triton.cdiv(num_heads, block_h))
+    chunks = min(CHUNKS_PER_PROGRAM, next_power_of_2(cdiv(max_seqlen, chunk)))
+    grid = (cdiv(max_seqlen, chunks * chunk), num_seqs, cdiv(num_heads, block_h))
     from_projection = beta_src is not None
     _chunk_sums_kernel[grid](
         src, beta_src if from_projection else src, bias if bias is not None else src, sums,
