@@ -1,5 +1,7 @@
 """Public entry points of the attention op: validation, backend dispatch, and the
-torch.library custom ops (with registered backward) around the Triton kernels.
+torch.library custom ops (with registered backward) around the Triton kernels, which
+torch.compile sees; eager calls take an autograd.Function with the same forward and
+backward, which costs the host less per call.
 
 Backends:
     "triton"  the kernels in gatedfwa/ops/attention.py; default for CUDA tensors. On CPU
@@ -44,6 +46,45 @@ def _gate_sums(g: torch.Tensor | None, q: torch.Tensor, cu_seqlens: torch.Tensor
     return chunk_gate_sums(g, gate_chunk(q.shape[-1]), cu_seqlens)
 
 
+def _forward_impl(q, k, v, g, window_size, scale, cu_seqlens):
+    """(o, lse2 [B, HQ, T] base 2) from the Triton kernels; q, k, v, g contiguous."""
+    from gatedfwa.ops.attention import attention_forward
+
+    return attention_forward(q, k, v, _gate_sums(g, q, cu_seqlens), window_size, scale, cu_seqlens)
+
+
+def _backward_impl(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
+    """(dq, dk, dv, dg [B, T, HQ] in g's dtype or None without g) from the Triton kernels."""
+    from gatedfwa.ops.attention import attention_backward
+
+    sums = _gate_sums(g, q, cu_seqlens)  # recomputed: one light pass over g
+    dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens)
+    if dg is None:
+        return dq, dk, dv, None
+    return dq, dk, dv, dg.transpose(1, 2).to(g.dtype).contiguous()
+
+
+class _WindowAttention(torch.autograd.Function):
+    """The eager path: the custom ops' forward and backward without their dispatch, which
+    costs the host tens of microseconds per call. Under torch.compile the custom ops below
+    are used instead, so that the compiler sees one opaque node with a known backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, window_size, scale, cu_seqlens):
+        o, lse2 = _forward_impl(q, k, v, g, window_size, scale, cu_seqlens)
+        ctx.save_for_backward(q, k, v, g, o, lse2, cu_seqlens)
+        ctx.window_size = window_size
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse2)
+        return o, lse2
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, g, o, lse2, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv, dg = _backward_impl(do.contiguous(), q, k, v, g, o, lse2, ctx.window_size, ctx.scale, cu_seqlens)
+        return dq, dk, dv, dg, None, None, None
+
+
 # --------------------------------------------------------------------------------------
 # Custom ops around the Triton kernels. torch.compile treats them as opaque nodes with a
 # known output shape (register_fake) and a known backward (register_autograd).
@@ -61,9 +102,7 @@ def _window_attention_forward(
     cu_seqlens: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (o, lse2): the output and the base-2 log-sum-exp [B, HQ, T] float32."""
-    from gatedfwa.ops.attention import attention_forward
-
-    return attention_forward(q, k, v, _gate_sums(g, q, cu_seqlens), window_size, scale, cu_seqlens)
+    return _forward_impl(q, k, v, g, window_size, scale, cu_seqlens)
 
 
 @_window_attention_forward.register_fake
@@ -87,13 +126,8 @@ def _window_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """lse2 is the forward's base-2 log-sum-exp. Returns (dq, dk, dv, dg); dg is an empty
     tensor when g is None."""
-    from gatedfwa.ops.attention import attention_backward
-
-    sums = _gate_sums(g, q, cu_seqlens)  # recomputed: one light pass over g
-    dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens)
-    if dg is None:
-        return dq, dk, dv, q.new_empty((0,), dtype=torch.float32)
-    return dq, dk, dv, dg.transpose(1, 2).to(g.dtype).contiguous()
+    dq, dk, dv, dg = _backward_impl(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens)
+    return dq, dk, dv, (q.new_empty((0,), dtype=torch.float32) if dg is None else dg)
 
 
 @_window_attention_backward.register_fake
@@ -159,7 +193,8 @@ def gated_window_attention(
     check_attention_args(q, k, v, g, window_size, scale, cu_seqlens)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if select_backend(q.device) == "triton":
-        o, lse2 = _window_attention_forward(
+        op = _window_attention_forward if torch.compiler.is_compiling() else _WindowAttention.apply
+        o, lse2 = op(
             q.contiguous(), k.contiguous(), v.contiguous(),
             None if g is None else g.contiguous(), window_size, scale, cu_seqlens,
         )

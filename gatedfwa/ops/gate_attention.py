@@ -7,7 +7,9 @@ Forward: one pass over gate_pre evaluates g in registers and writes only the chu
 the attention tiles read (gate_sums.py); g [B, T, HQ] is never stored. Backward: the attention
 backward gives dg in its [B, HQ, T] layout and the gate backward kernel (gate.py) reads it in
 place, with gate_pre, to write d(gate_pre) [B, T, 2HQ] and d(b_g); the sums saved by the
-forward are reused. torch.compile sees two custom ops with a registered backward.
+forward are reused. torch.compile sees two custom ops with a registered backward; eager
+calls take an autograd.Function with the same forward and backward, which skips the custom
+ops' dispatch on the host.
 
 gated_fwa_attention (gate.py) calls this on the Triton backend; the pieces
 (log_gates_from_projection, gated_window_attention) stay usable on their own.
@@ -18,6 +20,47 @@ from __future__ import annotations
 import torch
 
 __all__ = ["gate_attention"]
+
+
+def _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens):
+    """(o, lse2 [B, HQ, T] base 2, sums [2, B, HQ, T] float32) from the Triton kernels."""
+    from gatedfwa.ops.attention import attention_forward, gate_chunk
+    from gatedfwa.ops.gate_sums import chunk_gate_sums_from_projection
+
+    sums = chunk_gate_sums_from_projection(gate_pre, gate_bias, gate_chunk(q.shape[-1]), cu_seqlens)
+    o, lse2 = attention_forward(q, k, v, sums, window_size, scale, cu_seqlens)
+    return o, lse2, sums
+
+
+def _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens):
+    """(dq, dk, dv, d_gate_pre, d_bias) from the Triton kernels, d_bias empty without bias."""
+    from gatedfwa.ops.attention import attention_backward
+    from gatedfwa.ops.gate import projection_backward
+
+    dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens)
+    d_gate_pre, d_bias = projection_backward(dg, gate_pre, gate_bias, dg_seqlen=gate_pre.shape[1])
+    return dq, dk, dv, d_gate_pre, d_bias
+
+
+class _GateAttention(torch.autograd.Function):
+    """The eager path: the custom ops' forward and backward without their dispatch (tens of
+    microseconds of host time per call); torch.compile gets the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens):
+        o, lse2, sums = _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens)
+        ctx.save_for_backward(q, k, v, gate_pre, gate_bias, sums, o, lse2, cu_seqlens)
+        ctx.window_size = window_size
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse2)
+        return o, lse2
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, gate_pre, gate_bias, sums, o, lse2, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv, d_gate_pre, d_bias = _backward_impl(
+            do.contiguous(), q, k, v, gate_pre, gate_bias, sums, o, lse2, ctx.window_size, ctx.scale, cu_seqlens)
+        return dq, dk, dv, d_gate_pre, (None if gate_bias is None else d_bias), None, None, None
 
 
 @torch.library.custom_op("gatedfwa::gate_attention_forward", mutates_args=(), device_types=None)
@@ -32,12 +75,7 @@ def _gate_attention_forward(
     cu_seqlens: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (o, lse2 [B, HQ, T] base 2, sums [2, B, HQ, T] float32)."""
-    from gatedfwa.ops.attention import attention_forward, gate_chunk
-    from gatedfwa.ops.gate_sums import chunk_gate_sums_from_projection
-
-    sums = chunk_gate_sums_from_projection(gate_pre, gate_bias, gate_chunk(q.shape[-1]), cu_seqlens)
-    o, lse2 = attention_forward(q, k, v, sums, window_size, scale, cu_seqlens)
-    return o, lse2, sums
+    return _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens)
 
 
 @_gate_attention_forward.register_fake
@@ -67,12 +105,7 @@ def _gate_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, d_gate_pre [B, T, 2HQ] in gate_pre's dtype, d_bias [HQ] in the
     bias's dtype, or an empty tensor without bias)."""
-    from gatedfwa.ops.attention import attention_backward
-    from gatedfwa.ops.gate import projection_backward
-
-    dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens)
-    d_gate_pre, d_bias = projection_backward(dg, gate_pre, gate_bias, dg_seqlen=gate_pre.shape[1])
-    return dq, dk, dv, d_gate_pre, d_bias
+    return _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens)
 
 
 @_gate_attention_backward.register_fake
@@ -108,8 +141,9 @@ def gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens)
 
     q [B, T, HQ, D], k/v [B, T, H, D], gate_pre [B, T, 2HQ], gate_bias [HQ] or None.
     Returns (o [B, T, HQ, D], lse2 [B, HQ, T] float32 in base 2)."""
-    o, lse2, _ = _gate_attention_forward(
-        q.contiguous(), k.contiguous(), v.contiguous(), gate_pre.contiguous(),
-        None if gate_bias is None else gate_bias.contiguous(), window_size, scale, cu_seqlens,
-    )
-    return o, lse2
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), gate_pre.contiguous(),
+            None if gate_bias is None else gate_bias.contiguous(), window_size, scale, cu_seqlens)
+    if torch.compiler.is_compiling():
+        o, lse2, _ = _gate_attention_forward(*args)
+        return o, lse2
+    return _GateAttention.apply(*args)

@@ -404,6 +404,28 @@ def test_gate_attention_opcheck(monkeypatch, device):
     )
 
 
+def test_gate_attention_eager_path_matches_custom_op(monkeypatch, device):
+    """Eager calls take an autograd.Function instead of the custom op (less host work); both
+    run the same kernels, so outputs and gradients agree bit for bit."""
+    from gatedfwa.ops import gate_attention
+
+    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+    shapes = [(1, 40, 2, 16), (1, 40, 1, 16), (1, 40, 1, 16), (1, 40, 4), (2,)]
+    leaves = [torch.randn(*shape, device=device) for shape in shapes]
+    do = torch.randn(1, 40, 2, 16, device=device)
+    results = []
+    for via_op in (False, True):
+        inputs = [x.clone().requires_grad_() for x in leaves]
+        if via_op:
+            o = gate_attention._gate_attention_forward(*inputs, 8, 0.25, None)[0]
+        else:
+            o = gate_attention.gate_attention(*inputs, 8, 0.25, None)[0]
+        o.backward(do)
+        results.append([o.detach()] + [x.grad for x in inputs])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_compile_fullgraph(monkeypatch, device):
     """The gate's custom ops keep a torch.compile(fullgraph=True) graph whole, backward included."""
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
