@@ -55,6 +55,7 @@ the backward reads it without converting back and forth.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -826,11 +827,14 @@ def gate_chunk(head_dim: int) -> int:
     """The chunk length of the gate sums (gate_sums.py) for this head size: the smallest tile
     side of the three kernels, so that every tile is a whole number of chunks (tile sides are
     powers of two)."""
-    sides = []
-    for kernel in ("forward", "dq", "dkdv"):
-        config = CONFIGS[kernel](head_dim)
-        sides += [config["BLOCK_M"], config["BLOCK_N"]]
-    return min(sides)
+    return _smallest_tile_side(head_dim, CONFIGS["forward"], CONFIGS["dq"], CONFIGS["dkdv"])
+
+
+@functools.lru_cache(maxsize=None)
+def _smallest_tile_side(head_dim: int, *config_functions) -> int:
+    # Cached per set of config functions (every call of an op asks; a replaced CONFIGS entry
+    # is a new key).
+    return min(min(config(head_dim)["BLOCK_M"], config(head_dim)["BLOCK_N"]) for config in config_functions)
 
 
 class _Problem:
@@ -870,9 +874,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """[B, T, ...] -> [B*T, ...] view (x is contiguous)."""
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+def _strides(x: torch.Tensor) -> tuple[int, int]:
+    """(token stride, head stride) of a contiguous [B, T, H, D] tensor, for the kernels'
+    flattened token index b * T + t. A contiguous tensor may carry any stride in a dimension
+    of size 1, so with T == 1 the token stride is the batch stride."""
+    return (x.stride(0) if x.shape[1] == 1 else x.stride(1)), x.stride(2)
 
 
 def _check_sums(sums: torch.Tensor | None, q: torch.Tensor) -> None:
@@ -893,12 +899,11 @@ def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens):
         lse.fill_(float("-inf"))
         o.zero_()
         return o, lse
-    qf, kf, vf, of = _flat(q), _flat(k), _flat(v), _flat(o)
     config = CONFIGS["forward"](problem.head_dim, sums is not None)
     _forward_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
-        qf, kf, vf, sums if sums is not None else qf, of, lse, problem.cu_seqlens,
-        qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
-        of.stride(0), of.stride(1), sums.stride(0) if sums is not None else 0,
+        q, k, v, sums if sums is not None else q, o, lse, problem.cu_seqlens,
+        *_strides(q), *_strides(k), *_strides(v),
+        *_strides(o), sums.stride(0) if sums is not None else 0,
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E_HOST,
         GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
         GATE_CHUNK=gate_chunk(problem.head_dim), HAS_GATE=sums is not None, VARLEN=problem.varlen, DOT_PRECISION=_dot_precision(q.dtype),
@@ -965,9 +970,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
         for grad in (dq, dk, dv):
             grad.zero_()
         return dq, dk, dv, (q.new_zeros(stats_shape, dtype=torch.float32) if has_gate else None)
-    qf, kf, vf, of, dof = _flat(q), _flat(k), _flat(v), _flat(o), _flat(do)
-    dqf, dkf, dvf = _flat(dq), _flat(dk), _flat(dv)
-    gf = sums if has_gate else qf
+    gf = sums if has_gate else q
     delta = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
     # dU = row sums of dS (dq kernel) - column sums (dk/dv kernel, after it).
     du = _allocate_like(delta) if has_gate else delta
@@ -980,25 +983,25 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     shifted_lse = _allocate_like(delta) if has_gate else delta
     delta_block = 16 if _interpreting() else 64
     _delta_kernel[problem.grid(delta_block, problem.num_q_heads)](
-        of, dof, lse, gf, delta, shifted_lse, problem.cu_seqlens,
-        of.stride(0), of.stride(1), dof.stride(0), dof.stride(1), problem.seqlen, problem.num_q_heads,
+        o, do, lse, gf, delta, shifted_lse, problem.cu_seqlens,
+        *_strides(o), *_strides(do), problem.seqlen, problem.num_q_heads,
         HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, BLOCK_M=delta_block, HAS_GATE=has_gate,
         VARLEN=problem.varlen,
     )
     config = CONFIGS["dq"](problem.head_dim)
     _dq_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
-        qf, kf, vf, gf, dof, lse, delta, dqf, du, problem.cu_seqlens,
-        qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
-        sums_plane, dof.stride(0), dof.stride(1), dqf.stride(0), dqf.stride(1),
+        q, k, v, gf, do, lse, delta, dq, du, problem.cu_seqlens,
+        *_strides(q), *_strides(k), *_strides(v),
+        sums_plane, *_strides(do), *_strides(dq),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E_HOST, scale,
         **common, **config,
     )
     config = CONFIGS["dkdv"](problem.head_dim)
     _dkdv_kernel[problem.grid(config["BLOCK_N"], problem.num_kv_heads)](
-        qf, kf, vf, gf, dof, lse, shifted_lse, delta, dkf, dvf, du, problem.cu_seqlens,
-        qf.stride(0), qf.stride(1), kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
-        sums_plane, dof.stride(0), dof.stride(1),
-        dkf.stride(0), dkf.stride(1), dvf.stride(0), dvf.stride(1),
+        q, k, v, gf, do, lse, shifted_lse, delta, dk, dv, du, problem.cu_seqlens,
+        *_strides(q), *_strides(k), *_strides(v),
+        sums_plane, *_strides(do),
+        *_strides(dk), *_strides(dv),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E_HOST, scale,
         **common, **config,
     )

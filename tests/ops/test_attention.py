@@ -278,6 +278,21 @@ def test_gate_gradient_error_does_not_grow_along_the_sequence(triton_backend, de
     assert head <= 2 * tail + 1e-6, (head, tail)
 
 
+def test_one_token_per_sequence_with_odd_strides(triton_backend, device):
+    """T == 1 and B > 1, inputs whose size-1 time dimension carries a stride other than the
+    batch stride (they are still contiguous): the kernels must step tokens by the batch
+    stride, not by that stride."""
+    q, k, v, g = make_inputs(3, 1, 2, 1, 16, True, torch.float32, device)
+
+    def odd(x):
+        # [B, 1, H, D] with stride 1 in the time dimension, equal values.
+        y = x.clone().as_strided(x.shape, (x.stride(0), 1, x.stride(2), 1))
+        assert y.is_contiguous() and y.stride(1) != y.stride(0)
+        return y
+
+    check_against_reference(triton_op, odd(q), odd(k), odd(v), g, 4)
+
+
 @pytest.mark.parametrize("cu_seqlens", [None, [0, 70, 71, 200], [0, 0, 130, 130, 200]])
 def test_reverse_cumsum_within_sequences(cu_seqlens, device):
     """The dg scan kernel against a float64 PyTorch reverse sum per sequence: several blocks
