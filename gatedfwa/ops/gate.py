@@ -243,6 +243,11 @@ def _(a, beta_pre):
 def _log_gates_backward_op(
     dg: torch.Tensor, a: torch.Tensor, beta_pre: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _log_gates_backward_impl(dg, a, beta_pre)
+
+
+def _log_gates_backward_impl(dg, a, beta_pre):
+    """(da, dbeta_pre) in a's and beta_pre's dtypes from dg [B, T, H]."""
     a, beta_pre = a.contiguous(), beta_pre.contiguous()
     da = _allocate(a.shape, a.dtype, a.device)
     dbeta_pre = _allocate(beta_pre.shape, beta_pre.dtype, beta_pre.device)
@@ -276,14 +281,6 @@ def _projection_forward(gate_pre: torch.Tensor, bias: torch.Tensor | None) -> to
     flat = _rows(gate_pre)
     g = gate_forward_2d(flat[:, :num_heads], flat[:, num_heads:], None if bias is None else bias.contiguous())
     return g.view(*gate_pre.shape[:-1], num_heads)
-
-
-def _needs_op(*tensors) -> bool:
-    """Whether the call must go through the custom op: for autograd, or to stay one node in
-    a torch.compile graph."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 @torch.library.custom_op("gatedfwa::log_gates_from_projection", mutates_args=(), device_types=None)
@@ -343,6 +340,36 @@ def _projection_backward(ctx, dg):
 
 
 _projection_op.register_autograd(_projection_backward, setup_context=_projection_setup)
+
+
+# Eager calls skip the custom ops' dispatch (tens of microseconds of host time per call):
+# these autograd.Functions run the same launches. torch.compile gets the custom ops.
+
+
+class _LogGates(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, beta_pre):
+        ctx.save_for_backward(a, beta_pre)
+        a, beta_pre = a.contiguous(), beta_pre.contiguous()
+        return gate_forward_2d(_rows(a), _rows(beta_pre), None).view(a.shape)
+
+    @staticmethod
+    def backward(ctx, dg):
+        a, beta_pre = ctx.saved_tensors
+        return _log_gates_backward_impl(dg, a, beta_pre)
+
+
+class _Projection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_pre, bias):
+        ctx.save_for_backward(gate_pre, bias)
+        return _projection_forward(gate_pre, bias)
+
+    @staticmethod
+    def backward(ctx, dg):
+        gate_pre, bias = ctx.saved_tensors
+        d_gate_pre, d_bias = projection_backward(_rows(dg.float().contiguous()), gate_pre, bias)
+        return d_gate_pre, (None if bias is None else d_bias)
 
 
 # ======================================================================================
@@ -436,7 +463,7 @@ def compute_log_gates(
     """
     check_log_gate_args(a, beta_pre, cu_seqlens)
     if select_backend(a.device) == "triton":
-        return _log_gates_op(a, beta_pre)
+        return _log_gates_op(a, beta_pre) if torch.compiler.is_compiling() else _LogGates.apply(a, beta_pre)
     return reference_log_gates(a, beta_pre).float()
 
 
@@ -454,10 +481,11 @@ def log_gates_from_projection(gate_pre: torch.Tensor, gate_bias: torch.Tensor | 
     """
     check_projection_args(gate_pre, gate_bias)
     if select_backend(gate_pre.device) == "triton":
-        if _needs_op(gate_pre, gate_bias):
+        if torch.compiler.is_compiling():
             return _projection_op(gate_pre, gate_bias)
-        # Inference outside torch.compile (decoding calls this once per layer per token):
-        # the launcher directly, without the custom op's dispatch, ~30 us less host time.
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate_pre, gate_bias)):
+            return _Projection.apply(gate_pre, gate_bias)
+        # Inference (decoding calls this once per layer per token): the launcher directly.
         return _projection_forward(gate_pre, gate_bias)
     num_heads = gate_pre.shape[-1] // 2
     a = gate_pre[..., :num_heads].float()

@@ -404,6 +404,27 @@ def test_gate_attention_opcheck(monkeypatch, device):
     )
 
 
+def test_gate_eager_paths_match_custom_ops(monkeypatch, device):
+    """compute_log_gates and log_gates_from_projection take autograd.Functions in eager mode
+    (less host work than the custom ops torch.compile sees); same kernels, same bits."""
+    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+    cases = [
+        (compute_log_gates, gate._log_gates_op, [(2, 7, 4), (2, 7, 4)]),
+        (log_gates_from_projection, gate._projection_op, [(2, 7, 8), (4,)]),
+    ]
+    for public, op, shapes in cases:
+        leaves = [torch.randn(*shape, device=device) for shape in shapes]
+        dg = torch.randn(2, 7, 4, device=device)
+        results = []
+        for fn in (public, op):
+            inputs = [x.clone().requires_grad_() for x in leaves]
+            g = fn(*inputs)
+            g.backward(dg)
+            results.append([g.detach()] + [x.grad for x in inputs])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_gate_attention_eager_path_matches_custom_op(monkeypatch, device):
     """Eager calls take an autograd.Function instead of the custom op (less host work); both
     run the same kernels, so outputs and gradients agree bit for bit."""
