@@ -7,11 +7,14 @@ SDPA full causal, fla's parallel_forgetting_attn).
     python benchmarks/bench_attention.py --out /tmp/x --only sweep            # tile sizes
 
 Writes attention_check.json/.md and attention_speed.json/.md (GPU name, versions, commit).
+The speed table also gives, for gatedfwa and FlexAttention, the gate's cost measured with
+the gated and ungated forward+backward timed alternately over 5 rounds (median, spread).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import traceback
@@ -166,12 +169,35 @@ def flex_variants(q, k, v, g, window):
     return gated, plain, (qt, kt, vt)
 
 
+GATE_PAIRS = [("gatedfwa (gated)", "gatedfwa SWA (g=None)"),
+              ("FlexAttention (same gated math)", "FlexAttention SWA (no gate)")]
+
+
+def add_gate_costs(rows, steps, rounds: int = 5) -> None:
+    """The gate's cost to each implementation, measured robustly: its gated and ungated
+    forward+backward timed alternately for `rounds` rounds (clock and host drift hit both
+    alike); the gated row gets the median ratio and the spread of the rounds."""
+    for gated, plain in GATE_PAIRS:
+        if gated not in steps or plain not in steps:
+            continue
+        ratios = []
+        for _ in range(rounds):
+            gated_ms = bench_ms(steps[gated][0], grad_to_none=steps[gated][1])
+            plain_ms = bench_ms(steps[plain][0], grad_to_none=steps[plain][1])
+            ratios.append(gated_ms / plain_ms)
+        for row in rows:
+            if row["implementation"] == gated:
+                row["gated / ungated fwd+bwd, interleaved"] = (
+                    f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
+
+
 def time_shape(batch, seqlen, heads, head_dim, window, include_peers=True, include_flex=True):
     q, k, v, g = make_inputs(batch, seqlen, heads, heads, head_dim, requires_grad=True)
     do = torch.randn_like(q)
     pairs = window_pairs([seqlen] * batch, window)
     full_pairs = window_pairs([seqlen] * batch, None)
     rows = []
+    steps = {}  # name -> (forward+backward step, leaves), for the interleaved gate cost
 
     def record(name, fwd, leaves, out_grad, pairs_counted, note=""):
         row = {"shape": f"B{batch} T{seqlen} H{heads} D{head_dim} w{window}", "implementation": name, "note": note}
@@ -189,6 +215,7 @@ def time_shape(batch, seqlen, heads, head_dim, window, include_peers=True, inclu
 
             step()
             ms = bench_ms(step, grad_to_none=leaves)
+            steps[name] = (step, leaves)
             row["fwd+bwd ms"] = ms
             row["fwd+bwd TFLOP/s"] = attention_tflops(pairs_counted, heads, head_dim, ms, backward=True)
         except Exception as exc:  # a peer that fails is recorded, not fatal
@@ -200,6 +227,7 @@ def time_shape(batch, seqlen, heads, head_dim, window, include_peers=True, inclu
     record("gatedfwa (gated)", lambda: gated_window_attention(q, k, v, g, window_size=window), [q, k, v, g], do, pairs)
     record("gatedfwa SWA (g=None)", lambda: gated_window_attention(q, k, v, None, window_size=window), [q, k, v], do, pairs)
     if not include_peers:
+        add_gate_costs(rows, steps)
         return rows
     try:
         gated, plain, leaves = flex_variants(q, k, v, g.detach(), window)
@@ -212,6 +240,7 @@ def time_shape(batch, seqlen, heads, head_dim, window, include_peers=True, inclu
         record("SDPA full causal (all T^2/2 pairs)", sdpa, list(leaves), do_t, full_pairs, note="counts all causal pairs")
     except Exception as exc:
         rows.append({"implementation": "FlexAttention/SDPA", "error": f"{type(exc).__name__}: {exc}"[:300]})
+    add_gate_costs(rows, steps)
     try:
         from fla.ops.forgetting_attn import parallel_forgetting_attn
 
@@ -349,7 +378,8 @@ def main(argv=None):
             # FlexAttention compiles per shape (about a minute each): only the two main shapes.
             rows.extend(time_shape(*shape, include_peers=not args.no_peers, include_flex=i < 2))
             torch.cuda.empty_cache()
-        columns = ["shape", "implementation", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s", "note", "error"]
+        columns = ["shape", "implementation", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
+                   "gated / ungated fwd+bwd, interleaved", "note", "error"]
         write_results(args.out, "attention_speed", {"environment": env, "ceilings": ceilings, "rows": rows,
                                                      "flops": "in-window pairs P: fwd 4*B*HQ*P*D, fwd+bwd 3.5x"},
                       rows, columns)
