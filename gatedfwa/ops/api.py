@@ -64,27 +64,6 @@ def _backward_impl(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
     return dq, dk, dv, dg.transpose(1, 2).to(g.dtype).contiguous()
 
 
-class _WindowAttention(torch.autograd.Function):
-    """The eager path: the custom ops' forward and backward without their dispatch, which
-    costs the host tens of microseconds per call. Under torch.compile the custom ops below
-    are used instead, so that the compiler sees one opaque node with a known backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, window_size, scale, cu_seqlens):
-        o, lse2 = _forward_impl(q, k, v, g, window_size, scale, cu_seqlens)
-        ctx.save_for_backward(q, k, v, g, o, lse2, cu_seqlens)
-        ctx.window_size = window_size
-        ctx.scale = scale
-        ctx.mark_non_differentiable(lse2)
-        return o, lse2
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, g, o, lse2, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv, dg = _backward_impl(do.contiguous(), q, k, v, g, o, lse2, ctx.window_size, ctx.scale, cu_seqlens)
-        return dq, dk, dv, dg, None, None, None
-
-
 # --------------------------------------------------------------------------------------
 # Custom ops around the Triton kernels. torch.compile treats them as opaque nodes with a
 # known output shape (register_fake) and a known backward (register_autograd).
@@ -145,16 +124,37 @@ def _setup_context(ctx, inputs, output):
     ctx.has_gate = g is not None
 
 
-def _backward(ctx, do, dlse):
+def _gradients(ctx, do, backward):
+    """The inputs' gradients from what _setup_context saved; `backward` is the backward custom
+    op (compiled graphs) or _backward_impl (eager calls)."""
     q, k, v, g, o, lse, cu_seqlens = ctx.saved_tensors
     # lse is an auxiliary output; a gradient flowing into it is not supported.
-    dq, dk, dv, dg = _window_attention_backward(
-        do.contiguous(), q, k, v, g, o, lse, ctx.window_size, ctx.scale, cu_seqlens
-    )
+    dq, dk, dv, dg = backward(do.contiguous(), q, k, v, g, o, lse, ctx.window_size, ctx.scale, cu_seqlens)
     return dq, dk, dv, (dg if ctx.has_gate else None), None, None, None
 
 
+def _backward(ctx, do, dlse):
+    return _gradients(ctx, do, _window_attention_backward)
+
+
 _window_attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _WindowAttention(torch.autograd.Function):
+    """The eager path: the custom op's forward and backward without its dispatch, which costs
+    the host tens of microseconds per call. Under torch.compile the custom ops are used, so
+    that the compiler sees one opaque node with a known backward."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+        return output
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        return _gradients(ctx, do, _backward_impl)
 
 
 # --------------------------------------------------------------------------------------

@@ -834,7 +834,8 @@ def gate_chunk(head_dim: int) -> int:
 def _smallest_tile_side(head_dim: int, *config_functions) -> int:
     # Cached per set of config functions (every call of an op asks; a replaced CONFIGS entry
     # is a new key).
-    return min(min(config(head_dim)["BLOCK_M"], config(head_dim)["BLOCK_N"]) for config in config_functions)
+    configs = [config(head_dim) for config in config_functions]
+    return min(min(config["BLOCK_M"], config["BLOCK_N"]) for config in configs)
 
 
 class _Problem:
@@ -988,7 +989,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
         HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, BLOCK_M=delta_block, HAS_GATE=has_gate,
         VARLEN=problem.varlen,
     )
-    config = CONFIGS["dq"](problem.head_dim)
+    config = CONFIGS["dq"](problem.head_dim, has_gate)
     _dq_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
         q, k, v, gf, do, lse, delta, dq, du, problem.cu_seqlens,
         *_strides(q), *_strides(k), *_strides(v),
@@ -996,7 +997,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E_HOST, scale,
         **common, **config,
     )
-    config = CONFIGS["dkdv"](problem.head_dim)
+    config = CONFIGS["dkdv"](problem.head_dim, has_gate)
     _dkdv_kernel[problem.grid(config["BLOCK_N"], problem.num_kv_heads)](
         q, k, v, gf, do, lse, shifted_lse, delta, dk, dv, du, problem.cu_seqlens,
         *_strides(q), *_strides(k), *_strides(v),

@@ -228,10 +228,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 # ======================================================================================
 
 
-@torch.library.custom_op("gatedfwa::log_gates", mutates_args=(), device_types=None)
-def _log_gates_op(a: torch.Tensor, beta_pre: torch.Tensor) -> torch.Tensor:
+def _log_gates_forward(a: torch.Tensor, beta_pre: torch.Tensor) -> torch.Tensor:
+    """a, beta_pre [B, T, H] -> g [B, T, H] float32 (the kernel launch)."""
     a, beta_pre = a.contiguous(), beta_pre.contiguous()
     return gate_forward_2d(_rows(a), _rows(beta_pre), None).view(a.shape)
+
+
+@torch.library.custom_op("gatedfwa::log_gates", mutates_args=(), device_types=None)
+def _log_gates_op(a: torch.Tensor, beta_pre: torch.Tensor) -> torch.Tensor:
+    return _log_gates_forward(a, beta_pre)
 
 
 @_log_gates_op.register_fake
@@ -266,9 +271,11 @@ def _log_gates_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _log_gates_backward(ctx, dg):
+def _log_gates_backward(ctx, dg, backward=_log_gates_backward_op):
+    """(da, dbeta_pre); `backward` is the backward custom op (compiled graphs) or
+    _log_gates_backward_impl (eager calls)."""
     a, beta_pre = ctx.saved_tensors
-    return _log_gates_backward_op(dg, a, beta_pre)
+    return backward(dg, a, beta_pre)
 
 
 _log_gates_op.register_autograd(_log_gates_backward, setup_context=_log_gates_setup)
@@ -299,6 +306,11 @@ def _projection_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (d gate_pre [B, T, 2H] in gate_pre's dtype, d bias [H] in bias's dtype, or an
     empty tensor without bias)."""
+    return _projection_backward_impl(dg, gate_pre, bias)
+
+
+def _projection_backward_impl(dg, gate_pre, bias):
+    """projection_backward from dg [B, T, H]."""
     return projection_backward(_rows(dg.float().contiguous()), gate_pre, bias)
 
 
@@ -333,9 +345,11 @@ def _projection_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _projection_backward(ctx, dg):
+def _projection_backward(ctx, dg, backward=_projection_backward_op):
+    """(d gate_pre, d bias or None); `backward` is the backward custom op (compiled graphs)
+    or _projection_backward_impl (eager calls)."""
     gate_pre, bias = ctx.saved_tensors
-    d_gate_pre, d_bias = _projection_backward_op(dg, gate_pre, bias)
+    d_gate_pre, d_bias = backward(dg, gate_pre, bias)
     return d_gate_pre, (d_bias if ctx.has_bias else None)
 
 
@@ -348,28 +362,24 @@ _projection_op.register_autograd(_projection_backward, setup_context=_projection
 
 class _LogGates(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, beta_pre):
-        ctx.save_for_backward(a, beta_pre)
-        a, beta_pre = a.contiguous(), beta_pre.contiguous()
-        return gate_forward_2d(_rows(a), _rows(beta_pre), None).view(a.shape)
+    def forward(ctx, *inputs):
+        _log_gates_setup(ctx, inputs, None)
+        return _log_gates_forward(*inputs)
 
     @staticmethod
     def backward(ctx, dg):
-        a, beta_pre = ctx.saved_tensors
-        return _log_gates_backward_impl(dg, a, beta_pre)
+        return _log_gates_backward(ctx, dg, _log_gates_backward_impl)
 
 
 class _Projection(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate_pre, bias):
-        ctx.save_for_backward(gate_pre, bias)
-        return _projection_forward(gate_pre, bias)
+    def forward(ctx, *inputs):
+        _projection_setup(ctx, inputs, None)
+        return _projection_forward(*inputs)
 
     @staticmethod
     def backward(ctx, dg):
-        gate_pre, bias = ctx.saved_tensors
-        d_gate_pre, d_bias = projection_backward(_rows(dg.float().contiguous()), gate_pre, bias)
-        return d_gate_pre, (None if bias is None else d_bias)
+        return _projection_backward(ctx, dg, _projection_backward_impl)
 
 
 # ======================================================================================

@@ -42,27 +42,6 @@ def _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, 
     return dq, dk, dv, d_gate_pre, d_bias
 
 
-class _GateAttention(torch.autograd.Function):
-    """The eager path: the custom ops' forward and backward without their dispatch (tens of
-    microseconds of host time per call); torch.compile gets the custom ops instead."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens):
-        o, lse2, sums = _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens)
-        ctx.save_for_backward(q, k, v, gate_pre, gate_bias, sums, o, lse2, cu_seqlens)
-        ctx.window_size = window_size
-        ctx.scale = scale
-        ctx.mark_non_differentiable(lse2)
-        return o, lse2
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, gate_pre, gate_bias, sums, o, lse2, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv, d_gate_pre, d_bias = _backward_impl(
-            do.contiguous(), q, k, v, gate_pre, gate_bias, sums, o, lse2, ctx.window_size, ctx.scale, cu_seqlens)
-        return dq, dk, dv, d_gate_pre, (None if gate_bias is None else d_bias), None, None, None
-
-
 @torch.library.custom_op("gatedfwa::gate_attention_forward", mutates_args=(), device_types=None)
 def _gate_attention_forward(
     q: torch.Tensor,
@@ -124,16 +103,38 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = gate_bias is not None
 
 
-def _backward(ctx, do, dlse, dsums):
+def _gradients(ctx, do, backward):
+    """The inputs' gradients from what _setup_context saved; `backward` is the backward custom
+    op (compiled graphs) or _backward_impl (eager calls)."""
     q, k, v, gate_pre, gate_bias, sums, o, lse, cu_seqlens = ctx.saved_tensors
     # lse and the sums are auxiliary outputs; gradients flowing into them are not supported.
-    dq, dk, dv, d_gate_pre, d_bias = _gate_attention_backward(
+    dq, dk, dv, d_gate_pre, d_bias = backward(
         do.contiguous(), q, k, v, gate_pre, gate_bias, sums, o, lse, ctx.window_size, ctx.scale, cu_seqlens
     )
     return dq, dk, dv, d_gate_pre, (d_bias if ctx.has_bias else None), None, None, None
 
 
+def _backward(ctx, do, dlse, dsums):
+    return _gradients(ctx, do, _gate_attention_backward)
+
+
 _gate_attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _GateAttention(torch.autograd.Function):
+    """The eager path: the custom ops' forward and backward without their dispatch (tens of
+    microseconds of host time per call); torch.compile gets the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1], output[2])
+        return output
+
+    @staticmethod
+    def backward(ctx, do, dlse, dsums):
+        return _gradients(ctx, do, _backward_impl)
 
 
 def gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens):
@@ -143,7 +144,6 @@ def gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens)
     Returns (o [B, T, HQ, D], lse2 [B, HQ, T] float32 in base 2)."""
     args = (q.contiguous(), k.contiguous(), v.contiguous(), gate_pre.contiguous(),
             None if gate_bias is None else gate_bias.contiguous(), window_size, scale, cu_seqlens)
-    if torch.compiler.is_compiling():
-        o, lse2, _ = _gate_attention_forward(*args)
-        return o, lse2
-    return _GateAttention.apply(*args)
+    op = _gate_attention_forward if torch.compiler.is_compiling() else _GateAttention.apply
+    o, lse2, _ = op(*args)
+    return o, lse2
