@@ -327,41 +327,41 @@ def _forward_kernel(
     num_unmasked = tl.minimum(tl.maximum(m0 - unmasked_floor, 0) // BLOCK_N, num_tiles)
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
     row_shift = query_offset
-    # Each tile's sums are loaded one tile ahead, so that their latency hides behind a tile's
-    # work. The address is clamped to the sequence start: whenever this phase has tiles,
-    # [bos, bos + BLOCK_N) lies inside [bos, m0), so the last, unused load stays in bounds.
-    # The first load is masked at the sequence end: in a sequence's first block (m0 = bos)
-    # the phase has no tiles and a sequence shorter than a tile ends inside [bos, bos + BLOCK_N).
-    next_key_term = key_term
-    next_sum = running
+    # Each tile loads the next tile's sums right after its own logits have used its sums:
+    # their latency hides behind the rest of the tile and the next tile's q k^T, and the old
+    # and new values are never live at once, so the loop carries them without register copies
+    # (16 moves per tile when the load came first; kernel_instructions.py). The address is
+    # clamped to the sequence start: whenever this phase has tiles, [bos, bos + BLOCK_N) lies
+    # inside [bos, m0), so the last, unused load stays in bounds. The first load is masked at
+    # the sequence end: in a sequence's first block (m0 = bos) the phase has no tiles and a
+    # sequence shorter than a tile ends inside [bos, bos + BLOCK_N).
+    tile_sum = running
     if HAS_GATE:
-        next_key_term, next_sum = _suffix_sums_left_of(p_head, s_head, m0, bos, eos, BLOCK_N, GATE_CHUNK, True)
+        key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, m0, bos, eos, BLOCK_N, GATE_CHUNK, True)
     for i in range(0, num_unmasked):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            key_term, tile_sum = next_key_term, next_sum
-            next_key_term, next_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK,
-                                                           False)
             row_shift = query_offset - running
             running -= tile_sum
         acc, row_max, row_sum = _forward_tile(
             acc, row_max, row_sum, q, k_head, v_head, row_shift, key_term,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION)
+        if HAS_GATE:
+            key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK, False)
     for i in range(num_unmasked, num_tiles):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            key_term, tile_sum = next_key_term, next_sum
-            next_key_term, next_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK,
-                                                           False)
             row_shift = query_offset - running
             running -= tile_sum
         acc, row_max, row_sum = _forward_tile(
             acc, row_max, row_sum, q, k_head, v_head, row_shift, key_term,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION)
+        if HAS_GATE:
+            key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK, False)
 
     # Epilogue: normalise; rows without any visible key give 0 and lse = -inf.
     has_keys = row_sum > 0.0
@@ -540,37 +540,34 @@ def _dq_kernel(
     num_unmasked = tl.minimum(tl.maximum(m0 - unmasked_floor, 0) // BLOCK_N, num_tiles)
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
     row_shift = query_offset
-    # The sums one tile ahead, as in _forward_kernel.
-    next_key_term = key_term
-    next_sum = running
+    # Each tile loads the next tile's sums after its own, as in _forward_kernel.
+    tile_sum = running
     if HAS_GATE:
-        next_key_term, next_sum = _suffix_sums_left_of(p_head, s_head, m0, bos, eos, BLOCK_N, GATE_CHUNK, True)
+        key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, m0, bos, eos, BLOCK_N, GATE_CHUNK, True)
     for i in range(0, num_unmasked):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            key_term, tile_sum = next_key_term, next_sum
-            next_key_term, next_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK,
-                                                           False)
             row_shift = query_offset - running
             running -= tile_sum
         dq, dgate_row = _dq_tile(
             dq, dgate_row, q, do, lse2, delta, k_head, v_head, row_shift, key_term,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION)
+        if HAS_GATE:
+            key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK, False)
     for i in range(num_unmasked, num_tiles):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            key_term, tile_sum = next_key_term, next_sum
-            next_key_term, next_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK,
-                                                           False)
             row_shift = query_offset - running
             running -= tile_sum
         dq, dgate_row = _dq_tile(
             dq, dgate_row, q, do, lse2, delta, k_head, v_head, row_shift, key_term,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION)
+        if HAS_GATE:
+            key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK, False)
 
     tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
