@@ -105,24 +105,24 @@ def _gate_batch_shift(seq, num_q_heads, seqlen, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _chunk_total(p_head, chunk_start, eos, CHUNK: tl.constexpr):
-    """Sum of the gates of the chunk that starts at chunk_start (0 past the sequence end):
-    the chunk's inclusive prefix sum at its last valid position."""
+def _chunk_total(p_head, chunk_start, eos, live, CHUNK: tl.constexpr):
+    """Sum of the gates of the chunk that starts at chunk_start (0 past the sequence end, or
+    when not live): the chunk's inclusive prefix sum at its last valid position."""
     last = tl.minimum(chunk_start + CHUNK - 1, eos - 1)
-    return tl.load(p_head + last, mask=chunk_start < eos, other=0.0)
+    return tl.load(p_head + last, mask=(chunk_start < eos) & live, other=0.0)
 
 
 @triton.jit
-def _tile_carry(p_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl.constexpr, BEFORE: tl.constexpr):
+def _tile_carry(p_head, offs, start, eos, live, TILE: tl.constexpr, CHUNK: tl.constexpr, BEFORE: tl.constexpr):
     """For a tile [start, start + TILE) of whole chunks: the tile's gate total, and per position
     the totals of the tile's other chunks before (BEFORE) or after its own. All zero when the
     tile is one chunk, which is the case of every tile for D <= 128."""
-    total = _chunk_total(p_head, start, eos, CHUNK)
+    total = _chunk_total(p_head, start, eos, live, CHUNK)
     carry = tl.zeros(offs.shape, dtype=tl.float32)
     if TILE > CHUNK:
         previous = total
         for c in tl.static_range(1, TILE // CHUNK):
-            chunk_sum = _chunk_total(p_head, start + c * CHUNK, eos, CHUNK)
+            chunk_sum = _chunk_total(p_head, start + c * CHUNK, eos, live, CHUNK)
             if BEFORE:
                 carry += tl.where(offs >= start + c * CHUNK, previous, 0.0)
             else:
@@ -133,44 +133,47 @@ def _tile_carry(p_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl.constexp
 
 
 @triton.jit
-def _tile_sums(plane_head, p_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl.constexpr,
+def _tile_sums(plane_head, p_head, offs, start, eos, live, TILE: tl.constexpr, CHUNK: tl.constexpr,
                MASKED: tl.constexpr, PREFIX: tl.constexpr):
     """One plane of the chunk sums over the tile [start, start + TILE), completed to tile sums
     with the totals of the tile's other chunks (before t's for the prefix plane, after j's
-    for the suffix plane), and the tile's total."""
+    for the suffix plane), and the tile's total. live (a scalar) false: nothing is read, all 0."""
     if MASKED:
-        sums = tl.load(plane_head + offs, mask=offs < eos, other=0.0)
+        sums = tl.load(plane_head + offs, mask=(offs < eos) & live, other=0.0)
     else:
-        sums = tl.load(plane_head + offs)
-    carry, total = _tile_carry(p_head, offs, start, eos, TILE, CHUNK, PREFIX)
+        sums = tl.load(plane_head + offs, mask=live, other=0.0)
+    carry, total = _tile_carry(p_head, offs, start, eos, live, TILE, CHUNK, PREFIX)
     if TILE > CHUNK:
         sums += carry
     return sums, total
 
 
 @triton.jit
-def _tile_prefix(p_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr):
+def _tile_prefix(p_head, offs, start, eos, live, TILE: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr):
     """Inclusive prefix sums of the gates inside the tile [start, start + TILE) and the tile's
     total: P[t] plus the totals of the tile's chunks before t's, all terms of one sign."""
-    return _tile_sums(p_head, p_head, offs, start, eos, TILE, CHUNK, MASKED, True)
+    return _tile_sums(p_head, p_head, offs, start, eos, live, TILE, CHUNK, MASKED, True)
 
 
 @triton.jit
-def _tile_suffix(p_head, s_head, offs, start, eos, TILE: tl.constexpr, CHUNK: tl.constexpr,
+def _tile_suffix(p_head, s_head, offs, start, eos, live, TILE: tl.constexpr, CHUNK: tl.constexpr,
                  MASKED: tl.constexpr):
     """Exclusive suffix sums g[j+1] + ... + g[tile end] inside the tile [start, start + TILE)
     and the tile's total: S[j] plus the totals of the tile's chunks after j's."""
-    return _tile_sums(s_head, p_head, offs, start, eos, TILE, CHUNK, MASKED, False)
+    return _tile_sums(s_head, p_head, offs, start, eos, live, TILE, CHUNK, MASKED, False)
 
 
 @triton.jit
-def _suffix_sums_left_of(p_head, s_head, start, bos, eos, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
-                         MASKED: tl.constexpr):
+def _suffix_sums_left_of(p_head, s_head, start, bos, eos, live, BLOCK_N: tl.constexpr,
+                         GATE_CHUNK: tl.constexpr, MASKED: tl.constexpr):
     """_tile_suffix of the key tile [start - BLOCK_N, start), the next one a forward/dq program
-    walks to, with its start clamped to the sequence start so that the address stays valid
-    after the last tile (whose values are then unused). MASKED also stops at eos."""
+    walks to, read only if live: the callers pass False after a program's last tile (a load
+    whose value is never used would still have to land before the program could finish).
+    MASKED also stops at eos; the start is clamped to the sequence start so that the address
+    stays in bounds."""
     first = tl.maximum(start - BLOCK_N, bos)
-    return _tile_suffix(p_head, s_head, first + tl.arange(0, BLOCK_N), first, eos, BLOCK_N, GATE_CHUNK, MASKED)
+    return _tile_suffix(p_head, s_head, first + tl.arange(0, BLOCK_N), first, eos, live, BLOCK_N, GATE_CHUNK,
+                        MASKED)
 
 
 # How a tile applies the gate's decay L_t - L_j (base 2) to its logits.
@@ -301,20 +304,32 @@ def _forward_kernel(
     key_term = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_GATE:
         # L_t = g[m0] + ... + g[t] (reference r = m0 - 1).
-        query_offset, _ = _tile_prefix(p_head, offs_m, m0, eos, BLOCK_M, GATE_CHUNK, True)
+        query_offset, _ = _tile_prefix(p_head, offs_m, m0, eos, True, BLOCK_M, GATE_CHUNK, True)
 
     # Phase 1: the diagonal tiles [m0, m0 + BLOCK_M), left to right. L_j = g[m0] + ... + g[j].
+    # The first tile's sums are read here, next to q: read at the top of the loop, they would
+    # be staged through shared memory by the loop's pipelining for a single use (3% of the
+    # forward at w = 512, H200). Further tiles (BLOCK_M > BLOCK_N) read theirs after the
+    # previous tile, as in phase 2.
+    diagonal_end = tl.minimum(m0 + BLOCK_M, eos)
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
-    for n0 in range(m0, tl.minimum(m0 + BLOCK_M, eos), BLOCK_N):
+    prefix = key_term
+    tile_sum = running
+    if HAS_GATE:
+        prefix, tile_sum = _tile_prefix(p_head, m0 + tl.arange(0, BLOCK_N), m0, eos, True, BLOCK_N, GATE_CHUNK, True)
+    for n0 in range(m0, diagonal_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            prefix, tile_sum = _tile_prefix(p_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, True)
             key_term = -(running + prefix)
             running += tile_sum
         acc, row_max, row_sum = _forward_tile(
             acc, row_max, row_sum, q, k_head, v_head, query_offset, key_term,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION)
+        if HAS_GATE:
+            if BLOCK_M > BLOCK_N:
+                prefix, tile_sum = _tile_prefix(p_head, offs_n + BLOCK_N, n0 + BLOCK_N, eos,
+                                                n0 + BLOCK_N < diagonal_end, BLOCK_N, GATE_CHUNK, True)
 
     # Phase 2: tiles left of the diagonal, nearest first. For key tile [n0, n0 + BLOCK_N):
     # L_j = -(g[j+1] + ... + g[m0-1]) = running - S_tile[j], with running = -(gates in
@@ -330,14 +345,18 @@ def _forward_kernel(
     # Each tile loads the next tile's sums right after its own logits have used its sums:
     # their latency hides behind the rest of the tile and the next tile's q k^T, and the old
     # and new values are never live at once, so the loop carries them without register copies
-    # (16 moves per tile when the load came first; kernel_instructions.py). The address is
-    # clamped to the sequence start: whenever this phase has tiles, [bos, bos + BLOCK_N) lies
-    # inside [bos, m0), so the last, unused load stays in bounds. The first load is masked at
-    # the sequence end: in a sequence's first block (m0 = bos) the phase has no tiles and a
-    # sequence shorter than a tile ends inside [bos, bos + BLOCK_N).
+    # (16 moves per tile when the load came first; kernel_instructions.py). The masked loop,
+    # which holds the program's last tile, skips the load after it: a program would otherwise
+    # end waiting on a load it never uses (2-3% of the forward at w = 512, H200). The unmasked
+    # loop is followed by a masked tile except where the window reaches the sequence start, so
+    # it skips no load and needs no predicate (its unused load stays in bounds: the address is
+    # clamped to the sequence start). The first load is masked at the sequence end: in a
+    # sequence's first block (m0 = bos) the phase has no tiles and a sequence shorter than a
+    # tile ends inside [bos, bos + BLOCK_N).
     tile_sum = running
     if HAS_GATE:
-        key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, m0, bos, eos, BLOCK_N, GATE_CHUNK, True)
+        key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, m0, bos, eos, m0 > lowest_key, BLOCK_N,
+                                                  GATE_CHUNK, True)
     for i in range(0, num_unmasked):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -349,7 +368,8 @@ def _forward_kernel(
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION)
         if HAS_GATE:
-            key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK, False)
+            key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, True, BLOCK_N, GATE_CHUNK,
+                                                      False)
     for i in range(num_unmasked, num_tiles):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -361,7 +381,8 @@ def _forward_kernel(
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION)
         if HAS_GATE:
-            key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK, False)
+            key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, n0 > lowest_key, BLOCK_N,
+                                                      GATE_CHUNK, False)
 
     # Epilogue: normalise; rows without any visible key give 0 and lse = -inf.
     has_keys = row_sum > 0.0
@@ -513,7 +534,7 @@ def _dq_kernel(
     s_head = p_head + sums_plane
     query_offset = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_GATE:
-        query_offset, _ = _tile_prefix(p_head, offs_m, m0, eos, BLOCK_M, GATE_CHUNK, True)
+        query_offset, _ = _tile_prefix(p_head, offs_m, m0, eos, True, BLOCK_M, GATE_CHUNK, True)
     k_head = K + kv_head * stride_kh
     v_head = V + kv_head * stride_vh
 
@@ -521,18 +542,26 @@ def _dq_kernel(
     dgate_row = tl.zeros([BLOCK_M], dtype=tl.float32)
     key_term = tl.zeros([BLOCK_N], dtype=tl.float32)
 
-    # The decay's row and key terms as in _forward_kernel.
+    # The decay's row and key terms, and the order of their loads, as in _forward_kernel.
+    diagonal_end = tl.minimum(m0 + BLOCK_M, eos)
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
-    for n0 in range(m0, tl.minimum(m0 + BLOCK_M, eos), BLOCK_N):
+    prefix = key_term
+    tile_sum = running
+    if HAS_GATE:
+        prefix, tile_sum = _tile_prefix(p_head, m0 + tl.arange(0, BLOCK_N), m0, eos, True, BLOCK_N, GATE_CHUNK, True)
+    for n0 in range(m0, diagonal_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
-            prefix, tile_sum = _tile_prefix(p_head, offs_n, n0, eos, BLOCK_N, GATE_CHUNK, True)
             key_term = -(running + prefix)
             running += tile_sum
         dq, dgate_row = _dq_tile(
             dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_term,
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION)
+        if HAS_GATE:
+            if BLOCK_M > BLOCK_N:
+                prefix, tile_sum = _tile_prefix(p_head, offs_n + BLOCK_N, n0 + BLOCK_N, eos,
+                                                n0 + BLOCK_N < diagonal_end, BLOCK_N, GATE_CHUNK, True)
 
     lowest_key = tl.maximum(bos, m0 - window + 1)
     num_tiles = tl.cdiv(m0 - lowest_key, BLOCK_N)
@@ -543,7 +572,8 @@ def _dq_kernel(
     # Each tile loads the next tile's sums after its own, as in _forward_kernel.
     tile_sum = running
     if HAS_GATE:
-        key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, m0, bos, eos, BLOCK_N, GATE_CHUNK, True)
+        key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, m0, bos, eos, m0 > lowest_key, BLOCK_N,
+                                                  GATE_CHUNK, True)
     for i in range(0, num_unmasked):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -555,7 +585,8 @@ def _dq_kernel(
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION)
         if HAS_GATE:
-            key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK, False)
+            key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, True, BLOCK_N, GATE_CHUNK,
+                                                      False)
     for i in range(num_unmasked, num_tiles):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -567,7 +598,8 @@ def _dq_kernel(
             offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
             HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION)
         if HAS_GATE:
-            key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, BLOCK_N, GATE_CHUNK, False)
+            key_term, tile_sum = _suffix_sums_left_of(p_head, s_head, n0, bos, eos, n0 > lowest_key, BLOCK_N,
+                                                      GATE_CHUNK, False)
 
     tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
@@ -618,14 +650,14 @@ def _dkdv_tile(
         delta = tl.load(delta_head + stat)
     sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
     if DECAY == PAIR_DECAY:
-        prefix, tile_sum = _tile_prefix(p_head, offs_m, m_start, eos, BLOCK_M, GATE_CHUNK, MASKED)
+        prefix, tile_sum = _tile_prefix(p_head, offs_m, m_start, eos, True, BLOCK_M, GATE_CHUNK, MASKED)
         decayT = (running + prefix)[None, :] + key_term[:, None]
         if MASKED:
             decayT = tl.where(offs_m[None, :] == offs_n[:, None], 0.0, decayT)  # as in _forward_tile
         sT += decayT
         running += tile_sum
     elif DECAY == SPLIT_DECAY:
-        carry, tile_sum = _tile_carry(p_head, offs_m, m_start, eos, BLOCK_M, GATE_CHUNK, True)
+        carry, tile_sum = _tile_carry(p_head, offs_m, m_start, eos, True, BLOCK_M, GATE_CHUNK, True)
         sT += (running + key_term)[:, None]
         if BLOCK_M > GATE_CHUNK:
             lse2 -= carry
@@ -710,7 +742,7 @@ def _dkdv_kernel(
         zero = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
         running = zero
         if HAS_GATE:
-            suffix, block_sum = _tile_suffix(p_head, p_head + sums_plane, offs_n, n0, eos, BLOCK_N,
+            suffix, block_sum = _tile_suffix(p_head, p_head + sums_plane, offs_n, n0, eos, True, BLOCK_N,
                                              GATE_CHUNK, True)
             key_term = suffix  # -L_j
             running = -block_sum
