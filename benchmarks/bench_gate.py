@@ -12,7 +12,8 @@ Writes (under --out):
   gate_end_to_end.json/.md  B=4, T=8192, H=16, D=128, bf16, w in {512, 2048}: forward+backward
                             of [fused gate + gated attention] / [attention with g=None], and
                             the unfused PyTorch gate (eager, torch.compile) + the same attention;
-                            also each step's kernel time alone and the host's time to issue it
+                            also each step's kernel time alone, that of its gate kernels (all
+                            but the attention's four) and the host's time to issue it
 Every variant runs in its own try block: an error is recorded in the JSON and the run goes on.
 With --quick the files are named *_quick and hold no timings.
 """
