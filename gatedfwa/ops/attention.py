@@ -277,12 +277,8 @@ def _forward_kernel(
         return
     kv_head = head // GROUP
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    if HAS_GATE:
-        DIAGONAL: tl.constexpr = PAIR_DECAY
-        OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY
-    else:
-        DIAGONAL: tl.constexpr = NO_DECAY
-        OFF_DIAGONAL: tl.constexpr = NO_DECAY
+    DIAGONAL: tl.constexpr = PAIR_DECAY if HAS_GATE else NO_DECAY
+    OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY if HAS_GATE else NO_DECAY
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -508,12 +504,8 @@ def _dq_kernel(
         return
     kv_head = head // GROUP
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    if HAS_GATE:
-        DIAGONAL: tl.constexpr = PAIR_DECAY
-        OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY
-    else:
-        DIAGONAL: tl.constexpr = NO_DECAY
-        OFF_DIAGONAL: tl.constexpr = NO_DECAY
+    DIAGONAL: tl.constexpr = PAIR_DECAY if HAS_GATE else NO_DECAY
+    OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY if HAS_GATE else NO_DECAY
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -698,12 +690,8 @@ def _dkdv_kernel(
     if n0 >= eos:
         return
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    if HAS_GATE:
-        DIAGONAL: tl.constexpr = PAIR_DECAY
-        OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY
-    else:
-        DIAGONAL: tl.constexpr = NO_DECAY
-        OFF_DIAGONAL: tl.constexpr = NO_DECAY
+    DIAGONAL: tl.constexpr = PAIR_DECAY if HAS_GATE else NO_DECAY
+    OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY if HAS_GATE else NO_DECAY
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
