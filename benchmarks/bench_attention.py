@@ -29,10 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import attention_tflops, bench_ms, environment, measure_ceilings, window_pairs, write_results  # noqa: E402
 
 from gatedfwa import gated_window_attention  # noqa: E402
-from gatedfwa.ops import attention as kernels  # noqa: E402
-from gatedfwa.ops.gate_attention import gate_attention  # noqa: E402
-from gatedfwa.ops.gate_sums import chunk_gate_sums  # noqa: E402
-from gatedfwa.ops.reference import chunked_gated_window_attention, naive_gated_window_attention  # noqa: E402
+from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums  # noqa: E402
+from gatedfwa.ops.window_attention import launch  # noqa: E402
+from gatedfwa.ops.window_attention.backward import attention_backward  # noqa: E402
+from gatedfwa.ops.window_attention.forward import attention_forward  # noqa: E402
+from gatedfwa.ops.window_attention.fused_gate import _fused_gate_attention as fused_gate_attention  # noqa: E402
+from gatedfwa.ops.window_attention.reference import chunked_gated_window_attention, naive_gated_window_attention  # noqa: E402
 
 DEVICE = "cuda"
 
@@ -270,7 +272,7 @@ SWEEP = {
 def sweep(shapes):
     """Time each kernel alone under each tile configuration (the others at their defaults)."""
     rows = []
-    defaults = dict(kernels.CONFIGS)
+    defaults = dict(launch.CONFIGS)
     for batch, seqlen, heads, head_dim, window in shapes:
         q, k, v, g = make_inputs(batch, seqlen, heads, heads, head_dim)
         do = torch.randn_like(q)
@@ -279,18 +281,18 @@ def sweep(shapes):
             for config in configs:
                 if head_dim > 128 and config["BLOCK_M"] * config["BLOCK_N"] > 64 * 64:
                     continue
-                kernels.CONFIGS.update(defaults)
-                kernels.CONFIGS[kernel] = lambda d, has_gate=True, c=config: dict(c)
+                launch.CONFIGS.update(defaults)
+                launch.CONFIGS[kernel] = lambda d, has_gate=True, c=config: dict(c)
                 row = {"shape": f"B{batch} T{seqlen} H{heads} D{head_dim} w{window}", "kernel": kernel, **config}
                 try:
                     # The gate chunk follows the smallest tile side in use.
-                    sums = chunk_gate_sums(g, kernels.gate_chunk(head_dim))
-                    o, lse2 = kernels.attention_forward(q, k, v, sums, window, head_dim**-0.5, None)
+                    sums = chunk_gate_sums(g, launch.gate_chunk(head_dim))
+                    o, lse2 = attention_forward(q, k, v, sums, window, head_dim**-0.5, None)
                     if kernel == "forward":
-                        fn = lambda: kernels.attention_forward(q, k, v, sums, window, head_dim**-0.5, None)  # noqa: E731
+                        fn = lambda: attention_forward(q, k, v, sums, window, head_dim**-0.5, None)  # noqa: E731
                         flops_factor = 1.0
                     else:
-                        fn = lambda: kernels.attention_backward(do, q, k, v, sums, o, lse2, window, head_dim**-0.5, None)  # noqa: E731
+                        fn = lambda: attention_backward(do, q, k, v, sums, o, lse2, window, head_dim**-0.5, None)  # noqa: E731
                         flops_factor = 2.5
                     fn()
                     ms = bench_ms(fn)
@@ -300,7 +302,7 @@ def sweep(shapes):
                     row["error"] = f"{type(exc).__name__}: {exc}"[:200]
                 rows.append(row)
                 print(row, flush=True)
-    kernels.CONFIGS.update(defaults)
+    launch.CONFIGS.update(defaults)
     return rows
 
 
@@ -318,7 +320,7 @@ def profile_kernels(batch=4, seqlen=8192, heads=16, head_dim=128, window=2048):
 
         def step():
             if name == "gated, fused from gate_pre":
-                o, _ = gate_attention(q, k, v, gate_pre, gate_bias, window, head_dim**-0.5, None)
+                o, _ = fused_gate_attention(q, k, v, gate_pre, gate_bias, window, head_dim**-0.5, None)
             else:
                 o = gated_window_attention(q, k, v, g, window_size=window)
             o.backward(do)

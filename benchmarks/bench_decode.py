@@ -51,13 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import bench_ms, environment, error_record, measure_ceilings, write_results  # noqa: E402
 
-from gatedfwa.cache import WindowLayerCache  # noqa: E402
-from gatedfwa.ops.decode import (  # noqa: E402
-    decode_attention_torch,
-    decode_attention_triton,
-    decode_config,
-    decode_gated_window_attention,
-)
+from gatedfwa.ops.decode import WindowLayerCache, decode_gated_window_attention  # noqa: E402
+from gatedfwa.ops.decode.kernels import decode_attention_triton, decode_config  # noqa: E402
+from gatedfwa.ops.decode.reference import decode_attention_torch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TIMING = DEVICE == "cuda" and not QUICK

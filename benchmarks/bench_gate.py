@@ -44,11 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_ms, environment, error_record, kernel_device_ms, measure_ceilings, write_results  # noqa: E402
 
 from gatedfwa import gated_window_attention, log_gates_from_projection  # noqa: E402
-from gatedfwa.ops import gate as gate_ops  # noqa: E402
-from gatedfwa.ops.attention import gate_chunk  # noqa: E402
-from gatedfwa.ops.gate_attention import gate_attention  # noqa: E402
-from gatedfwa.ops.gate_sums import chunk_gate_sums_from_projection  # noqa: E402
-from gatedfwa.ops.gate_reference import naive_log_gates  # noqa: E402
+from gatedfwa.ops.gate import kernels as gate_kernels  # noqa: E402
+from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums_from_projection  # noqa: E402
+from gatedfwa.ops.gate.op import compute_log_gates  # noqa: E402
+from gatedfwa.ops.gate.reference import naive_log_gates  # noqa: E402
+from gatedfwa.ops.window_attention.fused_gate import _fused_gate_attention as fused_gate_attention  # noqa: E402
+from gatedfwa.ops.window_attention.launch import gate_chunk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TIMING = DEVICE == "cuda" and not QUICK
@@ -91,7 +92,7 @@ def numerics(rows_per_grid: int) -> dict:
         try:
             a, beta_pre = a.to(DEVICE), beta_pre.to(DEVICE)
             dg = torch.randn(a.shape, dtype=torch.float64, device=DEVICE)
-            fast = gate_grads(gate_ops.compute_log_gates, a, beta_pre, dg)
+            fast = gate_grads(compute_log_gates, a, beta_pre, dg)
             ref = gate_grads(naive_log_gates, a.double(), beta_pre.double(), dg)
             row = {"case": name, "elements": a.numel()}
             ok = True
@@ -165,14 +166,14 @@ def bandwidth(sizes, dtype, ceiling_gbps) -> dict:
             a_view, beta_view = flat[:, :heads], flat[:, heads:]
             d_gate_pre = torch.empty_like(flat)
             da_view, dbeta_view = d_gate_pre[:, :heads], d_gate_pre[:, heads:]
-            _, _, programs = gate_ops._launch_shape(rows, heads, None)
+            _, _, programs = gate_kernels._launch_shape(rows, heads, None)
             fwd_bytes, bwd_bytes = gate_bytes(rows, heads, gate_pre.element_size(), programs)
 
             def forward():
                 return chunk_gate_sums_from_projection(gate_pre, bias, chunk)
 
             def backward():
-                return gate_ops.gate_backward_2d(dg, a_view, beta_view, bias, da_view, dbeta_view, dg_seqlen=seqlen)
+                return gate_kernels.gate_backward_2d(dg, a_view, beta_view, bias, da_view, dbeta_view, dg_seqlen=seqlen)
 
             fwd_ms = time_or_run(forward)
             bwd_ms = time_or_run(backward)
@@ -222,7 +223,7 @@ def unfused_gate(gate_pre, bias):
     return F.logsigmoid(z) / beta
 
 
-# The attention's own kernels (gatedfwa/ops/attention.py), the same in every variant.
+# The attention's own kernels (gatedfwa/ops/window_attention/), the same in every variant.
 ATTENTION_KERNELS = ("_forward_kernel", "_delta_kernel", "_dq_kernel", "_dkdv_kernel")
 
 
@@ -277,7 +278,7 @@ def end_to_end(batch, seqlen, heads, head_dim, windows, dtype) -> dict:
             "attention g=None": (lambda: attend(None).backward(do), [q, k, v]),
             "attention, precomputed g": (lambda: attend(g_leaf).backward(do), [q, k, v, g_leaf]),
             "fused gate + attention (one op)": (
-                lambda: gate_attention(q, k, v, gate_pre, bias, window, head_dim**-0.5, None)[0].backward(do),
+                lambda: fused_gate_attention(q, k, v, gate_pre, bias, window, head_dim**-0.5, None)[0].backward(do),
                 [q, k, v, gate_pre, bias]),
             "Triton gate kernel + attention": (
                 lambda: attend(log_gates_from_projection(gate_pre, bias)).backward(do), [q, k, v, gate_pre, bias]),

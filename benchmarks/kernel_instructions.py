@@ -3,7 +3,7 @@
 Compiles the forward, dq and dk/dv kernels for an H100/H200 (sm_90) on any machine that has
 Triton (no GPU needed: Triton ships ptxas and nvdisasm), with and without a gate, and counts
 the SASS instructions in each loop body, by kind. The loops are the tile loops of
-attention.py: the largest one with fewer float selects (FSEL) than scores per thread is the
+the window attention kernels (gatedfwa/ops/window_attention/): the largest one with fewer float selects (FSEL) than scores per thread is the
 unmasked loop that dominates long windows (a masked tile selects every score); the others
 handle the diagonal and the window's far edge (paired across the two variants by size).
 
@@ -16,7 +16,7 @@ memory and tensor cores), but they show where per-element work was added: each t
 
 The kernels are specialised as at the benchmark size (B=4, T=8192, H=16, D=128 or --head-dim,
 bf16): every pointer and integer argument divisible by 16, as Triton's launcher would find
-them, and the tile sizes attention.py picks for that head size.
+them, and the tile sizes launch.py picks for that head size.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from common import environment, write_results  # noqa: E402
-from gatedfwa.ops import attention  # noqa: E402
+from gatedfwa.ops.window_attention import backward, forward, launch  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 64)
 # Opcode groups for the table.
@@ -51,9 +51,9 @@ KINDS = {
 # The kernels and what differs between them: pointer arguments (all else is int32 unless listed
 # as float), scale arguments, and the launch configuration for D = 128.
 KERNELS = {
-    "forward": (attention._forward_kernel, ("qk_scale",), attention._forward_config),
-    "dq": (attention._dq_kernel, ("qk_scale", "scale"), attention._dq_config),
-    "dkdv": (attention._dkdv_kernel, ("qk_scale", "scale"), attention._dkdv_config),
+    "forward": (forward._forward_kernel, ("qk_scale",), launch.CONFIGS["forward"]),
+    "dq": (backward._dq_kernel, ("qk_scale", "scale"), launch.CONFIGS["dq"]),
+    "dkdv": (backward._dkdv_kernel, ("qk_scale", "scale"), launch.CONFIGS["dkdv"]),
 }
 LOW_PRECISION_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "CU_SEQLENS"}
 
@@ -65,7 +65,7 @@ def _nvdisasm() -> str:
 def compile_sass(kernel, floats, config: dict, has_gate: bool, head_dim: int) -> str:
     """SASS text of one kernel specialised for head_dim (a power of two), bf16, sm_90."""
     constants = dict(GROUP=1, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=config["BLOCK_M"],
-                     BLOCK_N=config["BLOCK_N"], GATE_CHUNK=attention.gate_chunk(head_dim),
+                     BLOCK_N=config["BLOCK_N"], GATE_CHUNK=launch.gate_chunk(head_dim),
                      HAS_GATE=has_gate, VARLEN=False, DOT_PRECISION="tf32")
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):

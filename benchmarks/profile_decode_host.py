@@ -78,17 +78,14 @@ class LaunchCounter:
 def stub_triton_kernels() -> None:
     """Replace every Triton kernel of the gatedfwa.ops modules by a LaunchCounter and force
     the Triton backend (for --stub-kernels on a machine without a GPU)."""
-    import importlib
     import os
-    import pkgutil
 
     from triton.runtime import KernelInterface
 
-    import gatedfwa.ops
+    from gatedfwa.testing import op_modules
 
     os.environ["GATEDFWA_BACKEND"] = "triton"
-    # Import every module first: one imported after a patch would bind the patched helper.
-    modules = [importlib.import_module(f"gatedfwa.ops.{info.name}") for info in pkgutil.iter_modules(gatedfwa.ops.__path__)]
+    modules = op_modules()
     for module in modules:
         for attr, value in list(vars(module).items()):
             if isinstance(value, KernelInterface):

@@ -43,7 +43,7 @@ from profile_decode_host import LaunchCounter, stub_triton_kernels  # noqa: E402
 def make_calls(device: str, batch: int, seqlen: int, heads: int, head_dim: int, window: int) -> dict:
     """name -> zero-argument callable, each one training call of an op."""
     from gatedfwa import gated_window_attention
-    from gatedfwa.ops.gate_attention import gate_attention
+    from gatedfwa.ops.window_attention.fused_gate import _fused_gate_attention as fused_gate_attention
 
     def leaf(*shape):
         return torch.randn(*shape, device=device).requires_grad_()
@@ -59,7 +59,7 @@ def make_calls(device: str, batch: int, seqlen: int, heads: int, head_dim: int, 
         return gated_window_attention(q, k, v, gate, window_size=window)
 
     def fused():
-        return gate_attention(q, k, v, gate_pre, bias, window, scale, None)[0]
+        return fused_gate_attention(q, k, v, gate_pre, bias, window, scale, None)[0]
 
     return {
         "attention g=None, forward": lambda: attend(None),

@@ -1,4 +1,4 @@
-"""Helpers for checking a fast path against the float64 reference (DESIGN rule, section 4):
+"""Helpers for checking a fast path against the float64 reference (docs/correctness.md):
 
     max|fast - ref64| <= factor * max|naiveP - ref64| + atol
 
@@ -60,45 +60,13 @@ def poison_(*tensors: torch.Tensor) -> None:
             t.fill_(float("nan"))
 
 
-def patch_triton_interpreter_bf16() -> None:
-    """Make Triton's CPU interpreter treat bfloat16 like the GPU does.
+def op_modules() -> list:
+    """Every module under gatedfwa.ops, imported: for tests and profilers that replace the
+    Triton kernels they hold (import all first: a module imported after a patch would bind the
+    patched helper and keep it)."""
+    import importlib
+    import pkgutil
 
-    The interpreter (Triton <= 3.6) keeps bfloat16 blocks as uint16 bit patterns and (1)
-    hands them to numpy's matmul unconverted, so every bf16 tl.dot returns garbage, and (2)
-    casts float32 to bfloat16 by truncation, where the GPU rounds to nearest even (a
-    probability of 0.9999 becomes 0.996). Compiled kernels are unaffected. This widens bf16
-    dot operands to float32 (exact) and rounds float32 -> bf16 casts to nearest even. It is
-    idempotent and harmless where the interpreter is unused.
-    """
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder, "_gatedfwa_bf16_fix", False):
-        return
-    original_dot = builder.create_dot
-    original_cast = builder.cast_impl
+    import gatedfwa.ops
 
-    def widen(handle):
-        if handle.dtype == tl.bfloat16:
-            as_float = (handle.data.astype(np.uint32) << 16).view(np.float32)
-            return interpreter.TensorHandle(as_float, tl.float32)
-        return handle
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
-            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-            rounded = np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded)
-            return interpreter.TensorHandle(rounded, tl.bfloat16)
-        return original_cast(self, src, dst_type)
-
-    builder.create_dot = create_dot
-    builder.cast_impl = cast_impl
-    builder._gatedfwa_bf16_fix = True
+    return [importlib.import_module(info.name) for info in pkgutil.walk_packages(gatedfwa.ops.__path__, "gatedfwa.ops.")]

@@ -14,11 +14,7 @@ import zlib  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from gatedfwa.testing import patch_triton_interpreter_bf16  # noqa: E402
-
 DEVICE = os.environ.get("GATEDFWA_TEST_DEVICE", "cpu")
-if os.environ.get("TRITON_INTERPRET") == "1":
-    patch_triton_interpreter_bf16()
 
 
 @pytest.fixture

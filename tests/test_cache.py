@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from gatedfwa.cache import WindowCache, WindowLayerCache
-from gatedfwa.ops.decode import decode_gated_window_attention
-from gatedfwa.ops.reference import naive_gated_window_attention
+from gatedfwa.ops.decode import WindowCache, WindowLayerCache, decode_gated_window_attention
+from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
 from gatedfwa.testing import max_abs_error
 
 

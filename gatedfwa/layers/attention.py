@@ -29,12 +29,16 @@ import torch
 from torch import nn
 
 from gatedfwa.layers.norm import RMSNorm
-from gatedfwa.cache import WindowLayerCache
 from gatedfwa.layers.padding import PackedLayout, pack, packed_layout, positions_from_mask, unpack
 from gatedfwa.layers.rotary import apply_rotary, rotary_angles
-from gatedfwa.ops.api import gated_window_attention
-from gatedfwa.ops.decode import MAX_DECODE_LENGTH, decode_gated_window_attention
-from gatedfwa.ops.gate import gated_fwa_attention, log_gates_from_projection
+from gatedfwa.ops import (
+    MAX_DECODE_LENGTH,
+    WindowLayerCache,
+    decode_gated_window_attention,
+    gated_fwa_attention,
+    gated_window_attention,
+    log_gates_from_projection,
+)
 
 __all__ = ["GatedFWAttention", "gate_bias_init"]
 
@@ -231,7 +235,7 @@ class GatedFWAttention(nn.Module):
                 real tokens see exactly what they would see without it; padding rows of the
                 output are 0.
             cu_seqlens: int32 [N + 1] when x packs N sequences along T (B == 1; no cache).
-            cache: this layer's gatedfwa.cache.WindowLayerCache. Empty: x is a prompt; the
+            cache: this layer's gatedfwa.WindowLayerCache. Empty: x is a prompt; the
                 parallel path runs and fills the cache (prefill). Holding tokens: x holds
                 the next tokens (all real), run through the decode op against the cache,
                 at most MAX_DECODE_LENGTH per call of the op (longer x is split).

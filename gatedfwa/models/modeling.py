@@ -10,7 +10,7 @@
 Padding (attention_mask with zeros, e.g. left-padded prompts) is handled exactly: the real
 tokens of every row are packed into one varlen row once, before the first block, and
 unpacked after the last, so no padding token ever enters a softmax or a gate sum.
-Decoding keeps per layer only the last w keys and values (gatedfwa.cache).
+Decoding keeps per layer only the last w keys and values (gatedfwa/ops/decode/cache.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from gatedfwa.cache import WindowCache
+from gatedfwa.ops import WindowCache
 from gatedfwa.layers.attention import GatedFWAttention, default_position_ids, gate_bias_init
 from gatedfwa.layers.norm import RMSNorm
 from gatedfwa.layers.padding import pack, packed_layout, positions_from_mask, unpack
@@ -164,7 +164,7 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
             )
         if cache is not None and not isinstance(cache, WindowCache):
             raise TypeError(
-                f"cache must be a gatedfwa.cache.WindowCache (from model.new_cache()), got {type(cache).__name__}"
+                f"cache must be a gatedfwa.WindowCache (from model.new_cache()), got {type(cache).__name__}"
             )
         if use_cache and cache is None:
             cache = self.new_cache()
@@ -265,7 +265,7 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
                 row's real tokens (0 for the first).
             labels: [B, T] targets aligned with input_ids; shifted inside (position t predicts
                 labels[t + 1]); -100 is ignored.
-            cache: a gatedfwa.cache.WindowCache (``past_key_values`` is the same argument
+            cache: a gatedfwa.WindowCache (``past_key_values`` is the same argument
                 under the name older transformers versions use). Empty: the input is a
                 prompt, run in parallel, that fills it. Holding tokens: the input holds the
                 next tokens, decoded against it (and appended to it).

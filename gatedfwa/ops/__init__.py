@@ -1,1 +1,27 @@
-"""Pure functions on tensors (no nn.Module): references, Triton kernels, public ops."""
+"""Pure functions on tensors (no nn.Module), one package per op family:
+
+    window_attention/  gated sliding-window attention: reference, Triton forward/backward, the op,
+                       and the op fused with the gate (from the gate projection to the output)
+    gate/              the gate preprocessing: log gates from the projections, chunk-local sums
+    decode/            decode steps against the bounded window cache
+
+Each package has a PyTorch reference beside its Triton kernels and one public face (its
+__init__). Shared by all: backend.py (which implementation serves a call), validation.py
+(argument checks), varlen.py (packed sequences), triton_support.py (Triton, constants).
+"""
+
+from gatedfwa.ops.decode import MAX_DECODE_LENGTH, WindowCache, WindowLayerCache, decode_gated_window_attention
+from gatedfwa.ops.gate import compute_log_gates, log_gates_from_projection
+from gatedfwa.ops.window_attention import flash_gated_window_attention, gated_fwa_attention, gated_window_attention
+
+__all__ = [
+    "gated_window_attention",
+    "flash_gated_window_attention",
+    "gated_fwa_attention",
+    "compute_log_gates",
+    "log_gates_from_projection",
+    "decode_gated_window_attention",
+    "WindowCache",
+    "WindowLayerCache",
+    "MAX_DECODE_LENGTH",
+]

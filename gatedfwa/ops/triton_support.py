@@ -1,6 +1,19 @@
-"""Triton is optional: CUDA users have it through PyTorch, CPU users may not. Kernel modules
-import it from here; without it, `jit` leaves functions as plain Python (never launched)
-and every op takes its PyTorch path."""
+"""What every kernel module shares: Triton itself (optional), the interpreter switch, constants,
+and small host-side helpers.
+
+Triton is optional: CUDA users have it through PyTorch, CPU users may not. Kernel modules
+import it from here; without it, `jit` leaves functions as plain Python (never launched) and
+every op takes its PyTorch path.
+
+Triton's interpreter (TRITON_INTERPRET=1, read by Triton when a kernel is decorated) runs the
+kernels on the CPU with numpy. Its bfloat16 arithmetic differs from the GPU's; importing this
+module while the interpreter is on corrects that (`patch_interpreter_bfloat16`), so that no
+interpreted kernel returns a silently wrong bf16 answer.
+"""
+
+from __future__ import annotations
+
+import os
 
 try:
     import triton
@@ -18,6 +31,29 @@ except ImportError:
         return value
 
 
+LOG2E = 1.4426950408889634
+"""log2(e): the kernels take exponentials with exp2, so logits and gate sums are scaled by it."""
+LN2 = 0.6931471805599453
+"""ln(2): turns the kernels' base-2 log-sum-exp back into natural log."""
+LOG2E_CONSTEXPR = constexpr(LOG2E)
+"""LOG2E for use inside kernels (Triton reads only constexpr globals there)."""
+
+# Triton decides at decoration time whether its kernels are interpreted; read the switch once.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETING
+
+
+def dot_precision(dtype) -> str:
+    """input_precision of the kernels' tl.dot for operands of this dtype: float32 inputs get
+    full-precision products (tf32 would cost ~1e-3 relative error); fp16/bf16 are exact in
+    either mode."""
+    import torch
+
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 # Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr functions in
@@ -35,4 +71,54 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-__all__ = ["triton", "tl", "jit", "constexpr", "cdiv", "next_power_of_2"]
+def patch_interpreter_bfloat16() -> None:
+    """Make Triton's CPU interpreter treat bfloat16 as the GPU does.
+
+    The interpreter keeps bfloat16 blocks as uint16 bit patterns and (1) hands them to numpy's
+    matmul unconverted, so a bf16 tl.dot returns numbers off by orders of magnitude, and (2)
+    casts float32 to bfloat16 by truncation, where the GPU rounds to nearest even (a
+    probability of 0.9999 becomes 0.996). Compiled kernels are unaffected. This widens bf16
+    dot operands to float32 (exact) and rounds float32 -> bf16 casts to nearest even.
+    Idempotent; a no-op without Triton. Called on import when the interpreter is on.
+    """
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_gatedfwa_bfloat16_patched", False):
+        return
+    original_dot = builder.create_dot
+    original_cast = builder.cast_impl
+
+    def widen(handle):
+        if handle.dtype == tl.bfloat16:
+            as_float = (handle.data.astype(np.uint32) << 16).view(np.float32)
+            return interpreter.TensorHandle(as_float, tl.float32)
+        return handle
+
+    def create_dot(self, a, b, d, *args, **kwargs):
+        return original_dot(self, widen(a), widen(b), d, *args, **kwargs)
+
+    def cast_impl(self, src, dst_type, *args, **kwargs):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            rounded = np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded)
+            return interpreter.TensorHandle(rounded, tl.bfloat16)
+        return original_cast(self, src, dst_type, *args, **kwargs)
+
+    builder.create_dot = create_dot
+    builder.cast_impl = cast_impl
+    builder._gatedfwa_bfloat16_patched = True
+
+
+if _INTERPRETING and triton is not None:
+    patch_interpreter_bfloat16()
+
+
+__all__ = [
+    "triton", "tl", "jit", "constexpr", "LOG2E", "LN2", "LOG2E_CONSTEXPR", "interpreting", "dot_precision",
+    "cdiv", "next_power_of_2", "patch_interpreter_bfloat16",
+]

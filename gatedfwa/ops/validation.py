@@ -4,6 +4,7 @@ expected; nothing is broadcast, truncated or clamped silently."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -14,6 +15,16 @@ MAX_HEAD_DIM = 256
 def format_shape(x: torch.Tensor) -> str:
     """A shape as error messages print it: [2, 8, 4, 16]."""
     return "[" + ", ".join(str(s) for s in x.shape) + "]"
+
+
+def check_float_tensor(name: str, x, dims: int, layout: str) -> None:
+    """x is a floating-point tensor with `dims` dimensions (`layout` names them in the error)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions {layout}, got shape {format_shape(x)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -113,9 +124,33 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> None:
         raise ValueError(f"cu_seqlens must end at the packed length T = {q.shape[1]}, got {values[-1]}")
 
 
+VALUE_CHECKS_VARIABLE = "GATEDFWA_CHECK_VALUES"
+"""Set to 1 to check the values of gates on CUDA too (a host sync per call)."""
+
+
+def check_log_gate_values(g: torch.Tensor | None, name: str = "g") -> None:
+    """Log gates must be <= 0 and not NaN (-inf is allowed: the gate closes completely).
+
+    Checked on CPU tensors always, and on other devices when GATEDFWA_CHECK_VALUES=1: reading
+    values back costs a device sync per call, so by default CUDA inputs are assumed valid (a
+    positive gate would make the decay grow with distance instead of shrink)."""
+    if g is None or g.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if g.device.type != "cpu" and os.environ.get(VALUE_CHECKS_VARIABLE, "0") != "1":
+        return
+    bad = g.isnan() | (g > 0)
+    if bool(bad.any()):
+        count = int(bad.sum())
+        worst = g[bad].flatten()[0].item()
+        raise ValueError(
+            f"{name} must hold log gates <= 0 (and no NaN); {count} of {g.numel()} values are not, e.g. {worst!r}"
+        )
+
+
 def check_attention_args(q, k, v, g, window_size, scale, cu_seqlens) -> None:
     check_qkv(q, k, v)
     check_gate(g, q)
+    check_log_gate_values(g)
     check_window(window_size)
     check_scale(scale)
     check_cu_seqlens(cu_seqlens, q)

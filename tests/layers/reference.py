@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gatedfwa.ops.reference import naive_gated_window_attention
+from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
 
 
 def _rms(x, weight, eps):

@@ -1,5 +1,5 @@
 """GatedFWAttention's parallel forward against an independent float64 re-implementation
-(DESIGN section 4 rule), padding and packing, initialisation and argument errors."""
+(the rule of docs/correctness.md), padding and packing, initialisation and argument errors."""
 
 import math
 

@@ -1,11 +1,11 @@
 """GatedFWAttention decoding with the window cache: prefill (parallel path) then the decode
-op, one token or a few at a time, equals one parallel pass at every position (DESIGN
-section 4 rule against the float64 reference), for T > 3w."""
+op, one token or a few at a time, equals one parallel pass at every position (the rule of
+docs/correctness.md against the float64 reference), for T > 3w."""
 
 import pytest
 import torch
 
-from gatedfwa.cache import WindowLayerCache
+from gatedfwa import WindowLayerCache
 from gatedfwa.layers import GatedFWAttention
 from gatedfwa.testing import assert_within_rule
 from tests.layers.reference import reference_attention_layer

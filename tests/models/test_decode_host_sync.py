@@ -9,15 +9,12 @@ there under a dispatch mode that rejects the ops a host read dispatches to. On m
 that bypasses the dispatcher (.tolist(), .cpu()) fails as well. With backend "triton" the
 host side of the Triton path runs, its kernel launches replaced by no-ops."""
 
-import importlib
-import pkgutil
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import gatedfwa.ops
 from gatedfwa.models import GatedFWAForCausalLM
+from gatedfwa.testing import op_modules
 from tests.models.test_model import tiny_config
 
 # What .item(), bool(t), int(t) and data-dependent shapes dispatch to.
@@ -50,9 +47,7 @@ class NoLaunch:
 def stub_triton_kernels(monkeypatch):
     from triton.runtime import KernelInterface
 
-    # Every module is imported before any is patched: a module imported later would bind
-    # a patched helper (from ... import name) and keep it after the test.
-    modules = [importlib.import_module(f"gatedfwa.ops.{info.name}") for info in pkgutil.iter_modules(gatedfwa.ops.__path__)]
+    modules = op_modules()
     for module in modules:
         for name, value in list(vars(module).items()):
             if isinstance(value, KernelInterface):

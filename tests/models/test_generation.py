@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gatedfwa.cache import WindowCache
+from gatedfwa import WindowCache
 from gatedfwa.models import GatedFWAForCausalLM
 from tests.models.test_model import tiny_config
 

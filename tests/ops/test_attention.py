@@ -1,5 +1,5 @@
 """Gated window attention: Triton kernels and the chunked PyTorch path against the float64
-naive reference, with the rule of DESIGN section 4 (error <= 2x the naive path's own error
+naive reference, with the rule of docs/correctness.md (error <= 2x the naive path's own error
 in the same precision + 1e-5), for outputs and every gradient.
 
 On the CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py), so sizes
@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from gatedfwa import flash_gated_window_attention, gated_window_attention
-from gatedfwa.ops import attention as triton_attention
-from gatedfwa.ops.reference import chunked_gated_window_attention, naive_gated_window_attention
+from gatedfwa.ops.window_attention import backward as triton_backward
+from gatedfwa.ops.window_attention import launch
+from gatedfwa.ops.window_attention.reference import chunked_gated_window_attention, naive_gated_window_attention
 from gatedfwa.testing import assert_within_rule, float32_slack, max_abs_error
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -79,7 +80,7 @@ def triton_backend(monkeypatch):
     def poisoned(x):
         return torch.full_like(x, float("nan"))
 
-    monkeypatch.setattr(triton_attention, "_allocate_like", poisoned)
+    monkeypatch.setattr(launch, "allocate_like", poisoned)
 
 
 # (head_dim, q_heads, kv_heads, window, gate, seqlen): every head dim, both GQA ratios,
@@ -155,8 +156,8 @@ def test_triton_tiles_of_several_gate_chunks(triton_backend, device, monkeypatch
             *sides[kernel])
         for kernel in sides
     }
-    monkeypatch.setattr(triton_attention, "CONFIGS", configs)
-    assert triton_attention.gate_chunk(32) == 16
+    monkeypatch.setattr(launch, "CONFIGS", configs)
+    assert launch.gate_chunk(32) == 16
     # The last sequence is long enough for query tiles of several chunks past a key block.
     cu_seqlens = torch.tensor([0, 70, 71, 200], dtype=torch.int32, device=device)
     q, k, v, g = make_inputs(1, 200, 2, 1, 32, True, torch.bfloat16, device)
@@ -306,7 +307,7 @@ def test_reverse_cumsum_within_sequences(cu_seqlens, device):
         piece = du[..., start:stop].double()
         expected[..., start:stop] = piece.flip(-1).cumsum(-1).flip(-1)
     offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
-    dg = triton_attention._reverse_cumsum_within_sequences(du, offsets)
+    dg = triton_backward._reverse_cumsum_within_sequences(du, offsets)
     assert dg.dtype == torch.float32
     # float32 rounding of the float64 sum, nothing more.
     torch.testing.assert_close(dg.double(), expected, rtol=2 ** -23, atol=0)
@@ -341,7 +342,7 @@ def test_flash_alias_matches(device):
 def test_eager_path_matches_custom_op(triton_backend, device, gated):
     """Eager calls take an autograd.Function instead of the custom op (less host work); both
     run the same kernels, so outputs and gradients agree bit for bit."""
-    from gatedfwa.ops import api
+    from gatedfwa.ops.window_attention import op as window_op
 
     q, k, v, g = make_inputs(1, 37, 2, 1, 16, gated, torch.float32, device)
     do = torch.randn_like(q)
@@ -349,7 +350,7 @@ def test_eager_path_matches_custom_op(triton_backend, device, gated):
     for via_op in (False, True):
         inputs = [None if x is None else x.clone().requires_grad_() for x in (q, k, v, g)]
         if via_op:
-            o = api._window_attention_forward(*inputs, 8, 0.25, None)[0]
+            o = window_op._window_attention_forward(*inputs, 8, 0.25, None)[0]
         else:
             o = gated_window_attention(*inputs, window_size=8, scale=0.25)
         o.backward(do)

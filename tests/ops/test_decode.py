@@ -1,7 +1,7 @@
 """Decoding against the window cache equals the parallel op at every position.
 
 Step-by-step outputs (L = 1 and chunks of L = 3, after a prefill or from an empty cache)
-are checked against the naive float64 reference with the DESIGN section 4 rule, and against
+are checked against the naive float64 reference with the rule of docs/correctness.md, and against
 the parallel op (gated_window_attention, torch backend). The Triton kernel (interpreted on
 the CPU) is checked against the PyTorch decode path, split-K included.
 """
@@ -10,15 +10,11 @@ import pytest
 import torch
 
 from gatedfwa import gated_window_attention
-from gatedfwa.cache import WindowLayerCache
-from gatedfwa.ops import decode as decode_module
-from gatedfwa.ops.decode import (
-    MAX_DECODE_LENGTH,
-    decode_attention_torch,
-    decode_attention_triton,
-    decode_gated_window_attention,
-)
-from gatedfwa.ops.reference import naive_gated_window_attention
+from gatedfwa.ops.decode import MAX_DECODE_LENGTH, WindowLayerCache, decode_gated_window_attention
+from gatedfwa.ops.decode import kernels as decode_kernels
+from gatedfwa.ops.decode.kernels import decode_attention_triton
+from gatedfwa.ops.decode.reference import decode_attention_torch
+from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
 from gatedfwa.testing import assert_within_rule, max_abs_error
 
 
@@ -148,8 +144,8 @@ def test_triton_kernel_matches_torch(monkeypatch, q_heads, kv_heads, head_dim, w
     scale = head_dim**-0.5
     expected = decode_attention_torch(q, k_new, v_new, g_new, cache, scale)
     decays_before = None if cache.decays is None else cache.decays.clone()
-    combine = CountingLaunches(decode_module._combine_kernel)
-    monkeypatch.setattr(decode_module, "_combine_kernel", combine)
+    combine = CountingLaunches(decode_kernels._combine_kernel)
+    monkeypatch.setattr(decode_kernels, "_combine_kernel", combine)
     # 16-slot tiles: the 37 cached tokens span 3 tiles, enough for 3 splits.
     got = decode_attention_triton(q, k_new, v_new, g_new, cache, scale, update_decays=True,
                                   num_splits=splits, block_n=16)

@@ -1,6 +1,6 @@
 """Gate preprocessing: the Triton kernels and the PyTorch path against the float64 autograd
 reference of g = logsigmoid(beta * a) / beta, beta = 1 + ELU(beta_pre), with the rule of
-DESIGN section 4 (error <= 2x the same formula's own error in the same precision + 1e-5),
+docs/correctness.md (error <= 2x the same formula's own error in the same precision + 1e-5),
 for values and gradients; plus, where the formula itself overflows in float32 (beta ~ 1e-22),
 finiteness and an elementwise relative comparison with the float64 reference.
 
@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from gatedfwa import compute_log_gates, gated_fwa_attention, log_gates_from_projection
-from gatedfwa.ops import gate
-from gatedfwa.ops.gate_reference import naive_log_gates, reference_log_gates
-from gatedfwa.ops.reference import chunked_gated_window_attention, naive_gated_window_attention
+from gatedfwa.ops.gate import kernels as gate_kernels
+from gatedfwa.ops.gate import op as gate_op
+from gatedfwa.ops.gate.reference import naive_log_gates, reference_log_gates
+from gatedfwa.ops.window_attention.reference import chunked_gated_window_attention, naive_gated_window_attention
 from gatedfwa.testing import assert_within_rule, float32_slack
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,9 +34,9 @@ def backend(request, monkeypatch):
     """Force a backend; for Triton, small programs and NaN-filled output buffers."""
     monkeypatch.setenv("GATEDFWA_BACKEND", request.param)
     if request.param == "triton":
-        monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", 64)
+        monkeypatch.setattr(gate_kernels, "ELEMENTS_PER_PROGRAM", 64)
         monkeypatch.setattr(
-            gate, "_allocate", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+            gate_kernels, "allocate", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
         )
     return request.param
 
@@ -50,7 +51,7 @@ def gates_and_grads(fn, a, beta_pre, dg):
 
 
 def assert_within_relative_rule(name, fast, low, ref64):
-    """The DESIGN rule on errors relative to max(|ref|, 1), for outputs that span many decades
+    """The rule of docs/correctness.md on errors relative to max(|ref|, 1), for outputs that span many decades
     (g from -3.6e21 to -1e-30 in one tensor): there a plain maximum would compare the rounding
     of the single largest element only."""
     scale = ref64.abs().clamp(min=1)
@@ -220,16 +221,16 @@ def test_projection_backward_reads_dg_by_head(monkeypatch, elements, device):
     """The fused op's backward reads dg in the attention's [B, H, T] layout (dg_seqlen = T):
     the same d(gate_pre) as from dg [B*T, H], and both within the rule of the float64
     gradients. Small programs (ragged in every batch row) and one program per row."""
-    monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", elements)
+    monkeypatch.setattr(gate_kernels, "ELEMENTS_PER_PROGRAM", elements)
     monkeypatch.setattr(
-        gate, "_allocate", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+        gate_kernels, "allocate", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
     )
     batch, seqlen, heads = 3, 37, 5
     gate_pre = torch.randn(batch, seqlen, 2 * heads, device=device) * 3
     gate_bias = torch.randn(heads, device=device)
     dg = torch.randn(batch, heads, seqlen, device=device)
-    by_head = gate.projection_backward(dg, gate_pre, gate_bias, dg_seqlen=seqlen)
-    by_row = gate.projection_backward(dg.transpose(1, 2).reshape(-1, heads), gate_pre, gate_bias)
+    by_head = gate_op.projection_backward(dg, gate_pre, gate_bias, dg_seqlen=seqlen)
+    by_row = gate_op.projection_backward(dg.transpose(1, 2).reshape(-1, heads), gate_pre, gate_bias)
     assert torch.equal(by_head[0], by_row[0])
     low = projection_grads(projection_reference, gate_pre, gate_bias, dg.transpose(1, 2))
     ref = projection_grads(projection_reference, gate_pre.double(), gate_bias.double(), dg.transpose(1, 2))
@@ -242,7 +243,7 @@ def test_projection_backward_reads_dg_by_head(monkeypatch, elements, device):
 
 def test_triton_and_torch_backends_agree(monkeypatch, device):
     """The two paths side by side on one projection (values and both gradients)."""
-    monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", 64)
+    monkeypatch.setattr(gate_kernels, "ELEMENTS_PER_PROGRAM", 64)
     gate_pre = torch.randn(3, 21, 10, device=device) * 5
     gate_bias = torch.randn(5, device=device)
     dg = torch.randn(3, 21, 5, dtype=torch.float64, device=device)
@@ -256,13 +257,13 @@ def test_triton_and_torch_backends_agree(monkeypatch, device):
 
 def test_custom_ops_opcheck(monkeypatch, device):
     """Fake (meta) kernels, schemas and autograd registrations of the Triton custom ops."""
-    monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", 64)
+    monkeypatch.setattr(gate_kernels, "ELEMENTS_PER_PROGRAM", 64)
     a = torch.randn(2, 5, 3, device=device, requires_grad=True)
     beta_pre = torch.randn(2, 5, 3, device=device, requires_grad=True)
-    torch.library.opcheck(gate._log_gates_op, (a, beta_pre), test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(gate_op._log_gates_op, (a, beta_pre), test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     gate_pre = torch.randn(2, 5, 6, device=device, requires_grad=True)
     for bias in (torch.randn(3, device=device, requires_grad=True), None):
-        torch.library.opcheck(gate._projection_op, (gate_pre, bias), test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        torch.library.opcheck(gate_op._projection_op, (gate_pre, bias), test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ def test_gated_fwa_attention(monkeypatch, batch, window_size, cu_seqlens, device
 def test_projection_gate_kernel_composes_with_attention(monkeypatch, device):
     """The Triton gate kernel's g (log_gates_from_projection) fed to the PyTorch attention,
     packed sequences, against the float64 reference pieces: the piece users call on its own."""
-    monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", 64)
+    monkeypatch.setattr(gate_kernels, "ELEMENTS_PER_PROGRAM", 64)
 
     def composite(q, k, v, x, gate_weight, gate_bias, window_size, cu_seqlens):
         monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
@@ -356,7 +357,7 @@ def test_gated_fwa_attention_all_triton(monkeypatch, batch, window_size, cu_seql
     """The fused op (gate sums from gate_pre, attention kernels, gate backward reading dg in
     place), GQA, against the float64 composition of the reference pieces."""
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
-    monkeypatch.setattr(gate, "ELEMENTS_PER_PROGRAM", 64)
+    monkeypatch.setattr(gate_kernels, "ELEMENTS_PER_PROGRAM", 64)
     q = torch.randn(batch, 40, 4, 16, device=device)
     k = torch.randn(batch, 40, 2, 16, device=device)
     v = torch.randn(batch, 40, 2, 16, device=device)
@@ -390,7 +391,7 @@ def test_gated_fwa_attention_all_triton(monkeypatch, batch, window_size, cu_seql
 
 def test_gate_attention_opcheck(monkeypatch, device):
     """The fused op's schema, fake tensors and autograd registration."""
-    from gatedfwa.ops import gate_attention
+    from gatedfwa.ops.window_attention import fused_gate
 
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
     q = torch.randn(1, 9, 2, 16, device=device, requires_grad=True)
@@ -399,7 +400,7 @@ def test_gate_attention_opcheck(monkeypatch, device):
     gate_pre = torch.randn(1, 9, 4, device=device, requires_grad=True)
     bias = torch.randn(2, device=device, requires_grad=True)
     torch.library.opcheck(
-        gate_attention._gate_attention_forward, (q, k, v, gate_pre, bias, 4, 0.25, None),
+        fused_gate._gate_attention_forward, (q, k, v, gate_pre, bias, 4, 0.25, None),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 
@@ -409,8 +410,8 @@ def test_gate_eager_paths_match_custom_ops(monkeypatch, device):
     (less host work than the custom ops torch.compile sees); same kernels, same bits."""
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
     cases = [
-        (compute_log_gates, gate._log_gates_op, [(2, 7, 4), (2, 7, 4)]),
-        (log_gates_from_projection, gate._projection_op, [(2, 7, 8), (4,)]),
+        (compute_log_gates, gate_op._log_gates_op, [(2, 7, 4), (2, 7, 4)]),
+        (log_gates_from_projection, gate_op._projection_op, [(2, 7, 8), (4,)]),
     ]
     for public, op, shapes in cases:
         leaves = [torch.randn(*shape, device=device) for shape in shapes]
@@ -428,7 +429,7 @@ def test_gate_eager_paths_match_custom_ops(monkeypatch, device):
 def test_gate_attention_eager_path_matches_custom_op(monkeypatch, device):
     """Eager calls take an autograd.Function instead of the custom op (less host work); both
     run the same kernels, so outputs and gradients agree bit for bit."""
-    from gatedfwa.ops import gate_attention
+    from gatedfwa.ops.window_attention import fused_gate
 
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
     shapes = [(1, 40, 2, 16), (1, 40, 1, 16), (1, 40, 1, 16), (1, 40, 4), (2,)]
@@ -438,9 +439,9 @@ def test_gate_attention_eager_path_matches_custom_op(monkeypatch, device):
     for via_op in (False, True):
         inputs = [x.clone().requires_grad_() for x in leaves]
         if via_op:
-            o = gate_attention._gate_attention_forward(*inputs, 8, 0.25, None)[0]
+            o = fused_gate._gate_attention_forward(*inputs, 8, 0.25, None)[0]
         else:
-            o = gate_attention.gate_attention(*inputs, 8, 0.25, None)[0]
+            o = fused_gate._fused_gate_attention(*inputs, 8, 0.25, None)[0]
         o.backward(do)
         results.append([o.detach()] + [x.grad for x in inputs])
     for a, b in zip(*results):
@@ -525,9 +526,9 @@ def test_projection_without_grad_skips_the_custom_op(monkeypatch, device):
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
     gate_pre = torch.randn(2, 7, 8, device=device)
     bias = torch.randn(4, device=device)
-    with_op = gate._projection_op(gate_pre, bias)
+    with_op = gate_op._projection_op(gate_pre, bias)
     calls = []
-    monkeypatch.setattr(gate, "_projection_op", lambda *args: calls.append(args))
+    monkeypatch.setattr(gate_op, "_projection_op", lambda *args: calls.append(args))
     with torch.no_grad():
         direct = log_gates_from_projection(gate_pre, bias)
     assert calls == []

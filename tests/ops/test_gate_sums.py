@@ -1,17 +1,18 @@
-"""The chunk-local gate sums the attention kernels read (gatedfwa/ops/gate_sums.py), Triton
+"""The chunk-local gate sums the attention kernels read (gatedfwa/ops/gate/chunk_sums.py), Triton
 kernel (interpreter on CPU) against the float64 definition."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gatedfwa.ops import gate_sums
-from gatedfwa.ops.gate_reference import reference_log_gates
-from gatedfwa.ops.gate_sums import (
+from gatedfwa.ops.gate import chunk_sums as gate_sums
+from gatedfwa.ops.gate.chunk_sums import (
     chunk_gate_sums,
     chunk_gate_sums_from_projection,
     reference_chunk_gate_sums,
 )
+from gatedfwa.ops.gate.reference import reference_log_gates
+from gatedfwa.ops.triton_support import LOG2E
 
 
 def relative_error(fast, ref):
@@ -46,7 +47,7 @@ def test_sums_respect_sequence_boundaries(chunks_per_program, device, monkeypatc
     # A chunk never reaches into the next sequence: position 4 ends sequence 0, so its
     # suffix is empty, and the one-token sequence's prefix is its own gate (in base 2).
     assert torch.all(sums[1, 0, :, 4] == 0)
-    torch.testing.assert_close(sums[0, 0, :, 5], g[0, 5].float() * gate_sums.LOG2E_HOST)
+    torch.testing.assert_close(sums[0, 0, :, 5], g[0, 5].float() * LOG2E)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])

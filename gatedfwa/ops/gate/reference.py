@@ -10,7 +10,7 @@ Two functions compute g from a and the beta pre-activation ``beta_pre`` = x_t W_
 
 * :func:`naive_log_gates` writes the formula down and lets autograd differentiate it, in the
   inputs' own dtype. Run in float64 it is the reference of the tests; run in a lower
-  precision it shows the error that precision causes by itself (DESIGN.md section 4). Its
+  precision it shows the error that precision causes by itself (docs/correctness.md). Its
   float32 gradients overflow for beta near 0 (they divide by beta^2).
 * :func:`reference_log_gates` is the PyTorch path that serves devices without Triton. It
   computes in float32 from the stable forms below and has an analytic backward, so values
@@ -64,7 +64,7 @@ def naive_log_gates(a: torch.Tensor, beta_pre: torch.Tensor) -> torch.Tensor:
     """g = logsigmoid(beta * a) / beta, computed in the inputs' dtype, differentiated by autograd.
 
     The float64 reference of the tests (and, in float32/bf16, the "same formula in the same
-    precision" of the DESIGN rule). Only beta is taken in its stable form: the textbook
+    precision" of the rule in docs/correctness.md). Only beta is taken in its stable form: the textbook
     1 + ELU(x) is exactly 0 for x < -37 in float64, which is a different function, not a
     rounding error.
     """

@@ -10,19 +10,17 @@ relative accuracy: 3e-6 at x = -50, far more than the reference's one rounding.
 from __future__ import annotations
 
 # Triton is optional: without it these functions are defined but never compiled.
-from gatedfwa.ops.triton_support import constexpr as _constexpr
-from gatedfwa.ops.triton_support import jit as _jit
-from gatedfwa.ops.triton_support import tl
+from gatedfwa.ops.triton_support import LOG2E_CONSTEXPR as LOG2E
+from gatedfwa.ops.triton_support import constexpr, jit, tl
 
 __all__ = ["exp_nonpositive", "log1p_unit", "gate_terms", "log_gate"]
 
-LOG2E = _constexpr(1.4426950408889634)
 # ln(2) split so that n * LN2_HI is exact in float32 for |n| < 2^9 (LN2_HI has 15 bits).
-LN2_HI = _constexpr(0.693145751953125)
-LN2_LO = _constexpr(1.4286067653302720e-06)
+LN2_HI = constexpr(0.693145751953125)
+LN2_LO = constexpr(1.4286067653302720e-06)
 
 
-@_jit
+@jit
 def exp_nonpositive(x):
     """exp(x) for x <= 0 within about one ulp for any x (0 below ~ -104, like float32 itself).
 
@@ -53,7 +51,7 @@ def exp_nonpositive(x):
     return exp_r * scale_first * scale_second
 
 
-@_jit
+@jit
 def log1p_unit(e):
     """log(1 + e) for 0 <= e <= 1, within about one ulp, relative accuracy kept for tiny e.
 
@@ -75,7 +73,7 @@ def log1p_unit(e):
     return e - s * (e - 2.0 * s2 * series)
 
 
-@_jit
+@jit
 def gate_terms(a, beta_pre):
     """Shared by forward and backward (float32 blocks): beta, |z| = beta |a|, e = exp(-|z|)
     and log1p(e)."""
@@ -85,7 +83,7 @@ def gate_terms(a, beta_pre):
     return beta, z_abs, e, log1p_unit(e)
 
 
-@_jit
+@jit
 def log_gate(a, beta_pre):
     """g = logsigmoid(beta a) / beta for float32 blocks, with z / beta = a taken exactly
     (no round trip through z = beta a)."""

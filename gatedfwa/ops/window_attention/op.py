@@ -1,61 +1,42 @@
-"""Public entry points of the attention op: validation, backend dispatch, and the
-torch.library custom ops (with registered backward) around the Triton kernels, which
-torch.compile sees; eager calls take an autograd.Function with the same forward and
-backward, which costs the host less per call.
-
-Backends:
-    "triton"  the kernels in gatedfwa/ops/attention.py; default for CUDA tensors. On CPU
-              tensors they run under TRITON_INTERPRET=1 (tests).
-    "torch"   the chunked PyTorch path of gatedfwa/ops/reference.py; default elsewhere.
-Set GATEDFWA_BACKEND=triton or GATEDFWA_BACKEND=torch to force one.
+"""The public window attention op: validation, backend dispatch (gatedfwa/ops/backend.py),
+and the torch.library custom ops (with registered backward) around the Triton kernels, which
+torch.compile sees; eager calls take an autograd.Function with the same forward and backward,
+which costs the host less per call. Other devices run the chunked PyTorch path of
+reference.py.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from gatedfwa.ops.reference import chunked_gated_window_attention
+from gatedfwa.ops.backend import select_backend
+from gatedfwa.ops.triton_support import LN2
 from gatedfwa.ops.validation import check_attention_args
+from gatedfwa.ops.window_attention.reference import chunked_gated_window_attention
 
-__all__ = ["gated_window_attention", "flash_gated_window_attention", "select_backend"]
-
-BACKENDS = ("triton", "torch")
-LN2 = 0.6931471805599453
-
-
-def select_backend(device: torch.device) -> str:
-    """The backend that serves tensors on ``device``: GATEDFWA_BACKEND if set, otherwise
-    Triton on CUDA and the chunked PyTorch path everywhere else."""
-    forced = os.environ.get("GATEDFWA_BACKEND", "").strip().lower()
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"GATEDFWA_BACKEND must be one of {BACKENDS}, got {forced!r}")
-        return forced
-    return "triton" if device.type == "cuda" else "torch"
+__all__ = ["gated_window_attention", "flash_gated_window_attention"]
 
 
 def _gate_sums(g: torch.Tensor | None, q: torch.Tensor, cu_seqlens: torch.Tensor | None):
-    """The chunk-local gate sums [2, B, HQ, T] the kernels read (gate_sums.py), or None."""
+    """The chunk-local gate sums [2, B, HQ, T] the kernels read (gate/chunk_sums.py), or None."""
     if g is None:
         return None
-    from gatedfwa.ops.attention import gate_chunk
-    from gatedfwa.ops.gate_sums import chunk_gate_sums
+    from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums
+    from gatedfwa.ops.window_attention.launch import gate_chunk
 
     return chunk_gate_sums(g, gate_chunk(q.shape[-1]), cu_seqlens)
 
 
 def _forward_impl(q, k, v, g, window_size, scale, cu_seqlens):
     """(o, lse2 [B, HQ, T] base 2) from the Triton kernels; q, k, v, g contiguous."""
-    from gatedfwa.ops.attention import attention_forward
+    from gatedfwa.ops.window_attention.forward import attention_forward
 
     return attention_forward(q, k, v, _gate_sums(g, q, cu_seqlens), window_size, scale, cu_seqlens)
 
 
 def _backward_impl(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
     """(dq, dk, dv, dg [B, T, HQ] in g's dtype or None without g) from the Triton kernels."""
-    from gatedfwa.ops.attention import attention_backward
+    from gatedfwa.ops.window_attention.backward import attention_backward
 
     sums = _gate_sums(g, q, cu_seqlens)  # recomputed: one light pass over g
     dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens)

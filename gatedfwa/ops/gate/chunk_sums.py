@@ -16,7 +16,7 @@ Both are sums of same-signed terms taken directly, never differences of longer s
 rounds like any short sum. A chunk's total is P at its last position. They are stored in base
 2, multiplied by log2(e) once here, because the attention kernels take exponentials with exp2:
 the sums then enter the logits without any per-tile arithmetic. CHUNK divides every tile
-size of the attention kernels (attention.gate_chunk), so a tile is a whole number of chunks.
+size of the attention kernels (window_attention/launch.py, gate_chunk), so a tile is a whole number of chunks.
 
 Layout: sums [2, B, H, T] float32, sums[0] = P and sums[1] = S, contiguous along time (one
 stretch per tile load), the same [B, H, T] layout as the kernels' row statistics. With
@@ -24,17 +24,17 @@ cu_seqlens, B == 1 and T is the packed length.
 
 Two producers share one kernel: from the log gates g [B, T, H] (gated_window_attention), or
 straight from the gate projection gate_pre [B, T, 2H] and b_g (gated_fwa_attention), in which
-case g is evaluated in registers (gate_math.log_gate) and never stored.
+case g is evaluated in registers (device_math.log_gate) and never stored.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gatedfwa.ops.gate_math import log_gate
+from gatedfwa.ops.gate.device_math import log_gate
 # Triton is optional: without it the kernel below is never launched.
-from gatedfwa.ops.triton_support import jit as _jit
-from gatedfwa.ops.triton_support import cdiv, constexpr, next_power_of_2, tl
+from gatedfwa.ops.triton_support import LOG2E, LOG2E_CONSTEXPR, cdiv, jit, next_power_of_2, tl
+from gatedfwa.ops.varlen import longest_sequence
 
 __all__ = ["chunk_gate_sums", "chunk_gate_sums_from_projection", "reference_chunk_gate_sums"]
 
@@ -44,12 +44,9 @@ __all__ = ["chunk_gate_sums", "chunk_gate_sums_from_projection", "reference_chun
 CHUNKS_PER_PROGRAM = 1
 NUM_WARPS = 4
 MAX_BLOCK_H = 64
-LOG2E_HOST = 1.4426950408889634
-# Kernels may read only constexpr globals.
-LOG2E = constexpr(LOG2E_HOST)
 
 
-@_jit
+@jit
 def _suffix_combine(later_total, later_rest, earlier_total, earlier_rest):
     """Combine for the reverse scan that gives S. A segment of positions is (total, rest):
     the sum of all its gates, and the sum of all but its first one. A reverse scan hands the
@@ -58,7 +55,7 @@ def _suffix_combine(later_total, later_rest, earlier_total, earlier_rest):
     return later_total + earlier_total, earlier_rest + later_total
 
 
-@_jit
+@jit
 def _chunk_sums_kernel(
     SRC, BETA_SRC, BIAS, SUMS, CU_SEQLENS,
     token_stride, beta_token_stride, seqlen, num_heads, plane,
@@ -98,7 +95,7 @@ def _chunk_sums_kernel(
         # Masked slots would evaluate the gate at a = 0 (g = -log 2): zero them, so that
         # the last valid position's S sums only zeros.
         g = tl.where(mask, log_gate(g, beta_pre), 0.0)
-    g = g * LOG2E
+    g = g * LOG2E_CONSTEXPR
     prefix = tl.cumsum(g, 1)
     _, suffix = tl.associative_scan((g, tl.zeros_like(g)), 1, _suffix_combine, reverse=True)
     out = SUMS + batch_shift + tokens + heads.to(tl.int64) * seqlen
@@ -153,15 +150,6 @@ def chunk_gate_sums_from_projection(gate_pre: torch.Tensor, gate_bias: torch.Ten
                    num_heads, batch, seqlen, chunk, cu_seqlens, max_seqlen, gate_pre.device)
 
 
-def longest_sequence(cu_seqlens: torch.Tensor | None, seqlen: int) -> int:
-    """The longest sequence's length: seqlen without cu_seqlens, else read on the host."""
-    if cu_seqlens is None:
-        return seqlen
-    if cu_seqlens.numel() < 2:
-        return 0
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
-
-
 def reference_chunk_gate_sums(g: torch.Tensor, chunk: int, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """The definition above in float64 PyTorch (tests): g [B, T, H] -> [2, B, H, T] float64,
     base 2 (times log2(e)) as the kernel writes it."""
@@ -177,4 +165,4 @@ def reference_chunk_gate_sums(g: torch.Tensor, chunk: int, cu_seqlens: torch.Ten
             # The suffix summed directly (not total - prefix, which cancels).
             later = torch.cat([piece[..., 1:], piece.new_zeros(*piece.shape[:-1], 1)], dim=-1)
             sums[1, ..., c0:c1] = later.flip(-1).cumsum(-1).flip(-1)
-    return sums * LOG2E_HOST
+    return sums * LOG2E

@@ -1,31 +1,8 @@
-"""Decoding against a window cache: L new tokens (L = 1, or a few for speculative or
-chunked decoding) attend to the cached window and to themselves, causally.
-
-New token i (0 <= i < L) sits at stream position p_i = p0 + i, where p0 = cache.seen_tokens.
-It sees
-
-* a cached key j (position pos_j, valid: pos_j >= 0) when p_i - pos_j < w, with bias
-      U_{p_i} - U_j = decay_j + G_i,        G_i = g_0 + ... + g_i  (the new gates, inclusive)
-  where decay_j = U_{p0-1} - U_j is what the cache holds. Both terms are <= 0: the sum has
-  no cancellation.
-* a new key m <= i with i - m < w, with bias G_i - G_m = g_{m+1} + ... + g_i.
-
-The op reads the cache as it was before the step (the new tokens come from the arguments),
-computes the output, then writes the new tokens into the cache (ring slots p % W) and adds
-the L gates to every cached decay. Reading before writing is what lets a ring of exactly w
-slots serve L > 1: a new token's slot holds a token that some earlier new query may still
-need.
-
-Two implementations:
-* :func:`decode_attention_torch`: plain PyTorch, float32 math, the reference (any device).
-* :func:`decode_attention_triton`: one Triton program per (batch row, key/value head, slot
-  split) serves every query head of that key/value head and every new token, so the cached
-  keys and values are read once per step. At small batch the slots are split over several
-  programs (flash-decoding) whose partial softmax results a second kernel combines. The
-  kernel also adds the new gates to the cached decays it reads, saving a pass over them.
-:func:`decode_gated_window_attention` validates, dispatches (gatedfwa.ops.api.select_backend)
-and updates the cache.
-"""
+"""Triton decode step: one program per (batch row, key/value head, slot split) serves every
+query head of that key/value head and every new token, so the cached keys and values are read
+once per step; at small batch the slots are split over several programs (flash-decoding) whose
+partial softmax results _combine_kernel merges. op.py has the math; reference.py the PyTorch
+version this is tested against."""
 
 from __future__ import annotations
 
@@ -33,170 +10,13 @@ import functools
 
 import torch
 
-from gatedfwa.cache import WindowLayerCache
-from gatedfwa.ops.api import select_backend
-from gatedfwa.ops.validation import SUPPORTED_DTYPES, check_scale, format_shape
-# Triton is optional: without it every step takes the PyTorch path.
-from gatedfwa.ops.triton_support import constexpr as _constexpr
-from gatedfwa.ops.triton_support import jit as _jit
-from gatedfwa.ops.triton_support import tl, triton
+from gatedfwa.ops.decode.cache import WindowLayerCache
+from gatedfwa.ops.triton_support import LOG2E, LOG2E_CONSTEXPR, cdiv, dot_precision, jit, next_power_of_2, tl
+
+__all__ = ["decode_config", "decode_attention_triton"]
 
 
-__all__ = [
-    "MAX_DECODE_LENGTH",
-    "decode_gated_window_attention",
-    "decode_attention_torch",
-    "decode_attention_triton",
-]
-
-MAX_DECODE_LENGTH = 64
-"""Most new tokens one decode call accepts; longer chunks belong to the parallel path."""
-
-LOG2E = _constexpr(1.4426950408889634)
-LOG2E_HOST = 1.4426950408889634
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-# ======================================================================================
-# Validation and dispatch
-# ======================================================================================
-
-
-def check_decode_args(q, k_new, v_new, g_new, cache, scale) -> None:
-    """q [B, L, HQ, D], k_new/v_new [B, L, H, D], g_new [B, L, HQ] or None, 1 <= L <=
-    MAX_DECODE_LENGTH, all consistent with each other and with the cache."""
-    if not isinstance(cache, WindowLayerCache):
-        raise TypeError(f"cache must be a gatedfwa.cache.WindowLayerCache, got {type(cache).__name__}")
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-    if q.dim() != 4:
-        raise ValueError(f"q must have 4 dimensions [batch, new_tokens, query_heads, head_dim], got shape {format_shape(q)}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    batch, length, num_q_heads, head_dim = q.shape
-    if not 1 <= length <= MAX_DECODE_LENGTH:
-        raise ValueError(
-            f"q must hold between 1 and {MAX_DECODE_LENGTH} new tokens (dimension 1), got {length}; "
-            "use gated_window_attention and cache.prefill for longer chunks"
-        )
-    cache.check_step(k_new, v_new, g_new, num_q_heads, "k_new", "v_new", "g_new")
-    if k_new.shape[0] != batch or k_new.shape[1] != length:
-        raise ValueError(f"k_new must agree with q in batch and new_tokens, got q {format_shape(q)} and k_new {format_shape(k_new)}")
-    if k_new.shape[3] != head_dim:
-        raise ValueError(f"k_new must have q's head_dim {head_dim}, got {k_new.shape[3]}")
-    if num_q_heads % k_new.shape[2] != 0:
-        raise ValueError(
-            f"the number of query heads ({num_q_heads}) must be a multiple of the number of "
-            f"key/value heads ({k_new.shape[2]})"
-        )
-    if k_new.dtype != q.dtype:
-        raise TypeError(f"k_new and v_new must have q's dtype {q.dtype}, got {k_new.dtype}")
-    if k_new.device != q.device:
-        raise ValueError(f"k_new and v_new must be on q's device {q.device}, got {k_new.device}")
-    check_scale(scale)
-
-
-def decode_gated_window_attention(
-    q: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    g_new: torch.Tensor | None,
-    cache: WindowLayerCache,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """One decoding step of gated window attention; appends the new tokens to ``cache``.
-
-    Args:
-        q: [B, L, HQ, D] queries of the L new tokens (1 <= L <= MAX_DECODE_LENGTH).
-        k_new, v_new: [B, L, H, D] their keys and values (HQ % H == 0), the cache's dtype.
-        g_new: [B, L, HQ] their log gates (<= 0), or None for a layer without gate (the
-            cache must have been filled the same way).
-        cache: the layer's WindowLayerCache (its window is the layer's window). An empty,
-            unallocated cache is allocated here with these shapes.
-        scale: logit scale, default D ** -0.5.
-
-    Returns:
-        o [B, L, HQ, D] in q's dtype: exactly what gated_window_attention would give these
-        L tokens at the end of the whole sequence (padding slots never attended).
-    """
-    check_decode_args(q, k_new, v_new, g_new, cache, scale)
-    batch, _, num_q_heads, head_dim = q.shape
-    if not cache.is_allocated:
-        cache.allocate(batch, k_new.shape[2], num_q_heads, head_dim, k_new.dtype, k_new.device, g_new is not None)
-    scale = float(head_dim**-0.5 if scale is None else scale)
-    if select_backend(q.device) == "triton" and triton is not None:
-        o = decode_attention_triton(q, k_new, v_new, g_new, cache, scale, update_decays=True)
-        cache.append(k_new, v_new, g_new, shift_decays=False)
-    else:
-        o = decode_attention_torch(q, k_new, v_new, g_new, cache, scale)
-        cache.append(k_new, v_new, g_new, shift_decays=True)
-    return o
-
-
-# ======================================================================================
-# PyTorch path (reference)
-# ======================================================================================
-
-
-def decode_attention_torch(q, k_new, v_new, g_new, cache: WindowLayerCache, scale: float) -> torch.Tensor:
-    """Output of the L new tokens against the cache as it is (nothing is written).
-    Computes in float32; returns o [B, L, HQ, D] in q's dtype."""
-    batch, length, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_new.shape[2]
-    group = num_q_heads // num_kv_heads
-    used = cache.slots_in_use
-    f32 = torch.float32
-    device = q.device
-    queries = q.to(f32).view(batch, length, num_kv_heads, group, head_dim)
-
-    # Logits [B, H, group, L, keys]: cached slots first, then the new tokens.
-    cached = torch.einsum("blhgd,bhnd->bhgln", queries, cache.keys[:, :, :used].to(f32)) * scale
-    fresh = torch.einsum("blhgd,bmhd->bhglm", queries, k_new.to(f32)) * scale
-
-    new_index = torch.arange(length, device=device)
-    query_position = cache.seen_tokens + new_index  # [L]
-    key_position = cache.positions[:, :used]  # [B, used]
-    cached_visible = (key_position >= 0)[:, None, :].expand(batch, length, used)
-    distance_new = new_index[:, None] - new_index[None, :]
-    fresh_visible = distance_new >= 0
-    if cache.window_size is not None:
-        cached_visible = cached_visible & (query_position[None, :, None] - key_position[:, None, :] < cache.window_size)
-        fresh_visible = fresh_visible & (distance_new < cache.window_size)
-
-    if g_new is not None:
-        gates = g_new.to(f32)  # [B, L, HQ]
-        inclusive = gates.cumsum(1).permute(0, 2, 1).reshape(batch, num_kv_heads, group, length, 1)
-        decays = cache.decays[:, :, :used].reshape(batch, num_kv_heads, group, 1, used)
-        cached = cached + (decays + inclusive)
-        # Bias between new tokens i >= m: g_{m+1} + ... + g_i, summed term by term.
-        k_index = new_index
-        between = ((k_index[None, None, :] > new_index[None, :, None])
-                   & (k_index[None, None, :] <= new_index[:, None, None])).to(f32)  # [i, m, k]
-        bias = torch.einsum("imk,bkq->bqim", between, gates)
-        fresh = fresh + bias.reshape(batch, num_kv_heads, group, length, length)
-
-    cached = cached.masked_fill(~cached_visible[:, None, None], float("-inf"))
-    fresh = fresh.masked_fill(~fresh_visible, float("-inf"))
-    # Every new token sees itself, so each row has a finite maximum.
-    probs = torch.softmax(torch.cat([cached, fresh], dim=-1), dim=-1)
-    out = torch.einsum("bhgln,bhnd->blhgd", probs[..., :used], cache.values[:, :, :used].to(f32))
-    out = out + torch.einsum("bhglm,bmhd->blhgd", probs[..., used:], v_new.to(f32))
-    return out.reshape(batch, length, num_q_heads, head_dim).to(q.dtype)
-
-
-# ======================================================================================
-# Triton path
-# ======================================================================================
-
-
-@_jit
+@jit
 def _softmax_fold(acc, row_max, row_sum, s, v, DOT_PRECISION: tl.constexpr):
     """Fold a tile of base-2 logits s [BLOCK_M, BLOCK_N] (-inf = invisible) and its values
     v [BLOCK_N, BLOCK_D] into the running softmax (acc, row_max, row_sum)."""
@@ -212,7 +32,7 @@ def _softmax_fold(acc, row_max, row_sum, s, v, DOT_PRECISION: tl.constexpr):
     return acc, new_max, row_sum
 
 
-@_jit
+@jit
 def _decode_kernel(
     Q, K_NEW, V_NEW, G_CUM,
     K_CACHE, V_CACHE, DECAYS, POSITIONS,
@@ -279,7 +99,7 @@ def _decode_kernel(
             decay_ptr = DECAYS + b * stride_db + q_head[:, None] * stride_dh + slots[None, :]
             tile_ok = row_ok[:, None] & slot_ok[None, :]
             decay = tl.load(decay_ptr, mask=tile_ok, other=0.0)
-            s += (decay + gate_to_query[:, None]) * LOG2E
+            s += (decay + gate_to_query[:, None]) * LOG2E_CONSTEXPR
             if UPDATE_DECAYS:
                 tl.store(decay_ptr, decay + gate_total[:, None], mask=tile_ok & writes_decay[:, None])
         s = tl.where(visible, s, float("-inf"))
@@ -301,7 +121,7 @@ def _decode_kernel(
         if HAS_GATE:
             gate_to_key = tl.load(g_row + fresh[None, :] * GROUP * num_kv_heads + q_head[:, None],
                                   mask=row_ok[:, None] & fresh_ok[None, :], other=0.0)
-            s += (gate_to_query[:, None] - gate_to_key) * LOG2E
+            s += (gate_to_query[:, None] - gate_to_key) * LOG2E_CONSTEXPR
         s = tl.where(visible, s, float("-inf"))
         v = tl.load(V_NEW + b * stride_vnb + fresh[:, None] * stride_vnl + h * stride_vnh + offs_d[None, :],
                     mask=fresh_ok[:, None] & d_ok[None, :], other=0.0)
@@ -319,7 +139,7 @@ def _decode_kernel(
                  out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@_jit
+@jit
 def _combine_kernel(
     PART_O, PART_MAX, PART_SUM, O,
     stride_ob, stride_ol, stride_oh,
@@ -372,14 +192,14 @@ def decode_config(batch: int, num_kv_heads: int, group: int, length: int, head_d
                   device: torch.device) -> dict:
     """Tile sizes and the number of slot splits for one decode step."""
     rows = length * group
-    block_m = min(64, max(16, _next_power_of_2(rows)))
+    block_m = min(64, max(16, next_power_of_2(rows)))
     block_n = 64 if head_dim <= 128 else 32
-    row_blocks = _cdiv(rows, block_m)
+    row_blocks = cdiv(rows, block_m)
     programs = batch * num_kv_heads * row_blocks
     # Enough programs to keep every SM streaming (flash-decoding), but each split keeps at
     # least 4 tiles so that the combine step stays small.
-    wanted = _cdiv(4 * _num_sms(device), programs)
-    num_splits = max(1, min(wanted, _cdiv(used_slots, 4 * block_n)))
+    wanted = cdiv(4 * _num_sms(device), programs)
+    num_splits = max(1, min(wanted, cdiv(used_slots, 4 * block_n)))
     return dict(block_m=block_m, block_n=block_n, num_splits=num_splits, num_warps=4, num_stages=2)
 
 
@@ -397,11 +217,11 @@ def decode_attention_triton(
     config = decode_config(batch, num_kv_heads, group, length, head_dim, used, q.device)
     config.update(overrides)
     block_m, block_n = config["block_m"], config["block_n"]
-    block_d = max(16, _next_power_of_2(head_dim))
-    block_l = max(16, _next_power_of_2(length))
-    row_blocks = _cdiv(length * group, block_m)
-    slots_per_split = _cdiv(_cdiv(max(used, 1), config["num_splits"]), block_n) * block_n
-    num_splits = max(1, _cdiv(used, slots_per_split))
+    block_d = max(16, next_power_of_2(head_dim))
+    block_l = max(16, next_power_of_2(length))
+    row_blocks = cdiv(length * group, block_m)
+    slots_per_split = cdiv(cdiv(max(used, 1), config["num_splits"]), block_n) * block_n
+    num_splits = max(1, cdiv(used, slots_per_split))
 
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     has_gate = g_new is not None
@@ -435,13 +255,12 @@ def decode_attention_triton(
         decays.stride(0) if has_gate else 0, decays.stride(1) if has_gate else 0,
         cache.positions.stride(0),
         o.stride(0), o.stride(1), o.stride(2),
-        num_kv_heads, cache.seen_tokens, used, slots_per_split, num_splits, window, scale * LOG2E_HOST,
+        num_kv_heads, cache.seen_tokens, used, slots_per_split, num_splits, window, scale * LOG2E,
         LENGTH=length, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_D=block_d,
         HAS_GATE=has_gate, BOUNDED=cache.window_size is not None, SPLIT=split,
         UPDATE_DECAYS=update_decays and has_gate,
-        # float32 inputs get full-precision products (tf32 would cost ~1e-3 relative error).
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if split:

@@ -1,31 +1,39 @@
 """The gate and the attention as one op, from the gate projection to the attention output.
 
-    gate_pre [B, T, 2HQ], b_g [HQ] --(gate_sums kernel)--> chunk gate sums [2, B, HQ, T]
+    gate_pre [B, T, 2HQ], b_g [HQ] --(chunk sums kernel)--> chunk gate sums [2, B, HQ, T]
     q, k, v + chunk gate sums      --(attention kernels)--> o [B, T, HQ, D], lse
 
 Forward: one pass over gate_pre evaluates g in registers and writes only the chunk-local sums
-the attention tiles read (gate_sums.py); g [B, T, HQ] is never stored. Backward: the attention
-backward gives dg in its [B, HQ, T] layout and the gate backward kernel (gate.py) reads it in
+the attention tiles read (gate/chunk_sums.py); g [B, T, HQ] is never stored. Backward: the attention
+backward gives dg in its [B, HQ, T] layout and the gate backward kernel (gate/kernels.py) reads it in
 place, with gate_pre, to write d(gate_pre) [B, T, 2HQ] and d(b_g); the sums saved by the
 forward are reused. torch.compile sees two custom ops with a registered backward; eager
 calls take an autograd.Function with the same forward and backward, which skips the custom
 ops' dispatch on the host.
 
-gated_fwa_attention (gate.py) calls this on the Triton backend; the pieces
-(log_gates_from_projection, gated_window_attention) stay usable on their own.
+gated_fwa_attention, the public face, runs this on the Triton backend and the composition of
+the two pieces (log_gates_from_projection, then gated_window_attention) elsewhere.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["gate_attention"]
+from gatedfwa.ops.backend import select_backend
+from gatedfwa.ops.gate.op import check_gate_bias, log_gates_from_projection
+from gatedfwa.ops.triton_support import LN2
+from gatedfwa.ops.validation import check_attention_args, check_float_tensor, format_shape
+from gatedfwa.ops.window_attention.op import gated_window_attention
+
+__all__ = ["gated_fwa_attention"]
 
 
 def _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens):
     """(o, lse2 [B, HQ, T] base 2, sums [2, B, HQ, T] float32) from the Triton kernels."""
-    from gatedfwa.ops.attention import attention_forward, gate_chunk
-    from gatedfwa.ops.gate_sums import chunk_gate_sums_from_projection
+    from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums_from_projection
+    from gatedfwa.ops.window_attention.forward import attention_forward
+    from gatedfwa.ops.window_attention.launch import gate_chunk
 
     sums = chunk_gate_sums_from_projection(gate_pre, gate_bias, gate_chunk(q.shape[-1]), cu_seqlens)
     o, lse2 = attention_forward(q, k, v, sums, window_size, scale, cu_seqlens)
@@ -34,8 +42,8 @@ def _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens):
 
 def _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens):
     """(dq, dk, dv, d_gate_pre, d_bias) from the Triton kernels, d_bias empty without bias."""
-    from gatedfwa.ops.attention import attention_backward
-    from gatedfwa.ops.gate import projection_backward
+    from gatedfwa.ops.gate.op import projection_backward
+    from gatedfwa.ops.window_attention.backward import attention_backward
 
     dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens)
     d_gate_pre, d_bias = projection_backward(dg, gate_pre, gate_bias, dg_seqlen=gate_pre.shape[1])
@@ -137,7 +145,7 @@ class _GateAttention(torch.autograd.Function):
         return _gradients(ctx, do, _backward_impl)
 
 
-def gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens):
+def _fused_gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens):
     """Triton path of gated_fwa_attention after the gate projection (arguments checked there).
 
     q [B, T, HQ, D], k/v [B, T, H, D], gate_pre [B, T, 2HQ], gate_bias [HQ] or None.
@@ -147,3 +155,73 @@ def gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens)
     op = _gate_attention_forward if torch.compiler.is_compiling() else _GateAttention.apply
     o, lse2, _ = op(*args)
     return o, lse2
+
+
+def check_gated_fwa_args(q, k, v, x, gate_weight, gate_bias, window_size, scale, cu_seqlens) -> None:
+    check_attention_args(q, k, v, None, window_size, scale, cu_seqlens)
+    num_q_heads = q.shape[2]
+    check_float_tensor("x", x, 3, "[batch, seqlen, model_dim]")
+    if x.shape[:2] != q.shape[:2]:
+        raise ValueError(f"x and q must agree in batch and seqlen, got x {format_shape(x)} and q {format_shape(q)}")
+    if x.device != q.device:
+        raise ValueError(f"x must be on q's device {q.device}, got {x.device}")
+    check_float_tensor("gate_weight", gate_weight, 2, "[2 * query_heads, model_dim]")
+    expected = (2 * num_q_heads, x.shape[-1])
+    if tuple(gate_weight.shape) != expected:
+        raise ValueError(
+            f"gate_weight must have shape [2 * query_heads, model_dim] = {list(expected)} "
+            f"(rows 0..{num_q_heads - 1} W_g, then W_beta), got {format_shape(gate_weight)}"
+        )
+    if gate_weight.dtype != x.dtype:
+        raise TypeError(f"gate_weight must have x's dtype {x.dtype}, got {gate_weight.dtype}")
+    if gate_weight.device != x.device:
+        raise ValueError(f"gate_weight must be on x's device {x.device}, got {gate_weight.device}")
+    check_gate_bias(gate_bias, num_q_heads, x.device)
+
+
+
+
+def gated_fwa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    window_size: int | None = None,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """GatedFWA from projections to output: the gate from x, then gated window attention.
+
+        gate_pre = x @ gate_weight^T                           [B, T, 2HQ]
+        g        = log_gates_from_projection(gate_pre, gate_bias)   [B, T, HQ] float32
+        o        = gated_window_attention(q, k, v, g, window_size, scale, cu_seqlens)
+    (the composition it equals; see below for what runs).
+
+    Args:
+        q: [B, T, HQ, D]; k, v: [B, T, H, D] (see gated_window_attention).
+        x: [B, T, C] the layer input the gate reads.
+        gate_weight: [2 * HQ, C] in x's dtype; rows 0..HQ-1 are W_g, rows HQ..2HQ-1 W_beta.
+        gate_bias: [HQ] b_g (W_beta has no bias), or None.
+        window_size, scale, cu_seqlens, return_lse: as in gated_window_attention.
+
+    Returns:
+        o [B, T, HQ, D] in q's dtype, or (o, lse [B, HQ, T]) with return_lse. Gradients flow
+        to q, k, v, x, gate_weight and gate_bias.
+
+    On the Triton backend the gate and the attention run as one op (this module): one
+    pass over gate_pre writes the chunk-local gate sums the attention kernels read, g is never
+    stored, and the backward turns the attention's dg into d(gate_pre) in one pass.
+    """
+    check_gated_fwa_args(q, k, v, x, gate_weight, gate_bias, window_size, scale, cu_seqlens)
+    gate_pre = F.linear(x, gate_weight)
+    if select_backend(q.device) == "triton":
+        scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+        o, lse2 = _fused_gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens)
+        return (o, lse2.detach() * LN2) if return_lse else o
+    g = log_gates_from_projection(gate_pre, gate_bias)
+    return gated_window_attention(
+        q, k, v, g, window_size=window_size, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse
+    )

@@ -25,15 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gatedfwa.ops.varlen import sequence_bounds
+
 __all__ = ["naive_gated_window_attention", "chunked_gated_window_attention"]
-
-
-def _sequence_bounds(cu_seqlens: torch.Tensor | None, batch: int, seqlen: int) -> list[tuple[int, int, int]]:
-    """(batch index, start, end) of every sequence the T axis holds."""
-    if cu_seqlens is None:
-        return [(b, 0, seqlen) for b in range(batch)]
-    bounds = cu_seqlens.tolist()
-    return [(0, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
 def naive_gated_window_attention(
@@ -56,7 +50,7 @@ def naive_gated_window_attention(
     scale = head_dim**-0.5 if scale is None else scale
     dtype = q.dtype
     outs, lses = [], []
-    for b, start, end in _sequence_bounds(cu_seqlens, batch, seqlen):
+    for b, start, end in sequence_bounds(cu_seqlens, batch, seqlen):
         n = end - start
         qs = q[b, start:end].transpose(0, 1)  # [HQ, n, D]
         ks = k[b, start:end].transpose(0, 1).repeat_interleave(group, dim=0)
@@ -174,7 +168,7 @@ def chunked_gated_window_attention(
         return o.to(dtype), lse.float()
 
     outs, lses = [], []
-    for _, start, end in _sequence_bounds(cu_seqlens, batch, seqlen):
+    for _, start, end in sequence_bounds(cu_seqlens, batch, seqlen):
         if end == start:
             continue
         sl = slice(start, end)

@@ -1,0 +1,495 @@
+"""Triton backward kernels of gated window attention (delta, dq, dk/dv, the gate gradient's
+reverse sum), and their launcher. docs/math.md derives the gradients; tiles.py explains the
+decay terms and the tile phases.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gatedfwa.ops.triton_support import LOG2E, dot_precision, interpreting
+from gatedfwa.ops.window_attention import launch
+from gatedfwa.ops.window_attention.tiles import (
+    NO_DECAY, PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, suffix_sums_left_of, tile_carry,
+    tile_prefix, tile_suffix,
+)
+
+__all__ = ["attention_backward"]
+
+
+@triton.jit
+def _delta_kernel(
+    O, DO, LSE, SUMS, DELTA, SHIFTED_LSE, CU_SEQLENS,
+    stride_ot, stride_oh, stride_dot, stride_doh,
+    seqlen, num_q_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_GATE: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """delta_t = sum_d o_t * do_t in float32, the softmax-backward row term; with a gate also
+    lse2_t - P[t] (P the chunk prefix sum of gate/chunk_sums.py), the query term the dk/dv kernel
+    subtracts from its off-diagonal logits."""
+    block = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    m0 = bos + block * BLOCK_M
+    if m0 >= eos:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < eos
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + offs_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    # Row statistics and the prefix plane share the [B, HQ, T] layout.
+    if VARLEN:
+        row = head * seqlen + offs_m
+    else:
+        row = (seq * num_q_heads + head) * seqlen + (offs_m - bos)
+    tl.store(DELTA + row, delta, mask=row_ok)
+    if HAS_GATE:
+        lse2 = tl.load(LSE + row, mask=row_ok, other=0.0)
+        prefix = tl.load(SUMS + row, mask=row_ok, other=0.0)
+        tl.store(SHIFTED_LSE + row, lse2 - prefix, mask=row_ok)
+
+
+@triton.jit
+def _dq_tile(
+    dq, dgate_row, q, do, lse2, delta, k_head, v_head, row_shift, key_term,
+    offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Add one key tile's contribution to dq (unscaled) and, with a gate, to the float32 row
+    sums of dS, dgate_row [BLOCK_M] (a reduction inside each thread group of the matmul
+    layout: no shared memory). The decay is applied as in _forward_tile."""
+    kv_mask = offs_d[:, None] < HEAD_DIM
+    if MASKED:
+        key_ok = (offs_n >= bos) & (offs_n < eos)
+        kv_mask = kv_mask & key_ok[None, :]
+    if MASKED or not EVEN_D:
+        kT = tl.load(k_head + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kv_mask, other=0.0)
+        vT = tl.load(v_head + offs_n[None, :] * stride_vt + offs_d[:, None], mask=kv_mask, other=0.0)
+    else:
+        kT = tl.load(k_head + offs_n[None, :] * stride_kt + offs_d[:, None])
+        vT = tl.load(v_head + offs_n[None, :] * stride_vt + offs_d[:, None])
+    s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        distance = offs_m[:, None] - offs_n[None, :]
+    if DECAY == PAIR_DECAY:
+        decay = row_shift[:, None] + key_term[None, :]
+        if MASKED:
+            decay = tl.where(distance == 0, 0.0, decay)  # as in _forward_tile
+        s += decay
+    elif DECAY == SPLIT_DECAY:
+        s += key_term[None, :]
+    if MASKED:
+        visible = (distance >= 0) & (distance < window) & key_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    if DECAY == SPLIT_DECAY:
+        p = tl.math.exp2(s - (lse2 - row_shift)[:, None])
+    else:
+        p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if DECAY != NO_DECAY:
+        dgate_row += tl.sum(ds, 1)
+    dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+    return dq, dgate_row
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, SUMS, DO, LSE, DELTA, DQ, DU, CU_SEQLENS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    sums_plane, stride_dot, stride_doh, stride_dqt, stride_dqh,
+    seqlen, num_q_heads, window, qk_scale, scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
+    HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: dq of BLOCK_M query rows of one head, walking key tiles as the forward."""
+    block = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    m0 = bos + block * BLOCK_M
+    if m0 >= eos:
+        return
+    kv_head = head // GROUP
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    DIAGONAL: tl.constexpr = PAIR_DECAY if HAS_GATE else NO_DECAY
+    OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY if HAS_GATE else NO_DECAY
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < eos
+    qd_mask = row_ok[:, None]
+    if not EVEN_D:
+        qd_mask = qd_mask & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=qd_mask, other=0.0)
+    if VARLEN:
+        row_stat = head * seqlen + offs_m
+    else:
+        row_stat = (seq * num_q_heads + head) * seqlen + (offs_m - bos)
+    # Rows past the end load lse = 0 so that their (discarded) probabilities stay finite.
+    lse2 = tl.load(LSE + row_stat, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row_stat, mask=row_ok, other=0.0)
+    p_head = SUMS + head * seqlen + gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
+    s_head = p_head + sums_plane
+    query_offset = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_GATE:
+        query_offset, _ = tile_prefix(p_head, offs_m, m0, eos, True, BLOCK_M, GATE_CHUNK, True)
+    k_head = K + kv_head * stride_kh
+    v_head = V + kv_head * stride_vh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dgate_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+    key_term = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    # The decay's row and key terms, and the order of their loads, as in _forward_kernel.
+    diagonal_end = tl.minimum(m0 + BLOCK_M, eos)
+    running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
+    prefix = key_term
+    tile_sum = running
+    if HAS_GATE:
+        prefix, tile_sum = tile_prefix(p_head, m0 + tl.arange(0, BLOCK_N), m0, eos, True, BLOCK_N, GATE_CHUNK, True)
+    for n0 in range(m0, diagonal_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if HAS_GATE:
+            key_term = -(running + prefix)
+            running += tile_sum
+        dq, dgate_row = _dq_tile(
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_term,
+            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
+            HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION)
+        if HAS_GATE:
+            if BLOCK_M > BLOCK_N:
+                prefix, tile_sum = tile_prefix(p_head, offs_n + BLOCK_N, n0 + BLOCK_N, eos,
+                                                n0 + BLOCK_N < diagonal_end, BLOCK_N, GATE_CHUNK, True)
+
+    lowest_key = tl.maximum(bos, m0 - window + 1)
+    num_tiles = tl.cdiv(m0 - lowest_key, BLOCK_N)
+    unmasked_floor = tl.maximum(bos, m0 + BLOCK_M - window)
+    num_unmasked = tl.minimum(tl.maximum(m0 - unmasked_floor, 0) // BLOCK_N, num_tiles)
+    running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
+    row_shift = query_offset
+    # Each tile loads the next tile's sums after its own, as in _forward_kernel.
+    tile_sum = running
+    if HAS_GATE:
+        key_term, tile_sum = suffix_sums_left_of(p_head, s_head, m0, bos, eos, m0 > lowest_key, BLOCK_N,
+                                                  GATE_CHUNK, True)
+    for i in range(0, num_unmasked):
+        n0 = m0 - (i + 1) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if HAS_GATE:
+            row_shift = query_offset - running
+            running -= tile_sum
+        dq, dgate_row = _dq_tile(
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, row_shift, key_term,
+            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
+            HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION)
+        if HAS_GATE:
+            key_term, tile_sum = suffix_sums_left_of(p_head, s_head, n0, bos, eos, True, BLOCK_N, GATE_CHUNK,
+                                                      False)
+    for i in range(num_unmasked, num_tiles):
+        n0 = m0 - (i + 1) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if HAS_GATE:
+            row_shift = query_offset - running
+            running -= tile_sum
+        dq, dgate_row = _dq_tile(
+            dq, dgate_row, q, do, lse2, delta, k_head, v_head, row_shift, key_term,
+            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
+            HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION)
+        if HAS_GATE:
+            key_term, tile_sum = suffix_sums_left_of(p_head, s_head, n0, bos, eos, n0 > lowest_key, BLOCK_N,
+                                                      GATE_CHUNK, False)
+
+    tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    if HAS_GATE:
+        tl.store(DU + row_stat, dgate_row, mask=row_ok)  # the row sums; dk/dv subtracts the columns
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, lse_head, delta_head,
+    running, m_start, offs_m, offs_n, offs_d, bos, eos, window,
+    stride_qt, stride_dot, qk_scale,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
+):
+    """Add one query tile's contribution to dk, dv (unscaled) and, with a gate, to the
+    float32 column sums of dS, dgate_col [BLOCK_N] (the dq kernel takes the row sums).
+
+    Works on the transposed scores sT [BLOCK_N keys, BLOCK_M queries] so that dk and dv
+    accumulate with the key rows in place. The decay (see _dkdv_kernel for the offsets):
+    PAIR_DECAY: key_term [BLOCK_N] is -L_j, L_t = running + the tile's prefix sums, lse_head
+    holds lse2. SPLIT_DECAY: key_term is -L_j; L_t - L_j = (running + key_term[j]) + P_tile[t]
+    and lse_head holds lse2 - P (_delta_kernel), so the query term needs no arithmetic when
+    the tile is one gate chunk. Returns running advanced past this tile.
+    """
+    row_ok = offs_m < eos
+    qT_mask = offs_d[:, None] < HEAD_DIM
+    do_mask = offs_d[None, :] < HEAD_DIM
+    if MASKED:
+        qT_mask = qT_mask & row_ok[None, :]
+        do_mask = do_mask & row_ok[:, None]
+    if MASKED or not EVEN_D:
+        qT = tl.load(q_head + offs_m[None, :] * stride_qt + offs_d[:, None], mask=qT_mask, other=0.0)
+        do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=do_mask, other=0.0)
+    else:
+        qT = tl.load(q_head + offs_m[None, :] * stride_qt + offs_d[:, None])
+        do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :])
+    if VARLEN:
+        stat = offs_m
+    else:
+        stat = offs_m - bos
+    if MASKED:
+        lse2 = tl.load(lse_head + stat, mask=row_ok, other=0.0)
+        delta = tl.load(delta_head + stat, mask=row_ok, other=0.0)
+    else:
+        lse2 = tl.load(lse_head + stat)
+        delta = tl.load(delta_head + stat)
+    sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
+    if DECAY == PAIR_DECAY:
+        prefix, tile_sum = tile_prefix(p_head, offs_m, m_start, eos, True, BLOCK_M, GATE_CHUNK, MASKED)
+        decayT = (running + prefix)[None, :] + key_term[:, None]
+        if MASKED:
+            decayT = tl.where(offs_m[None, :] == offs_n[:, None], 0.0, decayT)  # as in _forward_tile
+        sT += decayT
+        running += tile_sum
+    elif DECAY == SPLIT_DECAY:
+        carry, tile_sum = tile_carry(p_head, offs_m, m_start, eos, True, BLOCK_M, GATE_CHUNK, True)
+        sT += (running + key_term)[:, None]
+        if BLOCK_M > GATE_CHUNK:
+            lse2 -= carry
+        running += tile_sum
+    if MASKED:
+        distance = offs_m[None, :] - offs_n[:, None]
+        visible = (distance >= 0) & (distance < window) & row_ok[None, :]
+        sT = tl.where(visible, sT, float("-inf"))
+    pT = tl.math.exp2(sT - lse2[None, :])
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    dsT_low = dsT.to(qT.dtype)
+    if DECAY != NO_DECAY:
+        dgate_col += tl.sum(dsT, 1)
+    dk = tl.dot(dsT_low, tl.trans(qT), dk, input_precision=DOT_PRECISION)
+    return dk, dv, dgate_col, running
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, SUMS, DO, LSE, SHIFTED_LSE, DELTA, DK, DV, DU, CU_SEQLENS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    sums_plane, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    seqlen, num_q_heads, window, qk_scale, scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
+    HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: dk, dv of BLOCK_N keys of one kv head, summed over its GROUP query heads;
+    walks the query tiles that can see these keys, from the diagonal outward."""
+    block = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    n0 = bos + block * BLOCK_N
+    if n0 >= eos:
+        return
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    DIAGONAL: tl.constexpr = PAIR_DECAY if HAS_GATE else NO_DECAY
+    OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY if HAS_GATE else NO_DECAY
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < eos
+    kd_mask = key_ok[:, None]
+    if not EVEN_D:
+        kd_mask = kd_mask & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + offs_n[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kd_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=kd_mask, other=0.0)
+
+    # Query tiles start at n0 (the diagonal). Tiles [0, num_diagonal) overlap the causal edge,
+    # tiles [num_diagonal, num_unmasked) are wholly visible, the rest reach the window's edge
+    # or the end of the sequence.
+    last_query = tl.minimum(eos, n0 + BLOCK_N - 1 + window)  # exclusive
+    num_tiles = tl.cdiv(last_query - n0, BLOCK_M)
+    num_diagonal = tl.minimum(tl.cdiv(BLOCK_N, BLOCK_M), num_tiles)
+    num_unmasked = tl.minimum(window // BLOCK_M, (eos - n0) // BLOCK_M)
+    num_unmasked = tl.maximum(tl.minimum(num_unmasked, num_tiles), num_diagonal)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for member in range(0, GROUP):
+        head = kv_head * GROUP + member
+        q_head = Q + head * stride_qh
+        do_head = DO + head * stride_doh
+        p_head = SUMS + head * seqlen + gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
+        if VARLEN:
+            stat_offset = head * seqlen
+        else:
+            stat_offset = (seq * num_q_heads + head) * seqlen
+        delta_head = DELTA + stat_offset
+        # Reference r = the key block's last position. L_j = -(g[j+1] + ... + g[r]) >= 0.
+        # Diagonal query tiles lie inside the block: L_t = -(g[t+1] + ... + g[r]), walked
+        # from -(block sum) upward. Later tiles: L_t = g[r+1] + ... + g[t] <= 0, from 0.
+        key_term = tl.zeros([BLOCK_N], dtype=tl.float32)
+        zero = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
+        running = zero
+        if HAS_GATE:
+            suffix, block_sum = tile_suffix(p_head, p_head + sums_plane, offs_n, n0, eos, True, BLOCK_N,
+                                             GATE_CHUNK, True)
+            key_term = suffix  # -L_j
+            running = -block_sum
+        dgate_col = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for i in range(0, num_diagonal):
+            m_start = n0 + i * BLOCK_M
+            offs_m = m_start + tl.arange(0, BLOCK_M)
+            dk, dv, dgate_col, running = _dkdv_tile(
+                dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, LSE + stat_offset,
+                delta_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt,
+                stride_dot, qk_scale, HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION, VARLEN,
+                BLOCK_M, BLOCK_N, GATE_CHUNK)
+        # Off-diagonal tiles read lse2 - P instead of lse2.
+        if HAS_GATE:
+            lse_head = SHIFTED_LSE + stat_offset
+        else:
+            lse_head = LSE + stat_offset
+        running = zero
+        for i in range(num_diagonal, num_unmasked):
+            m_start = n0 + i * BLOCK_M
+            offs_m = m_start + tl.arange(0, BLOCK_M)
+            dk, dv, dgate_col, running = _dkdv_tile(
+                dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, lse_head, delta_head,
+                running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
+                qk_scale, HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION, VARLEN,
+                BLOCK_M, BLOCK_N, GATE_CHUNK)
+        for i in range(num_unmasked, num_tiles):
+            m_start = n0 + i * BLOCK_M
+            offs_m = m_start + tl.arange(0, BLOCK_M)
+            dk, dv, dgate_col, running = _dkdv_tile(
+                dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, lse_head, delta_head,
+                running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
+                qk_scale, HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION, VARLEN,
+                BLOCK_M, BLOCK_N, GATE_CHUNK)
+        if HAS_GATE:
+            # dU = row sums (written by the dq kernel) - column sums, for these keys.
+            if VARLEN:
+                du = DU + stat_offset + offs_n
+            else:
+                du = DU + stat_offset + (offs_n - bos)
+            tl.store(du, tl.load(du, mask=key_ok, other=0.0) - dgate_col, mask=key_ok)
+
+    tl.store(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
+    tl.store(DV + offs_n[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kd_mask)
+
+
+@triton.jit
+def _reverse_cumsum_kernel(
+    DU, DG, CU_SEQLENS, seqlen, num_q_heads,
+    BLOCK: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """dg_s = sum of dU_t over t >= s inside s's sequence, for one sequence and one head:
+    dU [B, HQ, T] float32 in, dg float32 out, accumulated in float64. The program walks its
+    row from the sequence end in blocks: each block's suffix sums plus the total of the
+    blocks after it. dU's row and column sums cancel over long stretches, so the running
+    total is summed in float64, where its rounding stays far below float32 dU's own."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    if VARLEN:
+        row = head * seqlen
+    else:
+        row = (seq * num_q_heads + head) * seqlen - bos
+    later = tl.zeros([BLOCK], dtype=tl.float64).sum(0)
+    for i in range(0, tl.cdiv(eos - bos, BLOCK)):
+        offs = eos - (i + 1) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs >= bos
+        du = tl.load(DU + row + offs, mask=inside, other=0.0).to(tl.float64)
+        dg = tl.cumsum(du, 0, reverse=True) + later
+        tl.store(DG + row + offs, dg.to(tl.float32), mask=inside)
+        later += tl.sum(du, 0)
+
+
+def _reverse_cumsum_within_sequences(du: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """du [B, HQ, T] float32 (B == 1 with cu_seqlens) -> dg [B, HQ, T] float32 with
+    dg_s = sum of du_t over t >= s in s's sequence, summed in float64 in one launch."""
+    batch, num_q_heads, seqlen = du.shape
+    dg = launch.allocate_like(du)
+    num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+    if num_seqs == 0 or seqlen == 0:
+        return dg
+    block = 64 if interpreting() else 2048
+    _reverse_cumsum_kernel[(num_seqs, num_q_heads)](
+        du, dg, du if cu_seqlens is None else cu_seqlens, seqlen, num_q_heads,
+        BLOCK=block, VARLEN=cu_seqlens is not None, num_warps=1 if interpreting() else 8,
+    )
+    return dg
+
+
+def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens):
+    """Gradients of o with respect to q, k, v and the log gates: (dq, dk, dv, dg) with
+    dg [B,HQ,T] float32 (None without gate). sums and lse are what attention_forward used
+    and returned (lse2 in base 2)."""
+    launch.check_sums(sums, q)
+    problem = launch.Problem(q, k, window_size, cu_seqlens)
+    dq = launch.allocate_like(q)
+    dk = launch.allocate_like(k)
+    dv = launch.allocate_like(v)
+    has_gate = sums is not None
+    stats_shape = (q.shape[0], problem.num_q_heads, q.shape[1])
+    if q.shape[1] == 0 or problem.max_seqlen == 0:
+        for grad in (dq, dk, dv):
+            grad.zero_()
+        return dq, dk, dv, (q.new_zeros(stats_shape, dtype=torch.float32) if has_gate else None)
+    gf = sums if has_gate else q
+    delta = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
+    # dU = row sums of dS (dq kernel) - column sums (dk/dv kernel, after it).
+    du = launch.allocate_like(delta) if has_gate else delta
+    precision = dot_precision(q.dtype)
+    common = dict(GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
+                  GATE_CHUNK=launch.gate_chunk(problem.head_dim), HAS_GATE=has_gate, VARLEN=problem.varlen, DOT_PRECISION=precision)
+    sums_plane = sums.stride(0) if has_gate else 0
+
+    # lse2 - P, the dk/dv kernel's query term off the diagonal (only with a gate).
+    shifted_lse = launch.allocate_like(delta) if has_gate else delta
+    delta_block = 16 if interpreting() else 64
+    _delta_kernel[problem.grid(delta_block, problem.num_q_heads)](
+        o, do, lse, gf, delta, shifted_lse, problem.cu_seqlens,
+        *launch.token_and_head_strides(o), *launch.token_and_head_strides(do), problem.seqlen, problem.num_q_heads,
+        HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, BLOCK_M=delta_block, HAS_GATE=has_gate,
+        VARLEN=problem.varlen,
+    )
+    config = launch.CONFIGS["dq"](problem.head_dim, has_gate)
+    _dq_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
+        q, k, v, gf, do, lse, delta, dq, du, problem.cu_seqlens,
+        *launch.token_and_head_strides(q), *launch.token_and_head_strides(k), *launch.token_and_head_strides(v),
+        sums_plane, *launch.token_and_head_strides(do), *launch.token_and_head_strides(dq),
+        problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
+        **common, **config,
+    )
+    config = launch.CONFIGS["dkdv"](problem.head_dim, has_gate)
+    _dkdv_kernel[problem.grid(config["BLOCK_N"], problem.num_kv_heads)](
+        q, k, v, gf, do, lse, shifted_lse, delta, dk, dv, du, problem.cu_seqlens,
+        *launch.token_and_head_strides(q), *launch.token_and_head_strides(k), *launch.token_and_head_strides(v),
+        sums_plane, *launch.token_and_head_strides(do),
+        *launch.token_and_head_strides(dk), *launch.token_and_head_strides(dv),
+        problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
+        **common, **config,
+    )
+    dg = None
+    if has_gate:
+        dg = _reverse_cumsum_within_sequences(du, cu_seqlens)
+    return dq, dk, dv, dg

@@ -1,0 +1,132 @@
+"""Launch configuration of the window attention kernels: tile sizes per kernel and head
+size, the gate chunk length they imply, the sizes one call derives once, and output buffers.
+Tests and benchmarks replace CONFIGS and allocate_like through this module."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from gatedfwa.ops.triton_support import cdiv, interpreting, next_power_of_2
+from gatedfwa.ops.varlen import longest_sequence
+
+__all__ = ["CONFIGS", "gate_chunk", "Problem", "allocate_like", "token_and_head_strides", "check_sums"]
+
+
+def block_d_for(head_dim: int) -> int:
+    return max(16, next_power_of_2(head_dim))
+
+
+# Tile sizes: the fastest of benchmarks/bench_attention.py --only sweep on an H200
+# (benchmarks/results/attention_sweep.md), B=4 T=8192 H=16, w = 512 and 2048.
+
+
+def _forward_config(head_dim: int, has_gate: bool = True) -> dict:
+    """Tile sizes for the forward kernel (BLOCK_M must be a multiple of BLOCK_N)."""
+    if interpreting():
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    block_d = block_d_for(head_dim)
+    if block_d <= 64 and has_gate:
+        # With the gate, 128 x 64 needs more than 255 registers and spills; 64 x 32 fits in
+        # ~120 and four programs share an SM (H200, B=4 T=8192 H=16 D=64 w=512: 0.33 ms
+        # against 0.41 ms for 128 x 64 with the gate, 0.31 ms without it).
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=4)
+    if block_d <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+def _dq_config(head_dim: int, has_gate: bool = True) -> dict:
+    """Tile sizes for the dq kernel (BLOCK_M must be a multiple of BLOCK_N)."""
+    if interpreting():
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    block_d = block_d_for(head_dim)
+    if block_d <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
+
+
+def _dkdv_config(head_dim: int, has_gate: bool = True) -> dict:
+    """BLOCK_N keys held per program, BLOCK_M queries per tile (BLOCK_N a multiple of BLOCK_M)."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+    block_d = block_d_for(head_dim)
+    if block_d <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if block_d <= 128:
+        # 32 x 64 w4 s3 measured the same within 1% (attention_sweep.md); 64 x 64 makes
+        # every D <= 128 tile one gate chunk of 64 (gate_chunk).
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
+
+
+# Tests and benchmarks may replace these to try other tile sizes. Each takes (head_dim,
+# has_gate); gate_chunk and the gated launches use has_gate=True.
+CONFIGS = {"forward": _forward_config, "dq": _dq_config, "dkdv": _dkdv_config}
+
+
+def gate_chunk(head_dim: int) -> int:
+    """The chunk length of the gate sums (gate/chunk_sums.py) for this head size: the smallest tile
+    side of the three kernels, so that every tile is a whole number of chunks (tile sides are
+    powers of two)."""
+    return _smallest_tile_side(head_dim, CONFIGS["forward"], CONFIGS["dq"], CONFIGS["dkdv"])
+
+
+@functools.lru_cache(maxsize=None)
+def _smallest_tile_side(head_dim: int, *config_functions) -> int:
+    # Cached per set of config functions (every call of an op asks; a replaced CONFIGS entry
+    # is a new key).
+    configs = [config(head_dim) for config in config_functions]
+    return min(min(config["BLOCK_M"], config["BLOCK_N"]) for config in configs)
+
+
+class Problem:
+    """Sizes shared by every launch of one call, derived once."""
+
+    def __init__(self, q, k, window_size, cu_seqlens):
+        batch, seqlen, self.num_q_heads, self.head_dim = q.shape
+        self.num_kv_heads = k.shape[2]
+        self.group = self.num_q_heads // self.num_kv_heads
+        self.block_d = block_d_for(self.head_dim)
+        self.varlen = cu_seqlens is not None
+        if self.varlen:
+            self.num_seqs = cu_seqlens.numel() - 1
+            self.max_seqlen = longest_sequence(cu_seqlens, seqlen)
+            self.cu_seqlens = cu_seqlens
+        else:
+            self.num_seqs = batch
+            self.max_seqlen = seqlen
+            self.cu_seqlens = q  # unused pointer placeholder
+        self.seqlen = seqlen  # the packed length with cu_seqlens
+        # A window at least as long as any sequence is full causal attention.
+        limit = max(self.max_seqlen, 1)
+        self.window = limit if window_size is None else min(window_size, limit)
+
+    def grid(self, block: int, heads: int):
+        return (cdiv(max(self.max_seqlen, 1), block), self.num_seqs, heads)
+
+
+def allocate_like(x: torch.Tensor) -> torch.Tensor:
+    """Uninitialised output buffer shaped like x. Tests replace this to fill outputs with NaN,
+    which shows any element a kernel fails to write."""
+    return torch.empty_like(x)
+
+
+
+def token_and_head_strides(x: torch.Tensor) -> tuple[int, int]:
+    """(token stride, head stride) of a contiguous [B, T, H, D] tensor, for the kernels'
+    flattened token index b * T + t. A contiguous tensor may carry any stride in a dimension
+    of size 1, so with T == 1 the token stride is the batch stride."""
+    return (x.stride(0) if x.shape[1] == 1 else x.stride(1)), x.stride(2)
+
+
+def check_sums(sums: torch.Tensor | None, q: torch.Tensor) -> None:
+    expected = (2, q.shape[0], q.shape[2], q.shape[1])
+    if sums is not None and (tuple(sums.shape) != expected or sums.dtype != torch.float32 or not sums.is_contiguous()):
+        raise ValueError(f"gate sums must be contiguous float32 {list(expected)}, got {sums.dtype} {list(sums.shape)}")
+
