@@ -129,7 +129,8 @@ VALUE_CHECKS_VARIABLE = "GATEDFWA_CHECK_VALUES"
 
 
 def check_log_gate_values(g: torch.Tensor | None, name: str = "g") -> None:
-    """Log gates must be <= 0 and not NaN (-inf is allowed: the gate closes completely).
+    """Log gates must be finite and <= 0 (a strong gate is a large negative number, e.g. -1e4;
+    -inf would turn the decay differences U_t - U_j into NaN).
 
     Checked on CPU tensors always, and on other devices when GATEDFWA_CHECK_VALUES=1: reading
     values back costs a device sync per call, so by default CUDA inputs are assumed valid (a
@@ -138,12 +139,12 @@ def check_log_gate_values(g: torch.Tensor | None, name: str = "g") -> None:
         return
     if g.device.type != "cpu" and os.environ.get(VALUE_CHECKS_VARIABLE, "0") != "1":
         return
-    bad = g.isnan() | (g > 0)
+    bad = ~torch.isfinite(g) | (g > 0)
     if bool(bad.any()):
         count = int(bad.sum())
         worst = g[bad].flatten()[0].item()
         raise ValueError(
-            f"{name} must hold log gates <= 0 (and no NaN); {count} of {g.numel()} values are not, e.g. {worst!r}"
+            f"{name} must hold finite log gates <= 0; {count} of {g.numel()} values are not, e.g. {worst!r}"
         )
 
 

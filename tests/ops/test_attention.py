@@ -420,6 +420,42 @@ def test_cu_seqlens_validation(cu_seqlens, message):
         gated_window_attention(q, k, v, cu_seqlens=cu_seqlens)
 
 
+def positive_gate():
+    g = -torch.rand(2, 8, 4)
+    g[1, 3, 2] = 0.5
+    return g
+
+
+def nan_gate():
+    g = -torch.rand(2, 8, 4)
+    g[0, 7, 0] = float("nan")
+    return g
+
+
+def infinite_gate():
+    g = -torch.rand(2, 8, 4)
+    g[0, 0, 1] = float("-inf")
+    return g
+
+
+@pytest.mark.parametrize("make_gate", [positive_gate, nan_gate, infinite_gate])
+def test_gate_values_are_checked_on_cpu(make_gate):
+    """A log gate > 0, NaN or infinite is rejected on CPU tensors (no device sync needed there)."""
+    q, k, v = torch.randn(2, 8, 4, 16), torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    with pytest.raises(ValueError, match="g must hold finite log gates <= 0; 1 of 64"):
+        gated_window_attention(q, k, v, make_gate(), window_size=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_cu_seqlens_int32_and_int64(dtype, device):
+    q, k, v = (torch.randn(1, 9, 2, 16, device=device) for _ in range(3))
+    offsets = torch.tensor([0, 4, 9], dtype=dtype, device=device)
+    torch.testing.assert_close(
+        gated_window_attention(q, k, v, window_size=3, cu_seqlens=offsets),
+        gated_window_attention(q, k, v, window_size=3, cu_seqlens=offsets.to(torch.int32)),
+    )
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled kernels with their real tile sizes")
 @pytest.mark.parametrize("head_dim,q_heads,kv_heads,window", [(128, 4, 4, 300), (64, 8, 2, 1000), (80, 4, 1, None), (256, 2, 2, 200)])

@@ -160,11 +160,12 @@ def gated_window_attention(
     Args:
         q: [B, T, HQ, D] float16, bfloat16 or float32; D <= 256, any value (not only powers of 2).
         k, v: [B, T, H, D] with HQ % H == 0 (GQA/MQA: key/value heads are shared, never copied).
-        g: [B, T, HQ] per-step log gates (<= 0), any float dtype, or None for plain SWA.
+        g: [B, T, HQ] per-step log gates, finite and <= 0 (checked on CPU tensors, on CUDA only
+            with GATEDFWA_CHECK_VALUES=1), any float dtype, or None for plain SWA.
         window_size: keys visible to a query, the query included (1 = itself only);
             None = full causal (with g: "forgetting" attention).
         scale: logit scale, default D ** -0.5.
-        cu_seqlens: int32 [N + 1] offsets of N sequences packed along T (B must be 1);
+        cu_seqlens: int32 (or int64) [N + 1] offsets of N sequences packed along T (B must be 1);
             nothing, the gate sums included, crosses a sequence boundary.
         return_lse: also return the log-sum-exp of each row's logits, [B, HQ, T] float32.
 
