@@ -6,9 +6,10 @@ import it from here; without it, `jit` leaves functions as plain Python (never l
 every op takes its PyTorch path.
 
 Triton's interpreter (TRITON_INTERPRET=1, read by Triton when a kernel is decorated) runs the
-kernels on the CPU with numpy. Its bfloat16 arithmetic differs from the GPU's; importing this
-module while the interpreter is on corrects that (`patch_interpreter_bfloat16`), so that no
-interpreted kernel returns a silently wrong bf16 answer.
+kernels on the CPU with numpy. Its bfloat16 arithmetic and the type of its comparisons differ
+from the GPU's; importing this module while the interpreter is on corrects both
+(`patch_interpreter_bfloat16`, `patch_interpreter_comparisons`), so that no interpreted kernel
+returns a silently wrong answer or fails where the compiled one runs.
 """
 
 from __future__ import annotations
@@ -114,11 +115,43 @@ def patch_interpreter_bfloat16() -> None:
     builder._gatedfwa_bfloat16_patched = True
 
 
+def patch_interpreter_comparisons() -> None:
+    """Make comparisons in Triton's CPU interpreter yield booleans, as they do on the GPU.
+
+    The interpreter gives a comparison the type of its left operand, so `n > 3` on an int32
+    scalar holds int32 data; newer interpreters (3.7 and later) keep that through `&` with a
+    block of booleans, and a load masked by the result fails with "mask has unsupported
+    dtype". This returns every comparison as int1 with boolean data. Idempotent; a no-op
+    without Triton. Called on import when the interpreter is on.
+    """
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_gatedfwa_comparisons_patched", False):
+        return
+
+    def boolean_result(compare):
+        def create(self, lhs, rhs):
+            result = compare(self, lhs, rhs)
+            return interpreter.TensorHandle(np.asarray(result.data).astype(np.bool_), tl.int1)
+
+        return create
+
+    for name in dir(builder):
+        if name.startswith(("create_icmp", "create_fcmp")):
+            setattr(builder, name, boolean_result(getattr(builder, name)))
+    builder._gatedfwa_comparisons_patched = True
+
+
 if _INTERPRETING and triton is not None:
     patch_interpreter_bfloat16()
+    patch_interpreter_comparisons()
 
 
 __all__ = [
     "triton", "tl", "jit", "constexpr", "LOG2E", "LN2", "LOG2E_CONSTEXPR", "interpreting", "dot_precision",
-    "cdiv", "next_power_of_2", "patch_interpreter_bfloat16",
+    "cdiv", "next_power_of_2", "patch_interpreter_bfloat16", "patch_interpreter_comparisons",
 ]
