@@ -102,4 +102,4 @@ def chunked_nsa_attention(q, k, v, g, g_cmp, g_slc, g_swa, block_size: int, bloc
         o_swa = sliding_branch(q, k, v, g, window_size, scale, cu_seqlens).to(compute)
         branches.append((g_swa, o_swa))
     chosen = join(index_parts) if index_parts else None
-    return combine_branches(branches).to(q.dtype), chosen
+    return combine_branches(branches, torch.float32).to(q.dtype), chosen

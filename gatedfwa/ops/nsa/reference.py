@@ -142,14 +142,15 @@ def naive_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return torch.matmul(probs, v_rep).transpose(0, 1), lse
 
 
-def combine_branches(branches: list[tuple[torch.Tensor | None, torch.Tensor | None]]) -> torch.Tensor:
+def combine_branches(branches: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+                     dtype: torch.dtype) -> torch.Tensor:
     """sum of gate[..., None] * o over (gate [B, T, HQ], o [B, T, HQ, D]) pairs whose gate is
-    given; the gate is cast to o's dtype."""
+    given, computed in dtype."""
     total = None
     for gate, o in branches:
         if gate is None:
             continue
-        term = gate.to(o.dtype)[..., None] * o
+        term = gate.to(dtype)[..., None] * o.to(dtype)
         total = term if total is None else total + term
     return total
 
@@ -199,7 +200,7 @@ def naive_nsa_attention(
     branches = [(g_cmp, o_cmp), (g_slc, o_slc)]
     if g_swa is not None:
         branches.append((g_swa, naive_sliding_branch(q, k, v, g, window_size, scale, cu_seqlens)))
-    return combine_branches(branches), chosen
+    return combine_branches(branches, q.dtype), chosen
 
 
 def _join(parts: list[torch.Tensor], cu_seqlens: torch.Tensor | None) -> torch.Tensor:
