@@ -167,10 +167,16 @@ def _compressed_dkdv_kernel(
              dv.to(DVC.dtype.element_ty), mask=mask)
 
 
+def allocate_like(x: torch.Tensor) -> torch.Tensor:
+    """Uninitialised output buffer shaped like x. Tests replace this to fill outputs with NaN,
+    which shows any element a kernel fails to write."""
+    return torch.empty_like(x)
+
+
 def _config(layout: SequenceLayout) -> dict:
     """ROWS query rows per program (at least one group), BLOCK_C summaries per tile."""
     if INTERPRETING:
-        return dict(ROWS=max(16, layout.group_pad), BLOCK_C=16, num_warps=4, num_stages=1)
+        return dict(ROWS=max(64, layout.group_pad), BLOCK_C=16, num_warps=4, num_stages=1)
     rows = max(64 if layout.block_d <= 128 else 32, layout.group_pad)
     return dict(ROWS=rows, BLOCK_C=64 if layout.block_d <= 128 else 32, num_warps=4, num_stages=2)
 
@@ -195,7 +201,7 @@ def compressed_forward(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, T, HQ, D] contiguous, k_cmp/v_cmp [num_summaries, H, D] (pooling.py).
     Returns o_cmp [B, T, HQ, D] in q's dtype and lse2 [B*T, HQ] float32 (base 2)."""
-    o = torch.empty_like(q)
+    o = allocate_like(q)
     lse = torch.empty((layout.batch * layout.seqlen, layout.num_q_heads), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return o, lse
@@ -214,9 +220,9 @@ def compressed_forward(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor
 def compressed_backward(do, q, k_cmp, v_cmp, o, lse, layout: SequenceLayout, scale: float):
     """Gradients (dq [B, T, HQ, D], dk_cmp, dv_cmp [num_summaries, H, D]) in the inputs' dtypes,
     from the forward's o and lse2."""
-    dq = torch.empty_like(q)
-    dk_cmp = torch.empty_like(k_cmp)
-    dv_cmp = torch.empty_like(v_cmp)
+    dq = allocate_like(q)
+    dk_cmp = allocate_like(k_cmp)
+    dv_cmp = allocate_like(v_cmp)
     if q.numel() == 0:
         return dq, dk_cmp, dv_cmp
     delta = (o.float() * do.float()).sum(-1).reshape(-1, layout.num_q_heads)

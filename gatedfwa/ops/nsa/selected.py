@@ -195,11 +195,17 @@ def _selected_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=mask)
 
 
+def allocate_like(x: torch.Tensor) -> torch.Tensor:
+    """Uninitialised output buffer shaped like x. Tests replace this to fill outputs with NaN,
+    which shows any element a kernel fails to write."""
+    return torch.empty_like(x)
+
+
 def _config(layout: SequenceLayout) -> dict:
     """ROWS query rows per program; BLOCK_K keys per tile (a block is one or more tiles)."""
     block_k = max(16, min(64, next_power_of_2(layout.block_size)))
     if INTERPRETING:
-        return dict(ROWS=max(16, layout.group_pad), BLOCK_K=block_k, num_warps=4, num_stages=1)
+        return dict(ROWS=max(64, layout.group_pad), BLOCK_K=block_k, num_warps=4, num_stages=1)
     return dict(ROWS=max(16, layout.group_pad), BLOCK_K=block_k, num_warps=4, num_stages=2)
 
 
@@ -211,7 +217,7 @@ def _common(layout: SequenceLayout, q: torch.Tensor) -> dict:
 def selected_forward(q, k, v, indices, layout: SequenceLayout, scale: float):
     """q [B, T, HQ, D], k/v [B, T, H, D] contiguous, indices [B, T, H, S] int32 contiguous
     (ascending, -1 last). Returns o_slc [B, T, HQ, D] and lse2 [B*T, HQ] float32."""
-    o = torch.empty_like(q)
+    o = allocate_like(q)
     lse = torch.empty((layout.batch * layout.seqlen, layout.num_q_heads), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return o, lse
@@ -249,9 +255,9 @@ def invert_selection(indices: torch.Tensor, layout: SequenceLayout) -> tuple[tor
 
 def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scale: float):
     """(dq, dk, dv) in the inputs' dtypes from the forward's o and lse2."""
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = allocate_like(q)
+    dk = allocate_like(k)
+    dv = allocate_like(v)
     if q.numel() == 0:
         return dq, dk, dv
     delta = (o.float() * do.float()).sum(-1).reshape(-1, layout.num_q_heads)

@@ -101,9 +101,15 @@ def _select_kernel(
     tl.store(out, best_block, mask=query_ok[:, None] & (rank < block_counts))
 
 
+def allocate_indices(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Uninitialised int32 index buffer. Tests replace this to fill it with a value no slot may
+    keep, which shows any entry the kernel fails to write."""
+    return torch.empty(shape, dtype=torch.int32, device=device)
+
+
 def _config(layout: SequenceLayout) -> dict:
     if INTERPRETING:
-        return dict(ROWS=max(16, layout.group_pad), BLOCK_C=16, num_warps=4, num_stages=1)
+        return dict(ROWS=max(64, layout.group_pad), BLOCK_C=16, num_warps=4, num_stages=1)
     return dict(ROWS=max(16, layout.group_pad), BLOCK_C=64 if layout.block_d <= 128 else 32, num_warps=4,
                 num_stages=2)
 
@@ -113,8 +119,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, layou
     """q [B, T, HQ, D] contiguous, k_cmp [num_summaries, H, D], lse [B*T, HQ] (base 2, from
     compressed_forward). Returns block indices [B, T, H, block_counts] int32, each row
     ascending, -1 last."""
-    indices = torch.empty((layout.batch, layout.seqlen, layout.num_kv_heads, block_counts), dtype=torch.int32,
-                          device=q.device)
+    indices = allocate_indices((layout.batch, layout.seqlen, layout.num_kv_heads, block_counts), q.device)
     if q.numel() == 0:
         return indices
     if k_cmp.shape[0] == 0:
