@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import torch
 
+from gatedfwa.ops.nsa import tiles
 from gatedfwa.ops.nsa.layout import SequenceLayout
 from gatedfwa.ops.nsa.tiles import (
     INTERPRETING,
     LOG2E,
-    dot_precision,
     finish_softmax,
+    kernel_flags,
     load_keys,
     load_rows,
     probabilities,
     query_rows,
+    query_tile,
     sequence_bounds,
     softmax_step,
     store_rows,
@@ -47,10 +49,7 @@ def _compressed_forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
-    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
-    t0 = bos + tl.program_id(0) * BLOCK_Q
+    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
     if t0 >= eos:
         return
     first_summary, num_summaries = summary_bounds(SUMMARY_OFFSETS, seq, summaries_per_seq, VARLEN)
@@ -87,10 +86,7 @@ def _compressed_dq_kernel(
 ):
     """dq_t = scale * sum_c P_tc (dP_tc - delta_t) k_cmp[c], dP = do . v_cmp."""
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
-    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
-    t0 = bos + tl.program_id(0) * BLOCK_Q
+    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
     if t0 >= eos:
         return
     first_summary, num_summaries = summary_bounds(SUMMARY_OFFSETS, seq, summaries_per_seq, VARLEN)
@@ -167,23 +163,12 @@ def _compressed_dkdv_kernel(
              dv.to(DVC.dtype.element_ty), mask=mask)
 
 
-def allocate_like(x: torch.Tensor) -> torch.Tensor:
-    """Uninitialised output buffer shaped like x. Tests replace this to fill outputs with NaN,
-    which shows any element a kernel fails to write."""
-    return torch.empty_like(x)
-
-
 def _config(layout: SequenceLayout) -> dict:
     """ROWS query rows per program (at least one group), BLOCK_C summaries per tile."""
     if INTERPRETING:
         return dict(ROWS=max(64, layout.group_pad), BLOCK_C=16, num_warps=4, num_stages=1)
     rows = max(64 if layout.block_d <= 128 else 32, layout.group_pad)
     return dict(ROWS=rows, BLOCK_C=64 if layout.block_d <= 128 else 32, num_warps=4, num_stages=2)
-
-
-def _common(layout: SequenceLayout, q: torch.Tensor) -> dict:
-    return dict(GROUP=layout.group, GROUP_PAD=layout.group_pad, HEAD_DIM=layout.head_dim, BLOCK_D=layout.block_d,
-                VARLEN=layout.varlen, DOT_PRECISION=dot_precision(q.dtype))
 
 
 def _sequence_pointers(layout: SequenceLayout, q: torch.Tensor):
@@ -201,7 +186,7 @@ def compressed_forward(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, T, HQ, D] contiguous, k_cmp/v_cmp [num_summaries, H, D] (pooling.py).
     Returns o_cmp [B, T, HQ, D] in q's dtype and lse2 [B*T, HQ] float32 (base 2)."""
-    o = allocate_like(q)
+    o = tiles.allocate_like(q)
     lse = torch.empty((layout.batch * layout.seqlen, layout.num_q_heads), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return o, lse
@@ -212,7 +197,7 @@ def compressed_forward(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor
         q, k_cmp, v_cmp, o, lse, cu, offsets,
         *token_strides(q), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1), *token_strides(o),
         layout.seqlen, layout.summaries_per_seq, layout.num_q_heads, layout.block_size, scale * LOG2E,
-        **_common(layout, q), **config,
+        **kernel_flags(layout, q), **config,
     )
     return o, lse
 
@@ -220,9 +205,9 @@ def compressed_forward(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor
 def compressed_backward(do, q, k_cmp, v_cmp, o, lse, layout: SequenceLayout, scale: float):
     """Gradients (dq [B, T, HQ, D], dk_cmp, dv_cmp [num_summaries, H, D]) in the inputs' dtypes,
     from the forward's o and lse2."""
-    dq = allocate_like(q)
-    dk_cmp = allocate_like(k_cmp)
-    dv_cmp = allocate_like(v_cmp)
+    dq = tiles.allocate_like(q)
+    dk_cmp = tiles.allocate_like(k_cmp)
+    dv_cmp = tiles.allocate_like(v_cmp)
     if q.numel() == 0:
         return dq, dk_cmp, dv_cmp
     delta = (o.float() * do.float()).sum(-1).reshape(-1, layout.num_q_heads)
@@ -233,7 +218,7 @@ def compressed_backward(do, q, k_cmp, v_cmp, o, lse, layout: SequenceLayout, sca
     _compressed_dq_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k_in, v_in, do, lse, delta, dq, cu, offsets,
         *token_strides(q), k_in.stride(0), k_in.stride(1), v_in.stride(0), v_in.stride(1), *token_strides(do),
-        *token_strides(dq), *sizes, **_common(layout, q), **config,
+        *token_strides(dq), *sizes, **kernel_flags(layout, q), **config,
     )
     if k_cmp.shape[0] > 0:
         grid = (cdiv(max(layout.max_summaries, 1), config["BLOCK_C"]), layout.num_seqs, layout.num_kv_heads)
@@ -241,6 +226,6 @@ def compressed_backward(do, q, k_cmp, v_cmp, o, lse, layout: SequenceLayout, sca
             q, k_cmp, v_cmp, do, lse, delta, dk_cmp, dv_cmp, cu, offsets,
             *token_strides(q), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
             *token_strides(do), dk_cmp.stride(0), dk_cmp.stride(1), dv_cmp.stride(0), dv_cmp.stride(1),
-            *sizes, **_common(layout, q), **config,
+            *sizes, **kernel_flags(layout, q), **config,
         )
     return dq, dk_cmp, dv_cmp

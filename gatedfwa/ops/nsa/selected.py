@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import torch
 
+from gatedfwa.ops.nsa import tiles
 from gatedfwa.ops.nsa.layout import SequenceLayout
 from gatedfwa.ops.nsa.tiles import (
     INTERPRETING,
     LOG2E,
-    dot_precision,
     finish_softmax,
+    kernel_flags,
     load_keys,
     load_rows,
     probabilities,
     query_rows,
+    query_tile,
     sequence_bounds,
     softmax_step,
     store_rows,
@@ -59,10 +61,7 @@ def _selected_forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
-    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
-    t0 = bos + tl.program_id(0) * BLOCK_Q
+    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
     if t0 >= eos:
         return
     position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
@@ -104,10 +103,7 @@ def _selected_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
-    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
-    t0 = bos + tl.program_id(0) * BLOCK_Q
+    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
     if t0 >= eos:
         return
     position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
@@ -195,12 +191,6 @@ def _selected_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=mask)
 
 
-def allocate_like(x: torch.Tensor) -> torch.Tensor:
-    """Uninitialised output buffer shaped like x. Tests replace this to fill outputs with NaN,
-    which shows any element a kernel fails to write."""
-    return torch.empty_like(x)
-
-
 def _config(layout: SequenceLayout) -> dict:
     """ROWS query rows per program; BLOCK_K keys per tile (a block is one or more tiles)."""
     block_k = max(16, min(64, next_power_of_2(layout.block_size)))
@@ -209,15 +199,10 @@ def _config(layout: SequenceLayout) -> dict:
     return dict(ROWS=max(16, layout.group_pad), BLOCK_K=block_k, num_warps=4, num_stages=2)
 
 
-def _common(layout: SequenceLayout, q: torch.Tensor) -> dict:
-    return dict(GROUP=layout.group, GROUP_PAD=layout.group_pad, HEAD_DIM=layout.head_dim, BLOCK_D=layout.block_d,
-                VARLEN=layout.varlen, DOT_PRECISION=dot_precision(q.dtype))
-
-
 def selected_forward(q, k, v, indices, layout: SequenceLayout, scale: float):
     """q [B, T, HQ, D], k/v [B, T, H, D] contiguous, indices [B, T, H, S] int32 contiguous
     (ascending, -1 last). Returns o_slc [B, T, HQ, D] and lse2 [B*T, HQ] float32."""
-    o = allocate_like(q)
+    o = tiles.allocate_like(q)
     lse = torch.empty((layout.batch * layout.seqlen, layout.num_q_heads), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return o, lse
@@ -226,7 +211,7 @@ def selected_forward(q, k, v, indices, layout: SequenceLayout, scale: float):
         q, k, v, indices, o, lse, layout.cu_seqlens if layout.varlen else q,
         *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(o),
         layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, indices.shape[-1],
-        scale * LOG2E, **_common(layout, q), **config,
+        scale * LOG2E, **kernel_flags(layout, q), **config,
     )
     return o, lse
 
@@ -255,9 +240,9 @@ def invert_selection(indices: torch.Tensor, layout: SequenceLayout) -> tuple[tor
 
 def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scale: float):
     """(dq, dk, dv) in the inputs' dtypes from the forward's o and lse2."""
-    dq = allocate_like(q)
-    dk = allocate_like(k)
-    dv = allocate_like(v)
+    dq = tiles.allocate_like(q)
+    dk = tiles.allocate_like(k)
+    dv = tiles.allocate_like(v)
     if q.numel() == 0:
         return dq, dk, dv
     delta = (o.float() * do.float()).sum(-1).reshape(-1, layout.num_q_heads)
@@ -268,7 +253,7 @@ def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scal
         q, k, v, do, lse, delta, indices, dq, cu,
         *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(do), *token_strides(dq),
         layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, block_counts,
-        scale * LOG2E, scale, **_common(layout, q), **config,
+        scale * LOG2E, scale, **kernel_flags(layout, q), **config,
     )
     queries, offsets = invert_selection(indices, layout)
     pieces = cdiv(layout.block_size, config["BLOCK_K"])
@@ -277,6 +262,6 @@ def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scal
         *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(do),
         *token_strides(dk), *token_strides(dv),
         layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, layout.max_blocks,
-        scale * LOG2E, scale, **_common(layout, q), **config,
+        scale * LOG2E, scale, **kernel_flags(layout, q), **config,
     )
     return dq, dk, dv

@@ -24,8 +24,17 @@ from __future__ import annotations
 import torch
 
 from gatedfwa.ops.nsa.layout import SequenceLayout
-from gatedfwa.ops.nsa.tiles import INTERPRETING, LOG2E, dot_precision, load_keys, load_rows, query_rows, \
-    sequence_bounds, summary_bounds, token_strides
+from gatedfwa.ops.nsa.tiles import (
+    INTERPRETING,
+    LOG2E,
+    dot_precision,
+    load_keys,
+    load_rows,
+    query_rows,
+    query_tile,
+    summary_bounds,
+    token_strides,
+)
 from gatedfwa.ops.triton_support import jit, next_power_of_2, tl
 
 __all__ = ["select_blocks"]
@@ -43,10 +52,7 @@ def _select_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
-    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
-    t0 = bos + tl.program_id(0) * BLOCK_Q
+    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
     if t0 >= eos:
         return
     first_summary, num_summaries = summary_bounds(SUMMARY_OFFSETS, seq, summaries_per_seq, VARLEN)

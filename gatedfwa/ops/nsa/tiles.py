@@ -30,6 +30,27 @@ def token_strides(x: torch.Tensor) -> tuple[int, int]:
     return (x.stride(0) if x.shape[1] == 1 else x.stride(1)), x.stride(2)
 
 
+def allocate_like(x: torch.Tensor) -> torch.Tensor:
+    """Uninitialised output buffer shaped like x. Tests replace this (tiles.allocate_like) to
+    fill outputs with NaN, which shows any element a kernel fails to write."""
+    return torch.empty_like(x)
+
+
+def kernel_flags(layout, q: torch.Tensor) -> dict:
+    """The compile-time arguments every NSA kernel takes from the layout (layout.py)."""
+    return dict(GROUP=layout.group, GROUP_PAD=layout.group_pad, HEAD_DIM=layout.head_dim, BLOCK_D=layout.block_d,
+                VARLEN=layout.varlen, DOT_PRECISION=dot_precision(q.dtype))
+
+
+@jit
+def query_tile(CU_SEQLENS, seqlen, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr):
+    """The program's (sequence, kv head, [bos, eos) of the sequence, first query t0) for the
+    grid of layout.grid: axis 0 tiles of BLOCK_Q queries, 1 sequences, 2 kv heads."""
+    seq = tl.program_id(1)
+    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    return seq, tl.program_id(2), bos, eos, bos + tl.program_id(0) * BLOCK_Q
+
+
 @jit
 def sequence_bounds(cu_seqlens, seq, seqlen, VARLEN: tl.constexpr):
     """[bos, eos) of sequence `seq` among the flattened tokens."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gatedfwa.ops.nsa import compressed, selected, selection
+from gatedfwa.ops.nsa import selection, tiles
 from tests.ops.nsa.helpers import check_nsa, make_inputs
 
 
@@ -16,8 +16,7 @@ from tests.ops.nsa.helpers import check_nsa, make_inputs
 def triton_backend(monkeypatch):
     """Force the Triton kernels and poison the buffers they write with NaN."""
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
-    for module in (compressed, selected):
-        monkeypatch.setattr(module, "allocate_like", lambda x: torch.full_like(x, float("nan")))
+    monkeypatch.setattr(tiles, "allocate_like", lambda x: torch.full_like(x, float("nan")))
     monkeypatch.setattr(selection, "allocate_indices", lambda shape, device: torch.full(
         shape, -7, dtype=torch.int32, device=device))
 
