@@ -1,0 +1,14 @@
+"""Native Sparse Attention (arXiv 2502.11089) with GatedFWA as its sliding branch.
+
+    from gatedfwa.ops.nsa import nsa_attention
+
+Files: op.py (public entry, dispatch), validation.py (argument checks), reference.py (the
+quadratic specification), chunked.py (PyTorch path with bounded memory), sliding.py (the
+window op as the sliding branch), and the Triton path: pooling.py (block summaries),
+compressed.py, selection.py, selected.py (kernels), autograd.py (their composition).
+docs/nsa.md describes the math.
+"""
+
+from gatedfwa.ops.nsa.op import nsa_attention
+
+__all__ = ["nsa_attention"]

@@ -1,0 +1,105 @@
+"""NSA in PyTorch with bounded memory: the path for devices without Triton, differentiable
+through autograd. Same rules as reference.py (which states them).
+
+Memory per kv head, for a sequence of n tokens: the compressed branch and the selection hold
+[n, n // block_size] scores; the selected branch gathers the block_counts * block_size keys
+of a chunk of queries at a time; the sliding branch is the window op's chunked path,
+O(n * window). Nothing is O(n^2).
+
+Computes in float32; returns q's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gatedfwa.ops.nsa.reference import (
+    combine_branches,
+    mean_pool_blocks,
+    naive_compressed_attention,
+    select_blocks_from_importance,
+    sequence_bounds,
+)
+from gatedfwa.ops.nsa.sliding import sliding_branch
+
+__all__ = ["chunked_selected_attention", "chunked_nsa_attention"]
+
+# Queries per chunk of the selected branch: the gathered keys are
+# [chunk, H, block_counts * block_size, D], about 8M elements at most.
+GATHER_ELEMENTS = 1 << 23
+
+
+def chunked_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
+                               block_size: int, scale: float) -> torch.Tensor:
+    """One sequence: q [n, HQ, D], k/v [n, H, D], block_indices [n, H, S] (-1 = none).
+    Gathers each query's selected keys; returns o_slc [n, HQ, D] (0 for a query without any)."""
+    n, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    num_selected = block_indices.shape[-1]
+    keys_per_query = num_selected * block_size
+    chunk = max(1, GATHER_ELEMENTS // max(1, num_kv_heads * keys_per_query * head_dim))
+    offsets = torch.arange(block_size, device=q.device)
+    heads = torch.arange(num_kv_heads, device=q.device)[None, :, None]
+    outs = []
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        t = torch.arange(start, end, device=q.device)[:, None, None, None]
+        blocks = block_indices[start:end].long()[..., None]  # [C, H, S, 1]
+        position = blocks * block_size + offsets  # [C, H, S, BS]
+        visible = (blocks >= 0) & (position <= t) & (position < n)
+        position = torch.where(visible, position, 0).flatten(-2)  # [C, H, S*BS]
+        visible = visible.flatten(-2)
+        keys = k[position, heads]  # [C, H, S*BS, D]
+        values = v[position, heads]
+        queries = q[start:end].unflatten(1, (num_kv_heads, group))  # [C, H, G, D]
+        scores = torch.einsum("chgd,chkd->chgk", queries, keys) * scale
+        scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
+        row_max = scores.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+        weights = torch.exp(scores - row_max)
+        total = weights.sum(dim=-1, keepdim=True)
+        probs = weights / torch.where(total > 0, total, 1.0)
+        outs.append(torch.einsum("chgk,chkd->chgd", probs, values).flatten(1, 2))
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
+def chunked_nsa_attention(q, k, v, g, g_cmp, g_slc, g_swa, block_size: int, block_counts: int,
+                          window_size: int | None, scale: float, cu_seqlens, block_indices,
+                          want_indices: bool = False):
+    """Arguments as nsa_attention, validated (block_indices canonical). Returns (o [B, T, HQ, D]
+    in q's dtype, block_indices [B, T, H, S] int32: those used, or computed when want_indices;
+    None when the selection was neither needed nor wanted)."""
+    batch, seqlen, num_q_heads, _ = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_q_heads // num_kv_heads
+    compute = torch.float32
+    qf, kf, vf = (x.to(compute) for x in (q, k, v))
+    need_selection = (g_slc is not None or want_indices) and block_indices is None
+    need_compressed = g_cmp is not None or need_selection
+    cmp_parts, slc_parts, index_parts = [], [], []
+    for b, start, end in sequence_bounds(cu_seqlens, batch, seqlen):
+        qs, ks, vs = qf[b, start:end], kf[b, start:end], vf[b, start:end]
+        indices = None if block_indices is None else block_indices[b, start:end]
+        if need_compressed:
+            o_c, _, probs = naive_compressed_attention(
+                qs, mean_pool_blocks(ks, block_size), mean_pool_blocks(vs, block_size), block_size, scale)
+            cmp_parts.append(o_c)
+            if need_selection:
+                importance = probs.detach().unflatten(0, (num_kv_heads, group)).sum(dim=1)
+                indices = select_blocks_from_importance(importance, block_size, block_counts).to(torch.int32)
+        if g_slc is not None:
+            slc_parts.append(chunked_selected_attention(qs, ks, vs, indices, block_size, scale))
+        if indices is not None:
+            index_parts.append(indices)
+    join = (lambda parts: torch.stack(parts)) if cu_seqlens is None else (lambda parts: torch.cat(parts)[None])
+    branches = []
+    if g_cmp is not None:
+        branches.append((g_cmp, join(cmp_parts)))
+    if g_slc is not None:
+        branches.append((g_slc, join(slc_parts)))
+    if g_swa is not None:
+        o_swa = sliding_branch(q, k, v, g, window_size, scale, cu_seqlens).to(compute)
+        branches.append((g_swa, o_swa))
+    chosen = join(index_parts) if index_parts else None
+    return combine_branches(branches, torch.float32).to(q.dtype), chosen

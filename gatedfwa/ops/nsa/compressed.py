@@ -1,0 +1,231 @@
+"""Triton kernels of the compressed branch: attention over block summaries.
+
+Query t of a sequence sees summary c once block c is complete: (c + 1) * block_size <= t + 1
+(reference.py). A program holds the query heads of one kv head for BLOCK_Q consecutive
+queries as ROWS = BLOCK_Q * GROUP_PAD rows (layout.py) and walks the summary tiles its last
+query can see; the causal mask is per row (visible count (t + 1) // block_size).
+
+    forward  o_cmp [B*T, HQ, D], lse2 [B*T, HQ] float32 (base 2; -inf: nothing visible)
+    dq       per query tile, like the forward
+    dk, dv   of the summaries, per tile of BLOCK_C summaries: walks the query tiles from the
+             first query that sees the tile's first summary to the sequence end
+
+Work and memory are O(T * T / block_size) per head, as any dense attention over summaries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gatedfwa.ops.nsa import tiles
+from gatedfwa.ops.nsa.layout import SequenceLayout
+from gatedfwa.ops.nsa.tiles import (
+    INTERPRETING,
+    LOG2E,
+    finish_softmax,
+    kernel_flags,
+    load_keys,
+    load_rows,
+    probabilities,
+    query_rows,
+    query_tile,
+    sequence_bounds,
+    softmax_step,
+    store_rows,
+    summary_bounds,
+    token_strides,
+)
+from gatedfwa.ops.triton_support import cdiv, jit, tl
+
+__all__ = ["compressed_forward", "compressed_backward"]
+
+
+@jit
+def _compressed_forward_kernel(
+    Q, KC, VC, O, LSE, CU_SEQLENS, SUMMARY_OFFSETS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    seqlen, summaries_per_seq, num_q_heads, block_size, qk_scale,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
+    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
+    if t0 >= eos:
+        return
+    first_summary, num_summaries = summary_bounds(SUMMARY_OFFSETS, seq, summaries_per_seq, VARLEN)
+    position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
+    visible = (position - bos + 1) // block_size  # summaries each row sees
+    tile_visible = (tl.minimum(t0 + BLOCK_Q, eos) - bos) // block_size
+
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    row_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([ROWS], dtype=tl.float32)
+    for c0 in range(0, tile_visible, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < num_summaries
+        k = load_keys(KC, first_summary + offs_c, c_ok, kv_head, offs_d, stride_kt, stride_kh, HEAD_DIM, True)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(offs_c[None, :] < visible[:, None], s, float("-inf"))
+        v = load_keys(VC, first_summary + offs_c, c_ok, kv_head, offs_d, stride_vt, stride_vh, HEAD_DIM, False)
+        acc, row_max, row_sum = softmax_step(acc, row_max, row_sum, s, v, DOT_PRECISION)
+    out, lse = finish_softmax(acc, row_max, row_sum)
+    store_rows(O, out, position, head, valid, offs_d, stride_ot, stride_oh, HEAD_DIM)
+    tl.store(LSE + position * num_q_heads + head, lse, mask=valid)
+
+
+@jit
+def _compressed_dq_kernel(
+    Q, KC, VC, DO, LSE, DELTA, DQ, CU_SEQLENS, SUMMARY_OFFSETS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    seqlen, summaries_per_seq, num_q_heads, block_size, qk_scale, scale,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dq_t = scale * sum_c P_tc (dP_tc - delta_t) k_cmp[c], dP = do . v_cmp."""
+    BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
+    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
+    if t0 >= eos:
+        return
+    first_summary, num_summaries = summary_bounds(SUMMARY_OFFSETS, seq, summaries_per_seq, VARLEN)
+    position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
+    do = load_rows(DO, position, head, valid, offs_d, stride_dot, stride_doh, HEAD_DIM)
+    lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=float("-inf"))
+    delta = tl.load(DELTA + position * num_q_heads + head, mask=valid, other=0.0)
+    visible = (position - bos + 1) // block_size
+    tile_visible = (tl.minimum(t0 + BLOCK_Q, eos) - bos) // block_size
+
+    dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for c0 in range(0, tile_visible, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < num_summaries
+        k = load_keys(KC, first_summary + offs_c, c_ok, kv_head, offs_d, stride_kt, stride_kh, HEAD_DIM, False)
+        v = load_keys(VC, first_summary + offs_c, c_ok, kv_head, offs_d, stride_vt, stride_vh, HEAD_DIM, False)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(offs_c[None, :] < visible[:, None], s, float("-inf"))
+        p = probabilities(s, lse)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    store_rows(DQ, dq * scale, position, head, valid, offs_d, stride_dqt, stride_dqh, HEAD_DIM)
+
+
+@jit
+def _compressed_dkdv_kernel(
+    Q, KC, VC, DO, LSE, DELTA, DKC, DVC, CU_SEQLENS, SUMMARY_OFFSETS,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    seqlen, summaries_per_seq, num_q_heads, block_size, qk_scale, scale,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Gradients of BLOCK_C summaries of one kv head, summed over every query row that sees
+    them: dv_c = sum_t P_tc do_t, dk_c = scale * sum_t dS_tc q_t."""
+    BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    first_summary, num_summaries = summary_bounds(SUMMARY_OFFSETS, seq, summaries_per_seq, VARLEN)
+    c0 = tl.program_id(0) * BLOCK_C
+    if c0 >= num_summaries:
+        return
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < num_summaries
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_keys(KC, first_summary + offs_c, c_ok, kv_head, offs_d, stride_kt, stride_kh, HEAD_DIM, False)
+    v = load_keys(VC, first_summary + offs_c, c_ok, kv_head, offs_d, stride_vt, stride_vh, HEAD_DIM, False)
+    dk = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    first_query = bos + (c0 + 1) * block_size - 1  # the first query that sees summary c0
+    for t0 in range(first_query, eos, BLOCK_Q):
+        position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
+        q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
+        do = load_rows(DO, position, head, valid, offs_d, stride_dot, stride_doh, HEAD_DIM)
+        lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=0.0)
+        delta = tl.load(DELTA + position * num_q_heads + head, mask=valid, other=0.0)
+        visible = (position - bos + 1) // block_size
+        seen = (offs_c[:, None] < visible[None, :]) & valid[None, :] & c_ok[:, None]
+        s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_C, ROWS]
+        p = tl.where(seen, tl.math.exp2(s - lse[None, :]), 0.0)
+        dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[None, :])
+        dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    rows = first_summary + offs_c
+    mask = c_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DKC + rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+             (dk * scale).to(DKC.dtype.element_ty), mask=mask)
+    tl.store(DVC + rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+             dv.to(DVC.dtype.element_ty), mask=mask)
+
+
+def _config(layout: SequenceLayout) -> dict:
+    """ROWS query rows per program (at least one group), BLOCK_C summaries per tile."""
+    if INTERPRETING:
+        return dict(ROWS=max(64, layout.group_pad), BLOCK_C=16, num_warps=4, num_stages=1)
+    rows = max(64 if layout.block_d <= 128 else 32, layout.group_pad)
+    return dict(ROWS=rows, BLOCK_C=64 if layout.block_d <= 128 else 32, num_warps=4, num_stages=2)
+
+
+def _sequence_pointers(layout: SequenceLayout, q: torch.Tensor):
+    """(cu_seqlens, summary offsets) pointers; q stands in for both without varlen (never read)."""
+    return (layout.cu_seqlens if layout.varlen else q), (layout.summary_offsets if layout.varlen else q)
+
+
+def _nonempty(x: torch.Tensor) -> torch.Tensor:
+    """A summary tensor the kernels may take a pointer of: one zero row when there is none
+    (a sequence shorter than a block); rows past the summary count are never read."""
+    return x if x.shape[0] > 0 else x.new_zeros((1, *x.shape[1:]))
+
+
+def compressed_forward(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, layout: SequenceLayout,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, T, HQ, D] contiguous, k_cmp/v_cmp [num_summaries, H, D] (pooling.py).
+    Returns o_cmp [B, T, HQ, D] in q's dtype and lse2 [B*T, HQ] float32 (base 2)."""
+    o = tiles.allocate_like(q)
+    lse = torch.empty((layout.batch * layout.seqlen, layout.num_q_heads), dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
+        return o, lse
+    k_cmp, v_cmp = _nonempty(k_cmp), _nonempty(v_cmp)
+    config = _config(layout)
+    cu, offsets = _sequence_pointers(layout, q)
+    _compressed_forward_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
+        q, k_cmp, v_cmp, o, lse, cu, offsets,
+        *token_strides(q), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1), *token_strides(o),
+        layout.seqlen, layout.summaries_per_seq, layout.num_q_heads, layout.block_size, scale * LOG2E,
+        **kernel_flags(layout, q), **config,
+    )
+    return o, lse
+
+
+def compressed_backward(do, q, k_cmp, v_cmp, o, lse, layout: SequenceLayout, scale: float):
+    """Gradients (dq [B, T, HQ, D], dk_cmp, dv_cmp [num_summaries, H, D]) in the inputs' dtypes,
+    from the forward's o and lse2."""
+    dq = tiles.allocate_like(q)
+    dk_cmp = tiles.allocate_like(k_cmp)
+    dv_cmp = tiles.allocate_like(v_cmp)
+    if q.numel() == 0:
+        return dq, dk_cmp, dv_cmp
+    delta = (o.float() * do.float()).sum(-1).reshape(-1, layout.num_q_heads)
+    k_in, v_in = _nonempty(k_cmp), _nonempty(v_cmp)
+    config = _config(layout)
+    cu, offsets = _sequence_pointers(layout, q)
+    sizes = (layout.seqlen, layout.summaries_per_seq, layout.num_q_heads, layout.block_size, scale * LOG2E, scale)
+    _compressed_dq_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
+        q, k_in, v_in, do, lse, delta, dq, cu, offsets,
+        *token_strides(q), k_in.stride(0), k_in.stride(1), v_in.stride(0), v_in.stride(1), *token_strides(do),
+        *token_strides(dq), *sizes, **kernel_flags(layout, q), **config,
+    )
+    if k_cmp.shape[0] > 0:
+        grid = (cdiv(max(layout.max_summaries, 1), config["BLOCK_C"]), layout.num_seqs, layout.num_kv_heads)
+        _compressed_dkdv_kernel[grid](
+            q, k_cmp, v_cmp, do, lse, delta, dk_cmp, dv_cmp, cu, offsets,
+            *token_strides(q), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
+            *token_strides(do), dk_cmp.stride(0), dk_cmp.stride(1), dv_cmp.stride(0), dv_cmp.stride(1),
+            *sizes, **kernel_flags(layout, q), **config,
+        )
+    return dq, dk_cmp, dv_cmp

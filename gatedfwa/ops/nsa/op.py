@@ -1,0 +1,85 @@
+"""The public NSA op: validation and backend dispatch.
+
+Backends (as for the window op, gatedfwa/ops/api.py):
+    "triton"  the kernels of compressed.py, selection.py and selected.py (autograd in
+              autograd.py); default for CUDA tensors. On CPU tensors they run under
+              TRITON_INTERPRET=1 (tests).
+    "torch"   chunked.py; default elsewhere.
+GATEDFWA_BACKEND=triton or GATEDFWA_BACKEND=torch forces one. The sliding branch is always
+gatedfwa's window op, which dispatches the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gatedfwa.ops.nsa.chunked import chunked_nsa_attention
+from gatedfwa.ops.nsa.sliding import select_backend
+from gatedfwa.ops.nsa.validation import canonical_block_indices, check_nsa_args
+
+__all__ = ["nsa_attention"]
+
+
+def nsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    g_cmp: torch.Tensor | None = None,
+    g_slc: torch.Tensor | None = None,
+    g_swa: torch.Tensor | None = None,
+    *,
+    block_size: int = 64,
+    block_counts: int = 16,
+    window_size: int | None = 512,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    block_indices: torch.Tensor | None = None,
+    return_block_indices: bool = False,
+):
+    """Native Sparse Attention whose sliding branch is GatedFWA (docs/nsa.md).
+
+    o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa, a branch whose gate is None left out:
+    o_cmp attends to the mean of every complete block of block_size keys/values (causally: a
+    block once complete); o_slc attends to the keys of the block_counts blocks each query
+    selects from the compressed-attention probabilities, summed over the query heads of a kv
+    head (block 0 and the query's own block always kept, the own block masked causally);
+    o_swa is gatedfwa.gated_window_attention(q, k, v, g, window_size).
+
+    Args:
+        q: [B, T, HQ, D] float16, bfloat16 or float32, D <= 256.
+        k, v: [B, T, H, D], HQ % H == 0 (any group size).
+        g: [B, T, HQ] GatedFWA log gates (<= 0) of the sliding branch, or None (plain SWA).
+        g_cmp, g_slc, g_swa: [B, T, HQ] branch gates (meant in [0, 1], e.g. sigmoids), or None.
+        block_size: tokens per block, for both the summaries and the selection.
+        block_counts: blocks each query selects (an int; fewer exist early in a sequence).
+        window_size: keys of the sliding window, the query included; None = full causal;
+            0 = no sliding branch (then g_swa must be None).
+        scale: logit scale, default D ** -0.5 (all branches).
+        cu_seqlens: int32 [N + 1] offsets of N sequences packed along T (B must be 1); blocks
+            are counted from each sequence's start and nothing crosses a boundary.
+        block_indices: [B, T, H, S] int32/int64 selected blocks to use instead of the
+            computed selection (-1 = none; any order; each at or before the query's own
+            block). Then S replaces block_counts.
+        return_block_indices: also return the block indices used, [B, T, H, S] int32, each
+            row ascending with -1 last.
+
+    Returns:
+        o [B, T, HQ, D] in q's dtype, or (o, block_indices) when return_block_indices.
+    """
+    check_nsa_args(q, k, v, g, g_cmp, g_slc, g_swa, block_size, block_counts, window_size, scale, cu_seqlens,
+                   block_indices)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if g_swa is None:
+        window_size = 0
+    if block_indices is not None:
+        block_indices = canonical_block_indices(block_indices, block_size, cu_seqlens)
+    args = (q, k, v, g, g_cmp, g_slc, g_swa, block_size, block_counts, window_size, scale, cu_seqlens, block_indices,
+            return_block_indices)
+    if select_backend(q.device) == "triton":
+        from gatedfwa.ops.nsa.autograd import triton_nsa_attention
+
+        o, indices = triton_nsa_attention(*args)
+    else:
+        o, indices = chunked_nsa_attention(*args)
+    return (o, indices) if return_block_indices else o

@@ -1,0 +1,146 @@
+"""Triton helpers shared by the NSA kernels: sequence bounds, the query-row layout of
+layout.py, masked tile loads, and one step of the online softmax.
+
+Logits are kept in base 2 (scaled by log2(e) once), as in gatedfwa/ops/attention.py, so the
+kernels use exp2/log2 and every log-sum-exp they store is lse2 = lse * log2(e).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from gatedfwa.ops.triton_support import jit, tl
+
+LOG2E = 1.4426950408889634
+
+# Triton decides at decoration time whether kernels are interpreted; read it once too.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get full-precision products (tf32 would cost ~1e-3 relative error)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def token_strides(x: torch.Tensor) -> tuple[int, int]:
+    """(token stride, head stride) of a contiguous [B, T, H, D] tensor seen as [B*T, H, D]
+    (with T == 1 the token stride is the batch stride)."""
+    return (x.stride(0) if x.shape[1] == 1 else x.stride(1)), x.stride(2)
+
+
+def allocate_like(x: torch.Tensor) -> torch.Tensor:
+    """Uninitialised output buffer shaped like x. Tests replace this (tiles.allocate_like) to
+    fill outputs with NaN, which shows any element a kernel fails to write."""
+    return torch.empty_like(x)
+
+
+def kernel_flags(layout, q: torch.Tensor) -> dict:
+    """The compile-time arguments every NSA kernel takes from the layout (layout.py)."""
+    return dict(GROUP=layout.group, GROUP_PAD=layout.group_pad, HEAD_DIM=layout.head_dim, BLOCK_D=layout.block_d,
+                VARLEN=layout.varlen, DOT_PRECISION=dot_precision(q.dtype))
+
+
+@jit
+def query_tile(CU_SEQLENS, seqlen, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr):
+    """The program's (sequence, kv head, [bos, eos) of the sequence, first query t0) for the
+    grid of layout.grid: axis 0 tiles of BLOCK_Q queries, 1 sequences, 2 kv heads."""
+    seq = tl.program_id(1)
+    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    return seq, tl.program_id(2), bos, eos, bos + tl.program_id(0) * BLOCK_Q
+
+
+@jit
+def sequence_bounds(cu_seqlens, seq, seqlen, VARLEN: tl.constexpr):
+    """[bos, eos) of sequence `seq` among the flattened tokens."""
+    if VARLEN:
+        bos = tl.load(cu_seqlens + seq).to(tl.int32)
+        eos = tl.load(cu_seqlens + seq + 1).to(tl.int32)
+    else:
+        bos = seq * seqlen
+        eos = bos + seqlen
+    return bos, eos
+
+
+@jit
+def summary_bounds(summary_offsets, seq, summaries_per_seq, VARLEN: tl.constexpr):
+    """(first summary row, number of summaries) of sequence `seq`."""
+    if VARLEN:
+        first = tl.load(summary_offsets + seq).to(tl.int32)
+        count = tl.load(summary_offsets + seq + 1).to(tl.int32) - first
+    else:
+        first = seq * summaries_per_seq
+        count = summaries_per_seq
+    return first, count
+
+
+@jit
+def query_rows(t0, eos, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """The rows of a tile of consecutive queries starting at token t0 (layout.py): per row its
+    token position, query head, and whether it is real (inside the sequence, not padding)."""
+    r = tl.arange(0, ROWS)
+    position = t0 + r // GROUP_PAD
+    head_in_group = r % GROUP_PAD
+    valid = (position < eos) & (head_in_group < GROUP)
+    return position, kv_head * GROUP + head_in_group, valid
+
+
+@jit
+def load_rows(ptr, position, head, valid, offs_d, stride_t, stride_h, HEAD_DIM: tl.constexpr):
+    """[ROWS, BLOCK_D] rows (token position, head) of a [tokens, heads, D] tensor; 0 where not valid."""
+    mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(ptr + position[:, None] * stride_t + head[:, None] * stride_h + offs_d[None, :], mask=mask,
+                   other=0.0)
+
+
+@jit
+def store_rows(ptr, value, position, head, valid, offs_d, stride_t, stride_h, HEAD_DIM: tl.constexpr):
+    mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tl.store(ptr + position[:, None] * stride_t + head[:, None] * stride_h + offs_d[None, :],
+             value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def load_keys(ptr, rows, row_ok, head, offs_d, stride_t, stride_h, HEAD_DIM: tl.constexpr,
+              TRANSPOSED: tl.constexpr):
+    """Keys (values) of one kv head at the given rows: [BLOCK_D, N] when TRANSPOSED, else
+    [N, BLOCK_D]; 0 where the row is not ok."""
+    if TRANSPOSED:
+        mask = row_ok[None, :] & (offs_d[:, None] < HEAD_DIM)
+        return tl.load(ptr + rows[None, :] * stride_t + head * stride_h + offs_d[:, None], mask=mask, other=0.0)
+    else:
+        mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        return tl.load(ptr + rows[:, None] * stride_t + head * stride_h + offs_d[None, :], mask=mask, other=0.0)
+
+
+@jit
+def softmax_step(acc, row_max, row_sum, s, v, DOT_PRECISION: tl.constexpr):
+    """Fold a tile of base-2 logits s [ROWS, N] (-inf where masked) and its values v
+    [N, BLOCK_D] into the running (acc, max, sum) of an online softmax. A row that has seen no
+    visible key keeps max = -inf and subtracts 0 instead, so that exp2(-inf) = 0, not NaN."""
+    new_max = tl.maximum(row_max, tl.max(s, 1))
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.math.exp2(s - safe_max[:, None])
+    correction = tl.math.exp2(row_max - safe_max)
+    row_sum = row_sum * correction + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=DOT_PRECISION)
+    return acc, new_max, row_sum
+
+
+@jit
+def finish_softmax(acc, row_max, row_sum):
+    """(o, lse2) from the running softmax; rows without any visible key give o = 0 and
+    lse2 = -inf."""
+    has_keys = row_sum > 0.0
+    out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
+    lse = tl.where(has_keys, row_max + tl.math.log2(tl.where(has_keys, row_sum, 1.0)), float("-inf"))
+    return out, lse
+
+
+@jit
+def probabilities(s, lse2):
+    """exp2(s - lse2) per row; rows with lse2 = -inf (nothing visible) give 0."""
+    safe = tl.where(lse2 == float("-inf"), 0.0, lse2)
+    p = tl.math.exp2(s - safe[:, None])
+    return tl.where((lse2 == float("-inf"))[:, None], 0.0, p)

@@ -1,0 +1,83 @@
+"""nsa_attention's Triton kernels (compressed, selection, selected; under TRITON_INTERPRET=1
+on the CPU) against the float64 reference: the rule on the output and every gradient, the
+selection block for block. Sizes stay small for the interpreter; block size 16, lengths that
+are not multiples of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gatedfwa.ops.nsa import selection, tiles
+from tests.ops.nsa.helpers import check_nsa, make_inputs
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    """Force the Triton kernels and poison the buffers they write with NaN."""
+    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+    monkeypatch.setattr(tiles, "allocate_like", lambda x: torch.full_like(x, float("nan")))
+    monkeypatch.setattr(selection, "allocate_indices", lambda shape, device: torch.full(
+        shape, -7, dtype=torch.int32, device=device))
+
+
+# (batch, seqlen, q heads, kv heads, head dim, block counts, dtype): GQA groups 1, 2, 4 and 16,
+# head dims 24 and 80 (not powers of two), every dtype; a group of 3 (padded to 4 rows).
+CASES = [
+    (2, 70, 2, 2, 24, 3, torch.float32),
+    (1, 83, 4, 2, 80, 4, torch.bfloat16),
+    (1, 75, 4, 1, 32, 5, torch.float16),
+    (1, 50, 16, 1, 16, 3, torch.float32),
+    (1, 40, 6, 2, 16, 2, torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-T{}-HQ{}-H{}-D{}-S{}-{}".format(*c[:6], str(c[6])[6:]))
+def test_triton_kernels(device, case):
+    batch, seqlen, q_heads, kv_heads, head_dim, block_counts, dtype = case
+    q, k, v, gates = make_inputs(batch, seqlen, q_heads, kv_heads, head_dim, dtype, device, branches=("cmp", "slc"))
+    check_nsa(q, k, v, gates, block_counts=block_counts)
+
+
+def test_triton_varlen_with_sliding_branch(device):
+    """Empty, short (no complete block) and long sequences packed; all three branches."""
+    cu_seqlens = torch.tensor([0, 0, 11, 60, 61, 120], dtype=torch.int32, device=device)
+    q, k, v, gates = make_inputs(1, 120, 4, 2, 16, torch.float32, device)
+    check_nsa(q, k, v, gates, block_counts=3, window_size=12, cu_seqlens=cu_seqlens)
+
+
+def test_triton_block_larger_than_tile(device):
+    """A block of 40 keys spans several key tiles (16 wide) of the selected kernels."""
+    q, k, v, gates = make_inputs(1, 130, 2, 1, 16, torch.float32, device, branches=("cmp", "slc"), block_size=40)
+    check_nsa(q, k, v, gates, block_size=40, block_counts=2)
+
+
+def test_triton_given_block_indices(device):
+    q, k, v, gates = make_inputs(1, 64, 4, 2, 24, torch.float32, device, branches=("slc",))
+    t = torch.arange(64, device=device)
+    own = (t // 16)[None, :, None].expand(1, 64, 2)
+    previous = torch.where(own > 1, own - 1, -1)
+    chosen = torch.stack([own, torch.full_like(own, -1), previous], dim=-1)
+    _, _, indices = check_nsa(q, k, v, gates, block_indices=chosen)
+    assert (indices[..., 0] <= indices[..., 1]).logical_or(indices[..., 1] == -1).all()
+
+
+# (batch, seqlen, q heads, kv heads, varlen): groups 16 and 1 at the benchmark's head size,
+# block size and block count, compiled kernels with their real tiles.
+GPU_CASES = [
+    (1, 2048, 16, 1, False),
+    (2, 1500, 4, 4, False),
+    (1, 3000, 8, 2, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled kernels with their real tile sizes")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "B{}-T{}-HQ{}-H{}-varlen{}".format(*c))
+def test_gpu_bf16_moderate_size(case):
+    batch, seqlen, q_heads, kv_heads, varlen = case
+    q, k, v, gates = make_inputs(batch, seqlen, q_heads, kv_heads, 128, torch.bfloat16, "cuda", block_size=64)
+    cu_seqlens = torch.tensor([0, 700, 701, 2100, seqlen], dtype=torch.int32, device="cuda") if varlen else None
+    # bf16 summaries move near-tied importances; the selection is compared where it is clear.
+    check_nsa(q, k, v, gates, block_size=64, block_counts=16, window_size=512, cu_seqlens=cu_seqlens,
+              min_checked=0.5)
