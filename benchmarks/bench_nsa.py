@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import attention_tflops, bench_ms, environment, error_record, window_pairs, write_results  # noqa: E402
 
-from gatedfwa.ops.api import gated_window_attention  # noqa: E402
+from gatedfwa.ops.window_attention import gated_window_attention  # noqa: E402
 from gatedfwa.ops.nsa import nsa_attention  # noqa: E402
 
 DEVICE = "cuda"

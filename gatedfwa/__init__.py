@@ -10,6 +10,7 @@ from gatedfwa.ops import (
     gated_fwa_attention,
     gated_window_attention,
     log_gates_from_projection,
+    nsa_attention,
 )
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "gated_fwa_attention",
     "compute_log_gates",
     "log_gates_from_projection",
+    "nsa_attention",
     "decode_gated_window_attention",
     "WindowCache",
     "WindowLayerCache",

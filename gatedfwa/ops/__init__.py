@@ -4,6 +4,7 @@
                        and the op fused with the gate (from the gate projection to the output)
     gate/              the gate preprocessing: log gates from the projections, chunk-local sums
     decode/            decode steps against the bounded window cache
+    nsa/               Native Sparse Attention with the gated window as its sliding branch
 
 Each package has a PyTorch reference beside its Triton kernels and one public face (its
 __init__). Shared by all: backend.py (which implementation serves a call), validation.py
@@ -12,6 +13,7 @@ __init__). Shared by all: backend.py (which implementation serves a call), valid
 
 from gatedfwa.ops.decode import MAX_DECODE_LENGTH, WindowCache, WindowLayerCache, decode_gated_window_attention
 from gatedfwa.ops.gate import compute_log_gates, log_gates_from_projection
+from gatedfwa.ops.nsa import nsa_attention
 from gatedfwa.ops.window_attention import flash_gated_window_attention, gated_fwa_attention, gated_window_attention
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "gated_fwa_attention",
     "compute_log_gates",
     "log_gates_from_projection",
+    "nsa_attention",
     "decode_gated_window_attention",
     "WindowCache",
     "WindowLayerCache",

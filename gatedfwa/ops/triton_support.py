@@ -72,6 +72,13 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def token_and_head_strides(x: torch.Tensor) -> tuple[int, int]:
+    """(token stride, head stride) of a contiguous [B, T, H, D] tensor, for the kernels'
+    flattened token index b * T + t. A contiguous tensor may carry any stride in a dimension
+    of size 1, so with T == 1 the token stride is the batch stride."""
+    return (x.stride(0) if x.shape[1] == 1 else x.stride(1)), x.stride(2)
+
+
 def patch_interpreter_bfloat16() -> None:
     """Make Triton's CPU interpreter treat bfloat16 as the GPU does.
 
@@ -153,5 +160,5 @@ if _INTERPRETING and triton is not None:
 
 __all__ = [
     "triton", "tl", "jit", "constexpr", "LOG2E", "LN2", "LOG2E_CONSTEXPR", "interpreting", "dot_precision",
-    "cdiv", "next_power_of_2", "patch_interpreter_bfloat16", "patch_interpreter_comparisons",
+    "cdiv", "next_power_of_2", "token_and_head_strides", "patch_interpreter_bfloat16", "patch_interpreter_comparisons",
 ]

@@ -18,9 +18,9 @@ from gatedfwa.ops.nsa.reference import (
     mean_pool_blocks,
     naive_compressed_attention,
     select_blocks_from_importance,
-    sequence_bounds,
 )
 from gatedfwa.ops.nsa.sliding import sliding_branch
+from gatedfwa.ops.varlen import sequence_spans
 
 __all__ = ["chunked_selected_attention", "chunked_nsa_attention"]
 
@@ -78,7 +78,7 @@ def chunked_nsa_attention(q, k, v, g, g_cmp, g_slc, g_swa, block_size: int, bloc
     need_selection = (g_slc is not None or want_indices) and block_indices is None
     need_compressed = g_cmp is not None or need_selection
     cmp_parts, slc_parts, index_parts = [], [], []
-    for b, start, end in sequence_bounds(cu_seqlens, batch, seqlen):
+    for b, start, end in sequence_spans(cu_seqlens, batch, seqlen):
         qs, ks, vs = qf[b, start:end], kf[b, start:end], vf[b, start:end]
         indices = None if block_indices is None else block_indices[b, start:end]
         if need_compressed:

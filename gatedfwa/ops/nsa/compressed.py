@@ -20,8 +20,6 @@ import torch
 from gatedfwa.ops.nsa import tiles
 from gatedfwa.ops.nsa.layout import SequenceLayout
 from gatedfwa.ops.nsa.tiles import (
-    INTERPRETING,
-    LOG2E,
     finish_softmax,
     kernel_flags,
     load_keys,
@@ -29,13 +27,12 @@ from gatedfwa.ops.nsa.tiles import (
     probabilities,
     query_rows,
     query_tile,
-    sequence_bounds,
     softmax_step,
     store_rows,
     summary_bounds,
-    token_strides,
 )
-from gatedfwa.ops.triton_support import cdiv, jit, tl
+from gatedfwa.ops.triton_support import LOG2E, cdiv, interpreting, jit, tl, token_and_head_strides
+from gatedfwa.ops.varlen import sequence_bounds
 
 __all__ = ["compressed_forward", "compressed_backward"]
 
@@ -165,7 +162,7 @@ def _compressed_dkdv_kernel(
 
 def _config(layout: SequenceLayout) -> dict:
     """ROWS query rows per program (at least one group), BLOCK_C summaries per tile."""
-    if INTERPRETING:
+    if interpreting():
         return dict(ROWS=max(64, layout.group_pad), BLOCK_C=16, num_warps=4, num_stages=1)
     rows = max(64 if layout.block_d <= 128 else 32, layout.group_pad)
     return dict(ROWS=rows, BLOCK_C=64 if layout.block_d <= 128 else 32, num_warps=4, num_stages=2)
@@ -195,7 +192,7 @@ def compressed_forward(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor
     cu, offsets = _sequence_pointers(layout, q)
     _compressed_forward_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k_cmp, v_cmp, o, lse, cu, offsets,
-        *token_strides(q), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1), *token_strides(o),
+        *token_and_head_strides(q), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1), *token_and_head_strides(o),
         layout.seqlen, layout.summaries_per_seq, layout.num_q_heads, layout.block_size, scale * LOG2E,
         **kernel_flags(layout, q), **config,
     )
@@ -217,15 +214,15 @@ def compressed_backward(do, q, k_cmp, v_cmp, o, lse, layout: SequenceLayout, sca
     sizes = (layout.seqlen, layout.summaries_per_seq, layout.num_q_heads, layout.block_size, scale * LOG2E, scale)
     _compressed_dq_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k_in, v_in, do, lse, delta, dq, cu, offsets,
-        *token_strides(q), k_in.stride(0), k_in.stride(1), v_in.stride(0), v_in.stride(1), *token_strides(do),
-        *token_strides(dq), *sizes, **kernel_flags(layout, q), **config,
+        *token_and_head_strides(q), k_in.stride(0), k_in.stride(1), v_in.stride(0), v_in.stride(1), *token_and_head_strides(do),
+        *token_and_head_strides(dq), *sizes, **kernel_flags(layout, q), **config,
     )
     if k_cmp.shape[0] > 0:
         grid = (cdiv(max(layout.max_summaries, 1), config["BLOCK_C"]), layout.num_seqs, layout.num_kv_heads)
         _compressed_dkdv_kernel[grid](
             q, k_cmp, v_cmp, do, lse, delta, dk_cmp, dv_cmp, cu, offsets,
-            *token_strides(q), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
-            *token_strides(do), dk_cmp.stride(0), dk_cmp.stride(1), dv_cmp.stride(0), dv_cmp.stride(1),
+            *token_and_head_strides(q), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
+            *token_and_head_strides(do), dk_cmp.stride(0), dk_cmp.stride(1), dv_cmp.stride(0), dv_cmp.stride(1),
             *sizes, **kernel_flags(layout, q), **config,
         )
     return dq, dk_cmp, dv_cmp

@@ -1,6 +1,6 @@
 """The public NSA op: validation and backend dispatch.
 
-Backends (as for the window op, gatedfwa/ops/api.py):
+Backends (as for the window op, gatedfwa/ops/window_attention/op.py):
     "triton"  the kernels of compressed.py, selection.py and selected.py (autograd in
               autograd.py); default for CUDA tensors. On CPU tensors they run under
               TRITON_INTERPRET=1 (tests).

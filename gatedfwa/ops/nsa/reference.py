@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from gatedfwa.ops.nsa.sliding import naive_sliding_branch
+from gatedfwa.ops.varlen import sequence_spans
 
 __all__ = [
     "mean_pool_blocks",
@@ -42,16 +43,7 @@ __all__ = [
     "select_blocks_from_importance",
     "naive_selected_attention",
     "naive_nsa_attention",
-    "sequence_bounds",
 ]
-
-
-def sequence_bounds(cu_seqlens: torch.Tensor | None, batch: int, seqlen: int) -> list[tuple[int, int, int]]:
-    """(batch index, start, end) of every sequence the T axis holds."""
-    if cu_seqlens is None:
-        return [(b, 0, seqlen) for b in range(batch)]
-    bounds = cu_seqlens.tolist()
-    return [(0, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
 def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -183,7 +175,7 @@ def naive_nsa_attention(
     if block_indices is not None:
         block_counts = block_indices.shape[-1]
     cmp_parts, slc_parts, index_parts = [], [], []
-    for b, start, end in sequence_bounds(cu_seqlens, batch, seqlen):
+    for b, start, end in sequence_spans(cu_seqlens, batch, seqlen):
         qs, ks, vs = q[b, start:end], k[b, start:end], v[b, start:end]
         o_c, _, probs = naive_compressed_attention(
             qs, mean_pool_blocks(ks, block_size), mean_pool_blocks(vs, block_size), block_size, scale)

@@ -23,8 +23,6 @@ import torch
 from gatedfwa.ops.nsa import tiles
 from gatedfwa.ops.nsa.layout import SequenceLayout
 from gatedfwa.ops.nsa.tiles import (
-    INTERPRETING,
-    LOG2E,
     finish_softmax,
     kernel_flags,
     load_keys,
@@ -32,12 +30,11 @@ from gatedfwa.ops.nsa.tiles import (
     probabilities,
     query_rows,
     query_tile,
-    sequence_bounds,
     softmax_step,
     store_rows,
-    token_strides,
 )
-from gatedfwa.ops.triton_support import cdiv, jit, next_power_of_2, tl
+from gatedfwa.ops.triton_support import LOG2E, cdiv, interpreting, jit, next_power_of_2, tl, token_and_head_strides
+from gatedfwa.ops.varlen import sequence_bounds
 
 __all__ = ["selected_forward", "selected_backward", "invert_selection"]
 
@@ -194,7 +191,7 @@ def _selected_dkdv_kernel(
 def _config(layout: SequenceLayout) -> dict:
     """ROWS query rows per program; BLOCK_K keys per tile (a block is one or more tiles)."""
     block_k = max(16, min(64, next_power_of_2(layout.block_size)))
-    if INTERPRETING:
+    if interpreting():
         return dict(ROWS=max(64, layout.group_pad), BLOCK_K=block_k, num_warps=4, num_stages=1)
     return dict(ROWS=max(16, layout.group_pad), BLOCK_K=block_k, num_warps=4, num_stages=2)
 
@@ -209,7 +206,7 @@ def selected_forward(q, k, v, indices, layout: SequenceLayout, scale: float):
     config = _config(layout)
     _selected_forward_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k, v, indices, o, lse, layout.cu_seqlens if layout.varlen else q,
-        *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(o),
+        *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v), *token_and_head_strides(o),
         layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, indices.shape[-1],
         scale * LOG2E, **kernel_flags(layout, q), **config,
     )
@@ -251,7 +248,7 @@ def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scal
     block_counts = indices.shape[-1]
     _selected_dq_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k, v, do, lse, delta, indices, dq, cu,
-        *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(do), *token_strides(dq),
+        *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v), *token_and_head_strides(do), *token_and_head_strides(dq),
         layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, block_counts,
         scale * LOG2E, scale, **kernel_flags(layout, q), **config,
     )
@@ -259,8 +256,8 @@ def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scal
     pieces = cdiv(layout.block_size, config["BLOCK_K"])
     _selected_dkdv_kernel[(layout.max_blocks * pieces, layout.num_seqs, layout.num_kv_heads)](
         q, k, v, do, lse, delta, queries, offsets, dk, dv, cu,
-        *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(do),
-        *token_strides(dk), *token_strides(dv),
+        *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v), *token_and_head_strides(do),
+        *token_and_head_strides(dk), *token_and_head_strides(dv),
         layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, layout.max_blocks,
         scale * LOG2E, scale, **kernel_flags(layout, q), **config,
     )

@@ -25,17 +25,13 @@ import torch
 
 from gatedfwa.ops.nsa.layout import SequenceLayout
 from gatedfwa.ops.nsa.tiles import (
-    INTERPRETING,
-    LOG2E,
-    dot_precision,
     load_keys,
     load_rows,
     query_rows,
     query_tile,
     summary_bounds,
-    token_strides,
 )
-from gatedfwa.ops.triton_support import jit, next_power_of_2, tl
+from gatedfwa.ops.triton_support import LOG2E, dot_precision, interpreting, jit, next_power_of_2, tl, token_and_head_strides
 
 __all__ = ["select_blocks"]
 
@@ -114,7 +110,7 @@ def allocate_indices(shape: tuple[int, ...], device: torch.device) -> torch.Tens
 
 
 def _config(layout: SequenceLayout) -> dict:
-    if INTERPRETING:
+    if interpreting():
         return dict(ROWS=max(64, layout.group_pad), BLOCK_C=16, num_warps=4, num_stages=1)
     return dict(ROWS=max(16, layout.group_pad), BLOCK_C=64 if layout.block_d <= 128 else 32, num_warps=4,
                 num_stages=2)
@@ -134,7 +130,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, layou
     varlen = layout.varlen
     _select_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k_cmp, lse, indices, layout.cu_seqlens if varlen else q, layout.summary_offsets if varlen else q,
-        *token_strides(q), k_cmp.stride(0), k_cmp.stride(1),
+        *token_and_head_strides(q), k_cmp.stride(0), k_cmp.stride(1),
         layout.seqlen, layout.summaries_per_seq, layout.num_q_heads, layout.num_kv_heads, layout.block_size,
         block_counts, scale * LOG2E,
         GROUP=layout.group, GROUP_PAD=layout.group_pad, S_PAD=max(2, next_power_of_2(block_counts)),

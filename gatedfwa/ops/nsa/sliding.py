@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from gatedfwa.ops.api import gated_window_attention, select_backend
-from gatedfwa.ops.reference import naive_gated_window_attention
+from gatedfwa.ops.backend import select_backend
+from gatedfwa.ops.window_attention import gated_window_attention
+from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
 
 __all__ = ["sliding_branch", "naive_sliding_branch", "select_backend"]
 

@@ -1,33 +1,16 @@
 """Triton helpers shared by the NSA kernels: sequence bounds, the query-row layout of
 layout.py, masked tile loads, and one step of the online softmax.
 
-Logits are kept in base 2 (scaled by log2(e) once), as in gatedfwa/ops/attention.py, so the
+Logits are kept in base 2 (scaled by log2(e) once), as in the window attention kernels (gatedfwa/ops/window_attention/), so the
 kernels use exp2/log2 and every log-sum-exp they store is lse2 = lse * log2(e).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from gatedfwa.ops.triton_support import jit, tl
-
-LOG2E = 1.4426950408889634
-
-# Triton decides at decoration time whether kernels are interpreted; read it once too.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs get full-precision products (tf32 would cost ~1e-3 relative error)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def token_strides(x: torch.Tensor) -> tuple[int, int]:
-    """(token stride, head stride) of a contiguous [B, T, H, D] tensor seen as [B*T, H, D]
-    (with T == 1 the token stride is the batch stride)."""
-    return (x.stride(0) if x.shape[1] == 1 else x.stride(1)), x.stride(2)
+from gatedfwa.ops.triton_support import dot_precision, jit, tl
+from gatedfwa.ops.varlen import sequence_bounds
 
 
 def allocate_like(x: torch.Tensor) -> torch.Tensor:
@@ -49,18 +32,6 @@ def query_tile(CU_SEQLENS, seqlen, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr):
     seq = tl.program_id(1)
     bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
     return seq, tl.program_id(2), bos, eos, bos + tl.program_id(0) * BLOCK_Q
-
-
-@jit
-def sequence_bounds(cu_seqlens, seq, seqlen, VARLEN: tl.constexpr):
-    """[bos, eos) of sequence `seq` among the flattened tokens."""
-    if VARLEN:
-        bos = tl.load(cu_seqlens + seq).to(tl.int32)
-        eos = tl.load(cu_seqlens + seq + 1).to(tl.int32)
-    else:
-        bos = seq * seqlen
-        eos = bos + seqlen
-    return bos, eos
 
 
 @jit

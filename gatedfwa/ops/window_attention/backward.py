@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gatedfwa.ops.triton_support import LOG2E, dot_precision, interpreting
+from gatedfwa.ops.triton_support import LOG2E, dot_precision, interpreting, token_and_head_strides
 from gatedfwa.ops.window_attention import launch
 from gatedfwa.ops.window_attention.tiles import (
     NO_DECAY, PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, suffix_sums_left_of, tile_carry,
@@ -468,24 +468,24 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     delta_block = 16 if interpreting() else 64
     _delta_kernel[problem.grid(delta_block, problem.num_q_heads)](
         o, do, lse, gf, delta, shifted_lse, problem.cu_seqlens,
-        *launch.token_and_head_strides(o), *launch.token_and_head_strides(do), problem.seqlen, problem.num_q_heads,
+        *token_and_head_strides(o), *token_and_head_strides(do), problem.seqlen, problem.num_q_heads,
         HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, BLOCK_M=delta_block, HAS_GATE=has_gate,
         VARLEN=problem.varlen,
     )
     config = launch.CONFIGS["dq"](problem.head_dim, has_gate)
     _dq_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
         q, k, v, gf, do, lse, delta, dq, du, problem.cu_seqlens,
-        *launch.token_and_head_strides(q), *launch.token_and_head_strides(k), *launch.token_and_head_strides(v),
-        sums_plane, *launch.token_and_head_strides(do), *launch.token_and_head_strides(dq),
+        *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
+        sums_plane, *token_and_head_strides(do), *token_and_head_strides(dq),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
         **common, **config,
     )
     config = launch.CONFIGS["dkdv"](problem.head_dim, has_gate)
     _dkdv_kernel[problem.grid(config["BLOCK_N"], problem.num_kv_heads)](
         q, k, v, gf, do, lse, shifted_lse, delta, dk, dv, du, problem.cu_seqlens,
-        *launch.token_and_head_strides(q), *launch.token_and_head_strides(k), *launch.token_and_head_strides(v),
-        sums_plane, *launch.token_and_head_strides(do),
-        *launch.token_and_head_strides(dk), *launch.token_and_head_strides(dv),
+        *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
+        sums_plane, *token_and_head_strides(do),
+        *token_and_head_strides(dk), *token_and_head_strides(dv),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
         **common, **config,
     )

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gatedfwa.ops.triton_support import LOG2E, dot_precision
+from gatedfwa.ops.triton_support import LOG2E, dot_precision, token_and_head_strides
 from gatedfwa.ops.window_attention import launch
 from gatedfwa.ops.window_attention.tiles import (
     NO_DECAY, PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, suffix_sums_left_of, tile_prefix,
@@ -246,8 +246,8 @@ def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens):
     config = launch.CONFIGS["forward"](problem.head_dim, sums is not None)
     _forward_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
         q, k, v, sums if sums is not None else q, o, lse, problem.cu_seqlens,
-        *launch.token_and_head_strides(q), *launch.token_and_head_strides(k), *launch.token_and_head_strides(v),
-        *launch.token_and_head_strides(o), sums.stride(0) if sums is not None else 0,
+        *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
+        *token_and_head_strides(o), sums.stride(0) if sums is not None else 0,
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E,
         GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
         GATE_CHUNK=launch.gate_chunk(problem.head_dim), HAS_GATE=sums is not None, VARLEN=problem.varlen, DOT_PRECISION=dot_precision(q.dtype),

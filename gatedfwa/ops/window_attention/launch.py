@@ -8,10 +8,10 @@ import functools
 
 import torch
 
-from gatedfwa.ops.triton_support import cdiv, interpreting, next_power_of_2
+from gatedfwa.ops.triton_support import cdiv, interpreting, next_power_of_2, token_and_head_strides
 from gatedfwa.ops.varlen import longest_sequence
 
-__all__ = ["CONFIGS", "gate_chunk", "Problem", "allocate_like", "token_and_head_strides", "check_sums"]
+__all__ = ["CONFIGS", "gate_chunk", "Problem", "allocate_like", "check_sums"]
 
 
 def block_d_for(head_dim: int) -> int:
@@ -116,13 +116,6 @@ def allocate_like(x: torch.Tensor) -> torch.Tensor:
     which shows any element a kernel fails to write."""
     return torch.empty_like(x)
 
-
-
-def token_and_head_strides(x: torch.Tensor) -> tuple[int, int]:
-    """(token stride, head stride) of a contiguous [B, T, H, D] tensor, for the kernels'
-    flattened token index b * T + t. A contiguous tensor may carry any stride in a dimension
-    of size 1, so with T == 1 the token stride is the batch stride."""
-    return (x.stride(0) if x.shape[1] == 1 else x.stride(1)), x.stride(2)
 
 
 def check_sums(sums: torch.Tensor | None, q: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gatedfwa.ops.varlen import sequence_bounds
+from gatedfwa.ops.varlen import sequence_spans
 
 __all__ = ["naive_gated_window_attention", "chunked_gated_window_attention"]
 
@@ -50,7 +50,7 @@ def naive_gated_window_attention(
     scale = head_dim**-0.5 if scale is None else scale
     dtype = q.dtype
     outs, lses = [], []
-    for b, start, end in sequence_bounds(cu_seqlens, batch, seqlen):
+    for b, start, end in sequence_spans(cu_seqlens, batch, seqlen):
         n = end - start
         qs = q[b, start:end].transpose(0, 1)  # [HQ, n, D]
         ks = k[b, start:end].transpose(0, 1).repeat_interleave(group, dim=0)
@@ -168,7 +168,7 @@ def chunked_gated_window_attention(
         return o.to(dtype), lse.float()
 
     outs, lses = [], []
-    for _, start, end in sequence_bounds(cu_seqlens, batch, seqlen):
+    for _, start, end in sequence_spans(cu_seqlens, batch, seqlen):
         if end == start:
             continue
         sl = slice(start, end)

@@ -61,22 +61,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from gatedfwa.ops.varlen import sequence_bounds
+
 __all__ = [
     "sequence_bounds", "gate_batch_shift", "tile_carry", "tile_prefix", "tile_suffix",
     "suffix_sums_left_of", "NO_DECAY", "PAIR_DECAY", "SPLIT_DECAY",
 ]
-
-
-@triton.jit
-def sequence_bounds(cu_seqlens, seq, seqlen, VARLEN: tl.constexpr):
-    """[bos, eos) of sequence `seq` in the flattened token axis."""
-    if VARLEN:
-        bos = tl.load(cu_seqlens + seq).to(tl.int32)
-        eos = tl.load(cu_seqlens + seq + 1).to(tl.int32)
-    else:
-        bos = seq * seqlen
-        eos = bos + seqlen
-    return bos, eos
 
 
 @triton.jit

@@ -12,8 +12,8 @@ from gatedfwa.ops.nsa.reference import (
     mean_pool_blocks,
     naive_compressed_attention,
     naive_nsa_attention,
-    sequence_bounds,
 )
+from gatedfwa.ops.varlen import sequence_spans
 from gatedfwa.testing import assert_within_rule, float32_slack
 
 GATE_NAMES = ("g", "g_cmp", "g_slc", "g_swa")
@@ -51,7 +51,7 @@ def selection_gaps(q, k, block_size, block_counts, cu_seqlens=None) -> torch.Ten
     num_kv_heads = k.shape[2]
     group = num_q_heads // num_kv_heads
     gaps = torch.full((batch, seqlen, num_kv_heads), float("inf"), dtype=torch.float64, device=q.device)
-    for b, start, end in sequence_bounds(cu_seqlens, batch, seqlen):
+    for b, start, end in sequence_spans(cu_seqlens, batch, seqlen):
         ks = k64[b, start:end]
         summaries = mean_pool_blocks(ks, block_size)
         _, _, probs = naive_compressed_attention(q64[b, start:end], summaries, summaries, block_size,
