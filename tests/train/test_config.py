@@ -5,7 +5,7 @@ import math
 import pytest
 
 from gatedfwa.train.config import TrainConfig, apply_overrides, parse_set_option, resume_mismatches
-from gatedfwa.train.errors import ConfigError
+from gatedfwa.errors import ConfigError
 from gatedfwa.train.presets import PRESETS, get_preset
 from gatedfwa.train.trainer import learning_rate
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from gatedfwa.train.data import HELDOUT_EVERY, WindowSampler, heldout_windows, load_corpus, stdlib_source_files
-from gatedfwa.train.errors import ConfigError
-from gatedfwa.train.tokenizer import ByteTokenizer
+from gatedfwa.errors import ConfigError
+from gatedfwa.tokenizer import ByteTokenizer
 
 
 def test_byte_tokenizer_round_trip_and_streaming():
