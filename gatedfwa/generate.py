@@ -2,12 +2,14 @@
 and the decoding cache's memory.
 
 Text is printed as tokens arrive (through a ``transformers`` streamer); the report goes to
-stderr so that stdout holds only the text. Ctrl-C stops generation cleanly: the text printed
-so far stays, the line is ended, and :class:`gatedfwa.errors.Interrupted` says how many
-tokens came (``gatedfwa generate`` then exits with status 130). The model's ``generate()`` decodes with its
+stderr so that stdout holds only the text. The model's ``generate()`` decodes with its
 window cache, whose size stays at ``window_size`` tokens per layer however long the output
 grows; the report shows the cache's bytes next to what a full-attention cache of the same
 length would need.
+
+Ctrl-C stops generation cleanly: the text printed so far stays, the line is ended, and
+:class:`gatedfwa.errors.Interrupted` says how many tokens came (``gatedfwa generate`` then
+exits with status 130).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from gatedfwa.errors import ConfigError, Interrupted
 from gatedfwa.train.checkpoint import (
     apply_training_state, check_model_files, latest_checkpoint, load_model, read_training_state, run_dir_of,
     save_checkpoint,
@@ -32,7 +33,6 @@ from gatedfwa.train.checkpoint import (
 from gatedfwa.train.config import TrainConfig
 from gatedfwa.train.data import WindowSampler, heldout_windows, load_corpus
 from gatedfwa.train.distributed import DistributedContext, init_distributed, wrap_model
-from gatedfwa.errors import ConfigError, Interrupted
 from gatedfwa.train.metrics import MetricsLog, nats_to_bits
 
 __all__ = ["train", "TrainResult", "learning_rate"]
@@ -200,7 +200,7 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
     if resume_state is not None:
         apply_training_state(resume_state, model, optimizer, sharded=config.fsdp and ctx.active)
         step, tokens_seen = int(resume_state["step"]), int(resume_state["tokens_seen"])
-        resume_state = None  # the optimizer holds its own copy now
+        resume_state = None  # the optimizer has taken what it needs; free the rest
         say(f"resumed from {resume} at step {step}")
     if config.compile:
         network = torch.compile(network)
@@ -287,7 +287,7 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
         if ctx.world_size == 1 and not in_update and step > 0 and saved_at != step:
             checkpoint = save()
             raise Interrupted(f"interrupted at step {step}; checkpoint saved to {checkpoint}; "
-                                      f"continue with: gatedfwa train --resume {out}") from None
+                              f"continue with: gatedfwa train --resume {out}") from None
         raise Interrupted(f"interrupted at step {step}; last checkpoint: {checkpoint}") from None
     finally:
         if progress is not None:
