@@ -32,8 +32,8 @@ class GatedFWAConfig(PretrainedConfig):
         window_size: keys each query sees, itself included, for the windowed kinds.
         rope_theta: base of the rotary frequencies.
         attention_kinds: one kind for every layer, or a list with one kind per layer, from
-            "gatedfwa" (gate + window), "swa" (window, no gate), "full" (causal softmax),
-            "forgetting" (gate, no window). E.g. a hybrid with every 4th layer full:
+            ATTENTION_KINDS (gatedfwa/attention_kinds.py: "gatedfwa", "swa", "full",
+            "forgetting"). E.g. a hybrid with every 4th layer full:
             ["gatedfwa", "gatedfwa", "gatedfwa", "full"] * 3.
         qk_norm: RMSNorm on each query and key head.
         output_gate: sigmoid output gate in the attention layers.
