@@ -80,6 +80,7 @@ def test_generate_and_plot_bad_input(cli, tmp_path, trained_run):
     _check(cli, ["generate", "--ckpt", tmp_path / "missing"], "--ckpt: no such checkpoint or run folder", "generate")
     _check(cli, ["generate", "--ckpt", trained_run, "--prompt", ""], "--prompt must not be empty", "generate")
     _check(cli, ["generate", "--ckpt", trained_run, "--temperature", "-1"], "--temperature must be >= 0", "generate")
+    _check(cli, ["generate", "--ckpt", trained_run, "--device", "abacus"], "--device: unknown device 'abacus'", "generate")
     _check(cli, ["plot", tmp_path], "not a run folder (no metrics.jsonl in it)", "plot")
     _check(cli, ["plot", trained_run, "--out", tmp_path / "x.jpg"], "--out must name a .png file", "plot")
 
