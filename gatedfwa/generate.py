@@ -6,6 +6,10 @@ stderr so that stdout holds only the text. The model's ``generate()`` decodes wi
 window cache, whose size stays at ``window_size`` tokens per layer however long the output
 grows; the report shows the cache's bytes next to what a full-attention cache of the same
 length would need.
+
+Ctrl-C stops generation cleanly: the text printed so far stays, the line is ended, and
+:class:`gatedfwa.errors.Interrupted` says how many tokens came (``gatedfwa generate`` then
+exits with status 130).
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from gatedfwa.train.checkpoint import read_train_record, resolve_checkpoint
-from gatedfwa.train.distributed import resolve_device
-from gatedfwa.train.errors import ConfigError
-from gatedfwa.train.tokenizer import tokenizer_from_spec
+from gatedfwa.devices import resolve_device
+from gatedfwa.errors import ConfigError, Interrupted
+from gatedfwa.tokenizer import tokenizer_from_spec
+from gatedfwa.train.checkpoint import load_model, read_train_record, resolve_checkpoint
 
 __all__ = ["generate_text", "GenerationReport", "cache_bytes"]
 
@@ -112,8 +116,6 @@ class _TextStreamer(BaseStreamer):
 def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8,
                   top_k: int | None = 50, seed: int = 0, device: str = "auto", out=None) -> GenerationReport:
     """Streams ``max_new_tokens`` tokens after ``prompt`` to ``out`` (default stdout)."""
-    from gatedfwa.models import GatedFWAForCausalLM
-
     out = sys.stdout if out is None else out
     if not prompt:
         raise ConfigError("--prompt must not be empty (the model needs at least one token to continue)")
@@ -130,9 +132,8 @@ def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temp
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar before the streamed text
-    hf_logging.set_verbosity_error()
-    model = GatedFWAForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(target).eval()
+    hf_logging.set_verbosity_error()  # no loading notices before the streamed text
+    model = load_model(checkpoint, "--ckpt", dtype).to(target).eval()
 
     ids = tokenizer.encode(prompt)
     if not ids:
@@ -150,8 +151,13 @@ def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temp
     out.write(prompt)
     out.flush()
     start = time.perf_counter()
-    with torch.no_grad():
-        result = model.generate(input_ids, **options)
+    try:
+        with torch.no_grad():
+            result = model.generate(input_ids, **options)
+    except KeyboardInterrupt:
+        out.write("\n")
+        out.flush()
+        raise Interrupted(f"interrupted after {len(streamer.times)} of {max_new_tokens} new tokens") from None
     out.write("\n")
     out.flush()
     sequences = result.sequences if hasattr(result, "sequences") else result

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gatedfwa.train.errors import ConfigError
+from gatedfwa.errors import ConfigError
 from gatedfwa.train.metrics import METRICS_FILE, nats_to_bits, read_metrics
 
 __all__ = ["plot_runs"]
@@ -54,6 +54,8 @@ def plot_runs(run_dirs: list, out: Path, smooth: int = 10) -> Path:
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out must name a .png file, got {out}")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: name a .png file, e.g. {out / 'loss.png'}")
     runs = []
     for raw in run_dirs:
         run = Path(raw)
@@ -86,7 +88,11 @@ def plot_runs(run_dirs: list, out: Path, smooth: int = 10) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+    except OSError as error:  # e.g. a file where a parent folder should be, or no permission
+        raise ConfigError(f"--out {out}: cannot write the plot ({error.strerror or error})") from None
+    finally:
+        plt.close(fig)
     return out

@@ -2,27 +2,33 @@
 
     gatedfwa train --preset cpu --out runs/cpu          train the CPU default
     gatedfwa generate --ckpt runs/cpu --prompt "def "   stream a sample from a checkpoint
-    gatedfwa plot runs/cpu runs/swa --out loss.png      compare loss curves
+    gatedfwa plot runs/cpu runs/swa                     compare loss curves (runs/compare.png)
 
-Bad input (missing paths, unknown names, mismatched checkpoints, ...) ends with a one-line
-message and exit status 2; Ctrl-C during training saves a checkpoint and exits with 130.
+Bad input (missing paths, unknown names, mismatched or damaged checkpoints, ...) ends with a
+one-line message and exit status 2; Ctrl-C ends with exit status 130 (training saves a
+checkpoint first, generation keeps the text printed so far).
 Several processes: ``torchrun --nproc-per-node N -m gatedfwa.cli.main train ...``.
+
+This module imports only light modules at the top, so ``gatedfwa --help`` answers at once;
+torch, transformers and the model are imported by the command that runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from gatedfwa.train.errors import ConfigError
+from gatedfwa.attention_kinds import ATTENTION_KINDS
+from gatedfwa.errors import ConfigError, Interrupted
 from gatedfwa.train.presets import DEFAULT_PRESET, PRESETS
 
 __all__ = ["main", "build_parser"]
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-KINDS_HELP = "gatedfwa (gated sliding window), swa (sliding window, no gate), full (causal softmax), forgetting (gate, no window)"
+KINDS_HELP = ", ".join(f"{name} ({kind.description})" for name, kind in ATTENTION_KINDS.items())
 
 
 def _preset_lines() -> str:
@@ -112,7 +118,8 @@ def _add_plot(sub) -> None:
         description="Plot training (smoothed) and held-out loss in bits per byte/token against training tokens, one colour per run.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with a metrics.jsonl)")
-    p.add_argument("--out", default="loss.png", metavar="FILE", help="PNG to write (default %(default)s)")
+    p.add_argument("--out", metavar="FILE",
+                   help="PNG to write (default: RUN_DIR/loss.png for one run; for several, compare.png beside the first run folder)")
     p.add_argument("--smooth", type=int, default=10, metavar="N", help="moving average over N steps for the training loss (default %(default)s)")
     p.set_defaults(handler=_run_plot)
 
@@ -180,15 +187,21 @@ def _run_train(args) -> int:
 
     config, resume, out = _train_config(args)
     result = train(config, out, resume=resume, overwrite=args.overwrite)
-    if result is not None and int(__import__("os").environ.get("RANK", "0")) == 0:
-        minutes, seconds = divmod(int(round(result.wall_s)), 60)
-        print(f"done: {result.step} steps, {result.parameters / 1e6:.2f}M parameters, "
-              f"held-out loss {result.heldout_bits:.3f} bits per {result.unit}, {minutes}m{seconds:02d}s")
-        print(f"checkpoint: {result.checkpoint}")
-        print(f"metrics:    {result.metrics}")
-        if result.plot is not None:
-            print(f"plot:       {result.plot}")
-        print(f"sample:     gatedfwa generate --ckpt {result.run_dir} --prompt \"def \"")
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process reports
+        return 0
+    plot = None
+    if config.plot:
+        from gatedfwa.plot import plot_runs
+
+        plot = plot_runs([result.run_dir], result.run_dir / "loss.png")
+    minutes, seconds = divmod(int(round(result.wall_s)), 60)
+    print(f"done: {result.step} steps, {result.parameters / 1e6:.2f}M parameters, "
+          f"held-out loss {result.heldout_bits:.3f} bits per {result.unit}, {minutes}m{seconds:02d}s")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"metrics:    {result.metrics}")
+    if plot is not None:
+        print(f"plot:       {plot}")
+    print(f"sample:     gatedfwa generate --ckpt {result.run_dir} --prompt \"def \"")
     return 0
 
 
@@ -206,7 +219,13 @@ def _run_plot(args) -> int:
 
     if args.smooth < 1:
         raise ConfigError(f"--smooth must be >= 1, got {args.smooth}")
-    path = plot_runs(args.runs, Path(args.out), smooth=args.smooth)
+    if args.out is not None:
+        out = Path(args.out)
+    elif len(args.runs) == 1:
+        out = Path(args.runs[0]) / "loss.png"
+    else:
+        out = Path(args.runs[0]).parent / "compare.png"
+    path = plot_runs(args.runs, out, smooth=args.smooth)
     print(f"plot: {path}")
     return 0
 
@@ -214,8 +233,6 @@ def _run_plot(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gatedfwa`` script; returns 0 or raises SystemExit with the
     status (2: bad input, 130: interrupted)."""
-    from gatedfwa.train.trainer import TrainingInterrupted
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -223,8 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"gatedfwa {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
-    except TrainingInterrupted as error:
+    except Interrupted as error:
         print(f"gatedfwa {args.command}: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:  # Ctrl-C outside the parts that report what they kept (e.g. while loading)
+        print(f"gatedfwa {args.command}: interrupted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from gatedfwa.layers.norm import RMSNorm
-from gatedfwa.layers.padding import PackedLayout, pack, packed_layout, positions_from_mask, unpack
+from gatedfwa.layers.padding import PackedLayout, pack_padded, unpack
 from gatedfwa.layers.rotary import apply_rotary, rotary_angles
 from gatedfwa.ops import (
     MAX_DECODE_LENGTH,
@@ -258,14 +258,9 @@ class GatedFWAttention(nn.Module):
         if attention_mask is not None:
             if cu_seqlens is not None or layout is not None:
                 raise ValueError("pass only one of attention_mask, cu_seqlens and layout")
-            if position_ids is None:
-                position_ids = positions_from_mask(attention_mask)
-            layout = packed_layout(attention_mask)
-            if rotary is not None:
-                rotary = (pack(rotary[0], layout), pack(rotary[1], layout))
-            packed_positions = pack(position_ids, layout)
-            out = self.forward(pack(hidden_states, layout), packed_positions, cache=cache, layout=layout, rotary=rotary)
-            return unpack(out, layout)
+            layout, x, positions, rotary = pack_padded(attention_mask, hidden_states, position_ids, rotary or ())
+            out = self.forward(x, positions, cache=cache, layout=layout, rotary=rotary or None)
+            return out if layout is None else unpack(out, layout)
         if layout is not None:
             if cu_seqlens is not None:
                 raise ValueError("pass only one of cu_seqlens and layout")

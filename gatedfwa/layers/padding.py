@@ -9,6 +9,9 @@ back as zeros.
 
 Masked tokens in the middle of a row are dropped the same way: the tokens around them
 become neighbours.
+
+:func:`pack_padded` is the one place a padded batch is packed: the model calls it once
+before its first layer, a layer called on its own with an attention_mask calls it itself.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PackedLayout", "packed_layout", "pack", "unpack", "positions_from_mask"]
+__all__ = ["PackedLayout", "packed_layout", "pack", "unpack", "positions_from_mask", "pack_padded"]
 
 
 @dataclass
@@ -68,3 +71,38 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Rotary positions [B, T] int64 that count only real tokens: a left-padded row's first
     real token is position 0, as it would be without padding (padding positions give 0)."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def pack_padded(
+    attention_mask: torch.Tensor,
+    x: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    extra: tuple[torch.Tensor, ...] = (),
+) -> tuple[PackedLayout | None, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Packs a padded batch for attention, with its rotary positions.
+
+    Args:
+        attention_mask: [B, T], 1 = token, 0 = padding (anywhere in a row).
+        x: [B, T, ...], e.g. hidden states [B, T, C].
+        position_ids: [B, T] rotary positions; default: each token's rank among its row's
+            real tokens (positions_from_mask).
+        extra: more tensors laid out [B, T, ...] to pack alike (e.g. precomputed rotary
+            angles).
+
+    Returns:
+        (layout, x, position_ids, extra). With padding, layout describes it and every
+        tensor is packed to [1, N, ...] (undo with unpack(..., layout)); without (a mask of
+        ones) layout is None and the tensors come back [B, T, ...] as they were.
+    """
+    batch, seqlen = x.shape[:2]
+    if tuple(attention_mask.shape) != (batch, seqlen):
+        raise ValueError(
+            f"attention_mask must have shape [batch, seqlen] = {[batch, seqlen]} (1 = token, 0 = padding), "
+            f"got {list(attention_mask.shape)}"
+        )
+    if position_ids is None:
+        position_ids = positions_from_mask(attention_mask)
+    if bool(attention_mask.bool().all()):
+        return None, x, position_ids, tuple(extra)
+    layout = packed_layout(attention_mask)
+    return layout, pack(x, layout), pack(position_ids, layout), tuple(pack(t, layout) for t in extra)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
+
 from transformers import PretrainedConfig
 
-__all__ = ["GatedFWAConfig", "ATTENTION_KINDS"]
+from gatedfwa.attention_kinds import ATTENTION_KINDS
 
-# kind -> (uses the gate, uses the window)
-ATTENTION_KINDS: dict[str, tuple[bool, bool]] = {
-    "gatedfwa": (True, True),     # gated sliding-window attention
-    "swa": (False, True),         # plain sliding-window softmax attention
-    "full": (False, False),       # full causal softmax attention
-    "forgetting": (True, False),  # gate without a window (forgetting attention)
-}
+__all__ = ["GatedFWAConfig", "ATTENTION_KINDS", "config_fields"]
 
 
 def _is_int(value) -> bool:
@@ -34,8 +32,8 @@ class GatedFWAConfig(PretrainedConfig):
         window_size: keys each query sees, itself included, for the windowed kinds.
         rope_theta: base of the rotary frequencies.
         attention_kinds: one kind for every layer, or a list with one kind per layer, from
-            "gatedfwa" (gate + window), "swa" (window, no gate), "full" (causal softmax),
-            "forgetting" (gate, no window). E.g. a hybrid with every 4th layer full:
+            ATTENTION_KINDS (gatedfwa/attention_kinds.py: "gatedfwa", "swa", "full",
+            "forgetting"). E.g. a hybrid with every 4th layer full:
             ["gatedfwa", "gatedfwa", "gatedfwa", "full"] * 3.
         qk_norm: RMSNorm on each query and key head.
         output_gate: sigmoid output gate in the attention layers.
@@ -76,6 +74,7 @@ class GatedFWAConfig(PretrainedConfig):
         use_cache: bool = True,
         **kwargs,
     ):
+        _reject_misspelt_fields(kwargs)
         if num_key_value_heads is None:
             num_key_value_heads = num_attention_heads
         if head_dim is None and _is_int(hidden_size) and _is_int(num_attention_heads) and num_attention_heads > 0:
@@ -119,11 +118,10 @@ class GatedFWAConfig(PretrainedConfig):
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The window of layer ``layer_idx``: window_size for "gatedfwa"/"swa", None otherwise."""
-        uses_window = ATTENTION_KINDS[self.layer_kinds[layer_idx]][1]
-        return self.window_size if uses_window else None
+        return self.window_size if ATTENTION_KINDS[self.layer_kinds[layer_idx]].uses_window else None
 
     def layer_uses_gate(self, layer_idx: int) -> bool:
-        return ATTENTION_KINDS[self.layer_kinds[layer_idx]][0]
+        return ATTENTION_KINDS[self.layer_kinds[layer_idx]].uses_gate
 
     def _check(self) -> None:
         """Raise ValueError/TypeError naming the field when a value cannot work."""
@@ -153,10 +151,10 @@ class GatedFWAConfig(PretrainedConfig):
         for kind in kinds:
             if kind not in ATTENTION_KINDS:
                 raise ValueError(f"unknown attention kind {kind!r} in attention_kinds; choose from {list(ATTENTION_KINDS)}")
-        windowed = any(ATTENTION_KINDS[kind][1] for kind in kinds)
+        windowed = [kind for kind in kinds if ATTENTION_KINDS[kind].uses_window]
         if self.window_size is None:
             if windowed:
-                raise ValueError('window_size must be set (an int >= 1) for the "gatedfwa" and "swa" kinds')
+                raise ValueError(f"window_size must be set (an int >= 1) for the {windowed[0]!r} kind")
         elif not _is_int(self.window_size) or self.window_size < 1:
             raise ValueError(f"window_size must be an int >= 1 (it counts the query itself), got {self.window_size!r}")
         low_high = self.gate_init_range
@@ -164,3 +162,32 @@ class GatedFWAConfig(PretrainedConfig):
             raise ValueError(f"gate_init_range must be two retentions strictly between 0 and 1, got {low_high!r}")
         if not float(self.rope_theta) > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+
+
+@functools.cache
+def config_fields() -> tuple[str, ...]:
+    """The names of GatedFWAConfig's own settings (its keyword arguments, in order)."""
+    parameters = inspect.signature(GatedFWAConfig.__init__).parameters.values()
+    return tuple(p.name for p in parameters if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
+
+
+@functools.cache
+def _base_config_keys() -> frozenset[str]:
+    """What transformers' PretrainedConfig itself stores (config.json carries these too)."""
+    return frozenset(PretrainedConfig().to_dict())
+
+
+def _reject_misspelt_fields(kwargs: dict) -> None:
+    """TypeError for a keyword argument that is a near miss of one of GatedFWAConfig's own
+    fields (``hiden_size``). Other unknown keywords pass on to transformers' PretrainedConfig,
+    which stores them as attributes: config.json files carry keys of transformers' own (and
+    differ between its versions), so only near misses of our names are refused."""
+    for name in kwargs:
+        if name in _base_config_keys():
+            continue
+        close = difflib.get_close_matches(name, config_fields(), n=1, cutoff=0.8)
+        if close:
+            raise TypeError(
+                f"GatedFWAConfig got an unknown argument {name!r}; did you mean {close[0]!r}? "
+                f"valid fields: {', '.join(config_fields())}"
+            )

@@ -23,12 +23,12 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from gatedfwa.ops import WindowCache
 from gatedfwa.layers.attention import GatedFWAttention, default_position_ids, gate_bias_init
 from gatedfwa.layers.norm import RMSNorm
-from gatedfwa.layers.padding import pack, packed_layout, positions_from_mask, unpack
+from gatedfwa.layers.padding import pack_padded, unpack
 from gatedfwa.layers.rotary import rotary_angles
 from gatedfwa.models.configuration import GatedFWAConfig
+from gatedfwa.ops import WindowCache
 
 try:
     from transformers import initialization as init
@@ -188,21 +188,10 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
                     )
             if position_ids is None:
                 position_ids = cache[0].token_counts[:, None] + torch.arange(seqlen, device=x.device)
-        else:
-            if attention_mask is not None and tuple(attention_mask.shape) != (batch, seqlen):
-                raise ValueError(
-                    f"attention_mask must have shape [batch, seqlen] = {[batch, seqlen]}, "
-                    f"got {list(attention_mask.shape)}"
-                )
-            if attention_mask is not None and not bool(attention_mask.bool().all()):
-                layout = packed_layout(attention_mask)
-            if position_ids is None:
-                if attention_mask is not None:
-                    position_ids = positions_from_mask(attention_mask)
-                else:
-                    position_ids = default_position_ids(batch, seqlen, None, x.device)
-            if layout is not None:
-                x, position_ids = pack(x, layout), pack(position_ids, layout)
+        elif attention_mask is not None:
+            layout, x, position_ids, _ = pack_padded(attention_mask, x, position_ids)
+        elif position_ids is None:
+            position_ids = default_position_ids(batch, seqlen, None, x.device)
         # The rotary angles are the same in every layer: computed once here.
         rotary = rotary_angles(position_ids, self.config.head_dim, self.config.rope_theta)
         for i, block in enumerate(self.layers):

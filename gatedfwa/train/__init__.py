@@ -1,3 +1,6 @@
-"""Training: data and tokenizer (data.py, tokenizer.py), settings (config.py, presets.py), the
-loop (trainer.py), checkpoints (checkpoint.py), multi-process plumbing (distributed.py) and
-metrics (metrics.py). ``gatedfwa train`` (gatedfwa/cli/main.py) is the front door."""
+"""Training: data (data.py), settings (config.py, presets.py), the loop (trainer.py),
+checkpoints (checkpoint.py), multi-process plumbing (distributed.py) and metrics
+(metrics.py). The tokenizers (gatedfwa/tokenizer.py), the device choice (gatedfwa/devices.py)
+and the error types (gatedfwa/errors.py) live outside, since generate and plot use them too.
+``gatedfwa train`` (gatedfwa/cli/main.py) is the front door; it also draws loss.png after
+training."""

@@ -9,7 +9,9 @@ Layout of ``RUN/checkpoints/step-0000600/`` (the number counts optimizer steps d
 The data position is the step itself (see gatedfwa/train/data.py), and the learning rate is
 a function of the step, so model + optimizer + step + RNG reproduce an uninterrupted run.
 A checkpoint is written to a temporary folder and renamed into place, so a crash while
-saving never leaves a half-written ``step-*`` folder behind.
+saving never leaves a half-written ``step-*`` folder behind. A file damaged later (a copy
+cut short, a full disk) is found when it is read: the loaders here raise a one-line
+ConfigError naming the file and the newest earlier checkpoint to use instead.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ from pathlib import Path
 
 import torch
 
-from gatedfwa.train.errors import ConfigError
+from gatedfwa.errors import ConfigError
 
-__all__ = ["save_checkpoint", "resolve_checkpoint", "read_train_record", "load_training_state", "CHECKPOINTS_DIR"]
+__all__ = [
+    "save_checkpoint", "resolve_checkpoint", "read_train_record", "check_model_files", "load_model",
+    "read_training_state", "apply_training_state", "CHECKPOINTS_DIR",
+]
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAIN_RECORD = "train_config.json"
 TRAINING_STATE = "training_state.pt"
+MODEL_FILE = "model.safetensors"
+MODEL_INDEX = "model.safetensors.index.json"  # save_pretrained's list of shards, for large models
 FORMAT_VERSION = 1
 
 
@@ -135,15 +142,84 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, record: dict, to
     return final
 
 
-def load_training_state(checkpoint: Path, model, optimizer, sharded: bool = False) -> dict:
-    """Loads the optimizer state and RNG states into place; returns the state dict (step,
-    tokens_seen, data position)."""
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _damaged(path: Path, option: str, detail: str) -> ConfigError:
+    """The one-line error for a checkpoint file that cannot be read, pointing at the newest
+    earlier checkpoint of the same run when there is one."""
+    checkpoint = path.parent
+    earlier = [p for p in _step_dirs(run_dir_of(checkpoint)) if p.name < checkpoint.name]
+    advice = f"use an earlier checkpoint: {option} {earlier[-1]}" if earlier else "restore the file or train again"
+    return ConfigError(f"{option}: {path} is truncated or corrupt ({detail}); {advice}")
+
+
+def check_model_files(checkpoint: Path, option: str = "--ckpt") -> None:
+    """ConfigError naming the file when the model weights of ``checkpoint`` are missing or
+    cut short. Reads only the safetensors headers: safetensors refuses a file whose tensors
+    do not fill it exactly, so a truncated file is caught here, before anything is written.
+    (A file of the right length with flipped bytes inside a tensor cannot be told apart.)"""
+    from safetensors import SafetensorError, safe_open
+
+    index = checkpoint / MODEL_INDEX
+    if (checkpoint / MODEL_FILE).is_file() or not index.is_file():
+        files = [checkpoint / MODEL_FILE]
+    else:
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise _damaged(index, option, _first_line(error)) from None
+        files = [checkpoint / name for name in shards]
+    for path in files:
+        if not path.is_file():
+            raise ConfigError(f"{option}: {checkpoint} has no {path.name} (the model weights); "
+                              f"use a checkpoint folder written by gatedfwa train")
+        try:
+            with safe_open(path, framework="pt") as weights:
+                weights.keys()
+        except (SafetensorError, OSError) as error:
+            raise _damaged(path, option, _first_line(error)) from None
+
+
+def load_model(checkpoint: Path, option: str = "--ckpt", dtype: torch.dtype = torch.float32):
+    """The GatedFWAForCausalLM saved in ``checkpoint``, in ``dtype`` on the CPU; ConfigError
+    naming the file when config.json or the weights cannot be read."""
+    from transformers.utils import logging as hf_logging
+
+    from gatedfwa.models import GatedFWAForCausalLM
+
+    check_model_files(checkpoint, option)
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the command's output
+    try:
+        return GatedFWAForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    except (OSError, ValueError, TypeError) as error:  # config.json unreadable or holding bad values
+        raise ConfigError(f"{option}: cannot load the model in {checkpoint}: {_first_line(error)}") from None
+
+
+def read_training_state(checkpoint: Path, option: str = "--resume") -> dict:
+    """The contents of ``training_state.pt`` (optimizer state, step, tokens seen, RNG
+    states), checked to be whole; read before a resumed run writes anything."""
     path = checkpoint / TRAINING_STATE
     if not path.is_file():
-        raise ConfigError(f"--resume: {checkpoint} has no {TRAINING_STATE} (a model-only export cannot be resumed)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise ConfigError(f"{option}: {checkpoint} has no {TRAINING_STATE} (a model-only export cannot be resumed)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - zip, pickle and I/O errors alike mean the file is damaged
+        raise _damaged(path, option, f"torch.load failed: {type(error).__name__}") from None
+    if not isinstance(state, dict):
+        raise _damaged(path, option, "not a training state")
     if state.get("format") != FORMAT_VERSION:
-        raise ConfigError(f"--resume: {path} has format {state.get('format')!r}, this version reads {FORMAT_VERSION}")
+        raise ConfigError(f"{option}: {path} has format {state.get('format')!r}, this version reads {FORMAT_VERSION}")
+    missing = sorted({"step", "tokens_seen", "optimizer", "rng"} - set(state))
+    if missing:
+        raise _damaged(path, option, f"no {', '.join(missing)} in it")
+    return state
+
+
+def apply_training_state(state: dict, model, optimizer, sharded: bool = False) -> None:
+    """Loads the optimizer state and the RNG states of ``read_training_state`` into place."""
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -153,4 +229,3 @@ def load_training_state(checkpoint: Path, model, optimizer, sharded: bool = Fals
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state

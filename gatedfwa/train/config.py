@@ -13,12 +13,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gatedfwa.train.errors import ConfigError
+from gatedfwa.attention_kinds import ATTENTION_KINDS
+from gatedfwa.errors import ConfigError
+from gatedfwa.models.configuration import config_fields
 
-__all__ = ["TrainConfig", "ATTENTION_KINDS", "WINDOWED_KINDS", "load_config_file", "apply_overrides", "resume_mismatches"]
-
-ATTENTION_KINDS = ("gatedfwa", "swa", "full", "forgetting")
-WINDOWED_KINDS = ("gatedfwa", "swa")  # kinds that use window_size
+__all__ = ["TrainConfig", "load_config_file", "apply_overrides", "resume_mismatches"]
 
 # May differ between a checkpoint and the run resuming from it.
 RESUMABLE_CHANGES = frozenset({
@@ -55,7 +54,7 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda if available, else cpu
     compile: bool = False
     fsdp: bool = False
-    plot: bool = True  # write loss.png in the run folder at the end
+    plot: bool = True  # gatedfwa train draws loss.png in the run folder after train() returns
     progress: bool = True
 
     @classmethod
@@ -104,6 +103,13 @@ class TrainConfig:
             raise ConfigError(f"model must be a table of model settings, got {self.model!r}")
         if "vocab_size" in self.model:
             raise ConfigError("model.vocab_size is set by the tokenizer of the data; remove it")
+        unknown = sorted(set(self.model) - set(config_fields()))
+        if unknown:
+            valid = [name for name in config_fields() if name != "vocab_size"]
+            raise ConfigError(
+                f"model: unknown setting(s) {', '.join(unknown)}; valid model settings (GatedFWAConfig fields): "
+                f"{', '.join(valid)}"
+            )
         layers = self.model.get("num_hidden_layers")
         if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
             raise ConfigError(f"model.num_hidden_layers must be a positive integer, got {layers!r}")
@@ -119,7 +125,7 @@ class TrainConfig:
                 source = "--attention" if self.attention is not None else "model.attention_kinds"
                 raise ConfigError(f"{source}: unknown attention kind {kind!r}; choose one of: {', '.join(ATTENTION_KINDS)}")
         window = self.model.get("window_size")
-        if any(kind in WINDOWED_KINDS for kind in self.layer_kinds()):
+        if any(ATTENTION_KINDS[kind].uses_window for kind in self.layer_kinds()):
             if isinstance(window, bool) or not isinstance(window, int) or window < 1:
                 raise ConfigError(f"model.window_size must be a positive integer for windowed attention, got {window!r}")
             if window > self.seq_len:

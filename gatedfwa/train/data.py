@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gatedfwa.train.errors import ConfigError
-from gatedfwa.train.tokenizer import ByteTokenizer, IdTokenizer, load_tokenizer
+from gatedfwa.errors import ConfigError
+from gatedfwa.tokenizer import ByteTokenizer, IdTokenizer, load_tokenizer
 
 __all__ = ["Corpus", "load_corpus", "stdlib_source_files", "WindowSampler", "heldout_windows", "HELDOUT_EVERY"]
 
@@ -101,6 +101,11 @@ def _split_documents(documents: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     return documents, []  # split the stream's tail instead
 
 
+def _count(n: int, noun: str) -> str:
+    """"1 text file", "2 text files"."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
 def _tail_split(stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cut = len(stream) - len(stream) // HELDOUT_EVERY
     return stream[:cut], stream[cut:]
@@ -126,7 +131,7 @@ def _encode_documents(documents: list[bytes], tokenizer) -> np.ndarray:
 
 def _corpus_from_documents(documents: list[bytes], tokenizer, description: str) -> Corpus:
     if sum(len(d) for d in documents) == 0:
-        raise ConfigError(f"the corpus is empty: {description} holds no text")
+        raise ConfigError(f"the corpus is empty: no text in {description}")
     train_docs, heldout_docs = _split_documents(documents)
     if heldout_docs:
         train, heldout = _encode_documents(train_docs, tokenizer), _encode_documents(heldout_docs, tokenizer)
@@ -217,7 +222,7 @@ def load_corpus(
             raise ConfigError(f"the corpus is empty: no text files found in {', '.join(data)}")
         documents = [p.read_bytes() for p in files]
         size = sum(len(d) for d in documents)
-        return _corpus_from_documents(documents, load_tokenizer(tokenizer), f"{len(files):,} text files from {', '.join(data)} ({size / 1e6:.1f} MB)")
+        return _corpus_from_documents(documents, load_tokenizer(tokenizer), f"{_count(len(files), 'text file')} from {', '.join(data)} ({size / 1e6:.1f} MB)")
     root, files = stdlib_source_files()
     if not files:
         raise ConfigError(f"the corpus is empty: no .py files under this interpreter's standard library {root}")
@@ -226,7 +231,7 @@ def load_corpus(
     version = ".".join(str(v) for v in sys.version_info[:3])
     return _corpus_from_documents(
         documents, load_tokenizer(tokenizer),
-        f"Python {version} standard library sources: {len(files):,} files under {root} ({size / 1e6:.1f} MB)",
+        f"Python {version} standard library sources: {_count(len(files), 'file')} under {root} ({size / 1e6:.1f} MB)",
     )
 
 

@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gatedfwa.train.errors import ConfigError
+from gatedfwa.devices import resolve_device
+from gatedfwa.errors import ConfigError
 
-__all__ = ["DistributedContext", "init_distributed", "wrap_model", "resolve_device"]
+__all__ = ["DistributedContext", "init_distributed", "wrap_model"]
 
 
 @dataclass
@@ -56,22 +57,6 @@ class DistributedContext:
     def close(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: this process's GPU when CUDA is available, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device: unknown device {name!r} (expected auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
 
 
 def init_distributed(device_name: str) -> DistributedContext:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 
-from gatedfwa.train.errors import ConfigError
+from gatedfwa.errors import ConfigError
 
 __all__ = ["PRESETS", "DEFAULT_PRESET", "get_preset"]
 

@@ -25,20 +25,17 @@ from pathlib import Path
 
 import torch
 
+from gatedfwa.errors import ConfigError, Interrupted
 from gatedfwa.train.checkpoint import (
-    latest_checkpoint, load_training_state, run_dir_of, save_checkpoint,
+    apply_training_state, check_model_files, latest_checkpoint, load_model, read_training_state, run_dir_of,
+    save_checkpoint,
 )
 from gatedfwa.train.config import TrainConfig
 from gatedfwa.train.data import WindowSampler, heldout_windows, load_corpus
 from gatedfwa.train.distributed import DistributedContext, init_distributed, wrap_model
-from gatedfwa.train.errors import ConfigError
 from gatedfwa.train.metrics import MetricsLog, nats_to_bits
 
-__all__ = ["train", "TrainResult", "learning_rate", "TrainingInterrupted"]
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C during training; the message says where the checkpoint went."""
+__all__ = ["train", "TrainResult", "learning_rate"]
 
 
 @dataclass
@@ -46,7 +43,6 @@ class TrainResult:
     run_dir: Path
     checkpoint: Path
     metrics: Path
-    plot: Path | None
     step: int
     heldout_loss: float  # nats per token
     heldout_bits: float
@@ -82,10 +78,7 @@ def _build_model(config: TrainConfig, vocab_size: int, resume: Path | None):
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model settings: {error}") from None
     if resume is not None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        model = GatedFWAForCausalLM.from_pretrained(resume, dtype=torch.float32)
+        model = load_model(resume, "--resume", torch.float32)
         saved = model.config.to_dict()
         wanted = model_config.to_dict()
         differ = [k for k in fields if saved.get(k) != wanted.get(k)]
@@ -128,6 +121,9 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, micro_batch: int, ct
 
 
 def _prepare_run_dir(out: Path, resume: Path | None, overwrite: bool, is_main: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a folder: name a folder for the run "
+                          f"(it will hold checkpoints/ and metrics.jsonl)")
     existing = latest_checkpoint(out)
     if existing is not None and resume is None:
         if not overwrite:
@@ -139,7 +135,10 @@ def _prepare_run_dir(out: Path, resume: Path | None, overwrite: bool, is_main: b
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # e.g. a file where a parent folder should be
+            raise ConfigError(f"--out {out}: cannot create the run folder ({error.strerror})") from None
 
 
 def train(config: TrainConfig, out: Path, resume: Path | None = None, overwrite: bool = False,
@@ -169,6 +168,10 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
             print(line, file=sys.stderr, flush=True)
 
     micro_batch, accumulation = config.micro_steps(ctx.world_size)
+    resume_state = None
+    if resume is not None:  # damaged checkpoint files are refused before anything is written
+        resume_state = read_training_state(resume)
+        check_model_files(resume, "--resume")
     _prepare_run_dir(out, resume, overwrite, ctx.is_main)
     ctx.barrier()
 
@@ -194,9 +197,10 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
     network = wrap_model(model, ctx, config.fsdp)
     optimizer = _optimizer(model, config)
     step, tokens_seen = 0, 0
-    if resume is not None:
-        state = load_training_state(resume, model, optimizer, sharded=config.fsdp and ctx.active)
-        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
+    if resume_state is not None:
+        apply_training_state(resume_state, model, optimizer, sharded=config.fsdp and ctx.active)
+        step, tokens_seen = int(resume_state["step"]), int(resume_state["tokens_seen"])
+        resume_state = None  # the optimizer has taken what it needs; free the rest
         say(f"resumed from {resume} at step {step}")
     if config.compile:
         network = torch.compile(network)
@@ -282,23 +286,17 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
             progress.close()
         if ctx.world_size == 1 and not in_update and step > 0 and saved_at != step:
             checkpoint = save()
-            raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved to {checkpoint}; "
-                                      f"continue with: gatedfwa train --resume {out}") from None
-        raise TrainingInterrupted(f"interrupted at step {step}; last checkpoint: {checkpoint}") from None
+            raise Interrupted(f"interrupted at step {step}; checkpoint saved to {checkpoint}; "
+                              f"continue with: gatedfwa train --resume {out}") from None
+        raise Interrupted(f"interrupted at step {step}; last checkpoint: {checkpoint}") from None
     finally:
         if progress is not None:
             progress.close()
         if metrics is not None:
             metrics.close()
     ctx.barrier()
-
-    plot_path = None
-    if ctx.is_main and config.plot:
-        from gatedfwa.plot import plot_runs
-
-        plot_path = plot_runs([out], out / "loss.png")
     return TrainResult(
-        run_dir=out, checkpoint=checkpoint, metrics=out / "metrics.jsonl", plot=plot_path, step=step,
+        run_dir=out, checkpoint=checkpoint, metrics=out / "metrics.jsonl", step=step,
         heldout_loss=heldout_loss, heldout_bits=nats_to_bits(heldout_loss), unit=corpus.unit,
         wall_s=time.time() - started, parameters=parameters,
     )

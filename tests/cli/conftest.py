@@ -23,6 +23,16 @@ def text_corpus(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, text_corpus):
+    """A 2-step tiny run with checkpoints at steps 1 and 2 (tests copy it before changing it)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    status = main(["train", *FAST, "--data", str(text_corpus), "--out", str(run), "--max-steps", "2",
+                   "--eval-interval", "0", "--save-interval", "1"])
+    assert status == 0
+    return run
+
+
 @pytest.fixture
 def cli(capsys):
     """run(args) -> (exit status, stdout, stderr) of ``gatedfwa args``."""

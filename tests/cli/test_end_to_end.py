@@ -1,6 +1,7 @@
 """gatedfwa train -> resume -> generate -> plot on a tiny model, and exact resumption."""
 
 import json
+import shutil
 
 import torch
 from safetensors.torch import load_file
@@ -63,3 +64,20 @@ def test_resume_continues_exactly(tmp_path, cli, text_corpus):
     final_b = load_file(resumed / "checkpoints" / "step-0000006" / "model.safetensors")
     assert final_a.keys() == final_b.keys()
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_plot_writes_beside_the_runs_by_default(tmp_path, cli, trained_run, monkeypatch):
+    # Without --out nothing lands in the working directory: one run gets RUN/loss.png,
+    # several get compare.png beside the first run folder.
+    runs = tmp_path / "runs"
+    for name in ("a", "b"):
+        shutil.copytree(trained_run, runs / name)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    status, out, err = cli(["plot", runs / "a"])
+    assert status == 0 and out.strip() == f"plot: {runs / 'a' / 'loss.png'}", err
+    status, out, err = cli(["plot", runs / "a", runs / "b"])
+    assert status == 0 and out.strip() == f"plot: {runs / 'compare.png'}", err
+    assert (runs / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(workdir.iterdir()) == []

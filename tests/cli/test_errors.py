@@ -1,27 +1,33 @@
 """Bad input ends with a one-line message naming the problem and exit status 2, never a
 traceback."""
 
+import random
+import shutil
+from pathlib import Path
+
 import pytest
 
 from gatedfwa.cli.main import build_parser
 from tests.cli.conftest import FAST
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, text_corpus):
-    """A 2-step tiny run to resume from."""
-    from gatedfwa.cli.main import main
-
-    run = tmp_path_factory.mktemp("trained") / "run"
-    main(["train", *FAST, "--data", str(text_corpus), "--out", str(run), "--max-steps", "2", "--eval-interval", "0"])
-    return run
-
-
-def _check(cli, args, message, command="train"):
+def _check(cli, args, message, command="train", one_line=True):
     status, out, err = cli(args)
     assert status == 2, (status, out, err)
     assert f"gatedfwa {command}: error:" in err and message in err, err
     assert "Traceback" not in err
+    if one_line:
+        assert err.count("\n") == 1, err
+
+
+def _files(folder: Path) -> dict:
+    """{relative path: bytes} of every file under folder."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncated" else random.Random(0).randbytes(len(data)))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -48,10 +54,12 @@ def test_train_bad_input(tmp_path, cli, text_corpus, args, message):
 
 def test_resume_from_another_config(cli, trained_run, text_corpus, tmp_path):
     # Another preset, or one changed model setting: refused, with the differences listed.
-    _check(cli, ["train", "--preset", "cpu", "--resume", trained_run, "--out", tmp_path / "x"], "was trained with another config")
+    _check(cli, ["train", "--preset", "cpu", "--resume", trained_run, "--out", tmp_path / "x"], "was trained with another config",
+           one_line=False)
     status, _, err = cli(["train", "--resume", trained_run, "--set", "model.hidden_size=32", "--out", tmp_path / "y"])
     assert status == 2 and "model.hidden_size: 64 in the checkpoint, 32 now" in err and "Traceback" not in err
-    _check(cli, ["train", "--resume", trained_run, "--attention", "swa", "--out", tmp_path / "z"], "model.attention_kinds: 'gatedfwa' in the checkpoint, 'swa' now")
+    _check(cli, ["train", "--resume", trained_run, "--attention", "swa", "--out", tmp_path / "z"],
+           "model.attention_kinds: 'gatedfwa' in the checkpoint, 'swa' now", one_line=False)
 
 
 def test_unavailable_hugging_face_data_and_tokenizer(cli, tmp_path):
@@ -72,11 +80,14 @@ def test_generate_and_plot_bad_input(cli, tmp_path, trained_run):
     _check(cli, ["generate", "--ckpt", tmp_path / "missing"], "--ckpt: no such checkpoint or run folder", "generate")
     _check(cli, ["generate", "--ckpt", trained_run, "--prompt", ""], "--prompt must not be empty", "generate")
     _check(cli, ["generate", "--ckpt", trained_run, "--temperature", "-1"], "--temperature must be >= 0", "generate")
+    _check(cli, ["generate", "--ckpt", trained_run, "--device", "abacus"], "--device: unknown device 'abacus'", "generate")
     _check(cli, ["plot", tmp_path], "not a run folder (no metrics.jsonl in it)", "plot")
     _check(cli, ["plot", trained_run, "--out", tmp_path / "x.jpg"], "--out must name a .png file", "plot")
 
 
 def test_every_option_has_help(cli):
+    from gatedfwa.attention_kinds import ATTENTION_KINDS
+
     parser = build_parser()
     status, out, _ = cli(["--help"])
     assert status == 0 and all(name in out for name in ("train", "generate", "plot"))
@@ -88,3 +99,63 @@ def test_every_option_has_help(cli):
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
             for flag in action.option_strings:
                 assert flag in out
+        if name == "train":  # the kinds come from the one list of them
+            assert all(f"{kind} ({about.description})" in " ".join(out.split()) for kind, about in ATTENTION_KINDS.items())
+
+
+@pytest.mark.parametrize("how", ["truncated", "overwritten"])
+@pytest.mark.parametrize("name", ["model.safetensors", "training_state.pt"])
+def test_damaged_checkpoint_file_for_resume(cli, trained_run, tmp_path, name, how):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    damaged = run / "checkpoints" / "step-0000002" / name
+    _damage(damaged, how)
+    before = _files(run)
+    earlier = run / "checkpoints" / "step-0000001"
+    _check(cli, ["train", "--resume", run, "--no-progress"],
+           f"--resume: {damaged} is truncated or corrupt (")
+    _check(cli, ["train", "--resume", run, "--no-progress", "--out", tmp_path / "elsewhere"],
+           f"; use an earlier checkpoint: --resume {earlier}")
+    assert _files(run) == before and not (tmp_path / "elsewhere").exists()  # nothing written or lost
+    # The checkpoint it points at resumes.
+    status, _, err = cli(["train", "--resume", earlier, "--no-progress", "--no-plot", "--out", tmp_path / "resumed"])
+    assert status == 0, err
+
+
+@pytest.mark.parametrize("how", ["truncated", "overwritten"])
+def test_damaged_model_file_for_generate(cli, trained_run, tmp_path, how):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    damaged = run / "checkpoints" / "step-0000002" / "model.safetensors"
+    _damage(damaged, how)
+    _check(cli, ["generate", "--ckpt", run], f"--ckpt: {damaged} is truncated or corrupt (", "generate")
+    # Alone (no earlier checkpoint beside it), the advice is to restore or retrain.
+    shutil.rmtree(run / "checkpoints" / "step-0000001")
+    _check(cli, ["generate", "--ckpt", damaged.parent], "; restore the file or train again", "generate")
+    (damaged.parent / "model.safetensors").unlink()
+    _check(cli, ["generate", "--ckpt", run], "has no model.safetensors (the model weights)", "generate")
+
+
+def test_out_naming_a_file(cli, text_corpus, trained_run, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    _check(cli, ["train", *FAST, "--data", text_corpus, "--out", notes],
+           f"--out {notes} is an existing file, not a folder: name a folder for the run")
+    _check(cli, ["train", *FAST, "--data", text_corpus, "--out", notes / "run"], f"--out {notes / 'run'}: cannot create the run folder")
+    assert notes.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [notes]
+    (tmp_path / "plots.png").mkdir()
+    _check(cli, ["plot", trained_run, "--out", tmp_path / "plots.png"], "is a folder: name a .png file", "plot")
+    _check(cli, ["plot", trained_run, "--out", notes / "loss.png"], "cannot write the plot", "plot")
+
+
+@pytest.mark.parametrize("source", ["config", "set"])
+def test_misspelt_model_setting(cli, text_corpus, tmp_path, source):
+    if source == "config":
+        config = tmp_path / "settings.toml"
+        config.write_text("[model]\nhiden_size = 64\n")
+        option = ["--config", config]
+    else:
+        option = ["--set", "model.hiden_size=64"]
+    _check(cli, ["train", *FAST, "--data", text_corpus, *option, "--out", tmp_path / "out"],
+           "model: unknown setting(s) hiden_size; valid model settings (GatedFWAConfig fields): hidden_size, ")
+    assert not (tmp_path / "out").exists()

@@ -74,6 +74,39 @@ def test_left_padded_batch_equals_rows_alone():
             torch.testing.assert_close(batched[b, 9 - len(row):], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_pack_padded_is_the_one_packing_of_model_and_layer():
+    from gatedfwa.layers import GatedFWAttention, rotary_angles
+    from gatedfwa.layers.padding import pack_padded, unpack
+
+    x = torch.randn(2, 5, 3)
+    layout, packed, positions, _ = pack_padded(torch.ones(2, 5, dtype=torch.long), x)
+    assert layout is None and packed is x and positions.tolist() == [list(range(5))] * 2  # no padding: as is
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 0, 1, 1, 0]])
+    angles = torch.randn(2, 5, 4)
+    layout, packed, positions, (packed_angles,) = pack_padded(mask, x, extra=(angles,))
+    assert packed.shape == (1, 6, 3) and layout.cu_seqlens.tolist() == [0, 3, 6]
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 2]]  # each row counts its real tokens from 0
+    torch.testing.assert_close(packed_angles[0], angles[mask.bool()])
+    torch.testing.assert_close(unpack(packed, layout), x * mask[..., None])
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[batch, seqlen\] = \[2, 5\]"):
+        pack_padded(mask[:, :4], x)
+
+    # The model (packing once for all layers) and a layer called alone with the mask agree.
+    model = GatedFWAForCausalLM(tiny_config(num_hidden_layers=1, token_shift=True)).eval()
+    layer = model.model.layers[0].attn
+    assert isinstance(layer, GatedFWAttention)
+    hidden = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        alone = layer(hidden, attention_mask=mask)
+        layout, packed, positions, _ = pack_padded(mask, hidden)
+        via_layout = unpack(layer(packed, layout=layout, rotary=rotary_angles(positions, 8, layer.rope_theta)), layout)
+        unmasked = layer(hidden)
+        ones = layer(hidden, attention_mask=torch.ones(2, 5))
+    torch.testing.assert_close(alone, via_layout, rtol=1e-5, atol=1e-6)
+    assert alone[mask == 0].abs().max() == 0
+    torch.testing.assert_close(ones, unmasked, rtol=1e-5, atol=1e-6)
+
+
 def test_save_load_round_trip_and_auto_class(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -126,6 +159,15 @@ def test_forward_compiles_fullgraph():
 def test_config_validation(overrides, error, message):
     with pytest.raises(error, match=message):
         tiny_config(**overrides)
+
+
+def test_config_refuses_misspelt_fields_and_keeps_transformers_keys(tmp_path):
+    with pytest.raises(TypeError, match="unknown argument 'hiden_size'; did you mean 'hidden_size'"):
+        tiny_config(hiden_size=64)
+    # config.json carries transformers' own keys too; they load as before.
+    config = tiny_config()
+    config.save_pretrained(tmp_path)
+    assert GatedFWAConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
 
 
 def test_config_defaults_and_window_free_kinds():

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
+from gatedfwa.errors import ConfigError
 from gatedfwa.train.config import TrainConfig, apply_overrides, parse_set_option, resume_mismatches
-from gatedfwa.train.errors import ConfigError
 from gatedfwa.train.presets import PRESETS, get_preset
 from gatedfwa.train.trainer import learning_rate
 
@@ -30,6 +30,7 @@ def test_unknown_preset_and_setting_are_named():
     ({"seq_len": 0}, "seq_len must be a positive integer"),
     ({"lr": -1.0}, "lr must be a positive number"),
     ({"model": {"vocab_size": 10}}, "vocab_size is set by the tokenizer"),
+    ({"model": {"hiden_size": 64}}, r"model: unknown setting\(s\) hiden_size; valid model settings \(GatedFWAConfig fields\): hidden_size, "),
 ])
 def test_validation_messages(change, message):
     config = TrainConfig.from_dict(apply_overrides(get_preset("cpu"), change), "test")
@@ -77,3 +78,26 @@ def test_learning_rate_warmup_then_cosine():
     assert learning_rate(config, 4) == pytest.approx(1.0)
     assert learning_rate(config, 9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert learning_rate(config, 14) == pytest.approx(0.1)
+
+
+def test_unknown_model_keys_list_every_valid_field():
+    from gatedfwa.models.configuration import config_fields
+
+    config = TrainConfig.from_dict(apply_overrides(get_preset("tiny"), {"model": {"hiden_size": 1, "windw": 2}}), "t")
+    with pytest.raises(ConfigError) as error:
+        config.validate()
+    message = str(error.value)
+    assert "\n" not in message and "hiden_size, windw;" in message
+    # Every field but vocab_size (which the data sets) is offered.
+    assert all(name in message for name in config_fields() if name != "vocab_size")
+    assert "vocab_size" not in message
+
+
+def test_attention_kinds_are_the_models():
+    # The trainer accepts exactly the kinds GatedFWAConfig knows (one list, gatedfwa/attention_kinds.py).
+    from gatedfwa.attention_kinds import ATTENTION_KINDS
+    from gatedfwa.models.configuration import ATTENTION_KINDS as config_kinds
+
+    assert config_kinds is ATTENTION_KINDS
+    for kind in ATTENTION_KINDS:
+        TrainConfig.from_dict(apply_overrides(get_preset("tiny"), {"attention": kind}), "t").validate()

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from gatedfwa.errors import ConfigError
+from gatedfwa.tokenizer import ByteTokenizer
 from gatedfwa.train.data import HELDOUT_EVERY, WindowSampler, heldout_windows, load_corpus, stdlib_source_files
-from gatedfwa.train.errors import ConfigError
-from gatedfwa.train.tokenizer import ByteTokenizer
 
 
 def test_byte_tokenizer_round_trip_and_streaming():
@@ -47,6 +47,17 @@ def test_text_folder_skips_hidden_and_binary_files(tmp_path):
     assert b"SECRET" not in everything and b"BINARY" not in everything
     # Fewer than 20 files: the last 1/20 of the stream is held out.
     assert len(corpus.heldout) == len(everything) // HELDOUT_EVERY
+
+
+def test_corpus_description_counts_files_in_words(tmp_path):
+    (tmp_path / "one.txt").write_text("only file\n" * 100)
+    assert load_corpus([str(tmp_path)]).description.startswith("1 text file from ")
+    (tmp_path / "two.txt").write_text("second\n" * 100)
+    assert load_corpus([str(tmp_path)]).description.startswith("2 text files from ")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("")
+    with pytest.raises(ConfigError, match=r"^the corpus is empty: no text in 1 text file from "):
+        load_corpus([str(tmp_path / "empty")])
 
 
 def test_pretokenized_bin_uses_val_bin_beside_train_bin(tmp_path):

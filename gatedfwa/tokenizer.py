@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import codecs
 
-from gatedfwa.train.errors import ConfigError
+from gatedfwa.errors import ConfigError
 
 __all__ = ["ByteTokenizer", "HFTokenizer", "IdTokenizer", "tokenizer_from_spec", "load_tokenizer"]
 
