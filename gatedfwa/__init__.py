@@ -20,3 +20,5 @@ from gatedfwa.cache import WindowCache, WindowLayerCache  # noqa: E402
 from gatedfwa.ops.decode import decode_gated_window_attention  # noqa: E402
 
 __all__ += ["WindowCache", "WindowLayerCache", "decode_gated_window_attention"]
+
+from gatedfwa.integrations import transformers_attention  # noqa: E402,F401  registers attn_implementation="gatedfwa"
