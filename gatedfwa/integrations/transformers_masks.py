@@ -68,6 +68,16 @@ class WindowMaskLayout:
     cu_seqlens: torch.Tensor | None = None
     token_index: torch.Tensor | None = None
 
+    # transformers may hand a mask it prepared back to its own mask builders (generate()
+    # prepares masks ahead of the forward pass for static caches); they read .ndim to tell
+    # a 2D padding mask from a prepared mask, and gatedfwa_mask returns a layout it gets as is.
+    ndim = 4
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The shape of the boolean mask this layout stands for: [B, 1, T, T]."""
+        return (self.batch_size, 1, self.seqlen, self.seqlen)
+
     def effective_window(self, window_size: int | None) -> int:
         """The keys a query can actually see under ``window_size`` in these sequences."""
         return self.max_seqlen if window_size is None else min(window_size, self.max_seqlen)
@@ -99,6 +109,13 @@ def gatedfwa_mask(
     kv_length, no offsets); otherwise the [B, 1, q_length, kv_length] boolean mask sdpa
     would use, always materialised so that the attention function can tell the two apart.
     """
+    if isinstance(attention_mask, WindowMaskLayout):  # prepared earlier (see WindowMaskLayout.ndim)
+        if attention_mask.shape != (batch_size, 1, q_length, kv_length):
+            raise ValueError(
+                f"a gatedfwa mask prepared for shape {list(attention_mask.shape)} was given for "
+                f"[{batch_size}, 1, {q_length}, {kv_length}]"
+            )
+        return attention_mask
     reads_whole_sequence = (
         q_length == kv_length and not isinstance(q_offset, torch.Tensor) and q_offset == 0 and kv_offset == 0
     )

@@ -117,8 +117,10 @@ def test_triton_path_on_cpu(monkeypatch):
     check_against_sdpa("mistral", "padded", torch.float32, "cpu")
 
 
-def test_generate_matches_sdpa():
-    """Left-padded greedy generation past the window: prefill through the op, decoding steps
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_generate_matches_sdpa(cache):
+    """Left-padded greedy generation past the window: prefill through the op (the static
+    cache's full layers, whose keys span the whole cache, through SDPA), decoding steps
     through SDPA with sdpa's own masks; same tokens, scores within the rule."""
     config = family_config("gemma3")
     ref_model = build(config, "sdpa", dtype=torch.float64).eval()
@@ -127,7 +129,7 @@ def test_generate_matches_sdpa():
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     options = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, output_scores=True,
-                   return_dict_in_generate=True, pad_token_id=0)
+                   return_dict_in_generate=True, pad_token_id=0, cache_implementation=cache)
 
     def generate(model):
         out = model.eval().generate(ids, **options)
