@@ -111,10 +111,10 @@ def test_layers_run_through_the_op(monkeypatch):
     assert calls == [(None, True), (WINDOW, True)]  # layer 0 full, layer 1 sliding
 
 
-def test_triton_path_on_cpu(monkeypatch):
-    """The Triton kernels (interpreted on the CPU) behind the adapter, one padded batch."""
+def test_triton_path(monkeypatch, device):
+    """The Triton kernels behind the adapter (interpreted on the CPU), one padded batch."""
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
-    check_against_sdpa("mistral", "padded", torch.float32, "cpu")
+    check_against_sdpa("mistral", "padded", torch.float32, device)
 
 
 @pytest.mark.parametrize("cache", [None, "static"])
