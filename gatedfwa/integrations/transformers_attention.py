@@ -50,7 +50,8 @@ def _unsupported(feature: str, hint: str) -> NotImplementedError:
 def _reject_unsupported(module, query, value, dropout, softcap, s_aux, is_causal, kwargs) -> None:
     """Raise for every feature that would change the result and that the op does not compute."""
     if s_aux is not None or kwargs.get("sinks") is not None:
-        raise _unsupported("attention sinks (s_aux, as in GPT-OSS)", "use attn_implementation='eager' or 'flash_attention_2'.")
+        raise _unsupported("attention sinks (s_aux, as in GPT-OSS)",
+                           "use attn_implementation='eager' or 'flash_attention_2'.")
     if softcap is not None:
         raise _unsupported(
             f"attention logit soft-capping (softcap={softcap}, as in Gemma 2)",

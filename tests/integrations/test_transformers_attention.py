@@ -3,8 +3,8 @@
 For every family (tests/integrations/tiny_models.py) and batch layout (rows, padding,
 packing), the logits at real tokens and the gradients of every parameter follow the rule of
 gatedfwa/testing.py: error against an sdpa run in float64 at most twice the error of the sdpa
-run in the same precision (+ slack); Gemma 2, which has no sdpa, is compared with "eager". On the CPU the op takes its PyTorch path; the tests
-marked gpu run the Triton kernels. Decoding steps, which fall back to SDPA, are checked
+run in the same precision (+ slack); Gemma 2, which has no sdpa, is compared with "eager".
+On the CPU the op takes its PyTorch path; the tests marked gpu run the Triton kernels. Decoding steps, which fall back to SDPA, are checked
 through generate(); unsupported features must raise.
 """
 
@@ -78,7 +78,8 @@ def check_against_sdpa(family: str, layout: str, dtype: torch.dtype, device: str
     weights = torch.randn(int(real.sum()), config.vocab_size, dtype=torch.float64, device=device)
 
     ref_logits, ref_grads = logits_and_gradients(ref_model, inputs, real, weights)
-    sdpa_logits, sdpa_grads = logits_and_gradients(build(config, reference, state, dtype, device), inputs, real, weights)
+    low_model = build(config, reference, state, dtype, device)
+    sdpa_logits, sdpa_grads = logits_and_gradients(low_model, inputs, real, weights)
     ours = build(config, "gatedfwa", state, dtype, device)
     logits, grads = logits_and_gradients(ours, inputs, real, weights)
 
