@@ -116,18 +116,19 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowMas
     if layout.cu_seqlens is None:
         return gated_window_attention(q, k, v, window_size=window, scale=scale)
     batch, seqlen = layout.batch_size, layout.seqlen
+    cu_seqlens = layout.cu_seqlens.to(q.device)  # layers may sit on other devices (device_map)
     if layout.token_index is None:  # every token real: the rows laid end to end
         def flat(x):
             return x.reshape(1, batch * seqlen, *x.shape[2:])
 
         o = gated_window_attention(flat(q), flat(k), flat(v), window_size=window, scale=scale,
-                                   cu_seqlens=layout.cu_seqlens)
+                                   cu_seqlens=cu_seqlens)
         return o.view(batch, seqlen, *o.shape[2:])
     if layout.token_index.numel() == 0:  # nothing but padding
         return q.new_zeros(q.shape)
-    packed = PackedLayout(indices=layout.token_index, cu_seqlens=layout.cu_seqlens, batch=batch, seqlen=seqlen)
+    packed = PackedLayout(indices=layout.token_index.to(q.device), cu_seqlens=cu_seqlens, batch=batch, seqlen=seqlen)
     o = gated_window_attention(pack(q, packed), pack(k, packed), pack(v, packed), window_size=window,
-                               scale=scale, cu_seqlens=layout.cu_seqlens)
+                               scale=scale, cu_seqlens=cu_seqlens)
     return unpack(o, packed)
 
 
