@@ -1,0 +1,5 @@
+"""gatedfwa inside other libraries' models.
+
+transformers_attention: attn_implementation="gatedfwa" for `transformers` models (registered
+    when gatedfwa is imported); transformers_masks: their attention masks as the op takes them.
+"""
