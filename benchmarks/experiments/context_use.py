@@ -41,7 +41,7 @@ def config(quick: bool) -> dict:
         "kinds": list(lm_equal_tokens.KINDS), "seeds": [0, 1], "lm": lm_equal_tokens.shared_lm(quick),
         "eval_lengths": [64, 128, 256] if quick else [2048, 4096, 8192, 16384],
         "max_documents": 4 if quick else 32, "eval_micro_batch": 4,
-        "position_bins": 8 if quick else 24, "budget_s": 90,
+        "position_bins": 8 if quick else 24, "budget_s": 60,
     }
 
 

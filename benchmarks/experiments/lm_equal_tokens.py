@@ -58,7 +58,7 @@ def shared_lm(quick: bool) -> dict:
 
 
 def config(quick: bool) -> dict:
-    return {"kinds": list(KINDS), "seeds": [0, 1], "lm": shared_lm(quick), "budget_s": 300}
+    return {"kinds": list(KINDS), "seeds": [0, 1], "lm": shared_lm(quick), "budget_s": 270}
 
 
 def arm_order(config: dict) -> list[dict]:
@@ -68,6 +68,12 @@ def arm_order(config: dict) -> list[dict]:
 
 
 def run(config: dict, record: kit.Record, deadline: kit.Deadline) -> None:
+    compare_kinds(config, record, deadline)
+
+
+def compare_kinds(config: dict, record: kit.Record, deadline: kit.Deadline) -> None:
+    """Trains config["lm"] once per kind and seed; records curves and final losses (also
+    used by second_domain)."""
     def one(arm):
         trained = lm.train_lm(lm.lm_spec(config["lm"], arm["kind"], arm["seed"], config["device"]))
         history = trained.history
@@ -92,6 +98,11 @@ def run(config: dict, record: kit.Record, deadline: kit.Deadline) -> None:
 
 
 def plot(record: kit.Record, png_path) -> None:
+    plot_comparison(record, png_path)
+
+
+def plot_comparison(record: kit.Record, png_path, what: str = "Held-out loss during training") -> None:
+    """Held-out curves (mean, min..max band) and the final values as bars."""
     plt = kit.pyplot()
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     groups = kit.group_by(record.arms, "kind")
@@ -111,7 +122,7 @@ def plot(record: kit.Record, png_path) -> None:
     curves.set_ylim(top=min(8.5, curves.get_ylim()[1]))
     curves.legend()
     curves.grid(alpha=0.3)
-    curves.set_title(f"Held-out loss during training (mean, band = min..max over seeds)\n{kit.title_note(record)}",
+    curves.set_title(f"{what} (mean, band = min..max over seeds)\n{kit.title_note(record)}",
                      fontsize=9)
     bars.set_xticks(range(len(groups)), [k for (k,) in groups])
     finals = [record.results["final_heldout_bits"][k]["min"] for (k,) in groups]
