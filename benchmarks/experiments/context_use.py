@@ -64,13 +64,6 @@ def long_heldout_documents(min_length: int, max_documents: int) -> tuple[torch.T
     return torch.from_numpy(np.stack(rows)), names
 
 
-def position_bins(length: int, count: int) -> np.ndarray:
-    """Edges of logarithmic bins over predicted positions 1..length-1 (position t predicts
-    byte t + 1 from t + 1 bytes of context), unique integers, first 0, last length - 1."""
-    edges = np.unique(np.round(np.geomspace(1, length - 1, count + 1)).astype(int))
-    return np.concatenate(([0], edges[1:]))
-
-
 def binned(values: np.ndarray, edges: np.ndarray) -> list[float]:
     return [float(values[lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])]
 
@@ -81,7 +74,7 @@ def run(config: dict, record: kit.Record, deadline: kit.Deadline) -> None:
     lengths = sorted(config["eval_lengths"])
     documents, names = long_heldout_documents(lengths[-1], config["max_documents"])
     train_length = config["lm"]["train"]["seq_len"]
-    edges = {length: position_bins(length, config["position_bins"]) for length in lengths}
+    edges = {length: kit.log_bins(length - 1, config["position_bins"]) for length in lengths}
     record.results.update(documents=names, train_length=train_length, window=config["lm"]["model"]["window_size"],
                           bin_edges={str(length): e.tolist() for length, e in edges.items()})
 

@@ -217,6 +217,13 @@ def group_by(arms: list[dict], *keys: str) -> dict[tuple, list[dict]]:
     return groups
 
 
+def log_bins(last: int, count: int) -> np.ndarray:
+    """Edges of about ``count`` logarithmic bins over 0..last: 0, then unique rounded
+    values of geomspace(1, last) (the first bin is [0, 1), i.e. position or distance 0)."""
+    edges = np.unique(np.round(np.geomspace(1, last, count + 1)).astype(int))
+    return np.concatenate(([0], edges))
+
+
 # --------------------------------------------------------------------------------------
 # Plotting
 # --------------------------------------------------------------------------------------

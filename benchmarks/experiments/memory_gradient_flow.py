@@ -136,12 +136,6 @@ def gradient_reach(model, windows: torch.Tensor, device, edges: np.ndarray) -> l
     return [float(by_distance[lo:hi].mean()) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
-def log_bins(length: int, count: int) -> np.ndarray:
-    """Edges 0, then logarithmic up to ``length`` (unique integers)."""
-    edges = np.unique(np.round(np.geomspace(1, length, count + 1)).astype(int))
-    return np.concatenate(([0], edges[1:]))
-
-
 def centres(edges) -> list[float]:
     edges = np.asarray(edges, dtype=float)
     return np.sqrt(np.maximum(edges[:-1], 0.5) * edges[1:]).tolist()
@@ -149,8 +143,8 @@ def centres(edges) -> list[float]:
 
 def run(config: dict, record: kit.Record, deadline: kit.Deadline) -> None:
     seq_len = config["lm"]["train"]["seq_len"]
-    position_edges = log_bins(seq_len, config["position_bins"])
-    distance_edges = log_bins(seq_len - 1, config["position_bins"])
+    position_edges = kit.log_bins(seq_len, config["position_bins"])
+    distance_edges = kit.log_bins(seq_len - 1, config["position_bins"])
     record.results.update(position_bin_edges=position_edges.tolist(), distance_bin_edges=distance_edges.tolist(),
                           window=config["lm"]["model"]["window_size"], seq_len=seq_len)
 
