@@ -1,0 +1,155 @@
+"""Every experiment's --quick mode runs and writes a sane record and figure; the shared
+training loop trains exactly as ``gatedfwa train``; the synthetic data and the music
+tokeniser hold their invariants."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "experiments"
+sys.path.insert(0, str(EXPERIMENTS_DIR))
+
+import kit  # noqa: E402
+import run as driver  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: several threads only contend on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def numbers(value, path="$"):
+    """(path, number) of every int/float in a JSON value."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from numbers(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from numbers(item, f"{path}[{index}]")
+
+
+@pytest.mark.parametrize("name", driver.EXPERIMENTS)
+def test_quick_mode_writes_json_and_png(name, tmp_path):
+    if name == "second_domain":
+        pytest.importorskip("music21")
+    module = __import__(name)
+    config = kit.build_config(module, quick=True)
+    kit.run_experiment(module, config, tmp_path, quick=True, deadline=kit.Deadline(None))
+
+    record = json.loads((tmp_path / f"{name}.json").read_text())
+    assert record["experiment"] == name and record["quick"] is True
+    assert record["seeds"] == [0, 1] and record["config"]["kinds"]
+    assert record["environment"]["torch"] == torch.__version__ and record["environment"]["git_commit"]
+    assert "error" not in record and record["skipped"] == []
+    seeds = {arm["seed"] for arm in record["arms"]}
+    assert seeds == {0, 1}, "every arm runs with two seeds"
+    assert record["results"], "the summary is filled"
+    bad = [(path, value) for path, value in numbers(record) if not math.isfinite(value)]
+    assert not bad, f"non-finite numbers: {bad[:5]}"
+    # Strings "nan"/"inf" are how the record would carry non-finite values.
+    assert '"nan"' not in json.dumps(record) and '"inf"' not in json.dumps(record)
+    png = tmp_path / f"{name}.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
+    assert record["figures"] == [png.name]
+
+
+def test_quick_losses_are_plausible(tmp_path):
+    """Held-out loss of the quick LM runs starts near log2(256) = 8 bits and falls."""
+    import lm_equal_tokens
+
+    record = kit.run_experiment(lm_equal_tokens, kit.build_config(lm_equal_tokens, quick=True), tmp_path, True,
+                                kit.Deadline(None))
+    for arm in record.arms:
+        curve = [point["heldout_bits"] for point in arm["curve"]]
+        assert 7.0 < curve[0] < 9.0 and curve[-1] < curve[0]
+
+
+def test_training_loop_matches_the_trainer(tmp_path):
+    """lm.train_lm gives the training losses of gatedfwa.train.trainer.train bit for bit."""
+    import lm
+    from gatedfwa.train.config import TrainConfig
+    from gatedfwa.train.presets import get_preset
+    from gatedfwa.train.trainer import train
+
+    preset = get_preset("tiny")
+    data = [str(Path(lm.__file__).parent)]  # the experiment scripts as a small text corpus
+    settings = {**preset, "data": data, "max_steps": 4, "eval_interval": 2, "save_interval": 0, "seed": 3}
+    model = settings.pop("model")
+    train(TrainConfig(**settings, model=model, attention="gatedfwa", device="cpu", plot=False, progress=False),
+          tmp_path / "run")
+    expected = [json.loads(line)["train_loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                if "train_loss" in line]
+    spec = {"train": {k: v for k, v in settings.items() if k != "seed"}, "model": model, "kind": "gatedfwa", "seed": 3,
+            "grad_log_interval": 1, "device": "cpu", "compile": False}
+    ours = lm.train_lm(spec).history
+    assert ours["train_loss"] == expected
+    assert len(ours["grad_norms"]) == 4 and all(math.isfinite(v) for r in ours["grad_norms"] for v in r["attention"])
+    assert [e["step"] for e in ours["eval"]] == [0, 2, 4]
+
+
+def test_attention_probabilities_reproduce_the_library():
+    """p @ v from memory_gradient_flow's probabilities equals gated_window_attention."""
+    from memory_gradient_flow import attention_probabilities
+
+    from gatedfwa import gated_window_attention
+
+    q, k, v = torch.randn(2, 40, 4, 8), torch.randn(2, 40, 2, 8), torch.randn(2, 40, 2, 8)
+    g = -torch.rand(2, 40, 4)
+    for gate, window in ((g, 7), (None, 7), (g, None)):
+        p = attention_probabilities(q, k, gate, window, 8**-0.5)
+        assert torch.allclose(p.sum(-1), torch.ones(()), atol=1e-5)
+        read = torch.matmul(p, v.transpose(1, 2).repeat_interleave(2, dim=1)).transpose(1, 2)
+        torch.testing.assert_close(read, gated_window_attention(q, k, v, gate, window_size=window), atol=1e-5, rtol=1e-5)
+
+
+def test_mqar_batch_is_consistent():
+    from associative_recall import mqar_batch
+
+    ids, labels, queries = mqar_batch(np.random.default_rng(0), 16, 64, 6, 10, 12)
+    rows = np.arange(16)[:, None]
+    position, value, distance = queries["position"], queries["value"], queries["distance"]
+    assert (ids.numpy()[rows, position + 1] == value).all()  # the value follows the query key
+    assert (labels.numpy()[rows, position + 1] == value).all() and (labels != -100).sum() == 16 * 6
+    # The value to recall sits `distance` positions before the query key, after the same key.
+    assert (ids.numpy()[rows, position - distance] == value).all()
+    assert (ids.numpy()[rows, position - distance - 1] == ids.numpy()[rows, position]).all()
+    assert (distance >= 1).all() and ids.max() < 1 + 10 + 12
+
+
+def test_music_tokens_round_trip():
+    from second_domain import DURATION_BASE, MAX_SHIFT, PIECE, PITCH_BASE, SHIFT_BASE, VOCAB_SIZE, encode
+
+    events = [(0, 60, 12), (0, 64, 12), (12, 67, 6), (12 + 2 * MAX_SHIFT + 3, 72, 500)]
+    ids = encode(events)
+    assert ids[0] == PIECE and max(ids) < VOCAB_SIZE
+    # Decode: onsets from the shifts, (pitch, duration) pairs in order.
+    onset, decoded = 0, []
+    for token, following in zip(ids[1:], ids[2:] + [None]):
+        if SHIFT_BASE <= token < PITCH_BASE:
+            onset += token - SHIFT_BASE + 1
+        elif PITCH_BASE <= token < DURATION_BASE:
+            decoded.append((onset, token - PITCH_BASE, following - DURATION_BASE + 1))
+    assert decoded == [(0, 60, 12), (0, 64, 12), (12, 67, 6), (12 + 2 * MAX_SHIFT + 3, 72, 96)]  # capped duration
+
+
+def test_driver_rejects_unknown_names(capsys):
+    with pytest.raises(SystemExit):
+        driver.main(["nonexistent", "--quick"])
+    assert "unknown experiment" in capsys.readouterr().err
