@@ -2,6 +2,7 @@
 
     reference.py   naive (float64-capable) and chunked PyTorch paths
     tiles.py       device helpers: sequence bounds and the gate's per-tile decay terms
+    walk.py        the key-tile walk the forward and dq kernels share
     forward.py     Triton forward kernel
     backward.py    Triton backward kernels (dq, dk/dv, dg)
     launch.py      tile sizes and launch bookkeeping

@@ -12,9 +12,9 @@ import triton.language as tl
 from gatedfwa.ops.triton_support import LOG2E, dot_precision, interpreting, token_and_head_strides
 from gatedfwa.ops.window_attention import launch
 from gatedfwa.ops.window_attention.tiles import (
-    NO_DECAY, PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, suffix_sums_left_of, tile_carry,
-    tile_prefix, tile_suffix,
+    NO_DECAY, PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, tile_carry, tile_prefix, tile_suffix,
 )
+from gatedfwa.ops.window_attention.walk import walk_key_tiles
 
 __all__ = ["attention_backward"]
 
@@ -58,14 +58,18 @@ def _delta_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, dgate_row, q, do, lse2, delta, k_head, v_head, row_shift, key_term,
+    state, rows, k_head, v_head, row_shift, key_term,
     offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Add one key tile's contribution to dq (unscaled) and, with a gate, to the float32 row
     sums of dS, dgate_row [BLOCK_M] (a reduction inside each thread group of the matmul
-    layout: no shared memory). The decay is applied as in _forward_tile."""
+    layout: no shared memory). The tile function of walk_key_tiles: state = (dq [BLOCK_M,
+    BLOCK_D] float32, dgate_row), rows = (q, do [BLOCK_M, BLOCK_D], lse2, delta [BLOCK_M]).
+    The decay is applied as in _forward_tile."""
+    dq, dgate_row = state
+    q, do, lse2, delta = rows
     kv_mask = offs_d[:, None] < HEAD_DIM
     if MASKED:
         key_ok = (offs_n >= bos) & (offs_n < eos)
@@ -111,7 +115,8 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program: dq of BLOCK_M query rows of one head, walking key tiles as the forward."""
+    """One program: dq of BLOCK_M query rows of one head, walking key tiles as the forward
+    (walk.py)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -121,8 +126,6 @@ def _dq_kernel(
         return
     kv_head = head // GROUP
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    DIAGONAL: tl.constexpr = PAIR_DECAY if HAS_GATE else NO_DECAY
-    OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY if HAS_GATE else NO_DECAY
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -149,66 +152,11 @@ def _dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dgate_row = tl.zeros([BLOCK_M], dtype=tl.float32)
-    key_term = tl.zeros([BLOCK_N], dtype=tl.float32)
 
-    # The decay's row and key terms, and the order of their loads, as in _forward_kernel.
-    diagonal_end = tl.minimum(m0 + BLOCK_M, eos)
-    running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
-    prefix = key_term
-    tile_sum = running
-    if HAS_GATE:
-        prefix, tile_sum = tile_prefix(p_head, m0 + tl.arange(0, BLOCK_N), m0, eos, True, BLOCK_N, GATE_CHUNK, True)
-    for n0 in range(m0, diagonal_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        if HAS_GATE:
-            key_term = -(running + prefix)
-            running += tile_sum
-        dq, dgate_row = _dq_tile(
-            dq, dgate_row, q, do, lse2, delta, k_head, v_head, query_offset, key_term,
-            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION)
-        if HAS_GATE:
-            if BLOCK_M > BLOCK_N:
-                prefix, tile_sum = tile_prefix(p_head, offs_n + BLOCK_N, n0 + BLOCK_N, eos,
-                                                n0 + BLOCK_N < diagonal_end, BLOCK_N, GATE_CHUNK, True)
-
-    lowest_key = tl.maximum(bos, m0 - window + 1)
-    num_tiles = tl.cdiv(m0 - lowest_key, BLOCK_N)
-    unmasked_floor = tl.maximum(bos, m0 + BLOCK_M - window)
-    num_unmasked = tl.minimum(tl.maximum(m0 - unmasked_floor, 0) // BLOCK_N, num_tiles)
-    running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
-    row_shift = query_offset
-    # Each tile loads the next tile's sums after its own, as in _forward_kernel.
-    tile_sum = running
-    if HAS_GATE:
-        key_term, tile_sum = suffix_sums_left_of(p_head, s_head, m0, bos, eos, m0 > lowest_key, BLOCK_N,
-                                                  GATE_CHUNK, True)
-    for i in range(0, num_unmasked):
-        n0 = m0 - (i + 1) * BLOCK_N
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        if HAS_GATE:
-            row_shift = query_offset - running
-            running -= tile_sum
-        dq, dgate_row = _dq_tile(
-            dq, dgate_row, q, do, lse2, delta, k_head, v_head, row_shift, key_term,
-            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION)
-        if HAS_GATE:
-            key_term, tile_sum = suffix_sums_left_of(p_head, s_head, n0, bos, eos, True, BLOCK_N, GATE_CHUNK,
-                                                      False)
-    for i in range(num_unmasked, num_tiles):
-        n0 = m0 - (i + 1) * BLOCK_N
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        if HAS_GATE:
-            row_shift = query_offset - running
-            running -= tile_sum
-        dq, dgate_row = _dq_tile(
-            dq, dgate_row, q, do, lse2, delta, k_head, v_head, row_shift, key_term,
-            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION)
-        if HAS_GATE:
-            key_term, tile_sum = suffix_sums_left_of(p_head, s_head, n0, bos, eos, n0 > lowest_key, BLOCK_N,
-                                                      GATE_CHUNK, False)
+    dq, dgate_row = walk_key_tiles(
+        _dq_tile, (dq, dgate_row), (q, do, lse2, delta), k_head, v_head, p_head, s_head, query_offset,
+        offs_m, offs_d, m0, bos, eos, window, stride_kt, stride_vt, qk_scale,
+        HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION)
 
     tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)

@@ -12,28 +12,30 @@ import triton.language as tl
 
 from gatedfwa.ops.triton_support import LOG2E, dot_precision, token_and_head_strides
 from gatedfwa.ops.window_attention import launch
-from gatedfwa.ops.window_attention.tiles import (
-    NO_DECAY, PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, suffix_sums_left_of, tile_prefix,
-)
+from gatedfwa.ops.window_attention.tiles import PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, tile_prefix
+from gatedfwa.ops.window_attention.walk import walk_key_tiles
 
 __all__ = ["attention_forward"]
 
 
 @triton.jit
 def _forward_tile(
-    acc, row_max, row_sum,
-    q, k_head, v_head, row_shift, key_term,
+    state, rows, k_head, v_head, row_shift, key_term,
     offs_m, offs_n, offs_d, bos, eos, window,
     stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Fold one key tile into the running softmax of a query block.
+    """Fold one key tile into the running softmax of a query block (the tile function of
+    walk_key_tiles): state = (acc [BLOCK_M, BLOCK_D] float32, row_max, row_sum [BLOCK_M]),
+    rows = (q,).
 
     Logits are in base-2 units (multiplied by log2(e) once), so exp2 applies. With a decay,
     the logit of (t, j) is s_tj + row_shift[t] + key_term[j]: row_shift [BLOCK_M], key_term
     [BLOCK_N] (unused with NO_DECAY). row_max tracks the maximum of the full logits.
     """
+    acc, row_max, row_sum = state
+    q = rows[0]
     if MASKED:
         key_ok = (offs_n >= bos) & (offs_n < eos)
         k_mask = key_ok[None, :]
@@ -110,8 +112,6 @@ def _forward_kernel(
         return
     kv_head = head // GROUP
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    DIAGONAL: tl.constexpr = PAIR_DECAY if HAS_GATE else NO_DECAY
-    OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY if HAS_GATE else NO_DECAY
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -130,88 +130,14 @@ def _forward_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     query_offset = tl.zeros([BLOCK_M], dtype=tl.float32)
-    key_term = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_GATE:
         # L_t = g[m0] + ... + g[t] (reference r = m0 - 1).
         query_offset, _ = tile_prefix(p_head, offs_m, m0, eos, True, BLOCK_M, GATE_CHUNK, True)
 
-    # Phase 1: the diagonal tiles [m0, m0 + BLOCK_M), left to right. L_j = g[m0] + ... + g[j].
-    # The first tile's sums are read here, next to q: read at the top of the loop, they would
-    # be staged through shared memory by the loop's pipelining for a single use (3% of the
-    # forward at w = 512, H200). Further tiles (BLOCK_M > BLOCK_N) read theirs after the
-    # previous tile, as in phase 2.
-    diagonal_end = tl.minimum(m0 + BLOCK_M, eos)
-    running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
-    prefix = key_term
-    tile_sum = running
-    if HAS_GATE:
-        prefix, tile_sum = tile_prefix(p_head, m0 + tl.arange(0, BLOCK_N), m0, eos, True, BLOCK_N, GATE_CHUNK, True)
-    for n0 in range(m0, diagonal_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        if HAS_GATE:
-            key_term = -(running + prefix)
-            running += tile_sum
-        acc, row_max, row_sum = _forward_tile(
-            acc, row_max, row_sum, q, k_head, v_head, query_offset, key_term,
-            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION)
-        if HAS_GATE:
-            if BLOCK_M > BLOCK_N:
-                prefix, tile_sum = tile_prefix(p_head, offs_n + BLOCK_N, n0 + BLOCK_N, eos,
-                                                n0 + BLOCK_N < diagonal_end, BLOCK_N, GATE_CHUNK, True)
-
-    # Phase 2: tiles left of the diagonal, nearest first. For key tile [n0, n0 + BLOCK_N):
-    # L_j = -(g[j+1] + ... + g[m0-1]) = running - S_tile[j], with running = -(gates in
-    # [n0 + BLOCK_N, m0)), so L_t - L_j = (L_t - running) + S_tile[j]: a row term and the
-    # suffix sums as loaded. Tiles whose keys are all >= bos and inside every row's window
-    # need no mask.
-    lowest_key = tl.maximum(bos, m0 - window + 1)
-    num_tiles = tl.cdiv(m0 - lowest_key, BLOCK_N)
-    unmasked_floor = tl.maximum(bos, m0 + BLOCK_M - window)
-    num_unmasked = tl.minimum(tl.maximum(m0 - unmasked_floor, 0) // BLOCK_N, num_tiles)
-    running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
-    row_shift = query_offset
-    # Each tile loads the next tile's sums right after its own logits have used its sums:
-    # their latency hides behind the rest of the tile and the next tile's q k^T, and the old
-    # and new values are never live at once, so the loop carries them without register copies
-    # (16 moves per tile when the load came first; kernel_instructions.py). The masked loop,
-    # which holds the program's last tile, skips the load after it: a program would otherwise
-    # end waiting on a load it never uses (2-3% of the forward at w = 512, H200). The unmasked
-    # loop is followed by a masked tile except where the window reaches the sequence start, so
-    # it skips no load and needs no predicate (its unused load stays in bounds: the address is
-    # clamped to the sequence start). The first load is masked at the sequence end: in a
-    # sequence's first block (m0 = bos) the phase has no tiles and a sequence shorter than a
-    # tile ends inside [bos, bos + BLOCK_N).
-    tile_sum = running
-    if HAS_GATE:
-        key_term, tile_sum = suffix_sums_left_of(p_head, s_head, m0, bos, eos, m0 > lowest_key, BLOCK_N,
-                                                  GATE_CHUNK, True)
-    for i in range(0, num_unmasked):
-        n0 = m0 - (i + 1) * BLOCK_N
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        if HAS_GATE:
-            row_shift = query_offset - running
-            running -= tile_sum
-        acc, row_max, row_sum = _forward_tile(
-            acc, row_max, row_sum, q, k_head, v_head, row_shift, key_term,
-            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION)
-        if HAS_GATE:
-            key_term, tile_sum = suffix_sums_left_of(p_head, s_head, n0, bos, eos, True, BLOCK_N, GATE_CHUNK,
-                                                      False)
-    for i in range(num_unmasked, num_tiles):
-        n0 = m0 - (i + 1) * BLOCK_N
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        if HAS_GATE:
-            row_shift = query_offset - running
-            running -= tile_sum
-        acc, row_max, row_sum = _forward_tile(
-            acc, row_max, row_sum, q, k_head, v_head, row_shift, key_term,
-            offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-            HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION)
-        if HAS_GATE:
-            key_term, tile_sum = suffix_sums_left_of(p_head, s_head, n0, bos, eos, n0 > lowest_key, BLOCK_N,
-                                                      GATE_CHUNK, False)
+    acc, row_max, row_sum = walk_key_tiles(
+        _forward_tile, (acc, row_max, row_sum), (q,), k_head, v_head, p_head, s_head, query_offset,
+        offs_m, offs_d, m0, bos, eos, window, stride_kt, stride_vt, qk_scale,
+        HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION)
 
     # Epilogue: normalise; rows without any visible key give 0 and lse = -inf.
     has_keys = row_sum > 0.0

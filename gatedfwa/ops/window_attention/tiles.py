@@ -34,11 +34,11 @@ L_t - L_j per pair, so that a key's decay to itself is exactly 0.
 
 Tiles
 -----
-Forward and dq programs walk key tiles in two phases: the tiles on the diagonal (causal
-mask), then the tiles to the left, nearest first. Tiles wholly inside every row's window are
-processed without any mask; only the diagonal tiles and the tiles at the far edge of the
-window are masked. Tiles outside the window are never loaded. The dk/dv program mirrors this
-over query tiles.
+Forward and dq programs walk key tiles (one walk for both, walk.py) in two phases: the tiles
+on the diagonal (causal mask), then the tiles to the left, nearest first. Tiles wholly inside
+every row's window are processed without any mask; only the diagonal tiles and the tiles at
+the far edge of the window are masked. Tiles outside the window are never loaded. The dk/dv
+program mirrors this over query tiles.
 
 The gate gradient: d loss / d U_t = rowsum_j dS_tj - colsum_i dS_it, and
 dg_s = sum_{t >= s} dU_t, a reverse cumulative sum inside each sequence (run in float64).
