@@ -48,7 +48,6 @@ def walk_key_tiles(
     query_offset [BLOCK_M]: L_t of the rows (tiles.py), zeros without gate.
     """
     DIAGONAL: tl.constexpr = PAIR_DECAY if HAS_GATE else NO_DECAY
-    OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY if HAS_GATE else NO_DECAY
     key_term = tl.zeros([BLOCK_N], dtype=tl.float32)
 
     # Phase 1: the diagonal tiles [m0, m0 + BLOCK_M), left to right. L_j = g[m0] + ... + g[j].
@@ -85,7 +84,6 @@ def walk_key_tiles(
     unmasked_floor = tl.maximum(bos, m0 + BLOCK_M - window)
     num_unmasked = tl.minimum(tl.maximum(m0 - unmasked_floor, 0) // BLOCK_N, num_tiles)
     running = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
-    row_shift = query_offset
     # Each tile loads the next tile's sums right after its own logits have used its sums:
     # their latency hides behind the rest of the tile and the next tile's q k^T, and the old
     # and new values are never live at once, so the loop carries them without register copies
@@ -96,33 +94,49 @@ def walk_key_tiles(
     # it skips no load and needs no predicate (its unused load stays in bounds: the address is
     # clamped to the sequence start). The first load is masked at the sequence end: in a
     # sequence's first block (m0 = bos) the phase has no tiles and a sequence shorter than a
-    # tile ends inside [bos, bos + BLOCK_N).
+    # tile ends inside [bos, bos + BLOCK_N). The unmasked tiles come first, then the masked
+    # ones, each run a loop of its own (_tiles_left_of_diagonal) so that the unmasked loop
+    # compiles without any mask.
     tile_sum = running
     if HAS_GATE:
         key_term, tile_sum = suffix_sums_left_of(p_head, s_head, m0, bos, eos, m0 > lowest_key, BLOCK_N,
                                                   GATE_CHUNK, True)
-    for i in range(0, num_unmasked):
-        n0 = m0 - (i + 1) * BLOCK_N
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        if HAS_GATE:
-            row_shift = query_offset - running
-            running -= tile_sum
-        state = tile(state, rows, k_head, v_head, row_shift, key_term,
-                     offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-                     HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION)
-        if HAS_GATE:
-            key_term, tile_sum = suffix_sums_left_of(p_head, s_head, n0, bos, eos, True, BLOCK_N, GATE_CHUNK,
-                                                      False)
-    for i in range(num_unmasked, num_tiles):
-        n0 = m0 - (i + 1) * BLOCK_N
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        if HAS_GATE:
-            row_shift = query_offset - running
-            running -= tile_sum
-        state = tile(state, rows, k_head, v_head, row_shift, key_term,
-                     offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-                     HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION)
-        if HAS_GATE:
-            key_term, tile_sum = suffix_sums_left_of(p_head, s_head, n0, bos, eos, n0 > lowest_key, BLOCK_N,
-                                                      GATE_CHUNK, False)
+    state, running, key_term, tile_sum = _tiles_left_of_diagonal(
+        tile, state, rows, 0, num_unmasked, running, key_term, tile_sum, k_head, v_head, p_head, s_head,
+        query_offset, offs_m, offs_d, m0, bos, eos, lowest_key, window, stride_kt, stride_vt, qk_scale,
+        HEAD_DIM, EVEN_D, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, False)
+    state, running, key_term, tile_sum = _tiles_left_of_diagonal(
+        tile, state, rows, num_unmasked, num_tiles, running, key_term, tile_sum, k_head, v_head, p_head,
+        s_head, query_offset, offs_m, offs_d, m0, bos, eos, lowest_key, window, stride_kt, stride_vt,
+        qk_scale, HEAD_DIM, EVEN_D, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, True)
     return state
+
+
+@triton.jit
+def _tiles_left_of_diagonal(
+    tile, state, rows, first, last, running, key_term, tile_sum, k_head, v_head, p_head, s_head,
+    query_offset, offs_m, offs_d, m0, bos, eos, lowest_key, window, stride_kt, stride_vt, qk_scale,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
+    HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Phase 2 of walk_key_tiles for the tiles [first, last) counted leftwards from m0, all
+    MASKED or none: folds them into state and returns it with the gate terms carried on
+    (running, and key_term, tile_sum of the tile after them)."""
+    OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY if HAS_GATE else NO_DECAY
+    row_shift = query_offset
+    for i in range(first, last):
+        n0 = m0 - (i + 1) * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if HAS_GATE:
+            row_shift = query_offset - running
+            running -= tile_sum
+        state = tile(state, rows, k_head, v_head, row_shift, key_term,
+                     offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
+                     HEAD_DIM, EVEN_D, MASKED, OFF_DIAGONAL, DOT_PRECISION)
+        if HAS_GATE:
+            # The next tile's sums: walk_key_tiles says why here, and why only the masked
+            # tiles, which hold the program's last one, skip the load past the last tile.
+            live = n0 > lowest_key if MASKED else True
+            key_term, tile_sum = suffix_sums_left_of(p_head, s_head, n0, bos, eos, live, BLOCK_N, GATE_CHUNK,
+                                                      False)
+    return state, running, key_term, tile_sum
