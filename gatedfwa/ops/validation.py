@@ -27,15 +27,20 @@ def check_float_tensor(name: str, x, dims: int, layout: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
+def check_attention_tensor(name: str, x, layout: str = "[batch, seqlen, heads, head_dim]") -> None:
+    """x is a 4-D float16, bfloat16 or float32 tensor (`layout` names its dimensions)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have 4 dimensions {layout}, got shape {format_shape(x)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """q [B, T, HQ, D], k and v [B, T, H, D], HQ % H == 0, D <= 256, one dtype and device."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions [batch, seqlen, heads, head_dim], got shape {format_shape(x)}")
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+        check_attention_tensor(name, x)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {format_shape(k)} and v {format_shape(v)}")
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1]:

@@ -35,7 +35,7 @@ from gatedfwa.ops.backend import select_backend
 from gatedfwa.ops.decode.cache import WindowLayerCache
 from gatedfwa.ops.decode.reference import decode_attention_torch
 from gatedfwa.ops.triton_support import triton
-from gatedfwa.ops.validation import SUPPORTED_DTYPES, check_log_gate_values, check_scale, format_shape
+from gatedfwa.ops.validation import check_attention_tensor, check_log_gate_values, check_scale, format_shape
 
 __all__ = ["MAX_DECODE_LENGTH", "decode_gated_window_attention"]
 
@@ -53,12 +53,7 @@ def check_decode_args(q, k_new, v_new, g_new, cache, scale) -> None:
     MAX_DECODE_LENGTH, all consistent with each other and with the cache."""
     if not isinstance(cache, WindowLayerCache):
         raise TypeError(f"cache must be a gatedfwa.WindowLayerCache, got {type(cache).__name__}")
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-    if q.dim() != 4:
-        raise ValueError(f"q must have 4 dimensions [batch, new_tokens, query_heads, head_dim], got shape {format_shape(q)}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    check_attention_tensor("q", q, "[batch, new_tokens, query_heads, head_dim]")
     batch, length, num_q_heads, head_dim = q.shape
     if not 1 <= length <= MAX_DECODE_LENGTH:
         raise ValueError(
