@@ -43,7 +43,7 @@ def make_inputs(batch, seqlen, q_heads, kv_heads, head_dim, dtype=torch.bfloat16
     q = torch.randn(batch, seqlen, q_heads, head_dim, device=DEVICE, dtype=dtype)
     k = torch.randn(batch, seqlen, kv_heads, head_dim, device=DEVICE, dtype=dtype)
     v = torch.randn(batch, seqlen, kv_heads, head_dim, device=DEVICE, dtype=dtype)
-    # The gates ANCHORS.md used: logsigmoid(N(0, 1) + 3), mean about -0.07.
+    # Gates as in the side-by-side comparisons with the peers: logsigmoid(N(0, 1) + 3), mean about -0.07.
     g = F.logsigmoid(torch.randn(batch, seqlen, q_heads, device=DEVICE) + 3) if gate else None
     if requires_grad:
         for x in (q, k, v, g):
@@ -139,7 +139,7 @@ def check_long_sequence():
 # --------------------------------------------------------------------------------------
 
 SHAPES = [
-    # B, T, H, D, window (HQ == H, as in ANCHORS.md)
+    # B, T, H, D, window (HQ == H, the shapes the peers were measured at)
     (4, 8192, 16, 128, 512),
     (4, 8192, 16, 128, 2048),
     (4, 8192, 16, 64, 512),
