@@ -14,12 +14,17 @@ from pathlib import Path
 import torch
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def git_commit() -> str:
-    """The commit being measured: GATEDFWA_COMMIT if set (the device copy has no .git)."""
+    """The commit being measured: GATEDFWA_COMMIT if set (a copy of the tree whose .git is
+    missing or stale), else git's HEAD of this checkout (wherever the script is run from)."""
     if os.environ.get("GATEDFWA_COMMIT"):
         return os.environ["GATEDFWA_COMMIT"]
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -20,10 +20,8 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -34,8 +32,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "experiments"
-if str(REPO) not in sys.path:  # scripts run from anywhere find the package of this checkout
-    sys.path.insert(0, str(REPO))
+# Scripts run from anywhere find the package of this checkout and benchmarks/common.py.
+for _path in (REPO, REPO / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from common import git_commit  # noqa: E402  (the commit measured, shared with the bench_*.py scripts)
 
 
 # --------------------------------------------------------------------------------------
@@ -56,17 +58,6 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
-
-
-def git_commit() -> str:
-    """GATEDFWA_COMMIT if set (a copy of the tree without .git), else git's HEAD."""
-    if os.environ.get("GATEDFWA_COMMIT"):
-        return os.environ["GATEDFWA_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def environment() -> dict:
