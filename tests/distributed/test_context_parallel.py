@@ -59,7 +59,8 @@ def _with_grads(fn, tensors, do):
     return o.detach(), torch.autograd.grad(o, present, do)
 
 
-def _check_case(rank, world, case, seed) -> list[str]:
+def _check_case(rank, world, case, seed, group=None) -> list[str]:
+    """rank and world: this process's place in `group` (default: the world)."""
     name, batch, shard, q_heads, kv_heads, head_dim, window, gated, dtype, backend = case
     previous = os.environ.get("GATEDFWA_BACKEND")
     if backend:
@@ -77,7 +78,7 @@ def _check_case(rank, world, case, seed) -> list[str]:
         single = _with_grads(lambda *x: gated_window_attention(*x, window_size=window), [q, k, v, g], do)
 
         def parallel(q, k, v, g):
-            return context_parallel_gated_window_attention(q, k, v, g, window_size=window)
+            return context_parallel_gated_window_attention(q, k, v, g, window_size=window, group=group)
 
         local = [None if x is None else x[:, rows] for x in (q, k, v, g)]
         fast = _with_grads(parallel, local, do[:, rows])
@@ -106,13 +107,41 @@ def _check_all_cases(rank, world, seed) -> list[str]:
     failures = []
     for i, case in enumerate(CASES):
         failures += _check_case(rank, world, case, seed + i)
+    if world == 4:
+        # Two context-parallel groups side by side (as in a 2-D mesh with data parallelism),
+        # each splitting its own sequence over 2 ranks.
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        for case in CASES[:4]:
+            failures += [f"group {rank // 2}: {f}" for f in
+                         _check_case(rank % 2, 2, case, seed + 100 + rank // 2, group=pairs[rank // 2])]
     return failures
 
 
+def _check_cases_and_bad_input(rank, world, seed) -> list[str]:
+    """Both checks in one spawned run (starting the processes costs most of the time);
+    failures are tagged 'cases:' or 'bad input:'."""
+    return ([f"cases: {f}" for f in _check_all_cases(rank, world, seed)]
+            + [f"bad input: {f}" for f in _check_bad_input(rank, world)])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """world size -> the failures of one spawned run of every check on that many processes."""
+    results = {}
+
+    def run(world):
+        if world not in results:
+            seed = zlib.crc32(f"context-parallel {world}".encode()) + torch.randint(0, 2**20, ()).item()
+            results[world] = run_on_ranks(world, _check_cases_and_bad_input, seed,
+                                          tmp_path=tmp_path_factory.mktemp(f"world{world}"))
+        return results[world]
+
+    return run
+
+
 @pytest.mark.parametrize("world", [2, 4])
-def test_matches_one_process(world, tmp_path):
-    seed = zlib.crc32(f"context-parallel {world}".encode()) + torch.randint(0, 2**20, ()).item()
-    failures = run_on_ranks(world, _check_all_cases, seed, tmp_path=tmp_path)
+def test_matches_one_process(world, runs):
+    failures = [f for f in runs(world) if ": cases: " in f]
     assert not failures, "\n".join(failures)
 
 
@@ -152,8 +181,9 @@ def _check_bad_input(rank, world) -> list[str]:
     return failures
 
 
-def test_bad_input_raises(tmp_path):
-    failures = run_on_ranks(2, _check_bad_input, tmp_path=tmp_path)
+@pytest.mark.parametrize("world", [2, 4])
+def test_bad_input_raises(world, runs):
+    failures = [f for f in runs(world) if ": bad input: " in f]
     assert not failures, "\n".join(failures)
 
 
