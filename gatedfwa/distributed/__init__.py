@@ -1,0 +1,13 @@
+"""Attention across devices: context parallelism of the window op (docs/distributed.md).
+
+    context_parallel.py  context_parallel_gated_window_attention: one sequence split across
+                         the ranks of a process group
+    halo.py              the halo exchange: which ranks send which positions, and the
+                         differentiable point-to-point exchange (torch.distributed)
+
+Built on gatedfwa.ops; nothing in ops imports it.
+"""
+
+from gatedfwa.distributed.context_parallel import context_parallel_gated_window_attention
+
+__all__ = ["context_parallel_gated_window_attention"]

@@ -1,0 +1,142 @@
+"""Context-parallel gated window attention: one sequence split across the ranks of a process
+group, each rank computing the queries of its own shard (docs/distributed.md).
+
+Exact without new kernels: the public op `gated_window_attention` runs on the concatenation
+[halo ‖ shard] of k, v and g, with q padded by zeros over the halo positions, and only the
+shard's queries are kept. Each of those queries' windows lies inside halo ‖ shard, and the
+gate sums across the shard boundary are exact because the halo's gates are included. The
+padded query rows cost (w - 1) extra rows per shard; their output gradient is zero, so they
+add exactly nothing to dk, dv and dg.
+
+Overlap: when the shard is longer than w - 1, the queries at shard positions >= w - 1 see
+only the shard, so they are computed while the halo is in flight; the first w - 1 queries
+are computed after it arrives (on [halo ‖ first w - 1 positions]). The backward's gradient
+exchange is not overlapped with compute.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from gatedfwa.distributed.halo import HaloPlan, attach_halo, start_halo_exchange
+from gatedfwa.ops import gated_window_attention
+from gatedfwa.ops.validation import VALUE_CHECKS_VARIABLE, check_attention_args
+
+__all__ = ["context_parallel_gated_window_attention"]
+
+
+def _check_window(window_size) -> None:
+    if window_size is None:
+        raise ValueError(
+            "window_size must be an int >= 1 for context-parallel attention, got None: full causal "
+            "attention would need every earlier shard as its halo; context parallelism here is for "
+            "a sliding window, whose halo is the last window_size - 1 tokens"
+        )
+
+
+def _resolve_group(group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "context_parallel_gated_window_attention needs an initialised torch.distributed process "
+            "group (torch.distributed.init_process_group, e.g. under torchrun)"
+        )
+    return dist.group.WORLD if group is None else group
+
+
+def _signature(q, k, g, window_size, scale) -> list[float]:
+    """What must agree on every rank: shapes (the shard length included), gate presence,
+    window, scale, dtype."""
+    dtype_code = [torch.float16, torch.bfloat16, torch.float32].index(q.dtype)
+    return [*q.shape, k.shape[2], float(g is not None), window_size, -1.0 if scale is None else scale, dtype_code]
+
+
+def _check_same_shards(q, k, g, window_size, scale, group) -> None:
+    """All ranks hold shards of one shape, with one window, scale and dtype. One small
+    all_gather: done for CPU tensors always, on other devices only with
+    GATEDFWA_CHECK_VALUES=1 (it syncs the host with the device)."""
+    if q.device.type != "cpu" and os.environ.get(VALUE_CHECKS_VARIABLE, "0") != "1":
+        return
+    if torch.compiler.is_compiling():
+        return
+    mine = torch.tensor(_signature(q, k, g, window_size, scale), dtype=torch.float64, device=q.device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    names = ["batch", "shard length", "query heads", "head_dim", "key/value heads", "has gate",
+             "window_size", "scale", "dtype"]
+    for rank, theirs in enumerate(everyone):
+        if not torch.equal(theirs, mine):
+            differing = [name for name, a, b in zip(names, mine.tolist(), theirs.tolist()) if a != b]
+            raise ValueError(
+                "context-parallel shards must agree on every rank of the group (the same shard length, "
+                f"shapes, gate, window_size, scale and dtype); group rank {rank} differs from group rank "
+                f"{dist.get_rank(group)} in: {', '.join(differing)}"
+            )
+
+
+def _pad_queries(q: torch.Tensor, halo: int) -> torch.Tensor:
+    """[0 (halo positions) ‖ q]: queries whose outputs are discarded."""
+    return torch.cat([q.new_zeros((q.shape[0], halo, *q.shape[2:])), q], dim=1)
+
+
+def context_parallel_gated_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    window_size: int,
+    group: dist.ProcessGroup | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Gated sliding-window attention over a sequence split across the ranks of `group`.
+
+    The group rank r holds positions [r * n, (r + 1) * n) of one sequence of R * n tokens
+    (rank order is sequence order); the result on rank r equals rows [r * n, (r + 1) * n) of
+    gated_window_attention on the whole sequence, forward and backward (the gradients of the
+    halo the later ranks read arrive back here and are added to this rank's).
+
+    Args:
+        q: [B, n, HQ, D] this rank's queries; float16, bfloat16 or float32.
+        k, v: [B, n, H, D] this rank's keys and values (HQ % H == 0).
+        g: [B, n, HQ] this rank's log gates (<= 0), or None for plain sliding-window attention.
+        window_size: w >= 1, keys visible to a query, itself included. None (full causal) is
+            refused: its halo would be the whole prefix.
+        group: the context-parallel process group (default: the world).
+        scale: logit scale, default D ** -0.5.
+
+    Every rank must call this with the same n, shapes, window, scale and dtype (checked with
+    one small all_gather on CPU tensors; on GPUs with GATEDFWA_CHECK_VALUES=1), and every rank
+    must run the backward through the output, since the backward exchanges gradients.
+
+    Returns:
+        o [B, n, HQ, D] in q's dtype.
+    """
+    _check_window(window_size)
+    check_attention_args(q, k, v, g, window_size, scale, None)
+    if q.shape[1] == 0:
+        raise ValueError("q must hold at least one position per rank (a shard of length >= 1), got 0")
+    group = _resolve_group(group)
+    _check_same_shards(q, k, g, window_size, scale, group)
+
+    plan = HaloPlan.build(dist.get_rank(group), dist.get_world_size(group), q.shape[1], window_size - 1)
+    if not plan.exchanges:  # one rank, or w = 1: nothing crosses a shard boundary
+        return gated_window_attention(q, k, v, g, window_size=window_size, scale=scale)
+
+    exchanged = [k, v] if g is None else [k, v, g]
+    pending = start_halo_exchange(plan, group, exchanged)
+    n, edge = plan.shard, min(plan.halo_want, plan.shard)  # edge: queries that need the halo
+    interior = None
+    if edge < n:
+        # Queries at shard positions >= w - 1 see only this shard: compute them while the halo
+        # travels (the first `edge` rows of this call are recomputed below with the halo).
+        interior = gated_window_attention(q, k, v, g, window_size=window_size, scale=scale)[:, edge:]
+    halos = attach_halo(pending, exchanged)
+    h = plan.halo
+    keys, values = (torch.cat([halo, x[:, :edge]], dim=1) for halo, x in zip(halos[:2], (k, v)))
+    gates = None if g is None else torch.cat([halos[2], g[:, :edge]], dim=1)
+    first = gated_window_attention(_pad_queries(q[:, :edge], h), keys, values, gates,
+                                   window_size=window_size, scale=scale)[:, h:]
+    return first if interior is None else torch.cat([first, interior], dim=1)

@@ -1,0 +1,172 @@
+"""The halo exchange of context parallelism: which keys, values and gates each rank needs
+from the ranks before it, and the differentiable exchange that moves them (forward: owners
+send their tail to later ranks; backward: the halo's gradients travel back to their owners,
+which add them to their own).
+
+A sequence of R * n tokens is split into R contiguous shards of n tokens; the rank at
+position r of the process group holds global positions [r * n, (r + 1) * n). A query at
+global position t sees keys t - w < j <= t, so rank r needs the halo of the last
+L = w - 1 positions before its shard, [r * n - L, r * n) clipped at 0. When L > n the halo
+spans several earlier ranks. Every rank derives every size from (r, R, n, L) alone, so sender
+and receiver agree on each message without a handshake.
+
+Point-to-point messages go through torch.distributed.batch_isend_irecv (NCCL, gloo, ...);
+between one pair of ranks they are posted in one order on both sides (k, v, then g).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["HaloPlan", "PendingHalo", "start_halo_exchange", "attach_halo"]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One message: `peer` is the group rank on the other side; [start, end) are positions
+    in the sender's shard (for sends) or in the receiver's halo (for receives)."""
+
+    peer: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class HaloPlan:
+    """Who sends what to whom, for one rank.
+
+    rank, world: this rank's position in the group and the group's size.
+    shard: n, the tokens every rank holds. halo_want: L = w - 1.
+    halo: h = min(L, rank * n), the positions received. tail: the positions of this shard that
+    later ranks read, min(L, n) if a later rank exists, else 0 (they are the last `tail`
+    positions of the shard).
+    receives: the pieces of the halo, one per earlier rank that owns some, in halo coordinates.
+    sends: the pieces of this shard that later ranks need, in shard coordinates.
+    """
+
+    rank: int
+    world: int
+    shard: int
+    halo_want: int
+    halo: int
+    tail: int
+    receives: tuple[Piece, ...]
+    sends: tuple[Piece, ...]
+
+    @staticmethod
+    def build(rank: int, world: int, shard: int, halo_want: int) -> "HaloPlan":
+        n, span = shard, halo_want
+        halo = min(span, rank * n)
+        halo_start = rank * n - halo  # global position of the halo's first token
+        receives = []
+        for owner in range(rank - 1, -1, -1):
+            lo, hi = max(owner * n, halo_start), (owner + 1) * n
+            if lo >= hi:
+                break
+            receives.append(Piece(owner, lo - halo_start, hi - halo_start))
+        receives.reverse()  # in halo order, earliest owner first
+        sends = []
+        for reader in range(rank + 1, world):
+            lo = max(0, (reader - rank) * n - span)  # first position of this shard it reads
+            if lo >= n:
+                break
+            sends.append(Piece(reader, lo, n))
+        tail = n - min((p.start for p in sends), default=n)
+        return HaloPlan(rank, world, n, span, halo, tail, tuple(receives), tuple(sends))
+
+    @property
+    def exchanges(self) -> bool:
+        """Whether this rank sends or receives anything."""
+        return bool(self.receives or self.sends)
+
+
+def _along_time(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """x[:, start:end] as a contiguous tensor (messages must be contiguous)."""
+    return x[:, start:end].contiguous()
+
+
+def _exchange(group, outgoing: list, incoming: list) -> list:
+    """Post the sends [(peer, tensor)] and receives [(peer, buffer)] as one batch (peers are
+    group ranks); returns the works."""
+    ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, peer), group) for peer, t in outgoing]
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, peer), group) for peer, t in incoming]
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _empty_along_time(x: torch.Tensor, length: int) -> torch.Tensor:
+    """An uninitialised tensor like x with `length` positions along dim 1."""
+    return x.new_empty((x.shape[0], length, *x.shape[2:]))
+
+
+class PendingHalo:
+    """A forward exchange in flight. Each halo piece arrives in its own contiguous buffer (a
+    slice [:, a:b] of a [B, h, ...] tensor is contiguous only for B == 1); wait() joins them
+    into the halos [B, h, ...], one per exchanged tensor."""
+
+    def __init__(self, plan: HaloPlan, group, tensors: list[torch.Tensor]):
+        self.plan, self.group = plan, group
+        self.pieces = [[_empty_along_time(x, p.end - p.start) for p in plan.receives] for x in tensors]
+        self.sent = [(p.peer, _along_time(x, p.start, p.end)) for p in plan.sends for x in tensors]
+        incoming = [(p.peer, pieces[i]) for i, p in enumerate(plan.receives) for pieces in self.pieces]
+        self.works = _exchange(group, self.sent, incoming)
+        self.empty = [_empty_along_time(x, 0) for x in tensors]
+
+    def wait(self) -> list[torch.Tensor]:
+        for work in self.works:
+            work.wait()
+        self.works, self.sent = [], []  # the sent tensors may be freed now
+        return [
+            pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1) if pieces else empty
+            for pieces, empty in zip(self.pieces, self.empty)
+        ]
+
+
+def start_halo_exchange(plan: HaloPlan, group, tensors: list[torch.Tensor]) -> PendingHalo:
+    """Post the forward exchange of `tensors` (each [B, n, ...]: k, v and possibly g) and
+    return at once, so that compute can run while it is in flight."""
+    with torch.no_grad():
+        return PendingHalo(plan, group, [x.detach() for x in tensors])
+
+
+class _AttachHalo(torch.autograd.Function):
+    """Connects the received halo to the autograd graph.
+
+    Forward: waits for the exchange and returns the halos [B, h, ...] as outputs whose inputs
+    are the tails [B, tail, ...] of this rank's own tensors (what later ranks read).
+    Backward: sends the halo's gradients back to their owners, receives the gradients of this
+    rank's tail from the later ranks that read it (overlapping pieces when the window spans
+    several shards: they add) and returns them as the tails' gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, pending: PendingHalo, *tails: torch.Tensor):
+        ctx.plan, ctx.group = pending.plan, pending.group
+        return tuple(pending.wait())
+
+    @staticmethod
+    def backward(ctx, *halo_grads: torch.Tensor):
+        plan = ctx.plan
+        outgoing = [(p.peer, _along_time(d, p.start, p.end)) for p in plan.receives for d in halo_grads]
+        tail_offset = plan.shard - plan.tail  # shard position of the tail's first token
+        received = [[_empty_along_time(d, p.end - p.start) for d in halo_grads] for p in plan.sends]
+        incoming = [(p.peer, t) for p, ts in zip(plan.sends, received) for t in ts]
+        for work in _exchange(ctx.group, outgoing, incoming):
+            work.wait()
+        tail_grads = [_empty_along_time(d, plan.tail).zero_() for d in halo_grads]
+        for p, pieces in zip(plan.sends, received):
+            for grad, piece in zip(tail_grads, pieces):
+                grad[:, p.start - tail_offset:p.end - tail_offset] += piece
+        return (None, *tail_grads)
+
+
+def attach_halo(pending: PendingHalo, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Wait for `pending` and return the halos [B, h, ...] of `tensors` (the same k, v, g that
+    started the exchange), differentiable: their gradients flow back to the owners' tensors.
+
+    Every rank of the group must run the backward through these halos (even an empty one),
+    since each backward posts its half of the gradient exchange."""
+    tails = [x[:, x.shape[1] - pending.plan.tail:] for x in tensors]
+    return list(_AttachHalo.apply(pending, *tails))
