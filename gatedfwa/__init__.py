@@ -25,6 +25,7 @@ _EXPORTS = {
     "WindowCache": "gatedfwa.ops",
     "WindowLayerCache": "gatedfwa.ops",
     "MAX_DECODE_LENGTH": "gatedfwa.ops",
+    "context_parallel_gated_window_attention": "gatedfwa.distributed",
     "GatedFWAConfig": "gatedfwa.models",
     "GatedFWAForCausalLM": "gatedfwa.models",
     "GatedFWAModel": "gatedfwa.models",
