@@ -78,8 +78,12 @@ class NSAttention(GatedFWAttention):
 
     def _attend_for_prefill(self, q, k, v, x, cu_seqlens):
         g = self.log_gates(x) if self.use_gate else None
+        # No sequence here has more than ceil(T / block_size) blocks: asking for more selects
+        # the same blocks (every candidate) while the op would still reserve block_counts
+        # slots per query (the PyTorch path gathers block_counts * block_size keys each).
+        block_counts = min(self.block_counts, max(1, -(-q.shape[1] // self.block_size)))
         o = nsa_attention(q, k, v, g, *self.branch_gates(x), block_size=self.block_size,
-                          block_counts=self.block_counts, window_size=self.window_size, scale=self.scale,
+                          block_counts=block_counts, window_size=self.window_size, scale=self.scale,
                           cu_seqlens=cu_seqlens)
         return o, g
 

@@ -95,6 +95,8 @@ def decode_nsa_attention(
 
 def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dimension of the visible entries; all-zero rows where none is."""
+    if scores.shape[-1] == 0:  # nothing to attend to yet (no complete block)
+        return scores
     scores = scores.masked_fill(~visible, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
     weights = torch.exp(scores - torch.where(torch.isfinite(row_max), row_max, 0.0))
