@@ -117,3 +117,38 @@ def test_every_training_preset_accepts_the_nsa_kinds(preset):
         assert config.layer_kinds == [kind] * config.num_hidden_layers
     if preset == "tiny":
         assert isinstance(GatedFWAForCausalLM(config).model.layers[0].attn, NSAttention)
+
+
+def test_triton_backend_decoding_equals_parallel(monkeypatch):
+    """The parallel path through the NSA Triton kernels (under the interpreter on CPU), the
+    decode steps through the window decode kernel and the PyTorch NSA step: the path a GPU takes."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+    model = sharpened(GatedFWAForCausalLM(tiny_config(attention_kinds=["nsa-gatedfwa", "nsa"], **NSA_FIELDS)))
+    ids = torch.randint(0, 61, (2, 15))
+    with torch.no_grad():
+        parallel = model(ids).logits
+        out = model(ids[:, :6], use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        steps = [out.logits] + [model(ids[:, t:t + 1], cache=cache).logits for t in range(6, 15)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), parallel, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled kernels")
+def test_gpu_decoding_equals_parallel_and_bf16_generate():
+    config = tiny_config(attention_kinds=["nsa-gatedfwa", "nsa", "gatedfwa"], num_hidden_layers=3, hidden_size=128,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=32, window_size=32,
+                         nsa_block_size=16, nsa_block_counts=4, token_shift=True)
+    model = sharpened(GatedFWAForCausalLM(config)).cuda()
+    ids = torch.randint(0, 61, (2, 300), device="cuda")
+    with torch.no_grad():
+        parallel = model(ids).logits
+        out = model(ids[:, :200], use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        steps = [out.logits] + [model(ids[:, t:t + 1], cache=cache).logits for t in range(200, 300)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), parallel, rtol=2e-3, atol=2e-3)
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        generated = model.generate(ids[:, :100], max_new_tokens=64, do_sample=False, pad_token_id=0)
+    assert generated.shape == (2, 164)
