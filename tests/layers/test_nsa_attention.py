@@ -11,7 +11,7 @@ from gatedfwa.ops.nsa import NSALayerCache
 from gatedfwa.testing import assert_within_rule
 from tests.layers.reference import reference_attention_layer
 from tests.layers.test_attention import randomize_
-from tests.layers.test_decoding import decode_in_steps
+from tests.layers.test_decoding import check_left_padded_decoding_equals_rows_alone, decode_in_steps
 
 NSA_CASES = [
     # (heads, kv_heads, window, gate, block_size, block_counts, token_shift, output_gate, qk_norm)
@@ -108,23 +108,7 @@ def test_left_padded_prefill_then_decoding_equals_each_row_alone():
     """Rows of different prompt lengths (left padding) complete their blocks at different
     steps; each row gets what it gets alone."""
     layer = nsa_layer(NSA_CASES[0])
-    lengths, total_new = [3, 10, 1], 11
-    rows = [torch.randn(1, n + total_new, 16) for n in lengths]
-    longest = max(lengths)
-    prompt = torch.zeros(3, longest, 16)
-    mask = torch.zeros(3, longest, dtype=torch.long)
-    for b, (row, n) in enumerate(zip(rows, lengths)):
-        prompt[b, longest - n:] = row[0, :n]
-        mask[b, longest - n:] = 1
-    cache = layer.new_cache()
-    with torch.no_grad():
-        first = layer(prompt, attention_mask=mask, cache=cache)
-        steps = torch.cat([layer(torch.stack([row[0, n + t] for row, n in zip(rows, lengths)])[:, None], cache=cache)
-                           for t in range(total_new)], dim=1)
-        for b, (row, n) in enumerate(zip(rows, lengths)):
-            alone = layer(row)
-            torch.testing.assert_close(first[b, longest - n:], alone[0, :n], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(steps[b], alone[0, n:], rtol=1e-5, atol=1e-5)
+    check_left_padded_decoding_equals_rows_alone(layer, layer.new_cache(), [3, 10, 1], 11)
 
 
 def test_cache_reorder_keeps_rows():

@@ -15,6 +15,17 @@ NSA_FIELDS = dict(nsa_block_size=4, nsa_block_counts=2)
 KINDS = ["nsa", "nsa-gatedfwa", ["nsa-gatedfwa", "full"], ["swa", "nsa"]]
 
 
+def parallel_and_decoded_logits(model, ids, prompt_len):
+    """(logits of one parallel pass, logits of a prefill of prompt_len tokens then one token
+    at a time, the cache): both [B, T, vocab]."""
+    with torch.no_grad():
+        parallel = model(ids).logits
+        out = model(ids[:, :prompt_len], use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        steps = [out.logits] + [model(ids[:, t:t + 1], cache=cache).logits for t in range(prompt_len, ids.shape[1])]
+    return parallel, torch.cat(steps, dim=1), cache
+
+
 @pytest.mark.parametrize("kinds", KINDS, ids=str)
 def test_forward_backward_each_nsa_kind_and_mixes(kinds):
     model = GatedFWAForCausalLM(tiny_config(attention_kinds=kinds, token_shift=True, qk_norm=True, **NSA_FIELDS))
@@ -37,17 +48,9 @@ def test_forward_backward_each_nsa_kind_and_mixes(kinds):
 def test_step_by_step_logits_equal_parallel_forward(kinds):
     model = sharpened(GatedFWAForCausalLM(tiny_config(attention_kinds=kinds, token_shift=True, **NSA_FIELDS)))
     ids = torch.randint(0, 61, (2, 27))  # > 6 blocks of 4: selection has choices
-    with torch.no_grad():
-        parallel = model(ids).logits
-        out = model(ids[:, :6], use_cache=True)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        steps = [out.logits]
-        for t in range(6, ids.shape[1]):
-            out = model(ids[:, t:t + 1], cache=cache)
-            steps.append(out.logits)
+    parallel, decoded, cache = parallel_and_decoded_logits(model, ids, 6)
     for i, kind in enumerate(model.config.layer_kinds):
         assert isinstance(cache[i], NSALayerCache if kind.startswith("nsa") else WindowLayerCache)
-    decoded = torch.cat(steps, dim=1)
     assert parallel.abs().max() > 1.0
     torch.testing.assert_close(decoded, parallel, rtol=1e-4, atol=1e-4)
 
@@ -125,13 +128,8 @@ def test_triton_backend_decoding_equals_parallel(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
     model = sharpened(GatedFWAForCausalLM(tiny_config(attention_kinds=["nsa-gatedfwa", "nsa"], **NSA_FIELDS)))
-    ids = torch.randint(0, 61, (2, 15))
-    with torch.no_grad():
-        parallel = model(ids).logits
-        out = model(ids[:, :6], use_cache=True)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        steps = [out.logits] + [model(ids[:, t:t + 1], cache=cache).logits for t in range(6, 15)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), parallel, rtol=1e-4, atol=1e-4)
+    parallel, decoded, _ = parallel_and_decoded_logits(model, torch.randint(0, 61, (2, 15)), 6)
+    torch.testing.assert_close(decoded, parallel, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
@@ -142,12 +140,8 @@ def test_gpu_decoding_equals_parallel_and_bf16_generate():
                          nsa_block_size=16, nsa_block_counts=4, token_shift=True)
     model = sharpened(GatedFWAForCausalLM(config)).cuda()
     ids = torch.randint(0, 61, (2, 300), device="cuda")
-    with torch.no_grad():
-        parallel = model(ids).logits
-        out = model(ids[:, :200], use_cache=True)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        steps = [out.logits] + [model(ids[:, t:t + 1], cache=cache).logits for t in range(200, 300)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), parallel, rtol=2e-3, atol=2e-3)
+    parallel, decoded, _ = parallel_and_decoded_logits(model, ids, 200)
+    torch.testing.assert_close(decoded, parallel, rtol=2e-3, atol=2e-3)
     model = model.to(torch.bfloat16)
     with torch.no_grad():
         generated = model.generate(ids[:, :100], max_new_tokens=64, do_sample=False, pad_token_id=0)
