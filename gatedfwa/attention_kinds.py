@@ -15,8 +15,9 @@ __all__ = ["ATTENTION_KINDS", "AttentionKind"]
 
 class AttentionKind(NamedTuple):
     uses_gate: bool  # adds the GatedFWA decay (the gate) to the logits
-    uses_window: bool  # attends to the last window_size keys only
+    uses_window: bool  # attends to the last window_size keys only (NSA: its sliding branch does)
     description: str
+    uses_nsa: bool = False  # Native Sparse Attention: compressed + selected blocks + sliding window
 
 
 ATTENTION_KINDS: dict[str, AttentionKind] = {
@@ -24,4 +25,6 @@ ATTENTION_KINDS: dict[str, AttentionKind] = {
     "swa": AttentionKind(False, True, "sliding window, no gate"),
     "full": AttentionKind(False, False, "full causal softmax"),
     "forgetting": AttentionKind(True, False, "gate, no window"),
+    "nsa": AttentionKind(False, True, "NSA, plain sliding branch", uses_nsa=True),
+    "nsa-gatedfwa": AttentionKind(True, True, "NSA, gated sliding branch", uses_nsa=True),
 }

@@ -280,8 +280,7 @@ class GatedFWAttention(nn.Module):
         if cache is None:
             o = self._attend(q, k, v, x, cu_seqlens)
         else:
-            g = self.log_gates(x) if self.use_gate else None
-            o = gated_window_attention(q, k, v, g, window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens)
+            o, g = self._attend_for_prefill(q, k, v, x, cu_seqlens)
             self._prefill(cache, layout, k, v, g, k_raw, v_raw)
         return self._finish(x, o)
 
@@ -293,6 +292,13 @@ class GatedFWAttention(nn.Module):
                 window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens,
             )
         return gated_window_attention(q, k, v, None, window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens)
+
+    def _attend_for_prefill(self, q, k, v, x, cu_seqlens):
+        """As _attend, also returning the log gates g [B, T, HQ] (None without the gate) that
+        the cache keeps: (o [B, T, HQ, D], g). The gate is computed once, outside the fused op."""
+        g = self.log_gates(x) if self.use_gate else None
+        o = gated_window_attention(q, k, v, g, window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens)
+        return o, g
 
     def _prefill(self, cache, layout, k, v, g, k_raw, v_raw) -> None:
         """Write a prompt's keys, values and gates into an empty cache, in the padded layout
@@ -340,9 +346,13 @@ class GatedFWAttention(nn.Module):
             cache.extra_state["shift_k"] = k_raw[:, -1].clone()
             cache.extra_state["shift_v"] = v_raw[:, -1].clone()
         q, k = self._position_encode(q, k, None, rotary)
+        return self._finish(x, self._decode_attend(q, k, v, x, cache))
+
+    def _decode_attend(self, q, k, v, x, cache) -> torch.Tensor:
+        """The attention of new tokens (q [B, L, HQ, D], k/v [B, L, H, D], after shift, norm
+        and rotary) against the cache, which takes them in: o [B, L, HQ, D]."""
         g = self.log_gates(x) if self.use_gate else None
-        o = decode_gated_window_attention(q, k, v, g, cache, scale=self.scale)
-        return self._finish(x, o)
+        return decode_gated_window_attention(q, k, v, g, cache, scale=self.scale)
 
     def extra_repr(self) -> str:
         return (

@@ -29,17 +29,24 @@ class GatedFWAConfig(PretrainedConfig):
         num_attention_heads: query heads HQ.
         num_key_value_heads: key/value heads H (GQA when H < HQ); default HQ.
         head_dim: D; default C // HQ.
-        window_size: keys each query sees, itself included, for the windowed kinds.
+        window_size: keys each query sees, itself included, for the windowed kinds (for the
+            NSA kinds: the keys of their sliding branch).
         rope_theta: base of the rotary frequencies.
         attention_kinds: one kind for every layer, or a list with one kind per layer, from
             ATTENTION_KINDS (gatedfwa/attention_kinds.py: "gatedfwa", "swa", "full",
-            "forgetting"). E.g. a hybrid with every 4th layer full:
+            "forgetting", "nsa", "nsa-gatedfwa"). E.g. a hybrid with every 4th layer full:
             ["gatedfwa", "gatedfwa", "gatedfwa", "full"] * 3.
         qk_norm: RMSNorm on each query and key head.
         output_gate: sigmoid output gate in the attention layers.
         token_shift: learned mix of the previous token's key and value (attention layers).
         gate_init_range: retentions sigmoid(b_g) that the gate biases start at, spread over
             the heads (see gatedfwa.layers.attention).
+        nsa_block_size: tokens per block of the NSA kinds, for both the block summaries
+            (compressed branch) and the selection (docs/nsa.md).
+        nsa_block_counts: blocks each query of an NSA layer selects (block 0 and its own
+            block among them). The NSA layers also learn their branch gates
+            g_cmp, g_slc, g_swa = sigmoid(x W_branch) per query head ([B, T, HQ] each,
+            W_branch [3 HQ, C]; gatedfwa/layers/nsa_attention.py).
         max_position_embeddings: the longest sequence the model is meant for (informational:
             rotary embeddings have no table and the windowed kinds no length limit).
         tie_word_embeddings: share the input embedding with the output projection.
@@ -67,6 +74,8 @@ class GatedFWAConfig(PretrainedConfig):
         output_gate: bool = False,
         token_shift: bool = False,
         gate_init_range: tuple[float, float] | list[float] = (0.99, 0.999),
+        nsa_block_size: int = 64,
+        nsa_block_counts: int = 16,
         max_position_embeddings: int = 65536,
         tie_word_embeddings: bool = True,
         rms_norm_eps: float = 1e-6,
@@ -102,6 +111,8 @@ class GatedFWAConfig(PretrainedConfig):
         self.output_gate = output_gate
         self.token_shift = token_shift
         self.gate_init_range = list(gate_init_range)
+        self.nsa_block_size = nsa_block_size
+        self.nsa_block_counts = nsa_block_counts
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
@@ -117,16 +128,22 @@ class GatedFWAConfig(PretrainedConfig):
         return list(self.attention_kinds)
 
     def layer_window(self, layer_idx: int) -> int | None:
-        """The window of layer ``layer_idx``: window_size for "gatedfwa"/"swa", None otherwise."""
+        """The window of layer ``layer_idx``: window_size for "gatedfwa"/"swa" and the NSA
+        kinds (their sliding branch), None otherwise."""
         return self.window_size if ATTENTION_KINDS[self.layer_kinds[layer_idx]].uses_window else None
 
     def layer_uses_gate(self, layer_idx: int) -> bool:
         return ATTENTION_KINDS[self.layer_kinds[layer_idx]].uses_gate
 
+    def layer_uses_nsa(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` is Native Sparse Attention ("nsa", "nsa-gatedfwa")."""
+        return ATTENTION_KINDS[self.layer_kinds[layer_idx]].uses_nsa
+
     def _check(self) -> None:
         """Raise ValueError/TypeError naming the field when a value cannot work."""
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "nsa_block_size",
+                     "nsa_block_counts"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

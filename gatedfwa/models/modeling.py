@@ -3,14 +3,16 @@
     input_ids [B, T]
       -> token embedding                                   [B, T, C]
       -> num_hidden_layers x Block:
-             x = x + Attention(RMSNorm(x))    (kind per layer: gatedfwa / swa / full / forgetting)
+             x = x + Attention(RMSNorm(x))    (kind per layer: gatedfwa / swa / full / forgetting /
+                                               nsa / nsa-gatedfwa)
              x = x + SwiGLU-MLP(RMSNorm(x))
       -> RMSNorm -> lm_head                                logits [B, T, vocab]
 
 Padding (attention_mask with zeros, e.g. left-padded prompts) is handled exactly: the real
 tokens of every row are packed into one varlen row once, before the first block, and
 unpacked after the last, so no padding token ever enters a softmax or a gate sum.
-Decoding keeps per layer only the last w keys and values (gatedfwa/ops/decode/cache.py).
+Decoding keeps per windowed layer only the last w keys and values (gatedfwa/ops/decode/cache.py);
+an NSA layer keeps every key and value and its block summaries besides (gatedfwa/ops/nsa/cache.py).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from gatedfwa.layers.attention import GatedFWAttention, default_position_ids, gate_bias_init
 from gatedfwa.layers.norm import RMSNorm
+from gatedfwa.layers.nsa_attention import NSAttention
 from gatedfwa.layers.padding import pack_padded, unpack
 from gatedfwa.layers.rotary import rotary_angles
 from gatedfwa.models.configuration import GatedFWAConfig
 from gatedfwa.ops import WindowCache
+from gatedfwa.ops.nsa import NSALayerCache
 
 try:
     from transformers import initialization as init
@@ -62,7 +66,11 @@ class GatedFWABlock(nn.Module):
         self.layer_idx = layer_idx
         self.kind = config.layer_kinds[layer_idx]
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = GatedFWAttention(
+        nsa = {}
+        if config.layer_uses_nsa(layer_idx):
+            nsa = dict(block_size=config.nsa_block_size, block_counts=config.nsa_block_counts)
+        self.attn = (NSAttention if nsa else GatedFWAttention)(
+            **nsa,
             hidden_size=config.hidden_size,
             num_heads=config.num_attention_heads,
             num_kv_heads=config.num_key_value_heads,
@@ -138,8 +146,13 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
 
     def new_cache(self) -> WindowCache:
         """An empty decoding cache for this model: per layer a ring buffer of its window
-        (growing for the window-free kinds "full" and "forgetting")."""
-        return WindowCache([self.config.layer_window(i) for i in range(self.config.num_hidden_layers)])
+        (growing for the window-free kinds "full" and "forgetting"); an NSA layer's entry is
+        an NSALayerCache (its window ring buffer, every key and value, block summaries)."""
+        cache = WindowCache([self.config.layer_window(i) for i in range(self.config.num_hidden_layers)])
+        for i, block in enumerate(self.layers):
+            if isinstance(block.attn, NSAttention):
+                cache.layers[i] = block.attn.new_cache()
+        return cache
 
     def forward(
         self,

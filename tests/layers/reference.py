@@ -1,12 +1,14 @@
 """An independent, slow re-implementation of GatedFWAttention for tests: every step written
 out from the formulas (complex-number rotary, literal gate formula, the naive quadratic
-attention), run in any dtype, float64 for the reference."""
+attention), run in any dtype, float64 for the reference. NSAttention (the NSA kinds) takes the
+same steps with NSA's quadratic reference (gatedfwa/ops/nsa/reference.py) as its attention."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from gatedfwa.ops.nsa.reference import naive_nsa_attention
 from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
 
 
@@ -25,7 +27,8 @@ def _rotate(x, positions, theta):
 
 
 def reference_attention_layer(layer, x, position_ids=None, dtype=torch.float64):
-    """GatedFWAttention's output for x [B, T, C] (no padding), every step in ``dtype``."""
+    """GatedFWAttention's (or NSAttention's) output for x [B, T, C] (no padding), every step
+    in ``dtype``."""
     p = {name: t.detach().to(dtype) for name, t in layer.named_parameters()}
     x = x.detach().to(dtype)
     batch, seqlen, _ = x.shape
@@ -52,7 +55,12 @@ def reference_attention_layer(layer, x, position_ids=None, dtype=torch.float64):
         a = x @ w[:hq].T + p["gate_bias"]
         beta = 1 + F.elu(x @ w[hq:].T)
         g = F.logsigmoid(beta * a) / beta
-    o, _ = naive_gated_window_attention(q, k, v, g, layer.window_size, layer.scale)
+    if hasattr(layer, "branch_gate_proj"):
+        branch_gates = torch.sigmoid(x @ p["branch_gate_proj.weight"].T).view(batch, seqlen, 3, hq)
+        o, _ = naive_nsa_attention(q, k, v, g, *branch_gates.unbind(2), block_size=layer.block_size,
+                                   block_counts=layer.block_counts, window_size=layer.window_size, scale=layer.scale)
+    else:
+        o, _ = naive_gated_window_attention(q, k, v, g, layer.window_size, layer.scale)
     o = o.reshape(batch, seqlen, hq * d)
     if layer.output_gate_proj is not None:
         o = o * torch.sigmoid(x @ p["output_gate_proj.weight"].T)

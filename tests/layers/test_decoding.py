@@ -59,19 +59,17 @@ def test_decoding_equals_parallel_at_every_position(case, prompt_len, steps):
     assert cache.seen_tokens == seqlen
 
 
-def test_left_padded_prefill_then_decoding_equals_each_row_alone():
-    """A batch of prompts of different lengths (left padding) prefilled together and decoded
-    together gives every row what it gives alone."""
-    layer = randomize_(GatedFWAttention(16, 4, 2, 8, window_size=4, token_shift=True, output_gate=True))
-    lengths, total_new = [3, 9, 1], 8
-    rows = [torch.randn(1, n + total_new, 16) for n in lengths]
+def check_left_padded_decoding_equals_rows_alone(layer, cache, lengths, total_new):
+    """Prompts of ``lengths`` tokens, left-padded into one batch, prefilled together into
+    ``cache`` and decoded together for total_new steps, give every row what it gives alone."""
+    width = layer.hidden_size
+    rows = [torch.randn(1, n + total_new, width) for n in lengths]
     longest = max(lengths)
-    prompt = torch.zeros(3, longest, 16)
-    mask = torch.zeros(3, longest, dtype=torch.long)
+    prompt = torch.zeros(len(lengths), longest, width)
+    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
     for b, (row, n) in enumerate(zip(rows, lengths)):
         prompt[b, longest - n:] = row[0, :n]
         mask[b, longest - n:] = 1
-    cache = WindowLayerCache(4)
     with torch.no_grad():
         first = layer(prompt, attention_mask=mask, cache=cache)
         steps = [layer(torch.stack([row[0, n + t] for row, n in zip(rows, lengths)])[:, None], cache=cache)
@@ -81,6 +79,14 @@ def test_left_padded_prefill_then_decoding_equals_each_row_alone():
             alone = layer(row)[0]
             torch.testing.assert_close(first[b, longest - n:], alone[:n], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(steps[b], alone[n:], rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_prefill_then_decoding_equals_each_row_alone():
+    """A batch of prompts of different lengths (left padding) prefilled together and decoded
+    together gives every row what it gives alone."""
+    layer = randomize_(GatedFWAttention(16, 4, 2, 8, window_size=4, token_shift=True, output_gate=True))
+    cache = WindowLayerCache(4)
+    check_left_padded_decoding_equals_rows_alone(layer, cache, [3, 9, 1], 8)
     assert cache.keys.shape == (3, 2, 4, 8)
 
 
