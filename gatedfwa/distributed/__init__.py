@@ -2,6 +2,8 @@
 
     context_parallel.py  context_parallel_gated_window_attention: one sequence split across
                          the ranks of a process group
+    sequence.py          a model's sequence across the group: shard_sequence, rotary offsets,
+                         the token shift across shards, the loss (used by the layers and models)
     halo.py              the halo exchange: which ranks send which positions, and the
                          differentiable point-to-point exchange (torch.distributed)
 
@@ -9,5 +11,6 @@ Built on gatedfwa.ops; nothing in ops imports it.
 """
 
 from gatedfwa.distributed.context_parallel import context_parallel_gated_window_attention
+from gatedfwa.distributed.sequence import shard_sequence
 
-__all__ = ["context_parallel_gated_window_attention"]
+__all__ = ["context_parallel_gated_window_attention", "shard_sequence"]

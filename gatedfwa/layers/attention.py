@@ -28,6 +28,8 @@ import math
 import torch
 from torch import nn
 
+from gatedfwa.distributed import context_parallel_gated_window_attention
+from gatedfwa.distributed.sequence import previous_token_across_shards, refuse_under_context_parallel, shard_start
 from gatedfwa.layers.norm import RMSNorm
 from gatedfwa.layers.padding import PackedLayout, pack_padded, unpack
 from gatedfwa.layers.rotary import apply_rotary, rotary_angles
@@ -150,6 +152,8 @@ class GatedFWAttention(nn.Module):
         self.gate_init_range = tuple(gate_init_range)
         self.layer_idx = layer_idx
         self.scale = head_dim**-0.5
+        # The sequence split across this process group (gatedfwa.models.enable_context_parallel).
+        self.context_parallel_group = None
 
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
@@ -248,6 +252,8 @@ class GatedFWAttention(nn.Module):
         Returns:
             [B, T, C] in x's dtype.
         """
+        if self.context_parallel_group is not None:
+            refuse_under_context_parallel(attention_mask=attention_mask, cu_seqlens=cu_seqlens, layout=layout, cache=cache)
         if cache is not None and cache.seen_tokens > 0:
             if attention_mask is not None or cu_seqlens is not None or layout is not None:
                 raise ValueError(
@@ -271,11 +277,15 @@ class GatedFWAttention(nn.Module):
         x = hidden_states
         batch, seqlen, _ = x.shape
         if position_ids is None and rotary is None:
-            position_ids = default_position_ids(batch, seqlen, cu_seqlens, x.device)
+            position_ids = default_position_ids(batch, seqlen, cu_seqlens, x.device) + shard_start(seqlen, self.context_parallel_group)
         q, k_raw, v_raw = self._project(x)
         k, v = k_raw, v_raw
         if self.token_shift:
-            k, v = self._shift(x, k, v, previous_token(k, cu_seqlens), previous_token(v, cu_seqlens))
+            if self.context_parallel_group is None:
+                k_prev, v_prev = previous_token(k, cu_seqlens), previous_token(v, cu_seqlens)
+            else:
+                k_prev, v_prev = (previous_token_across_shards(t, self.context_parallel_group) for t in (k, v))
+            k, v = self._shift(x, k, v, k_prev, v_prev)
         q, k = self._position_encode(q, k, position_ids, rotary)
         if cache is None:
             o = self._attend(q, k, v, x, cu_seqlens)
@@ -286,6 +296,11 @@ class GatedFWAttention(nn.Module):
 
     def _attend(self, q, k, v, x, cu_seqlens):
         """Gated (or plain) window attention of the whole sequence: [B, T, HQ, D]."""
+        if self.context_parallel_group is not None:  # the gate first, then the op across ranks
+            g = self.log_gates(x) if self.use_gate else None
+            return context_parallel_gated_window_attention(
+                q, k, v, g, window_size=self.window_size, group=self.context_parallel_group, scale=self.scale,
+            )
         if self.use_gate:
             return gated_fwa_attention(
                 q, k, v, x, self.gate_proj.weight.to(x.dtype), self.gate_bias,

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from gatedfwa.distributed.sequence import context_parallel_causal_lm_loss, refuse_under_context_parallel, shard_start
 from gatedfwa.layers.attention import GatedFWAttention, default_position_ids, gate_bias_init
 from gatedfwa.layers.norm import RMSNorm
 from gatedfwa.layers.nsa_attention import NSAttention
@@ -132,6 +133,8 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GatedFWABlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # The sequence split across this process group (gatedfwa.models.enable_context_parallel).
+        self.context_parallel_group = None
         for block in self.layers:
             # Marks for _init_weights: these take the depth-scaled std.
             block.attn.o_proj._gatedfwa_residual = True
@@ -179,6 +182,8 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
             raise TypeError(
                 f"cache must be a gatedfwa.WindowCache (from model.new_cache()), got {type(cache).__name__}"
             )
+        if self.context_parallel_group is not None:
+            refuse_under_context_parallel(attention_mask=attention_mask, cache=cache, use_cache=use_cache or None)
         if use_cache and cache is None:
             cache = self.new_cache()
         if cache is not None and len(cache) != len(self.layers):
@@ -204,7 +209,7 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
         elif attention_mask is not None:
             layout, x, position_ids, _ = pack_padded(attention_mask, x, position_ids)
         elif position_ids is None:
-            position_ids = default_position_ids(batch, seqlen, None, x.device)
+            position_ids = default_position_ids(batch, seqlen, None, x.device) + shard_start(seqlen, self.context_parallel_group)
         # The rotary angles are the same in every layer: computed once here.
         rotary = rotary_angles(position_ids, self.config.head_dim, self.config.rope_theta)
         for i, block in enumerate(self.layers):
@@ -266,7 +271,8 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
             position_ids: [B, T] rotary positions; default: the rank of each token among its
                 row's real tokens (0 for the first).
             labels: [B, T] targets aligned with input_ids; shifted inside (position t predicts
-                labels[t + 1]); -100 is ignored.
+                labels[t + 1]); -100 is ignored. Under context parallelism, this rank's shard of
+                them; the loss is then this rank's part (see context_parallel_causal_lm_loss).
             cache: a gatedfwa.WindowCache (``past_key_values`` is the same argument
                 under the name older transformers versions use). Empty: the input is a
                 prompt, run in parallel, that fills it. Holding tokens: the input holds the
@@ -302,7 +308,8 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
         if labels is not None:
             if logits.shape[1] != hidden.shape[1]:
                 raise ValueError("labels need logits at every position: use logits_to_keep=0")
-            loss = causal_lm_loss(logits, labels)
+            group = self.model.context_parallel_group
+            loss = causal_lm_loss(logits, labels) if group is None else context_parallel_causal_lm_loss(logits, labels, group)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
 
     @classmethod

@@ -1,0 +1,127 @@
+"""A GatedFWA language model with its sequences split across 2 CPU processes (gloo) against
+one process on the whole sequences: the loss and every parameter gradient, averaged over the
+context-parallel group, equal the single-process ones (float32, tight tolerance).
+
+Every rank builds the model from one seed (identical weights), draws the whole batch from one
+seed, runs the single-process model on it, then the context-parallel model on its shard. One
+spawned run checks every case (spawning costs seconds, a case milliseconds).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gatedfwa.distributed import shard_sequence
+from gatedfwa.models import GatedFWAForCausalLM, enable_context_parallel
+from tests.distributed.launch import run_on_ranks
+from tests.models.test_model import tiny_config
+
+WORLD = 2
+SHARD = 6  # tokens per rank; sequences of WORLD * SHARD
+
+# name, config overrides
+CASES = [
+    ("gatedfwa w<shard", dict(attention_kinds="gatedfwa", window_size=4)),
+    ("gatedfwa w>shard", dict(attention_kinds="gatedfwa", window_size=9)),
+    ("swa w<shard", dict(attention_kinds="swa", window_size=4)),
+    ("swa w>shard", dict(attention_kinds="swa", window_size=9)),
+    ("mixed kinds, token shift, qk norm, output gate",
+     dict(attention_kinds=["swa", "gatedfwa"], window_size=5, token_shift=True, qk_norm=True, output_gate=True)),
+]
+
+# float32: the two runs add the same terms in a different order (split softmax and gate
+# sums, gradients summed from two ranks).
+TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+
+def _loss_and_grads(model, input_ids, labels):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def _check_case(rank, case, seed) -> list[str]:
+    name, overrides = case
+    torch.manual_seed(seed)
+    model = GatedFWAForCausalLM(tiny_config(**overrides))  # the same weights on every rank
+    generator = torch.Generator().manual_seed(seed + 1)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, WORLD * SHARD), generator=generator)
+    labels = input_ids.clone()
+    # Ignored labels, one on each side of the shard boundary, so the token count differs
+    # between the ranks and the label that crosses the boundary is an ignored one in row 1.
+    labels[0, SHARD - 1] = -100
+    labels[1, SHARD] = -100
+    single_loss, single_grads = _loss_and_grads(model, input_ids, labels)
+
+    group = dist.group.WORLD
+    enable_context_parallel(model, group)
+    loss, grads = _loss_and_grads(model, shard_sequence(input_ids, group), shard_sequence(labels, group))
+    enable_context_parallel(model, None)
+    dist.all_reduce(loss, group=group)
+    loss /= WORLD
+    failures = []
+    for what, result, expected in [("loss", loss, single_loss)] + [
+            (f"grad {p}", grads[p], single_grads[p]) for p in single_grads]:
+        if what != "loss":
+            dist.all_reduce(result, group=group)
+            result /= WORLD
+        try:
+            torch.testing.assert_close(result, expected, **TOLERANCE)
+        except AssertionError as error:
+            failures.append(f"{name}: {what}: {error}")
+    return failures
+
+
+def _expect(error_type, fragment, fn) -> list[str]:
+    try:
+        fn()
+    except error_type as error:
+        return [] if fragment in str(error) else [f"{error_type.__name__} without {fragment!r}: {error}"]
+    return [f"no {error_type.__name__} ({fragment!r})"]
+
+
+def _check_refusals(rank) -> list[str]:
+    group = dist.group.WORLD
+    failures = []
+    for kind in ("full", "forgetting"):
+        model = GatedFWAForCausalLM(tiny_config(attention_kinds=["gatedfwa", kind]))
+        failures += _expect(ValueError, kind, lambda: enable_context_parallel(model, group))
+    model = enable_context_parallel(GatedFWAForCausalLM(tiny_config()), group)
+    ids = torch.randint(0, 61, (1, SHARD))
+    failures += _expect(ValueError, "attention_mask", lambda: model(ids, attention_mask=torch.ones_like(ids)))
+    failures += _expect(ValueError, "use_cache", lambda: model(ids, use_cache=True))
+    attention = model.model.layers[0].attn
+    x = torch.randn(1, SHARD, 32)
+    failures += _expect(ValueError, "cu_seqlens", lambda: attention(
+        x, cu_seqlens=torch.tensor([0, 2, SHARD], dtype=torch.int32)))
+    failures += _expect(ValueError, "multiple of the context-parallel group's size",
+                        lambda: shard_sequence(torch.zeros(1, 5), group))
+    return failures
+
+
+def _check_all(rank, world, seed) -> list[str]:
+    failures = []
+    for i, case in enumerate(CASES):
+        failures += _check_case(rank, case, seed + 10 * i)
+    return failures + [f"refusal: {f}" for f in _check_refusals(rank)]
+
+
+@pytest.fixture(scope="module")
+def failures(tmp_path_factory):
+    seed = zlib.crc32(b"model context-parallel") + torch.randint(0, 2**20, ()).item()
+    return run_on_ranks(WORLD, _check_all, seed, tmp_path=tmp_path_factory.mktemp("model_cp"))
+
+
+def test_loss_and_gradients_match_one_process(failures):
+    mismatches = [f for f in failures if "refusal: " not in f]
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_unsupported_inputs_raise(failures):
+    missing = [f for f in failures if "refusal: " in f]
+    assert not missing, "\n".join(missing)
