@@ -87,6 +87,8 @@ def _add_train(sub) -> None:
     p.add_argument("--device", metavar="DEV", help="auto (default: cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (opt-in)")
     p.add_argument("--fsdp", action="store_true", default=None, help="with several processes, shard parameters and optimizer state (FSDP2) instead of DDP")
+    p.add_argument("--context-parallel", type=int, metavar="N",
+                   help="split each window across N processes (context parallelism, windowed kinds only); the processes form N-sized groups, data parallel between groups")
     p.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="do not write loss.png at the end")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar (held-out results are still printed)")
     p.set_defaults(handler=_run_train)
@@ -144,6 +146,7 @@ _TRAIN_OPTIONS = {
     "hf_dataset": "hf_dataset", "hf_split": "hf_split", "hf_text_field": "hf_text_field",
     "eval_interval": "eval_interval", "eval_windows": "eval_windows", "save_interval": "save_interval",
     "keep_checkpoints": "keep_checkpoints", "device": "device", "compile": "compile", "fsdp": "fsdp",
+    "context_parallel": "context_parallel",
     "plot": "plot", "progress": "progress",
 }
 

@@ -22,7 +22,7 @@ __all__ = ["TrainConfig", "load_config_file", "apply_overrides", "resume_mismatc
 # May differ between a checkpoint and the run resuming from it.
 RESUMABLE_CHANGES = frozenset({
     "max_steps", "eval_interval", "eval_windows", "save_interval", "keep_checkpoints",
-    "micro_batch_size", "device", "compile", "fsdp", "plot", "progress",
+    "micro_batch_size", "device", "compile", "fsdp", "context_parallel", "plot", "progress",
 })
 
 
@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda if available, else cpu
     compile: bool = False
     fsdp: bool = False
+    context_parallel: int = 1  # processes each window is split across (sequence shards)
     plot: bool = True  # gatedfwa train draws loss.png in the run folder after train() returns
     progress: bool = True
 
@@ -97,6 +98,14 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
         if self.micro_batch_size is not None:
             positive_int("micro_batch_size")
+        positive_int("context_parallel")
+        if self.seq_len % self.context_parallel != 0:
+            raise ConfigError(
+                f"seq_len ({self.seq_len}) must be a multiple of context_parallel ({self.context_parallel}): "
+                f"every rank holds an equal shard of each window"
+            )
+        if self.context_parallel > 1 and self.compile:
+            raise ConfigError("--compile is not supported with --context-parallel (the halo exchange runs eagerly)")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if not isinstance(self.model, dict):

@@ -7,12 +7,19 @@ process holds the whole model, computes its share of the global batch, and gradi
 averaged, so N processes follow the same loss curve as one process with the same global
 batch. ``fsdp=True`` shards parameters and optimizer state instead (FSDP2, ``fully_shard``
 on each decoder layer and on the root), for models too large to replicate.
+
+Context parallelism (``context_parallel=N``, docs/distributed.md) arranges the processes in a
+2-D DeviceMesh (data parallel, context parallel): the N ranks of a context-parallel group
+take the same windows and hold one contiguous shard of each. Each rank's loss is scaled so
+that its mean over the group is the loss of the whole windows (gatedfwa.distributed.sequence),
+so the gradient mean over every process that DDP or FSDP2 takes (the mesh flattened) is
+exactly the gradient of the global batch, as with data parallelism alone.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -21,7 +28,7 @@ from torch import nn
 from gatedfwa.devices import resolve_device
 from gatedfwa.errors import ConfigError
 
-__all__ = ["DistributedContext", "init_distributed", "wrap_model"]
+__all__ = ["DistributedContext", "init_distributed", "init_context_parallel", "wrap_model"]
 
 
 @dataclass
@@ -30,6 +37,27 @@ class DistributedContext:
     world_size: int
     local_rank: int
     device: torch.device
+    # The (data parallel "dp", context parallel "cp") DeviceMesh when context_parallel > 1.
+    mesh: object | None = field(default=None, repr=False)
+
+    @property
+    def data_rank(self) -> int:
+        """This process's place among the data-parallel replicas (which windows it takes)."""
+        return self.rank if self.mesh is None else self.mesh["dp"].get_local_rank()
+
+    @property
+    def data_size(self) -> int:
+        """Data-parallel replicas: processes / context-parallel size."""
+        return self.world_size if self.mesh is None else self.mesh["dp"].size()
+
+    @property
+    def context_parallel_size(self) -> int:
+        return 1 if self.mesh is None else self.mesh["cp"].size()
+
+    @property
+    def context_parallel_group(self):
+        """The process group this process's windows are split across (None without)."""
+        return None if self.mesh is None else self.mesh["cp"].get_group()
 
     @property
     def is_main(self) -> bool:
@@ -69,6 +97,21 @@ def init_distributed(device_name: str) -> DistributedContext:
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return DistributedContext(rank, world_size, local_rank, device)
+
+
+def init_context_parallel(ctx: DistributedContext, size: int) -> None:
+    """Arrange the processes as a (world / size) x size DeviceMesh of (data parallel, context
+    parallel) ranks; consecutive ranks share a context-parallel group. size 1: nothing."""
+    if size == 1:
+        return
+    if ctx.world_size % size != 0:
+        raise ConfigError(
+            f"--context-parallel {size} must divide the number of processes ({ctx.world_size}); "
+            f"launch with torchrun --nproc-per-node a multiple of {size}"
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    ctx.mesh = init_device_mesh(ctx.device.type, (ctx.world_size // size, size), mesh_dim_names=("dp", "cp"))
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from gatedfwa.distributed import shard_sequence
 from gatedfwa.errors import ConfigError, Interrupted
 from gatedfwa.train.checkpoint import (
     apply_training_state, check_model_files, latest_checkpoint, load_model, read_training_state, run_dir_of,
@@ -32,7 +33,7 @@ from gatedfwa.train.checkpoint import (
 )
 from gatedfwa.train.config import TrainConfig
 from gatedfwa.train.data import WindowSampler, heldout_windows, load_corpus
-from gatedfwa.train.distributed import DistributedContext, init_distributed, wrap_model
+from gatedfwa.train.distributed import DistributedContext, init_context_parallel, init_distributed, wrap_model
 from gatedfwa.train.metrics import MetricsLog, nats_to_bits
 
 __all__ = ["train", "TrainResult", "learning_rate"]
@@ -103,21 +104,32 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, windows: torch.Tensor, micro_batch: int, ctx: DistributedContext) -> float:
     """Mean held-out cross-entropy in nats per predicted token over all ``windows``
-    [n, seq_len]; processes split the windows and sum their totals."""
+    [n, seq_len]; data-parallel replicas split the windows and sum their totals. (With context
+    parallelism every rank of a group counts the group's windows and holds a loss whose mean
+    over the group is theirs: the group's totals and counts are both multiplied by its size.)"""
     was_training = model.training
     model.eval()
-    mine = windows[ctx.rank::ctx.world_size]
+    mine = windows[ctx.data_rank::ctx.data_size]
     total, count = 0.0, 0
     for start in range(0, len(mine), micro_batch):
         rows = mine[start:start + micro_batch].to(ctx.device)
+        input_ids, labels = _shard(rows, ctx)
         with _autocast(ctx.device):
-            loss = model(rows, labels=rows).loss
+            loss = model(input_ids, labels=labels).loss
         predicted = rows.shape[0] * (rows.shape[1] - 1)
         total += float(loss) * predicted
         count += predicted
     model.train(was_training)
     total, count = ctx.sum([total, count])
     return total / count
+
+
+def _shard(rows: torch.Tensor, ctx: DistributedContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) for this process: the rows, or with context parallelism its shard
+    of them (the labels' shift across shards happens in the loss)."""
+    if ctx.context_parallel_group is not None:
+        rows = shard_sequence(rows, ctx.context_parallel_group)
+    return rows, rows
 
 
 def _prepare_run_dir(out: Path, resume: Path | None, overwrite: bool, is_main: bool) -> None:
@@ -149,6 +161,7 @@ def train(config: TrainConfig, out: Path, resume: Path | None = None, overwrite:
     config.validate()
     ctx = init_distributed(config.device)
     try:
+        init_context_parallel(ctx, config.context_parallel)
         return _train(config, Path(out), resume, overwrite, ctx, started, log)
     finally:
         ctx.close()
@@ -167,7 +180,7 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
         else:
             print(line, file=sys.stderr, flush=True)
 
-    micro_batch, accumulation = config.micro_steps(ctx.world_size)
+    micro_batch, accumulation = config.micro_steps(ctx.data_size)
     resume_state = None
     if resume is not None:  # damaged checkpoint files are refused before anything is written
         resume_state = read_training_state(resume)
@@ -182,12 +195,21 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
 
     model = _build_model(config, corpus.vocab_size, resume).to(ctx.device)
     model.train()
+    if ctx.context_parallel_group is not None:
+        from gatedfwa.models import enable_context_parallel
+
+        try:
+            enable_context_parallel(model, ctx.context_parallel_group)
+        except ValueError as error:
+            raise ConfigError(f"--context-parallel: {error}") from None
     parameters = sum(p.numel() for p in model.parameters())
     kinds = config.layer_kinds()
     say(
         f"model: {parameters / 1e6:.2f}M parameters, {len(kinds)} layers ({', '.join(sorted(set(kinds)))}), "
         f"window {config.model.get('window_size')}, context {config.seq_len}; "
-        f"{ctx.world_size} process(es) on {ctx.device}, batch {config.batch_size} x {config.seq_len} tokens "
+        f"{ctx.world_size} process(es) on {ctx.device}"
+        + (f" ({ctx.data_size} data parallel x {ctx.context_parallel_size} context parallel)" if ctx.mesh else "")
+        + f", batch {config.batch_size} x {config.seq_len} tokens "
         f"(micro-batch {micro_batch}, {accumulation} accumulation step(s))"
     )
     if ctx.device.type == "cuda":
@@ -248,12 +270,13 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
                 group["lr"] = lr
             step_loss = 0.0
             for micro in range(accumulation):
-                rows = sampler.rows(step, micro, micro_batch, ctx.rank, ctx.world_size).to(ctx.device)
+                rows = sampler.rows(step, micro, micro_batch, ctx.data_rank, ctx.data_size).to(ctx.device)
                 last = micro == accumulation - 1
                 sync = contextlib.nullcontext() if last or not hasattr(network, "no_sync") else network.no_sync()
                 with sync:
+                    input_ids, labels = _shard(rows, ctx)
                     with _autocast(ctx.device):
-                        loss = network(rows, labels=rows).loss
+                        loss = network(input_ids, labels=labels).loss
                     (loss / accumulation).backward()
                 step_loss += float(loss.detach()) / accumulation
             in_update = True

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from gatedfwa.distributed import shard_sequence
 from gatedfwa.models import GatedFWAForCausalLM, enable_context_parallel
 from tests.distributed.launch import run_on_ranks
+from tests.distributed.test_context_parallel import _expect
 from tests.models.test_model import tiny_config
 
 WORLD = 2
@@ -75,14 +76,6 @@ def _check_case(rank, case, seed) -> list[str]:
         except AssertionError as error:
             failures.append(f"{name}: {what}: {error}")
     return failures
-
-
-def _expect(error_type, fragment, fn) -> list[str]:
-    try:
-        fn()
-    except error_type as error:
-        return [] if fragment in str(error) else [f"{error_type.__name__} without {fragment!r}: {error}"]
-    return [f"no {error_type.__name__} ({fragment!r})"]
 
 
 def _check_refusals(rank) -> list[str]:
