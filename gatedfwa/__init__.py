@@ -26,6 +26,7 @@ _EXPORTS = {
     "WindowLayerCache": "gatedfwa.ops",
     "MAX_DECODE_LENGTH": "gatedfwa.ops",
     "context_parallel_gated_window_attention": "gatedfwa.distributed",
+    "enable_context_parallel": "gatedfwa.models",
     "GatedFWAConfig": "gatedfwa.models",
     "GatedFWAForCausalLM": "gatedfwa.models",
     "GatedFWAModel": "gatedfwa.models",
