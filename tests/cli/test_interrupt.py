@@ -15,6 +15,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
 def test_ctrl_c_during_generate_keeps_the_text(trained_run):
     prompt = "def "
@@ -23,6 +27,9 @@ def test_ctrl_c_during_generate_keeps_the_text(trained_run):
         [sys.executable, "-m", "gatedfwa.cli.main", "generate", "--ckpt", str(trained_run), "--prompt", prompt,
          "--max-new-tokens", "1000000", "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO,
+        # As from a terminal: a runner started in the background (bash `&`) passes SIGINT on
+        # as ignored, and Python then installs no KeyboardInterrupt handler.
+        preexec_fn=_default_sigint,
     )
     try:
         # Wait until generated text (beyond the echoed prompt) has arrived, then press Ctrl-C.
