@@ -12,7 +12,8 @@ import triton.language as tl
 from gatedfwa.ops.triton_support import LOG2E, dot_precision, interpreting, token_and_head_strides
 from gatedfwa.ops.window_attention import launch
 from gatedfwa.ops.window_attention.tiles import (
-    NO_DECAY, PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, tile_carry, tile_prefix, tile_suffix,
+    NO_DECAY, PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, sequence_descriptor, tile_carry,
+    tile_prefix, tile_suffix,
 )
 from gatedfwa.ops.window_attention.walk import walk_key_tiles
 
@@ -61,7 +62,7 @@ def _dq_tile(
     state, rows, k_head, v_head, row_shift, key_term,
     offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     """Add one key tile's contribution to dq (unscaled) and, with a gate, to the float32 row
     sums of dS, dgate_row [BLOCK_M] (a reduction inside each thread group of the matmul
@@ -74,7 +75,11 @@ def _dq_tile(
     if MASKED:
         key_ok = (offs_n >= bos) & (offs_n < eos)
         kv_mask = kv_mask & key_ok[None, :]
-    if MASKED or not EVEN_D:
+    if USE_TMA:
+        # (descriptor, start) pairs (walk.py); rows outside the sequence read as zeros.
+        kT = tl.trans(k_head[0].load([k_head[1], 0]))
+        vT = tl.trans(v_head[0].load([v_head[1], 0]))
+    elif MASKED or not EVEN_D:
         kT = tl.load(k_head + offs_n[None, :] * stride_kt + offs_d[:, None], mask=kv_mask, other=0.0)
         vT = tl.load(v_head + offs_n[None, :] * stride_vt + offs_d[:, None], mask=kv_mask, other=0.0)
     else:
@@ -114,9 +119,10 @@ def _dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """One program: dq of BLOCK_M query rows of one head, walking key tiles as the forward
-    (walk.py)."""
+    (walk.py; USE_TMA and WARP_SPECIALIZE as in the forward kernel)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -149,6 +155,9 @@ def _dq_kernel(
         query_offset, _ = tile_prefix(p_head, offs_m, m0, eos, True, BLOCK_M, GATE_CHUNK, True)
     k_head = K + kv_head * stride_kh
     v_head = V + kv_head * stride_vh
+    if USE_TMA:
+        k_head = sequence_descriptor(k_head, stride_kt, bos, eos, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_head = sequence_descriptor(v_head, stride_vt, bos, eos, HEAD_DIM, BLOCK_N, BLOCK_D)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dgate_row = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -156,7 +165,7 @@ def _dq_kernel(
     dq, dgate_row = walk_key_tiles(
         _dq_tile, (dq, dgate_row), (q, do, lse2, delta), k_head, v_head, p_head, s_head, query_offset,
         offs_m, offs_d, m0, bos, eos, window, stride_kt, stride_vt, qk_scale,
-        HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION)
+        HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, USE_TMA, WARP_SPECIALIZE)
 
     tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
@@ -171,7 +180,7 @@ def _dkdv_tile(
     stride_qt, stride_dot, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     """Add one query tile's contribution to dk, dv (unscaled) and, with a gate, to the
     float32 column sums of dS, dgate_col [BLOCK_N] (the dq kernel takes the row sums).
@@ -189,7 +198,11 @@ def _dkdv_tile(
     if MASKED:
         qT_mask = qT_mask & row_ok[None, :]
         do_mask = do_mask & row_ok[:, None]
-    if MASKED or not EVEN_D:
+    if USE_TMA:
+        # q_head, do_head: tensor descriptors of the sequence; rows past it read as zeros.
+        qT = tl.trans(q_head.load([m_start - bos, 0]))
+        do = do_head.load([m_start - bos, 0])
+    elif MASKED or not EVEN_D:
         qT = tl.load(q_head + offs_m[None, :] * stride_qt + offs_d[:, None], mask=qT_mask, other=0.0)
         do = tl.load(do_head + offs_m[:, None] * stride_dot + offs_d[None, :], mask=do_mask, other=0.0)
     else:
@@ -244,9 +257,12 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """One program: dk, dv of BLOCK_N keys of one kv head, summed over its GROUP query heads;
-    walks the query tiles that can see these keys, from the diagonal outward."""
+    walks the query tiles that can see these keys, from the diagonal outward. USE_TMA loads
+    q and do through tensor descriptors, WARP_SPECIALIZE asks for warp specialisation of the
+    unmasked loop (launch.py chooses both)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -282,6 +298,9 @@ def _dkdv_kernel(
         head = kv_head * GROUP + member
         q_head = Q + head * stride_qh
         do_head = DO + head * stride_doh
+        if USE_TMA:
+            q_head = sequence_descriptor(q_head, stride_qt, bos, eos, HEAD_DIM, BLOCK_M, BLOCK_D)
+            do_head = sequence_descriptor(do_head, stride_dot, bos, eos, HEAD_DIM, BLOCK_M, BLOCK_D)
         p_head = SUMS + head * seqlen + gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
         if VARLEN:
             stat_offset = head * seqlen
@@ -307,21 +326,21 @@ def _dkdv_kernel(
                 dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, LSE + stat_offset,
                 delta_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt,
                 stride_dot, qk_scale, HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK)
+                BLOCK_M, BLOCK_N, GATE_CHUNK, USE_TMA)
         # Off-diagonal tiles read lse2 - P instead of lse2.
         if HAS_GATE:
             lse_head = SHIFTED_LSE + stat_offset
         else:
             lse_head = LSE + stat_offset
         running = zero
-        for i in range(num_diagonal, num_unmasked):
+        for i in tl.range(num_diagonal, num_unmasked, warp_specialize=WARP_SPECIALIZE):
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
                 dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, lse_head, delta_head,
                 running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
                 qk_scale, HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK)
+                BLOCK_M, BLOCK_N, GATE_CHUNK, USE_TMA)
         for i in range(num_unmasked, num_tiles):
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -329,7 +348,7 @@ def _dkdv_kernel(
                 dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, lse_head, delta_head,
                 running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
                 qk_scale, HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK)
+                BLOCK_M, BLOCK_N, GATE_CHUNK, USE_TMA)
         if HAS_GATE:
             # dU = row sums (written by the dq kernel) - column sums, for these keys.
             if VARLEN:
@@ -420,7 +439,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
         HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, BLOCK_M=delta_block, HAS_GATE=has_gate,
         VARLEN=problem.varlen,
     )
-    config = launch.CONFIGS["dq"](problem.head_dim, has_gate)
+    config = launch.usable_config(launch.CONFIGS["dq"](problem.head_dim, has_gate), q, k, v)
     _dq_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
         q, k, v, gf, do, lse, delta, dq, du, problem.cu_seqlens,
         *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
@@ -428,7 +447,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
         **common, **config,
     )
-    config = launch.CONFIGS["dkdv"](problem.head_dim, has_gate)
+    config = launch.usable_config(launch.CONFIGS["dkdv"](problem.head_dim, has_gate), q, do)
     _dkdv_kernel[problem.grid(config["BLOCK_N"], problem.num_kv_heads)](
         q, k, v, gf, do, lse, shifted_lse, delta, dk, dv, du, problem.cu_seqlens,
         *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),

@@ -12,7 +12,9 @@ import triton.language as tl
 
 from gatedfwa.ops.triton_support import LOG2E, dot_precision, token_and_head_strides
 from gatedfwa.ops.window_attention import launch
-from gatedfwa.ops.window_attention.tiles import PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, tile_prefix
+from gatedfwa.ops.window_attention.tiles import (
+    PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, sequence_descriptor, tile_prefix,
+)
 from gatedfwa.ops.window_attention.walk import walk_key_tiles
 
 __all__ = ["attention_forward"]
@@ -24,7 +26,7 @@ def _forward_tile(
     offs_m, offs_n, offs_d, bos, eos, window,
     stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr = False,
 ):
     """Fold one key tile into the running softmax of a query block (the tile function of
     walk_key_tiles): state = (acc [BLOCK_M, BLOCK_D] float32, row_max, row_sum [BLOCK_M]),
@@ -38,6 +40,10 @@ def _forward_tile(
     q = rows[0]
     if MASKED:
         key_ok = (offs_n >= bos) & (offs_n < eos)
+    if USE_TMA:
+        # (descriptor, start) pairs (walk.py); rows outside the sequence read as zeros.
+        k = tl.trans(k_head[0].load([k_head[1], 0]))
+    elif MASKED:
         k_mask = key_ok[None, :]
         if not EVEN_D:
             k_mask = k_mask & (offs_d[:, None] < HEAD_DIM)
@@ -77,7 +83,9 @@ def _forward_tile(
     correction = tl.math.exp2(row_max - safe_max)
     row_sum = row_sum * correction + tl.sum(p, 1)
     acc = acc * correction[:, None]
-    if MASKED:
+    if USE_TMA:
+        v = v_head[0].load([v_head[1], 0])
+    elif MASKED:
         v_mask = key_ok[:, None]
         if not EVEN_D:
             v_mask = v_mask & (offs_d[None, :] < HEAD_DIM)
@@ -101,8 +109,11 @@ def _forward_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
-    """One program: BLOCK_M query rows of one sequence and one query head."""
+    """One program: BLOCK_M query rows of one sequence and one query head. USE_TMA loads keys
+    and values through tensor descriptors, WARP_SPECIALIZE asks for warp specialisation of
+    the unmasked loop (walk.py; launch.py chooses both)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -123,6 +134,9 @@ def _forward_kernel(
 
     k_head = K + kv_head * stride_kh
     v_head = V + kv_head * stride_vh
+    if USE_TMA:
+        k_head = sequence_descriptor(k_head, stride_kt, bos, eos, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_head = sequence_descriptor(v_head, stride_vt, bos, eos, HEAD_DIM, BLOCK_N, BLOCK_D)
     p_head = SUMS + head * seqlen + gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
     s_head = p_head + sums_plane
 
@@ -137,7 +151,7 @@ def _forward_kernel(
     acc, row_max, row_sum = walk_key_tiles(
         _forward_tile, (acc, row_max, row_sum), (q,), k_head, v_head, p_head, s_head, query_offset,
         offs_m, offs_d, m0, bos, eos, window, stride_kt, stride_vt, qk_scale,
-        HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION)
+        HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, USE_TMA, WARP_SPECIALIZE)
 
     # Epilogue: normalise; rows without any visible key give 0 and lse = -inf.
     has_keys = row_sum > 0.0
@@ -169,7 +183,7 @@ def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens):
         lse.fill_(float("-inf"))
         o.zero_()
         return o, lse
-    config = launch.CONFIGS["forward"](problem.head_dim, sums is not None)
+    config = launch.usable_config(launch.CONFIGS["forward"](problem.head_dim, sums is not None), q, k, v)
     _forward_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
         q, k, v, sums if sums is not None else q, o, lse, problem.cu_seqlens,
         *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),

@@ -10,8 +10,9 @@ import torch
 
 from gatedfwa.ops.triton_support import cdiv, interpreting, next_power_of_2, token_and_head_strides
 from gatedfwa.ops.varlen import longest_sequence
+from gatedfwa.ops.window_attention.tuned import TUNED
 
-__all__ = ["CONFIGS", "gate_chunk", "Problem", "allocate_like", "check_sums"]
+__all__ = ["CONFIGS", "gate_chunk", "Problem", "allocate_like", "check_sums", "usable_config", "descriptors_usable"]
 
 
 def block_d_for(head_dim: int) -> int:
@@ -19,13 +20,26 @@ def block_d_for(head_dim: int) -> int:
 
 
 # Tile sizes: the fastest of benchmarks/bench_attention.py --only sweep on an H200
-# (benchmarks/results/attention_sweep.md), B=4 T=8192 H=16, w = 512 and 2048.
+# (benchmarks/results/attention_sweep.md), B=4 T=8192 H=16, w = 512 and 2048. A measured
+# entry of tuned.py (written from a sweep by benchmarks/sweep_to_configs.py) takes
+# precedence; the functions below are the fallback for shapes it has no entry for.
+# A configuration may also set USE_TMA (load tiles through Hopper tensor descriptors) and
+# WARP_SPECIALIZE (warp-specialised unmasked loop); both default to off, and usable_config
+# drops USE_TMA where the tensors or the GPU do not allow it.
+
+
+def _tuned(kernel: str, head_dim: int, has_gate: bool) -> dict | None:
+    config = TUNED.get((kernel, block_d_for(head_dim), has_gate))
+    return dict(config) if config is not None else None
 
 
 def _forward_config(head_dim: int, has_gate: bool = True) -> dict:
     """Tile sizes for the forward kernel (BLOCK_M must be a multiple of BLOCK_N)."""
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    tuned = _tuned("forward", head_dim, has_gate)
+    if tuned is not None:
+        return tuned
     block_d = block_d_for(head_dim)
     if block_d <= 64 and has_gate:
         # With the gate, 128 x 64 needs more than 255 registers and spills; 64 x 32 fits in
@@ -43,6 +57,9 @@ def _dq_config(head_dim: int, has_gate: bool = True) -> dict:
     """Tile sizes for the dq kernel (BLOCK_M must be a multiple of BLOCK_N)."""
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    tuned = _tuned("dq", head_dim, has_gate)
+    if tuned is not None:
+        return tuned
     block_d = block_d_for(head_dim)
     if block_d <= 64:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
@@ -55,6 +72,9 @@ def _dkdv_config(head_dim: int, has_gate: bool = True) -> dict:
     """BLOCK_N keys held per program, BLOCK_M queries per tile (BLOCK_N a multiple of BLOCK_M)."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+    tuned = _tuned("dkdv", head_dim, has_gate)
+    if tuned is not None:
+        return tuned
     block_d = block_d_for(head_dim)
     if block_d <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
@@ -109,6 +129,55 @@ class Problem:
 
     def grid(self, block: int, heads: int):
         return (cdiv(max(self.max_seqlen, 1), block), self.num_seqs, heads)
+
+
+def descriptors_usable(*tensors: torch.Tensor) -> bool:
+    """Whether tiles of these [tokens, heads, D] views may be loaded through tensor descriptors:
+    a GPU with TMA (compute capability 9 or later; the interpreter emulates them) and the
+    16-byte alignment TMA needs of each head's start and of the token stride, with D contiguous."""
+    first = tensors[0]
+    if not interpreting() and not (first.is_cuda and torch.cuda.get_device_capability(first.device)[0] >= 9):
+        return False
+    for x in tensors:
+        size = x.element_size()
+        token_stride, head_stride = x.stride(-3), x.stride(-2)
+        if x.stride(-1) != 1 or x.data_ptr() % 16 or (token_stride * size) % 16 or (head_stride * size) % 16:
+            return False
+    return True
+
+
+def usable_config(config: dict, *tensors: torch.Tensor) -> dict:
+    """config as a kernel can take it for these tensors: USE_TMA kept only where
+    descriptors_usable, WARP_SPECIALIZE only on a GPU of compute capability 9 or later (the
+    interpreter runs the loop as written), and the descriptors' scratch allocator in place."""
+    config = dict(config)
+    if config.get("USE_TMA"):
+        if descriptors_usable(*tensors):
+            _ensure_allocator()
+        else:
+            config["USE_TMA"] = False
+    if config.get("WARP_SPECIALIZE") and not interpreting():
+        if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+            config["WARP_SPECIALIZE"] = False
+    return config
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # Triton asks for global memory where kernels build their tensor descriptors; alignment
+    # is at most 128 bytes, which the caching allocator's blocks (512-byte aligned) meet.
+    device = "cpu" if interpreting() else "cuda"
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def _ensure_allocator() -> None:
+    """Install _scratch as Triton's allocator unless the caller set one. Triton keeps it in a
+    context variable, so it is checked on every launch: autograd runs the backward on a
+    thread of its own, where the variable starts unset."""
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def allocate_like(x: torch.Tensor) -> torch.Tensor:

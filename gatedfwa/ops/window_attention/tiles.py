@@ -65,7 +65,7 @@ from gatedfwa.ops.varlen import sequence_bounds
 
 __all__ = [
     "sequence_bounds", "gate_batch_shift", "tile_carry", "tile_prefix", "tile_suffix",
-    "suffix_sums_left_of", "NO_DECAY", "PAIR_DECAY", "SPLIT_DECAY",
+    "suffix_sums_left_of", "NO_DECAY", "PAIR_DECAY", "SPLIT_DECAY", "sequence_descriptor",
 ]
 
 
@@ -161,3 +161,15 @@ PAIR_DECAY = tl.constexpr(1)
 # that is subtracted anyway (running max or lse): no extra per-element work.
 SPLIT_DECAY = tl.constexpr(2)
 
+
+
+@triton.jit
+def sequence_descriptor(base, stride_t, bos, eos, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """A tensor descriptor (Hopper TMA) over one head's rows [bos, eos) of a [tokens, heads, D]
+    tensor: base points at the head's first element. Rows are addressed relative to bos, and a
+    tile that reaches outside the sequence (negative rows, rows past eos, columns past
+    HEAD_DIM) reads zeros, as the masked pointer loads do. The launcher (launch.py,
+    descriptors_usable) checks the 16-byte alignment this needs."""
+    return tl.make_tensor_descriptor(base + bos * stride_t, shape=[eos - bos, HEAD_DIM], strides=[stride_t, 1],
+                                     block_shape=[BLOCK_ROWS, BLOCK_D])

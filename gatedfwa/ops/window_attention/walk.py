@@ -32,6 +32,7 @@ def walk_key_tiles(
     offs_m, offs_d, m0, bos, eos, window, stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATE_CHUNK: tl.constexpr, HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """Fold every key tile that the query rows offs_m [BLOCK_M] (starting at m0) can see into
     state, and return it.
@@ -39,13 +40,17 @@ def walk_key_tiles(
     tile: a jitted function
         tile(state, rows, k_head, v_head, row_shift, key_term, offs_m, offs_n, offs_d, bos, eos,
              window, stride_kt, stride_vt, qk_scale, HEAD_DIM, EVEN_D, MASKED, DECAY,
-             DOT_PRECISION) -> state
+             DOT_PRECISION, USE_TMA) -> state
     that folds the keys offs_n [BLOCK_N] in: MASKED says whether some pair of the tile lies
     outside the window or the sequence, DECAY how the gate's decay is applied (tiles.py), with
     the row term row_shift [BLOCK_M] and the key term key_term [BLOCK_N].
     state: a tuple of the tensors the tile function carries from tile to tile.
     rows: a tuple of per-program inputs the tile function reads (q, and what else it needs).
     query_offset [BLOCK_M]: L_t of the rows (tiles.py), zeros without gate.
+    USE_TMA: k_head and v_head are tensor descriptors of the sequence (sequence_descriptor);
+    the tile function then gets (descriptor, first key - bos) pairs and its USE_TMA set.
+    WARP_SPECIALIZE: the unmasked loop asks Triton for warp specialisation (producer warps
+    issue the loads, consumer warpgroups the matmuls).
     """
     DIAGONAL: tl.constexpr = PAIR_DECAY if HAS_GATE else NO_DECAY
     key_term = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -66,9 +71,10 @@ def walk_key_tiles(
         if HAS_GATE:
             key_term = -(running + prefix)
             running += tile_sum
-        state = tile(state, rows, k_head, v_head, query_offset, key_term,
+        keys, values = _tile_sources(k_head, v_head, n0 - bos, USE_TMA)
+        state = tile(state, rows, keys, values, query_offset, key_term,
                      offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-                     HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION)
+                     HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION, USE_TMA)
         if HAS_GATE:
             if BLOCK_M > BLOCK_N:
                 prefix, tile_sum = tile_prefix(p_head, offs_n + BLOCK_N, n0 + BLOCK_N, eos,
@@ -104,11 +110,11 @@ def walk_key_tiles(
     state, running, key_term, tile_sum = _tiles_left_of_diagonal(
         tile, state, rows, 0, num_unmasked, running, key_term, tile_sum, k_head, v_head, p_head, s_head,
         query_offset, offs_m, offs_d, m0, bos, eos, lowest_key, window, stride_kt, stride_vt, qk_scale,
-        HEAD_DIM, EVEN_D, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, False)
+        HEAD_DIM, EVEN_D, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, False, USE_TMA, WARP_SPECIALIZE)
     state, running, key_term, tile_sum = _tiles_left_of_diagonal(
         tile, state, rows, num_unmasked, num_tiles, running, key_term, tile_sum, k_head, v_head, p_head,
         s_head, query_offset, offs_m, offs_d, m0, bos, eos, lowest_key, window, stride_kt, stride_vt,
-        qk_scale, HEAD_DIM, EVEN_D, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, True)
+        qk_scale, HEAD_DIM, EVEN_D, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, True, USE_TMA, False)
     return state
 
 
@@ -118,21 +124,23 @@ def _tiles_left_of_diagonal(
     query_offset, offs_m, offs_d, m0, bos, eos, lowest_key, window, stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
+    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """Phase 2 of walk_key_tiles for the tiles [first, last) counted leftwards from m0, all
     MASKED or none: folds them into state and returns it with the gate terms carried on
     (running, and key_term, tile_sum of the tile after them)."""
     OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY if HAS_GATE else NO_DECAY
     row_shift = query_offset
-    for i in range(first, last):
+    for i in tl.range(first, last, warp_specialize=WARP_SPECIALIZE):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
             row_shift = query_offset - running
             running -= tile_sum
-        state = tile(state, rows, k_head, v_head, row_shift, key_term,
+        keys, values = _tile_sources(k_head, v_head, n0 - bos, USE_TMA)
+        state = tile(state, rows, keys, values, row_shift, key_term,
                      offs_m, offs_n, offs_d, bos, eos, window, stride_kt, stride_vt, qk_scale,
-                     HEAD_DIM, EVEN_D, MASKED, OFF_DIAGONAL, DOT_PRECISION)
+                     HEAD_DIM, EVEN_D, MASKED, OFF_DIAGONAL, DOT_PRECISION, USE_TMA)
         if HAS_GATE:
             # The next tile's sums: walk_key_tiles says why here, and why only the masked
             # tiles, which hold the program's last one, skip the load past the last tile.
@@ -140,3 +148,13 @@ def _tiles_left_of_diagonal(
             key_term, tile_sum = suffix_sums_left_of(p_head, s_head, n0, bos, eos, live, BLOCK_N, GATE_CHUNK,
                                                       False)
     return state, running, key_term, tile_sum
+
+
+@triton.jit
+def _tile_sources(k_head, v_head, start, USE_TMA: tl.constexpr):
+    """What a tile function loads its keys and values from: the head pointers, or with USE_TMA
+    (descriptor, tile start relative to the sequence start) pairs."""
+    if USE_TMA:
+        return (k_head, start), (v_head, start)
+    else:
+        return k_head, v_head
