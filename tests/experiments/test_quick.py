@@ -153,3 +153,66 @@ def test_driver_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         driver.main(["nonexistent", "--quick"])
     assert "unknown experiment" in capsys.readouterr().err
+
+
+def _quick_record(module, out_dir, **settings):
+    config = kit.build_config(module, quick=True)
+    config.update(settings)
+    return kit.run_experiment(module, config, out_dir, True, kit.Deadline(None))
+
+
+def test_merge_adds_arms_of_a_like_for_like_run(tmp_path):
+    """merge.py unites the arms of two runs, derives the results again and keeps both sources."""
+    import associative_recall
+    import merge
+
+    _quick_record(associative_recall, tmp_path / "base", kinds=["gatedfwa"], seeds=[0])
+    _quick_record(associative_recall, tmp_path / "extra", kinds=["full"], seeds=[0])
+    merged = merge.merge(tmp_path / "base" / "associative_recall.json", tmp_path / "extra" / "associative_recall.json",
+                         tmp_path / "merged")
+    saved = json.loads(merged.json_path.read_text())
+    assert saved["config"]["kinds"] == ["gatedfwa", "full"]
+    assert [(arm["kind"], arm["source"]) for arm in saved["arms"]] == [("gatedfwa", 0), ("full", 1)]
+    assert [entry["kind"] for entry in saved["results"]["summary"]] == ["gatedfwa", "full"]
+    assert len(saved["sources"]) == 2 and all(s["environment"]["git_commit"] for s in saved["sources"])
+    assert (tmp_path / "merged" / "associative_recall.png").read_bytes()[:8] == PNG_MAGIC
+
+    # An arm of the extra run replaces the base's arm of the same name.
+    again = merge.merge(merged.json_path, tmp_path / "extra" / "associative_recall.json", tmp_path / "again")
+    assert [(arm["kind"], arm["source"]) for arm in again.arms] == [("gatedfwa", 0), ("full", 1)]
+
+    # Runs that differ in how an arm runs are not like for like.
+    _quick_record(associative_recall, tmp_path / "other", kinds=["full"], seeds=[0], steps=3)
+    with pytest.raises(ValueError, match="steps"):
+        merge.merge(tmp_path / "base" / "associative_recall.json", tmp_path / "other" / "associative_recall.json",
+                    tmp_path / "refused")
+
+
+def test_set_overrides_one_setting_and_rejects_unknown_keys():
+    import cost
+
+    config = kit.build_config(cost, quick=True, overrides=kit.parse_overrides(['parts=["decode"]', "decode_tokens=3"]))
+    assert config["parts"] == ["decode"] and config["decode_tokens"] == 3
+    with pytest.raises(ValueError, match="no setting 'part'"):
+        kit.build_config(cost, quick=True, overrides={"part": ["decode"]})
+    with pytest.raises(ValueError, match="KEY=JSON"):
+        kit.parse_overrides(["parts"])
+
+
+def test_cost_runs_only_the_parts_asked_for(tmp_path):
+    import cost
+
+    record = _quick_record(cost, tmp_path, parts=["decode"], seeds=[0])
+    assert {arm["part"] for arm in record.arms} == {"decode"}
+    assert record.results["decoding"] and not record.results["training_tokens_per_s"]
+
+
+def test_parallel_arms_give_the_sequential_results(tmp_path):
+    """Arms run in worker processes (as on the GPU) give the numbers of arms run in turn."""
+    import associative_recall
+
+    sequential = _quick_record(associative_recall, tmp_path / "one", kinds=["gatedfwa", "swa"], seeds=[0])
+    parallel = _quick_record(associative_recall, tmp_path / "two", kinds=["gatedfwa", "swa"], seeds=[0], parallel_arms=2)
+    drop = ("wall_s",)
+    assert [{k: v for k, v in a.items() if k not in drop} for a in parallel.arms] == \
+        [{k: v for k, v in a.items() if k not in drop} for a in sequential.arms]
