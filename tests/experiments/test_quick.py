@@ -207,12 +207,23 @@ def test_cost_runs_only_the_parts_asked_for(tmp_path):
     assert record.results["decoding"] and not record.results["training_tokens_per_s"]
 
 
-def test_parallel_arms_give_the_sequential_results(tmp_path):
-    """Arms run in worker processes (as on the GPU) give the numbers of arms run in turn."""
-    import associative_recall
+def test_parallel_arms_run_in_worker_processes_in_waves(tmp_path):
+    """run_arms_parallel (the GPU path of associative_recall) records every arm's numbers in
+    arm order, wave by wave, and skips a wave that no longer fits the deadline."""
+    import functools
 
-    sequential = _quick_record(associative_recall, tmp_path / "one", kinds=["gatedfwa", "swa"], seeds=[0])
-    parallel = _quick_record(associative_recall, tmp_path / "two", kinds=["gatedfwa", "swa"], seeds=[0], parallel_arms=2)
-    drop = ("wall_s",)
-    assert [{k: v for k, v in a.items() if k not in drop} for a in parallel.arms] == \
-        [{k: v for k, v in a.items() if k not in drop} for a in sequential.arms]
+    record = kit.Record("parallel", "claim", {"seeds": [0]}, tmp_path, quick=True)
+    arms = [{"kind": "a", "seed": 0}, {"kind": "b", "seed": 0}, {"kind": "c", "seed": 0}]
+    kit.run_arms_parallel(arms, functools.partial(dict, worker=True), record, kit.Deadline(None), workers=2)
+    assert [{k: v for k, v in arm.items() if k != "wall_s"} for arm in record.arms] == \
+        [{**arm, "worker": True} for arm in arms]
+    late = kit.Record("late", "claim", {"seeds": [0]}, tmp_path, quick=True)
+    kit.run_arms_parallel(arms, functools.partial(dict, worker=True), late, kit.Deadline(-1.0), workers=2)
+    assert late.arms == [] and [entry["kind"] for entry in late.data["skipped"]] == ["a", "b", "c"]
+
+
+def test_doc_tables_match_the_committed_records():
+    """docs/experiments.md's result tables are those tables.py writes from the JSON files."""
+    import tables
+
+    assert tables.main(["--check"]) == 0, "run python benchmarks/experiments/tables.py"
