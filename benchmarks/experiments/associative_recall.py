@@ -11,8 +11,10 @@ appearance is a query, and the model must predict the value that followed the fi
 Other slots hold the filler token 0. Only query answers are scored. The distance of a
 query is the number of positions from the value to recall to the query key (a one-layer
 model with window w can see it when distance < w). Training batches come from a generator
-seeded by (seed, step), so every arm of a seed sees the same sequences; the test set is
-fixed. Accuracy is reported by kind, window, model width and distance bin.
+seeded by (seed, step), so every arm of a seed sees the same sequences; a fraction
+``short_fraction`` of each batch are short examples, with every pair in the first
+``short_len`` tokens. The test set is fixed and has full-length examples only. Accuracy is
+reported by kind, window, model width and distance bin, with a learning curve per arm.
 
     python benchmarks/experiments/associative_recall.py --quick --out /tmp/exp   # CPU, seconds
 
@@ -45,32 +47,43 @@ def config(quick: bool) -> dict:
         return {"kinds": list(KINDS), "seeds": [0, 1], "windows": [8], "widths": [32], "num_layers": 2, "num_heads": 2,
                 "seq_len": 64, "num_pairs": 4, "num_keys": 16, "num_values": 16, "batch_size": 8, "steps": 4,
                 "lr": 3e-3, "warmup_steps": 1, "test_sequences": 16, "curve_every": 2, "curve_sequences": 8,
-                "distance_edges": [1, 4, 8, 16, 64], "parallel_arms": 1}
+                "short_fraction": 0.5, "short_len": 32, "distance_edges": [1, 4, 8, 16, 64], "parallel_arms": 1}
     # Sized the way Zoology sizes MQAR for two-layer models (width 64-128, batches of 256,
     # learning rates 1e-3..1e-2; arXiv 2312.04927), with a small vocabulary and 8 pairs.
     # Models first settle on a plateau (predicting any value of the sequence: accuracy about
     # 1 / num_pairs) and solve the task only after the attention learns to look up the key;
     # the learning curve in the JSON shows when. A run of 1000 steps at batch 64 left full
-    # attention on that plateau, so this one sees 12 times as many sequences. A step of these tiny models is bound by kernel launches on the host (about
+    # attention on that plateau, so this one sees 12 times as many sequences, and, as
+    # Zoology trains on a mix of sequence lengths (most of them short), half of each batch
+    # are short examples (all pairs in the first 64 tokens), where attention spread over
+    # few keys learns the lookup sooner. The test set has none: its queries span all 256. A step of these tiny models is bound by kernel launches on the host (about
     # 10 ms on an H200 at batch 64 or 256), so the 6 arms of a seed run at once, one
     # process each (two waves of about a minute).
     return {"kinds": list(KINDS), "seeds": [0, 1], "windows": [16, 64], "widths": [128], "num_layers": 2,
             "num_heads": 4, "seq_len": 256, "num_pairs": 8, "num_keys": 64, "num_values": 64, "batch_size": 256,
             "steps": 3000, "lr": 3e-3, "warmup_steps": 100, "test_sequences": 1024, "curve_every": 250,
-            "curve_sequences": 256, "distance_edges": [1, 8, 16, 32, 64, 128, 256], "parallel_arms": 6,
+            "curve_sequences": 256, "short_fraction": 0.5, "short_len": 64,
+            "distance_edges": [1, 8, 16, 32, 64, 128, 256], "parallel_arms": 6,
             "budget_s": 200}
 
 
-def mqar_batch(rng: np.random.Generator, batch: int, seq_len: int, num_pairs: int, num_keys: int, num_values: int):
+def mqar_batch(rng: np.random.Generator, batch: int, seq_len: int, num_pairs: int, num_keys: int, num_values: int,
+               short_rows: int = 0, short_len: int | None = None):
     """(input ids [B, T] int64, labels [B, T] (-100 except where a query's value is due),
     queries): queries["position"] [B, P] is where each query key stands (the logits there
     predict the value), queries["value"] [B, P] the value, queries["distance"] [B, P] the
     positions from the value to recall to the query key. Tokens: 0 filler, 1..num_keys
-    keys, then values."""
+    keys, then values. The first ``short_rows`` rows are short examples: all their pairs and
+    queries lie in the first ``short_len`` tokens (filler after)."""
     slots = seq_len // 2
     if 2 * num_pairs > slots or num_pairs > num_keys:
         raise ValueError(f"{num_pairs} pairs need {2 * num_pairs} slots and keys; have {slots} slots, {num_keys} keys")
-    chosen = np.argsort(rng.random((batch, slots)), axis=1)[:, :2 * num_pairs]
+    order = rng.random((batch, slots))
+    if short_rows:
+        if short_len is None or not 4 * num_pairs <= short_len <= seq_len:
+            raise ValueError(f"short_len: expected {4 * num_pairs}..{seq_len} tokens for {num_pairs} pairs, got {short_len}")
+        order[:short_rows, short_len // 2:] += 2.0  # slots past the short span sort last, never chosen
+    chosen = np.argsort(order, axis=1)[:, :2 * num_pairs]
     first = np.minimum(chosen[:, 0::2], chosen[:, 1::2])  # [B, P] slot of the key-value pair
     query = np.maximum(chosen[:, 0::2], chosen[:, 1::2])  # [B, P] slot of the query
     keys = np.argsort(rng.random((batch, num_keys)), axis=1)[:, :num_pairs] + 1
@@ -112,7 +125,9 @@ def train_and_test(config: dict, arm: dict, device: torch.device) -> dict:
         cosine = 0.5 * (1 + math.cos(math.pi * step / config["steps"]))
         for group in optimizer.param_groups:
             group["lr"] = config["lr"] * warm * (0.1 + 0.9 * cosine)
-        ids, labels, _ = mqar_batch(np.random.default_rng([arm["seed"], step]), config["batch_size"], *data_shape(config))
+        ids, labels, _ = mqar_batch(np.random.default_rng([arm["seed"], step]), config["batch_size"], *data_shape(config),
+                                    short_rows=round(config["short_fraction"] * config["batch_size"]),
+                                    short_len=config["short_len"])
         if device.type == "cuda":  # pinned and asynchronous: the host queues the next step without waiting
             ids, labels = ids.pin_memory().to(device, non_blocking=True), labels.pin_memory().to(device, non_blocking=True)
         with lm.autocast(device):

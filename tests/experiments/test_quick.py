@@ -132,6 +132,13 @@ def test_mqar_batch_is_consistent():
     assert (ids.numpy()[rows, position - distance - 1] == ids.numpy()[rows, position]).all()
     assert (distance >= 1).all() and ids.max() < 1 + 10 + 12
 
+    # Short examples: the first rows keep every pair and query inside the short span.
+    ids, labels, queries = mqar_batch(np.random.default_rng(1), 16, 64, 6, 10, 12, short_rows=5, short_len=24)
+    assert (queries["position"][:5] + 1 < 24).all() and (ids.numpy()[:5, 24:] == 0).all()
+    assert (queries["position"][5:] >= 24).any() and (labels != -100).sum() == 16 * 6
+    with pytest.raises(ValueError, match="short_len"):
+        mqar_batch(np.random.default_rng(1), 4, 64, 6, 10, 12, short_rows=2, short_len=16)
+
 
 def test_music_tokens_round_trip():
     from second_domain import DURATION_BASE, MAX_SHIFT, PIECE, PITCH_BASE, SHIFT_BASE, VOCAB_SIZE, encode
