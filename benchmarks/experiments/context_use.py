@@ -38,7 +38,7 @@ CLAIM = ("GatedFWA uses context beyond its window better than sliding-window att
 
 def config(quick: bool) -> dict:
     return {
-        "kinds": list(lm_equal_tokens.KINDS), "seeds": [0, 1], "lm": lm_equal_tokens.shared_lm(quick),
+        "kinds": list(lm_equal_tokens.PAPER_KINDS), "seeds": [0, 1], "lm": lm_equal_tokens.shared_lm(quick),
         "eval_lengths": [64, 128, 256] if quick else [2048, 4096, 8192, 16384],
         "max_documents": 4 if quick else 32, "eval_micro_batch": 4,
         "position_bins": 8 if quick else 24, "budget_s": 60,

@@ -42,6 +42,10 @@ CLAIM = ("GatedFWA's gate adds little to a training step over sliding-window att
          "full attention at long context, and it decodes with a fixed-size cache.")
 
 
+PARTS = ("train", "gate_op", "decode")  # run all, or some with --set parts='["decode"]'
+ARM_KEYS = ("part", "kind", "mode", "prompt", "seed")  # what names an arm (merge.py)
+
+
 def config(quick: bool) -> dict:
     if quick:
         return {"kinds": ["gatedfwa", "swa", "full", "forgetting"], "seeds": [0, 1],
@@ -50,14 +54,14 @@ def config(quick: bool) -> dict:
                 "seq_len": 64, "micro_batch": 2, "warmup_steps": 1, "timed_steps": 2,
                 "compiled_kinds": ["gatedfwa"], "compile_backend": "eager",
                 "op_repeats": 2, "decode_kinds": ["gatedfwa", "full"], "decode_prompts": [32], "decode_batch": 1,
-                "decode_tokens": 4}
+                "decode_tokens": 4, "parts": list(PARTS)}
     return {"kinds": ["gatedfwa", "swa", "full", "forgetting"], "seeds": [0, 1],
             "model": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 12,
                       "num_key_value_heads": 12, "head_dim": 64, "window_size": 1024, "vocab_size": 256},
             "seq_len": 4096, "micro_batch": 8, "warmup_steps": 3, "timed_steps": 10,
             "compiled_kinds": ["gatedfwa", "swa"], "compile_backend": "inductor",
             "op_repeats": 20, "decode_kinds": ["gatedfwa", "swa", "full"], "decode_prompts": [4096, 16384],
-            "decode_batch": 1, "decode_tokens": 256, "budget_s": 120}
+            "decode_batch": 1, "decode_tokens": 256, "parts": list(PARTS), "budget_s": 240}
 
 
 def synchronize(device: torch.device) -> None:
@@ -176,6 +180,9 @@ def run(config: dict, record: kit.Record, deadline: kit.Deadline) -> None:
     device = kit.pick_device(config["device"])
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    unknown = sorted(set(config["parts"]) - set(PARTS))
+    if unknown:
+        raise ValueError(f"parts: unknown {unknown}; expected a list of {list(PARTS)}")
     arms = [{"part": "train", "kind": kind, "mode": "eager", "seed": seed} for seed in config["seeds"] for kind in config["kinds"]]
     arms += [{"part": "train", "kind": kind, "mode": "compiled", "seed": seed}
              for seed in config["seeds"] for kind in config["kinds"] if kind in config["compiled_kinds"]]
@@ -191,7 +198,13 @@ def run(config: dict, record: kit.Record, deadline: kit.Deadline) -> None:
             return gate_op_seconds(config, device)
         return decode_speed(config, arm["kind"], arm["prompt"], arm["seed"], device)
 
+    arms = [arm for arm in arms if arm["part"] in config["parts"]]
     kit.run_arms(arms, one, record, deadline, label=lambda a: " ".join(str(v) for v in a.values()))
+    summarise(config, record)
+
+
+def summarise(config: dict, record: kit.Record) -> None:
+    """record.results from record.arms: training tokens/s, the gate's share and decoding."""
     train = {f"{kind} {mode}": kit.spread(a["tokens_per_s"] for a in arms)
              for (kind, mode), arms in kit.group_by([a for a in record.arms if a["part"] == "train"], "kind", "mode").items()}
     record.results["training_tokens_per_s"] = train

@@ -168,7 +168,8 @@ class Record:
         self.save()
 
     def save(self) -> None:
-        self.data["wall_s"] = time.monotonic() - self.started
+        if not self.data.get("sources"):  # a merged record keeps the sum of its sources' times
+            self.data["wall_s"] = time.monotonic() - self.started
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(_jsonable(self.data), indent=1) + "\n")
@@ -189,6 +190,45 @@ def run_arms(arms: list[dict], run_one, record: Record, deadline: Deadline, labe
         longest = max(longest, wall)
         record.add_arm({**arm, **numbers, "wall_s": wall})
         print(f"  {record.name}: {label(arm) if label else arm} done in {wall:.1f} s", file=sys.stderr, flush=True)
+
+
+def run_arms_parallel(arms: list[dict], run_one, record: Record, deadline: Deadline, workers: int, label=None) -> None:
+    """run_arms with up to ``workers`` arms at once, each in its own process (spawned, so
+    each has its own CUDA context). For models so small that a step is bound by kernel
+    launches on the host: one process leaves the GPU mostly idle, several fill it.
+
+    ``run_one`` must be a module-level function (it is pickled). Arms run in waves of
+    ``workers``; a wave starts only while the deadline allows one as long as the longest so
+    far. Results are recorded in arm order as each wave completes. ``workers <= 1`` is
+    run_arms."""
+    if workers <= 1 or len(arms) <= 1:
+        return run_arms(arms, run_one, record, deadline, label)
+    import concurrent.futures
+    import multiprocessing
+
+    longest = 0.0
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        for first in range(0, len(arms), workers):
+            wave = arms[first:first + workers]
+            if not deadline.allows(longest):
+                for arm in wave:
+                    record.skip(arm, f"time budget: {deadline.remaining():.0f} s left, a wave took up to {longest:.0f} s")
+                continue
+            started = time.monotonic()
+            futures = [pool.submit(_timed, run_one, arm) for arm in wave]
+            for arm, future in zip(wave, futures):
+                numbers, wall = future.result()
+                record.add_arm({**arm, **numbers, "wall_s": wall})
+                print(f"  {record.name}: {label(arm) if label else arm} done in {wall:.1f} s", file=sys.stderr, flush=True)
+            longest = max(longest, time.monotonic() - started)
+
+
+def _timed(run_one, arm: dict) -> tuple[dict, float]:
+    """(run_one(arm), its wall seconds), in a worker process."""
+    started = time.monotonic()
+    numbers = run_one(arm)
+    return numbers, time.monotonic() - started
 
 
 def spread(values) -> dict:
@@ -230,7 +270,7 @@ def pyplot():
     return plt
 
 
-KIND_COLORS = {"gatedfwa": "C0", "swa": "C1", "full": "C2", "forgetting": "C3"}
+KIND_COLORS = {"gatedfwa": "C0", "swa": "C1", "full": "C2", "forgetting": "C3", "nsa": "C4", "nsa-gatedfwa": "C5"}
 
 
 def kind_color(kind: str, index: int = 0) -> str:
@@ -260,6 +300,9 @@ def title_note(record: Record) -> str:
     env = record.data["environment"]
     where = env.get("gpu") or "CPU"
     quick = " (quick)" if record.data["quick"] else ""
+    commits = [str(source["environment"].get("git_commit"))[:8] for source in record.data.get("sources", [])]
+    if commits:  # a record merged from runs of several commits (merge.py)
+        return f"{where}, commits {' + '.join(dict.fromkeys(commits))}{quick}"
     return f"{where}, commit {str(env.get('git_commit'))[:8]}{quick}"
 
 
@@ -276,10 +319,31 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="auto (default: cuda if available; cpu with --quick), cpu, cuda")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall-clock limit; arms that no longer fit are recorded as skipped")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
+                        help="replace one top-level setting of the config, e.g. --set parts='[\"decode\"]' or "
+                             "--set steps=3000 (repeatable; the key must exist)")
 
 
-def build_config(module, quick: bool, kinds=None, seeds=None, device=None) -> dict:
+def parse_overrides(items: list[str]) -> dict:
+    """``["KEY=JSON", ...]`` -> {KEY: value}; a value that is not JSON is taken as a string."""
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set: expected KEY=JSON, got {item!r}")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return overrides
+
+
+def build_config(module, quick: bool, kinds=None, seeds=None, device=None, overrides=None) -> dict:
     config = module.config(quick)
+    for key, value in (overrides or {}).items():
+        if key not in config:
+            raise ValueError(f"--set {key}: {module.NAME} has no setting {key!r}; it has {', '.join(sorted(config))}")
+        config[key] = value
     if kinds:
         config["kinds"] = list(kinds)
     if seeds:
@@ -315,5 +379,8 @@ def main(module, argv=None) -> Record:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_options(parser)
     args = parser.parse_args(argv)
-    config = build_config(module, args.quick, args.kinds, args.seeds, args.device)
+    try:
+        config = build_config(module, args.quick, args.kinds, args.seeds, args.device, parse_overrides(args.overrides))
+    except ValueError as error:
+        parser.error(str(error))
     return run_experiment(module, config, args.out, args.quick, Deadline(args.budget_s))

@@ -47,7 +47,7 @@ CLAIM = ("Sliding-window attention's memory is unbounded and full softmax attent
 
 def config(quick: bool) -> dict:
     return {
-        "kinds": list(lm_equal_tokens.KINDS), "seeds": [0, 1], "lm": lm_equal_tokens.shared_lm(quick),
+        "kinds": list(lm_equal_tokens.PAPER_KINDS), "seeds": [0, 1], "lm": lm_equal_tokens.shared_lm(quick),
         "stat_windows": 2 if quick else 4, "reach_windows": 2 if quick else 8,
         "position_bins": 6 if quick else 16, "budget_s": 60,
     }

@@ -36,6 +36,12 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown experiment(s) {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
     names = args.experiments or EXPERIMENTS
+    try:
+        overrides = kit.parse_overrides(args.overrides)
+        configs = {name: kit.build_config(importlib.import_module(name), args.quick, args.kinds, args.seeds, args.device,
+                                          overrides) for name in names}
+    except ValueError as error:
+        parser.error(f"{error} (--set applies to every experiment named)")
     deadline = kit.Deadline(args.budget_s)
     threads = torch.get_num_threads()
     if args.quick:
@@ -43,10 +49,8 @@ def main(argv=None) -> int:
     failed = []
     try:
         for name in names:
-            module = importlib.import_module(name)
-            config = kit.build_config(module, args.quick, args.kinds, args.seeds, args.device)
             try:
-                kit.run_experiment(module, config, args.out, args.quick, deadline)
+                kit.run_experiment(importlib.import_module(name), configs[name], args.out, args.quick, deadline)
             except Exception:
                 traceback.print_exc()
                 failed.append(name)

@@ -139,7 +139,7 @@ def config(quick: bool) -> dict:
                       "warmup_steps": 1, "eval_interval": 2, "eval_windows": 4},
             "grad_log_interval": 2, "compile": False,
         }
-        return {"kinds": list(lm_equal_tokens.KINDS), "seeds": [0, 1], "lm": settings, "composers": ["bach"],
+        return {"kinds": list(lm_equal_tokens.PAPER_KINDS), "seeds": [0, 1], "lm": settings, "composers": ["bach"],
                 "max_pieces": 3, "data_dir": None}
     settings = {
         "model": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -148,7 +148,7 @@ def config(quick: bool) -> dict:
                   "warmup_steps": 30, "eval_interval": 50, "eval_windows": 128},
         "grad_log_interval": 10, "compile": False,
     }
-    return {"kinds": list(lm_equal_tokens.KINDS), "seeds": [0, 1], "lm": settings, "composers": FULL_COMPOSERS,
+    return {"kinds": list(lm_equal_tokens.PAPER_KINDS), "seeds": [0, 1], "lm": settings, "composers": FULL_COMPOSERS,
             "max_pieces": None, "data_dir": str(DEFAULT_DATA_DIR), "budget_s": 90}
 
 

@@ -132,6 +132,13 @@ def test_mqar_batch_is_consistent():
     assert (ids.numpy()[rows, position - distance - 1] == ids.numpy()[rows, position]).all()
     assert (distance >= 1).all() and ids.max() < 1 + 10 + 12
 
+    # Short examples: the first rows keep every pair and query inside the short span.
+    ids, labels, queries = mqar_batch(np.random.default_rng(1), 16, 64, 6, 10, 12, short_rows=5, short_len=24)
+    assert (queries["position"][:5] + 1 < 24).all() and (ids.numpy()[:5, 24:] == 0).all()
+    assert (queries["position"][5:] >= 24).any() and (labels != -100).sum() == 16 * 6
+    with pytest.raises(ValueError, match="short_len"):
+        mqar_batch(np.random.default_rng(1), 4, 64, 6, 10, 12, short_rows=2, short_len=16)
+
 
 def test_music_tokens_round_trip():
     from second_domain import DURATION_BASE, MAX_SHIFT, PIECE, PITCH_BASE, SHIFT_BASE, VOCAB_SIZE, encode
@@ -153,3 +160,77 @@ def test_driver_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         driver.main(["nonexistent", "--quick"])
     assert "unknown experiment" in capsys.readouterr().err
+
+
+def _quick_record(module, out_dir, **settings):
+    config = kit.build_config(module, quick=True)
+    config.update(settings)
+    return kit.run_experiment(module, config, out_dir, True, kit.Deadline(None))
+
+
+def test_merge_adds_arms_of_a_like_for_like_run(tmp_path):
+    """merge.py unites the arms of two runs, derives the results again and keeps both sources."""
+    import associative_recall
+    import merge
+
+    _quick_record(associative_recall, tmp_path / "base", kinds=["gatedfwa"], seeds=[0])
+    _quick_record(associative_recall, tmp_path / "extra", kinds=["full"], seeds=[0])
+    merged = merge.merge(tmp_path / "base" / "associative_recall.json", tmp_path / "extra" / "associative_recall.json",
+                         tmp_path / "merged")
+    saved = json.loads(merged.json_path.read_text())
+    assert saved["config"]["kinds"] == ["gatedfwa", "full"]
+    assert [(arm["kind"], arm["source"]) for arm in saved["arms"]] == [("gatedfwa", 0), ("full", 1)]
+    assert [entry["kind"] for entry in saved["results"]["summary"]] == ["gatedfwa", "full"]
+    assert len(saved["sources"]) == 2 and all(s["environment"]["git_commit"] for s in saved["sources"])
+    assert (tmp_path / "merged" / "associative_recall.png").read_bytes()[:8] == PNG_MAGIC
+
+    # An arm of the extra run replaces the base's arm of the same name.
+    again = merge.merge(merged.json_path, tmp_path / "extra" / "associative_recall.json", tmp_path / "again")
+    assert [(arm["kind"], arm["source"]) for arm in again.arms] == [("gatedfwa", 0), ("full", 1)]
+
+    # Runs that differ in how an arm runs are not like for like.
+    _quick_record(associative_recall, tmp_path / "other", kinds=["full"], seeds=[0], steps=3)
+    with pytest.raises(ValueError, match="steps"):
+        merge.merge(tmp_path / "base" / "associative_recall.json", tmp_path / "other" / "associative_recall.json",
+                    tmp_path / "refused")
+
+
+def test_set_overrides_one_setting_and_rejects_unknown_keys():
+    import cost
+
+    config = kit.build_config(cost, quick=True, overrides=kit.parse_overrides(['parts=["decode"]', "decode_tokens=3"]))
+    assert config["parts"] == ["decode"] and config["decode_tokens"] == 3
+    with pytest.raises(ValueError, match="no setting 'part'"):
+        kit.build_config(cost, quick=True, overrides={"part": ["decode"]})
+    with pytest.raises(ValueError, match="KEY=JSON"):
+        kit.parse_overrides(["parts"])
+
+
+def test_cost_runs_only_the_parts_asked_for(tmp_path):
+    import cost
+
+    record = _quick_record(cost, tmp_path, parts=["decode"], seeds=[0])
+    assert {arm["part"] for arm in record.arms} == {"decode"}
+    assert record.results["decoding"] and not record.results["training_tokens_per_s"]
+
+
+def test_parallel_arms_run_in_worker_processes_in_waves(tmp_path):
+    """run_arms_parallel (the GPU path of associative_recall) records every arm's numbers in
+    arm order, wave by wave, and skips a wave that no longer fits the deadline."""
+    import functools
+
+    record = kit.Record("parallel", "claim", {"seeds": [0]}, tmp_path, quick=True)
+    arms = [{"kind": "a", "seed": 0}, {"kind": "b", "seed": 0}, {"kind": "c", "seed": 0}]
+    kit.run_arms_parallel(arms, functools.partial(dict, worker=True), record, kit.Deadline(None), workers=2)
+    assert [{k: v for k, v in arm.items() if k != "wall_s"} for arm in record.arms] == \
+        [{**arm, "worker": True} for arm in arms]
+    late = kit.Record("late", "claim", {"seeds": [0]}, tmp_path, quick=True)
+    kit.run_arms_parallel(arms, functools.partial(dict, worker=True), late, kit.Deadline(-1.0), workers=2)
+    assert late.arms == [] and [entry["kind"] for entry in late.data["skipped"]] == ["a", "b", "c"]
+
+
+def test_doc_tables_match_the_committed_records():
+    """docs/experiments.md's result tables are those tables.py writes from the JSON files."""
+    import tables
+
+    assert tables.main(["--check"]) == 0, "run python benchmarks/experiments/tables.py"
