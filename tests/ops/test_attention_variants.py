@@ -84,9 +84,10 @@ def test_variants_gpu(triton_backend, monkeypatch, variant, head_dim, q_heads, k
     check_against_reference(triton_op, q[:1], k[:1], v[:1], g[:1], window, cu_seqlens)
 
 
-def test_descriptors_usable_checks_alignment():
-    aligned = torch.zeros(16, 4, 64, dtype=torch.bfloat16)
-    shifted = torch.zeros(16 * 4 * 64 + 1, dtype=torch.bfloat16)[1:].view(16, 4, 64)  # starts 2 bytes off
+def test_descriptors_usable_checks_alignment(device):
+    # On the test device: compiled (not interpreted) kernels take descriptors only from GPU memory.
+    aligned = torch.zeros(16, 4, 64, dtype=torch.bfloat16, device=device)
+    shifted = torch.zeros(16 * 4 * 64 + 1, dtype=torch.bfloat16, device=device)[1:].view(16, 4, 64)  # 2 bytes off
     assert launch.descriptors_usable(aligned)
     assert not launch.descriptors_usable(shifted)
     assert not launch.descriptors_usable(aligned, shifted)
