@@ -144,5 +144,9 @@ def test_gpu_decoding_equals_parallel_and_bf16_generate():
     torch.testing.assert_close(decoded, parallel, rtol=2e-3, atol=2e-3)
     model = model.to(torch.bfloat16)
     with torch.no_grad():
-        generated = model.generate(ids[:, :100], max_new_tokens=64, do_sample=False, pad_token_id=0)
+        # An explicit mask: without one, generate() reads every token equal to pad_token_id as
+        # padding, and random ids contain it mid-sequence.
+        prompt = ids[:, :100]
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64,
+                                   do_sample=False, pad_token_id=0)
     assert generated.shape == (2, 164)
