@@ -258,7 +258,10 @@ class GatedFWAttention(nn.Module):
         """
         if self.context_parallel_group is not None:
             refuse_under_context_parallel(attention_mask=attention_mask, cu_seqlens=cu_seqlens, layout=layout, cache=cache)
-        if cache is not None and cache.holds_tokens:
+        # A static cache answers from a host flag (its position lives on the device).
+        holds_tokens = cache is not None and (
+            cache.holds_tokens if isinstance(cache, StaticWindowLayerCache) else cache.seen_tokens > 0)
+        if holds_tokens:
             if attention_mask is not None or cu_seqlens is not None or layout is not None:
                 raise ValueError(
                     "decoding against a filled cache takes new tokens without padding: "
@@ -332,8 +335,8 @@ class GatedFWAttention(nn.Module):
             mask = mask.view(layout.batch, layout.seqlen)
         cache.prefill(k, v, g, attention_mask=mask, num_q_heads=self.num_heads)
         if self.token_shift:
-            cache.set_extra_state("shift_k", k_raw[:, -1])
-            cache.set_extra_state("shift_v", v_raw[:, -1])
+            _keep_state(cache, "shift_k", k_raw[:, -1])
+            _keep_state(cache, "shift_v", v_raw[:, -1])
 
     def _decode(self, x, position_ids, cache, rotary=None) -> torch.Tensor:
         """New tokens x [B, L, C] against a filled cache: up to MAX_DECODE_LENGTH tokens go
@@ -354,8 +357,8 @@ class GatedFWAttention(nn.Module):
             k_prev = torch.cat((cache.extra_state["shift_k"][:, None], k[:, :-1]), dim=1)
             v_prev = torch.cat((cache.extra_state["shift_v"][:, None], v[:, :-1]), dim=1)
             k, v = self._shift(x, k, v, k_prev, v_prev)
-            cache.set_extra_state("shift_k", k_raw[:, -1])
-            cache.set_extra_state("shift_v", v_raw[:, -1])
+            _keep_state(cache, "shift_k", k_raw[:, -1])
+            _keep_state(cache, "shift_v", v_raw[:, -1])
         q, k = self._position_encode(q, k, None, rotary)
         return self._finish(x, self._decode_attend(q, k, v, x, cache))
 
@@ -376,6 +379,15 @@ class GatedFWAttention(nn.Module):
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"window_size={self.window_size}, gate={self.use_gate}, token_shift={self.token_shift}"
         )
+
+
+def _keep_state(cache, name: str, value: torch.Tensor) -> None:
+    """Keep a copy of value in cache.extra_state[name]; a static cache copies into the tensor
+    it already holds, whose address a CUDA graph has recorded."""
+    if isinstance(cache, StaticWindowLayerCache):
+        cache.set_extra_state(name, value)
+    else:
+        cache.extra_state[name] = value.clone()
 
 
 def default_position_ids(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:

@@ -183,10 +183,6 @@ class WindowLayerCache:
                 setattr(self, name, tensor.index_select(0, index))
         self.extra_state = {k: v.index_select(0, index.to(v.device)) for k, v in self.extra_state.items()}
 
-    def set_extra_state(self, name: str, value: torch.Tensor) -> None:
-        """Keep a copy of ``value`` under ``name`` in extra_state (e.g. the token-shift state)."""
-        self.extra_state[name] = value.clone()
-
     # ---------------------------------------------------------------- checks
 
     def check_step(self, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, num_q_heads: int,
