@@ -181,6 +181,7 @@ def test_cuda_graph_replay_matches_reference(window):
     step = torch.compile(decode_static_step, mode="reduce-overhead", fullgraph=True)
     outs = []
     for t in range(prompt, seqlen):
+        torch.compiler.cudagraph_mark_step_begin()
         outs.append(step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], cache).clone())
     ref64, _ = naive_gated_window_attention(q.double(), k.double(), v.double(), g.double(), window)
     naive16, _ = naive_gated_window_attention(q, k, v, g, window)
