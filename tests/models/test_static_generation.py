@@ -101,3 +101,23 @@ def test_generate_compiles_and_matches_eager_on_gpu():
         eager = model.generate(prompt, cache=model.new_static_cache(40), disable_compile=True, **settings)
         compiled = model.generate(prompt, cache_implementation="static", **settings)
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs")
+@pytest.mark.parametrize("overrides", KINDS, ids=["gatedfwa", "shift-outgate", "full-swa"])
+def test_cuda_graph_steps_equal_parallel_forward(overrides):
+    """Each token through the step compiled with mode="reduce-overhead" (one CUDA graph
+    replay per token, Triton kernels inside) gives the parallel forward's logits."""
+    torch._dynamo.reset()
+    model = sharpened(GatedFWAForCausalLM(tiny_config(**overrides))).cuda()
+    ids = torch.randint(0, 61, (2, 30), device="cuda")
+    with torch.no_grad():
+        parallel = model(ids).logits
+        cache = model.new_static_cache(max_length=ids.shape[1])
+        steps = [model(ids[:, :5], cache=cache).logits]
+        step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for t in range(5, ids.shape[1]):
+            torch.compiler.cudagraph_mark_step_begin()
+            steps.append(step(ids[:, t:t + 1], cache=cache).logits.clone())
+    torch.testing.assert_close(torch.cat(steps, dim=1), parallel, rtol=1e-3, atol=1e-3)
