@@ -224,9 +224,9 @@ def tile_sweep(copy_gbps: float | None, variant: str = "main") -> list[dict]:
     q, k, v, g = new_tokens(**cfg)
     scale = cfg["head_dim"] ** -0.5
     rows = []
-    splits = (1, 2) if variant == "main" else (8, 16, 32, 64, 128)
-    stages = (2, 3, 4) if variant == "main" else (2, 3)
-    for block_n in (32, 64, 128):
+    splits = (1, 2) if variant == "main" else (8, 16, 32, 64)
+    stages = (2, 3, 4) if variant == "main" else (2,)
+    for block_n in ((32, 64, 128) if variant == "main" else (32, 64, 128)):
         for num_warps in (4, 8):
             for num_stages in stages:
                 for num_splits in splits:
@@ -250,6 +250,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="tiny CPU logic check, no timing")
     parser.add_argument("--no-sweep", action="store_true", help="skip the tile sweep")
+    parser.add_argument("--sweep", default="main,b1", help="variants whose tiles are swept (main, b1; default both)")
     args = parser.parse_args()
 
     env = environment()
@@ -282,7 +283,7 @@ def main() -> None:
 
     if TIMING and not args.no_sweep:
         sweep = []
-        for variant in ("main", "b1"):
+        for variant in [v.strip() for v in args.sweep.split(",") if v.strip()]:
             try:
                 sweep += tile_sweep(copy_gbps, variant)
             except Exception as exc:

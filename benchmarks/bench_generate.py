@@ -257,6 +257,8 @@ def main() -> None:
     model_fields = QUICK_MODEL if QUICK else FULL_MODEL
     scenarios = QUICK_SCENARIOS if QUICK else SCENARIOS
     began = time.perf_counter()
+    env = environment()
+    name = "bench_generate_quick" if QUICK else "bench_generate"
 
     rows, runs = [], []
     all_points = set()
@@ -306,20 +308,19 @@ def main() -> None:
             row["cache MiB"] = cache_bytes[max(cache_bytes)] / 2**20
         rows.append(row)
         print(row, flush=True)
-
-    columns = ["scenario", "implementation", "batch", "prompt", "prefill s", "generated"]
-    columns += [f"ms/token @{p}" for p in sorted(all_points)] + ["cache MiB"]
-    name = "bench_generate_quick" if QUICK else "bench_generate"
-    payload = {
-        "environment": environment(),
-        "device": DEVICE,
-        "dtype": str(dtype),
-        "config": {"model": model_fields, "window": window, "scenarios": scenarios, "runs": args.runs,
-                   "prefill_chunk": PREFILL_CHUNK,
-                   "decoding": "greedy, one token per step: forward(next_ids, cache, logits_to_keep=1), argmax"},
-        "runs": runs,
-    }
-    write_results(args.out, name, payload, rows, columns)
+        # Written after every run: a run cut short from outside leaves the earlier ones.
+        columns = ["scenario", "implementation", "batch", "prompt", "prefill s", "generated"]
+        columns += [f"ms/token @{p}" for p in sorted(all_points)] + ["cache MiB"]
+        payload = {
+            "environment": env,
+            "device": DEVICE,
+            "dtype": str(dtype),
+            "config": {"model": model_fields, "window": window, "scenarios": scenarios, "runs": args.runs,
+                       "prefill_chunk": PREFILL_CHUNK,
+                       "decoding": "greedy, one token per step: forward(next_ids, cache, logits_to_keep=1), argmax"},
+            "runs": runs,
+        }
+        write_results(args.out, name, payload, rows, columns)
     print(f"wrote {Path(args.out) / name}.json and .md")
 
 
