@@ -33,7 +33,6 @@ from gatedfwa.distributed.sequence import previous_token_across_shards, refuse_u
 from gatedfwa.layers.norm import RMSNorm
 from gatedfwa.layers.padding import PackedLayout, pack_padded, unpack
 from gatedfwa.layers.rotary import apply_rotary, rotary_angles
-from gatedfwa.ops.decode.chunked import prefill_chunk
 from gatedfwa.ops import (
     MAX_DECODE_LENGTH,
     StaticWindowLayerCache,
@@ -44,6 +43,7 @@ from gatedfwa.ops import (
     gated_window_attention,
     log_gates_from_projection,
 )
+from gatedfwa.ops.decode.chunked import prefill_chunk
 
 __all__ = ["GatedFWAttention", "gate_bias_init"]
 
