@@ -82,6 +82,16 @@ def test_generate_with_static_cache_equals_growing_cache(how):
     assert torch.equal(result.sequences, expected)
 
 
+def test_beam_search_reorders_the_static_cache_in_place():
+    model = sharpened(GatedFWAForCausalLM(tiny_config(token_shift=True, attention_kinds=["gatedfwa", "full"])))
+    prompt = torch.randint(1, 61, (2, 6))
+    settings = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0, num_beams=3)
+    with torch.no_grad():
+        expected = model.generate(prompt, **settings)
+        got = model.generate(prompt, cache_implementation="static", **settings)
+    assert torch.equal(got, expected)
+
+
 def test_static_cache_refuses_nsa_layers():
     model = GatedFWAForCausalLM(tiny_config(attention_kinds=["nsa", "gatedfwa"]))
     with pytest.raises(ValueError, match="NSA"):
