@@ -11,7 +11,7 @@ in the same run (copy GB/s counts bytes read + written), says how well the kerne
 Variants (bf16, HQ=32, H=8, D=128, gated, cache full, L=1 unless named):
     main        B=64, w=4096   (the target: >= 70% of copy bandwidth)
     w1024/w2048 B=64
-    b1/b8       w=4096         (flash-decoding splits keep the GPU busy)
+    b1/b8       w=4096         (flash-decoding splits keep the GPU busy; b1 target: >= 60%)
     L4          B=64, w=4096, 4 new tokens (speculative decoding)
     nogate      B=64, w=4096, g=None
 Timings per variant (medians of CUDA-event timings after warm-up):
@@ -25,7 +25,7 @@ Timings per variant (medians of CUDA-event timings after warm-up):
 Each variant also checks its output against the PyTorch decode path on two batch rows.
 
 Writes decode.json/.md (decode_quick.* with --quick) and decode_sweep.json/.md (tile
-sweep of the main variant) under --out. Every variant runs in its own try block: an error is
+sweep of the main and b1 variants) under --out. Every variant runs in its own try block: an error is
 recorded and the run goes on.
 """
 
@@ -216,18 +216,22 @@ def run_variant(name: str, overrides: dict, copy_gbps: float | None) -> dict:
     return record
 
 
-def tile_sweep(copy_gbps: float | None) -> list[dict]:
-    """Kernel time of the main variant for a grid of tile configurations."""
-    cfg = {**DEFAULTS, **FULL_VARIANTS["main"]}
+def tile_sweep(copy_gbps: float | None, variant: str = "main") -> list[dict]:
+    """Kernel time of a variant for a grid of tile configurations: "main" (B=64) over tiles
+    and 1-2 splits, "b1" (B=1, flash-decoding) over tiles and 8-128 splits."""
+    cfg = {**DEFAULTS, **FULL_VARIANTS[variant]}
     cache = full_cache(**cfg)
     q, k, v, g = new_tokens(**cfg)
     scale = cfg["head_dim"] ** -0.5
     rows = []
-    for block_n in (32, 64, 128):
+    splits = (1, 2) if variant == "main" else (8, 16, 32, 64)
+    stages = (2, 3, 4) if variant == "main" else (2,)
+    for block_n in ((32, 64, 128) if variant == "main" else (32, 64, 128)):
         for num_warps in (4, 8):
-            for num_stages in (2, 3, 4):
-                for num_splits in (1, 2):
-                    row = dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, num_splits=num_splits)
+            for num_stages in stages:
+                for num_splits in splits:
+                    row = dict(variant=variant, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+                               num_splits=num_splits)
                     try:
                         ms = graph_ms([lambda: decode_attention_triton(q, k, v, g, cache, scale,
                                                                        update_decays=True, **row)])
@@ -246,6 +250,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="tiny CPU logic check, no timing")
     parser.add_argument("--no-sweep", action="store_true", help="skip the tile sweep")
+    parser.add_argument("--sweep", default="main,b1", help="variants whose tiles are swept (main, b1; default both)")
     args = parser.parse_args()
 
     env = environment()
@@ -277,12 +282,14 @@ def main() -> None:
     write_results(args.out, f"decode{suffix}", payload, results, columns)
 
     if TIMING and not args.no_sweep:
-        try:
-            sweep = tile_sweep(copy_gbps)
-        except Exception as exc:
-            sweep = [error_record(exc)]
+        sweep = []
+        for variant in [v.strip() for v in args.sweep.split(",") if v.strip()]:
+            try:
+                sweep += tile_sweep(copy_gbps, variant)
+            except Exception as exc:
+                sweep.append({"variant": variant, **error_record(exc)})
         write_results(args.out, "decode_sweep", {"environment": env, "sweep": sweep}, sweep,
-                      ["block_n", "num_warps", "num_stages", "num_splits", "kernel_update_ms", "read_GBps",
+                      ["variant", "block_n", "num_warps", "num_stages", "num_splits", "kernel_update_ms", "read_GBps",
                        "pct_of_copy", "error"])
     failed = [r["variant"] for r in results if "error" in r]
     print(f"wrote {args.out}/decode{suffix}.json" + (f"; failed: {failed}" if failed else ""))

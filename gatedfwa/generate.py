@@ -114,8 +114,14 @@ class _TextStreamer(BaseStreamer):
 
 
 def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8,
-                  top_k: int | None = 50, seed: int = 0, device: str = "auto", out=None) -> GenerationReport:
-    """Streams ``max_new_tokens`` tokens after ``prompt`` to ``out`` (default stdout)."""
+                  top_k: int | None = 50, seed: int = 0, device: str = "auto", out=None,
+                  cache: str = "auto") -> GenerationReport:
+    """Streams ``max_new_tokens`` tokens after ``prompt`` to ``out`` (default stdout).
+
+    ``cache``: "static" decodes with the fixed-shape StaticWindowCache, around which
+    generate() compiles each step into one CUDA graph (on a GPU); "dynamic" with the growing
+    WindowCache, uncompiled; "auto" (default) takes "static" on a GPU for models without NSA
+    layers, "dynamic" otherwise."""
     out = sys.stdout if out is None else out
     if not prompt:
         raise ConfigError("--prompt must not be empty (the model needs at least one token to continue)")
@@ -125,6 +131,8 @@ def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temp
         raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
+    if cache not in ("auto", "static", "dynamic"):
+        raise ConfigError(f"--cache must be auto, static or dynamic, got {cache!r}")
     checkpoint = resolve_checkpoint(ckpt)
     record = read_train_record(checkpoint)
     tokenizer = tokenizer_from_spec(record["tokenizer"])
@@ -148,6 +156,11 @@ def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temp
                    return_dict_in_generate=True, pad_token_id=0)
     if sampling:
         options.update(temperature=temperature, top_k=top_k)
+    has_nsa = any(kind.startswith("nsa") for kind in model.config.layer_kinds)
+    if cache == "static" and has_nsa:
+        raise ConfigError("--cache static: NSA layers keep every token and have no static cache; use --cache dynamic")
+    if cache == "static" or (cache == "auto" and target.type == "cuda" and not has_nsa):
+        options["cache"] = model.new_static_cache(len(ids) + max_new_tokens + 1)
     out.write(prompt)
     out.flush()
     start = time.perf_counter()

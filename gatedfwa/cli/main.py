@@ -110,6 +110,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=50, metavar="K", help="sample among the K most likely tokens (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default %(default)s)")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--cache", default="auto", choices=("auto", "static", "dynamic"),
+                   help="static: fixed-shape cache, each step compiled into one CUDA graph on a GPU; dynamic: "
+                        "the growing cache, uncompiled; auto (default): static on a GPU, dynamic on the CPU")
     p.set_defaults(handler=_run_generate)
 
 
@@ -212,7 +215,7 @@ def _run_generate(args) -> int:
     from gatedfwa.generate import describe, generate_text
 
     report = generate_text(args.ckpt, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, seed=args.seed, device=args.device)
+                           top_k=args.top_k, seed=args.seed, device=args.device, cache=args.cache)
     print(describe(report), file=sys.stderr)
     return 0
 

@@ -35,12 +35,15 @@ from gatedfwa.layers.padding import PackedLayout, pack_padded, unpack
 from gatedfwa.layers.rotary import apply_rotary, rotary_angles
 from gatedfwa.ops import (
     MAX_DECODE_LENGTH,
+    StaticWindowLayerCache,
     WindowLayerCache,
     decode_gated_window_attention,
+    decode_static_step,
     gated_fwa_attention,
     gated_window_attention,
     log_gates_from_projection,
 )
+from gatedfwa.ops.decode.chunked import prefill_chunk
 
 __all__ = ["GatedFWAttention", "gate_bias_init"]
 
@@ -76,7 +79,7 @@ def _sequence_starts(seqlen: int, cu_seqlens: torch.Tensor | None, device: torch
 def previous_token(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     """The previous token's value at every position: x [B, T, ...] -> [B, T, ...], zero where
     a sequence starts (t = 0, or a cu_seqlens boundary). Decoding takes the previous token
-    of its first new token from the cache instead (see GatedFWAttention._decode_piece)."""
+    of its first new token from the cache instead (see GatedFWAttention._decode)."""
     if x.shape[1] == 0:
         return x
     shifted = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
@@ -241,8 +244,9 @@ class GatedFWAttention(nn.Module):
             cu_seqlens: int32 [N + 1] when x packs N sequences along T (B == 1; no cache).
             cache: this layer's gatedfwa.WindowLayerCache. Empty: x is a prompt; the
                 parallel path runs and fills the cache (prefill). Holding tokens: x holds
-                the next tokens (all real), run through the decode op against the cache,
-                at most MAX_DECODE_LENGTH per call of the op (longer x is split).
+                the next tokens (all real): up to MAX_DECODE_LENGTH of them go through the
+                decode op, a longer chunk through the parallel op against the cached window
+                (chunked prefill). A StaticWindowLayerCache takes the same calls.
             layout: x is already packed ([1, N, C]) from a padded batch with this layout
                 (the model packs once for all layers); used instead of attention_mask.
             rotary: (cos, sin) = rotary_angles(position_ids, head_dim, rope_theta), laid out
@@ -254,7 +258,10 @@ class GatedFWAttention(nn.Module):
         """
         if self.context_parallel_group is not None:
             refuse_under_context_parallel(attention_mask=attention_mask, cu_seqlens=cu_seqlens, layout=layout, cache=cache)
-        if cache is not None and cache.seen_tokens > 0:
+        # A static cache answers from a host flag (its position lives on the device).
+        holds_tokens = cache is not None and (
+            cache.holds_tokens if isinstance(cache, StaticWindowLayerCache) else cache.seen_tokens > 0)
+        if holds_tokens:
             if attention_mask is not None or cu_seqlens is not None or layout is not None:
                 raise ValueError(
                     "decoding against a filled cache takes new tokens without padding: "
@@ -328,27 +335,19 @@ class GatedFWAttention(nn.Module):
             mask = mask.view(layout.batch, layout.seqlen)
         cache.prefill(k, v, g, attention_mask=mask, num_q_heads=self.num_heads)
         if self.token_shift:
-            cache.extra_state["shift_k"] = k_raw[:, -1].clone()
-            cache.extra_state["shift_v"] = v_raw[:, -1].clone()
+            _keep_state(cache, "shift_k", k_raw[:, -1])
+            _keep_state(cache, "shift_v", v_raw[:, -1])
 
     def _decode(self, x, position_ids, cache, rotary=None) -> torch.Tensor:
-        """New tokens x [B, L, C] against a filled cache, MAX_DECODE_LENGTH at a time."""
-        batch, length, _ = x.shape
+        """New tokens x [B, L, C] against a filled cache: up to MAX_DECODE_LENGTH tokens go
+        through the decode op, a longer chunk (chunked prefill) through the parallel op on
+        [cached window || chunk] keys. With a StaticWindowLayerCache nothing here reads a
+        host value that changes from step to step (a compiled step replays as a CUDA graph)."""
         if rotary is None:
             if position_ids is None:
                 # Each row continues from the number of real tokens it holds.
-                position_ids = cache.token_counts[:, None] + torch.arange(length, device=x.device)
+                position_ids = cache.token_counts[:, None] + torch.arange(x.shape[1], device=x.device)
             rotary = rotary_angles(position_ids, self.head_dim, self.rope_theta)
-        if length <= MAX_DECODE_LENGTH:
-            return self._decode_piece(x, rotary, cache)
-        outputs = []
-        for start in range(0, length, MAX_DECODE_LENGTH):
-            piece = slice(start, start + MAX_DECODE_LENGTH)
-            piece_rotary = (rotary[0][:, piece], rotary[1][:, piece])
-            outputs.append(self._decode_piece(x[:, piece], piece_rotary, cache))
-        return torch.cat(outputs, dim=1)
-
-    def _decode_piece(self, x, rotary, cache) -> torch.Tensor:
         q, k, v = self._project(x)
         if self.token_shift:
             # Every new token is real and follows the cached ones: token 0's predecessor is
@@ -358,8 +357,8 @@ class GatedFWAttention(nn.Module):
             k_prev = torch.cat((cache.extra_state["shift_k"][:, None], k[:, :-1]), dim=1)
             v_prev = torch.cat((cache.extra_state["shift_v"][:, None], v[:, :-1]), dim=1)
             k, v = self._shift(x, k, v, k_prev, v_prev)
-            cache.extra_state["shift_k"] = k_raw[:, -1].clone()
-            cache.extra_state["shift_v"] = v_raw[:, -1].clone()
+            _keep_state(cache, "shift_k", k_raw[:, -1])
+            _keep_state(cache, "shift_v", v_raw[:, -1])
         q, k = self._position_encode(q, k, None, rotary)
         return self._finish(x, self._decode_attend(q, k, v, x, cache))
 
@@ -367,6 +366,12 @@ class GatedFWAttention(nn.Module):
         """The attention of new tokens (q [B, L, HQ, D], k/v [B, L, H, D], after shift, norm
         and rotary) against the cache, which takes them in: o [B, L, HQ, D]."""
         g = self.log_gates(x) if self.use_gate else None
+        static = isinstance(cache, StaticWindowLayerCache)
+        # A static ring takes at most W tokens per step (it writes them at distinct slots).
+        if q.shape[1] > MAX_DECODE_LENGTH or (static and q.shape[1] > cache.capacity):
+            return prefill_chunk(q, k, v, g, cache, self.scale)
+        if static:
+            return decode_static_step(q, k, v, g, cache, scale=self.scale)
         return decode_gated_window_attention(q, k, v, g, cache, scale=self.scale)
 
     def extra_repr(self) -> str:
@@ -374,6 +379,15 @@ class GatedFWAttention(nn.Module):
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"window_size={self.window_size}, gate={self.use_gate}, token_shift={self.token_shift}"
         )
+
+
+def _keep_state(cache, name: str, value: torch.Tensor) -> None:
+    """Keep a copy of value in cache.extra_state[name]; a static cache copies into the tensor
+    it already holds, whose address a CUDA graph has recorded."""
+    if isinstance(cache, StaticWindowLayerCache):
+        cache.set_extra_state(name, value)
+    else:
+        cache.extra_state[name] = value.clone()
 
 
 def default_position_ids(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:

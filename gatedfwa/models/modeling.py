@@ -32,7 +32,7 @@ from gatedfwa.layers.nsa_attention import NSAttention
 from gatedfwa.layers.padding import pack_padded, unpack
 from gatedfwa.layers.rotary import rotary_angles
 from gatedfwa.models.configuration import GatedFWAConfig
-from gatedfwa.ops import WindowCache
+from gatedfwa.ops import StaticWindowCache, WindowCache
 from gatedfwa.ops.nsa import NSALayerCache
 
 try:
@@ -157,6 +157,22 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
                 cache.layers[i] = block.attn.new_cache()
         return cache
 
+    def new_static_cache(self, max_length: int, prefill_chunk_size: int | None = None) -> StaticWindowCache:
+        """An empty fixed-shape decoding cache whose position lives on the device, so that a
+        decode step compiles with torch.compile(mode="reduce-overhead", fullgraph=True) and
+        replays as one CUDA graph (gatedfwa/ops/decode/static_cache.py).
+
+        Args:
+            max_length: the longest stream (prompt plus generated tokens) the layers without
+                window ("full", "forgetting") hold; windowed layers keep their window.
+            prefill_chunk_size: prefill a longer prompt in chunks of this many tokens
+                (memory O(window + chunk) per windowed layer); None = one parallel pass.
+        """
+        if any(isinstance(block.attn, NSAttention) for block in self.layers):
+            raise ValueError("NSA layers keep every token and have no static cache; use new_cache()")
+        windows = [self.config.layer_window(i) for i in range(self.config.num_hidden_layers)]
+        return StaticWindowCache(windows, max_length=max_length, prefill_chunk_size=prefill_chunk_size)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -189,8 +205,12 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
 
+        chunk = getattr(cache, "prefill_chunk_size", None)
+        if cache is not None and not cache.holds_tokens and chunk is not None and seqlen > chunk:
+            return self._prefill_in_chunks(x, attention_mask, position_ids, cache, chunk)
+
         layout = None
-        if cache is not None and cache.get_seq_length() > 0:
+        if cache is not None and cache.holds_tokens:
             # Decoding: the new tokens follow the cached ones and are all real tokens.
             # generate() passes the mask of the whole stream (ones appended at each step).
             # Its new columns' values are checked only when the mask is on the CPU, where
@@ -198,7 +218,8 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
             # device.
             if attention_mask is not None:
                 if attention_mask.shape[0] != batch or attention_mask.shape[1] < seqlen or (
-                    attention_mask.device.type == "cpu" and not bool(attention_mask[:, -seqlen:].bool().all())
+                    attention_mask.device.type == "cpu" and not torch.compiler.is_compiling()
+                    and not bool(attention_mask[:, -seqlen:].bool().all())
                 ):
                     raise ValueError(
                         "while decoding with a cache, attention_mask must be the stream's [batch, length] mask "
@@ -218,6 +239,21 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
         if layout is not None:
             x = unpack(x, layout)
         return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache})
+
+    def _prefill_in_chunks(self, x, attention_mask, position_ids, cache, chunk: int) -> BaseModelOutputWithPast:
+        """A prompt x [B, T, C] into an empty cache, ``chunk`` tokens at a time: the first
+        chunk by the parallel path, each later one against the cached window (the layers'
+        chunked prefill). Attention memory is O(window + chunk) per windowed layer."""
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("chunked prefill (prefill_chunk_size) takes prompts without padding: "
+                             "attention_mask must be all ones or None")
+        hidden = []
+        for start in range(0, x.shape[1], chunk):
+            piece = slice(start, start + chunk)
+            out = self(inputs_embeds=x[:, piece], cache=cache,
+                       position_ids=None if position_ids is None else position_ids[:, piece])
+            hidden.append(out.last_hidden_state)
+        return BaseModelOutputWithPast(last_hidden_state=torch.cat(hidden, dim=1), **{_CACHE_FIELD: cache})
 
 
 class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
@@ -244,6 +280,10 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
     def new_cache(self) -> WindowCache:
         """An empty decoding cache (see GatedFWAModel.new_cache)."""
         return self.model.new_cache()
+
+    def new_static_cache(self, max_length: int, prefill_chunk_size: int | None = None) -> StaticWindowCache:
+        """An empty fixed-shape cache for compiled decoding (see GatedFWAModel.new_static_cache)."""
+        return self.model.new_static_cache(max_length, prefill_chunk_size)
 
     def set_output_embeddings(self, value):
         self.lm_head = value
@@ -317,6 +357,28 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
         # generate() must not build a transformers DynamicCache: the first forward call
         # (use_cache=True) creates the model's own WindowCache and returns it.
         return False
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length, *args, **kwargs):
+        # cache_implementation="static" builds our StaticWindowCache (windowed layers keep
+        # their window, the others max_cache_length slots); generate() then compiles the
+        # forward around it (the cache is_compileable), as it does for its own static caches.
+        if generation_config.cache_implementation == "static" and model_kwargs.get("cache") is None:
+            if generation_config.max_cache_len is not None:
+                max_cache_length = max(max_cache_length, generation_config.max_cache_len)
+            model_kwargs["cache"] = self.new_static_cache(max_cache_length)
+            return
+        return super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        cache = inputs.get("cache", kwargs.get("cache"))
+        if isinstance(cache, StaticWindowCache) and cache.holds_tokens:
+            # The stream's mask grows by a column per step; a compiled step would see a new
+            # shape each time. Decoding never reads it (the new tokens are all real).
+            inputs["attention_mask"] = None
+        return inputs
 
     def _reorder_cache(self, cache: WindowCache, beam_idx: torch.Tensor) -> WindowCache:
         cache.reorder_cache(beam_idx)

@@ -11,7 +11,15 @@ __init__). Shared by all: backend.py (which implementation serves a call), valid
 (argument checks), varlen.py (packed sequences), triton_support.py (Triton, constants).
 """
 
-from gatedfwa.ops.decode import MAX_DECODE_LENGTH, WindowCache, WindowLayerCache, decode_gated_window_attention
+from gatedfwa.ops.decode import (
+    MAX_DECODE_LENGTH,
+    StaticWindowCache,
+    StaticWindowLayerCache,
+    WindowCache,
+    WindowLayerCache,
+    decode_gated_window_attention,
+    decode_static_step,
+)
 from gatedfwa.ops.gate import compute_log_gates, log_gates_from_projection
 from gatedfwa.ops.nsa import nsa_attention
 from gatedfwa.ops.window_attention import flash_gated_window_attention, gated_fwa_attention, gated_window_attention
@@ -26,5 +34,8 @@ __all__ = [
     "decode_gated_window_attention",
     "WindowCache",
     "WindowLayerCache",
+    "StaticWindowCache",
+    "StaticWindowLayerCache",
+    "decode_static_step",
     "MAX_DECODE_LENGTH",
 ]

@@ -42,6 +42,11 @@ def test_train_resume_generate_plot(tmp_path, cli):
     assert status == 0, err
     assert out.startswith("def ") and len(out.encode()) > len("def ")
     assert "tokens/s" in err and "decoding cache" in err and "step-0000006" in err
+    # The fixed-shape cache (what a GPU takes by default) gives the same greedy text.
+    status, static_out, err = cli(["generate", "--ckpt", run, "--prompt", "def ", "--max-new-tokens", 24,
+                                   "--temperature", 0, "--cache", "static"])
+    assert status == 0, err
+    assert static_out == out
 
     status, out, err = cli(["plot", run, "--out", tmp_path / "cmp.png"])
     assert status == 0, err

@@ -110,6 +110,11 @@ class WindowLayerCache:
         """Tokens written so far, padding included: the stream position of the next token."""
         return self.seen_tokens
 
+    @property
+    def holds_tokens(self) -> bool:
+        """True once a prompt was written: the next input is decoded against the cache."""
+        return self.seen_tokens > 0
+
     # ---------------------------------------------------------------- lifecycle
 
     def allocate(
@@ -387,6 +392,11 @@ class WindowCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far (padding included)."""
         return self.layers[layer_idx].seen_tokens if self.layers else 0
+
+    @property
+    def holds_tokens(self) -> bool:
+        """True once a prompt was written (the model then decodes its input)."""
+        return self.get_seq_length() > 0
 
     def reset(self) -> None:
         for layer in self.layers:

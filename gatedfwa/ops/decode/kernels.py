@@ -13,7 +13,7 @@ import torch
 from gatedfwa.ops.decode.cache import WindowLayerCache
 from gatedfwa.ops.triton_support import LOG2E, LOG2E_CONSTEXPR, cdiv, dot_precision, jit, next_power_of_2, tl
 
-__all__ = ["decode_config", "decode_attention_triton"]
+__all__ = ["decode_config", "decode_attention_triton", "launch_decode"]
 
 
 @jit
@@ -35,7 +35,7 @@ def _softmax_fold(acc, row_max, row_sum, s, v, DOT_PRECISION: tl.constexpr):
 @jit
 def _decode_kernel(
     Q, K_NEW, V_NEW, G_CUM,
-    K_CACHE, V_CACHE, DECAYS, POSITIONS,
+    K_CACHE, V_CACHE, DECAYS, POSITIONS, NEXT_POSITION,
     O, PART_O, PART_MAX, PART_SUM,
     stride_qb, stride_ql, stride_qh,
     stride_knb, stride_knl, stride_knh,
@@ -49,10 +49,12 @@ def _decode_kernel(
     LENGTH: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_GATE: tl.constexpr, BOUNDED: tl.constexpr, SPLIT: tl.constexpr, UPDATE_DECAYS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    POSITION_ON_DEVICE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program (batch row b and kv head h, split, row block). Row r of the block stands for
-    new token i = r // GROUP and query head h * GROUP + r % GROUP."""
+    new token i = r // GROUP and query head h * GROUP + r % GROUP. With POSITION_ON_DEVICE
+    the first new token's stream position is read from NEXT_POSITION (the static cache's
+    0-d tensor) instead of the first_position argument, so a captured graph stays valid."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     row_block = tl.program_id(2)
@@ -67,7 +69,10 @@ def _decode_kernel(
     d_ok = offs_d < HEAD_DIM
     q = tl.load(Q + b * stride_qb + token[:, None] * stride_ql + q_head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    query_position = first_position + token
+    if POSITION_ON_DEVICE:
+        query_position = tl.load(NEXT_POSITION) + token
+    else:
+        query_position = first_position + token
     if HAS_GATE:
         # G_i = g_0 + ... + g_i of the new tokens; G_last = G_{L-1}, the step's total gate.
         g_row = G_CUM + b * LENGTH * GROUP * num_kv_heads
@@ -196,24 +201,44 @@ def decode_config(batch: int, num_kv_heads: int, group: int, length: int, head_d
     block_n = 64 if head_dim <= 128 else 32
     row_blocks = cdiv(rows, block_m)
     programs = batch * num_kv_heads * row_blocks
-    # Enough programs to keep every SM streaming (flash-decoding), but each split keeps at
-    # least 4 tiles so that the combine step stays small.
+    # Enough programs to keep every SM streaming (flash-decoding): at batch 1 the window is
+    # all the work there is, so it is cut into splits of as little as 2 tiles (B=1, H=8,
+    # w=4096: 32 splits, 256 programs); the combine then reads 32 partial rows per output
+    # row, about 6% of the bytes the splits read.
     wanted = cdiv(4 * _num_sms(device), programs)
-    num_splits = max(1, min(wanted, cdiv(used_slots, 4 * block_n)))
+    num_splits = max(1, min(wanted, cdiv(used_slots, 2 * block_n)))
     return dict(block_m=block_m, block_n=block_n, num_splits=num_splits, num_warps=4, num_stages=2)
 
 
 def decode_attention_triton(
-    q, k_new, v_new, g_new, cache: WindowLayerCache, scale: float, update_decays: bool = False, **overrides,
+    q, k_new, v_new, g_new, cache: WindowLayerCache, scale: float, update_decays: bool = False,
+    position_on_device: bool = False, **overrides,
 ) -> torch.Tensor:
     """Triton version of :func:`decode_attention_torch`. With ``update_decays`` the kernel
     also adds the step's gates to the cached decays (the rest of the append is left to
-    ``cache.append(..., shift_decays=False)``). ``overrides`` (block_n, num_splits,
-    num_warps, num_stages) replace the default config, for tests and tuning."""
+    ``cache.append(..., shift_decays=False)``). With ``position_on_device`` (a
+    StaticWindowLayerCache) the position is read from ``cache.next_position`` on the device
+    and all slots are scanned. ``overrides`` (block_n, num_splits, num_warps, num_stages)
+    replace the default config, for tests and tuning."""
+    return launch_decode(
+        q, k_new, v_new, g_new, cache.keys, cache.values, cache.decays, cache.positions,
+        cache.next_position if position_on_device else None,
+        0 if position_on_device else cache.seen_tokens, cache.slots_in_use, cache.window_size, scale,
+        update_decays, **overrides,
+    )
+
+
+def launch_decode(
+    q, k_new, v_new, g_new, keys, values, decays, positions, next_position, first_position: int,
+    used: int, window_size: int | None, scale: float, update_decays: bool = False, **overrides,
+) -> torch.Tensor:
+    """The kernels on explicit cache tensors (keys/values [B, H, W, D], decays [B, HQ, W] or
+    None, positions [B, W]); ``next_position`` (0-d int64 tensor) or ``first_position`` (int)
+    gives the stream position of the first new token; slots [0, used) are scanned.
+    Returns o [B, L, HQ, D]."""
     batch, length, num_q_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[2]
     group = num_q_heads // num_kv_heads
-    used = cache.slots_in_use
     config = decode_config(batch, num_kv_heads, group, length, head_dim, used, q.device)
     config.update(overrides)
     block_m, block_n = config["block_m"], config["block_n"]
@@ -231,7 +256,7 @@ def decode_attention_triton(
         g_cum = g_new.float().contiguous()  # the inclusive sum of one gate is the gate
     else:
         g_cum = g_new.float().cumsum(1).contiguous()
-    decays = cache.decays if has_gate else q
+    decays = decays if has_gate else q
     o = torch.empty_like(q)
     split = num_splits > 1
     if split:
@@ -241,11 +266,10 @@ def decode_attention_triton(
         part_sum = torch.empty((partial_rows,), dtype=torch.float32, device=q.device)
     else:
         part_o = part_max = part_sum = o
-    keys, values = cache.keys, cache.values
-    window = cache.window_size if cache.window_size is not None else 0
+    window = window_size if window_size is not None else 0
     _decode_kernel[(batch * num_kv_heads, num_splits, row_blocks)](
         q, k_new, v_new, g_cum,
-        keys, values, decays, cache.positions,
+        keys, values, decays, positions, next_position if next_position is not None else positions,
         o, part_o, part_max, part_sum,
         q.stride(0), q.stride(1), q.stride(2),
         k_new.stride(0), k_new.stride(1), k_new.stride(2),
@@ -253,13 +277,13 @@ def decode_attention_triton(
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         decays.stride(0) if has_gate else 0, decays.stride(1) if has_gate else 0,
-        cache.positions.stride(0),
+        positions.stride(0),
         o.stride(0), o.stride(1), o.stride(2),
-        num_kv_heads, cache.seen_tokens, used, slots_per_split, num_splits, window, scale * LOG2E,
+        num_kv_heads, first_position, used, slots_per_split, num_splits, window, scale * LOG2E,
         LENGTH=length, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_D=block_d,
-        HAS_GATE=has_gate, BOUNDED=cache.window_size is not None, SPLIT=split,
-        UPDATE_DECAYS=update_decays and has_gate,
+        HAS_GATE=has_gate, BOUNDED=window_size is not None, SPLIT=split,
+        UPDATE_DECAYS=update_decays and has_gate, POSITION_ON_DEVICE=next_position is not None,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )

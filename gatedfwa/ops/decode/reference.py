@@ -10,13 +10,19 @@ from gatedfwa.ops.decode.cache import WindowLayerCache
 __all__ = ["decode_attention_torch"]
 
 
-def decode_attention_torch(q, k_new, v_new, g_new, cache: WindowLayerCache, scale: float) -> torch.Tensor:
+def decode_attention_torch(q, k_new, v_new, g_new, cache: WindowLayerCache, scale: float,
+                           first_position: int | torch.Tensor | None = None) -> torch.Tensor:
     """Output of the L new tokens against the cache as it is (nothing is written).
-    Computes in float32; returns o [B, L, HQ, D] in q's dtype."""
+    Computes in float32; returns o [B, L, HQ, D] in q's dtype.
+
+    ``first_position`` is the stream position of the first new token, default
+    cache.seen_tokens; the static cache passes its device tensor (static_cache.py), so that
+    nothing here depends on a host value that changes from step to step."""
     batch, length, num_q_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[2]
     group = num_q_heads // num_kv_heads
     used = cache.slots_in_use
+    first_position = cache.seen_tokens if first_position is None else first_position
     f32 = torch.float32
     device = q.device
     queries = q.to(f32).view(batch, length, num_kv_heads, group, head_dim)
@@ -26,7 +32,7 @@ def decode_attention_torch(q, k_new, v_new, g_new, cache: WindowLayerCache, scal
     fresh = torch.einsum("blhgd,bmhd->bhglm", queries, k_new.to(f32)) * scale
 
     new_index = torch.arange(length, device=device)
-    query_position = cache.seen_tokens + new_index  # [L]
+    query_position = first_position + new_index  # [L]
     key_position = cache.positions[:, :used]  # [B, used]
     cached_visible = (key_position >= 0)[:, None, :].expand(batch, length, used)
     distance_new = new_index[:, None] - new_index[None, :]

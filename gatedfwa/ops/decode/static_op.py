@@ -1,0 +1,104 @@
+"""A decode step against a StaticWindowLayerCache (static_cache.py) that a CUDA graph can
+replay: no host value depends on the stream position, no tensor changes shape or address.
+
+The math is op.py's; what differs is where the position lives. The step
+
+1. attends the L new tokens to all W slots of the cache as it is (empty slots have position
+   -1 and are masked), with the first new token at stream position ``cache.next_position``
+   (a 0-d device tensor); on CUDA the Triton kernel reads that tensor itself and also adds
+   the step's gates to the cached decays;
+2. writes the new tokens at slots (next_position + i) % W (slot next_position + i for a
+   layer without window), computed on the device, with index_copy_;
+3. advances next_position and token_counts by L on the device.
+
+On the Triton path the kernels run inside a ``torch.library`` custom op, so that
+torch.compile(fullgraph=True) keeps them whole and a CUDA graph captures their launches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gatedfwa.ops.backend import select_backend
+from gatedfwa.ops.decode.cache import _suffix_sums_after
+from gatedfwa.ops.decode.op import check_decode_args
+from gatedfwa.ops.decode.reference import decode_attention_torch
+from gatedfwa.ops.decode.static_cache import StaticWindowLayerCache
+from gatedfwa.ops.triton_support import triton
+
+__all__ = ["decode_static_step"]
+
+
+@torch.library.custom_op("gatedfwa::decode_static_attention", mutates_args=("decays",))
+def _decode_static_attention(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, g_new: torch.Tensor | None,
+    keys: torch.Tensor, values: torch.Tensor, decays: torch.Tensor | None, positions: torch.Tensor,
+    next_position: torch.Tensor, window_size: int | None, scale: float,
+) -> torch.Tensor:
+    """The Triton kernels on the static cache's tensors: o [B, L, HQ, D]; adds the step's
+    gate sum to ``decays`` in place."""
+    from gatedfwa.ops.decode.kernels import launch_decode
+
+    return launch_decode(q, k_new, v_new, g_new, keys, values, decays, positions, next_position, 0,
+                         keys.shape[2], window_size, scale, update_decays=True)
+
+
+@_decode_static_attention.register_fake
+def _(q, k_new, v_new, g_new, keys, values, decays, positions, next_position, window_size, scale):
+    return torch.empty_like(q)
+
+
+def decode_static_step(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    g_new: torch.Tensor | None,
+    cache: StaticWindowLayerCache,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One decode step against a filled StaticWindowLayerCache; appends the new tokens.
+
+    Args:
+        q: [B, L, HQ, D] the new tokens' queries, 1 <= L <= min(W, MAX_DECODE_LENGTH).
+        k_new, v_new: [B, L, H, D] their keys and values, the cache's dtype.
+        g_new: [B, L, HQ] their log gates (<= 0), or None for a layer without gate.
+        cache: a StaticWindowLayerCache holding the prompt (prefill first).
+        scale: logit scale, default D ** -0.5.
+
+    Returns:
+        o [B, L, HQ, D] in q's dtype, equal to what decode_gated_window_attention gives.
+    """
+    if not isinstance(cache, StaticWindowLayerCache):
+        raise TypeError(f"cache must be a gatedfwa.StaticWindowLayerCache, got {type(cache).__name__}")
+    if not cache.is_allocated:
+        raise ValueError("the static cache is empty: prefill it with the prompt before decoding")
+    check_decode_args(q, k_new, v_new, g_new, cache, scale)
+    length = q.shape[1]
+    if length > cache.capacity:
+        raise ValueError(f"q holds {length} new tokens, more than the cache's {cache.capacity} slots")
+    scale = float(q.shape[3] ** -0.5 if scale is None else scale)
+    on_triton = select_backend(q.device) == "triton" and triton is not None
+    if on_triton:
+        o = _decode_static_attention(q, k_new, v_new, g_new, cache.keys, cache.values, cache.decays,
+                                     cache.positions, cache.next_position, cache.window_size, scale)
+    else:
+        o = decode_attention_torch(q, k_new, v_new, g_new, cache, scale, first_position=cache.next_position)
+    _write_step(cache, k_new, v_new, g_new, decays_shifted=on_triton)
+    return o
+
+
+def _write_step(cache: StaticWindowLayerCache, k_new, v_new, g_new, decays_shifted: bool) -> None:
+    """Write the L new tokens at their slots and advance the position, all on the device."""
+    batch, length = k_new.shape[:2]
+    stream = cache.next_position + torch.arange(length, device=k_new.device)  # [L]
+    slots = stream % cache.capacity if cache.window_size is not None else stream
+    cache.keys.index_copy_(2, slots, k_new.transpose(1, 2))
+    cache.values.index_copy_(2, slots, v_new.transpose(1, 2))
+    cache.positions.index_copy_(1, slots, stream[None, :].expand(batch, length))
+    if g_new is not None:
+        gates = g_new.float()
+        if not decays_shifted:
+            cache.decays.add_(gates.sum(1)[:, :, None])
+        cache.decays.index_copy_(2, slots, _suffix_sums_after(gates).transpose(1, 2))
+    cache.token_counts.add_(length)
+    cache.next_position.add_(length)
