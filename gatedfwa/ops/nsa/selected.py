@@ -9,9 +9,11 @@ blocks, so a block loaded once serves several queries (a group of 16 heads fills
 with one query; a group of 1 with 16 queries).
 
 dk and dv: the selection is inverted on the host into, per (sequence, kv head, block), the
-list of queries that selected the block (compressed sparse rows, sorted by query). A program
-holds BLOCK_K keys of one block and walks that list BLOCK_Q queries at a time, their group's
-heads as columns. No atomics: every key is written by exactly one program.
+list of queries that selected the block (compressed sparse rows, sorted by query), and each
+list is cut into work items of a bounded number of queries (block 0, kept by every query,
+would otherwise be one program walking the whole sequence). A program holds BLOCK_K keys of
+one block and walks one item BLOCK_Q queries at a time, their group's heads as columns, and
+adds its sums into float32 dk/dv (only a split block's keys get more than one addition).
 
     forward  o_slc [B*T, HQ, D], lse2 [B*T, HQ] float32 (base 2)
 """
@@ -135,21 +137,24 @@ def _selected_dq_kernel(
 
 @jit
 def _selected_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, QUERIES, QUERY_OFFSETS, DK, DV, CU_SEQLENS,
+    Q, K, V, DO, LSE, DELTA, QUERIES, ITEM_LIST, ITEM_START, ITEM_END, DK, DV, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     seqlen, num_q_heads, num_kv_heads, block_size, max_blocks, qk_scale, scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """BLOCK_K keys (part `piece` of block `block`) of one kv head: dv = sum P^T do,
-    dk = scale * sum dS^T q over the (query, head) rows that selected the block."""
+    """One work item (a run of at most a chunk of the queries that selected one block of one
+    kv head, see _work_items) for BLOCK_K keys (part `piece` of the block): dv += P^T do,
+    dk += scale * dS^T q over the item's (query, head) rows, added into float32 DK/DV."""
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
     pieces = tl.cdiv(block_size, BLOCK_K)
-    block = tl.program_id(0) // pieces
+    item = tl.program_id(0) // pieces
     k0 = (tl.program_id(0) % pieces) * BLOCK_K
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    list_id = tl.load(ITEM_LIST + item)
+    block = list_id % max_blocks
+    kv_head = (list_id // max_blocks) % num_kv_heads
+    seq = list_id // (max_blocks * num_kv_heads)
     bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
     first_key = bos + block * block_size + k0
     if first_key >= eos:
@@ -161,9 +166,8 @@ def _selected_dkdv_kernel(
     v = load_keys(V, offs_n, key_ok, kv_head, offs_d, stride_vt, stride_vh, HEAD_DIM, False)
     dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    list_id = (seq * num_kv_heads + kv_head) * max_blocks + block
-    start = tl.load(QUERY_OFFSETS + list_id)
-    end = tl.load(QUERY_OFFSETS + list_id + 1)
+    start = tl.load(ITEM_START + item)
+    end = tl.load(ITEM_END + item)
     r = tl.arange(0, ROWS)
     head = kv_head * GROUP + r % GROUP_PAD
     for i0 in range(start, end, BLOCK_Q):
@@ -181,11 +185,33 @@ def _selected_dkdv_kernel(
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[None, :])
         dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    # A key whose block list is one item is added onto 0 (exact, so deterministic); only the
+    # keys of a block split over several items (block 0, which every query keeps) sum in
+    # the order the items finish.
     mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tl.store(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + offs_n[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=mask)
+    tl.atomic_add(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :], dk * scale, mask=mask,
+                  sem="relaxed")
+    tl.atomic_add(DV + offs_n[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :], dv, mask=mask,
+                  sem="relaxed")
+
+
+# Rows (query, head) one work item of the dk/dv kernel walks at most: a block every query
+# keeps (block 0) is cut into several items so that its program does not run T steps alone.
+ROWS_PER_ITEM = 4096
+
+
+def _work_items(offsets: torch.Tensor, layout: SequenceLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(list id, first entry, end entry) int32 [items] of the non-empty block lists of
+    invert_selection, each cut into runs of at most ROWS_PER_ITEM // GROUP_PAD queries."""
+    chunk = 8 if interpreting() else max(1, ROWS_PER_ITEM // layout.group_pad)  # tests: items split too
+    counts = (offsets[1:] - offsets[:-1]).long()
+    pieces = (counts + chunk - 1) // chunk  # 0 for a block nobody selected
+    list_id = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), pieces)
+    first_item = torch.cumsum(pieces, 0) - pieces
+    within = torch.arange(list_id.numel(), device=counts.device) - first_item[list_id]
+    start = offsets[:-1].long()[list_id] + within * chunk
+    end = torch.minimum(start + chunk, offsets[1:].long()[list_id])
+    return list_id.to(torch.int32), start.to(torch.int32), end.to(torch.int32)
 
 
 def _config(layout: SequenceLayout) -> dict:
@@ -242,6 +268,32 @@ def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scal
     dv = tiles.allocate_like(v)
     if q.numel() == 0:
         return dq, dk, dv
+    delta = (o.float() * do.float()).sum(-1).reshape(-1, layout.num_q_heads)
+    config = _config(layout)
+    cu = layout.cu_seqlens if layout.varlen else q
+    block_counts = indices.shape[-1]
+    _selected_dq_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
+        q, k, v, do, lse, delta, indices, dq, cu,
+        *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v), *token_and_head_strides(do), *token_and_head_strides(dq),
+        layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, block_counts,
+        scale * LOG2E, scale, **kernel_flags(layout, q), **config,
+    )
+    queries, offsets = invert_selection(indices, layout)
+    item_list, item_start, item_end = _work_items(offsets, layout)
+    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    if item_list.numel() > 0:
+        pieces = cdiv(layout.block_size, config["BLOCK_K"])
+        _selected_dkdv_kernel[(item_list.numel() * pieces, 1, 1)](
+            q, k, v, do, lse, delta, queries, item_list, item_start, item_end, dk32, dv32, cu,
+            *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v), *token_and_head_strides(do),
+            *token_and_head_strides(dk32), *token_and_head_strides(dv32),
+            layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, layout.max_blocks,
+            scale * LOG2E, scale, **kernel_flags(layout, q), **config,
+        )
+    dk.copy_(dk32)
+    dv.copy_(dv32)
+    return dq, dk, dv
     delta = (o.float() * do.float()).sum(-1).reshape(-1, layout.num_q_heads)
     config = _config(layout)
     cu = layout.cu_seqlens if layout.varlen else q
