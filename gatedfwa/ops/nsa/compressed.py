@@ -22,11 +22,12 @@ from gatedfwa.ops.nsa.layout import SequenceLayout
 from gatedfwa.ops.nsa.tiles import (
     finish_softmax,
     kernel_flags,
+    load_gradient_rows,
     load_keys,
     load_rows,
     probabilities,
     query_rows,
-    query_tile,
+    query_tile_rows,
     softmax_step,
     store_rows,
     summary_bounds,
@@ -46,13 +47,11 @@ def _compressed_forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
+    seq, kv_head, bos, eos, t0, position, head, valid, offs_d, q = query_tile_rows(
+        Q, CU_SEQLENS, seqlen, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM, BLOCK_D, VARLEN)
     if t0 >= eos:
         return
     first_summary, num_summaries = summary_bounds(SUMMARY_OFFSETS, seq, summaries_per_seq, VARLEN)
-    position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
     visible = (position - bos + 1) // block_size  # summaries each row sees
     tile_visible = (tl.minimum(t0 + BLOCK_Q, eos) - bos) // block_size
 
@@ -83,16 +82,13 @@ def _compressed_dq_kernel(
 ):
     """dq_t = scale * sum_c P_tc (dP_tc - delta_t) k_cmp[c], dP = do . v_cmp."""
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
+    seq, kv_head, bos, eos, t0, position, head, valid, offs_d, q = query_tile_rows(
+        Q, CU_SEQLENS, seqlen, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM, BLOCK_D, VARLEN)
     if t0 >= eos:
         return
     first_summary, num_summaries = summary_bounds(SUMMARY_OFFSETS, seq, summaries_per_seq, VARLEN)
-    position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
-    do = load_rows(DO, position, head, valid, offs_d, stride_dot, stride_doh, HEAD_DIM)
-    lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=float("-inf"))
-    delta = tl.load(DELTA + position * num_q_heads + head, mask=valid, other=0.0)
+    do, lse, delta = load_gradient_rows(DO, LSE, DELTA, position, head, valid, offs_d, stride_dot, stride_doh,
+                                        num_q_heads, HEAD_DIM)
     visible = (position - bos + 1) // block_size
     tile_visible = (tl.minimum(t0 + BLOCK_Q, eos) - bos) // block_size
 
@@ -146,9 +142,8 @@ def _compressed_dkdv_kernel(
     for t0 in range(tl.maximum(first_query, bos + split * query_span), span_end, BLOCK_Q):
         position, head, valid = query_rows(t0, span_end, kv_head, GROUP, GROUP_PAD, ROWS)
         q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
-        do = load_rows(DO, position, head, valid, offs_d, stride_dot, stride_doh, HEAD_DIM)
-        lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=0.0)
-        delta = tl.load(DELTA + position * num_q_heads + head, mask=valid, other=0.0)
+        do, lse, delta = load_gradient_rows(DO, LSE, DELTA, position, head, valid, offs_d, stride_dot, stride_doh,
+                                            num_q_heads, HEAD_DIM)
         visible = (position - bos + 1) // block_size
         seen = (offs_c[:, None] < visible[None, :]) & valid[None, :] & c_ok[:, None]
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_C, ROWS]

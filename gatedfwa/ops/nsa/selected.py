@@ -27,11 +27,11 @@ from gatedfwa.ops.nsa.layout import SequenceLayout
 from gatedfwa.ops.nsa.tiles import (
     finish_softmax,
     kernel_flags,
+    load_gradient_rows,
     load_keys,
     load_rows,
     probabilities,
-    query_rows,
-    query_tile,
+    query_tile_rows,
     softmax_step,
     store_rows,
 )
@@ -52,6 +52,30 @@ def _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_c
 
 
 @jit
+def _first_block(INDICES, position, valid, kv_head, num_kv_heads, block_counts):
+    """Start of the merge of the tile's block lists: (cursor, each row's next block, the
+    lowest of them: the block to visit; NO_BLOCK when no row has any)."""
+    cursor = tl.zeros(position.shape, dtype=tl.int32)
+    current = _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts)
+    return cursor, current, tl.min(current, 0)
+
+
+@jit
+def _advance(INDICES, position, valid, cursor, chosen, kv_head, num_kv_heads, block_counts):
+    """After visiting a block: the rows that chose it step to their next entry."""
+    cursor += chosen.to(tl.int32)
+    current = _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts)
+    return cursor, current, tl.min(current, 0)
+
+
+@jit
+def _block_keys(bos, eos, block, block_size, k0, BLOCK_K: tl.constexpr):
+    """Token positions of keys k0 .. k0 + BLOCK_K of a block, and which of them exist."""
+    offs_n = bos + block * block_size + k0 + tl.arange(0, BLOCK_K)
+    return offs_n, (k0 + tl.arange(0, BLOCK_K) < block_size) & (offs_n < eos)
+
+
+@jit
 def _selected_forward_kernel(
     Q, K, V, INDICES, O, LSE, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -59,34 +83,27 @@ def _selected_forward_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
+    seq, kv_head, bos, eos, t0, position, head, valid, offs_d, q = query_tile_rows(
+        Q, CU_SEQLENS, seqlen, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM, BLOCK_D, VARLEN)
     if t0 >= eos:
         return
-    position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     row_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([ROWS], dtype=tl.float32)
 
-    cursor = tl.zeros([ROWS], dtype=tl.int32)
-    current = _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts)
-    block = tl.min(current, 0)
+    cursor, current, block = _first_block(INDICES, position, valid, kv_head, num_kv_heads, block_counts)
     while block < NO_BLOCK:
         chosen = current == block  # rows whose query selected this block
         for k0 in range(0, block_size, BLOCK_K):
-            offs_n = bos + block * block_size + k0 + tl.arange(0, BLOCK_K)
-            key_ok = (k0 + tl.arange(0, BLOCK_K) < block_size) & (offs_n < eos)
+            offs_n, key_ok = _block_keys(bos, eos, block, block_size, k0, BLOCK_K)
             k = load_keys(K, offs_n, key_ok, kv_head, offs_d, stride_kt, stride_kh, HEAD_DIM, True)
             s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
             seen = chosen[:, None] & key_ok[None, :] & (offs_n[None, :] <= position[:, None])
             s = tl.where(seen, s, float("-inf"))
             v = load_keys(V, offs_n, key_ok, kv_head, offs_d, stride_vt, stride_vh, HEAD_DIM, False)
             acc, row_max, row_sum = softmax_step(acc, row_max, row_sum, s, v, DOT_PRECISION)
-        cursor += chosen.to(tl.int32)
-        current = _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts)
-        block = tl.min(current, 0)
+        cursor, current, block = _advance(INDICES, position, valid, cursor, chosen, kv_head, num_kv_heads,
+                                          block_counts)
     out, lse = finish_softmax(acc, row_max, row_sum)
     store_rows(O, out, position, head, valid, offs_d, stride_ot, stride_oh, HEAD_DIM)
     tl.store(LSE + position * num_q_heads + head, lse, mask=valid)
@@ -101,26 +118,19 @@ def _selected_dq_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
+    seq, kv_head, bos, eos, t0, position, head, valid, offs_d, q = query_tile_rows(
+        Q, CU_SEQLENS, seqlen, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM, BLOCK_D, VARLEN)
     if t0 >= eos:
         return
-    position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
-    do = load_rows(DO, position, head, valid, offs_d, stride_dot, stride_doh, HEAD_DIM)
-    lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=float("-inf"))
-    delta = tl.load(DELTA + position * num_q_heads + head, mask=valid, other=0.0)
+    do, lse, delta = load_gradient_rows(DO, LSE, DELTA, position, head, valid, offs_d, stride_dot, stride_doh,
+                                        num_q_heads, HEAD_DIM)
     dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
 
-    cursor = tl.zeros([ROWS], dtype=tl.int32)
-    current = _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts)
-    block = tl.min(current, 0)
+    cursor, current, block = _first_block(INDICES, position, valid, kv_head, num_kv_heads, block_counts)
     while block < NO_BLOCK:
         chosen = current == block
         for k0 in range(0, block_size, BLOCK_K):
-            offs_n = bos + block * block_size + k0 + tl.arange(0, BLOCK_K)
-            key_ok = (k0 + tl.arange(0, BLOCK_K) < block_size) & (offs_n < eos)
+            offs_n, key_ok = _block_keys(bos, eos, block, block_size, k0, BLOCK_K)
             k = load_keys(K, offs_n, key_ok, kv_head, offs_d, stride_kt, stride_kh, HEAD_DIM, False)
             v = load_keys(V, offs_n, key_ok, kv_head, offs_d, stride_vt, stride_vh, HEAD_DIM, False)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -129,9 +139,8 @@ def _selected_dq_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-        cursor += chosen.to(tl.int32)
-        current = _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts)
-        block = tl.min(current, 0)
+        cursor, current, block = _advance(INDICES, position, valid, cursor, chosen, kv_head, num_kv_heads,
+                                          block_counts)
     store_rows(DQ, dq * scale, position, head, valid, offs_d, stride_dqt, stride_dqh, HEAD_DIM)
 
 
@@ -175,9 +184,8 @@ def _selected_dkdv_kernel(
         valid = (entry < end) & (r % GROUP_PAD < GROUP)
         position = tl.load(QUERIES + entry, mask=valid, other=0)
         q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
-        do = load_rows(DO, position, head, valid, offs_d, stride_dot, stride_doh, HEAD_DIM)
-        lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=0.0)
-        delta = tl.load(DELTA + position * num_q_heads + head, mask=valid, other=0.0)
+        do, lse, delta = load_gradient_rows(DO, LSE, DELTA, position, head, valid, offs_d, stride_dot, stride_doh,
+                                            num_q_heads, HEAD_DIM)
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_K, ROWS]
         seen = key_ok[:, None] & valid[None, :] & (offs_n[:, None] <= position[None, :])
         p = tl.where(seen, tl.math.exp2(s - lse[None, :]), 0.0)
