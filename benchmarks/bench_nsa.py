@@ -382,6 +382,20 @@ def main(argv=None):
                                                           for (family, group), config in CHOSEN.items()}},
                       sweep_rows, ["shape", "family", "config", "check", "device ms", "chosen", "error"])
     rows, kernel_table, kernel_list = [], [], []
+    configs = {f"group {hq // h}": active_configs(hq // h) for hq, h in HEADS}
+
+    def save() -> None:
+        """Written after every shape, so that a run cut short keeps what it measured."""
+        table = rows + add_ratios(rows)
+        payload = {"environment": env, "settings": settings, "configs": configs, "rows": table}
+        columns = ["shape", "implementation", "branches", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
+                   "value", "note", "error"]
+        write_results(args.out, "nsa_speed", payload, table, columns)
+        if kernel_table:
+            write_results(args.out, "nsa_kernels", {"environment": env, "settings": settings, "configs": configs,
+                                                     "rows": kernel_table, "kernels": kernel_list},
+                          kernel_table, ["shape", "stage", "device ms", "share", "error"])
+
     for seqlen in args.seqlens:
         for q_heads, kv_heads in HEADS:
             apply_configs(q_heads // kv_heads)
@@ -390,16 +404,7 @@ def main(argv=None):
             except Exception as exc:  # e.g. out of memory at one shape: keep the others
                 rows.append({"shape": f"T{seqlen} HQ{q_heads} H{kv_heads}", **error_record(exc)})
             torch.cuda.empty_cache()
-    rows += add_ratios(rows)
-    configs = {f"group {hq // h}": active_configs(hq // h) for hq, h in HEADS}
-    payload = {"environment": env, "settings": settings, "configs": configs, "rows": rows}
-    columns = ["shape", "implementation", "branches", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
-               "value", "note", "error"]
-    write_results(args.out, "nsa_speed", payload, rows, columns)
-    if kernel_table:
-        write_results(args.out, "nsa_kernels", {"environment": env, "settings": settings, "configs": configs,
-                                                 "rows": kernel_table, "kernels": kernel_list},
-                      kernel_table, ["shape", "stage", "device ms", "share", "error"])
+            save()
 
 
 if __name__ == "__main__":

@@ -238,12 +238,13 @@ def query_splits(layout: SequenceLayout, programs: int) -> tuple[int, int]:
     """(query_span, splits) for the summaries' backward: the queries of a sequence are cut into
     `splits` spans of query_span tokens, each a program of its own, so that a few summary
     tiles still fill the GPU (one tile per program would leave most SMs idle: T=8192 with 4
-    kv heads has 8 tiles). About two waves of programs, spans of at least MIN_QUERY_SPAN."""
+    kv heads has 8 tiles). About four waves of programs (the tiles' work is triangular: early
+    summaries are seen by more queries), spans of at least MIN_QUERY_SPAN."""
     longest = max(layout.max_seqlen, 1)
     if interpreting():
         splits = min(3, cdiv(longest, 16))  # several spans even at the tests' sizes
     else:
-        wanted = cdiv(2 * streaming_multiprocessors(layout.device), max(programs, 1))
+        wanted = cdiv(4 * streaming_multiprocessors(layout.device), max(programs, 1))
         splits = max(1, min(wanted, cdiv(longest, MIN_QUERY_SPAN)))
     span = cdiv(longest, splits)
     return span, cdiv(longest, span)
