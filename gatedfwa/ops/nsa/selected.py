@@ -302,23 +302,3 @@ def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scal
     dk.copy_(dk32)
     dv.copy_(dv32)
     return dq, dk, dv
-    delta = (o.float() * do.float()).sum(-1).reshape(-1, layout.num_q_heads)
-    config = _config(layout)
-    cu = layout.cu_seqlens if layout.varlen else q
-    block_counts = indices.shape[-1]
-    _selected_dq_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
-        q, k, v, do, lse, delta, indices, dq, cu,
-        *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v), *token_and_head_strides(do), *token_and_head_strides(dq),
-        layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, block_counts,
-        scale * LOG2E, scale, **kernel_flags(layout, q), **config,
-    )
-    queries, offsets = invert_selection(indices, layout)
-    pieces = cdiv(layout.block_size, config["BLOCK_K"])
-    _selected_dkdv_kernel[(layout.max_blocks * pieces, layout.num_seqs, layout.num_kv_heads)](
-        q, k, v, do, lse, delta, queries, offsets, dk, dv, cu,
-        *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v), *token_and_head_strides(do),
-        *token_and_head_strides(dk), *token_and_head_strides(dv),
-        layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, layout.max_blocks,
-        scale * LOG2E, scale, **kernel_flags(layout, q), **config,
-    )
-    return dq, dk, dv
