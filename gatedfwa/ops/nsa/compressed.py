@@ -234,6 +234,11 @@ def compressed_backward(do, q, k_cmp, v_cmp, o, lse, layout: SequenceLayout, sca
     return dq, dk_cmp, dv_cmp
 
 
+# Fewest queries per span of the summaries' backward: shorter spans re-read the same
+# summary tile for too little work.
+MIN_QUERY_SPAN = 256
+
+
 def query_splits(layout: SequenceLayout, programs: int) -> tuple[int, int]:
     """(query_span, splits) for the summaries' backward: the queries of a sequence are cut into
     `splits` spans of query_span tokens, each a program of its own, so that a few summary
@@ -250,8 +255,6 @@ def query_splits(layout: SequenceLayout, programs: int) -> tuple[int, int]:
     return span, cdiv(longest, span)
 
 
-MIN_QUERY_SPAN = 256
-
-
 def streaming_multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (1 elsewhere): the programs a wave of launches holds, roughly."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
