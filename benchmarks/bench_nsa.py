@@ -3,6 +3,7 @@ query groups of 16 and more) and, as context, gatedfwa's window op and full caus
 
     python benchmarks/bench_nsa.py --out benchmarks/results            # all shapes
     python benchmarks/bench_nsa.py --out /tmp/x --seqlens 8192          # one length
+    python benchmarks/bench_nsa.py --out /tmp/x --sweep                 # tile configs first
 
 Shapes: T in {8k, 32k, 64k}; HQ=64 H=4 (group 16) and HQ=16 H=16 (group 1); D=128, block
 size 64, 16 selected blocks, window 512, bf16. Forward and forward+backward, do_bench medians.
@@ -10,6 +11,18 @@ Writes nsa_speed.json/.md. TFLOP/s count 4 * HQ * D flops per attended (query, k
 (3.5x that for forward+backward) over the pairs of the branches the row runs: compressed
 (visible summaries), selected (the selected blocks' keys up to the query), sliding, or all
 causal pairs for the full causal row. The last rows give the issue's targets as ratios.
+
+nsa_kernels.json/.md: device time per call of each kernel of one forward+backward of the
+gated NSA (torch.profiler, L2 flushed), grouped by stage: compressed attention (fwd, dq,
+dk/dv), block selection, selected attention (fwd, dq, dk/dv), the sliding branch (window op)
+and PyTorch's own kernels (block pooling, branch combine, casts, the selection's inversion).
+
+--sweep first tries a few launch configs per kernel family (compressed.py, selection.py,
+selected.py), per group size: each is checked on a small input against the float64
+reference (the rule of docs/correctness.md on the output and the q/k/v gradients, with the
+reference's selection given; the selection kernel by its agreement with the reference's
+blocks), then timed at T=8192 by its kernels' device time. The fastest passing config of
+each family is written to nsa_sweep.json/.md and used for the speed rows that follow.
 """
 
 from __future__ import annotations
@@ -25,10 +38,20 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import attention_tflops, bench_ms, environment, error_record, window_pairs, write_results  # noqa: E402
+from common import (  # noqa: E402
+    attention_tflops,
+    bench_ms,
+    environment,
+    error_record,
+    kernel_device_ms,
+    window_pairs,
+    write_results,
+)
 
+from gatedfwa.ops.nsa import compressed, nsa_attention, selected, selection  # noqa: E402
+from gatedfwa.ops.nsa.reference import naive_nsa_attention  # noqa: E402
 from gatedfwa.ops.window_attention import gated_window_attention  # noqa: E402
-from gatedfwa.ops.nsa import nsa_attention  # noqa: E402
+from gatedfwa.testing import assert_within_rule  # noqa: E402
 
 DEVICE = "cuda"
 HEAD_DIM, BLOCK_SIZE, BLOCK_COUNTS, WINDOW = 128, 64, 16, 512
@@ -64,11 +87,67 @@ def branch_pairs(seqlen: int, branches: tuple[str, ...]) -> int:
     return int(pairs)
 
 
-def run_shape(seqlen, q_heads, kv_heads, rows):
+# Kernel name fragments -> stage, in the order of the kernels table.
+STAGES = [
+    ("_compressed_forward_kernel", "compressed attention fwd"),
+    ("_compressed_dq_kernel", "compressed attention dq"),
+    ("_compressed_dkdv_kernel", "compressed attention dk/dv"),
+    ("_select_kernel", "selection top-k"),
+    ("_selected_forward_kernel", "selected attention fwd"),
+    ("_selected_dq_kernel", "selected attention dq"),
+    ("_selected_dkdv_kernel", "selected attention dk/dv"),
+    ("_forward_kernel", "sliding window fwd (window op)"),
+    ("_delta_kernel", "sliding window bwd (window op)"),
+    ("_dq_kernel", "sliding window bwd (window op)"),
+    ("_dkdv_kernel", "sliding window bwd (window op)"),
+    ("_reverse_cumsum_kernel", "sliding window bwd (window op)"),
+]
+OTHER_STAGE = "PyTorch kernels (pooling, combine, casts, selection inversion)"
+
+
+def stage_of(kernel_name: str) -> str:
+    for fragment, stage in STAGES:
+        if fragment in kernel_name:
+            return stage
+    return OTHER_STAGE
+
+
+def kernel_rows(shape, step, family_configs):
+    """Device ms per stage of one forward+backward (step), and each kernel on its own."""
+    times = kernel_device_ms(step)
+    stages: dict[str, float] = {}
+    for name, ms in times.items():
+        stages[stage_of(name)] = stages.get(stage_of(name), 0.0) + ms
+    total = sum(stages.values())
+    order = [stage for _, stage in STAGES] + [OTHER_STAGE]
+    rows = [{"shape": shape, "stage": stage, "device ms": stages[stage], "share": stages[stage] / total}
+            for stage in dict.fromkeys(order) if stage in stages]
+    rows.append({"shape": shape, "stage": "total", "device ms": total, "share": 1.0,
+                 "configs": family_configs})
+    kernels = [{"shape": shape, "kernel": name, "device ms": ms} for name, ms in sorted(times.items(), key=lambda x: -x[1])]
+    return rows, kernels
+
+
+def run_shape(seqlen, q_heads, kv_heads, rows, kernel_table=None, kernel_list=None):
     q, k, v, g, (g_cmp, g_slc, g_swa) = make_inputs(seqlen, q_heads, kv_heads)
     do = torch.randn_like(q)
     shape = f"T{seqlen} HQ{q_heads} H{kv_heads} (group {q_heads // kv_heads})"
     options = dict(block_size=BLOCK_SIZE, block_counts=BLOCK_COUNTS, window_size=WINDOW)
+    if kernel_table is not None:
+        def gated_step():
+            nsa_attention(q, k, v, g, g_cmp, g_slc, g_swa, **options).backward(do)
+            for leaf in (q, k, v, g, g_cmp, g_slc, g_swa):
+                leaf.grad = None
+
+        try:
+            stage_rows, kernels = kernel_rows(shape, gated_step, active_configs(q_heads // kv_heads))
+            kernel_table += stage_rows
+            kernel_list += kernels
+            for row in stage_rows:
+                print(row, flush=True)
+        except Exception as exc:  # noqa: BLE001 - the timing rows still follow
+            kernel_table.append({"shape": shape, "stage": "profile", **error_record(exc)})
+            traceback.print_exc()
 
     def record(name, fwd, leaves, branches, note=""):
         row = {"shape": shape, "implementation": name, "branches": "+".join(branches), "note": note}
@@ -132,6 +211,133 @@ def fla_peer(q, k, v, g_cmp, g_slc, g_swa, group, record, rows, shape):
            [q, k, v, g_cmp, g_slc, g_swa], ("cmp", "slc", "swa"))
 
 
+# ---------------------------------------------------------------------------------------------
+# Launch-config sweep
+# ---------------------------------------------------------------------------------------------
+
+# Each kernel family's _config(layout) (compressed.py, selection.py, selected.py) is replaced
+# by a candidate; ROWS is raised to the group size where smaller. The first is the default.
+FAMILIES = {"compressed": compressed, "selection": selection, "selected": selected}
+KERNEL_FRAGMENT = {"compressed": "_compressed_", "selection": "_select_kernel", "selected": "_selected_"}
+CANDIDATES = {
+    "compressed": [dict(ROWS=64, BLOCK_C=64, num_warps=4, num_stages=2),
+                   dict(ROWS=128, BLOCK_C=64, num_warps=8, num_stages=2),
+                   dict(ROWS=64, BLOCK_C=32, num_warps=4, num_stages=3)],
+    "selection": [dict(ROWS=16, BLOCK_C=64, num_warps=4, num_stages=2),
+                  dict(ROWS=32, BLOCK_C=64, num_warps=4, num_stages=2),
+                  dict(ROWS=16, BLOCK_C=32, num_warps=2, num_stages=3)],
+    "selected": [dict(ROWS=16, BLOCK_K=64, num_warps=4, num_stages=2),
+                 dict(ROWS=32, BLOCK_K=64, num_warps=4, num_stages=2),
+                 dict(ROWS=16, BLOCK_K=32, num_warps=2, num_stages=3)],
+}
+DEFAULT_CONFIG = {name: module._config for name, module in FAMILIES.items()}
+CHOSEN: dict[tuple[str, int], dict] = {}  # (family, group) -> config, filled by --sweep
+
+
+def use_config(family: str, config: dict | None) -> None:
+    """Make the family's kernels launch with config (None: the module's own default)."""
+    if config is None:
+        FAMILIES[family]._config = DEFAULT_CONFIG[family]
+    else:
+        FAMILIES[family]._config = lambda layout, c=config: {**c, "ROWS": max(c["ROWS"], layout.group_pad)}
+
+
+def apply_configs(group: int) -> None:
+    for family in FAMILIES:
+        use_config(family, CHOSEN.get((family, group)))
+
+
+def active_configs(group: int) -> dict:
+    return {family: CHOSEN.get((family, group), "default") for family in FAMILIES}
+
+
+def check_inputs(q_heads, kv_heads, seqlen=400, dtype=torch.bfloat16):
+    """Small inputs whose blocks have distinct summaries (keys of a block share a direction),
+    so that the float64 reference's selection is rarely a near-tie."""
+    def rand(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=torch.float64)
+
+    shared = rand(1, -(-seqlen // BLOCK_SIZE), kv_heads, HEAD_DIM).repeat_interleave(BLOCK_SIZE, dim=1)[:, :seqlen]
+    q, k, v = rand(1, seqlen, q_heads, HEAD_DIM), rand(1, seqlen, kv_heads, HEAD_DIM) + 2 * shared, rand(1, seqlen, kv_heads, HEAD_DIM)
+    g = F.logsigmoid(rand(1, seqlen, q_heads) + 2)
+    gates = [torch.sigmoid(rand(1, seqlen, q_heads)) for _ in range(3)]
+    return q, k, v, g, gates
+
+
+def check_config(family: str, q_heads: int, kv_heads: int) -> str:
+    """'ok' or why not: the family's kernels with the config now in use against the float64
+    reference on a small input (4 selected blocks, window 128)."""
+    options = dict(block_size=BLOCK_SIZE, block_counts=4, window_size=128)
+    q, k, v, g, gates = check_inputs(q_heads, kv_heads)
+    _, reference_blocks = naive_nsa_attention(q, k, v, g, *gates, **options)
+    if family == "selection":
+        _, blocks = nsa_attention(q.float(), k.float(), v.float(), g.float(), *(x.float() for x in gates),
+                                  return_block_indices=True, **options)
+        agreement = (blocks == reference_blocks).float().mean().item()
+        return "ok" if agreement >= 0.995 else f"selection agrees with the reference on {agreement:.4f} of slots"
+    do = torch.randn_like(q)
+
+    def run(fn, dtype):
+        leaves = [x.to(dtype).detach().requires_grad_() for x in (q, k, v)]
+        out = fn(*leaves, g.to(dtype), *(x.to(dtype) for x in gates), block_indices=reference_blocks, **options)
+        if isinstance(out, tuple):
+            out = out[0]
+        out.backward(do.to(dtype))
+        return [out.detach().double()] + [x.grad.double() for x in leaves]
+
+    fast = run(nsa_attention, torch.bfloat16)
+    low = run(naive_nsa_attention, torch.bfloat16)
+    ref = run(naive_nsa_attention, torch.float64)
+    try:
+        for name, f, lo, r in zip(("o", "dq", "dk", "dv"), fast, low, ref):
+            assert_within_rule(name, f, lo, r)
+    except AssertionError as exc:
+        return str(exc)
+    return "ok"
+
+
+def sweep(seqlen: int) -> list[dict]:
+    """Per group size and family: check and time each candidate, keep the fastest passing."""
+    rows = []
+    for q_heads, kv_heads in HEADS:
+        group = q_heads // kv_heads
+        shape = f"T{seqlen} HQ{q_heads} H{kv_heads} (group {group})"
+        q, k, v, g, gates = make_inputs(seqlen, q_heads, kv_heads)
+        do = torch.randn_like(q)
+
+        def step():
+            nsa_attention(q, k, v, g, *gates, block_size=BLOCK_SIZE, block_counts=BLOCK_COUNTS,
+                          window_size=WINDOW).backward(do)
+            for leaf in (q, k, v, g, *gates):
+                leaf.grad = None
+
+        for family, candidates in CANDIDATES.items():
+            best = None
+            for config in candidates:
+                apply_configs(group)
+                use_config(family, config)
+                row = {"shape": shape, "family": family, "config": str(config)}
+                try:
+                    row["check"] = check_config(family, q_heads, kv_heads)
+                    if row["check"] == "ok":
+                        times = kernel_device_ms(step, iterations=10)
+                        row["device ms"] = sum(ms for name, ms in times.items() if KERNEL_FRAGMENT[family] in name)
+                        if best is None or row["device ms"] < best[0]:
+                            best = (row["device ms"], config)
+                except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                    row.update(error_record(exc))
+                rows.append(row)
+                print({key: value for key, value in row.items() if key != "traceback"}, flush=True)
+            if best is not None:
+                CHOSEN[(family, group)] = best[1]
+                rows.append({"shape": shape, "family": family, "config": str(best[1]), "chosen": True,
+                             "device ms": best[0]})
+        del q, k, v, g, gates, do
+        torch.cuda.empty_cache()
+    apply_configs(0)
+    return rows
+
+
 def add_ratios(rows):
     """Target rows: ours / fla (forward, forward+backward), the gate's cost, group 1 vs 16."""
     by = {(r["shape"], r["implementation"]): r for r in rows if "error" not in r}
@@ -161,25 +367,44 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown results")
     parser.add_argument("--seqlens", type=int, nargs="+", default=SEQLENS)
+    parser.add_argument("--sweep", action="store_true", help="choose each kernel family's launch config first")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel device times")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("a CUDA GPU is required")
     env = environment()
-    rows = []
+    settings = dict(head_dim=HEAD_DIM, block_size=BLOCK_SIZE, block_counts=BLOCK_COUNTS, window=WINDOW,
+                    dtype="bfloat16")
+    if args.sweep:
+        sweep_rows = sweep(8192)
+        write_results(args.out, "nsa_sweep", {"environment": env, "settings": settings, "rows": sweep_rows,
+                                               "chosen": {f"{family} group {group}": config
+                                                          for (family, group), config in CHOSEN.items()}},
+                      sweep_rows, ["shape", "family", "config", "check", "device ms", "chosen", "error"])
+    rows, kernel_table, kernel_list = [], [], []
+    configs = {f"group {hq // h}": active_configs(hq // h) for hq, h in HEADS}
+
+    def save() -> None:
+        """Written after every shape, so that a run cut short keeps what it measured."""
+        table = rows + add_ratios(rows)
+        payload = {"environment": env, "settings": settings, "configs": configs, "rows": table}
+        columns = ["shape", "implementation", "branches", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
+                   "value", "note", "error"]
+        write_results(args.out, "nsa_speed", payload, table, columns)
+        if kernel_table:
+            write_results(args.out, "nsa_kernels", {"environment": env, "settings": settings, "configs": configs,
+                                                     "rows": kernel_table, "kernels": kernel_list},
+                          kernel_table, ["shape", "stage", "device ms", "share", "error"])
+
     for seqlen in args.seqlens:
         for q_heads, kv_heads in HEADS:
+            apply_configs(q_heads // kv_heads)
             try:
-                run_shape(seqlen, q_heads, kv_heads, rows)
+                run_shape(seqlen, q_heads, kv_heads, rows, None if args.no_kernels else kernel_table, kernel_list)
             except Exception as exc:  # e.g. out of memory at one shape: keep the others
                 rows.append({"shape": f"T{seqlen} HQ{q_heads} H{kv_heads}", **error_record(exc)})
             torch.cuda.empty_cache()
-    rows += add_ratios(rows)
-    payload = {"environment": env, "settings": dict(head_dim=HEAD_DIM, block_size=BLOCK_SIZE,
-                                                     block_counts=BLOCK_COUNTS, window=WINDOW, dtype="bfloat16"),
-               "rows": rows}
-    columns = ["shape", "implementation", "branches", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
-               "value", "note", "error"]
-    write_results(args.out, "nsa_speed", payload, rows, columns)
+            save()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Computes in float32; returns q's dtype.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 from gatedfwa.ops.nsa.reference import (
     combine_branches,
@@ -29,38 +30,54 @@ __all__ = ["chunked_selected_attention", "chunked_nsa_attention"]
 GATHER_ELEMENTS = 1 << 23
 
 
+def _selected_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor, start: int,
+                    block_size: int, scale: float) -> torch.Tensor:
+    """Queries start .. start + C of one sequence: q [C, HQ, D], k/v [n, H, D] (the whole
+    sequence), block_indices [C, H, S]. Returns o_slc [C, HQ, D]."""
+    n, num_kv_heads = k.shape[0], k.shape[1]
+    group = q.shape[1] // num_kv_heads
+    offsets = torch.arange(block_size, device=q.device)
+    heads = torch.arange(num_kv_heads, device=q.device)[None, :, None]
+    t = torch.arange(start, start + q.shape[0], device=q.device)[:, None, None, None]
+    blocks = block_indices.long().contiguous()[..., None]  # [C, H, S, 1]
+    position = blocks * block_size + offsets  # [C, H, S, BS]
+    visible = (blocks >= 0) & (position <= t) & (position < n)
+    position = torch.where(visible, position, 0).flatten(-2)  # [C, H, S*BS]
+    visible = visible.flatten(-2)
+    keys = k[position, heads]  # [C, H, S*BS, D]
+    values = v[position, heads]
+    queries = q.unflatten(1, (num_kv_heads, group))  # [C, H, G, D]
+    scores = torch.einsum("chgd,chkd->chgk", queries, keys) * scale
+    scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(total > 0, total, 1.0)
+    return torch.einsum("chgk,chkd->chgd", probs, values).flatten(1, 2)
+
+
 def chunked_selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
                                block_size: int, scale: float) -> torch.Tensor:
     """One sequence: q [n, HQ, D], k/v [n, H, D], block_indices [n, H, S] (-1 = none).
     Gathers each query's selected keys; returns o_slc [n, HQ, D] (0 for a query without any)."""
-    n, num_q_heads, head_dim = q.shape
+    n, _, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    group = num_q_heads // num_kv_heads
     num_selected = block_indices.shape[-1]
     keys_per_query = num_selected * block_size
     chunk = max(1, GATHER_ELEMENTS // max(1, num_kv_heads * keys_per_query * head_dim))
-    offsets = torch.arange(block_size, device=q.device)
-    heads = torch.arange(num_kv_heads, device=q.device)[None, :, None]
+    # Autograd would keep every chunk's gathered keys, values and probabilities until the
+    # backward (all of them at once: O(n * block_counts * block_size) per head); checkpointing
+    # keeps only the chunk's inputs and gathers again in the backward, one chunk at a time.
+    checkpointed = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     outs = []
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
-        t = torch.arange(start, end, device=q.device)[:, None, None, None]
-        blocks = block_indices[start:end].long()[..., None]  # [C, H, S, 1]
-        position = blocks * block_size + offsets  # [C, H, S, BS]
-        visible = (blocks >= 0) & (position <= t) & (position < n)
-        position = torch.where(visible, position, 0).flatten(-2)  # [C, H, S*BS]
-        visible = visible.flatten(-2)
-        keys = k[position, heads]  # [C, H, S*BS, D]
-        values = v[position, heads]
-        queries = q[start:end].unflatten(1, (num_kv_heads, group))  # [C, H, G, D]
-        scores = torch.einsum("chgd,chkd->chgk", queries, keys) * scale
-        scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
-        row_max = scores.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-        weights = torch.exp(scores - row_max)
-        total = weights.sum(dim=-1, keepdim=True)
-        probs = weights / torch.where(total > 0, total, 1.0)
-        outs.append(torch.einsum("chgk,chkd->chgd", probs, values).flatten(1, 2))
+        args = (q[start:end], k, v, block_indices[start:end], start, block_size, scale)
+        if checkpointed:
+            outs.append(torch.utils.checkpoint.checkpoint(_selected_chunk, *args, use_reentrant=False))
+        else:
+            outs.append(_selected_chunk(*args))
     return torch.cat(outs) if outs else q.new_zeros(q.shape)
 
 

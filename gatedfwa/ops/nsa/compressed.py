@@ -22,11 +22,12 @@ from gatedfwa.ops.nsa.layout import SequenceLayout
 from gatedfwa.ops.nsa.tiles import (
     finish_softmax,
     kernel_flags,
+    load_gradient_rows,
     load_keys,
     load_rows,
     probabilities,
     query_rows,
-    query_tile,
+    query_tile_rows,
     softmax_step,
     store_rows,
     summary_bounds,
@@ -46,13 +47,11 @@ def _compressed_forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
+    seq, kv_head, bos, eos, t0, position, head, valid, offs_d, q = query_tile_rows(
+        Q, CU_SEQLENS, seqlen, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM, BLOCK_D, VARLEN)
     if t0 >= eos:
         return
     first_summary, num_summaries = summary_bounds(SUMMARY_OFFSETS, seq, summaries_per_seq, VARLEN)
-    position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
     visible = (position - bos + 1) // block_size  # summaries each row sees
     tile_visible = (tl.minimum(t0 + BLOCK_Q, eos) - bos) // block_size
 
@@ -83,16 +82,13 @@ def _compressed_dq_kernel(
 ):
     """dq_t = scale * sum_c P_tc (dP_tc - delta_t) k_cmp[c], dP = do . v_cmp."""
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
+    seq, kv_head, bos, eos, t0, position, head, valid, offs_d, q = query_tile_rows(
+        Q, CU_SEQLENS, seqlen, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM, BLOCK_D, VARLEN)
     if t0 >= eos:
         return
     first_summary, num_summaries = summary_bounds(SUMMARY_OFFSETS, seq, summaries_per_seq, VARLEN)
-    position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
-    do = load_rows(DO, position, head, valid, offs_d, stride_dot, stride_doh, HEAD_DIM)
-    lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=float("-inf"))
-    delta = tl.load(DELTA + position * num_q_heads + head, mask=valid, other=0.0)
+    do, lse, delta = load_gradient_rows(DO, LSE, DELTA, position, head, valid, offs_d, stride_dot, stride_doh,
+                                        num_q_heads, HEAD_DIM)
     visible = (position - bos + 1) // block_size
     tile_visible = (tl.minimum(t0 + BLOCK_Q, eos) - bos) // block_size
 
@@ -116,18 +112,22 @@ def _compressed_dkdv_kernel(
     Q, KC, VC, DO, LSE, DELTA, DKC, DVC, CU_SEQLENS, SUMMARY_OFFSETS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    seqlen, summaries_per_seq, num_q_heads, block_size, qk_scale, scale,
+    seqlen, summaries_per_seq, num_q_heads, block_size, qk_scale, scale, query_span, num_splits, split_stride,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Gradients of BLOCK_C summaries of one kv head, summed over every query row that sees
-    them: dv_c = sum_t P_tc do_t, dk_c = scale * sum_t dS_tc q_t."""
+    """Gradients of BLOCK_C summaries of one kv head from the query rows of one span of
+    query_span tokens (split s: tokens [bos + s * query_span, ...)): dv_c = sum_t P_tc do_t,
+    dk_c = scale * sum_t dS_tc q_t. Each split writes its own float32 partial (DKC/DVC hold
+    [splits, num_summaries, H, D], split s at offset s * split_stride); the host sums them.
+    A split whose span holds no query that sees the tile writes zeros."""
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
     bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
     first_summary, num_summaries = summary_bounds(SUMMARY_OFFSETS, seq, summaries_per_seq, VARLEN)
-    c0 = tl.program_id(0) * BLOCK_C
+    c0 = (tl.program_id(0) // num_splits) * BLOCK_C
+    split = tl.program_id(0) % num_splits
     if c0 >= num_summaries:
         return
     offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -138,12 +138,12 @@ def _compressed_dkdv_kernel(
     dk = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
     first_query = bos + (c0 + 1) * block_size - 1  # the first query that sees summary c0
-    for t0 in range(first_query, eos, BLOCK_Q):
-        position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
+    span_end = tl.minimum(eos, bos + (split + 1) * query_span)
+    for t0 in range(tl.maximum(first_query, bos + split * query_span), span_end, BLOCK_Q):
+        position, head, valid = query_rows(t0, span_end, kv_head, GROUP, GROUP_PAD, ROWS)
         q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
-        do = load_rows(DO, position, head, valid, offs_d, stride_dot, stride_doh, HEAD_DIM)
-        lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=0.0)
-        delta = tl.load(DELTA + position * num_q_heads + head, mask=valid, other=0.0)
+        do, lse, delta = load_gradient_rows(DO, LSE, DELTA, position, head, valid, offs_d, stride_dot, stride_doh,
+                                            num_q_heads, HEAD_DIM)
         visible = (position - bos + 1) // block_size
         seen = (offs_c[:, None] < visible[None, :]) & valid[None, :] & c_ok[:, None]
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_C, ROWS]
@@ -154,10 +154,10 @@ def _compressed_dkdv_kernel(
         dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     rows = first_summary + offs_c
     mask = c_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tl.store(DKC + rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-             (dk * scale).to(DKC.dtype.element_ty), mask=mask)
-    tl.store(DVC + rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
-             dv.to(DVC.dtype.element_ty), mask=mask)
+    tl.store(DKC + split * split_stride + rows[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+             dk * scale, mask=mask)
+    tl.store(DVC + split * split_stride + rows[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+             dv, mask=mask)
 
 
 def _config(layout: SequenceLayout) -> dict:
@@ -218,11 +218,43 @@ def compressed_backward(do, q, k_cmp, v_cmp, o, lse, layout: SequenceLayout, sca
         *token_and_head_strides(dq), *sizes, **kernel_flags(layout, q), **config,
     )
     if k_cmp.shape[0] > 0:
-        grid = (cdiv(max(layout.max_summaries, 1), config["BLOCK_C"]), layout.num_seqs, layout.num_kv_heads)
-        _compressed_dkdv_kernel[grid](
-            q, k_cmp, v_cmp, do, lse, delta, dk_cmp, dv_cmp, cu, offsets,
+        tiles_per_seq = cdiv(max(layout.max_summaries, 1), config["BLOCK_C"])
+        span, splits = query_splits(layout, tiles_per_seq * layout.num_seqs * layout.num_kv_heads)
+        # float32 partial sums, one per split of the queries (summed below: no atomics).
+        dk_part = tiles.allocate_like(k_cmp.new_empty((splits, *k_cmp.shape), dtype=torch.float32))
+        dv_part = tiles.allocate_like(dk_part)
+        _compressed_dkdv_kernel[(tiles_per_seq * splits, layout.num_seqs, layout.num_kv_heads)](
+            q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, cu, offsets,
             *token_and_head_strides(q), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
-            *token_and_head_strides(do), dk_cmp.stride(0), dk_cmp.stride(1), dv_cmp.stride(0), dv_cmp.stride(1),
-            *sizes, **kernel_flags(layout, q), **config,
+            *token_and_head_strides(do), dk_part.stride(1), dk_part.stride(2), dv_part.stride(1), dv_part.stride(2),
+            *sizes, span, splits, dk_part.stride(0), **kernel_flags(layout, q), **config,
         )
+        dk_cmp = dk_part.sum(0).to(k_cmp.dtype)
+        dv_cmp = dv_part.sum(0).to(v_cmp.dtype)
     return dq, dk_cmp, dv_cmp
+
+
+# Fewest queries per span of the summaries' backward: shorter spans re-read the same
+# summary tile for too little work.
+MIN_QUERY_SPAN = 256
+
+
+def query_splits(layout: SequenceLayout, programs: int) -> tuple[int, int]:
+    """(query_span, splits) for the summaries' backward: the queries of a sequence are cut into
+    `splits` spans of query_span tokens, each a program of its own, so that a few summary
+    tiles still fill the GPU (one tile per program would leave most SMs idle: T=8192 with 4
+    kv heads has 8 tiles). About four waves of programs (the tiles' work is triangular: early
+    summaries are seen by more queries), spans of at least MIN_QUERY_SPAN."""
+    longest = max(layout.max_seqlen, 1)
+    if interpreting():
+        splits = min(3, cdiv(longest, 16))  # several spans even at the tests' sizes
+    else:
+        wanted = cdiv(4 * streaming_multiprocessors(layout.device), max(programs, 1))
+        splits = max(1, min(wanted, cdiv(longest, MIN_QUERY_SPAN)))
+    span = cdiv(longest, splits)
+    return span, cdiv(longest, span)
+
+
+def streaming_multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (1 elsewhere): the programs a wave of launches holds, roughly."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1

@@ -9,9 +9,11 @@ blocks, so a block loaded once serves several queries (a group of 16 heads fills
 with one query; a group of 1 with 16 queries).
 
 dk and dv: the selection is inverted on the host into, per (sequence, kv head, block), the
-list of queries that selected the block (compressed sparse rows, sorted by query). A program
-holds BLOCK_K keys of one block and walks that list BLOCK_Q queries at a time, their group's
-heads as columns. No atomics: every key is written by exactly one program.
+list of queries that selected the block (compressed sparse rows, sorted by query), and each
+list is cut into work items of a bounded number of queries (block 0, kept by every query,
+would otherwise be one program walking the whole sequence). A program holds BLOCK_K keys of
+one block and walks one item BLOCK_Q queries at a time, their group's heads as columns, and
+adds its sums into float32 dk/dv (only a split block's keys get more than one addition).
 
     forward  o_slc [B*T, HQ, D], lse2 [B*T, HQ] float32 (base 2)
 """
@@ -25,11 +27,11 @@ from gatedfwa.ops.nsa.layout import SequenceLayout
 from gatedfwa.ops.nsa.tiles import (
     finish_softmax,
     kernel_flags,
+    load_gradient_rows,
     load_keys,
     load_rows,
     probabilities,
-    query_rows,
-    query_tile,
+    query_tile_rows,
     softmax_step,
     store_rows,
 )
@@ -50,6 +52,30 @@ def _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_c
 
 
 @jit
+def _first_block(INDICES, position, valid, kv_head, num_kv_heads, block_counts):
+    """Start of the merge of the tile's block lists: (cursor, each row's next block, the
+    lowest of them: the block to visit; NO_BLOCK when no row has any)."""
+    cursor = tl.zeros(position.shape, dtype=tl.int32)
+    current = _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts)
+    return cursor, current, tl.min(current, 0)
+
+
+@jit
+def _advance(INDICES, position, valid, cursor, chosen, kv_head, num_kv_heads, block_counts):
+    """After visiting a block: the rows that chose it step to their next entry."""
+    cursor += chosen.to(tl.int32)
+    current = _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts)
+    return cursor, current, tl.min(current, 0)
+
+
+@jit
+def _block_keys(bos, eos, block, block_size, k0, BLOCK_K: tl.constexpr):
+    """Token positions of keys k0 .. k0 + BLOCK_K of a block, and which of them exist."""
+    offs_n = bos + block * block_size + k0 + tl.arange(0, BLOCK_K)
+    return offs_n, (k0 + tl.arange(0, BLOCK_K) < block_size) & (offs_n < eos)
+
+
+@jit
 def _selected_forward_kernel(
     Q, K, V, INDICES, O, LSE, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -57,34 +83,27 @@ def _selected_forward_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
+    seq, kv_head, bos, eos, t0, position, head, valid, offs_d, q = query_tile_rows(
+        Q, CU_SEQLENS, seqlen, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM, BLOCK_D, VARLEN)
     if t0 >= eos:
         return
-    position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     row_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([ROWS], dtype=tl.float32)
 
-    cursor = tl.zeros([ROWS], dtype=tl.int32)
-    current = _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts)
-    block = tl.min(current, 0)
+    cursor, current, block = _first_block(INDICES, position, valid, kv_head, num_kv_heads, block_counts)
     while block < NO_BLOCK:
         chosen = current == block  # rows whose query selected this block
         for k0 in range(0, block_size, BLOCK_K):
-            offs_n = bos + block * block_size + k0 + tl.arange(0, BLOCK_K)
-            key_ok = (k0 + tl.arange(0, BLOCK_K) < block_size) & (offs_n < eos)
+            offs_n, key_ok = _block_keys(bos, eos, block, block_size, k0, BLOCK_K)
             k = load_keys(K, offs_n, key_ok, kv_head, offs_d, stride_kt, stride_kh, HEAD_DIM, True)
             s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
             seen = chosen[:, None] & key_ok[None, :] & (offs_n[None, :] <= position[:, None])
             s = tl.where(seen, s, float("-inf"))
             v = load_keys(V, offs_n, key_ok, kv_head, offs_d, stride_vt, stride_vh, HEAD_DIM, False)
             acc, row_max, row_sum = softmax_step(acc, row_max, row_sum, s, v, DOT_PRECISION)
-        cursor += chosen.to(tl.int32)
-        current = _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts)
-        block = tl.min(current, 0)
+        cursor, current, block = _advance(INDICES, position, valid, cursor, chosen, kv_head, num_kv_heads,
+                                          block_counts)
     out, lse = finish_softmax(acc, row_max, row_sum)
     store_rows(O, out, position, head, valid, offs_d, stride_ot, stride_oh, HEAD_DIM)
     tl.store(LSE + position * num_q_heads + head, lse, mask=valid)
@@ -99,26 +118,19 @@ def _selected_dq_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
+    seq, kv_head, bos, eos, t0, position, head, valid, offs_d, q = query_tile_rows(
+        Q, CU_SEQLENS, seqlen, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM, BLOCK_D, VARLEN)
     if t0 >= eos:
         return
-    position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
-    do = load_rows(DO, position, head, valid, offs_d, stride_dot, stride_doh, HEAD_DIM)
-    lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=float("-inf"))
-    delta = tl.load(DELTA + position * num_q_heads + head, mask=valid, other=0.0)
+    do, lse, delta = load_gradient_rows(DO, LSE, DELTA, position, head, valid, offs_d, stride_dot, stride_doh,
+                                        num_q_heads, HEAD_DIM)
     dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
 
-    cursor = tl.zeros([ROWS], dtype=tl.int32)
-    current = _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts)
-    block = tl.min(current, 0)
+    cursor, current, block = _first_block(INDICES, position, valid, kv_head, num_kv_heads, block_counts)
     while block < NO_BLOCK:
         chosen = current == block
         for k0 in range(0, block_size, BLOCK_K):
-            offs_n = bos + block * block_size + k0 + tl.arange(0, BLOCK_K)
-            key_ok = (k0 + tl.arange(0, BLOCK_K) < block_size) & (offs_n < eos)
+            offs_n, key_ok = _block_keys(bos, eos, block, block_size, k0, BLOCK_K)
             k = load_keys(K, offs_n, key_ok, kv_head, offs_d, stride_kt, stride_kh, HEAD_DIM, False)
             v = load_keys(V, offs_n, key_ok, kv_head, offs_d, stride_vt, stride_vh, HEAD_DIM, False)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -127,29 +139,31 @@ def _selected_dq_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-        cursor += chosen.to(tl.int32)
-        current = _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts)
-        block = tl.min(current, 0)
+        cursor, current, block = _advance(INDICES, position, valid, cursor, chosen, kv_head, num_kv_heads,
+                                          block_counts)
     store_rows(DQ, dq * scale, position, head, valid, offs_d, stride_dqt, stride_dqh, HEAD_DIM)
 
 
 @jit
 def _selected_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, QUERIES, QUERY_OFFSETS, DK, DV, CU_SEQLENS,
+    Q, K, V, DO, LSE, DELTA, QUERIES, ITEM_LIST, ITEM_START, ITEM_END, DK, DV, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     seqlen, num_q_heads, num_kv_heads, block_size, max_blocks, qk_scale, scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """BLOCK_K keys (part `piece` of block `block`) of one kv head: dv = sum P^T do,
-    dk = scale * sum dS^T q over the (query, head) rows that selected the block."""
+    """One work item (a run of at most a chunk of the queries that selected one block of one
+    kv head, see _work_items) for BLOCK_K keys (part `piece` of the block): dv += P^T do,
+    dk += scale * dS^T q over the item's (query, head) rows, added into float32 DK/DV."""
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
     pieces = tl.cdiv(block_size, BLOCK_K)
-    block = tl.program_id(0) // pieces
+    item = tl.program_id(0) // pieces
     k0 = (tl.program_id(0) % pieces) * BLOCK_K
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    list_id = tl.load(ITEM_LIST + item)
+    block = list_id % max_blocks
+    kv_head = (list_id // max_blocks) % num_kv_heads
+    seq = list_id // (max_blocks * num_kv_heads)
     bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
     first_key = bos + block * block_size + k0
     if first_key >= eos:
@@ -161,9 +175,8 @@ def _selected_dkdv_kernel(
     v = load_keys(V, offs_n, key_ok, kv_head, offs_d, stride_vt, stride_vh, HEAD_DIM, False)
     dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-    list_id = (seq * num_kv_heads + kv_head) * max_blocks + block
-    start = tl.load(QUERY_OFFSETS + list_id)
-    end = tl.load(QUERY_OFFSETS + list_id + 1)
+    start = tl.load(ITEM_START + item)
+    end = tl.load(ITEM_END + item)
     r = tl.arange(0, ROWS)
     head = kv_head * GROUP + r % GROUP_PAD
     for i0 in range(start, end, BLOCK_Q):
@@ -171,9 +184,8 @@ def _selected_dkdv_kernel(
         valid = (entry < end) & (r % GROUP_PAD < GROUP)
         position = tl.load(QUERIES + entry, mask=valid, other=0)
         q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
-        do = load_rows(DO, position, head, valid, offs_d, stride_dot, stride_doh, HEAD_DIM)
-        lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=0.0)
-        delta = tl.load(DELTA + position * num_q_heads + head, mask=valid, other=0.0)
+        do, lse, delta = load_gradient_rows(DO, LSE, DELTA, position, head, valid, offs_d, stride_dot, stride_doh,
+                                            num_q_heads, HEAD_DIM)
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_K, ROWS]
         seen = key_ok[:, None] & valid[None, :] & (offs_n[:, None] <= position[None, :])
         p = tl.where(seen, tl.math.exp2(s - lse[None, :]), 0.0)
@@ -181,11 +193,33 @@ def _selected_dkdv_kernel(
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[None, :])
         dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    # A key whose block list is one item is added onto 0 (exact, so deterministic); only the
+    # keys of a block split over several items (block 0, which every query keeps) sum in
+    # the order the items finish.
     mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tl.store(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + offs_n[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=mask)
+    tl.atomic_add(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :], dk * scale, mask=mask,
+                  sem="relaxed")
+    tl.atomic_add(DV + offs_n[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :], dv, mask=mask,
+                  sem="relaxed")
+
+
+# Rows (query, head) one work item of the dk/dv kernel walks at most: a block every query
+# keeps (block 0) is cut into several items so that its program does not run T steps alone.
+ROWS_PER_ITEM = 4096
+
+
+def _work_items(offsets: torch.Tensor, layout: SequenceLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(list id, first entry, end entry) int32 [items] of the non-empty block lists of
+    invert_selection, each cut into runs of at most ROWS_PER_ITEM // GROUP_PAD queries."""
+    chunk = 8 if interpreting() else max(1, ROWS_PER_ITEM // layout.group_pad)  # tests: items split too
+    counts = (offsets[1:] - offsets[:-1]).long()
+    pieces = (counts + chunk - 1) // chunk  # 0 for a block nobody selected
+    list_id = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), pieces)
+    first_item = torch.cumsum(pieces, 0) - pieces
+    within = torch.arange(list_id.numel(), device=counts.device) - first_item[list_id]
+    start = offsets[:-1].long()[list_id] + within * chunk
+    end = torch.minimum(start + chunk, offsets[1:].long()[list_id])
+    return list_id.to(torch.int32), start.to(torch.int32), end.to(torch.int32)
 
 
 def _config(layout: SequenceLayout) -> dict:
@@ -253,12 +287,18 @@ def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scal
         scale * LOG2E, scale, **kernel_flags(layout, q), **config,
     )
     queries, offsets = invert_selection(indices, layout)
-    pieces = cdiv(layout.block_size, config["BLOCK_K"])
-    _selected_dkdv_kernel[(layout.max_blocks * pieces, layout.num_seqs, layout.num_kv_heads)](
-        q, k, v, do, lse, delta, queries, offsets, dk, dv, cu,
-        *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v), *token_and_head_strides(do),
-        *token_and_head_strides(dk), *token_and_head_strides(dv),
-        layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, layout.max_blocks,
-        scale * LOG2E, scale, **kernel_flags(layout, q), **config,
-    )
+    item_list, item_start, item_end = _work_items(offsets, layout)
+    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    if item_list.numel() > 0:
+        pieces = cdiv(layout.block_size, config["BLOCK_K"])
+        _selected_dkdv_kernel[(item_list.numel() * pieces, 1, 1)](
+            q, k, v, do, lse, delta, queries, item_list, item_start, item_end, dk32, dv32, cu,
+            *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v), *token_and_head_strides(do),
+            *token_and_head_strides(dk32), *token_and_head_strides(dv32),
+            layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, layout.max_blocks,
+            scale * LOG2E, scale, **kernel_flags(layout, q), **config,
+        )
+    dk.copy_(dk32)
+    dv.copy_(dv32)
     return dq, dk, dv

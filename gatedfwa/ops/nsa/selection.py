@@ -26,9 +26,7 @@ import torch
 from gatedfwa.ops.nsa.layout import SequenceLayout
 from gatedfwa.ops.nsa.tiles import (
     load_keys,
-    load_rows,
-    query_rows,
-    query_tile,
+    query_tile_rows,
     summary_bounds,
 )
 from gatedfwa.ops.triton_support import LOG2E, dot_precision, interpreting, jit, next_power_of_2, tl, token_and_head_strides
@@ -48,13 +46,11 @@ def _select_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
+    seq, kv_head, bos, eos, t0, position, head, valid, offs_d, q = query_tile_rows(
+        Q, CU_SEQLENS, seqlen, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM, BLOCK_D, VARLEN)
     if t0 >= eos:
         return
     first_summary, num_summaries = summary_bounds(SUMMARY_OFFSETS, seq, summaries_per_seq, VARLEN)
-    position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
     lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=float("-inf"))
     lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows that see nothing: all logits masked
     row_visible = (position - bos + 1) // block_size

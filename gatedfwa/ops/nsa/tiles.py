@@ -58,6 +58,32 @@ def query_rows(t0, eos, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, R
 
 
 @jit
+def query_tile_rows(Q, CU_SEQLENS, seqlen, stride_qt, stride_qh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr):
+    """The prologue of every kernel with one program per query tile (layout.grid): query_tile,
+    its rows (query_rows), and their q [ROWS, BLOCK_D]. Returns (seq, kv_head, bos, eos, t0,
+    position, head, valid, offs_d, q); the caller returns at once when t0 >= eos (an empty
+    tile: every row invalid, q all 0)."""
+    BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
+    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
+    position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
+    return seq, kv_head, bos, eos, t0, position, head, valid, offs_d, q
+
+
+@jit
+def load_gradient_rows(DO, LSE, DELTA, position, head, valid, offs_d, stride_dot, stride_doh, num_q_heads,
+                       HEAD_DIM: tl.constexpr):
+    """What every backward kernel reads per query row besides q: do [ROWS, BLOCK_D], the
+    forward's lse2 (-inf where not valid) and delta = rowsum(o * do) (0 where not valid)."""
+    do = load_rows(DO, position, head, valid, offs_d, stride_dot, stride_doh, HEAD_DIM)
+    lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=float("-inf"))
+    delta = tl.load(DELTA + position * num_q_heads + head, mask=valid, other=0.0)
+    return do, lse, delta
+
+
+@jit
 def load_rows(ptr, position, head, valid, offs_d, stride_t, stride_h, HEAD_DIM: tl.constexpr):
     """[ROWS, BLOCK_D] rows (token position, head) of a [tokens, heads, D] tensor; 0 where not valid."""
     mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)

@@ -93,3 +93,34 @@ def test_chunked_selected_attention_matches_naive(device):
         chunked.GATHER_ELEMENTS = old
     reference, _ = naive_selected_attention(q, k, v, indices, 8, 0.3)
     torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_selected_branch_saves_no_gathered_keys(monkeypatch):
+    """The selected branch keeps only its inputs for the backward (checkpointed chunks), not
+    the gathered keys, values and probabilities of every query, and its gradients still
+    match the uncheckpointed computation. Indices come in the strided layout the selection
+    returns them in."""
+    from gatedfwa.ops.nsa import chunked
+
+    monkeypatch.setattr(chunked, "GATHER_ELEMENTS", 1 << 14)  # several chunks at this size
+    n, heads, dim, block, count = 256, 2, 16, 16, 4
+    q, k, v = (torch.randn(n, heads, dim, requires_grad=True) for _ in range(3))
+    indices = torch.stack([torch.randperm(n // block)[:count].sort().values for _ in range(n * heads)])
+    indices = indices.view(n, heads, count).permute(1, 0, 2).contiguous().permute(1, 0, 2).to(torch.int32)
+    indices = torch.minimum(indices, (torch.arange(n) // block)[:, None, None])  # at or before the own block
+    saved = {}  # storage -> elements: every chunk saves the same k and v, counted once
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes() // tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = chunked_selected_attention(q, k, v, indices, block, 0.25)
+    gathered = n * heads * count * block * dim  # the keys of every query, once
+    assert sum(saved.values()) < gathered / 4
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    args = (q, k, v, indices, 0, block, 0.25)
+    expected = torch.autograd.grad(chunked._selected_chunk(*args), (q, k, v), do)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)

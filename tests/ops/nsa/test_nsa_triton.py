@@ -81,3 +81,26 @@ def test_gpu_bf16_moderate_size(case):
     # bf16 summaries move near-tied importances; the selection is compared where it is clear.
     check_nsa(q, k, v, gates, block_size=64, block_counts=16, window_size=512, cu_seqlens=cu_seqlens,
               min_checked=0.5)
+
+
+def test_selected_backward_work_items_cover_each_list_once(monkeypatch):
+    """The dk/dv work items: every entry of every block list in exactly one item, each item
+    inside one list and at most a chunk long, empty lists without items."""
+    from gatedfwa.ops.nsa import selected
+    from gatedfwa.ops.nsa.layout import SequenceLayout
+
+    monkeypatch.setattr(selected, "ROWS_PER_ITEM", 20)  # group 4: chunks of 5 queries
+    monkeypatch.setattr(selected, "interpreting", lambda: False)
+    q, k = torch.zeros(1, 64, 4, 16), torch.zeros(1, 64, 1, 16)
+    layout = SequenceLayout(q, k, 16, None)
+    counts = torch.randint(0, 13, (layout.max_blocks,))
+    counts[1] = 0
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32)
+    offsets[1:] = torch.cumsum(counts, 0)
+    list_id, start, end = selected._work_items(offsets, layout)
+    covered = torch.zeros(int(offsets[-1]), dtype=torch.int64)
+    for lid, a, b in zip(list_id.tolist(), start.tolist(), end.tolist()):
+        assert offsets[lid] <= a < b <= offsets[lid + 1] and b - a <= 5
+        covered[a:b] += 1
+    assert torch.equal(covered, torch.ones_like(covered))
+    assert 1 not in list_id.tolist()
