@@ -197,12 +197,12 @@ def check_attention_args(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_
     check_window(window_size)
     check_scale(scale)
     if cu_seqlens_q is None:
-        check_cu_seqlens(cu_seqlens, q)
         if cu_seqlens is not None and q.shape[1] != k.shape[1]:
             raise ValueError(
                 f"q ({q.shape[1]} positions) is shorter than k ({k.shape[1]}): give cu_seqlens_q and "
                 "cu_seqlens_k, one per side, instead of cu_seqlens"
             )
+        check_cu_seqlens(cu_seqlens, q)
     elif cu_seqlens is None:
         raise ValueError("cu_seqlens_q needs cu_seqlens_k: give both, or cu_seqlens for both sides")
     else:
