@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gatedfwa import gated_window_attention
+from gatedfwa.distributed import context_parallel as context_parallel_module
 from gatedfwa.distributed import context_parallel_gated_window_attention
 from gatedfwa.distributed.halo import HaloPlan
 from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
@@ -81,7 +82,18 @@ def _check_case(rank, world, case, seed, group=None) -> list[str]:
             return context_parallel_gated_window_attention(q, k, v, g, window_size=window, group=group)
 
         local = [None if x is None else x[:, rows] for x in (q, k, v, g)]
-        fast = _with_grads(parallel, local, do[:, rows])
+        # Count the query rows the op computes: the shard's, no padded halo rows.
+        query_rows, op = [], context_parallel_module.gated_window_attention
+
+        def counting_op(q, *args, **kwargs):
+            query_rows.append(q.shape[1])
+            return op(q, *args, **kwargs)
+
+        context_parallel_module.gated_window_attention = counting_op
+        try:
+            fast = _with_grads(parallel, local, do[:, rows])
+        finally:
+            context_parallel_module.gated_window_attention = op
     finally:
         if previous is None:
             os.environ.pop("GATEDFWA_BACKEND", None)
@@ -89,6 +101,8 @@ def _check_case(rank, world, case, seed, group=None) -> list[str]:
             os.environ["GATEDFWA_BACKEND"] = previous
 
     failures = []
+    if sum(query_rows) != shard:
+        failures.append(f"{name}: the op computed {query_rows} query rows for a shard of {shard}")
     names = ["o", "dq", "dk", "dv", "dg"]
     for i, label in enumerate(names[: 4 + gated]):
         pick = (lambda r: r[0]) if i == 0 else (lambda r, i=i: r[1][i - 1])
