@@ -61,7 +61,7 @@ def _window_attention_forward(
     window_size: int | None,
     scale: float,
     cu_seqlens: torch.Tensor | None,
-    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (o, lse2): the output and the base-2 log-sum-exp [B, HQ, T_q] float32.
     cu_seqlens delimits k's sequences; cu_seqlens_q q's, None when they are k's."""
@@ -69,7 +69,7 @@ def _window_attention_forward(
 
 
 @_window_attention_forward.register_fake
-def _(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q):
+def _(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q=None):
     batch, seqlen, num_q_heads, _ = q.shape
     return torch.empty_like(q), q.new_empty((batch, num_q_heads, seqlen), dtype=torch.float32)
 
@@ -86,7 +86,7 @@ def _window_attention_backward(
     window_size: int | None,
     scale: float,
     cu_seqlens: torch.Tensor | None,
-    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """lse2 is the forward's base-2 log-sum-exp. Returns (dq, dk, dv, dg); dg is an empty
     tensor when g is None."""
@@ -95,7 +95,7 @@ def _window_attention_backward(
 
 
 @_window_attention_backward.register_fake
-def _(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q):
+def _(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q=None):
     dg = q.new_empty((0,), dtype=torch.float32) if g is None else torch.empty_like(g)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg
 
