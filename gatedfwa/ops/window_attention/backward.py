@@ -139,6 +139,7 @@ def _dq_kernel(
     stat_len = seqlen
     if SHIFTED:
         m0 += (query_start - bos) // BLOCK_M * BLOCK_M
+        m0 = tl.where(query_start < eos, m0, eos)  # a sequence without queries: no program
         stat_len = seqlen_q
     if m0 >= eos:
         return
@@ -313,12 +314,10 @@ def _dkdv_kernel(
     num_diagonal = tl.minimum(tl.cdiv(BLOCK_N, BLOCK_M), num_tiles)
     num_unmasked = tl.minimum(window // BLOCK_M, (eos - n0) // BLOCK_M)
     num_unmasked = tl.maximum(tl.minimum(num_unmasked, num_tiles), num_diagonal)
-    # With SHIFTED, off-diagonal tiles [num_diagonal, first_unmasked) hold key positions
-    # before the first query and are masked too.
-    first_unmasked = num_diagonal
     if SHIFTED:
-        first_unmasked = tl.cdiv(tl.maximum(query_start - n0, 0), BLOCK_M)
-        first_unmasked = tl.minimum(tl.maximum(first_unmasked, num_diagonal), num_unmasked)
+        # A key block before the first query walks query tiles that hold key positions without
+        # a query: all its tiles are masked (at most a window's worth of blocks per sequence).
+        num_unmasked = tl.where(n0 < query_start, num_diagonal, num_unmasked)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -366,16 +365,7 @@ def _dkdv_kernel(
         else:
             lse_head = LSE + query_stat_offset
         running = zero
-        if SHIFTED:
-            for i in range(num_diagonal, first_unmasked):
-                m_start = n0 + i * BLOCK_M
-                offs_m = m_start + tl.arange(0, BLOCK_M)
-                dk, dv, dgate_col, running = _dkdv_tile(
-                    dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, lse_head, delta_head,
-                    running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
-                    qk_scale, query_start, HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION, VARLEN,
-                    BLOCK_M, BLOCK_N, GATE_CHUNK, SHIFTED)
-        for i in range(first_unmasked, num_unmasked):
+        for i in range(num_diagonal, num_unmasked):
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(

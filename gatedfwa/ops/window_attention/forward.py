@@ -117,6 +117,7 @@ def _forward_kernel(
     stat_len = seqlen
     if SHIFTED:
         m0 += (query_start - bos) // BLOCK_M * BLOCK_M
+        m0 = tl.where(query_start < eos, m0, eos)  # a sequence without queries: no program
         stat_len = seqlen_q
     if m0 >= eos:
         return
