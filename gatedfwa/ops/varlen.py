@@ -56,13 +56,13 @@ def sequence_bounds(cu_seqlens, seq, seqlen, VARLEN: tl.constexpr):
 
 
 @jit
-def query_bounds(cu_seqlens_q, seq, seqlen_q, bos, eos, VARLEN: tl.constexpr, SHIFTED: tl.constexpr):
+def query_bounds(cu_seqlens_q, seq, seqlen_q, bos, eos, VARLEN: tl.constexpr, FEWER_QUERIES: tl.constexpr):
     """In a kernel whose rows are key positions: (query_start, shift) of sequence `seq` with
     key bounds [bos, eos). Its queries sit at the key positions [query_start, eos) (aligned
     to the end), and query row = key position + shift among q's flattened tokens. Without
-    SHIFTED (q and k laid out alike) query_start = bos and shift = 0, both known at compile
+    FEWER_QUERIES (q and k laid out alike) query_start = bos and shift = 0, both known at compile
     time."""
-    if SHIFTED:
+    if FEWER_QUERIES:
         q_bos, q_eos = sequence_bounds(cu_seqlens_q, seq, seqlen_q, VARLEN)
         shift = q_eos - eos
         query_start = q_bos - shift

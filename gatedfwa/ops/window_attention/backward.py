@@ -26,12 +26,12 @@ def _delta_kernel(
     stride_ot, stride_oh, stride_dot, stride_doh,
     seqlen, num_q_heads, CU_SEQLENS_K, seqlen_k,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, SHIFTED: tl.constexpr,
+    HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, FEWER_QUERIES: tl.constexpr,
 ):
     """delta_t = sum_d o_t * do_t in float32, the softmax-backward row term; with a gate also
     lse2_t - P[t] (P the chunk prefix sum of gate/chunk_sums.py), the query term the dk/dv kernel
     subtracts from its off-diagonal logits. Rows are q's (CU_SEQLENS, seqlen: q's); with
-    SHIFTED, P is read at each query's key position (CU_SEQLENS_K, seqlen_k: k's)."""
+    FEWER_QUERIES, P is read at each query's key position (CU_SEQLENS_K, seqlen_k: k's)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -55,7 +55,7 @@ def _delta_kernel(
     if HAS_GATE:
         lse2 = tl.load(LSE + row, mask=row_ok, other=0.0)
         sums_row = row
-        if SHIFTED:
+        if FEWER_QUERIES:
             # The gate sums follow k: queries end where their sequence's keys end.
             k_bos, k_eos = sequence_bounds(CU_SEQLENS_K, seq, seqlen_k, VARLEN)
             key = offs_m + (k_eos - eos)
@@ -125,19 +125,19 @@ def _dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SHIFTED: tl.constexpr = False,
+    FEWER_QUERIES: tl.constexpr = False,
 ):
     """One program: dq of BLOCK_M query rows of one head, walking key tiles as the forward
-    (walk.py); rows are key positions, and SHIFTED places the queries as in _forward_kernel.
+    (walk.py); rows are key positions, and FEWER_QUERIES places the queries as in _forward_kernel.
     The row sums of dS go to dU, laid out like k (seqlen)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
-    query_start, shift = query_bounds(CU_SEQLENS_Q, seq, seqlen_q, bos, eos, VARLEN, SHIFTED)
+    query_start, shift = query_bounds(CU_SEQLENS_Q, seq, seqlen_q, bos, eos, VARLEN, FEWER_QUERIES)
     m0 = bos + block * BLOCK_M
     stat_len = seqlen
-    if SHIFTED:
+    if FEWER_QUERIES:
         m0 += (query_start - bos) // BLOCK_M * BLOCK_M
         m0 = tl.where(query_start < eos, m0, eos)  # a sequence without queries: no program
         stat_len = seqlen_q
@@ -150,7 +150,7 @@ def _dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < eos
     q_rows = offs_m
-    if SHIFTED:
+    if FEWER_QUERIES:
         row_ok = row_ok & (offs_m >= query_start)
         q_rows = offs_m + shift
     qd_mask = row_ok[:, None]
@@ -163,7 +163,7 @@ def _dq_kernel(
     else:
         row_stat = (seq * num_q_heads + head) * stat_len + (offs_m - query_start)
     du_row = row_stat
-    if SHIFTED:
+    if FEWER_QUERIES:
         if VARLEN:
             du_row = head * seqlen + offs_m
         else:
@@ -200,7 +200,7 @@ def _dkdv_tile(
     stride_qt, stride_dot, qk_scale, query_start,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr, SHIFTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr, FEWER_QUERIES: tl.constexpr,
 ):
     """Add one query tile's contribution to dk, dv (unscaled) and, with a gate, to the
     float32 column sums of dS, dgate_col [BLOCK_N] (the dq kernel takes the row sums).
@@ -210,11 +210,11 @@ def _dkdv_tile(
     PAIR_DECAY: key_term [BLOCK_N] is -L_j, L_t = running + the tile's prefix sums, lse_head
     holds lse2. SPLIT_DECAY: key_term is -L_j; L_t - L_j = (running + key_term[j]) + P_tile[t]
     and lse_head holds lse2 - P (_delta_kernel), so the query term needs no arithmetic when
-    the tile is one gate chunk. Returns running advanced past this tile. With SHIFTED, the
+    the tile is one gate chunk. Returns running advanced past this tile. With FEWER_QUERIES, the
     rows (key positions) before query_start hold no query and are masked.
     """
     row_ok = offs_m < eos
-    if SHIFTED:
+    if FEWER_QUERIES:
         row_ok = row_ok & (offs_m >= query_start)
     qT_mask = offs_d[:, None] < HEAD_DIM
     do_mask = offs_d[None, :] < HEAD_DIM
@@ -276,17 +276,17 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SHIFTED: tl.constexpr = False,
+    FEWER_QUERIES: tl.constexpr = False,
 ):
     """One program: dk, dv of BLOCK_N keys of one kv head, summed over its GROUP query heads;
     walks the query tiles that can see these keys, from the diagonal outward. Query tiles are
-    counted in key positions; with SHIFTED the queries are the key positions [query_start, eos)
+    counted in key positions; with FEWER_QUERIES the queries are the key positions [query_start, eos)
     (varlen.query_bounds) and q, do, lse, delta are read at key position + shift."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
     bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
-    query_start, shift = query_bounds(CU_SEQLENS_Q, seq, seqlen_q, bos, eos, VARLEN, SHIFTED)
+    query_start, shift = query_bounds(CU_SEQLENS_Q, seq, seqlen_q, bos, eos, VARLEN, FEWER_QUERIES)
     n0 = bos + block * BLOCK_N
     if n0 >= eos:
         return
@@ -308,13 +308,13 @@ def _dkdv_kernel(
     # or the end of the sequence.
     last_query = tl.minimum(eos, n0 + BLOCK_N - 1 + window)  # exclusive
     num_tiles = tl.cdiv(last_query - n0, BLOCK_M)
-    if SHIFTED:
+    if FEWER_QUERIES:
         # Keys whose window ends before the first query: no query sees them, no tiles.
         num_tiles = tl.where(last_query > query_start, num_tiles, 0)
     num_diagonal = tl.minimum(tl.cdiv(BLOCK_N, BLOCK_M), num_tiles)
     num_unmasked = tl.minimum(window // BLOCK_M, (eos - n0) // BLOCK_M)
     num_unmasked = tl.maximum(tl.minimum(num_unmasked, num_tiles), num_diagonal)
-    if SHIFTED:
+    if FEWER_QUERIES:
         # A key block before the first query walks query tiles that hold key positions without
         # a query: all its tiles are masked (at most a window's worth of blocks per sequence).
         num_unmasked = tl.where(n0 < query_start, num_diagonal, num_unmasked)
@@ -331,7 +331,7 @@ def _dkdv_kernel(
         else:
             stat_offset = (seq * num_q_heads + head) * seqlen
         query_stat_offset = stat_offset  # lse, delta: laid out like q
-        if SHIFTED:
+        if FEWER_QUERIES:
             q_head += shift * stride_qt
             do_head += shift * stride_dot
             if VARLEN:
@@ -358,7 +358,7 @@ def _dkdv_kernel(
                 dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, LSE + query_stat_offset,
                 delta_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt,
                 stride_dot, qk_scale, query_start, HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK, SHIFTED)
+                BLOCK_M, BLOCK_N, GATE_CHUNK, FEWER_QUERIES)
         # Off-diagonal tiles read lse2 - P instead of lse2.
         if HAS_GATE:
             lse_head = SHIFTED_LSE + query_stat_offset
@@ -372,7 +372,7 @@ def _dkdv_kernel(
                 dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, lse_head, delta_head,
                 running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
                 qk_scale, query_start, HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK, SHIFTED)
+                BLOCK_M, BLOCK_N, GATE_CHUNK, FEWER_QUERIES)
         for i in range(num_unmasked, num_tiles):
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -380,7 +380,7 @@ def _dkdv_kernel(
                 dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, lse_head, delta_head,
                 running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
                 qk_scale, query_start, HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK, SHIFTED)
+                BLOCK_M, BLOCK_N, GATE_CHUNK, FEWER_QUERIES)
         if HAS_GATE:
             # dU = row sums (written by the dq kernel) - column sums, for these keys.
             if VARLEN:
@@ -461,14 +461,14 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     # positions; with fewer queries the dq kernel writes only the queries' positions.
     if not has_gate:
         du = delta
-    elif problem.shifted:
+    elif problem.fewer_queries:
         du = torch.zeros(key_stats_shape, dtype=torch.float32, device=q.device)
     else:
         du = launch.allocate_like(delta)
     precision = dot_precision(q.dtype)
     common = dict(GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
                   GATE_CHUNK=launch.gate_chunk(problem.head_dim), HAS_GATE=has_gate, VARLEN=problem.varlen, DOT_PRECISION=precision,
-                  SHIFTED=problem.shifted)
+                  FEWER_QUERIES=problem.fewer_queries)
     sums_plane = sums.stride(0) if has_gate else 0
 
     # lse2 - P, the dk/dv kernel's query term off the diagonal (only with a gate).
@@ -479,7 +479,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
         *token_and_head_strides(o), *token_and_head_strides(do), problem.seqlen_q, problem.num_q_heads,
         problem.cu_seqlens, problem.seqlen,
         HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, BLOCK_M=delta_block, HAS_GATE=has_gate,
-        VARLEN=problem.varlen, SHIFTED=problem.shifted,
+        VARLEN=problem.varlen, FEWER_QUERIES=problem.fewer_queries,
     )
     config = launch.CONFIGS["dq"](problem.head_dim, has_gate)
     _dq_kernel[problem.query_grid(config["BLOCK_M"], problem.num_q_heads)](

@@ -102,20 +102,20 @@ def _forward_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SHIFTED: tl.constexpr = False,
+    FEWER_QUERIES: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows of one sequence and one query head. Rows are key
-    positions [m0, m0 + BLOCK_M) (seqlen, CU_SEQLENS: k's); with SHIFTED the sequence's
+    positions [m0, m0 + BLOCK_M) (seqlen, CU_SEQLENS: k's); with FEWER_QUERIES the sequence's
     queries are its last key positions [query_start, eos) (varlen.query_bounds), q/o/lse
     rows are key position + shift, and the blocks start at the block holding query_start."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
-    query_start, shift = query_bounds(CU_SEQLENS_Q, seq, seqlen_q, bos, eos, VARLEN, SHIFTED)
+    query_start, shift = query_bounds(CU_SEQLENS_Q, seq, seqlen_q, bos, eos, VARLEN, FEWER_QUERIES)
     m0 = bos + block * BLOCK_M
     stat_len = seqlen
-    if SHIFTED:
+    if FEWER_QUERIES:
         m0 += (query_start - bos) // BLOCK_M * BLOCK_M
         m0 = tl.where(query_start < eos, m0, eos)  # a sequence without queries: no program
         stat_len = seqlen_q
@@ -128,7 +128,7 @@ def _forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < eos
     q_rows = offs_m
-    if SHIFTED:
+    if FEWER_QUERIES:
         row_ok = row_ok & (offs_m >= query_start)  # key positions before the queries: no rows
         q_rows = offs_m + shift
     q_mask = row_ok[:, None]
@@ -194,7 +194,7 @@ def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens, cu_seqlens_
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, problem.cu_seqlens_q, problem.seqlen_q,
         GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
         GATE_CHUNK=launch.gate_chunk(problem.head_dim), HAS_GATE=sums is not None, VARLEN=problem.varlen, DOT_PRECISION=dot_precision(q.dtype),
-        SHIFTED=problem.shifted,
+        FEWER_QUERIES=problem.fewer_queries,
         **config,
     )
     return o, lse

@@ -87,13 +87,13 @@ def _smallest_tile_side(head_dim: int, *config_functions) -> int:
 
 class Problem:
     """Sizes shared by every launch of one call, derived once. seqlen and max_seqlen are k's
-    (the kernels' rows are key positions); with fewer queries than keys, `shifted` is set and
+    (the kernels' rows are key positions); with fewer queries than keys, `fewer_queries` is set and
     seqlen_q, max_seqlen_q, cu_seqlens_q describe q (cu_seqlens_q None: q packed like k)."""
 
     def __init__(self, q, k, window_size, cu_seqlens, cu_seqlens_q=None):
         batch, seqlen, self.num_q_heads, self.head_dim = k.shape[0], k.shape[1], q.shape[2], q.shape[3]
         self.seqlen_q = q.shape[1]
-        self.shifted = self.seqlen_q != seqlen or cu_seqlens_q is not None
+        self.fewer_queries = self.seqlen_q != seqlen or cu_seqlens_q is not None
         self.num_kv_heads = k.shape[2]
         self.group = self.num_q_heads // self.num_kv_heads
         self.block_d = block_d_for(self.head_dim)
@@ -124,7 +124,7 @@ class Problem:
     def query_grid(self, block: int, heads: int):
         """Programs over query rows in key coordinates (forward, dq): a sequence's queries
         start anywhere inside a block, so they span one block more than their count."""
-        if not self.shifted:
+        if not self.fewer_queries:
             return self.grid(block, heads)
         return (cdiv(self.max_seqlen_q, block) + 1, self.num_seqs, heads)
 
