@@ -218,10 +218,11 @@ def speed(rank, world, device, seqlen, q_heads, head_dim, window):
                   for x in (k, v, g)]
 
     def compute_only(q, k, v, g):
-        interior = single(q, k, v, g)[:, edge:] if edge < shard else None
-        padded = torch.cat([q.new_zeros(1, halo, *q.shape[2:]), q[:, :edge]], dim=1)
+        # As context_parallel.py computes: the interior queries against the shard, the first
+        # `edge` queries against [halo ‖ first edge keys] (fewer queries than keys).
+        interior = single(q[:, edge:], k, v, g) if edge < shard else None
         keys, values, gates = (torch.cat([h, x[:, :edge]], dim=1) for h, x in zip(fake_halos, (k, v, g)))
-        first = single(padded, keys, values, gates)[:, halo:]
+        first = single(q[:, :edge], keys, values, gates)
         return first if interior is None else torch.cat([first, interior], dim=1)
 
     result["compute without exchange ms"] = compute_ms = time_ms(step(compute_only, shard_inputs, do))

@@ -66,7 +66,7 @@ def compile_sass(kernel, floats, config: dict, has_gate: bool, head_dim: int) ->
     """SASS text of one kernel specialised for head_dim (a power of two), bf16, sm_90."""
     constants = dict(GROUP=1, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=config["BLOCK_M"],
                      BLOCK_N=config["BLOCK_N"], GATE_CHUNK=launch.gate_chunk(head_dim),
-                     HAS_GATE=has_gate, VARLEN=False, DOT_PRECISION="tf32")
+                     HAS_GATE=has_gate, VARLEN=False, DOT_PRECISION="tf32", FEWER_QUERIES=False)
     # The Hopper switches (launch.py), where the configuration sets them.
     constants.update({name: bool(config.get(name, False)) for name in ("USE_TMA", "WARP_SPECIALIZE")})
     signature, attrs = {}, {}

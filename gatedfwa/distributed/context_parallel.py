@@ -1,17 +1,19 @@
 """Context-parallel gated window attention: one sequence split across the ranks of a process
 group, each rank computing the queries of its own shard (docs/distributed.md).
 
-Exact without new kernels: the public op `gated_window_attention` runs on the concatenation
-[halo ‖ shard] of k, v and g, with q padded by zeros over the halo positions, and only the
-shard's queries are kept. Each of those queries' windows lies inside halo ‖ shard, and the
-gate sums across the shard boundary are exact because the halo's gates are included. The
-padded query rows cost (w - 1) extra rows per shard; their output gradient is zero, so they
-add exactly nothing to dk, dv and dg.
+Exact with the public op alone: `gated_window_attention` takes fewer queries than keys, so
+the queries of the shard run against the concatenation [halo ‖ shard] of k, v and g, the
+queries aligned to its end. Each query's window lies inside halo ‖ shard, and the gate sums
+across the shard boundary are exact because the halo's gates are included. No query row is
+computed for the halo positions.
 
 Overlap: when the shard is longer than w - 1, the queries at shard positions >= w - 1 see
 only the shard, so they are computed while the halo is in flight; the first w - 1 queries
-are computed after it arrives (on [halo ‖ first w - 1 positions]). The backward's gradient
-exchange is not overlapped with compute.
+are computed after it arrives (on [halo ‖ first w - 1 positions]). In the backward, autograd
+runs those first queries' backward first (it was recorded last); it yields the halo's dk, dv,
+dg, whose exchange is posted at once and runs while the interior queries' backward does
+(halo.expect_tail_gradients): the wait for the gradients returning from later ranks comes
+only after that.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from gatedfwa.distributed.halo import HaloPlan, attach_halo, start_halo_exchange
+from gatedfwa.distributed.halo import HaloPlan, attach_halo, expect_tail_gradients, start_halo_exchange
 from gatedfwa.ops import gated_window_attention
 from gatedfwa.ops.validation import VALUE_CHECKS_VARIABLE, check_attention_args
 
@@ -76,11 +78,6 @@ def _check_same_shards(q, k, g, window_size, scale, group) -> None:
             )
 
 
-def _pad_queries(q: torch.Tensor, halo: int) -> torch.Tensor:
-    """[0 (halo positions) ‖ q]: queries whose outputs are discarded."""
-    return torch.cat([q.new_zeros((q.shape[0], halo, *q.shape[2:])), q], dim=1)
-
-
 def context_parallel_gated_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -127,16 +124,20 @@ def context_parallel_gated_window_attention(
 
     exchanged = [k, v] if g is None else [k, v, g]
     pending = start_halo_exchange(plan, group, exchanged)
+    # From here on k, v, g pass through an identity whose backward waits for the gradients
+    # later ranks send back for this shard's tail, so that the wait comes last.
+    returning, exchanged = expect_tail_gradients(exchanged)
+    k, v = exchanged[:2]
+    g = exchanged[2] if g is not None else None
     n, edge = plan.shard, min(plan.halo_want, plan.shard)  # edge: queries that need the halo
     interior = None
     if edge < n:
         # Queries at shard positions >= w - 1 see only this shard: compute them while the halo
-        # travels (the first `edge` rows of this call are recomputed below with the halo).
-        interior = gated_window_attention(q, k, v, g, window_size=window_size, scale=scale)[:, edge:]
-    halos = attach_halo(pending, exchanged)
-    h = plan.halo
+        # travels, as the last n - edge queries against all n keys.
+        interior = gated_window_attention(q[:, edge:], k, v, g, window_size=window_size, scale=scale)
+    halos = attach_halo(pending, exchanged, returning)
     keys, values = (torch.cat([halo, x[:, :edge]], dim=1) for halo, x in zip(halos[:2], (k, v)))
     gates = None if g is None else torch.cat([halos[2], g[:, :edge]], dim=1)
-    first = gated_window_attention(_pad_queries(q[:, :edge], h), keys, values, gates,
-                                   window_size=window_size, scale=scale)[:, h:]
+    # The first `edge` queries against [halo ‖ first edge keys]: fewer queries than keys.
+    first = gated_window_attention(q[:, :edge], keys, values, gates, window_size=window_size, scale=scale)
     return first if interior is None else torch.cat([first, interior], dim=1)

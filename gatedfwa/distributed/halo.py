@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["HaloPlan", "PendingHalo", "start_halo_exchange", "attach_halo"]
+__all__ = ["HaloPlan", "PendingHalo", "start_halo_exchange", "attach_halo", "TailGradients", "expect_tail_gradients"]
 
 
 @dataclass(frozen=True)
@@ -131,42 +131,99 @@ def start_halo_exchange(plan: HaloPlan, group, tensors: list[torch.Tensor]) -> P
         return PendingHalo(plan, group, [x.detach() for x in tensors])
 
 
+class TailGradients:
+    """The backward's gradient exchange in flight, from the halo's backward, which posts it,
+    to the backward of expect_tail_gradients' identity, which waits for it."""
+
+    def __init__(self):
+        self.works: list | None = None
+        self.received: list[list[torch.Tensor]] = []
+        self.plan: HaloPlan | None = None
+
+    def post(self, plan: HaloPlan, group, halo_grads) -> None:
+        """Send the halo's gradients to their owners; receive this rank's tail gradients."""
+        outgoing = [(p.peer, _along_time(d, p.start, p.end)) for p in plan.receives for d in halo_grads]
+        self.received = [[_empty_along_time(d, p.end - p.start) for d in halo_grads] for p in plan.sends]
+        incoming = [(p.peer, t) for p, ts in zip(plan.sends, self.received) for t in ts]
+        self.plan, self.works = plan, _exchange(group, outgoing, incoming)
+
+    def add_to(self, grads: list[torch.Tensor], first_position: int) -> None:
+        """Wait for the exchange and add the received pieces (they overlap when the window
+        spans several shards) in place to grads [B, *, ...], which cover the shard positions
+        from first_position on."""
+        if self.works is None:
+            raise RuntimeError("the halo's backward has not posted its gradient exchange yet")
+        for work in self.works:
+            work.wait()
+        for p, pieces in zip(self.plan.sends, self.received):
+            for grad, piece in zip(grads, pieces):
+                grad[:, p.start - first_position:p.end - first_position] += piece
+        self.works, self.received = None, []
+
+
 class _AttachHalo(torch.autograd.Function):
     """Connects the received halo to the autograd graph.
 
     Forward: waits for the exchange and returns the halos [B, h, ...] as outputs whose inputs
     are the tails [B, tail, ...] of this rank's own tensors (what later ranks read).
-    Backward: sends the halo's gradients back to their owners, receives the gradients of this
-    rank's tail from the later ranks that read it (overlapping pieces when the window spans
-    several shards: they add) and returns them as the tails' gradients.
+    Backward: sends the halo's gradients back to their owners and receives the gradients of
+    this rank's tail from the later ranks that read it. Without `deferred` it waits and
+    returns them as the tails' gradients; with it, it returns at once and the backward of
+    expect_tail_gradients' identity waits and adds them (see there).
     """
 
     @staticmethod
-    def forward(ctx, pending: PendingHalo, *tails: torch.Tensor):
-        ctx.plan, ctx.group = pending.plan, pending.group
+    def forward(ctx, pending: PendingHalo, deferred: TailGradients | None, *tails: torch.Tensor):
+        ctx.plan, ctx.group, ctx.deferred = pending.plan, pending.group, deferred
         return tuple(pending.wait())
 
     @staticmethod
     def backward(ctx, *halo_grads: torch.Tensor):
         plan = ctx.plan
-        outgoing = [(p.peer, _along_time(d, p.start, p.end)) for p in plan.receives for d in halo_grads]
-        tail_offset = plan.shard - plan.tail  # shard position of the tail's first token
-        received = [[_empty_along_time(d, p.end - p.start) for d in halo_grads] for p in plan.sends]
-        incoming = [(p.peer, t) for p, ts in zip(plan.sends, received) for t in ts]
-        for work in _exchange(ctx.group, outgoing, incoming):
-            work.wait()
+        exchange = TailGradients() if ctx.deferred is None else ctx.deferred
+        exchange.post(plan, ctx.group, halo_grads)
+        if ctx.deferred is not None:
+            return (None, None, *(None for _ in halo_grads))
         tail_grads = [_empty_along_time(d, plan.tail).zero_() for d in halo_grads]
-        for p, pieces in zip(plan.sends, received):
-            for grad, piece in zip(tail_grads, pieces):
-                grad[:, p.start - tail_offset:p.end - tail_offset] += piece
-        return (None, *tail_grads)
+        exchange.add_to(tail_grads, plan.shard - plan.tail)
+        return (None, None, *tail_grads)
 
 
-def attach_halo(pending: PendingHalo, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+class _ReceiveTailGradients(torch.autograd.Function):
+    """Identity forward; backward waits for the tail gradients and adds them (see
+    expect_tail_gradients)."""
+
+    @staticmethod
+    def forward(ctx, exchange: TailGradients, *tensors: torch.Tensor):
+        ctx.exchange = exchange
+        return tuple(x.view_as(x) for x in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        grads = [g.clone() for g in grads]  # the incoming gradients are not ours to change
+        ctx.exchange.add_to(grads, 0)
+        return (None, *grads)
+
+
+def expect_tail_gradients(tensors: list[torch.Tensor]) -> tuple[TailGradients, list[torch.Tensor]]:
+    """For a backward that overlaps the gradient exchange with compute: returns a
+    TailGradients to pass to attach_halo and `tensors` through an identity, to be used in their
+    place from here on (the halo's tails included). The halo's backward then only posts the
+    exchange, and the identity's backward waits for it: autograd runs that last, once every
+    use of the tensors has given its gradient, so the exchange overlaps the backward of the
+    computations that do not read the halo."""
+    exchange = TailGradients()
+    return exchange, list(_ReceiveTailGradients.apply(exchange, *tensors))
+
+
+def attach_halo(pending: PendingHalo, tensors: list[torch.Tensor],
+                deferred: TailGradients | None = None) -> list[torch.Tensor]:
     """Wait for `pending` and return the halos [B, h, ...] of `tensors` (the same k, v, g that
     started the exchange), differentiable: their gradients flow back to the owners' tensors.
+    With `deferred` (from expect_tail_gradients, whose returned tensors are `tensors` here)
+    the backward's wait for the returning gradients moves to the identity's backward.
 
     Every rank of the group must run the backward through these halos (even an empty one),
     since each backward posts its half of the gradient exchange."""
     tails = [x[:, x.shape[1] - pending.plan.tail:] for x in tensors]
-    return list(_AttachHalo.apply(pending, *tails))
+    return list(_AttachHalo.apply(pending, deferred, *tails))

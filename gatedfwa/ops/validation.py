@@ -37,13 +37,21 @@ def check_attention_tensor(name: str, x, layout: str = "[batch, seqlen, heads, h
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """q [B, T, HQ, D], k and v [B, T, H, D], HQ % H == 0, D <= 256, one dtype and device."""
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow_shorter_queries: bool = False) -> None:
+    """q [B, T, HQ, D], k and v [B, T, H, D], HQ % H == 0, D <= 256, one dtype and device.
+    With allow_shorter_queries, q may be shorter along T than k (T_q <= T_k)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_attention_tensor(name, x)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {format_shape(k)} and v {format_shape(v)}")
-    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1]:
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must agree in batch, got q {format_shape(q)} and k {format_shape(k)}")
+    if allow_shorter_queries and q.shape[1] > k.shape[1]:
+        raise ValueError(
+            f"q must not be longer than k along seqlen (queries are aligned to the last keys), got "
+            f"q {format_shape(q)} and k {format_shape(k)}"
+        )
+    if not allow_shorter_queries and q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must agree in batch and seqlen, got q {format_shape(q)} and k {format_shape(k)}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
@@ -104,29 +112,54 @@ def check_scale(scale: float | None) -> None:
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor) -> None:
-    """int32/int64 [N + 1], starting at 0, non-decreasing, ending at T, with batch size 1."""
+def check_cu_seqlens(cu_seqlens: torch.Tensor | None, q: torch.Tensor, name: str = "cu_seqlens",
+                     tensor_name: str = "q") -> None:
+    """int32/int64 [N + 1], starting at 0, non-decreasing, ending at T (the length of the
+    tensor called tensor_name, here q), with batch size 1."""
     if cu_seqlens is None:
         return
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
+        raise TypeError(f"{name} must be int32 (or int64), got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries [0, ..., T], got shape {format_shape(cu_seqlens)}")
+        raise ValueError(f"{name} must be 1-D with at least 2 entries [0, ..., T], got shape {format_shape(cu_seqlens)}")
     if q.shape[0] != 1:
-        raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got {q.shape[0]}")
+        raise ValueError(f"with {name} the batch size must be 1 (sequences packed along T), got {q.shape[0]}")
     if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
+        raise ValueError(f"{name} must be on {tensor_name}'s device {q.device}, got {cu_seqlens.device}")
     if torch.compiler.is_compiling():
         return  # value checks would need a host sync inside the graph
     values = cu_seqlens.tolist()
     if values[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
     if any(b < a for a, b in zip(values, values[1:])):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {values}")
+        raise ValueError(f"{name} must be non-decreasing, got {values}")
     if values[-1] != q.shape[1]:
-        raise ValueError(f"cu_seqlens must end at the packed length T = {q.shape[1]}, got {values[-1]}")
+        raise ValueError(f"{name} must end at the packed length of {tensor_name}, T = {q.shape[1]}, got {values[-1]}")
+
+
+def check_query_key_seqlens(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, q: torch.Tensor,
+                            k: torch.Tensor) -> None:
+    """cu_seqlens_q over q's packed length and cu_seqlens_k over k's, with as many sequences,
+    and every sequence's queries no more than its keys (queries align to its last keys)."""
+    check_cu_seqlens(cu_seqlens_q, q, "cu_seqlens_q", "q")
+    check_cu_seqlens(cu_seqlens_k, k, "cu_seqlens_k", "k")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+            f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}"
+        )
+    if torch.compiler.is_compiling():
+        return
+    query_lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    key_lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    for i, (nq, nk) in enumerate(zip(query_lengths, key_lengths)):
+        if nq > nk:
+            raise ValueError(
+                f"sequence {i} has more queries ({nq}, cu_seqlens_q) than keys ({nk}, cu_seqlens_k); "
+                "each sequence's queries must be no more than its keys"
+            )
 
 
 VALUE_CHECKS_VARIABLE = "GATEDFWA_CHECK_VALUES"
@@ -153,10 +186,24 @@ def check_log_gate_values(g: torch.Tensor | None, name: str = "g") -> None:
         )
 
 
-def check_attention_args(q, k, v, g, window_size, scale, cu_seqlens) -> None:
-    check_qkv(q, k, v)
-    check_gate(g, q)
+def check_attention_args(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q=None,
+                         allow_shorter_queries: bool = False) -> None:
+    """The public op's arguments. cu_seqlens delimits k's sequences (and q's too unless
+    cu_seqlens_q is given); with allow_shorter_queries q may be shorter than k, and g follows
+    k (it covers key positions)."""
+    check_qkv(q, k, v, allow_shorter_queries)
+    check_gate_like(g, (k.shape[0], k.shape[1], q.shape[2]), q.device)
     check_log_gate_values(g)
     check_window(window_size)
     check_scale(scale)
-    check_cu_seqlens(cu_seqlens, q)
+    if cu_seqlens_q is None:
+        if cu_seqlens is not None and q.shape[1] != k.shape[1]:
+            raise ValueError(
+                f"q ({q.shape[1]} positions) is shorter than k ({k.shape[1]}): give cu_seqlens_q and "
+                "cu_seqlens_k, one per side, instead of cu_seqlens"
+            )
+        check_cu_seqlens(cu_seqlens, q)
+    elif cu_seqlens is None:
+        raise ValueError("cu_seqlens_q needs cu_seqlens_k: give both, or cu_seqlens for both sides")
+    else:
+        check_query_key_seqlens(cu_seqlens_q, cu_seqlens, q, k)

@@ -19,7 +19,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gatedfwa import gated_window_attention
+from gatedfwa.distributed import context_parallel as context_parallel_module
 from gatedfwa.distributed import context_parallel_gated_window_attention
+from gatedfwa.distributed import halo as halo_module
 from gatedfwa.distributed.halo import HaloPlan
 from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
 from gatedfwa.testing import assert_within_rule, float32_slack
@@ -81,7 +83,32 @@ def _check_case(rank, world, case, seed, group=None) -> list[str]:
             return context_parallel_gated_window_attention(q, k, v, g, window_size=window, group=group)
 
         local = [None if x is None else x[:, rows] for x in (q, k, v, g)]
-        fast = _with_grads(parallel, local, do[:, rows])
+        # Count the query rows the op computes: the shard's, no padded halo rows. And record
+        # the backward's order: the halo's gradient exchange is posted before the interior
+        # queries' backward (the op's first call when there are two) and awaited after it.
+        query_rows, events, op = [], [], context_parallel_module.gated_window_attention
+        post, add_to = halo_module.TailGradients.post, halo_module.TailGradients.add_to
+
+        def counting_op(q, *args, **kwargs):
+            query_rows.append(q.shape[1])
+            if len(query_rows) == 1 and q.shape[1] < shard and q.requires_grad:
+                q.register_hook(lambda grad: events.append("interior backward"))
+            return op(q, *args, **kwargs)
+
+        def logged(method, event):
+            def run(self, *args):
+                events.append(event)
+                return method(self, *args)
+            return run
+
+        context_parallel_module.gated_window_attention = counting_op
+        halo_module.TailGradients.post = logged(post, "exchange posted")
+        halo_module.TailGradients.add_to = logged(add_to, "exchange awaited")
+        try:
+            fast = _with_grads(parallel, local, do[:, rows])
+        finally:
+            context_parallel_module.gated_window_attention = op
+            halo_module.TailGradients.post, halo_module.TailGradients.add_to = post, add_to
     finally:
         if previous is None:
             os.environ.pop("GATEDFWA_BACKEND", None)
@@ -89,6 +116,12 @@ def _check_case(rank, world, case, seed, group=None) -> list[str]:
             os.environ["GATEDFWA_BACKEND"] = previous
 
     failures = []
+    if sum(query_rows) != shard:
+        failures.append(f"{name}: the op computed {query_rows} query rows for a shard of {shard}")
+    if window > 1 and "interior backward" in events and events != ["exchange posted", "interior backward", "exchange awaited"]:
+        failures.append(f"{name}: backward order {events}")
+    if world > 1 and window - 1 < shard and window > 1 and "interior backward" not in events:
+        failures.append(f"{name}: no interior queries computed apart from the halo's")
     names = ["o", "dq", "dk", "dv", "dg"]
     for i, label in enumerate(names[: 4 + gated]):
         pick = (lambda r: r[0]) if i == 0 else (lambda r, i=i: r[1][i - 1])

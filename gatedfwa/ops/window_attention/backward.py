@@ -16,6 +16,7 @@ from gatedfwa.ops.window_attention.tiles import (
     tile_prefix, tile_suffix,
 )
 from gatedfwa.ops.window_attention.walk import walk_key_tiles
+from gatedfwa.ops.varlen import query_bounds
 
 __all__ = ["attention_backward"]
 
@@ -24,13 +25,14 @@ __all__ = ["attention_backward"]
 def _delta_kernel(
     O, DO, LSE, SUMS, DELTA, SHIFTED_LSE, CU_SEQLENS,
     stride_ot, stride_oh, stride_dot, stride_doh,
-    seqlen, num_q_heads,
+    seqlen, num_q_heads, CU_SEQLENS_K, seqlen_k,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_GATE: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, FEWER_QUERIES: tl.constexpr,
 ):
     """delta_t = sum_d o_t * do_t in float32, the softmax-backward row term; with a gate also
     lse2_t - P[t] (P the chunk prefix sum of gate/chunk_sums.py), the query term the dk/dv kernel
-    subtracts from its off-diagonal logits."""
+    subtracts from its off-diagonal logits. Rows are q's (CU_SEQLENS, seqlen: q's); with
+    FEWER_QUERIES, P is read at each query's key position (CU_SEQLENS_K, seqlen_k: k's)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -53,7 +55,16 @@ def _delta_kernel(
     tl.store(DELTA + row, delta, mask=row_ok)
     if HAS_GATE:
         lse2 = tl.load(LSE + row, mask=row_ok, other=0.0)
-        prefix = tl.load(SUMS + row, mask=row_ok, other=0.0)
+        sums_row = row
+        if FEWER_QUERIES:
+            # The gate sums follow k: queries end where their sequence's keys end.
+            k_bos, k_eos = sequence_bounds(CU_SEQLENS_K, seq, seqlen_k, VARLEN)
+            key = offs_m + (k_eos - eos)
+            if VARLEN:
+                sums_row = head * seqlen_k + key
+            else:
+                sums_row = (seq * num_q_heads + head) * seqlen_k + (key - k_bos)
+        prefix = tl.load(SUMS + sums_row, mask=row_ok, other=0.0)
         tl.store(SHIFTED_LSE + row, lse2 - prefix, mask=row_ok)
 
 
@@ -115,19 +126,27 @@ def _dq_kernel(
     Q, K, V, SUMS, DO, LSE, DELTA, DQ, DU, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     sums_plane, stride_dot, stride_doh, stride_dqt, stride_dqh,
-    seqlen, num_q_heads, window, qk_scale, scale,
+    seqlen, num_q_heads, window, qk_scale, scale, CU_SEQLENS_Q, seqlen_q,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False, FEWER_QUERIES: tl.constexpr = False,
 ):
     """One program: dq of BLOCK_M query rows of one head, walking key tiles as the forward
-    (walk.py; USE_TMA and WARP_SPECIALIZE as in the forward kernel)."""
+    (walk.py; USE_TMA and WARP_SPECIALIZE as in the forward kernel); rows are key positions,
+    and FEWER_QUERIES places the queries as in _forward_kernel. The row sums of dS go to dU,
+    laid out like k (seqlen)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    query_start, shift = query_bounds(CU_SEQLENS_Q, seq, seqlen_q, bos, eos, VARLEN, FEWER_QUERIES)
     m0 = bos + block * BLOCK_M
+    stat_len = seqlen
+    if FEWER_QUERIES:
+        m0 += (query_start - bos) // BLOCK_M * BLOCK_M
+        m0 = tl.where(query_start < eos, m0, eos)  # a sequence without queries: no program
+        stat_len = seqlen_q
     if m0 >= eos:
         return
     kv_head = head // GROUP
@@ -136,15 +155,25 @@ def _dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < eos
+    q_rows = offs_m
+    if FEWER_QUERIES:
+        row_ok = row_ok & (offs_m >= query_start)
+        q_rows = offs_m + shift
     qd_mask = row_ok[:, None]
     if not EVEN_D:
         qd_mask = qd_mask & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=qd_mask, other=0.0)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + q_rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :], mask=qd_mask, other=0.0)
     if VARLEN:
-        row_stat = head * seqlen + offs_m
+        row_stat = head * stat_len + q_rows
     else:
-        row_stat = (seq * num_q_heads + head) * seqlen + (offs_m - bos)
+        row_stat = (seq * num_q_heads + head) * stat_len + (offs_m - query_start)
+    du_row = row_stat
+    if FEWER_QUERIES:
+        if VARLEN:
+            du_row = head * seqlen + offs_m
+        else:
+            du_row = (seq * num_q_heads + head) * seqlen + (offs_m - bos)
     # Rows past the end load lse = 0 so that their (discarded) probabilities stay finite.
     lse2 = tl.load(LSE + row_stat, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row_stat, mask=row_ok, other=0.0)
@@ -167,20 +196,21 @@ def _dq_kernel(
         offs_m, offs_d, m0, bos, eos, window, stride_kt, stride_vt, qk_scale,
         HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, USE_TMA, WARP_SPECIALIZE)
 
-    tl.store(DQ + offs_m[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+    tl.store(DQ + q_rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
     if HAS_GATE:
-        tl.store(DU + row_stat, dgate_row, mask=row_ok)  # the row sums; dk/dv subtracts the columns
+        tl.store(DU + du_row, dgate_row, mask=row_ok)  # the row sums; dk/dv subtracts the columns
 
 
 @triton.jit
 def _dkdv_tile(
     dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, lse_head, delta_head,
     running, m_start, offs_m, offs_n, offs_d, bos, eos, window,
-    stride_qt, stride_dot, qk_scale,
+    stride_qt, stride_dot, qk_scale, query_start,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     DECAY: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr, USE_TMA: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr, FEWER_QUERIES: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     """Add one query tile's contribution to dk, dv (unscaled) and, with a gate, to the
     float32 column sums of dS, dgate_col [BLOCK_N] (the dq kernel takes the row sums).
@@ -190,9 +220,12 @@ def _dkdv_tile(
     PAIR_DECAY: key_term [BLOCK_N] is -L_j, L_t = running + the tile's prefix sums, lse_head
     holds lse2. SPLIT_DECAY: key_term is -L_j; L_t - L_j = (running + key_term[j]) + P_tile[t]
     and lse_head holds lse2 - P (_delta_kernel), so the query term needs no arithmetic when
-    the tile is one gate chunk. Returns running advanced past this tile.
+    the tile is one gate chunk. Returns running advanced past this tile. With FEWER_QUERIES, the
+    rows (key positions) before query_start hold no query and are masked.
     """
     row_ok = offs_m < eos
+    if FEWER_QUERIES:
+        row_ok = row_ok & (offs_m >= query_start)
     qT_mask = offs_d[:, None] < HEAD_DIM
     do_mask = offs_d[None, :] < HEAD_DIM
     if MASKED:
@@ -253,20 +286,23 @@ def _dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     sums_plane, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    seqlen, num_q_heads, window, qk_scale, scale,
+    seqlen, num_q_heads, window, qk_scale, scale, CU_SEQLENS_Q, seqlen_q,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False, FEWER_QUERIES: tl.constexpr = False,
 ):
     """One program: dk, dv of BLOCK_N keys of one kv head, summed over its GROUP query heads;
-    walks the query tiles that can see these keys, from the diagonal outward. USE_TMA loads
+    walks the query tiles that can see these keys, from the diagonal outward. Query tiles are
+    counted in key positions; with FEWER_QUERIES the queries are the key positions [query_start, eos)
+    (varlen.query_bounds) and q, do, lse, delta are read at key position + shift. USE_TMA loads
     q and do through tensor descriptors, WARP_SPECIALIZE asks for warp specialisation of the
-    unmasked loop (launch.py chooses both)."""
+    unmasked loop (launch.py chooses both; neither with FEWER_QUERIES)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
     bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    query_start, shift = query_bounds(CU_SEQLENS_Q, seq, seqlen_q, bos, eos, VARLEN, FEWER_QUERIES)
     n0 = bos + block * BLOCK_N
     if n0 >= eos:
         return
@@ -288,9 +324,16 @@ def _dkdv_kernel(
     # or the end of the sequence.
     last_query = tl.minimum(eos, n0 + BLOCK_N - 1 + window)  # exclusive
     num_tiles = tl.cdiv(last_query - n0, BLOCK_M)
+    if FEWER_QUERIES:
+        # Keys whose window ends before the first query: no query sees them, no tiles.
+        num_tiles = tl.where(last_query > query_start, num_tiles, 0)
     num_diagonal = tl.minimum(tl.cdiv(BLOCK_N, BLOCK_M), num_tiles)
     num_unmasked = tl.minimum(window // BLOCK_M, (eos - n0) // BLOCK_M)
     num_unmasked = tl.maximum(tl.minimum(num_unmasked, num_tiles), num_diagonal)
+    if FEWER_QUERIES:
+        # A key block before the first query walks query tiles that hold key positions without
+        # a query: all its tiles are masked (at most a window's worth of blocks per sequence).
+        num_unmasked = tl.where(n0 < query_start, num_diagonal, num_unmasked)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -306,7 +349,15 @@ def _dkdv_kernel(
             stat_offset = head * seqlen
         else:
             stat_offset = (seq * num_q_heads + head) * seqlen
-        delta_head = DELTA + stat_offset
+        query_stat_offset = stat_offset  # lse, delta: laid out like q
+        if FEWER_QUERIES:
+            q_head += shift * stride_qt
+            do_head += shift * stride_dot
+            if VARLEN:
+                query_stat_offset = head * seqlen_q + shift
+            else:
+                query_stat_offset = (seq * num_q_heads + head) * seqlen_q - (query_start - bos)
+        delta_head = DELTA + query_stat_offset
         # Reference r = the key block's last position. L_j = -(g[j+1] + ... + g[r]) >= 0.
         # Diagonal query tiles lie inside the block: L_t = -(g[t+1] + ... + g[r]), walked
         # from -(block sum) upward. Later tiles: L_t = g[r+1] + ... + g[t] <= 0, from 0.
@@ -323,15 +374,15 @@ def _dkdv_kernel(
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
-                dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, LSE + stat_offset,
+                dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, LSE + query_stat_offset,
                 delta_head, running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt,
-                stride_dot, qk_scale, HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK, USE_TMA)
+                stride_dot, qk_scale, query_start, HEAD_DIM, EVEN_D, True, DIAGONAL, DOT_PRECISION, VARLEN,
+                BLOCK_M, BLOCK_N, GATE_CHUNK, FEWER_QUERIES, USE_TMA)
         # Off-diagonal tiles read lse2 - P instead of lse2.
         if HAS_GATE:
-            lse_head = SHIFTED_LSE + stat_offset
+            lse_head = SHIFTED_LSE + query_stat_offset
         else:
-            lse_head = LSE + stat_offset
+            lse_head = LSE + query_stat_offset
         running = zero
         for i in tl.range(num_diagonal, num_unmasked, warp_specialize=WARP_SPECIALIZE):
             m_start = n0 + i * BLOCK_M
@@ -339,16 +390,16 @@ def _dkdv_kernel(
             dk, dv, dgate_col, running = _dkdv_tile(
                 dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, lse_head, delta_head,
                 running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
-                qk_scale, HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK, USE_TMA)
+                qk_scale, query_start, HEAD_DIM, EVEN_D, False, OFF_DIAGONAL, DOT_PRECISION, VARLEN,
+                BLOCK_M, BLOCK_N, GATE_CHUNK, FEWER_QUERIES, USE_TMA)
         for i in range(num_unmasked, num_tiles):
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(
                 dk, dv, dgate_col, k, v, key_term, q_head, do_head, p_head, lse_head, delta_head,
                 running, m_start, offs_m, offs_n, offs_d, bos, eos, window, stride_qt, stride_dot,
-                qk_scale, HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION, VARLEN,
-                BLOCK_M, BLOCK_N, GATE_CHUNK, USE_TMA)
+                qk_scale, query_start, HEAD_DIM, EVEN_D, True, OFF_DIAGONAL, DOT_PRECISION, VARLEN,
+                BLOCK_M, BLOCK_N, GATE_CHUNK, FEWER_QUERIES, USE_TMA)
         if HAS_GATE:
             # dU = row sums (written by the dq kernel) - column sums, for these keys.
             if VARLEN:
@@ -406,55 +457,67 @@ def _reverse_cumsum_within_sequences(du: torch.Tensor, cu_seqlens: torch.Tensor 
     return dg
 
 
-def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens):
+def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q=None):
     """Gradients of o with respect to q, k, v and the log gates: (dq, dk, dv, dg) with
-    dg [B,HQ,T] float32 (None without gate). sums and lse are what attention_forward used
-    and returned (lse2 in base 2)."""
-    launch.check_sums(sums, q)
-    problem = launch.Problem(q, k, window_size, cu_seqlens)
+    dg [B,HQ,T_k] float32 (None without gate): the gates cover the key positions. sums and lse
+    are what attention_forward used and returned (lse2 in base 2), cu_seqlens and cu_seqlens_q
+    as there."""
+    launch.check_sums(sums, q, k)
+    problem = launch.Problem(q, k, window_size, cu_seqlens, cu_seqlens_q)
     dq = launch.allocate_like(q)
     dk = launch.allocate_like(k)
     dv = launch.allocate_like(v)
     has_gate = sums is not None
     stats_shape = (q.shape[0], problem.num_q_heads, q.shape[1])
+    key_stats_shape = (k.shape[0], problem.num_q_heads, k.shape[1])
     if q.shape[1] == 0 or problem.max_seqlen == 0:
         for grad in (dq, dk, dv):
             grad.zero_()
-        return dq, dk, dv, (q.new_zeros(stats_shape, dtype=torch.float32) if has_gate else None)
+        return dq, dk, dv, (q.new_zeros(key_stats_shape, dtype=torch.float32) if has_gate else None)
     gf = sums if has_gate else q
     delta = torch.empty(stats_shape, dtype=torch.float32, device=q.device)
-    # dU = row sums of dS (dq kernel) - column sums (dk/dv kernel, after it).
-    du = launch.allocate_like(delta) if has_gate else delta
+    # dU = row sums of dS (dq kernel) - column sums (dk/dv kernel, after it), over key
+    # positions; with fewer queries the dq kernel writes only the queries' positions.
+    if not has_gate:
+        du = delta
+    elif problem.fewer_queries:
+        du = torch.zeros(key_stats_shape, dtype=torch.float32, device=q.device)
+    else:
+        du = launch.allocate_like(delta)
     precision = dot_precision(q.dtype)
     common = dict(GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
-                  GATE_CHUNK=launch.gate_chunk(problem.head_dim), HAS_GATE=has_gate, VARLEN=problem.varlen, DOT_PRECISION=precision)
+                  GATE_CHUNK=launch.gate_chunk(problem.head_dim), HAS_GATE=has_gate, VARLEN=problem.varlen, DOT_PRECISION=precision,
+                  FEWER_QUERIES=problem.fewer_queries)
     sums_plane = sums.stride(0) if has_gate else 0
 
     # lse2 - P, the dk/dv kernel's query term off the diagonal (only with a gate).
     shifted_lse = launch.allocate_like(delta) if has_gate else delta
     delta_block = 16 if interpreting() else 64
-    _delta_kernel[problem.grid(delta_block, problem.num_q_heads)](
-        o, do, lse, gf, delta, shifted_lse, problem.cu_seqlens,
-        *token_and_head_strides(o), *token_and_head_strides(do), problem.seqlen, problem.num_q_heads,
+    _delta_kernel[problem.own_query_grid(delta_block, problem.num_q_heads)](
+        o, do, lse, gf, delta, shifted_lse, problem.cu_seqlens_q,
+        *token_and_head_strides(o), *token_and_head_strides(do), problem.seqlen_q, problem.num_q_heads,
+        problem.cu_seqlens, problem.seqlen,
         HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, BLOCK_M=delta_block, HAS_GATE=has_gate,
-        VARLEN=problem.varlen,
+        VARLEN=problem.varlen, FEWER_QUERIES=problem.fewer_queries,
     )
-    config = launch.usable_config(launch.CONFIGS["dq"](problem.head_dim, has_gate), q, k, v)
-    _dq_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
+    config = launch.usable_config(launch.CONFIGS["dq"](problem.head_dim, has_gate), q, k, v,
+                                  fewer_queries=problem.fewer_queries)
+    _dq_kernel[problem.query_grid(config["BLOCK_M"], problem.num_q_heads)](
         q, k, v, gf, do, lse, delta, dq, du, problem.cu_seqlens,
         *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
         sums_plane, *token_and_head_strides(do), *token_and_head_strides(dq),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
-        **common, **config,
+        problem.cu_seqlens_q, problem.seqlen_q, **common, **config,
     )
-    config = launch.usable_config(launch.CONFIGS["dkdv"](problem.head_dim, has_gate), q, do)
+    config = launch.usable_config(launch.CONFIGS["dkdv"](problem.head_dim, has_gate), q, do,
+                                  fewer_queries=problem.fewer_queries)
     _dkdv_kernel[problem.grid(config["BLOCK_N"], problem.num_kv_heads)](
         q, k, v, gf, do, lse, shifted_lse, delta, dk, dv, du, problem.cu_seqlens,
         *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
         sums_plane, *token_and_head_strides(do),
         *token_and_head_strides(dk), *token_and_head_strides(dv),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
-        **common, **config,
+        problem.cu_seqlens_q, problem.seqlen_q, **common, **config,
     )
     dg = None
     if has_gate:

@@ -16,6 +16,7 @@ from gatedfwa.ops.window_attention.tiles import (
     PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, sequence_descriptor, tile_prefix,
 )
 from gatedfwa.ops.window_attention.walk import walk_key_tiles
+from gatedfwa.ops.varlen import query_bounds
 
 __all__ = ["attention_forward"]
 
@@ -105,20 +106,29 @@ def _forward_kernel(
     Q, K, V, SUMS, O, LSE, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ot, stride_oh, sums_plane,
-    seqlen, num_q_heads, window, qk_scale,
+    seqlen, num_q_heads, window, qk_scale, CU_SEQLENS_Q, seqlen_q,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False, FEWER_QUERIES: tl.constexpr = False,
 ):
-    """One program: BLOCK_M query rows of one sequence and one query head. USE_TMA loads keys
-    and values through tensor descriptors, WARP_SPECIALIZE asks for warp specialisation of
-    the unmasked loop (walk.py; launch.py chooses both)."""
+    """One program: BLOCK_M query rows of one sequence and one query head. Rows are key
+    positions [m0, m0 + BLOCK_M) (seqlen, CU_SEQLENS: k's); with FEWER_QUERIES the sequence's
+    queries are its last key positions [query_start, eos) (varlen.query_bounds), q/o/lse
+    rows are key position + shift, and the blocks start at the block holding query_start.
+    USE_TMA loads keys and values through tensor descriptors, WARP_SPECIALIZE asks for warp
+    specialisation of the unmasked loop (walk.py; launch.py chooses both)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    query_start, shift = query_bounds(CU_SEQLENS_Q, seq, seqlen_q, bos, eos, VARLEN, FEWER_QUERIES)
     m0 = bos + block * BLOCK_M
+    stat_len = seqlen
+    if FEWER_QUERIES:
+        m0 += (query_start - bos) // BLOCK_M * BLOCK_M
+        m0 = tl.where(query_start < eos, m0, eos)  # a sequence without queries: no program
+        stat_len = seqlen_q
     if m0 >= eos:
         return
     kv_head = head // GROUP
@@ -127,10 +137,14 @@ def _forward_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < eos
+    q_rows = offs_m
+    if FEWER_QUERIES:
+        row_ok = row_ok & (offs_m >= query_start)  # key positions before the queries: no rows
+        q_rows = offs_m + shift
     q_mask = row_ok[:, None]
     if not EVEN_D:
         q_mask = q_mask & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
 
     k_head = K + kv_head * stride_kh
     v_head = V + kv_head * stride_vh
@@ -159,38 +173,42 @@ def _forward_kernel(
     o_mask = row_ok[:, None]
     if not EVEN_D:
         o_mask = o_mask & (offs_d[None, :] < HEAD_DIM)
-    tl.store(O + offs_m[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+    tl.store(O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=o_mask)
     lse = row_max + tl.math.log2(tl.where(has_keys, row_sum, 1.0))
     lse = tl.where(has_keys, lse, float("-inf"))
     if VARLEN:
-        lse_row = LSE + head * seqlen + offs_m
+        lse_row = LSE + head * stat_len + q_rows
     else:
-        lse_row = LSE + (seq * num_q_heads + head) * seqlen + (offs_m - bos)
+        lse_row = LSE + (seq * num_q_heads + head) * stat_len + (offs_m - query_start)
     tl.store(lse_row, lse, mask=row_ok)
 
 
 
-def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens):
-    """q [B,T,HQ,D], k/v [B,T,H,D] contiguous; sums [2,B,HQ,T] float32, the chunk gate sums
-    of gate/chunk_sums.py at chunk length launch.gate_chunk(D), or None without gate.
-    Returns o [B,T,HQ,D] (q's dtype) and the base-2 log-sum-exp lse2 [B,HQ,T] float32."""
-    launch.check_sums(sums, q)
-    problem = launch.Problem(q, k, window_size, cu_seqlens)
+def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens, cu_seqlens_q=None):
+    """q [B,T_q,HQ,D], k/v [B,T_k,H,D] contiguous (T_q <= T_k, queries aligned to the last
+    keys); sums [2,B,HQ,T_k] float32, the chunk gate sums of gate/chunk_sums.py at chunk length
+    launch.gate_chunk(D), or None without gate. cu_seqlens delimits k's sequences, cu_seqlens_q
+    q's (None: as k's). Returns o [B,T_q,HQ,D] (q's dtype) and the base-2 log-sum-exp lse2
+    [B,HQ,T_q] float32."""
+    launch.check_sums(sums, q, k)
+    problem = launch.Problem(q, k, window_size, cu_seqlens, cu_seqlens_q)
     o = launch.allocate_like(q)
     lse = launch.allocate_like(q.new_empty((q.shape[0], problem.num_q_heads, q.shape[1]), dtype=torch.float32))
     if q.shape[1] == 0 or problem.max_seqlen == 0:
         lse.fill_(float("-inf"))
         o.zero_()
         return o, lse
-    config = launch.usable_config(launch.CONFIGS["forward"](problem.head_dim, sums is not None), q, k, v)
-    _forward_kernel[problem.grid(config["BLOCK_M"], problem.num_q_heads)](
+    config = launch.usable_config(launch.CONFIGS["forward"](problem.head_dim, sums is not None), q, k, v,
+                                  fewer_queries=problem.fewer_queries)
+    _forward_kernel[problem.query_grid(config["BLOCK_M"], problem.num_q_heads)](
         q, k, v, sums if sums is not None else q, o, lse, problem.cu_seqlens,
         *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
         *token_and_head_strides(o), sums.stride(0) if sums is not None else 0,
-        problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E,
+        problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, problem.cu_seqlens_q, problem.seqlen_q,
         GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
         GATE_CHUNK=launch.gate_chunk(problem.head_dim), HAS_GATE=sums is not None, VARLEN=problem.varlen, DOT_PRECISION=dot_precision(q.dtype),
+        FEWER_QUERIES=problem.fewer_queries,
         **config,
     )
     return o, lse

@@ -106,10 +106,14 @@ def _smallest_tile_side(head_dim: int, *config_functions) -> int:
 
 
 class Problem:
-    """Sizes shared by every launch of one call, derived once."""
+    """Sizes shared by every launch of one call, derived once. seqlen and max_seqlen are k's
+    (the kernels' rows are key positions); with fewer queries than keys, `fewer_queries` is set and
+    seqlen_q, max_seqlen_q, cu_seqlens_q describe q (cu_seqlens_q None: q packed like k)."""
 
-    def __init__(self, q, k, window_size, cu_seqlens):
-        batch, seqlen, self.num_q_heads, self.head_dim = q.shape
+    def __init__(self, q, k, window_size, cu_seqlens, cu_seqlens_q=None):
+        batch, seqlen, self.num_q_heads, self.head_dim = k.shape[0], k.shape[1], q.shape[2], q.shape[3]
+        self.seqlen_q = q.shape[1]
+        self.fewer_queries = self.seqlen_q != seqlen or cu_seqlens_q is not None
         self.num_kv_heads = k.shape[2]
         self.group = self.num_q_heads // self.num_kv_heads
         self.block_d = block_d_for(self.head_dim)
@@ -123,12 +127,30 @@ class Problem:
             self.max_seqlen = seqlen
             self.cu_seqlens = q  # unused pointer placeholder
         self.seqlen = seqlen  # the packed length with cu_seqlens
+        if cu_seqlens_q is not None:
+            self.max_seqlen_q = longest_sequence(cu_seqlens_q, self.seqlen_q)
+            self.cu_seqlens_q = cu_seqlens_q
+        else:
+            self.max_seqlen_q = self.max_seqlen if self.varlen else self.seqlen_q
+            self.cu_seqlens_q = self.cu_seqlens
         # A window at least as long as any sequence is full causal attention.
         limit = max(self.max_seqlen, 1)
         self.window = limit if window_size is None else min(window_size, limit)
 
     def grid(self, block: int, heads: int):
+        """Programs over key positions: blocks of `block` keys, per sequence and head."""
         return (cdiv(max(self.max_seqlen, 1), block), self.num_seqs, heads)
+
+    def query_grid(self, block: int, heads: int):
+        """Programs over query rows in key coordinates (forward, dq): a sequence's queries
+        start anywhere inside a block, so they span one block more than their count."""
+        if not self.fewer_queries:
+            return self.grid(block, heads)
+        return (cdiv(self.max_seqlen_q, block) + 1, self.num_seqs, heads)
+
+    def own_query_grid(self, block: int, heads: int):
+        """Programs over q's own rows (row statistics): blocks of `block` queries."""
+        return (cdiv(max(self.max_seqlen_q, 1), block), self.num_seqs, heads)
 
 
 def descriptors_usable(*tensors: torch.Tensor) -> bool:
@@ -146,11 +168,16 @@ def descriptors_usable(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def usable_config(config: dict, *tensors: torch.Tensor) -> dict:
+def usable_config(config: dict, *tensors: torch.Tensor, fewer_queries: bool = False) -> dict:
     """config as a kernel can take it for these tensors: USE_TMA kept only where
     descriptors_usable, WARP_SPECIALIZE only on a GPU of compute capability 9 or later (the
-    interpreter runs the loop as written), and the descriptors' scratch allocator in place."""
+    interpreter runs the loop as written), and the descriptors' scratch allocator in place.
+    With fewer queries than keys (rows of q shifted against k's positions) both are dropped:
+    the descriptor loads address q in key positions."""
     config = dict(config)
+    if fewer_queries:
+        config.pop("USE_TMA", None)
+        config.pop("WARP_SPECIALIZE", None)
     if config.get("USE_TMA"):
         if descriptors_usable(*tensors):
             _ensure_allocator()
@@ -187,8 +214,9 @@ def allocate_like(x: torch.Tensor) -> torch.Tensor:
 
 
 
-def check_sums(sums: torch.Tensor | None, q: torch.Tensor) -> None:
-    expected = (2, q.shape[0], q.shape[2], q.shape[1])
+def check_sums(sums: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> None:
+    """The gate sums follow k's positions: [2, B, HQ, T_k]."""
+    expected = (2, k.shape[0], q.shape[2], k.shape[1])
     if sums is not None and (tuple(sums.shape) != expected or sums.dtype != torch.float32 or not sums.is_contiguous()):
         raise ValueError(f"gate sums must be contiguous float32 {list(expected)}, got {sums.dtype} {list(sums.shape)}")
 

@@ -18,7 +18,8 @@ __all__ = ["gated_window_attention", "flash_gated_window_attention"]
 
 
 def _gate_sums(g: torch.Tensor | None, q: torch.Tensor, cu_seqlens: torch.Tensor | None):
-    """The chunk-local gate sums [2, B, HQ, T] the kernels read (gate/chunk_sums.py), or None."""
+    """The chunk-local gate sums [2, B, HQ, T_k] the kernels read (gate/chunk_sums.py), or None;
+    g covers the key positions, cu_seqlens delimits k's sequences."""
     if g is None:
         return None
     from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums
@@ -27,19 +28,19 @@ def _gate_sums(g: torch.Tensor | None, q: torch.Tensor, cu_seqlens: torch.Tensor
     return chunk_gate_sums(g, gate_chunk(q.shape[-1]), cu_seqlens)
 
 
-def _forward_impl(q, k, v, g, window_size, scale, cu_seqlens):
-    """(o, lse2 [B, HQ, T] base 2) from the Triton kernels; q, k, v, g contiguous."""
+def _forward_impl(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q):
+    """(o, lse2 [B, HQ, T_q] base 2) from the Triton kernels; q, k, v, g contiguous."""
     from gatedfwa.ops.window_attention.forward import attention_forward
 
-    return attention_forward(q, k, v, _gate_sums(g, q, cu_seqlens), window_size, scale, cu_seqlens)
+    return attention_forward(q, k, v, _gate_sums(g, q, cu_seqlens), window_size, scale, cu_seqlens, cu_seqlens_q)
 
 
-def _backward_impl(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
-    """(dq, dk, dv, dg [B, T, HQ] in g's dtype or None without g) from the Triton kernels."""
+def _backward_impl(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q):
+    """(dq, dk, dv, dg [B, T_k, HQ] in g's dtype or None without g) from the Triton kernels."""
     from gatedfwa.ops.window_attention.backward import attention_backward
 
     sums = _gate_sums(g, q, cu_seqlens)  # recomputed: one light pass over g
-    dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens)
+    dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q)
     if dg is None:
         return dq, dk, dv, None
     return dq, dk, dv, dg.transpose(1, 2).to(g.dtype).contiguous()
@@ -60,13 +61,15 @@ def _window_attention_forward(
     window_size: int | None,
     scale: float,
     cu_seqlens: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (o, lse2): the output and the base-2 log-sum-exp [B, HQ, T] float32."""
-    return _forward_impl(q, k, v, g, window_size, scale, cu_seqlens)
+    """Returns (o, lse2): the output and the base-2 log-sum-exp [B, HQ, T_q] float32.
+    cu_seqlens delimits k's sequences; cu_seqlens_q q's, None when they are k's."""
+    return _forward_impl(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q)
 
 
 @_window_attention_forward.register_fake
-def _(q, k, v, g, window_size, scale, cu_seqlens):
+def _(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q=None):
     batch, seqlen, num_q_heads, _ = q.shape
     return torch.empty_like(q), q.new_empty((batch, num_q_heads, seqlen), dtype=torch.float32)
 
@@ -83,23 +86,24 @@ def _window_attention_backward(
     window_size: int | None,
     scale: float,
     cu_seqlens: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """lse2 is the forward's base-2 log-sum-exp. Returns (dq, dk, dv, dg); dg is an empty
     tensor when g is None."""
-    dq, dk, dv, dg = _backward_impl(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens)
+    dq, dk, dv, dg = _backward_impl(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q)
     return dq, dk, dv, (q.new_empty((0,), dtype=torch.float32) if dg is None else dg)
 
 
 @_window_attention_backward.register_fake
-def _(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens):
+def _(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q=None):
     dg = q.new_empty((0,), dtype=torch.float32) if g is None else torch.empty_like(g)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, window_size, scale, cu_seqlens = inputs
+    q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, g, o, lse, cu_seqlens)
+    ctx.save_for_backward(q, k, v, g, o, lse, cu_seqlens, cu_seqlens_q)
     ctx.window_size = window_size
     ctx.scale = scale
     ctx.has_gate = g is not None
@@ -108,10 +112,11 @@ def _setup_context(ctx, inputs, output):
 def _gradients(ctx, do, backward):
     """The inputs' gradients from what _setup_context saved; `backward` is the backward custom
     op (compiled graphs) or _backward_impl (eager calls)."""
-    q, k, v, g, o, lse, cu_seqlens = ctx.saved_tensors
+    q, k, v, g, o, lse, cu_seqlens, cu_seqlens_q = ctx.saved_tensors
     # lse is an auxiliary output; a gradient flowing into it is not supported.
-    dq, dk, dv, dg = backward(do.contiguous(), q, k, v, g, o, lse, ctx.window_size, ctx.scale, cu_seqlens)
-    return dq, dk, dv, (dg if ctx.has_gate else None), None, None, None
+    dq, dk, dv, dg = backward(do.contiguous(), q, k, v, g, o, lse, ctx.window_size, ctx.scale, cu_seqlens,
+                              cu_seqlens_q)
+    return dq, dk, dv, (dg if ctx.has_gate else None), None, None, None, None
 
 
 def _backward(ctx, do, dlse):
@@ -152,37 +157,59 @@ def gated_window_attention(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     return_lse: bool = False,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
 ):
     """Gated sliding-window attention (GatedFWA).
 
     o_t = sum_{t - w < j <= t} softmax_j(scale * q_t . k_j + g_{j+1} + ... + g_t) v_j
 
+    q may hold fewer positions than k (T_q <= T_k; chunked prefill, context parallelism):
+    the queries align to the end, query i sitting at key position T_k - T_q + i (per sequence
+    with varlen), and t above is that key position.
+
     Args:
-        q: [B, T, HQ, D] float16, bfloat16 or float32; D <= 256, any value (not only powers of 2).
-        k, v: [B, T, H, D] with HQ % H == 0 (GQA/MQA: key/value heads are shared, never copied).
-        g: [B, T, HQ] per-step log gates, finite and <= 0 (checked on CPU tensors, on CUDA only
-            with GATEDFWA_CHECK_VALUES=1), any float dtype, or None for plain SWA.
+        q: [B, T_q, HQ, D] float16, bfloat16 or float32; D <= 256, any value (not only powers
+            of 2); T_q <= T_k.
+        k, v: [B, T_k, H, D] with HQ % H == 0 (GQA/MQA: key/value heads are shared, never copied).
+        g: [B, T_k, HQ] per-step log gates, finite and <= 0 (checked on CPU tensors, on CUDA only
+            with GATEDFWA_CHECK_VALUES=1), any float dtype, or None for plain SWA. g covers the
+            key positions: the decay between key j and query t sums the gates of key positions
+            j+1..t, so with T_q < T_k the gates of the keys before the first query count too.
         window_size: keys visible to a query, the query included (1 = itself only);
             None = full causal (with g: "forgetting" attention).
         scale: logit scale, default D ** -0.5.
-        cu_seqlens: int32 (or int64) [N + 1] offsets of N sequences packed along T (B must be 1);
-            nothing, the gate sums included, crosses a sequence boundary.
-        return_lse: also return the log-sum-exp of each row's logits, [B, HQ, T] float32.
+        cu_seqlens: int32 (or int64) [N + 1] offsets of N sequences packed along T (B must be 1),
+            the same for q and k; nothing, the gate sums included, crosses a sequence boundary.
+        return_lse: also return the log-sum-exp of each row's logits, [B, HQ, T_q] float32.
+        cu_seqlens_q, cu_seqlens_k: keyword only, instead of cu_seqlens when q's sequences are
+            shorter than k's: [N + 1] offsets of the same N sequences in q and in k (and g);
+            sequence i has cu_seqlens_q[i+1] - cu_seqlens_q[i] <= cu_seqlens_k[i+1] - cu_seqlens_k[i]
+            queries (0 allowed), aligned to its last keys.
 
     Returns:
-        o [B, T, HQ, D] in q's dtype, or (o, lse) when return_lse.
+        o [B, T_q, HQ, D] in q's dtype, or (o, lse) when return_lse.
     """
-    check_attention_args(q, k, v, g, window_size, scale, cu_seqlens)
+    if cu_seqlens is not None and (cu_seqlens_q is not None or cu_seqlens_k is not None):
+        raise ValueError("give either cu_seqlens (for both q and k) or cu_seqlens_q and cu_seqlens_k, not both")
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k go together: give both, or cu_seqlens for both sides")
+    if cu_seqlens_k is not None:
+        cu_seqlens = cu_seqlens_k  # keys, values and gates; q's own offsets travel separately
+        if cu_seqlens_q is cu_seqlens_k:
+            cu_seqlens_q = None
+    check_attention_args(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q, allow_shorter_queries=True)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if select_backend(q.device) == "triton":
         op = _window_attention_forward if torch.compiler.is_compiling() else _WindowAttention.apply
         o, lse2 = op(
             q.contiguous(), k.contiguous(), v.contiguous(),
-            None if g is None else g.contiguous(), window_size, scale, cu_seqlens,
+            None if g is None else g.contiguous(), window_size, scale, cu_seqlens, cu_seqlens_q,
         )
         lse = lse2.detach() * LN2
     else:
-        o, lse = chunked_gated_window_attention(q, k, v, g, window_size, scale, cu_seqlens)
+        o, lse = chunked_gated_window_attention(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q=cu_seqlens_q)
     return (o, lse) if return_lse else o
 
 

@@ -6,6 +6,10 @@ Two paths compute the same function (see docs/math.md):
     U_t = g_1 + ... + g_t        (summed per sequence, per query head)
     window(t) = { j : bos <= j <= t and t - j < w }
 
+Queries may be fewer than keys (T_q <= T_k, per sequence with varlen): they align to the
+end, query i sitting at key position T_k - T_q + i, and t above is that key position. The
+gates g cover the key positions.
+
 * :func:`naive_gated_window_attention` builds the full T x T score matrix. It exists for
   tests: it is the float64 reference, and run in a lower precision it measures how much
   error that precision alone causes.
@@ -25,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gatedfwa.ops.varlen import sequence_spans
+from gatedfwa.ops.varlen import query_key_spans
 
 __all__ = ["naive_gated_window_attention", "chunked_gated_window_attention"]
 
@@ -38,6 +42,7 @@ def naive_gated_window_attention(
     window_size: int | None = None,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quadratic reference. Every operation runs in q's dtype, so that running it in a low
     precision shows the error that precision causes by itself.
@@ -45,22 +50,22 @@ def naive_gated_window_attention(
     Returns (o [B, T, HQ, D] in q's dtype, lse [B, HQ, T] float32). Rows without any
     visible key (impossible for w >= 1, kept for safety) give o = 0 and lse = -inf.
     """
-    batch, seqlen, num_q_heads, head_dim = q.shape
+    batch, _, num_q_heads, head_dim = q.shape
     group = num_q_heads // k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
     dtype = q.dtype
     outs, lses = [], []
-    for b, start, end in sequence_spans(cu_seqlens, batch, seqlen):
-        n = end - start
-        qs = q[b, start:end].transpose(0, 1)  # [HQ, n, D]
-        ks = k[b, start:end].transpose(0, 1).repeat_interleave(group, dim=0)
-        vs = v[b, start:end].transpose(0, 1).repeat_interleave(group, dim=0)
-        scores = torch.matmul(qs, ks.transpose(1, 2)) * scale  # [HQ, n, n]
+    for b, (q_start, q_end), (k_start, k_end) in query_key_spans(cu_seqlens_q, cu_seqlens, batch, q.shape[1], k.shape[1]):
+        n = k_end - k_start
+        qs = q[b, q_start:q_end].transpose(0, 1)  # [HQ, n_q, D]
+        ks = k[b, k_start:k_end].transpose(0, 1).repeat_interleave(group, dim=0)
+        vs = v[b, k_start:k_end].transpose(0, 1).repeat_interleave(group, dim=0)
+        scores = torch.matmul(qs, ks.transpose(1, 2)) * scale  # [HQ, n_q, n]
+        t = torch.arange(n - (q_end - q_start), n, device=q.device)  # the queries' key positions
         if g is not None:
-            cumulative = torch.cumsum(g[b, start:end].to(dtype).transpose(0, 1), dim=-1)  # [HQ, n]
-            scores = scores + (cumulative[:, :, None] - cumulative[:, None, :])
-        t = torch.arange(n, device=q.device)
-        distance = t[:, None] - t[None, :]
+            cumulative = torch.cumsum(g[b, k_start:k_end].to(dtype).transpose(0, 1), dim=-1)  # [HQ, n]
+            scores = scores + (cumulative[:, t, None] - cumulative[:, None, :])
+        distance = t[:, None] - torch.arange(n, device=q.device)[None, :]
         visible = distance >= 0
         if window_size is not None:
             visible = visible & (distance < window_size)
@@ -69,7 +74,7 @@ def naive_gated_window_attention(
         finite = torch.isfinite(row_lse)
         probs = torch.exp(scores - torch.where(finite, row_lse, 0.0)[..., None])
         probs = torch.where(finite[..., None], probs, 0.0)
-        outs.append(torch.matmul(probs, vs).transpose(0, 1))  # [n, HQ, D]
+        outs.append(torch.matmul(probs, vs).transpose(0, 1))  # [n_q, HQ, D]
         lses.append(row_lse.float())
     if cu_seqlens is None:
         return torch.stack(outs), torch.stack(lses)
@@ -86,12 +91,15 @@ def _default_chunk(window_size: int, seqlen: int) -> int:
 
 
 def _chunked_one_sequence(q, k, v, g, window_size, scale, chunk):
-    """One sequence. q [B, n, HQ, D], k/v [B, n, H, D], g [B, n, HQ] or None, float32.
+    """One sequence. q [B, n_q, HQ, D], k/v [B, n, H, D], g [B, n, HQ] or None, float32, with
+    n_q <= n: query i sits at key position offset + i, offset = n - n_q.
 
-    Query chunk c covers rows [c*C, (c+1)*C); its keys are the span [c*C - (w-1), (c+1)*C),
-    obtained by left-padding K/V/g with w-1 zero rows and unfolding. Padding rows are masked.
+    Query chunk c covers rows [c*C, (c+1)*C); its keys are the span
+    [offset + c*C - (w-1), offset + (c+1)*C), obtained by left-padding K/V/g with w-1 zero
+    rows, dropping the first `offset` positions and unfolding. Padding rows are masked.
     """
     batch, n, num_q_heads, head_dim = q.shape
+    offset = k.shape[1] - n  # from here on n counts the queries
     num_kv_heads = k.shape[2]
     group = num_q_heads // num_kv_heads
     history = window_size - 1  # keys before the chunk that its first row can still see
@@ -104,17 +112,21 @@ def _chunked_one_sequence(q, k, v, g, window_size, scale, chunk):
         pad = [0, 0] * (x.dim() - 2) + [left, right]
         return F.pad(x, pad)
 
+    def key_spans(x):
+        # x [B, offset + n, ...]: chunk c's span starts at padded position offset + c*C.
+        return pad_time(x, history, padded - n)[:, offset:].unfold(1, span, chunk)
+
     q_chunks = pad_time(q, 0, padded - n).view(batch, num_chunks, chunk, num_q_heads, head_dim)
     # unfold(dim=1, size=span, step=chunk) -> [B, N, H, D, span]
-    k_spans = pad_time(k, history, padded - n).unfold(1, span, chunk).permute(0, 1, 4, 2, 3)
-    v_spans = pad_time(v, history, padded - n).unfold(1, span, chunk).permute(0, 1, 4, 2, 3)
+    k_spans = key_spans(k).permute(0, 1, 4, 2, 3)
+    v_spans = key_spans(v).permute(0, 1, 4, 2, 3)
     # [B, N, C, HQ, D] x [B, N, S, H, D] -> scores [B, N, H, group, C, S]
     q_grouped = q_chunks.view(batch, num_chunks, chunk, num_kv_heads, group, head_dim)
     scores = torch.einsum("bncihd,bnsid->bnihcs", q_grouped, k_spans) * scale
     if g is not None:
         # Decay bias from a cumulative sum local to each span: magnitudes stay bounded by
         # the span, never by the sequence length.
-        g_spans = pad_time(g, history, padded - n).unfold(1, span, chunk)  # [B, N, HQ, S]
+        g_spans = key_spans(g)  # [B, N, HQ, S]
         local = torch.cumsum(g_spans, dim=-1).view(batch, num_chunks, num_kv_heads, group, span)
         query_part = local[..., history:]  # rows of the chunk sit at span offsets history + i
         scores = scores + (query_part[..., :, None] - local[..., None, :])
@@ -123,7 +135,7 @@ def _chunked_one_sequence(q, k, v, g, window_size, scale, chunk):
     distance = rows - cols
     visible = (distance >= 0) & (distance < window_size)
     # Keys that fall in the left padding (absolute position < 0) are invisible.
-    absolute_key = torch.arange(num_chunks, device=q.device)[:, None, None] * chunk + cols[None] - history
+    absolute_key = offset + torch.arange(num_chunks, device=q.device)[:, None, None] * chunk + cols[None] - history
     visible = visible[None] & (absolute_key >= 0)  # [N, C, S]
     visible = visible[None, :, None, None]  # [1, N, 1, 1, C, S]
     scores = scores.masked_fill(~visible, float("-inf"))
@@ -144,10 +156,12 @@ def chunked_gated_window_attention(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Memory O(T * (w + chunk)); differentiable; computes in float32 (float64 for float64
-    inputs), returns o in q's dtype and lse [B, HQ, T] float32. window_size None (full
-    causal) uses w = T.
+    inputs), returns o in q's dtype and lse [B, HQ, T_q] float32. window_size None (full
+    causal) uses w = T_k. q may be shorter than k (module docstring); cu_seqlens delimits
+    k's sequences, and q's too unless cu_seqlens_q is given.
     """
     batch, seqlen, num_q_heads, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else scale
@@ -158,21 +172,22 @@ def chunked_gated_window_attention(
 
     def run(qs, ks, vs, gs, n):
         w = n if window_size is None else min(window_size, n)
-        chunk = chunk_size or _default_chunk(w, n)
+        chunk = chunk_size or _default_chunk(w, qs.shape[1])
         return _chunked_one_sequence(qs, ks, vs, gs, max(w, 1), scale, chunk)
 
     if cu_seqlens is None:
         if seqlen == 0:
             return q.new_zeros(q.shape), q.new_zeros((batch, num_q_heads, 0), dtype=torch.float32)
-        o, lse = run(qf, kf, vf, gf, seqlen)
+        o, lse = run(qf, kf, vf, gf, k.shape[1])
         return o.to(dtype), lse.float()
 
     outs, lses = [], []
-    for _, start, end in sequence_spans(cu_seqlens, batch, seqlen):
-        if end == start:
+    for _, (q_start, q_end), (k_start, k_end) in query_key_spans(cu_seqlens_q, cu_seqlens, batch, seqlen, k.shape[1]):
+        if q_end == q_start:
             continue
-        sl = slice(start, end)
-        o, lse = run(qf[:, sl], kf[:, sl], vf[:, sl], None if gf is None else gf[:, sl], end - start)
+        keys = slice(k_start, k_end)
+        o, lse = run(qf[:, q_start:q_end], kf[:, keys], vf[:, keys], None if gf is None else gf[:, keys],
+                     k_end - k_start)
         outs.append(o)
         lses.append(lse)
     if not outs:
