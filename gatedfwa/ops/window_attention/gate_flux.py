@@ -56,10 +56,13 @@ def boundary_fluxes(flux: torch.Tensor, block_m: int, block_n: int) -> torch.Ten
     # beyond[..., b, i] = flux[..., b, i] + flux[..., b, i + 1] + ...: the tiles of block b
     # whose keys lie left of key tile i's right edge.
     beyond = flux.double().flip(-1).cumsum(-1).flip(-1)
-    fluxes = flux.new_zeros((*flux.shape[:-2], num_blocks + 1), dtype=torch.float64)
-    for distance in range(0, min(num_blocks, -(-num_tiles // ratio))):
-        fluxes[..., : num_blocks - distance] += beyond[..., distance:, distance * ratio]
-    return fluxes
+    # F[k] = sum over distances d of beyond[k + d, d r]: one gather of [NB + 1, distances]
+    # entries from beyond padded with zero blocks (past the last block, and k = NB).
+    distances = -(-num_tiles // ratio)
+    beyond = torch.nn.functional.pad(beyond, (0, 0, 0, distances + 1))
+    d = torch.arange(distances, device=flux.device)
+    blocks = torch.arange(num_blocks + 1, device=flux.device)[:, None] + d
+    return beyond[..., blocks, d * ratio].sum(-1)
 
 
 def gate_gradient_from_flux(du: torch.Tensor, flux: torch.Tensor, cu_seqlens: torch.Tensor | None,
