@@ -201,8 +201,10 @@ class GatedFWAttention(nn.Module):
         batch, seqlen, _ = x.shape
         q_columns = self.num_heads * self.head_dim
         q_and_gate = F.linear(x, torch.cat((self.q_proj.weight, self.gate_proj.weight)))
-        q = q_and_gate[..., :q_columns].view(batch, seqlen, self.num_heads, self.head_dim)
-        gate_pre = q_and_gate[..., q_columns:]
+        # split, not two slices: its backward writes both gradients into one buffer (a slice's
+        # backward would allocate a zero-filled full-width gradient for each).
+        q, gate_pre = q_and_gate.split((q_columns, 2 * self.num_heads), dim=-1)
+        q = q.view(batch, seqlen, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
         return q, k, v, gate_pre
