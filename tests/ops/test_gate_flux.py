@@ -93,14 +93,17 @@ def reference_score_gradients(q, k, v, g, do, window, scale, start, stop):
 
 
 @pytest.mark.parametrize("cu_seqlens", [None, [0, 37, 37, 90]], ids=["one", "varlen"])
-def test_dq_kernel_stores_tile_totals(triton_backend, monkeypatch, cu_seqlens):
+def test_dq_kernel_stores_tile_totals(triton_backend, monkeypatch, cu_seqlens, device):
     """The dq kernel's flux buffer (captured on its way to gate_gradient_from_flux) against
-    the tile totals of a float64 dS, and dg against the plain reverse sum of dU."""
-    seqlen, heads, head_dim, window = 90, 2, 16, 23
-    q, k, v, do = (torch.randn(1, seqlen, heads, head_dim) for _ in range(4))
-    g = -0.1 * torch.rand(1, seqlen, heads)
+    the tile totals of a float64 dS, and dg against the plain reverse sum of dU. On a GPU
+    (GATEDFWA_TEST_DEVICE=cuda) at a size with several of its larger tiles per window."""
+    seqlen, heads, head_dim, window = (90, 2, 16, 23) if device == "cpu" else (700, 2, 64, 300)
+    if cu_seqlens is not None and device != "cpu":
+        cu_seqlens = [0, 290, 290, 700]
+    q, k, v, do = (torch.randn(1, seqlen, heads, head_dim, device=device) for _ in range(4))
+    g = -0.1 * torch.rand(1, seqlen, heads, device=device)
     scale = head_dim**-0.5
-    offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
+    offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
     bounds = [(0, seqlen)] if cu_seqlens is None else list(zip(cu_seqlens[:-1], cu_seqlens[1:]))
     captured = {}
 
@@ -116,13 +119,14 @@ def test_dq_kernel_stores_tile_totals(triton_backend, monkeypatch, cu_seqlens):
     o, lse = attention_forward(q, k, v, sums, window, scale, offsets)
     _, _, _, dg = triton_backward.attention_backward(do, q, k, v, sums, o, lse, window, scale, offsets)
     block_m, block_n = captured["blocks"]
+    q, k, v, g, do = (x.cpu() for x in (q, k, v, g, do))
     for h in range(heads):
         ds = torch.zeros(seqlen, seqlen, dtype=torch.float64)
         for start, stop in bounds:
             if stop > start:
                 ds[start:stop, start:stop] = reference_score_gradients(q, k, v, g, do, window, scale, start, stop)[h]
         expected = tile_totals(ds, bounds, window, block_m, block_n)[:, 0]
-        torch.testing.assert_close(captured["flux"][:, h], expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(captured["flux"][:, h].cpu(), expected, atol=1e-4, rtol=1e-4)
     plain = triton_backward._reverse_cumsum_within_sequences(captured["du"], offsets)
     torch.testing.assert_close(dg, plain, atol=1e-5, rtol=1e-5)
 
