@@ -9,7 +9,9 @@ import torch
 
 from gatedfwa.ops.window_attention import backward as triton_backward
 from gatedfwa.ops.window_attention import gate_flux, launch
-from gatedfwa.ops.window_attention.gate_flux import boundary_fluxes, flux_tile_count, gate_gradient_from_flux
+from gatedfwa.ops.window_attention.gate_flux import (
+    boundary_fluxes, flux_tile_count, gate_gradient_from_flux, reference_gate_gradient_from_flux,
+)
 from tests.ops.test_attention import triton_backend  # noqa: F401 - the fixture
 
 
@@ -66,9 +68,10 @@ def test_flux_identity(seqlen, window, block_m, block_n, cu_seqlens):
                 torch.testing.assert_close(crossing, du[c:stop].sum(), atol=1e-9, rtol=1e-9)
         expected[start:stop] = du[start:stop].flip(0).cumsum(0).flip(0)
     offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
-    dg = gate_gradient_from_flux(du.float()[None, None], flux, offsets, block_m, block_n)
-    assert dg.dtype == torch.float32 and dg.shape == (1, 1, seqlen)
-    torch.testing.assert_close(dg[0, 0].double(), expected, atol=2e-5, rtol=1e-5)
+    for assemble in (reference_gate_gradient_from_flux, gate_gradient_from_flux):  # PyTorch, Triton kernel
+        dg = assemble(du.float()[None, None], flux, offsets, block_m, block_n)
+        assert dg.dtype == torch.float32 and dg.shape == (1, 1, seqlen)
+        torch.testing.assert_close(dg[0, 0].double(), expected, atol=2e-5, rtol=1e-5)
 
 
 def test_flux_tile_count_falls_back_for_long_windows():
@@ -162,7 +165,8 @@ def test_flux_error_does_not_grow_along_a_long_sequence():
     flux.index_add_(0, flat, band.float()[left])
     flux = flux.view(1, 1, seqlen // block_m, num_tiles)
 
-    from_flux = gate_gradient_from_flux(du32[None, None], flux, None, block_m, block_n)[0, 0].double()
+    # The PyTorch assembly (the kernel sums the same terms: test_flux_identity compares them).
+    from_flux = reference_gate_gradient_from_flux(du32[None, None], flux, None, block_m, block_n)[0, 0].double()
     plain = du32.double().flip(0).cumsum(0).flip(0)
 
     def head_and_tail(dg):
@@ -173,3 +177,23 @@ def test_flux_error_does_not_grow_along_a_long_sequence():
     assert head <= 2 * tail, (head, tail)
     plain_head, plain_tail = head_and_tail(plain)
     assert plain_head > 5 * plain_tail, (plain_head, plain_tail)  # the drift this removes
+
+
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 50, 50, 51, 120]], ids=["batch", "varlen"])
+def test_kernel_matches_reference_assembly(cu_seqlens, device):
+    """The Triton assembly against the PyTorch one on random dU and tile totals: several
+    batch rows and heads, or packed sequences (empty, one token, ragged last block)."""
+    seqlen, heads, block_m, block_n, tiles = 120, 3, 16, 8, 5
+    batch = 2 if cu_seqlens is None else 1
+    sequences = batch if cu_seqlens is None else len(cu_seqlens) - 1
+    offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
+    longest = seqlen if cu_seqlens is None else max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    blocks = -(-longest // block_m)
+    du = torch.randn(batch, heads, seqlen, device=device)
+    flux = torch.randn(sequences, heads, blocks, tiles, device=device)
+    if cu_seqlens is not None:  # blocks past a sequence's end stay zero, as the dq kernel leaves them
+        for s, (start, stop) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
+            flux[s, :, -(-(stop - start) // block_m):] = 0.0
+    expected = reference_gate_gradient_from_flux(du, flux, offsets, block_m, block_n)
+    torch.testing.assert_close(gate_gradient_from_flux(du, flux, offsets, block_m, block_n), expected,
+                               atol=1e-5, rtol=1e-6)

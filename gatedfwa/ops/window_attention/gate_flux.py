@@ -23,16 +23,25 @@ i >= d BLOCK_M / BLOCK_N, so
 
     F(bos + k BLOCK_M) = sum_{d >= 0} sum_{i >= d r} flux[k + d, i],   r = BLOCK_M / BLOCK_N,
 
-at most window / BLOCK_M + 1 blocks of at most window / BLOCK_N tiles. The in-chunk sums of dU
-are differences of one float64 reverse cumulative sum of the stored float32 dU (exact in
-float64 to far below float32's rounding: the values are summed, not recomputed).
+at most window / BLOCK_M + 1 blocks of at most window / BLOCK_N tiles.
+
+gate_gradient_from_flux runs this as one Triton kernel (a program per query block: the
+block's in-chunk reverse sums of dU and the flux at its end, both in float64);
+reference_gate_gradient_from_flux is the same in PyTorch, where the in-chunk sums are
+differences of one float64 reverse cumulative sum of the stored float32 dU.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-__all__ = ["boundary_fluxes", "gate_gradient_from_flux", "flux_tile_count"]
+from gatedfwa.ops.triton_support import cdiv, interpreting, next_power_of_2
+from gatedfwa.ops.varlen import sequence_bounds
+from gatedfwa.ops.window_attention import launch
+
+__all__ = ["boundary_fluxes", "flux_tile_count", "gate_gradient_from_flux", "reference_gate_gradient_from_flux"]
 
 # The flux buffer holds flux_tile_count(...) float32 values per query block; beyond this many
 # (windows over about 4 BLOCK_M tiles of keys per block) the backward keeps the plain reverse sum.
@@ -65,8 +74,8 @@ def boundary_fluxes(flux: torch.Tensor, block_m: int, block_n: int) -> torch.Ten
     return beyond[..., blocks, d * ratio].sum(-1)
 
 
-def gate_gradient_from_flux(du: torch.Tensor, flux: torch.Tensor, cu_seqlens: torch.Tensor | None,
-                            block_m: int, block_n: int) -> torch.Tensor:
+def reference_gate_gradient_from_flux(du: torch.Tensor, flux: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                                      block_m: int, block_n: int) -> torch.Tensor:
     """dg [B, HQ, T] float32 from dU [B, HQ, T] float32 (row minus column sums of dS) and the
     dq kernel's flux [S, HQ, NB, NT] (S = B, or the number of sequences with cu_seqlens, B = 1):
     dg_s = (dU_s + ... + dU_{c-1}) + F(c), c the next block start of s's sequence (or its end)."""
@@ -89,3 +98,55 @@ def gate_gradient_from_flux(du: torch.Tensor, flux: torch.Tensor, cu_seqlens: to
         crossing = fluxes[seq, :, block + 1].t()[None]  # [1, HQ, T]
     within = suffix[..., :seqlen] - suffix[..., chunk_end]
     return (within + crossing).float()
+
+
+@triton.jit
+def _gate_gradient_kernel(
+    DU, FLUX, DG, CU_SEQLENS, seqlen, num_heads, num_blocks, flux_tiles, distances,
+    BLOCK_M: tl.constexpr, RATIO: tl.constexpr, TILES: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """One program: dg of the query block [m0, m0 + BLOCK_M) of one sequence and head (the dq
+    kernel's blocks): the block's reverse sums of dU plus F at the next block start, the
+    flux totals of blocks block + 1 + d from tile d RATIO on, all in float64."""
+    block = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    m0 = bos + block * BLOCK_M
+    if m0 >= eos:
+        return
+    if VARLEN:
+        row = head * seqlen
+    else:
+        row = (seq * num_heads + head) * seqlen - bos
+    offs = m0 + tl.arange(0, BLOCK_M)
+    inside = offs < eos
+    du = tl.load(DU + row + offs, mask=inside, other=0.0).to(tl.float64)
+    tiles = tl.arange(0, TILES)
+    # Blocks past the sequence's end were never written: their totals are the buffer's zeros.
+    flux_head = FLUX + (seq * num_heads + head) * num_blocks * flux_tiles
+    crossing = tl.zeros([TILES], dtype=tl.float64)
+    for d in range(0, distances):
+        source = block + 1 + d
+        take = (tiles >= d * RATIO) & (tiles < flux_tiles) & (source < num_blocks)
+        crossing += tl.load(flux_head + source * flux_tiles + tiles, mask=take, other=0.0).to(tl.float64)
+    dg = tl.cumsum(du, 0, reverse=True) + tl.sum(crossing, 0)
+    tl.store(DG + row + offs, dg.to(tl.float32), mask=inside)
+
+
+def gate_gradient_from_flux(du: torch.Tensor, flux: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                            block_m: int, block_n: int) -> torch.Tensor:
+    """As reference_gate_gradient_from_flux, in one Triton launch: dU [B, HQ, T] float32 and
+    flux [S, HQ, NB, NT] float32 -> dg [B, HQ, T] float32."""
+    batch, num_heads, seqlen = du.shape
+    num_seqs, _, num_blocks, num_tiles = flux.shape
+    dg = launch.allocate_like(du)
+    if seqlen == 0 or num_seqs == 0:
+        return dg
+    ratio = block_m // block_n
+    _gate_gradient_kernel[(num_blocks, num_seqs, num_heads)](
+        du, flux, dg, du if cu_seqlens is None else cu_seqlens, seqlen, num_heads, num_blocks, num_tiles,
+        cdiv(num_tiles, ratio), BLOCK_M=block_m, RATIO=ratio, TILES=next_power_of_2(num_tiles),
+        VARLEN=cu_seqlens is not None, num_warps=1 if interpreting() else 4,
+    )
+    return dg
