@@ -13,7 +13,7 @@ gated / swa, with its range.
 
 The breakdown (torch.profiler, CUDA kernels of a few steps): device ms per step of each part,
 both kinds, and the difference, which is what the gate adds: the attention kernels (forward,
-dq, dk/dv, delta), the gate's own kernels (chunk sums, gate backward, dg's reverse sum),
+dq, dk/dv, delta), the gate's own kernels (chunk sums, gate backward, dg's assembly),
 GEMMs, and all other kernels (elementwise, norms, optimizer; compiled: Inductor's fused
 kernels). Graph breaks counts torch._dynamo's graph breaks in the compiled models (0 expected).
 
@@ -48,7 +48,7 @@ PARTS = (
     ("attention delta", ("_delta_kernel",)),
     ("gate chunk sums", ("_chunk_sums_kernel",)),
     ("gate backward", ("_gate_backward_kernel", "_gate_forward_kernel")),
-    ("dg reverse sum", ("_reverse_cumsum_kernel", "_flux")),
+    ("dg assembly", ("_reverse_cumsum_kernel", "_gate_gradient_kernel")),
     ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm100_", "cublas", "matmul")),
 )
 
