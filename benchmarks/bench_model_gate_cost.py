@@ -222,8 +222,9 @@ def main() -> None:
             parts = {kind: result["breakdown"][kind]["parts"].get(part, 0.0) for kind in KINDS}
             rows.append({"mode": mode, "part": f"{part} ms/step", "gatedfwa": parts["gatedfwa"], "swa": parts["swa"],
                          "gate adds ms": added})
-    write_results(args.out, name, payload, rows,
-                  ["mode", "part", "gatedfwa", "swa", "gated / swa", "gate adds ms", "note", "error"])
+        # Written after each mode, so that a run stopped during the next keeps this one.
+        write_results(args.out, name, payload, rows,
+                      ["mode", "part", "gatedfwa", "swa", "gated / swa", "gate adds ms", "note", "error"])
 
 
 if __name__ == "__main__":
