@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gatedfwa.distributed import context_parallel_gated_window_attention
@@ -44,6 +45,7 @@ from gatedfwa.ops import (
     log_gates_from_projection,
 )
 from gatedfwa.ops.decode.chunked import prefill_chunk
+from gatedfwa.ops.window_attention.fused_gate import gate_attention_from_projection
 
 __all__ = ["GatedFWAttention", "gate_bias_init"]
 
@@ -188,6 +190,28 @@ class GatedFWAttention(nn.Module):
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
         return q, k, v
 
+    def _project_with_gate(self, x: torch.Tensor):
+        """x [B, T, C] -> (q [B, T, HQ, D], raw k, v [B, T, H, D], gate_pre [B, T, 2HQ] or None).
+
+        With the gate, W_q and the gate's [W_g; W_beta] run as one GEMM (HQ D + 2 HQ output
+        columns): a separate projection to 2 HQ columns is a skinny GEMM that reads all of x
+        again, and its backward adds one more [B, T, C] gradient into x's. q and gate_pre
+        are column slices of the one output; q is copied by the rotary embedding anyway,
+        and the parameters keep their own names (q_proj, gate_proj), so checkpoints load
+        unchanged."""
+        if not self.use_gate:
+            return (*self._project(x), None)
+        batch, seqlen, _ = x.shape
+        q_columns = self.num_heads * self.head_dim
+        q_and_gate = F.linear(x, torch.cat((self.q_proj.weight, self.gate_proj.weight)))
+        # split, not two slices: its backward writes both gradients into one buffer (a slice's
+        # backward would allocate a zero-filled full-width gradient for each).
+        q, gate_pre = q_and_gate.split((q_columns, 2 * self.num_heads), dim=-1)
+        q = q.view(batch, seqlen, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
+        return q, k, v, gate_pre
+
     def _shift(self, x, k, v, k_prev, v_prev):
         """Token shift: mix each raw k, v [B, T, H, D] with the previous token's."""
         mix = torch.sigmoid(self.shift_proj(x)).to(k.dtype)[..., None]  # [B, T, 2H, 1]
@@ -285,7 +309,7 @@ class GatedFWAttention(nn.Module):
         batch, seqlen, _ = x.shape
         if position_ids is None and rotary is None:
             position_ids = default_position_ids(batch, seqlen, cu_seqlens, x.device) + shard_start(seqlen, self.context_parallel_group)
-        q, k_raw, v_raw = self._project(x)
+        q, k_raw, v_raw, gate_pre = self._project_with_gate(x)
         k, v = k_raw, v_raw
         if self.token_shift:
             if self.context_parallel_group is None:
@@ -295,32 +319,37 @@ class GatedFWAttention(nn.Module):
             k, v = self._shift(x, k, v, k_prev, v_prev)
         q, k = self._position_encode(q, k, position_ids, rotary)
         if cache is None:
-            o = self._attend(q, k, v, x, cu_seqlens)
+            o = self._attend(q, k, v, x, cu_seqlens, gate_pre)
         else:
-            o, g = self._attend_for_prefill(q, k, v, x, cu_seqlens)
+            o, g = self._attend_for_prefill(q, k, v, x, cu_seqlens, gate_pre)
             self._prefill(cache, layout, k, v, g, k_raw, v_raw)
         return self._finish(x, o)
 
-    def _attend(self, q, k, v, x, cu_seqlens):
-        """Gated (or plain) window attention of the whole sequence: [B, T, HQ, D]."""
+    def _attend(self, q, k, v, x, cu_seqlens, gate_pre=None):
+        """Gated (or plain) window attention of the whole sequence: [B, T, HQ, D]. gate_pre
+        [B, T, 2HQ] is x's gate projection from _project_with_gate (None without the gate)."""
         if self.context_parallel_group is not None:  # the gate first, then the op across ranks
-            g = self.log_gates(x) if self.use_gate else None
+            g = self._gates_from_projection(gate_pre)
             return context_parallel_gated_window_attention(
                 q, k, v, g, window_size=self.window_size, group=self.context_parallel_group, scale=self.scale,
             )
         if self.use_gate:
-            return gated_fwa_attention(
-                q, k, v, x, self.gate_proj.weight.to(x.dtype), self.gate_bias,
-                window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens,
+            return gate_attention_from_projection(
+                q, k, v, gate_pre, self.gate_bias, window_size=self.window_size, scale=self.scale,
+                cu_seqlens=cu_seqlens,
             )
         return gated_window_attention(q, k, v, None, window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens)
 
-    def _attend_for_prefill(self, q, k, v, x, cu_seqlens):
+    def _attend_for_prefill(self, q, k, v, x, cu_seqlens, gate_pre=None):
         """As _attend, also returning the log gates g [B, T, HQ] (None without the gate) that
         the cache keeps: (o [B, T, HQ, D], g). The gate is computed once, outside the fused op."""
-        g = self.log_gates(x) if self.use_gate else None
+        g = self._gates_from_projection(gate_pre)
         o = gated_window_attention(q, k, v, g, window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens)
         return o, g
+
+    def _gates_from_projection(self, gate_pre):
+        """gate_pre [B, T, 2HQ] -> g [B, T, HQ] float32, or None without the gate."""
+        return None if gate_pre is None else log_gates_from_projection(gate_pre, self.gate_bias)
 
     def _prefill(self, cache, layout, k, v, g, k_raw, v_raw) -> None:
         """Write a prompt's keys, values and gates into an empty cache, in the padded layout

@@ -73,11 +73,11 @@ class NSAttention(GatedFWAttention):
         gates = torch.sigmoid(self.branch_gate_proj(x)).unflatten(-1, (3, self.num_heads))
         return gates.unbind(dim=-2)
 
-    def _attend(self, q, k, v, x, cu_seqlens):
-        return self._attend_for_prefill(q, k, v, x, cu_seqlens)[0]
+    def _attend(self, q, k, v, x, cu_seqlens, gate_pre=None):
+        return self._attend_for_prefill(q, k, v, x, cu_seqlens, gate_pre)[0]
 
-    def _attend_for_prefill(self, q, k, v, x, cu_seqlens):
-        g = self.log_gates(x) if self.use_gate else None
+    def _attend_for_prefill(self, q, k, v, x, cu_seqlens, gate_pre=None):
+        g = self._gates_from_projection(gate_pre)
         # No sequence here has more than ceil(T / block_size) blocks: asking for more selects
         # the same blocks (every candidate) while the op would still reserve block_counts
         # slots per query (the PyTorch path gathers block_counts * block_size keys each).

@@ -26,11 +26,12 @@ def _rotate(x, positions, theta):
     return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
 
 
-def reference_attention_layer(layer, x, position_ids=None, dtype=torch.float64):
+def reference_attention_layer(layer, x, position_ids=None, dtype=torch.float64, differentiable=False):
     """GatedFWAttention's (or NSAttention's) output for x [B, T, C] (no padding), every step
-    in ``dtype``."""
-    p = {name: t.detach().to(dtype) for name, t in layer.named_parameters()}
-    x = x.detach().to(dtype)
+    in ``dtype``; with ``differentiable`` gradients flow back to x and the layer's parameters."""
+    keep = (lambda t: t) if differentiable else (lambda t: t.detach())
+    p = {name: keep(t).to(dtype) for name, t in layer.named_parameters()}
+    x = keep(x).to(dtype)
     batch, seqlen, _ = x.shape
     hq, h, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
     if position_ids is None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gatedfwa.layers import GatedFWAttention, gate_bias_init
-from gatedfwa.testing import assert_within_rule
+from gatedfwa.testing import assert_within_rule, float32_slack
 from tests.layers.reference import reference_attention_layer
 
 
@@ -132,3 +132,37 @@ def test_mask_and_cu_seqlens_together_rejected():
     layer = GatedFWAttention(16, 2, window_size=4)
     with pytest.raises(ValueError, match="attention_mask"):
         layer(torch.randn(1, 4, 16), attention_mask=torch.ones(1, 4), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradients_match_reference(monkeypatch, backend):
+    """Output and every gradient (x, q_proj and gate_proj, whose weights run as one GEMM,
+    gate_bias, ...) within the rule of the independent reference (float32 naive, float64
+    reference). The triton case runs the fused gate + attention op (the interpreter on a
+    CPU), which reads gate_pre as a column slice of the q and gate GEMM's output."""
+    monkeypatch.setenv("GATEDFWA_BACKEND", backend)
+    layer = randomize_(GatedFWAttention(24, 4, 2, 8, window_size=6, token_shift=True, qk_norm=True))
+    x = torch.randn(2, 21, 24)
+    do = torch.randn(2, 21, 24, dtype=torch.float64)
+
+    def gradients(forward, dtype):
+        layer.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        out = forward(xx, dtype)
+        out.backward(do.to(out.dtype))
+        grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+        return {"output": out.detach(), "dx": xx.grad.clone(), **grads}
+
+    fast = gradients(lambda xx, dtype: layer(xx), torch.float32)
+    naive = gradients(lambda xx, dtype: reference_attention_layer(layer, xx, dtype=dtype, differentiable=True),
+                      torch.float32)
+    ref = gradients(lambda xx, dtype: reference_attention_layer(layer, xx, dtype=dtype, differentiable=True),
+                    torch.float64)
+    assert "gate_proj.weight" in ref and "gate_bias" in ref
+    for name in ref:
+        # float32 slack as in tests/ops/test_gate.py: ten times it for the gradients that flow
+        # through the kernels' dg (sums of float32 row and column sums of dS).
+        through_gate = backend == "triton" and name in ("dx", "gate_proj.weight", "gate_bias")
+        atol = float32_slack(ref[name], torch.float32) * (10 if through_gate else 1)
+        assert_within_rule(name, fast[name], naive[name], ref[name], atol=atol)

@@ -254,8 +254,10 @@ def test_long_sequence_error_does_not_grow_with_position(device):
 
 
 def test_gate_gradient_error_does_not_grow_along_the_sequence(triton_backend, device):
-    """dg is a reverse cumulative sum over the whole sequence of (row sums - column sums) of
-    dS: any mismatch between the two accumulates towards the start. fp32, T = 2048: the dg
+    """dg summed as a reverse cumulative sum over the whole sequence of (row sums - column
+    sums) of dS would accumulate any mismatch between the two towards the start; the kernels
+    sum nothing over more than a window (gate_flux.py, tests/ops/test_gate_flux.py for the
+    same at T = 2^18 on the assembly alone). fp32, T = 2048: the dg
     error over the first 256 positions stays that of the last 256 (float64 references on
     slices with one window of context each side are exact for the slice). An earlier
     scheme (row and column sums as tensor-core products with ones, row sums added

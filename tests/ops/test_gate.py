@@ -508,6 +508,56 @@ def test_gated_fwa_attention_validation():
             gated_fwa_attention(**args)
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gate_attention_from_projection_reads_a_column_slice(monkeypatch, backend):
+    """gate_attention_from_projection with gate_pre taken as the last 2 HQ columns of a wider
+    projection (as GatedFWAttention's one GEMM for q and the gate gives it): output and
+    gradients, through the slice, against the float64 composition of the reference pieces."""
+    from gatedfwa.ops.window_attention.fused_gate import gate_attention_from_projection
+
+    monkeypatch.setenv("GATEDFWA_BACKEND", backend)
+    other_weight = torch.randn(16, 32)
+
+    def from_wide_projection(q, k, v, x, gate_weight, gate_bias, window_size, cu_seqlens):
+        wide = x @ torch.cat((other_weight.to(x.dtype), gate_weight)).t()
+        return gate_attention_from_projection(q, k, v, wide[..., 16:], gate_bias, window_size=window_size,
+                                              cu_seqlens=cu_seqlens, return_lse=True)
+
+    q = torch.randn(2, 23, 4, 16)
+    k = torch.randn(2, 23, 2, 16)
+    v = torch.randn(2, 23, 2, 16)
+    x = torch.randn(2, 23, 32)
+    gate_weight = torch.randn(8, 32) / 32**0.5
+    gate_bias = torch.randn(4) + 2
+    inputs = (q, k, v, x, gate_weight, gate_bias)
+    do = torch.randn(q.shape, dtype=torch.float64)
+    fast = composite_grads(from_wide_projection, inputs, do, 7, None)
+    low = composite_grads(composite_reference, inputs, do, 7, None)
+    ref = composite_grads(composite_reference, [t.double() for t in inputs], do, 7, None)
+    names = ("o", "lse", "dq", "dk", "dv", "dx", "d_gate_weight", "d_gate_bias")
+    for name, a, b, c in zip(names, fast, low, ref):
+        through_gate = backend == "triton" and name in ("dx", "d_gate_weight", "d_gate_bias")
+        atol = float32_slack(c, torch.float32) * (10 if through_gate else 1)
+        assert_within_rule(name, a, b, c, atol=atol)
+
+
+def test_gate_attention_from_projection_validation():
+    from gatedfwa.ops.window_attention.fused_gate import gate_attention_from_projection
+
+    q, kv = torch.randn(1, 6, 4, 8), torch.randn(1, 6, 2, 8)
+    cases = [
+        (dict(gate_pre=torch.randn(1, 6, 4)), ValueError, r"gate_pre must have shape .* = \[1, 6, 8\]"),
+        (dict(gate_pre=torch.randn(6, 8)), ValueError, "gate_pre must have 3 dimensions"),
+        (dict(gate_pre=torch.randn(1, 6, 8).long()), TypeError, "gate_pre must be a floating-point tensor"),
+        (dict(gate_bias=torch.randn(5)), ValueError, r"gate_bias must have shape \[4\]"),
+    ]
+    for changes, error, message in cases:
+        args = dict(q=q, k=kv, v=kv, gate_pre=torch.randn(1, 6, 8), gate_bias=torch.randn(4))
+        args.update(changes)
+        with pytest.raises(error, match=message):
+            gate_attention_from_projection(**args)
+
 def test_import_without_triton():
     """Triton is optional: without it, the package imports and the gate runs its PyTorch path."""
     code = (

@@ -179,4 +179,5 @@ class StaticWindowCache(WindowCache):
 
     @property
     def holds_tokens(self) -> bool:
-        return bool(self.layers) and self.layers[0].holds_tokens
+        # len() rather than bool(): torch.compile traces the model's forward through this.
+        return len(self.layers) > 0 and self.layers[0].holds_tokens

@@ -11,6 +11,7 @@ import triton.language as tl
 
 from gatedfwa.ops.triton_support import LOG2E, dot_precision, interpreting, token_and_head_strides
 from gatedfwa.ops.window_attention import launch
+from gatedfwa.ops.window_attention.gate_flux import flux_tile_count, gate_gradient_from_flux
 from gatedfwa.ops.window_attention.tiles import (
     NO_DECAY, PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, sequence_descriptor, tile_carry,
     tile_prefix, tile_suffix,
@@ -78,10 +79,12 @@ def _dq_tile(
     """Add one key tile's contribution to dq (unscaled) and, with a gate, to the float32 row
     sums of dS, dgate_row [BLOCK_M] (a reduction inside each thread group of the matmul
     layout: no shared memory). The tile function of walk_key_tiles: state = (dq [BLOCK_M,
-    BLOCK_D] float32, dgate_row), rows = (q, do [BLOCK_M, BLOCK_D], lse2, delta [BLOCK_M]).
-    The decay is applied as in _forward_tile."""
-    dq, dgate_row = state
-    q, do, lse2, delta = rows
+    BLOCK_D] float32, dgate_row, flux_tile: the count of tiles left of the diagonal seen so
+    far), rows = (q, do [BLOCK_M, BLOCK_D], lse2, delta [BLOCK_M], flux_row, flux_on).
+    The decay is applied as in _forward_tile. With flux_on, each tile left of the diagonal
+    also stores the sum of its dS at flux_row + flux_tile (gate_flux.py)."""
+    dq, dgate_row, flux_tile = state
+    q, do, lse2, delta, flux_row, flux_on = rows
     kv_mask = offs_d[:, None] < HEAD_DIM
     if MASKED:
         key_ok = (offs_n >= bos) & (offs_n < eos)
@@ -116,17 +119,23 @@ def _dq_tile(
     dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     if DECAY != NO_DECAY:
-        dgate_row += tl.sum(ds, 1)
+        row_sums = tl.sum(ds, 1)
+        dgate_row += row_sums
+        if DECAY == SPLIT_DECAY:
+            # Every pair of this tile crosses the chunk boundaries between its keys and m0:
+            # the tile's total is its share of their flux F(c).
+            tl.store(flux_row + flux_tile, tl.sum(row_sums, 0), mask=flux_on)
+            flux_tile += 1
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
-    return dq, dgate_row
+    return dq, dgate_row, flux_tile
 
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, SUMS, DO, LSE, DELTA, DQ, DU, CU_SEQLENS,
+    Q, K, V, SUMS, DO, LSE, DELTA, DQ, DU, FLUX, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     sums_plane, stride_dot, stride_doh, stride_dqt, stride_dqh,
-    seqlen, num_q_heads, window, qk_scale, scale, CU_SEQLENS_Q, seqlen_q,
+    seqlen, num_q_heads, window, qk_scale, scale, CU_SEQLENS_Q, seqlen_q, flux_tiles,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -135,7 +144,9 @@ def _dq_kernel(
     """One program: dq of BLOCK_M query rows of one head, walking key tiles as the forward
     (walk.py; USE_TMA and WARP_SPECIALIZE as in the forward kernel); rows are key positions,
     and FEWER_QUERIES places the queries as in _forward_kernel. The row sums of dS go to dU,
-    laid out like k (seqlen)."""
+    laid out like k (seqlen). flux_tiles > 0: FLUX [sequences, HQ, query blocks, flux_tiles]
+    float32 takes the dS total of each key tile left of the diagonal, nearest first
+    (gate_flux.py; never with FEWER_QUERIES, whose blocks start at the first query)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -190,9 +201,11 @@ def _dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dgate_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+    flux_row = FLUX + ((seq * num_q_heads + head) * tl.num_programs(0) + block) * flux_tiles
+    flux_tile = tl.zeros([BLOCK_M], dtype=tl.int32).sum(0)
 
-    dq, dgate_row = walk_key_tiles(
-        _dq_tile, (dq, dgate_row), (q, do, lse2, delta), k_head, v_head, p_head, s_head, query_offset,
+    dq, dgate_row, flux_tile = walk_key_tiles(
+        _dq_tile, (dq, dgate_row, flux_tile), (q, do, lse2, delta, flux_row, flux_tiles > 0), k_head, v_head, p_head, s_head, query_offset,
         offs_m, offs_d, m0, bos, eos, window, stride_kt, stride_vt, qk_scale,
         HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, USE_TMA, WARP_SPECIALIZE)
 
@@ -502,13 +515,21 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     )
     config = launch.usable_config(launch.CONFIGS["dq"](problem.head_dim, has_gate), q, k, v,
                                   fewer_queries=problem.fewer_queries)
-    _dq_kernel[problem.query_grid(config["BLOCK_M"], problem.num_q_heads)](
-        q, k, v, gf, do, lse, delta, dq, du, problem.cu_seqlens,
+    dq_grid = problem.query_grid(config["BLOCK_M"], problem.num_q_heads)
+    # The dS total per query block and key tile, for dg from chunk-boundary fluxes (gate_flux.py).
+    # With fewer queries than keys the blocks start at the first query: dg takes the reverse sum.
+    flux_tiles = 0
+    if has_gate and not problem.fewer_queries:
+        flux_tiles = flux_tile_count(problem.window, config["BLOCK_M"], config["BLOCK_N"])
+    flux = q.new_zeros((problem.num_seqs, problem.num_q_heads, dq_grid[0], flux_tiles), dtype=torch.float32)
+    _dq_kernel[dq_grid](
+        q, k, v, gf, do, lse, delta, dq, du, flux if flux_tiles else du, problem.cu_seqlens,
         *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
         sums_plane, *token_and_head_strides(do), *token_and_head_strides(dq),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
-        problem.cu_seqlens_q, problem.seqlen_q, **common, **config,
+        problem.cu_seqlens_q, problem.seqlen_q, flux_tiles, **common, **config,
     )
+    dq_blocks = (config["BLOCK_M"], config["BLOCK_N"])
     config = launch.usable_config(launch.CONFIGS["dkdv"](problem.head_dim, has_gate), q, do,
                                   fewer_queries=problem.fewer_queries)
     _dkdv_kernel[problem.grid(config["BLOCK_N"], problem.num_kv_heads)](
@@ -520,6 +541,8 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
         problem.cu_seqlens_q, problem.seqlen_q, **common, **config,
     )
     dg = None
-    if has_gate:
+    if has_gate and flux_tiles:
+        dg = gate_gradient_from_flux(du, flux, cu_seqlens, *dq_blocks)
+    elif has_gate:  # fewer queries, or windows too long for the flux buffer: one reverse sum per sequence
         dg = _reverse_cumsum_within_sequences(du, cu_seqlens)
     return dq, dk, dv, dg

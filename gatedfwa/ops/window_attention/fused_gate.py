@@ -26,7 +26,7 @@ from gatedfwa.ops.triton_support import LN2
 from gatedfwa.ops.validation import check_attention_args, check_float_tensor, format_shape
 from gatedfwa.ops.window_attention.op import gated_window_attention
 
-__all__ = ["gated_fwa_attention"]
+__all__ = ["gate_attention_from_projection", "gated_fwa_attention"]
 
 
 def _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens):
@@ -179,8 +179,6 @@ def check_gated_fwa_args(q, k, v, x, gate_weight, gate_bias, window_size, scale,
     check_gate_bias(gate_bias, num_q_heads, x.device)
 
 
-
-
 def gated_fwa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -216,7 +214,48 @@ def gated_fwa_attention(
     stored, and the backward turns the attention's dg into d(gate_pre) in one pass.
     """
     check_gated_fwa_args(q, k, v, x, gate_weight, gate_bias, window_size, scale, cu_seqlens)
-    gate_pre = F.linear(x, gate_weight)
+    return _attend_from_projection(
+        q, k, v, F.linear(x, gate_weight), gate_bias, window_size, scale, cu_seqlens, return_lse
+    )
+
+
+def gate_attention_from_projection(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate_pre: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    window_size: int | None = None,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """gated_fwa_attention after the gate projection: for callers that compute
+    gate_pre = x @ gate_weight^T themselves, e.g. in the same GEMM as q (GatedFWAttention).
+
+    Args:
+        q: [B, T, HQ, D]; k, v: [B, T, H, D] (see gated_window_attention).
+        gate_pre: [B, T, 2 HQ] floating point, columns 0..HQ-1 a = x W_g, then x W_beta; a
+            column slice of a wider projection is taken as it is (no copy of the rest).
+        gate_bias, window_size, scale, cu_seqlens, return_lse: as in gated_fwa_attention.
+    Returns: as gated_fwa_attention; gradients flow to q, k, v, gate_pre and gate_bias.
+    """
+    check_attention_args(q, k, v, None, window_size, scale, cu_seqlens)
+    check_float_tensor("gate_pre", gate_pre, 3, "[batch, seqlen, 2 * query_heads]")
+    expected = (*q.shape[:2], 2 * q.shape[2])
+    if tuple(gate_pre.shape) != expected:
+        raise ValueError(
+            f"gate_pre must have shape [batch, seqlen, 2 * query_heads] = {list(expected)}, got {format_shape(gate_pre)}"
+        )
+    if gate_pre.device != q.device:
+        raise ValueError(f"gate_pre must be on q's device {q.device}, got {gate_pre.device}")
+    check_gate_bias(gate_bias, q.shape[2], q.device)
+    return _attend_from_projection(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, return_lse)
+
+
+def _attend_from_projection(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, return_lse):
+    """The two ops' shared body, arguments checked: the fused op on the Triton backend, the
+    composition elsewhere."""
     if select_backend(q.device) == "triton":
         scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
         o, lse2 = _fused_gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens)

@@ -1,0 +1,199 @@
+"""The gate gradient from chunk-boundary fluxes (gatedfwa/ops/window_attention/gate_flux.py):
+the flux identity on random score gradients, the dq kernel's per-tile dS totals against a
+float64 dS, and dg against the plain reverse sum."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gatedfwa.ops.window_attention import backward as triton_backward
+from gatedfwa.ops.window_attention import gate_flux, launch
+from gatedfwa.ops.window_attention.gate_flux import (
+    boundary_fluxes, flux_tile_count, gate_gradient_from_flux, reference_gate_gradient_from_flux,
+)
+from tests.ops.test_attention import triton_backend  # noqa: F401 - the fixture
+
+
+def banded_score_gradients(seqlen: int, window: int, bounds, dtype=torch.float64) -> torch.Tensor:
+    """Random dS [T, T]: nonzero only for pairs j <= t < j + window inside one sequence."""
+    t = torch.arange(seqlen)[:, None]
+    j = torch.arange(seqlen)[None, :]
+    same = torch.zeros(seqlen, seqlen, dtype=torch.bool)
+    for start, stop in bounds:
+        same[start:stop, start:stop] = True
+    return torch.randn(seqlen, seqlen, dtype=dtype) * ((j <= t) & (t - j < window) & same)
+
+
+def tile_totals(ds: torch.Tensor, bounds, window: int, block_m: int, block_n: int) -> torch.Tensor:
+    """What the dq kernel stores: for each sequence and query block, the dS total of each key
+    tile left of the block's first row, nearest first -> [S, 1, NB, NT] float32."""
+    num_blocks = max(-(-(stop - start) // block_m) for start, stop in bounds)
+    num_tiles = flux_tile_count(window, block_m, block_n)
+    flux = torch.zeros(len(bounds), 1, num_blocks, num_tiles, dtype=torch.float64)
+    for s, (start, stop) in enumerate(bounds):
+        for b in range(-(-(stop - start) // block_m)):
+            m0 = start + b * block_m
+            rows = slice(m0, min(m0 + block_m, stop))
+            for i in range(num_tiles):
+                n0 = m0 - (i + 1) * block_n
+                flux[s, 0, b, i] = ds[rows, max(n0, start):max(n0 + block_n, start)].sum()
+    return flux.float()
+
+
+CASES = [  # seqlen, window, block_m, block_n, sequences (None: one)
+    (100, 20, 16, 8, None),
+    (100, 7, 16, 16, None),
+    (130, 33, 32, 8, [0, 40, 41, 41, 130]),
+    (64, 1, 16, 8, None),
+]
+
+
+@pytest.mark.parametrize("seqlen, window, block_m, block_n, cu_seqlens", CASES)
+def test_flux_identity(seqlen, window, block_m, block_n, cu_seqlens):
+    """F(c) = sum of dS_tj over j < c <= t equals sum_{t >= c} dU_t at every block start c,
+    and dg from the fluxes equals the float64 reverse sum of dU (to float32 rounding)."""
+    bounds = [(0, seqlen)] if cu_seqlens is None else list(zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    ds = banded_score_gradients(seqlen, window, bounds)
+    du = ds.sum(1) - ds.sum(0)  # row sums - column sums
+    flux = tile_totals(ds, bounds, window, block_m, block_n)
+    fluxes = boundary_fluxes(flux, block_m, block_n)[:, 0]
+    expected = torch.zeros(seqlen, dtype=torch.float64)
+    for s, (start, stop) in enumerate(bounds):
+        for k in range(fluxes.shape[-1]):
+            c = start + k * block_m
+            crossing = ds[c:stop, start:c].sum() if c < stop else torch.tensor(0.0, dtype=torch.float64)
+            torch.testing.assert_close(fluxes[s, k], crossing, atol=1e-5, rtol=1e-6)
+            if c < stop:
+                torch.testing.assert_close(crossing, du[c:stop].sum(), atol=1e-9, rtol=1e-9)
+        expected[start:stop] = du[start:stop].flip(0).cumsum(0).flip(0)
+    offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
+    for assemble in (reference_gate_gradient_from_flux, gate_gradient_from_flux):  # PyTorch, Triton kernel
+        dg = assemble(du.float()[None, None], flux, offsets, block_m, block_n)
+        assert dg.dtype == torch.float32 and dg.shape == (1, 1, seqlen)
+        torch.testing.assert_close(dg[0, 0].double(), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_flux_tile_count_falls_back_for_long_windows():
+    assert flux_tile_count(1, 64, 32) == 1
+    assert flux_tile_count(1024, 64, 32) == 32
+    limit = gate_flux.MAX_FLUX_TILES_PER_BLOCK_M * 64
+    assert flux_tile_count(limit * 32 + 1, 64, 32) == limit
+    assert flux_tile_count(limit * 32 + 2, 64, 32) == 0
+
+
+def reference_score_gradients(q, k, v, g, do, window, scale, start, stop):
+    """float64 dS [HQ, T, T] of one sequence [start, stop) (B == 1, HQ == H)."""
+    q, k, v, do = (x[0, start:stop].double().transpose(0, 1) for x in (q, k, v, do))
+    cum = g[0, start:stop].double().cumsum(0).t()  # [H, T]
+    n = stop - start
+    t, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    visible = (j <= t) & (t - j < window)
+    s = scale * q @ k.transpose(-1, -2) + cum[:, :, None] - cum[:, None, :]
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+    dp = do @ v.transpose(-1, -2)
+    return p * (dp - (p * dp).sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 37, 37, 90]], ids=["one", "varlen"])
+def test_dq_kernel_stores_tile_totals(triton_backend, monkeypatch, cu_seqlens, device):
+    """The dq kernel's flux buffer (captured on its way to gate_gradient_from_flux) against
+    the tile totals of a float64 dS, and dg against the plain reverse sum of dU. On a GPU
+    (GATEDFWA_TEST_DEVICE=cuda) at a size with several of its larger tiles per window."""
+    seqlen, heads, head_dim, window = (90, 2, 16, 23) if device == "cpu" else (700, 2, 64, 300)
+    if cu_seqlens is not None and device != "cpu":
+        cu_seqlens = [0, 290, 290, 700]
+    q, k, v, do = (torch.randn(1, seqlen, heads, head_dim, device=device) for _ in range(4))
+    g = -0.1 * torch.rand(1, seqlen, heads, device=device)
+    scale = head_dim**-0.5
+    offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
+    bounds = [(0, seqlen)] if cu_seqlens is None else list(zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    captured = {}
+
+    def capture(du, flux, cu, block_m, block_n):
+        captured.update(du=du.clone(), flux=flux.clone(), blocks=(block_m, block_n))
+        return gate_gradient_from_flux(du, flux, cu, block_m, block_n)
+
+    monkeypatch.setattr(triton_backward, "gate_gradient_from_flux", capture)
+    from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums
+    from gatedfwa.ops.window_attention.forward import attention_forward
+
+    sums = chunk_gate_sums(g, launch.gate_chunk(head_dim), offsets)
+    o, lse = attention_forward(q, k, v, sums, window, scale, offsets)
+    _, _, _, dg = triton_backward.attention_backward(do, q, k, v, sums, o, lse, window, scale, offsets)
+    block_m, block_n = captured["blocks"]
+    q, k, v, g, do = (x.cpu() for x in (q, k, v, g, do))
+    for h in range(heads):
+        ds = torch.zeros(seqlen, seqlen, dtype=torch.float64)
+        for start, stop in bounds:
+            if stop > start:
+                ds[start:stop, start:stop] = reference_score_gradients(q, k, v, g, do, window, scale, start, stop)[h]
+        expected = tile_totals(ds, bounds, window, block_m, block_n)[:, 0]
+        torch.testing.assert_close(captured["flux"][:, h].cpu(), expected, atol=1e-4, rtol=1e-4)
+    plain = triton_backward._reverse_cumsum_within_sequences(captured["du"], offsets)
+    torch.testing.assert_close(dg, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_flux_error_does_not_grow_along_a_long_sequence():
+    """T = 2^18, w = 8, dS stored as its band: float32 row and column sums of dS (different
+    summation orders, as in the dq and dk/dv kernels) and float32 tile totals, then dg two
+    ways against float64. The plain reverse sum of dU carries the rounding mismatch of all
+    later positions (its error at the start grows like sqrt(T)); from the fluxes the error
+    over the first 256 positions stays within 2x that over the last 256."""
+    seqlen, window, block_m, block_n = 2**18, 8, 16, 8
+    torch.manual_seed(0)
+    band = torch.randn(seqlen, window, dtype=torch.float64)  # band[t, d] = dS_{t, t - d}
+    band[torch.arange(seqlen)[:, None] < torch.arange(window)[None, :]] = 0.0
+    t = torch.arange(seqlen)[:, None]
+    keys = (t - torch.arange(window)[None, :]).clamp(min=0)
+
+    def du_of(values):
+        rows = values.sum(1)
+        cols = torch.zeros(seqlen, dtype=values.dtype).index_add_(0, keys.flatten(), values.flatten())
+        return rows - cols
+
+    exact = du_of(band).flip(0).cumsum(0).flip(0)
+    du32 = du_of(band.float())
+    # Tile totals: pair (t, t - d) lies in query block t // BM and, counted leftwards from the
+    # block start m0, in key tile (m0 - 1 - (t - d)) // BN when t - d < m0.
+    m0 = t // block_m * block_m
+    left = keys < m0
+    tile = ((m0 - 1 - keys) // block_n).clamp(min=0)
+    num_tiles = flux_tile_count(window, block_m, block_n)
+    flat = ((t // block_m) * num_tiles + tile)[left]
+    flux = torch.zeros(seqlen // block_m * num_tiles, dtype=torch.float32)
+    flux.index_add_(0, flat, band.float()[left])
+    flux = flux.view(1, 1, seqlen // block_m, num_tiles)
+
+    # The PyTorch assembly (the kernel sums the same terms: test_flux_identity compares them).
+    from_flux = reference_gate_gradient_from_flux(du32[None, None], flux, None, block_m, block_n)[0, 0].double()
+    plain = du32.double().flip(0).cumsum(0).flip(0)
+
+    def head_and_tail(dg):
+        err = (dg - exact).abs()
+        return err[:256].max().item(), err[-256:].max().item()
+
+    head, tail = head_and_tail(from_flux)
+    assert head <= 2 * tail, (head, tail)
+    plain_head, plain_tail = head_and_tail(plain)
+    assert plain_head > 5 * plain_tail, (plain_head, plain_tail)  # the drift this removes
+
+
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 50, 50, 51, 120]], ids=["batch", "varlen"])
+def test_kernel_matches_reference_assembly(cu_seqlens, device):
+    """The Triton assembly against the PyTorch one on random dU and tile totals: several
+    batch rows and heads, or packed sequences (empty, one token, ragged last block)."""
+    seqlen, heads, block_m, block_n, tiles = 120, 3, 16, 8, 5
+    batch = 2 if cu_seqlens is None else 1
+    sequences = batch if cu_seqlens is None else len(cu_seqlens) - 1
+    offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
+    longest = seqlen if cu_seqlens is None else max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    blocks = -(-longest // block_m)
+    du = torch.randn(batch, heads, seqlen, device=device)
+    flux = torch.randn(sequences, heads, blocks, tiles, device=device)
+    if cu_seqlens is not None:  # blocks past a sequence's end stay zero, as the dq kernel leaves them
+        for s, (start, stop) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
+            flux[s, :, -(-(stop - start) // block_m):] = 0.0
+    expected = reference_gate_gradient_from_flux(du, flux, offsets, block_m, block_n)
+    torch.testing.assert_close(gate_gradient_from_flux(du, flux, offsets, block_m, block_n), expected,
+                               atol=1e-5, rtol=1e-6)
