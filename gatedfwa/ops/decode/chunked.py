@@ -36,19 +36,12 @@ def attend_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     Returns:
         o [B, C, HQ, D]: row c is what the whole stream's attention gives the chunk's token c.
 
-    The queries are aligned to the end of the keys. gated_window_attention takes as many
-    queries as keys, so here q is zero-padded over the cached part and those M rows of the
-    output are dropped (they cost M rows of work, at most w - 1 per chunk). Where the op
-    accepts fewer queries than keys (aligned to the end), this function becomes one call
-    with q as it is.
+    The queries are aligned to the end of the keys (query c sits at key position M + c), which
+    is how gated_window_attention places fewer queries than keys: one call, no padded rows.
     """
-    cached = k.shape[1] - q.shape[1]
-    if cached < 0:
+    if k.shape[1] < q.shape[1]:
         raise ValueError(f"k must hold the chunk's {q.shape[1]} tokens after the cached ones, got {k.shape[1]} keys")
-    if cached > 0:
-        q = torch.cat((q.new_zeros((q.shape[0], cached, *q.shape[2:])), q), dim=1)
-    o = gated_window_attention(q, k, v, g, window_size=window_size, scale=scale)
-    return o[:, cached:]
+    return gated_window_attention(q, k, v, g, window_size=window_size, scale=scale)
 
 
 def cached_window(cache: WindowLayerCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
