@@ -265,29 +265,28 @@ def time_shape(batch, seqlen, heads, head_dim, window, include_peers=True, inclu
 # Tile-size sweep
 # --------------------------------------------------------------------------------------
 
-def _candidate(m, n, warps, stages, tma=False, warp_specialize=False):
+def _candidate(m, n, warps, stages, tma=False):
     config = dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
     if tma:
         config["USE_TMA"] = True
-    if warp_specialize:
-        config["WARP_SPECIALIZE"] = True
     return config
 
 
 def candidate_label(config: dict) -> str:
     label = f"{config['BLOCK_M']}x{config['BLOCK_N']} w{config['num_warps']} s{config['num_stages']}"
-    return label + (" tma" if config.get("USE_TMA") else "") + (" ws" if config.get("WARP_SPECIALIZE") else "")
+    return label + (" tma" if config.get("USE_TMA") else "")
 
 
 # Candidates per kernel besides launch.py's current choice. "tma": tiles through tensor
 # descriptors. Compiled offline for sm_90 (benchmarks/kernel_instructions.py), D = 128 with the
 # gate: dk/dv 64x64 w4 (the default) spills (255 registers, ~250 bytes of local stores),
-# 64x64 w8 and 32x64 w4 do not; warp specialisation ("ws") crashes Triton 3.6's Hopper pass at
-# 4 warps and compiles without a producer/consumer split at 8, so one candidate measures it.
+# 64x64 w8 and 32x64 w4 do not. (Warp specialisation of the unmasked loop was a candidate:
+# Triton 3.6's Hopper pass crashes on it at 4 warps, and at 8 warps, compiled without a
+# producer/consumer split, it was the slowest forward: attention_sweep.md, docs/performance.md.)
 SWEEP = {
     "forward": [_candidate(*c) for c in [
         (64, 64, 4, 3, True), (128, 64, 8, 3), (128, 64, 8, 3, True), (128, 128, 8, 3, True),
-        (128, 128, 8, 2, True), (64, 32, 4, 4, True), (128, 64, 4, 3, True), (128, 64, 8, 3, True, True)]],
+        (128, 128, 8, 2, True), (64, 32, 4, 4, True), (128, 64, 4, 3, True)]],
     "dq": [_candidate(*c) for c in [
         (64, 64, 4, 2, True), (64, 64, 4, 3, True), (128, 64, 8, 2, True), (64, 32, 4, 3, True),
         (128, 32, 8, 3, True)]],

@@ -68,7 +68,7 @@ def compile_sass(kernel, floats, config: dict, has_gate: bool, head_dim: int) ->
                      BLOCK_N=config["BLOCK_N"], GATE_CHUNK=launch.gate_chunk(head_dim),
                      HAS_GATE=has_gate, VARLEN=False, DOT_PRECISION="tf32", FEWER_QUERIES=False)
     # The Hopper switches (launch.py), where the configuration sets them.
-    constants.update({name: bool(config.get(name, False)) for name in ("USE_TMA", "WARP_SPECIALIZE")})
+    constants.update({name: bool(config.get(name, False)) for name in ("USE_TMA",)})
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in constants:

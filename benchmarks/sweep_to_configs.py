@@ -19,7 +19,7 @@ import pprint
 from pathlib import Path
 
 KERNELS = ("forward", "dq", "dkdv")
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "WARP_SPECIALIZE")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA")
 TABLE = Path(__file__).resolve().parent.parent / "gatedfwa" / "ops" / "window_attention" / "tuned.py"
 
 
@@ -64,8 +64,7 @@ def table_source(best: dict, environment: dict) -> str:
 benchmarks/sweep_to_configs.py from a sweep (benchmarks/bench_attention.py --only sweep);
 launch.py uses an entry where one exists and its own defaults elsewhere. Regenerate, do not edit.
 
-TUNED[(kernel, BLOCK_D, has_gate)] = dict(BLOCK_M, BLOCK_N, num_warps, num_stages[, USE_TMA,
-WARP_SPECIALIZE]), kernel one of "forward", "dq", "dkdv".
+TUNED[(kernel, BLOCK_D, has_gate)] = dict(BLOCK_M, BLOCK_N, num_warps, num_stages[, USE_TMA]), kernel one of "forward", "dq", "dkdv".
 
 Measured on: {measured_on}
 """

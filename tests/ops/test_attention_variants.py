@@ -1,4 +1,4 @@
-"""The Hopper variants of the window attention kernels (launch.py: USE_TMA, WARP_SPECIALIZE)
+"""The Hopper variant of the window attention kernels (launch.py: USE_TMA)
 against the float64 naive reference, with the rule of docs/correctness.md, and the kernel
 sweep's selection of winners (benchmarks/sweep_to_configs.py).
 
@@ -18,9 +18,6 @@ import torch
 from gatedfwa.ops.window_attention import launch
 from tests.ops.test_attention import check_against_reference, make_inputs, triton_backend, triton_op  # noqa: F401
 
-# Warp specialisation is not among them: Triton 3.6 stops on an internal assertion compiling
-# these loops with it at 4 warps on an H200 (benchmarks/results/attention_sweep.md times the
-# 8-warp forward candidate that does compile; docs/performance.md).
 VARIANTS = {"tma": dict(USE_TMA=True)}
 
 

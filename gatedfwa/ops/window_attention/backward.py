@@ -139,10 +139,10 @@ def _dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False, FEWER_QUERIES: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, FEWER_QUERIES: tl.constexpr = False,
 ):
     """One program: dq of BLOCK_M query rows of one head, walking key tiles as the forward
-    (walk.py; USE_TMA and WARP_SPECIALIZE as in the forward kernel); rows are key positions,
+    (walk.py; USE_TMA as in the forward kernel); rows are key positions,
     and FEWER_QUERIES places the queries as in _forward_kernel. The row sums of dS go to dU,
     laid out like k (seqlen). flux_tiles > 0: FLUX [sequences, HQ, query blocks, flux_tiles]
     float32 takes the dS total of each key tile left of the diagonal, nearest first
@@ -207,7 +207,7 @@ def _dq_kernel(
     dq, dgate_row, flux_tile = walk_key_tiles(
         _dq_tile, (dq, dgate_row, flux_tile), (q, do, lse2, delta, flux_row, flux_tiles > 0), k_head, v_head, p_head, s_head, query_offset,
         offs_m, offs_d, m0, bos, eos, window, stride_kt, stride_vt, qk_scale,
-        HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, USE_TMA, WARP_SPECIALIZE)
+        HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, USE_TMA)
 
     tl.store(DQ + q_rows[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
@@ -303,14 +303,13 @@ def _dkdv_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False, FEWER_QUERIES: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, FEWER_QUERIES: tl.constexpr = False,
 ):
     """One program: dk, dv of BLOCK_N keys of one kv head, summed over its GROUP query heads;
     walks the query tiles that can see these keys, from the diagonal outward. Query tiles are
     counted in key positions; with FEWER_QUERIES the queries are the key positions [query_start, eos)
     (varlen.query_bounds) and q, do, lse, delta are read at key position + shift. USE_TMA loads
-    q and do through tensor descriptors, WARP_SPECIALIZE asks for warp specialisation of the
-    unmasked loop (launch.py chooses both; neither with FEWER_QUERIES)."""
+    q and do through tensor descriptors (launch.py chooses it; never with FEWER_QUERIES)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -397,7 +396,7 @@ def _dkdv_kernel(
         else:
             lse_head = LSE + query_stat_offset
         running = zero
-        for i in tl.range(num_diagonal, num_unmasked, warp_specialize=WARP_SPECIALIZE):
+        for i in range(num_diagonal, num_unmasked):
             m_start = n0 + i * BLOCK_M
             offs_m = m_start + tl.arange(0, BLOCK_M)
             dk, dv, dgate_col, running = _dkdv_tile(

@@ -110,14 +110,13 @@ def _forward_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False, FEWER_QUERIES: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, FEWER_QUERIES: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows of one sequence and one query head. Rows are key
     positions [m0, m0 + BLOCK_M) (seqlen, CU_SEQLENS: k's); with FEWER_QUERIES the sequence's
     queries are its last key positions [query_start, eos) (varlen.query_bounds), q/o/lse
     rows are key position + shift, and the blocks start at the block holding query_start.
-    USE_TMA loads keys and values through tensor descriptors, WARP_SPECIALIZE asks for warp
-    specialisation of the unmasked loop (walk.py; launch.py chooses both)."""
+    USE_TMA loads keys and values through tensor descriptors (walk.py; launch.py chooses it)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -165,7 +164,7 @@ def _forward_kernel(
     acc, row_max, row_sum = walk_key_tiles(
         _forward_tile, (acc, row_max, row_sum), (q,), k_head, v_head, p_head, s_head, query_offset,
         offs_m, offs_d, m0, bos, eos, window, stride_kt, stride_vt, qk_scale,
-        HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, USE_TMA, WARP_SPECIALIZE)
+        HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, USE_TMA)
 
     # Epilogue: normalise; rows without any visible key give 0 and lse = -inf.
     has_keys = row_sum > 0.0

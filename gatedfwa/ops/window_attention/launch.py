@@ -23,9 +23,9 @@ def block_d_for(head_dim: int) -> int:
 # (benchmarks/results/attention_sweep.md), B=4 T=8192 H=16, w = 512 and 2048. A measured
 # entry of tuned.py (written from a sweep by benchmarks/sweep_to_configs.py) takes
 # precedence; the functions below are the fallback for shapes it has no entry for.
-# A configuration may also set USE_TMA (load tiles through Hopper tensor descriptors) and
-# WARP_SPECIALIZE (warp-specialised unmasked loop); both default to off, and usable_config
-# drops USE_TMA where the tensors or the GPU do not allow it.
+# A configuration may also set USE_TMA (load tiles through Hopper tensor descriptors); it
+# defaults to off, and usable_config drops it where the tensors or the GPU do not allow it.
+# (Warp specialisation of the unmasked loops was measured and dropped: docs/performance.md.)
 
 
 def _tuned(kernel: str, head_dim: int, has_gate: bool) -> dict | None:
@@ -170,22 +170,17 @@ def descriptors_usable(*tensors: torch.Tensor) -> bool:
 
 def usable_config(config: dict, *tensors: torch.Tensor, fewer_queries: bool = False) -> dict:
     """config as a kernel can take it for these tensors: USE_TMA kept only where
-    descriptors_usable, WARP_SPECIALIZE only on a GPU of compute capability 9 or later (the
-    interpreter runs the loop as written), and the descriptors' scratch allocator in place.
-    With fewer queries than keys (rows of q shifted against k's positions) both are dropped:
+    descriptors_usable, and the descriptors' scratch allocator in place.
+    With fewer queries than keys (rows of q shifted against k's positions) USE_TMA is dropped:
     the descriptor loads address q in key positions."""
     config = dict(config)
     if fewer_queries:
         config.pop("USE_TMA", None)
-        config.pop("WARP_SPECIALIZE", None)
     if config.get("USE_TMA"):
         if descriptors_usable(*tensors):
             _ensure_allocator()
         else:
             config["USE_TMA"] = False
-    if config.get("WARP_SPECIALIZE") and not interpreting():
-        if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
-            config["WARP_SPECIALIZE"] = False
     return config
 
 

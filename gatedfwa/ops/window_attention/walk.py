@@ -32,7 +32,7 @@ def walk_key_tiles(
     offs_m, offs_d, m0, bos, eos, window, stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATE_CHUNK: tl.constexpr, HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False,
 ):
     """Fold every key tile that the query rows offs_m [BLOCK_M] (starting at m0) can see into
     state, and return it.
@@ -49,8 +49,6 @@ def walk_key_tiles(
     query_offset [BLOCK_M]: L_t of the rows (tiles.py), zeros without gate.
     USE_TMA: k_head and v_head are tensor descriptors of the sequence (sequence_descriptor);
     the tile function then gets (descriptor, first key - bos) pairs and its USE_TMA set.
-    WARP_SPECIALIZE: the unmasked loop asks Triton for warp specialisation (producer warps
-    issue the loads, consumer warpgroups the matmuls).
     """
     DIAGONAL: tl.constexpr = PAIR_DECAY if HAS_GATE else NO_DECAY
     key_term = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -110,11 +108,11 @@ def walk_key_tiles(
     state, running, key_term, tile_sum = _tiles_left_of_diagonal(
         tile, state, rows, 0, num_unmasked, running, key_term, tile_sum, k_head, v_head, p_head, s_head,
         query_offset, offs_m, offs_d, m0, bos, eos, lowest_key, window, stride_kt, stride_vt, qk_scale,
-        HEAD_DIM, EVEN_D, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, False, USE_TMA, WARP_SPECIALIZE)
+        HEAD_DIM, EVEN_D, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, False, USE_TMA)
     state, running, key_term, tile_sum = _tiles_left_of_diagonal(
         tile, state, rows, num_unmasked, num_tiles, running, key_term, tile_sum, k_head, v_head, p_head,
         s_head, query_offset, offs_m, offs_d, m0, bos, eos, lowest_key, window, stride_kt, stride_vt,
-        qk_scale, HEAD_DIM, EVEN_D, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, True, USE_TMA, False)
+        qk_scale, HEAD_DIM, EVEN_D, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, True, USE_TMA)
     return state
 
 
@@ -124,14 +122,14 @@ def _tiles_left_of_diagonal(
     query_offset, offs_m, offs_d, m0, bos, eos, lowest_key, window, stride_kt, stride_vt, qk_scale,
     HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
-    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False,
 ):
     """Phase 2 of walk_key_tiles for the tiles [first, last) counted leftwards from m0, all
     MASKED or none: folds them into state and returns it with the gate terms carried on
     (running, and key_term, tile_sum of the tile after them)."""
     OFF_DIAGONAL: tl.constexpr = SPLIT_DECAY if HAS_GATE else NO_DECAY
     row_shift = query_offset
-    for i in tl.range(first, last, warp_specialize=WARP_SPECIALIZE):
+    for i in range(first, last):
         n0 = m0 - (i + 1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if HAS_GATE:
