@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import attention_tflops, environment, error_record, window_pairs, write_results  # noqa: E402
+from common import attention_tflops, environment, error_record, kernel_device_ms, window_pairs, write_results  # noqa: E402
 
 from gatedfwa import gated_window_attention  # noqa: E402
 from gatedfwa.distributed import context_parallel_gated_window_attention  # noqa: E402
@@ -228,6 +228,21 @@ def speed(rank, world, device, seqlen, q_heads, head_dim, window):
     result["compute without exchange ms"] = compute_ms = time_ms(step(compute_only, shard_inputs, do))
     result["exposed exchange ms (step - compute)"] = cp_ms - compute_ms
     result["exposed exchange / step"] = (cp_ms - compute_ms) / cp_ms
+
+    # Where the compute goes: the interior call alone (the last shard - edge queries against
+    # the whole shard, fewer queries than keys) against the plain call on the shard, and on
+    # CUDA the device time of every kernel of each (the JSON keeps them).
+    def interior_only(q, k, v, g):
+        return single(q[:, edge:], k, v, g)
+
+    if edge < shard:
+        result["interior call alone ms"] = time_ms(step(interior_only, shard_inputs, do[:, edge:]))
+        if device.type == "cuda":
+            result["kernels, plain call (ms per call)"] = kernel_device_ms(step(single, shard_inputs, do), iterations=5)
+            result["kernels, interior call (ms per call)"] = kernel_device_ms(
+                step(interior_only, shard_inputs, do[:, edge:]), iterations=5)
+            result["kernels, context-parallel step (ms per call)"] = kernel_device_ms(
+                step(cp, shard_inputs, do), iterations=5)
     del shard_inputs, q, k, v, g, do
     empty_cache()
 
@@ -299,7 +314,8 @@ def main(argv=None):
                 columns = ["T", "ranks", "window", "context-parallel ms", "1 GPU, T/R ms",
                            "weak scaling time(R GPUs, R*T) / time(1 GPU, T)", "1 GPU, whole T ms",
                            "speedup over 1 GPU, whole T", "exchange alone ms", "exchange alone / step",
-                           "exposed exchange / step", "context-parallel peak GiB per GPU",
+                           "exposed exchange / step", "compute without exchange ms", "interior call alone ms",
+                           "context-parallel peak GiB per GPU",
                            "context-parallel TFLOP/s per GPU"]
                 write_results(args.out, "context_parallel_speed", {"environment": env, "speed": rows}, rows, columns)
     finally:
