@@ -520,9 +520,13 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     flux_tiles = 0
     if has_gate and not problem.fewer_queries:
         flux_tiles = flux_tile_count(problem.window, config["BLOCK_M"], config["BLOCK_N"])
-    flux = q.new_zeros((problem.num_seqs, problem.num_q_heads, dq_grid[0], flux_tiles), dtype=torch.float32)
+    # Zeros: a program leaves the tiles it does not visit (and blocks past the end) unwritten.
+    # Without fluxes du stands in as the (unused) pointer.
+    flux = du
+    if flux_tiles:
+        flux = q.new_zeros((problem.num_seqs, problem.num_q_heads, dq_grid[0], flux_tiles), dtype=torch.float32)
     _dq_kernel[dq_grid](
-        q, k, v, gf, do, lse, delta, dq, du, flux if flux_tiles else du, problem.cu_seqlens,
+        q, k, v, gf, do, lse, delta, dq, du, flux, problem.cu_seqlens,
         *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
         sums_plane, *token_and_head_strides(do), *token_and_head_strides(dq),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
@@ -540,7 +544,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
         problem.cu_seqlens_q, problem.seqlen_q, **common, **config,
     )
     dg = None
-    if has_gate and flux_tiles:
+    if flux_tiles:
         dg = gate_gradient_from_flux(du, flux, cu_seqlens, *dq_blocks)
     elif has_gate:  # fewer queries, or windows too long for the flux buffer: one reverse sum per sequence
         dg = _reverse_cumsum_within_sequences(du, cu_seqlens)
