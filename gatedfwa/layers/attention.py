@@ -186,9 +186,14 @@ class GatedFWAttention(nn.Module):
         """x [B, T, C] -> q [B, T, HQ, D], raw k and v [B, T, H, D] (before shift/norm/rotary)."""
         batch, seqlen, _ = x.shape
         q = self.q_proj(x).view(batch, seqlen, self.num_heads, self.head_dim)
+        return (q, *self._project_kv(x))
+
+    def _project_kv(self, x: torch.Tensor):
+        """x [B, T, C] -> raw k and v [B, T, H, D]."""
+        batch, seqlen, _ = x.shape
         k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
-        return q, k, v
+        return k, v
 
     def _project_with_gate(self, x: torch.Tensor):
         """x [B, T, C] -> (q [B, T, HQ, D], raw k, v [B, T, H, D], gate_pre [B, T, 2HQ] or None).
@@ -207,10 +212,7 @@ class GatedFWAttention(nn.Module):
         # split, not two slices: its backward writes both gradients into one buffer (a slice's
         # backward would allocate a zero-filled full-width gradient for each).
         q, gate_pre = q_and_gate.split((q_columns, 2 * self.num_heads), dim=-1)
-        q = q.view(batch, seqlen, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seqlen, self.num_kv_heads, self.head_dim)
-        return q, k, v, gate_pre
+        return (q.view(batch, seqlen, self.num_heads, self.head_dim), *self._project_kv(x), gate_pre)
 
     def _shift(self, x, k, v, k_prev, v_prev):
         """Token shift: mix each raw k, v [B, T, H, D] with the previous token's."""
@@ -282,10 +284,9 @@ class GatedFWAttention(nn.Module):
         """
         if self.context_parallel_group is not None:
             refuse_under_context_parallel(attention_mask=attention_mask, cu_seqlens=cu_seqlens, layout=layout, cache=cache)
-        # A static cache answers from a host flag (its position lives on the device).
-        holds_tokens = cache is not None and (
-            cache.holds_tokens if isinstance(cache, StaticWindowLayerCache) else cache.seen_tokens > 0)
-        if holds_tokens:
+        # holds_tokens, not seen_tokens: a static cache answers from a host flag (its position
+        # lives on the device).
+        if cache is not None and cache.holds_tokens:
             if attention_mask is not None or cu_seqlens is not None or layout is not None:
                 raise ValueError(
                     "decoding against a filled cache takes new tokens without padding: "
@@ -364,8 +365,8 @@ class GatedFWAttention(nn.Module):
             mask = mask.view(layout.batch, layout.seqlen)
         cache.prefill(k, v, g, attention_mask=mask, num_q_heads=self.num_heads)
         if self.token_shift:
-            _keep_state(cache, "shift_k", k_raw[:, -1])
-            _keep_state(cache, "shift_v", v_raw[:, -1])
+            cache.set_extra_state("shift_k", k_raw[:, -1])
+            cache.set_extra_state("shift_v", v_raw[:, -1])
 
     def _decode(self, x, position_ids, cache, rotary=None) -> torch.Tensor:
         """New tokens x [B, L, C] against a filled cache: up to MAX_DECODE_LENGTH tokens go
@@ -386,8 +387,8 @@ class GatedFWAttention(nn.Module):
             k_prev = torch.cat((cache.extra_state["shift_k"][:, None], k[:, :-1]), dim=1)
             v_prev = torch.cat((cache.extra_state["shift_v"][:, None], v[:, :-1]), dim=1)
             k, v = self._shift(x, k, v, k_prev, v_prev)
-            _keep_state(cache, "shift_k", k_raw[:, -1])
-            _keep_state(cache, "shift_v", v_raw[:, -1])
+            cache.set_extra_state("shift_k", k_raw[:, -1])
+            cache.set_extra_state("shift_v", v_raw[:, -1])
         q, k = self._position_encode(q, k, None, rotary)
         return self._finish(x, self._decode_attend(q, k, v, x, cache))
 
@@ -408,15 +409,6 @@ class GatedFWAttention(nn.Module):
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"window_size={self.window_size}, gate={self.use_gate}, token_shift={self.token_shift}"
         )
-
-
-def _keep_state(cache, name: str, value: torch.Tensor) -> None:
-    """Keep a copy of value in cache.extra_state[name]; a static cache copies into the tensor
-    it already holds, whose address a CUDA graph has recorded."""
-    if isinstance(cache, StaticWindowLayerCache):
-        cache.set_extra_state(name, value)
-    else:
-        cache.extra_state[name] = value.clone()
 
 
 def default_position_ids(batch: int, seqlen: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:

@@ -115,6 +115,10 @@ class WindowLayerCache:
         """True once a prompt was written: the next input is decoded against the cache."""
         return self.seen_tokens > 0
 
+    def set_extra_state(self, name: str, value: torch.Tensor) -> None:
+        """Keep a copy of value as extra_state[name] (the layer's own state, e.g. token shift)."""
+        self.extra_state[name] = value.clone()
+
     # ---------------------------------------------------------------- lifecycle
 
     def allocate(

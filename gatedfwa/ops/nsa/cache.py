@@ -43,7 +43,8 @@ class NSALayerCache:
         block_size: tokens per block (summaries and selection), an int >= 1.
 
     The interface the layers and the model use is that of WindowLayerCache: ``prefill``,
-    ``seen_tokens``, ``token_counts``, ``extra_state``, ``reset``, ``reorder``,
+    ``seen_tokens``, ``holds_tokens``, ``token_counts``, ``extra_state``,
+    ``set_extra_state``, ``reset``, ``reorder``,
     ``memory_bytes``, ``tensors``. New tokens go in through
     gatedfwa.ops.nsa.decode.decode_nsa_attention.
     """
@@ -70,9 +71,18 @@ class NSALayerCache:
         return self.kept.seen_tokens
 
     @property
+    def holds_tokens(self) -> bool:
+        """True once a prompt was written: the next input is decoded against the cache."""
+        return self.seen_tokens > 0
+
+    @property
     def token_counts(self) -> torch.Tensor | None:
         """[B] int64: real tokens of each row so far."""
         return self.kept.token_counts
+
+    def set_extra_state(self, name: str, value: torch.Tensor) -> None:
+        """Keep a copy of value as extra_state[name] (the layer's own state, e.g. token shift)."""
+        self.extra_state[name] = value.clone()
 
     def get_seq_length(self) -> int:
         return self.seen_tokens
