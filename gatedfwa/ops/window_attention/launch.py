@@ -28,18 +28,20 @@ def block_d_for(head_dim: int) -> int:
 # (Warp specialisation of the unmasked loops was measured and dropped: docs/performance.md.)
 
 
-def _tuned(kernel: str, head_dim: int, has_gate: bool) -> dict | None:
-    config = TUNED.get((kernel, block_d_for(head_dim), has_gate))
-    return dict(config) if config is not None else None
+def _measured_first(kernel: str, defaults):
+    """The config function of `kernel`: tuned.py's entry for the head size and gate where it
+    has one (never under the interpreter, which keeps its small tiles), else `defaults`."""
+    def config(head_dim: int, has_gate: bool = True) -> dict:
+        tuned = None if interpreting() else TUNED.get((kernel, block_d_for(head_dim), has_gate))
+        return dict(tuned) if tuned is not None else defaults(head_dim, has_gate)
+    config.__doc__ = defaults.__doc__
+    return config
 
 
 def _forward_config(head_dim: int, has_gate: bool = True) -> dict:
     """Tile sizes for the forward kernel (BLOCK_M must be a multiple of BLOCK_N)."""
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
-    tuned = _tuned("forward", head_dim, has_gate)
-    if tuned is not None:
-        return tuned
     block_d = block_d_for(head_dim)
     if block_d <= 64 and has_gate:
         # With the gate, 128 x 64 needs more than 255 registers and spills; 64 x 32 fits in
@@ -57,9 +59,6 @@ def _dq_config(head_dim: int, has_gate: bool = True) -> dict:
     """Tile sizes for the dq kernel (BLOCK_M must be a multiple of BLOCK_N)."""
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
-    tuned = _tuned("dq", head_dim, has_gate)
-    if tuned is not None:
-        return tuned
     block_d = block_d_for(head_dim)
     if block_d <= 64:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
@@ -72,9 +71,6 @@ def _dkdv_config(head_dim: int, has_gate: bool = True) -> dict:
     """BLOCK_N keys held per program, BLOCK_M queries per tile (BLOCK_N a multiple of BLOCK_M)."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
-    tuned = _tuned("dkdv", head_dim, has_gate)
-    if tuned is not None:
-        return tuned
     block_d = block_d_for(head_dim)
     if block_d <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
@@ -87,7 +83,8 @@ def _dkdv_config(head_dim: int, has_gate: bool = True) -> dict:
 
 # Tests and benchmarks may replace these to try other tile sizes. Each takes (head_dim,
 # has_gate); gate_chunk and the gated launches use has_gate=True.
-CONFIGS = {"forward": _forward_config, "dq": _dq_config, "dkdv": _dkdv_config}
+CONFIGS = {"forward": _measured_first("forward", _forward_config), "dq": _measured_first("dq", _dq_config),
+           "dkdv": _measured_first("dkdv", _dkdv_config)}
 
 
 def gate_chunk(head_dim: int) -> int:
