@@ -108,8 +108,12 @@ def allocate_indices(shape: tuple[int, ...], device: torch.device) -> torch.Tens
 def _config(layout: SequenceLayout) -> dict:
     if interpreting():
         return dict(ROWS=max(64, layout.group_pad), BLOCK_C=16, num_warps=4, num_stages=1)
-    return dict(ROWS=max(16, layout.group_pad), BLOCK_C=64 if layout.block_d <= 128 else 32, num_warps=4,
-                num_stages=2)
+    if layout.block_d <= 128:
+        # Chosen by `bench_nsa.py --sweep` on an H200 (benchmarks/results/nsa_sweep.md): at
+        # D=128 smaller summary tiles with a deeper pipeline beat BLOCK_C=64 with 4 warps at
+        # groups 1 and 16 (0.57 vs 0.88 ms and 0.27 vs 0.38 ms, T=8192).
+        return dict(ROWS=max(16, layout.group_pad), BLOCK_C=32, num_warps=2, num_stages=3)
+    return dict(ROWS=max(16, layout.group_pad), BLOCK_C=32, num_warps=4, num_stages=2)
 
 
 def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, layout: SequenceLayout,
