@@ -26,7 +26,7 @@ import torch
 
 from gatedfwa.ops.nsa import tiles
 from gatedfwa.ops.nsa.layout import SequenceLayout
-from gatedfwa.ops.nsa.selected_block_major import block_keys_backward, block_major_forward
+from gatedfwa.ops.nsa.selected_block_major import block_keys_backward, block_major_forward, invert_selection
 from gatedfwa.ops.nsa.tiles import (
     finish_softmax,
     kernel_flags,
@@ -164,13 +164,16 @@ def _config(layout: SequenceLayout) -> dict:
 
 def selected_forward(q, k, v, indices, layout: SequenceLayout, scale: float):
     """q [B, T, HQ, D], k/v [B, T, H, D] contiguous, indices [B, T, H, S] int32 contiguous
-    (ascending, -1 last). Returns o_slc [B, T, HQ, D] and lse2 [B*T, HQ] float32."""
+    (ascending, -1 last). Returns o_slc [B, T, HQ, D], lse2 [B*T, HQ] float32 and the
+    inverted selection when the forward built one (block-major; else None), which the
+    backward takes instead of building it again."""
     if q.numel() > 0 and block_major(layout):
-        return block_major_forward(q, k, v, indices, layout, scale)
+        inverted = invert_selection(indices, layout)
+        return (*block_major_forward(q, k, v, inverted, layout, scale), inverted)
     o = tiles.allocate_like(q)
     lse = torch.empty((layout.batch * layout.seqlen, layout.num_q_heads), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
-        return o, lse
+        return o, lse, None
     config = _config(layout)
     _selected_forward_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k, v, indices, o, lse, layout.cu_seqlens if layout.varlen else q,
@@ -178,11 +181,12 @@ def selected_forward(q, k, v, indices, layout: SequenceLayout, scale: float):
         layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, indices.shape[-1],
         scale * LOG2E, **kernel_flags(layout, q), **config,
     )
-    return o, lse
+    return o, lse, None
 
 
-def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scale: float):
-    """(dq, dk, dv) in the inputs' dtypes from the forward's o and lse2."""
+def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scale: float, inverted=None):
+    """(dq, dk, dv) in the inputs' dtypes from the forward's o and lse2 (and its inverted
+    selection, if any)."""
     dq = tiles.allocate_like(q)
     dk = tiles.allocate_like(k)
     dv = tiles.allocate_like(v)
@@ -199,7 +203,9 @@ def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scal
             layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, indices.shape[-1],
             scale * LOG2E, scale, **kernel_flags(layout, q), **config,
         )
-    dk32, dv32, dq32 = block_keys_backward(q, k, v, do, lse, delta, indices, layout, scale, config, with_dq)
+    if inverted is None:
+        inverted = invert_selection(indices, layout)
+    dk32, dv32, dq32 = block_keys_backward(q, k, v, do, lse, delta, inverted, layout, scale, config, with_dq)
     dk.copy_(dk32)
     dv.copy_(dv32)
     if with_dq:

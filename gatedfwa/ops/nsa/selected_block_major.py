@@ -260,12 +260,11 @@ def _combine_partials(partial: torch.Tensor, inverted: InvertedSelection, layout
     return lse.view(-1, layout.num_q_heads)
 
 
-def block_major_forward(q, k, v, indices, layout: SequenceLayout, scale: float):
+def block_major_forward(q, k, v, inverted: InvertedSelection, layout: SequenceLayout, scale: float):
     """The selected branch's forward, block-major. q [B, T, HQ, D], k/v [B, T, H, D]
-    contiguous, indices [B, T, H, S] int32. Returns o_slc [B, T, HQ, D] in q's dtype and
-    lse2 [B*T, HQ] float32 (base 2)."""
+    contiguous, the inverted selection. Returns o_slc [B, T, HQ, D] in q's dtype and lse2
+    [B*T, HQ] float32 (base 2)."""
     o32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    inverted = invert_selection(indices, layout)
     item_list, item_start, item_end = work_items(inverted.offsets, layout)
     if item_list.numel() == 0:
         lse = torch.full((layout.batch * layout.seqlen, layout.num_q_heads), float("-inf"), device=q.device)
@@ -293,12 +292,11 @@ def block_major_forward(q, k, v, indices, layout: SequenceLayout, scale: float):
     return o32.to(q.dtype), lse
 
 
-def block_keys_backward(q, k, v, do, lse, delta, indices, layout: SequenceLayout, scale: float, config: dict,
-                        with_dq: bool):
+def block_keys_backward(q, k, v, do, lse, delta, inverted: InvertedSelection, layout: SequenceLayout, scale: float,
+                        config: dict, with_dq: bool):
     """float32 (dk, dv [B, T, H, D], dq [B, T, HQ, D] or None) of the selected branch from
     the forward's lse2 and delta = rowsum(o * do) [B*T, HQ]; dq only with with_dq. config:
     ROWS, BLOCK_K and the launch options (selected.py's _config)."""
-    inverted = invert_selection(indices, layout)
     item_list, item_start, item_end = work_items(inverted.offsets, layout)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
