@@ -31,7 +31,7 @@ import torch
 
 from gatedfwa.ops.nsa import tiles
 from gatedfwa.ops.nsa.layout import SequenceLayout
-from gatedfwa.ops.nsa.tiles import kernel_flags, load_gradient_rows, load_keys, load_rows, probabilities
+from gatedfwa.ops.nsa.tiles import add_rows, kernel_flags, load_gradient_rows, load_keys, load_rows, probabilities
 from gatedfwa.ops.triton_support import LOG2E, cdiv, interpreting, jit, next_power_of_2, tl, token_and_head_strides
 from gatedfwa.ops.varlen import sequence_bounds
 
@@ -183,9 +183,7 @@ def _selected_output_kernel(
         seen = valid[:, None] & key_ok[None, :] & (offs_n[None, :] <= position[:, None])
         p = probabilities(tl.where(seen, s, float("-inf")), lse)
         out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-        tl.atomic_add(O + position[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :], out, mask=mask,
-                      sem="relaxed")
+        add_rows(O, out, position, head, valid, offs_d, stride_ot, stride_oh, HEAD_DIM)
 
 
 @jit
@@ -222,9 +220,7 @@ def _selected_dkdv_kernel(
         dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
         if WITH_DQ:
             dq = tl.dot(tl.trans(ds.to(k.dtype)), k, input_precision=DOT_PRECISION)  # [ROWS, BLOCK_D]
-            row_mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-            tl.atomic_add(DQ + position[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_d[None, :],
-                          dq * scale, mask=row_mask, sem="relaxed")
+            add_rows(DQ, dq * scale, position, head, valid, offs_d, stride_dqt, stride_dqh, HEAD_DIM)
     mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.atomic_add(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :], dk * scale, mask=mask,
                   sem="relaxed")
