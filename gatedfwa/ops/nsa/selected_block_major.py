@@ -49,7 +49,7 @@ class InvertedSelection(NamedTuple):
 
     queries: torch.Tensor  # int32 [max(entries, 1)]
     offsets: torch.Tensor  # int32 [N * H * max_blocks + 1]
-    kv_heads: torch.Tensor  # int64 [entries]
+    kv_heads: torch.Tensor  # int32 [entries]
 
     @property
     def entries(self) -> int:
@@ -59,22 +59,25 @@ class InvertedSelection(NamedTuple):
 def invert_selection(indices: torch.Tensor, layout: SequenceLayout) -> InvertedSelection:
     """indices [B, T, H, S] int32 (-1: no block) -> InvertedSelection."""
     tokens, heads = layout.batch * layout.seqlen, layout.num_kv_heads
-    flat = indices.reshape(tokens, heads, -1).long()
+    num_lists = layout.num_seqs * heads * layout.max_blocks
+    # int32 sort keys where they fit: the sort of T * H * S entries is the costly step here.
+    key_dtype = torch.int32 if num_lists < 2**31 else torch.int64
+    flat = indices.reshape(tokens, heads, -1).to(key_dtype)
     chosen = flat >= 0
-    sequence = layout.sequence_ids()[:, None, None]
-    list_id = (sequence * heads + torch.arange(heads, device=flat.device)[None, :, None]) * layout.max_blocks + flat
-    position = torch.arange(tokens, device=flat.device)[:, None, None].expand_as(flat)
+    sequence = layout.sequence_ids().to(key_dtype)[:, None, None]
+    list_id = (sequence * heads + torch.arange(heads, device=flat.device, dtype=key_dtype)[None, :, None]) \
+        * layout.max_blocks + flat
+    position = torch.arange(tokens, device=flat.device, dtype=torch.int32)[:, None, None].expand_as(flat)
     list_id, position = list_id[chosen], position[chosen]
     order = torch.argsort(list_id, stable=True)  # entries already ascend by position
-    num_lists = layout.num_seqs * heads * layout.max_blocks
     counts = torch.bincount(list_id, minlength=num_lists)
     offsets = torch.zeros(num_lists + 1, dtype=torch.int32, device=flat.device)
     offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
     list_id = list_id[order]
-    queries = position[order].to(torch.int32)
+    queries = position[order]
     if queries.numel() == 0:
         queries = torch.zeros(1, dtype=torch.int32, device=flat.device)  # a pointer to pass; never read
-    return InvertedSelection(queries, offsets, (list_id // layout.max_blocks) % heads)
+    return InvertedSelection(queries, offsets, ((list_id // layout.max_blocks) % heads).to(torch.int32))
 
 
 # Rows (query, head) one work item walks at most: a block every query keeps (block 0) is cut
@@ -246,7 +249,7 @@ def _combine_partials(partial: torch.Tensor, inverted: InvertedSelection, layout
     head) row, log2 of the sum of 2^partial over its entries and pieces; -inf for a row
     without any."""
     group, num_rows = layout.group, layout.batch * layout.seqlen * layout.num_q_heads
-    first_head = inverted.queries[: inverted.entries].long() * layout.num_q_heads + inverted.kv_heads * group
+    first_head = inverted.queries[: inverted.entries].long() * layout.num_q_heads + inverted.kv_heads.long() * group
     rows = (first_head[:, None] + torch.arange(group, device=partial.device)).expand_as(partial).reshape(-1)
     values = partial.reshape(-1)
     top = torch.full((num_rows,), float("-inf"), dtype=torch.float32, device=partial.device)

@@ -124,3 +124,26 @@ def test_selected_backward_work_items_cover_each_list_once(monkeypatch):
         covered[a:b] += 1
     assert torch.equal(covered, torch.ones_like(covered))
     assert 1 not in list_id.tolist()
+
+
+def test_invert_selection_lists_every_choice_once():
+    """Packed sequences, -1 slots: the list of (sequence, kv head, block) holds exactly the
+    queries that chose that block, ascending, and each entry knows its kv head."""
+    from gatedfwa.ops.nsa.layout import SequenceLayout
+
+    cu_seqlens = torch.tensor([0, 5, 5, 40], dtype=torch.int32)
+    q, k = torch.zeros(1, 40, 6, 16), torch.zeros(1, 40, 3, 16)
+    layout = SequenceLayout(q, k, 8, cu_seqlens)
+    distinct = torch.rand(1, 40, 3, layout.max_blocks).argsort(-1)[..., :4].to(torch.int32)  # no repeats
+    indices = torch.where(torch.rand(distinct.shape) < 0.3, -1, distinct)
+    inverted = selected_block_major.invert_selection(indices, layout)
+    sequence = layout.sequence_ids()
+    for seq in range(layout.num_seqs):
+        for head in range(3):
+            for block in range(layout.max_blocks):
+                lid = (seq * 3 + head) * layout.max_blocks + block
+                a, b = inverted.offsets[lid].item(), inverted.offsets[lid + 1].item()
+                expected = [t for t in range(40) if sequence[t] == seq and block in indices[0, t, head].tolist()]
+                assert inverted.queries[a:b].tolist() == expected
+                assert (inverted.kv_heads[a:b] == head).all()
+    assert inverted.entries == int((indices >= 0).sum())
