@@ -13,7 +13,7 @@ queries that chose it; a program holds a block's keys and walks its queries. Eac
 head) row costs a row of q loaded per selected block, not a block of keys: with a small group
 (one head per kv head) neighbouring queries share few blocks, and query-major loads a whole
 block of keys and values for a row or two of work. The price is atomic float32 additions of
-o and dq rows and a second pass of q . k in the forward. dk/dv are block-major in both.
+o and dq rows and a second pass of q . k in the forward. dk/dv are block-major either way.
 
 Groups of at most BLOCK_MAJOR_MAX_GROUP take the block-major forward and dq.
 
@@ -43,12 +43,14 @@ __all__ = ["selected_forward", "selected_backward", "BLOCK_MAJOR_MAX_GROUP"]
 
 # Groups up to this size run the selected branch's forward and dq block-major
 # (selected_block_major.py); larger groups query-major. 0 makes every group query-major.
+# `python benchmarks/bench_nsa.py --compare-selected` times both at groups 1 and 16.
 BLOCK_MAJOR_MAX_GROUP = 4
 
 
 def block_major(layout: SequenceLayout) -> bool:
     """Whether this call's selected forward and dq are block-major (module docstring)."""
     return layout.group <= BLOCK_MAJOR_MAX_GROUP
+
 
 NO_BLOCK = tl.constexpr(1 << 30)  # after every block number: a finished list
 
