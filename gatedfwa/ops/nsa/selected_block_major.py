@@ -160,7 +160,7 @@ def _selected_row_lse_kernel(
         row_sum = tl.sum(tl.math.exp2(s - safe_max[:, None]), 1)
         partial = tl.where(row_sum > 0.0, safe_max + tl.math.log2(tl.where(row_sum > 0.0, row_sum, 1.0)),
                            float("-inf"))
-        slot = (piece * num_entries + entry.to(tl.int64)) * GROUP + in_group  # past 2^31 at long packed batches
+        slot = (piece.to(tl.int64) * num_entries + entry) * GROUP + in_group  # past 2^31 at long packed batches
         tl.store(PARTIAL + slot, partial, mask=valid)
 
 
