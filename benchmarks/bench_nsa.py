@@ -19,11 +19,12 @@ dk/dv), block selection, selected attention (fwd, dq, dk/dv), the sliding branch
 and PyTorch's own kernels (block pooling, branch combine, casts, the selection's inversion).
 
 --sweep first tries a few launch configs per kernel family (compressed.py, selection.py,
-selected.py), per group size: each is checked on a small input against the float64
-reference (the rule of docs/correctness.md on the output and the q/k/v gradients, with the
-reference's selection given; the selection kernel by its agreement with the reference's
-blocks), then timed at T=8192 by its kernels' device time. The fastest passing config of
-each family is written to nsa_sweep.json/.md and used for the speed rows that follow.
+selected.py, selected_block_major.py's forward where a group runs it), per group size: each
+is checked on a small input against the float64 reference (the rule of docs/correctness.md
+on the output and the q/k/v gradients, with the reference's selection given; the selection
+kernel by its agreement with the reference's blocks), then timed at T=8192 by its kernels'
+device time. The fastest passing config of each family is written to nsa_sweep.json/.md and
+used for the speed rows that follow.
 
 --compare-selected times, instead of the rows above, the selected branch's two strategies
 (gatedfwa/ops/nsa/selected.py: query-major, block-major) at both shapes: the gated NSA and
@@ -55,7 +56,7 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from gatedfwa.ops.nsa import compressed, nsa_attention, selected, selection  # noqa: E402
+from gatedfwa.ops.nsa import compressed, nsa_attention, selected, selected_block_major, selection  # noqa: E402
 from gatedfwa.ops.nsa.reference import naive_nsa_attention  # noqa: E402
 from gatedfwa.ops.window_attention import gated_window_attention  # noqa: E402
 from gatedfwa.testing import assert_within_rule  # noqa: E402
@@ -224,10 +225,13 @@ def fla_peer(q, k, v, g_cmp, g_slc, g_swa, group, record, rows, shape):
 # Launch-config sweep
 # ---------------------------------------------------------------------------------------------
 
-# Each kernel family's _config(layout) (compressed.py, selection.py, selected.py) is replaced
+# Each kernel family's _config(layout) (compressed.py, selection.py, selected.py,
+# selected_block_major.py: the block-major forward's) is replaced
 # by a candidate; ROWS is raised to the group size where smaller. The first is the default.
-FAMILIES = {"compressed": compressed, "selection": selection, "selected": selected}
-KERNEL_FRAGMENT = {"compressed": "_compressed_", "selection": "_select_kernel", "selected": "_selected_"}
+FAMILIES = {"compressed": compressed, "selection": selection, "selected": selected,
+            "selected block-major fwd": selected_block_major}
+KERNEL_FRAGMENT = {"compressed": "_compressed_", "selection": "_select_kernel", "selected": "_selected_",
+                   "selected block-major fwd": "_selected_"}
 CANDIDATES = {
     "compressed": [dict(ROWS=64, BLOCK_C=64, num_warps=4, num_stages=2),
                    dict(ROWS=128, BLOCK_C=64, num_warps=8, num_stages=2),
@@ -238,6 +242,10 @@ CANDIDATES = {
     "selected": [dict(ROWS=16, BLOCK_K=64, num_warps=4, num_stages=2),
                  dict(ROWS=32, BLOCK_K=64, num_warps=4, num_stages=2),
                  dict(ROWS=16, BLOCK_K=32, num_warps=2, num_stages=3)],
+    # Only groups that run block-major (selected.BLOCK_MAJOR_MAX_GROUP) tell these apart.
+    "selected block-major fwd": [dict(ROWS=64, BLOCK_K=64, num_warps=4, num_stages=2),
+                                 dict(ROWS=128, BLOCK_K=64, num_warps=8, num_stages=2),
+                                 dict(ROWS=32, BLOCK_K=64, num_warps=4, num_stages=2)],
 }
 DEFAULT_CONFIG = {name: module._config for name, module in FAMILIES.items()}
 CHOSEN: dict[tuple[str, int], dict] = {}  # (family, group) -> config, filled by --sweep
@@ -321,6 +329,8 @@ def sweep(seqlen: int) -> list[dict]:
                 leaf.grad = None
 
         for family, candidates in CANDIDATES.items():
+            if family == "selected block-major fwd" and group > selected.BLOCK_MAJOR_MAX_GROUP:
+                continue  # this group's forward is query-major: the candidates would all time the same
             best = None
             for config in candidates:
                 apply_configs(group)

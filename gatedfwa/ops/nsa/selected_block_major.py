@@ -236,7 +236,7 @@ def _selected_dkdv_kernel(
 # Host functions
 # ---------------------------------------------------------------------------------------------
 
-def _forward_config(layout: SequenceLayout) -> dict:
+def _config(layout: SequenceLayout) -> dict:
     """ROWS (query, head) rows per step of the forward's walk; BLOCK_K keys per program."""
     if interpreting():  # tests: 16-key tiles, so that a block larger than 16 keys takes several
         return dict(ROWS=max(16, layout.group_pad), BLOCK_K=16, num_warps=4, num_stages=1)
@@ -269,7 +269,7 @@ def block_major_forward(q, k, v, inverted: InvertedSelection, layout: SequenceLa
     if item_list.numel() == 0:
         lse = torch.full((layout.batch * layout.seqlen, layout.num_q_heads), float("-inf"), device=q.device)
         return o32.to(q.dtype), lse
-    config = _forward_config(layout)
+    config = _config(layout)
     pieces = cdiv(layout.block_size, config["BLOCK_K"])
     grid = (item_list.numel() * pieces, 1, 1)
     cu = layout.cu_seqlens if layout.varlen else q
