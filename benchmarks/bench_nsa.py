@@ -4,6 +4,7 @@ query groups of 16 and more) and, as context, gatedfwa's window op and full caus
     python benchmarks/bench_nsa.py --out benchmarks/results            # all shapes
     python benchmarks/bench_nsa.py --out /tmp/x --seqlens 8192          # one length
     python benchmarks/bench_nsa.py --out /tmp/x --sweep                 # tile configs first
+    python benchmarks/bench_nsa.py --out /tmp/x --seqlens 32768 --compare-selected
 
 Shapes: T in {8k, 32k, 64k}; HQ=64 H=4 (group 16) and HQ=16 H=16 (group 1); D=128, block
 size 64, 16 selected blocks, window 512, bf16. Forward and forward+backward, do_bench medians.
@@ -18,11 +19,18 @@ dk/dv), block selection, selected attention (fwd, dq, dk/dv), the sliding branch
 and PyTorch's own kernels (block pooling, branch combine, casts, the selection's inversion).
 
 --sweep first tries a few launch configs per kernel family (compressed.py, selection.py,
-selected.py), per group size: each is checked on a small input against the float64
-reference (the rule of docs/correctness.md on the output and the q/k/v gradients, with the
-reference's selection given; the selection kernel by its agreement with the reference's
-blocks), then timed at T=8192 by its kernels' device time. The fastest passing config of
-each family is written to nsa_sweep.json/.md and used for the speed rows that follow.
+selected.py, selected_block_major.py's forward where a group runs it), per group size: each
+is checked on a small input against the float64 reference (the rule of docs/correctness.md
+on the output and the q/k/v gradients, with the reference's selection given; the selection
+kernel by its agreement with the reference's blocks), then timed at T=8192 by its kernels'
+device time. The fastest passing config of each family is written to nsa_sweep.json/.md and
+used for the speed rows that follow.
+
+--compare-selected times, instead of the rows above, the selected branch's two strategies
+(gatedfwa/ops/nsa/selected.py: query-major, block-major) at both shapes: the gated NSA and
+cmp+slc forward and forward+backward, the device time of the selected-attention kernels, and
+group 1 / group 16 per query head for each pair of strategies. Writes
+nsa_selected_compare.json/.md.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from gatedfwa.ops.nsa import compressed, nsa_attention, selected, selection  # noqa: E402
+from gatedfwa.ops.nsa import compressed, nsa_attention, selected, selected_block_major, selection  # noqa: E402
 from gatedfwa.ops.nsa.reference import naive_nsa_attention  # noqa: E402
 from gatedfwa.ops.window_attention import gated_window_attention  # noqa: E402
 from gatedfwa.testing import assert_within_rule  # noqa: E402
@@ -94,8 +102,10 @@ STAGES = [
     ("_compressed_dkdv_kernel", "compressed attention dk/dv"),
     ("_select_kernel", "selection top-k"),
     ("_selected_forward_kernel", "selected attention fwd"),
+    ("_selected_row_lse_kernel", "selected attention fwd"),  # block-major: pass 1
+    ("_selected_output_kernel", "selected attention fwd"),  # block-major: pass 2
     ("_selected_dq_kernel", "selected attention dq"),
-    ("_selected_dkdv_kernel", "selected attention dk/dv"),
+    ("_selected_dkdv_kernel", "selected attention dk/dv (block-major: and dq)"),
     ("_forward_kernel", "sliding window fwd (window op)"),
     ("_delta_kernel", "sliding window bwd (window op)"),
     ("_dq_kernel", "sliding window bwd (window op)"),
@@ -215,10 +225,13 @@ def fla_peer(q, k, v, g_cmp, g_slc, g_swa, group, record, rows, shape):
 # Launch-config sweep
 # ---------------------------------------------------------------------------------------------
 
-# Each kernel family's _config(layout) (compressed.py, selection.py, selected.py) is replaced
+# Each kernel family's _config(layout) (compressed.py, selection.py, selected.py,
+# selected_block_major.py: the block-major forward's) is replaced
 # by a candidate; ROWS is raised to the group size where smaller. The first is the default.
-FAMILIES = {"compressed": compressed, "selection": selection, "selected": selected}
-KERNEL_FRAGMENT = {"compressed": "_compressed_", "selection": "_select_kernel", "selected": "_selected_"}
+FAMILIES = {"compressed": compressed, "selection": selection, "selected": selected,
+            "selected block-major fwd": selected_block_major}
+KERNEL_FRAGMENT = {"compressed": "_compressed_", "selection": "_select_kernel", "selected": "_selected_",
+                   "selected block-major fwd": "_selected_"}
 CANDIDATES = {
     "compressed": [dict(ROWS=64, BLOCK_C=64, num_warps=4, num_stages=2),
                    dict(ROWS=128, BLOCK_C=64, num_warps=8, num_stages=2),
@@ -229,6 +242,10 @@ CANDIDATES = {
     "selected": [dict(ROWS=16, BLOCK_K=64, num_warps=4, num_stages=2),
                  dict(ROWS=32, BLOCK_K=64, num_warps=4, num_stages=2),
                  dict(ROWS=16, BLOCK_K=32, num_warps=2, num_stages=3)],
+    # Only groups that run block-major (selected.BLOCK_MAJOR_MAX_GROUP) tell these apart.
+    "selected block-major fwd": [dict(ROWS=64, BLOCK_K=64, num_warps=4, num_stages=2),
+                                 dict(ROWS=128, BLOCK_K=64, num_warps=8, num_stages=2),
+                                 dict(ROWS=32, BLOCK_K=64, num_warps=4, num_stages=2)],
 }
 DEFAULT_CONFIG = {name: module._config for name, module in FAMILIES.items()}
 CHOSEN: dict[tuple[str, int], dict] = {}  # (family, group) -> config, filled by --sweep
@@ -312,6 +329,8 @@ def sweep(seqlen: int) -> list[dict]:
                 leaf.grad = None
 
         for family, candidates in CANDIDATES.items():
+            if family == "selected block-major fwd" and group > selected.BLOCK_MAJOR_MAX_GROUP:
+                continue  # this group's forward is query-major: the candidates would all time the same
             best = None
             for config in candidates:
                 apply_configs(group)
@@ -363,18 +382,104 @@ def add_ratios(rows):
     return ratios
 
 
+# ---------------------------------------------------------------------------------------------
+# The selected branch's strategies side by side
+# ---------------------------------------------------------------------------------------------
+
+# selected.BLOCK_MAJOR_MAX_GROUP per strategy: no group block-major, every group block-major.
+STRATEGIES = {"query-major": 0, "block-major": 1 << 20}
+
+
+def compare_selected(seqlen: int, rows: list[dict]) -> None:
+    """Per shape and strategy: the gated NSA and cmp+slc, forward and forward+backward, and
+    the selected-attention kernels' device time per forward+backward."""
+    options = dict(block_size=BLOCK_SIZE, block_counts=BLOCK_COUNTS, window_size=WINDOW)
+    default = selected.BLOCK_MAJOR_MAX_GROUP
+    for q_heads, kv_heads in HEADS:
+        group = q_heads // kv_heads
+        shape = f"T{seqlen} HQ{q_heads} H{kv_heads} (group {group})"
+        q, k, v, g, (g_cmp, g_slc, g_swa) = make_inputs(seqlen, q_heads, kv_heads)
+        do = torch.randn_like(q)
+        variants = {
+            "gated NSA": (lambda: nsa_attention(q, k, v, g, g_cmp, g_slc, g_swa, **options),
+                          [q, k, v, g, g_cmp, g_slc, g_swa]),
+            "cmp+slc": (lambda: nsa_attention(q, k, v, None, g_cmp, g_slc, None, **options), [q, k, v, g_cmp, g_slc]),
+        }
+        for strategy, max_group in STRATEGIES.items():
+            selected.BLOCK_MAJOR_MAX_GROUP = max_group
+            for name, (fwd, leaves) in variants.items():
+                row = {"shape": shape, "strategy": strategy, "variant": name,
+                       "default": strategy == ("block-major" if group <= default else "query-major")}
+                try:
+                    fwd()
+                    with torch.no_grad():
+                        row["fwd ms"] = bench_ms(fwd)
+
+                    def step(fwd=fwd, leaves=leaves):
+                        fwd().backward(do)
+                        for leaf in leaves:
+                            leaf.grad = None
+
+                    step()
+                    row["fwd+bwd ms"] = bench_ms(step)
+                    row["fwd+bwd ms per query head"] = row["fwd+bwd ms"] / q_heads
+                    if name == "gated NSA":
+                        times = kernel_device_ms(step, iterations=10)
+                        for stage in ("selected attention fwd", "selected attention dq",
+                                      "selected attention dk/dv (block-major: and dq)"):
+                            row[stage + " (device ms)"] = sum(ms for kernel, ms in times.items()
+                                                             if stage_of(kernel) == stage)
+                        row["all kernels (device ms)"] = sum(times.values())
+                except Exception as exc:  # noqa: BLE001 - a failing strategy is recorded, not fatal
+                    row.update(error_record(exc))
+                    traceback.print_exc()
+                rows.append(row)
+                print({key: value for key, value in row.items() if key != "traceback"}, flush=True)
+        selected.BLOCK_MAJOR_MAX_GROUP = default
+        del q, k, v, g, g_cmp, g_slc, g_swa, do
+        torch.cuda.empty_cache()
+
+
+def compare_ratios(rows: list[dict]) -> list[dict]:
+    """group 1 / group 16 fwd+bwd per query head of the gated NSA, per pair of strategies."""
+    timed = [r for r in rows if r.get("variant") == "gated NSA" and "fwd+bwd ms" in r]
+    ratios = []
+    for small in (r for r in timed if "group 1)" in r["shape"]):
+        seqlen = small["shape"].split()[0]
+        for large in (r for r in timed if "group 16" in r["shape"] and r["shape"].startswith(seqlen + " ")):
+            ratios.append({"shape": seqlen, "strategy": f"group 1 {small['strategy']} / group 16 {large['strategy']}",
+                           "variant": "per query head (fwd+bwd)",
+                           "value": small["fwd+bwd ms per query head"] / large["fwd+bwd ms per query head"],
+                           "note": "target <= 1.5"})
+    return ratios
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown results")
     parser.add_argument("--seqlens", type=int, nargs="+", default=SEQLENS)
     parser.add_argument("--sweep", action="store_true", help="choose each kernel family's launch config first")
     parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel device times")
+    parser.add_argument("--compare-selected", action="store_true",
+                        help="only compare the selected branch's strategies (nsa_selected_compare)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("a CUDA GPU is required")
     env = environment()
     settings = dict(head_dim=HEAD_DIM, block_size=BLOCK_SIZE, block_counts=BLOCK_COUNTS, window=WINDOW,
                     dtype="bfloat16")
+    if args.compare_selected:
+        compare_rows: list[dict] = []
+        settings["block_major_max_group (default)"] = selected.BLOCK_MAJOR_MAX_GROUP
+        for seqlen in args.seqlens:
+            compare_selected(seqlen, compare_rows)
+            table = compare_rows + compare_ratios(compare_rows)
+            write_results(args.out, "nsa_selected_compare", {"environment": env, "settings": settings, "rows": table},
+                          table, ["shape", "strategy", "variant", "default", "fwd ms", "fwd+bwd ms",
+                                  "selected attention fwd (device ms)", "selected attention dq (device ms)",
+                                  "selected attention dk/dv (block-major: and dq) (device ms)",
+                                  "all kernels (device ms)", "value", "note", "error"])
+        return
     if args.sweep:
         sweep_rows = sweep(8192)
         write_results(args.out, "nsa_sweep", {"environment": env, "settings": settings, "rows": sweep_rows,

@@ -5,7 +5,8 @@
 Files: op.py (public entry, dispatch), validation.py (argument checks), reference.py (the
 quadratic specification), chunked.py (PyTorch path with bounded memory), sliding.py (the
 window op as the sliding branch), and the Triton path: pooling.py (block summaries),
-compressed.py, selection.py, selected.py (kernels), autograd.py (their composition).
+compressed.py, selection.py, selected.py and selected_block_major.py (kernels), autograd.py
+(their composition).
 Decoding: cache.py (NSALayerCache: window ring buffer, every key/value, block summaries) and
 decode.py (decode_nsa_attention, the step in PyTorch).
 docs/nsa.md describes the math.

@@ -49,15 +49,17 @@ class _SelectedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, indices, layout, scale):
-        o, lse = selected_forward(q, k, v, indices, layout, scale)
+        o, lse, inverted = selected_forward(q, k, v, indices, layout, scale)
         ctx.save_for_backward(q, k, v, indices, o, lse)
-        ctx.layout, ctx.scale = layout, scale
+        ctx.layout, ctx.scale, ctx.inverted = layout, scale, inverted  # inverted: internal, never modified
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, indices, o, lse = ctx.saved_tensors
-        dq, dk, dv = selected_backward(do.contiguous(), q, k, v, indices, o, lse, ctx.layout, ctx.scale)
+        dq, dk, dv = selected_backward(do.contiguous(), q, k, v, indices, o, lse, ctx.layout, ctx.scale,
+                                       ctx.inverted)
+        ctx.inverted = None
         return dq, dk, dv, None, None, None
 
 

@@ -99,6 +99,15 @@ def store_rows(ptr, value, position, head, valid, offs_d, stride_t, stride_h, HE
 
 
 @jit
+def add_rows(ptr, value, position, head, valid, offs_d, stride_t, stride_h, HEAD_DIM: tl.constexpr):
+    """Atomically add value [ROWS, BLOCK_D] into rows (token position, head) of a float32
+    [tokens, heads, D] tensor (rows that several programs add into)."""
+    mask = valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tl.atomic_add(ptr + position[:, None] * stride_t + head[:, None] * stride_h + offs_d[None, :], value, mask=mask,
+                  sem="relaxed")
+
+
+@jit
 def load_keys(ptr, rows, row_ok, head, offs_d, stride_t, stride_h, HEAD_DIM: tl.constexpr,
               TRANSPOSED: tl.constexpr):
     """Keys (values) of one kv head at the given rows: [BLOCK_D, N] when TRANSPOSED, else

@@ -1,21 +1,28 @@
 """nsa_attention's Triton kernels (compressed, selection, selected; under TRITON_INTERPRET=1
 on the CPU) against the float64 reference: the rule on the output and every gradient, the
 selection block for block. Sizes stay small for the interpreter; block size 16, lengths that
-are not multiples of it."""
+are not multiples of it. Every test runs the selected branch both ways (selected.py):
+query-major and block-major, whatever the group size."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gatedfwa.ops.nsa import selection, tiles
+from gatedfwa.ops.nsa import selected, selected_block_major, selection, tiles
 from tests.ops.nsa.helpers import check_nsa, make_inputs
 
 
-@pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    """Force the Triton kernels and poison the buffers they write with NaN."""
+# BLOCK_MAJOR_MAX_GROUP per strategy: no group block-major, every group block-major.
+STRATEGIES = {"query-major": 0, "block-major": 1 << 20}
+
+
+@pytest.fixture(autouse=True, params=list(STRATEGIES))
+def triton_backend(monkeypatch, request):
+    """Force the Triton kernels and the selected branch's strategy, and poison the buffers
+    they write with NaN."""
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+    monkeypatch.setattr(selected, "BLOCK_MAJOR_MAX_GROUP", STRATEGIES[request.param])
     monkeypatch.setattr(tiles, "allocate_like", lambda x: torch.full_like(x, float("nan")))
     monkeypatch.setattr(selection, "allocate_indices", lambda shape, device: torch.full(
         shape, -7, dtype=torch.int32, device=device))
@@ -39,10 +46,12 @@ def test_triton_kernels(device, case):
     check_nsa(q, k, v, gates, block_counts=block_counts)
 
 
-def test_triton_varlen_with_sliding_branch(device):
-    """Empty, short (no complete block) and long sequences packed; all three branches."""
+@pytest.mark.parametrize("heads", [(4, 2), (3, 3), (3, 1)], ids=lambda h: "HQ{}-H{}".format(*h))
+def test_triton_varlen_with_sliding_branch(device, heads):
+    """Empty, short (no complete block) and long sequences packed; all three branches; groups
+    2, 1 and 3."""
     cu_seqlens = torch.tensor([0, 0, 11, 60, 61, 120], dtype=torch.int32, device=device)
-    q, k, v, gates = make_inputs(1, 120, 4, 2, 16, torch.float32, device)
+    q, k, v, gates = make_inputs(1, 120, *heads, 16, torch.float32, device)
     check_nsa(q, k, v, gates, block_counts=3, window_size=12, cu_seqlens=cu_seqlens)
 
 
@@ -60,6 +69,18 @@ def test_triton_given_block_indices(device):
     chosen = torch.stack([own, torch.full_like(own, -1), previous], dim=-1)
     _, _, indices = check_nsa(q, k, v, gates, block_indices=chosen)
     assert (indices[..., 0] <= indices[..., 1]).logical_or(indices[..., 1] == -1).all()
+
+
+@pytest.mark.parametrize("heads", [(1, 1), (3, 1)], ids=lambda h: "HQ{}-H{}".format(*h))
+def test_triton_queries_without_blocks(device, heads):
+    """Queries whose given lists are all -1 get o_slc = 0 and no gradient from it, beside
+    queries that select blocks; groups 1 and 3."""
+    q, k, v, gates = make_inputs(1, 50, *heads, 16, torch.float32, device, branches=("slc",))
+    t = torch.arange(50, device=device)[None, :, None]
+    own = (t // 16).expand(1, 50, heads[1])
+    chosen = torch.stack([torch.where(own > 0, 0, -1), own], dim=-1)
+    chosen[:, 20:30] = -1
+    check_nsa(q, k, v, gates, block_indices=chosen)
 
 
 # (batch, seqlen, q heads, kv heads, varlen): groups 16 and 1 at the benchmark's head size,
@@ -86,21 +107,43 @@ def test_gpu_bf16_moderate_size(case):
 def test_selected_backward_work_items_cover_each_list_once(monkeypatch):
     """The dk/dv work items: every entry of every block list in exactly one item, each item
     inside one list and at most a chunk long, empty lists without items."""
-    from gatedfwa.ops.nsa import selected
     from gatedfwa.ops.nsa.layout import SequenceLayout
 
-    monkeypatch.setattr(selected, "ROWS_PER_ITEM", 20)  # group 4: chunks of 5 queries
-    monkeypatch.setattr(selected, "interpreting", lambda: False)
+    monkeypatch.setattr(selected_block_major, "ROWS_PER_ITEM", 20)  # group 4: chunks of 5 queries
+    monkeypatch.setattr(selected_block_major, "interpreting", lambda: False)
     q, k = torch.zeros(1, 64, 4, 16), torch.zeros(1, 64, 1, 16)
     layout = SequenceLayout(q, k, 16, None)
     counts = torch.randint(0, 13, (layout.max_blocks,))
     counts[1] = 0
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32)
     offsets[1:] = torch.cumsum(counts, 0)
-    list_id, start, end = selected._work_items(offsets, layout)
+    list_id, start, end = selected_block_major.work_items(offsets, layout)
     covered = torch.zeros(int(offsets[-1]), dtype=torch.int64)
     for lid, a, b in zip(list_id.tolist(), start.tolist(), end.tolist()):
         assert offsets[lid] <= a < b <= offsets[lid + 1] and b - a <= 5
         covered[a:b] += 1
     assert torch.equal(covered, torch.ones_like(covered))
     assert 1 not in list_id.tolist()
+
+
+def test_invert_selection_lists_every_choice_once():
+    """Packed sequences, -1 slots: the list of (sequence, kv head, block) holds exactly the
+    queries that chose that block, ascending, and each entry knows its kv head."""
+    from gatedfwa.ops.nsa.layout import SequenceLayout
+
+    cu_seqlens = torch.tensor([0, 5, 5, 40], dtype=torch.int32)
+    q, k = torch.zeros(1, 40, 6, 16), torch.zeros(1, 40, 3, 16)
+    layout = SequenceLayout(q, k, 8, cu_seqlens)
+    distinct = torch.rand(1, 40, 3, layout.max_blocks).argsort(-1)[..., :4].to(torch.int32)  # no repeats
+    indices = torch.where(torch.rand(distinct.shape) < 0.3, -1, distinct)
+    inverted = selected_block_major.invert_selection(indices, layout)
+    sequence = layout.sequence_ids()
+    for seq in range(layout.num_seqs):
+        for head in range(3):
+            for block in range(layout.max_blocks):
+                lid = (seq * 3 + head) * layout.max_blocks + block
+                a, b = inverted.offsets[lid].item(), inverted.offsets[lid + 1].item()
+                expected = [t for t in range(40) if sequence[t] == seq and block in indices[0, t, head].tolist()]
+                assert inverted.queries[a:b].tolist() == expected
+                assert (inverted.kv_heads[a:b] == head).all()
+    assert inverted.entries == int((indices >= 0).sum())

@@ -1,0 +1,46 @@
+"""benchmarks/bench_nsa.py --compare-selected's bookkeeping on the CPU (the PyTorch path, tiny
+sizes, the timers replaced by a wall clock; the strategies' kernels are tested in
+test_nsa_triton.py): every shape, strategy and variant gets a row, the ratio rows pair the
+groups' strategies, and the strategy threshold is restored afterwards."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+from gatedfwa.ops.nsa import selected
+
+
+def test_compare_selected_rows(monkeypatch):
+    monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_nsa.py"
+    spec = importlib.util.spec_from_file_location("bench_nsa", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name, value in dict(DEVICE="cpu", HEAD_DIM=16, BLOCK_SIZE=16, BLOCK_COUNTS=2, WINDOW=16,
+                            HEADS=[(16, 1), (1, 1)]).items():
+        monkeypatch.setattr(bench, name, value)
+
+    def wall_ms(fn, **_):
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1000
+
+    monkeypatch.setattr(bench, "bench_ms", wall_ms)
+    monkeypatch.setattr(bench, "kernel_device_ms", lambda fn, iterations: {"_selected_output_kernel": 1.0,
+                                                                           "_selected_dq_kernel": 2.0})
+    default = selected.BLOCK_MAJOR_MAX_GROUP
+    rows: list[dict] = []
+    bench.compare_selected(36, rows)
+    assert selected.BLOCK_MAJOR_MAX_GROUP == default
+    assert not any("error" in row for row in rows), [row.get("error") for row in rows]
+    assert {(row["shape"], row["strategy"], row["variant"]) for row in rows} == {
+        (shape, strategy, variant)
+        for shape in ("T36 HQ16 H1 (group 16)", "T36 HQ1 H1 (group 1)")
+        for strategy in ("query-major", "block-major") for variant in ("gated NSA", "cmp+slc")}
+    gated = [row for row in rows if row["variant"] == "gated NSA"]
+    assert all(row["selected attention fwd (device ms)"] == 1.0 for row in gated)
+    assert [row["default"] for row in gated] == [True, False, False, True]  # group 16 query-, group 1 block-major
+    ratios = bench.compare_ratios(rows)
+    assert len(ratios) == 4 and all(ratio["value"] > 0 for ratio in ratios)
