@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["HaloPlan", "PendingHalo", "start_halo_exchange", "attach_halo", "TailGradients", "expect_tail_gradients"]
+__all__ = ["HaloPlan", "PendingHalo", "start_halo_exchange", "attach_halo", "TailGradients", "expect_tail_gradients",
+           "HaloLink"]
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,8 @@ def start_halo_exchange(plan: HaloPlan, group, tensors: list[torch.Tensor]) -> P
 
 class TailGradients:
     """The backward's gradient exchange in flight, from the halo's backward, which posts it,
-    to the backward of expect_tail_gradients' identity, which waits for it."""
+    to the backward of expect_tail_gradients' identity, which waits for it (or, on the fused
+    path, within one backward: HaloLink.post_gradients posts it, add_to waits)."""
 
     def __init__(self):
         self.works: list | None = None
@@ -159,6 +161,28 @@ class TailGradients:
             for grad, piece in zip(grads, pieces):
                 grad[:, p.start - first_position:p.end - first_position] += piece
         self.works, self.received = None, []
+
+
+class HaloLink:
+    """Both exchanges of one call, for code that drives them itself instead of through the
+    autograd graph (the fused Triton path, gatedfwa/distributed/fused.py): start() posts the
+    forward exchange, post_gradients() the backward's. A benchmark may stand in a subclass
+    that moves nothing (compute alone)."""
+
+    def __init__(self, plan: HaloPlan, group):
+        self.plan, self.group = plan, group
+
+    def start(self, tensors: list[torch.Tensor]) -> PendingHalo:
+        """Post the forward exchange of k, v (and g), each [B, n, ...]; wait() gives the halos."""
+        return start_halo_exchange(self.plan, self.group, tensors)
+
+    def post_gradients(self, halo_grads: list[torch.Tensor]) -> TailGradients:
+        """Send the halo's gradients halo_grads [B, h, ...] (one per exchanged tensor; [B, 0, ...]
+        on a rank without a halo) to their owners and receive this shard's tail gradients;
+        add_to(grads, 0) on the result waits and adds them to grads [B, n, ...] in place."""
+        exchange = TailGradients()
+        exchange.post(self.plan, self.group, halo_grads)
+        return exchange
 
 
 class _AttachHalo(torch.autograd.Function):
