@@ -10,6 +10,10 @@ L = w - 1 positions before its shard, [r * n - L, r * n) clipped at 0. When L > 
 spans several earlier ranks. Every rank derives every size from (r, R, n, L) alone, so sender
 and receiver agree on each message without a handshake.
 
+attach_halo puts the exchange into the autograd graph (the composition of
+context_parallel.py, the token shift of sequence.py); HaloLink hands both of its halves to a
+caller that drives them itself (the fused Triton path, fused.py).
+
 Point-to-point messages go through torch.distributed.batch_isend_irecv (NCCL, gloo, ...);
 between one pair of ranks they are posted in one order on both sides (k, v, then g).
 """
