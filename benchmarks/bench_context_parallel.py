@@ -23,9 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+if "--smoke" in sys.argv:
+    # On CPU processes, take the Triton path that GPUs take (the kernels interpreted); the
+    # interpreter must be on before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("GATEDFWA_BACKEND", "triton")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,7 +40,8 @@ from common import attention_tflops, environment, error_record, kernel_device_ms
 
 from gatedfwa import gated_window_attention  # noqa: E402
 from gatedfwa.distributed import context_parallel_gated_window_attention  # noqa: E402
-from gatedfwa.distributed.halo import HaloPlan, attach_halo, start_halo_exchange  # noqa: E402
+from gatedfwa.distributed.fused import fused_context_parallel_attention  # noqa: E402
+from gatedfwa.distributed.halo import HaloLink, HaloPlan, attach_halo, start_halo_exchange  # noqa: E402
 from gatedfwa.ops.window_attention.reference import chunked_gated_window_attention  # noqa: E402
 
 
@@ -131,6 +138,29 @@ def run_checks(rank, world, device):
 # --------------------------------------------------------------------------------------
 
 
+class LocalHalo(HaloLink):
+    """A link that moves nothing, for the step's compute alone: the halos are zeros held
+    locally, and no gradients return."""
+
+    class _Zeros:
+        def __init__(self, halos):
+            self.halos = halos
+
+        def wait(self):
+            return self.halos
+
+    class _NothingReturns:
+        def add_to(self, grads, first_position):
+            pass
+
+    def start(self, tensors):
+        return self._Zeros([x.new_zeros(x.shape[0], self.plan.halo, *x.shape[2:]) for x in tensors])
+
+    def post_gradients(self, halo_grads):
+        return self._NothingReturns()
+
+
+
 DEVICE = "cuda"  # "cpu" with --smoke
 
 
@@ -212,37 +242,34 @@ def speed(rank, world, device, seqlen, q_heads, head_dim, window):
     result["exchange alone ms"] = exchange_ms = time_ms(exchange_only)
     result["exchange alone / step"] = exchange_ms / cp_ms
 
-    # The step's compute without any exchange: the same calls on a halo of zeros held locally.
-    edge, halo = min(window - 1, shard), plan.halo
-    fake_halos = [torch.zeros(1, halo, *x.shape[2:], device=device, dtype=x.dtype, requires_grad=True)
-                  for x in (k, v, g)]
+    # The step's compute without any exchange: the same path on a halo of zeros held locally
+    # (on CUDA the fused path of gatedfwa/distributed/fused.py).
+    edge = min(window - 1, shard)
 
     def compute_only(q, k, v, g):
-        # As context_parallel.py computes: the interior queries against the shard, the first
-        # `edge` queries against [halo ‖ first edge keys] (fewer queries than keys).
-        interior = single(q[:, edge:], k, v, g) if edge < shard else None
-        keys, values, gates = (torch.cat([h, x[:, :edge]], dim=1) for h, x in zip(fake_halos, (k, v, g)))
-        first = single(q[:, :edge], keys, values, gates)
-        return first if interior is None else torch.cat([first, interior], dim=1)
+        return fused_context_parallel_attention(q, k, v, g, window, None, LocalHalo(plan, group))
 
     result["compute without exchange ms"] = compute_ms = time_ms(step(compute_only, shard_inputs, do))
     result["exposed exchange ms (step - compute)"] = cp_ms - compute_ms
     result["exposed exchange / step"] = (cp_ms - compute_ms) / cp_ms
 
-    # Where the compute goes: the interior call alone (the last shard - edge queries against
-    # the whole shard, fewer queries than keys) against the plain call on the shard, and on
-    # CUDA the device time of every kernel of each (the JSON keeps them).
-    def interior_only(q, k, v, g):
-        return single(q[:, edge:], k, v, g)
-
-    if edge < shard:
-        result["interior call alone ms"] = time_ms(step(interior_only, shard_inputs, do[:, edge:]))
-        if device.type == "cuda":
-            result["kernels, plain call (ms per call)"] = kernel_device_ms(step(single, shard_inputs, do), iterations=5)
-            result["kernels, interior call (ms per call)"] = kernel_device_ms(
-                step(interior_only, shard_inputs, do[:, edge:]), iterations=5)
-            result["kernels, context-parallel step (ms per call)"] = kernel_device_ms(
-                step(cp, shard_inputs, do), iterations=5)
+    # Where the compute goes: the step is the plain call on the whole shard plus, on a rank
+    # with a halo, the first `edge` queries again against [halo ‖ first edge keys] (fewer
+    # queries than keys). That call alone (every rank times it with the last rank's halo, so
+    # that all take part in time_ms's collectives), and on CUDA the device time of every
+    # kernel of the plain call, of the first rows' call and of the context-parallel step (the
+    # JSON keeps them).
+    halo = HaloPlan.build(world - 1, world, shard, window - 1).halo
+    first_rows_inputs = leaves(q[:, :edge], *(torch.cat([x.new_zeros(1, halo, *x.shape[2:]), x[:, :edge]], dim=1)
+                                              for x in (k, v, g)))
+    result["first rows call alone ms"] = time_ms(step(single, first_rows_inputs, do[:, :edge]))
+    if device.type == "cuda":
+        result["kernels, plain call (ms per call)"] = kernel_device_ms(step(single, shard_inputs, do), iterations=5)
+        result["kernels, first rows call (ms per call)"] = kernel_device_ms(
+            step(single, first_rows_inputs, do[:, :edge]), iterations=5)
+        result["kernels, context-parallel step (ms per call)"] = kernel_device_ms(
+            step(cp, shard_inputs, do), iterations=5)
+    del first_rows_inputs
     del shard_inputs, q, k, v, g, do
     empty_cache()
 
@@ -314,7 +341,7 @@ def main(argv=None):
                 columns = ["T", "ranks", "window", "context-parallel ms", "1 GPU, T/R ms",
                            "weak scaling time(R GPUs, R*T) / time(1 GPU, T)", "1 GPU, whole T ms",
                            "speedup over 1 GPU, whole T", "exchange alone ms", "exchange alone / step",
-                           "exposed exchange / step", "compute without exchange ms", "interior call alone ms",
+                           "exposed exchange / step", "compute without exchange ms", "first rows call alone ms",
                            "context-parallel peak GiB per GPU",
                            "context-parallel TFLOP/s per GPU"]
                 write_results(args.out, "context_parallel_speed", {"environment": env, "speed": rows}, rows, columns)

@@ -1,19 +1,24 @@
 """Context-parallel gated window attention: one sequence split across the ranks of a process
 group, each rank computing the queries of its own shard (docs/distributed.md).
 
-Exact with the public op alone: `gated_window_attention` takes fewer queries than keys, so
-the queries of the shard run against the concatenation [halo ‖ shard] of k, v and g, the
-queries aligned to its end. Each query's window lies inside halo ‖ shard, and the gate sums
-across the shard boundary are exact because the halo's gates are included. No query row is
-computed for the halo positions.
+Two paths with one result:
 
-Overlap: when the shard is longer than w - 1, the queries at shard positions >= w - 1 see
-only the shard, so they are computed while the halo is in flight; the first w - 1 queries
-are computed after it arrives (on [halo ‖ first w - 1 positions]). In the backward, autograd
-runs those first queries' backward first (it was recorded last); it yields the halo's dk, dv,
-dg, whose exchange is posted at once and runs while the interior queries' backward does
-(halo.expect_tail_gradients): the wait for the gradients returning from later ranks comes
-only after that.
+- Triton backend (gatedfwa/ops/backend.py): fused.py, one autograd.Function that calls the
+  kernels and the exchange itself and owns its buffers (the whole shard in one call while the
+  halo travels, then the first w - 1 queries again against the halo; no full-size copies).
+- Every other backend (the PyTorch path), and the reference the fused path is tested
+  against: the composition below through the public op. `gated_window_attention` takes
+  fewer queries than keys, so the queries run against the concatenation [halo ‖ shard] of k,
+  v and g, the queries aligned to its end. Each query's window lies inside halo ‖ shard, and
+  the gate sums across the shard boundary are exact because the halo's gates are included.
+
+Overlap in the composition: when the shard is longer than w - 1, the queries at shard
+positions >= w - 1 see only the shard, so they are computed while the halo is in flight; the
+first w - 1 queries are computed after it arrives (on [halo ‖ first w - 1 positions]). In the
+backward, autograd runs those first queries' backward first (it was recorded last); it yields
+the halo's dk, dv, dg, whose exchange is posted at once and runs while the interior queries'
+backward does (halo.expect_tail_gradients): the wait for the gradients returning from later
+ranks comes only after that.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from gatedfwa.distributed.halo import HaloPlan, attach_halo, expect_tail_gradients, start_halo_exchange
+from gatedfwa.distributed.fused import fused_context_parallel_attention
+from gatedfwa.distributed.halo import HaloLink, HaloPlan, attach_halo, expect_tail_gradients, start_halo_exchange
 from gatedfwa.ops import gated_window_attention
+from gatedfwa.ops.backend import select_backend
 from gatedfwa.ops.validation import VALUE_CHECKS_VARIABLE, check_attention_args
 
 __all__ = ["context_parallel_gated_window_attention"]
@@ -122,6 +129,13 @@ def context_parallel_gated_window_attention(
     if not plan.exchanges:  # one rank, or w = 1: nothing crosses a shard boundary
         return gated_window_attention(q, k, v, g, window_size=window_size, scale=scale)
 
+    if select_backend(q.device) == "triton" and not torch.compiler.is_compiling():
+        return fused_context_parallel_attention(q, k, v, g, window_size, scale, HaloLink(plan, group))
+    return _composed(q, k, v, g, window_size, scale, plan, group)
+
+
+def _composed(q, k, v, g, window_size, scale, plan: HaloPlan, group) -> torch.Tensor:
+    """The composition through the public op (every backend; the reference of fused.py)."""
     exchanged = [k, v] if g is None else [k, v, g]
     pending = start_halo_exchange(plan, group, exchanged)
     # From here on k, v, g pass through an identity whose backward waits for the gradients

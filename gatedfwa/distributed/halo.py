@@ -10,6 +10,10 @@ L = w - 1 positions before its shard, [r * n - L, r * n) clipped at 0. When L > 
 spans several earlier ranks. Every rank derives every size from (r, R, n, L) alone, so sender
 and receiver agree on each message without a handshake.
 
+attach_halo puts the exchange into the autograd graph (the composition of
+context_parallel.py, the token shift of sequence.py); HaloLink hands both of its halves to a
+caller that drives them itself (the fused Triton path, fused.py).
+
 Point-to-point messages go through torch.distributed.batch_isend_irecv (NCCL, gloo, ...);
 between one pair of ranks they are posted in one order on both sides (k, v, then g).
 """
@@ -21,7 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["HaloPlan", "PendingHalo", "start_halo_exchange", "attach_halo", "TailGradients", "expect_tail_gradients"]
+__all__ = ["HaloPlan", "PendingHalo", "start_halo_exchange", "attach_halo", "TailGradients", "expect_tail_gradients",
+           "HaloLink"]
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,8 @@ def start_halo_exchange(plan: HaloPlan, group, tensors: list[torch.Tensor]) -> P
 
 class TailGradients:
     """The backward's gradient exchange in flight, from the halo's backward, which posts it,
-    to the backward of expect_tail_gradients' identity, which waits for it."""
+    to the backward of expect_tail_gradients' identity, which waits for it (or, on the fused
+    path, within one backward: HaloLink.post_gradients posts it, add_to waits)."""
 
     def __init__(self):
         self.works: list | None = None
@@ -159,6 +165,28 @@ class TailGradients:
             for grad, piece in zip(grads, pieces):
                 grad[:, p.start - first_position:p.end - first_position] += piece
         self.works, self.received = None, []
+
+
+class HaloLink:
+    """Both exchanges of one call, for code that drives them itself instead of through the
+    autograd graph (the fused Triton path, gatedfwa/distributed/fused.py): start() posts the
+    forward exchange, post_gradients() the backward's. A benchmark may stand in a subclass
+    that moves nothing (compute alone)."""
+
+    def __init__(self, plan: HaloPlan, group):
+        self.plan, self.group = plan, group
+
+    def start(self, tensors: list[torch.Tensor]) -> PendingHalo:
+        """Post the forward exchange of k, v (and g), each [B, n, ...]; wait() gives the halos."""
+        return start_halo_exchange(self.plan, self.group, tensors)
+
+    def post_gradients(self, halo_grads: list[torch.Tensor]) -> TailGradients:
+        """Send the halo's gradients halo_grads [B, h, ...] (one per exchanged tensor; [B, 0, ...]
+        on a rank without a halo) to their owners and receive this shard's tail gradients;
+        add_to(grads, 0) on the result waits and adds them to grads [B, n, ...] in place."""
+        exchange = TailGradients()
+        exchange.post(self.plan, self.group, halo_grads)
+        return exchange
 
 
 class _AttachHalo(torch.autograd.Function):

@@ -5,11 +5,14 @@ error in the same precision + slack).
 
 Each spawned run checks many cases (spawning costs seconds, a case milliseconds). Every rank
 draws the whole sequence from one seed, runs the reference on it, and compares its own rows.
-Shard lengths (7, 13) are multiples of no tile size.
+Shard lengths (7, 13, 24) are multiples of no tile size. The cases named "fused" take the
+Triton backend's path (gatedfwa/distributed/fused.py, the kernels interpreted), the others
+the composition through the public op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 
@@ -21,13 +24,17 @@ import torch.nn.functional as F
 from gatedfwa import gated_window_attention
 from gatedfwa.distributed import context_parallel as context_parallel_module
 from gatedfwa.distributed import context_parallel_gated_window_attention
+from gatedfwa.distributed import fused as fused_module
 from gatedfwa.distributed import halo as halo_module
 from gatedfwa.distributed.halo import HaloPlan
+from gatedfwa.ops.window_attention import launch
 from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
 from gatedfwa.testing import assert_within_rule, float32_slack
 from tests.distributed.launch import run_on_ranks
 
 # name, batch, shard length, query heads, kv heads, head_dim, window, gated, dtype, backend
+# (None: the default on CPU tensors, the composition through the public op; "triton": the
+# fused path of gatedfwa/distributed/fused.py, the kernels interpreted on CPU).
 CASES = [
     ("w<shard gated", 2, 13, 4, 2, 16, 5, True, torch.float32, None),
     ("w<shard ungated", 2, 13, 4, 2, 16, 5, False, torch.float32, None),
@@ -39,17 +46,23 @@ CASES = [
     ("w<shard gated bf16", 1, 13, 4, 2, 16, 6, True, torch.bfloat16, None),
 ]
 if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels on CPU tensors (tests/conftest.py)
-    CASES.append(("w>shard gated triton", 1, 7, 2, 1, 16, 10, True, torch.float32, "triton"))
+    CASES += [
+        ("fused w<shard gated", 1, 24, 2, 1, 16, 9, True, torch.float32, "triton"),
+        ("fused w<shard ungated B=2", 2, 24, 2, 2, 16, 9, False, torch.float32, "triton"),
+        ("fused w>shard gated", 1, 7, 2, 1, 16, 10, True, torch.float32, "triton"),
+        ("fused w>shard ungated B=2", 2, 7, 2, 2, 16, 17, False, torch.float32, "triton"),
+    ]
 
 
-def _inputs(batch, seqlen, q_heads, kv_heads, head_dim, gated, dtype, generator):
+def _inputs(batch, seqlen, q_heads, kv_heads, head_dim, gated, dtype, generator, gate_center=1.0):
     def randn(*shape):
         return torch.randn(*shape, generator=generator)
 
     q, k, v = randn(batch, seqlen, q_heads, head_dim), randn(batch, seqlen, kv_heads, head_dim), randn(
         batch, seqlen, kv_heads, head_dim)
-    # Gates from little decay to a few units per step, so the boundary's gate sums matter.
-    g = F.logsigmoid(randn(batch, seqlen, q_heads) * 2 + 1) if gated else None
+    # Gates from little decay to a few units per step, so the boundary's gate sums matter
+    # (a larger gate_center: little decay anywhere).
+    g = F.logsigmoid(randn(batch, seqlen, q_heads) * 2 + gate_center) if gated else None
     do = randn(batch, seqlen, q_heads, head_dim)
     return [x.to(dtype) for x in (q, k, v)], g, do.to(dtype)
 
@@ -61,7 +74,92 @@ def _with_grads(fn, tensors, do):
     return o.detach(), torch.autograd.grad(o, present, do)
 
 
-def _check_case(rank, world, case, seed, group=None) -> list[str]:
+@contextlib.contextmanager
+def _patched(*replacements):
+    """(object, attribute name, replacement) set for the duration, then restored."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
+    for owner, name, value in replacements:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+@contextlib.contextmanager
+def _recording(shard, query_rows: list, events: list, poison: bool):
+    """Record the query rows each attention call computes and the backward's order of events,
+    on both paths: the public op's calls (the composition) and the kernels' entry points (the
+    fused path). With `poison`, the kernels' output buffers start as NaN."""
+    op = context_parallel_module.gated_window_attention
+    forward, backward = fused_module._forward_impl, fused_module._backward_impl
+    post, add_to = halo_module.TailGradients.post, halo_module.TailGradients.add_to
+
+    def counting_op(q, *args, **kwargs):
+        query_rows.append(q.shape[1])
+        if len(query_rows) == 1 and q.shape[1] < shard and q.requires_grad:
+            q.register_hook(lambda grad: events.append("interior backward"))
+        return op(q, *args, **kwargs)
+
+    def counting_forward(q, *args):
+        query_rows.append(q.shape[1])
+        return forward(q, *args)
+
+    def logged_backward(do, q, k, *args):
+        events.append("shard backward" if q.shape[1] == k.shape[1] == shard else "first rows backward")
+        return backward(do, q, k, *args)
+
+    def logged(method, event):
+        def run(self, *args):
+            events.append(event)
+            return method(self, *args)
+        return run
+
+    replacements = [
+        (context_parallel_module, "gated_window_attention", counting_op),
+        (fused_module, "_forward_impl", counting_forward),
+        (fused_module, "_backward_impl", logged_backward),
+        (halo_module.TailGradients, "post", logged(post, "exchange posted")),
+        (halo_module.TailGradients, "add_to", logged(add_to, "exchange awaited")),
+    ]
+    if poison:
+        replacements.append((launch, "allocate_like", lambda x: torch.full_like(x, float("nan"))))
+    with _patched(*replacements):
+        yield
+
+
+def _fused_plan_failures(name, rank, world, shard, window, query_rows, events) -> list[str]:
+    """The fused path's calls: the whole shard (unless every query needs the halo), and on a
+    rank with a halo the first min(w - 1, n) queries again; in the backward those first rows,
+    then the exchange posted, the whole shard's backward, and the wait last."""
+    edge = min(window - 1, shard)
+    first, whole = rank > 0, rank == 0 or edge < shard
+    rows = ([shard] if whole else []) + ([edge] if first else [])
+    order = (["first rows backward"] if first else []) + ["exchange posted"]
+    order += (["shard backward"] if whole else []) + ["exchange awaited"]
+    failures = []
+    if query_rows != rows:
+        failures.append(f"{name}: the kernels computed {query_rows} query rows, expected {rows}")
+    if events != order:
+        failures.append(f"{name}: backward order {events}, expected {order}")
+    return failures
+
+
+def _composed_plan_failures(name, world, shard, window, query_rows, events) -> list[str]:
+    """The composition's calls: the shard's rows once, split into the interior (computed
+    first) and the first rows; the interior's backward between the exchange's post and wait."""
+    failures = []
+    if sum(query_rows) != shard:
+        failures.append(f"{name}: the op computed {query_rows} query rows for a shard of {shard}")
+    if window > 1 and "interior backward" in events and events != ["exchange posted", "interior backward", "exchange awaited"]:
+        failures.append(f"{name}: backward order {events}")
+    if world > 1 and window - 1 < shard and window > 1 and "interior backward" not in events:
+        failures.append(f"{name}: no interior queries computed apart from the halo's")
+    return failures
+
+
+def _check_case(rank, world, case, seed, group=None, gate_center=1.0) -> list[str]:
     """rank and world: this process's place in `group` (default: the world)."""
     name, batch, shard, q_heads, kv_heads, head_dim, window, gated, dtype, backend = case
     previous = os.environ.get("GATEDFWA_BACKEND")
@@ -69,7 +167,8 @@ def _check_case(rank, world, case, seed, group=None) -> list[str]:
         os.environ["GATEDFWA_BACKEND"] = backend
     try:
         generator = torch.Generator().manual_seed(seed)
-        (q, k, v), g, do = _inputs(batch, shard * world, q_heads, kv_heads, head_dim, gated, dtype, generator)
+        (q, k, v), g, do = _inputs(batch, shard * world, q_heads, kv_heads, head_dim, gated, dtype, generator,
+                                   gate_center)
         rows = slice(rank * shard, (rank + 1) * shard)
 
         def naive(q, k, v, g):
@@ -83,45 +182,19 @@ def _check_case(rank, world, case, seed, group=None) -> list[str]:
             return context_parallel_gated_window_attention(q, k, v, g, window_size=window, group=group)
 
         local = [None if x is None else x[:, rows] for x in (q, k, v, g)]
-        # Count the query rows the op computes: the shard's, no padded halo rows. And record
-        # the backward's order: the halo's gradient exchange is posted before the interior
-        # queries' backward (the op's first call when there are two) and awaited after it.
-        query_rows, events, op = [], [], context_parallel_module.gated_window_attention
-        post, add_to = halo_module.TailGradients.post, halo_module.TailGradients.add_to
-
-        def counting_op(q, *args, **kwargs):
-            query_rows.append(q.shape[1])
-            if len(query_rows) == 1 and q.shape[1] < shard and q.requires_grad:
-                q.register_hook(lambda grad: events.append("interior backward"))
-            return op(q, *args, **kwargs)
-
-        def logged(method, event):
-            def run(self, *args):
-                events.append(event)
-                return method(self, *args)
-            return run
-
-        context_parallel_module.gated_window_attention = counting_op
-        halo_module.TailGradients.post = logged(post, "exchange posted")
-        halo_module.TailGradients.add_to = logged(add_to, "exchange awaited")
-        try:
+        query_rows, events = [], []
+        with _recording(shard, query_rows, events, poison=backend == "triton"):
             fast = _with_grads(parallel, local, do[:, rows])
-        finally:
-            context_parallel_module.gated_window_attention = op
-            halo_module.TailGradients.post, halo_module.TailGradients.add_to = post, add_to
     finally:
         if previous is None:
             os.environ.pop("GATEDFWA_BACKEND", None)
         else:
             os.environ["GATEDFWA_BACKEND"] = previous
 
-    failures = []
-    if sum(query_rows) != shard:
-        failures.append(f"{name}: the op computed {query_rows} query rows for a shard of {shard}")
-    if window > 1 and "interior backward" in events and events != ["exchange posted", "interior backward", "exchange awaited"]:
-        failures.append(f"{name}: backward order {events}")
-    if world > 1 and window - 1 < shard and window > 1 and "interior backward" not in events:
-        failures.append(f"{name}: no interior queries computed apart from the halo's")
+    if backend == "triton" and world > 1 and window > 1:
+        failures = _fused_plan_failures(name, rank, world, shard, window, query_rows, events)
+    else:
+        failures = _composed_plan_failures(name, world, shard, window, query_rows, events)
     names = ["o", "dq", "dk", "dv", "dg"]
     for i, label in enumerate(names[: 4 + gated]):
         pick = (lambda r: r[0]) if i == 0 else (lambda r, i=i: r[1][i - 1])
@@ -144,17 +217,56 @@ def _check_all_cases(rank, world, seed) -> list[str]:
         # Two context-parallel groups side by side (as in a 2-D mesh with data parallelism),
         # each splitting its own sequence over 2 ranks.
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-        for case in CASES[:4]:
+        in_pairs = CASES[:4] + [case for case in CASES if case[0] == "fused w<shard gated"]
+        for case in in_pairs:
             failures += [f"group {rank // 2}: {f}" for f in
                          _check_case(rank % 2, 2, case, seed + 100 + rank // 2, group=pairs[rank // 2])]
     return failures
 
 
+# Rows [0, e) of a rank with a halo, computed without it by the fused path's whole-shard call,
+# must leave no trace in the backward (fused._ignore_rows sets their lse to +inf). Gates of
+# almost no decay make those rows weigh the halo's keys as much as their own, so their
+# without-halo softmax is far from the true one, and a backward that kept them would add
+# wrong terms to dk, dv and dg.
+STALE_ROWS_CASE = ("stale rows", 1, 24, 2, 1, 16, 9, True, torch.float32, "triton")
+STALE_ROWS_GATE_CENTER = 8.0  # logsigmoid(2 N(0, 1) + 8): about -3e-4 per step
+
+
+def _check_stale_rows(rank, world, seed) -> list[str]:
+    """The case passes; the same case with the first rows' lse left as the whole-shard call
+    computed it fails on every rank with a halo (the check can see stale rows); and the
+    first rows' outputs with and without the halo differ by far more than the rule's bounds."""
+    name, batch, shard, q_heads, kv_heads, head_dim, window, gated, dtype, _ = STALE_ROWS_CASE
+    edge = min(window - 1, shard)
+    failures = _check_case(rank, world, STALE_ROWS_CASE, seed, gate_center=STALE_ROWS_GATE_CENTER)
+    with _patched((fused_module, "_ignore_rows", lambda lse2, rows: None)):
+        broken = _check_case(rank, world, STALE_ROWS_CASE, seed, gate_center=STALE_ROWS_GATE_CENTER)
+    gradients_broken = [f for f in broken if any(f" {label}:" in f for label in ("dk", "dv", "dg"))]
+    if rank > 0 and not gradients_broken:
+        failures.append("with the first rows' lse left as computed without the halo, dk, dv and dg still "
+                        f"passed the rule: the check cannot see stale rows ({broken})")
+    if rank > 0:
+        generator = torch.Generator().manual_seed(seed)
+        (q, k, v), g, _ = _inputs(batch, shard * world, q_heads, kv_heads, head_dim, gated, dtype, generator,
+                                  STALE_ROWS_GATE_CENTER)
+        first = slice(rank * shard, rank * shard + edge)
+        shard_rows = slice(rank * shard, (rank + 1) * shard)
+        with_halo = naive_gated_window_attention(q, k, v, g, window_size=window)[0][:, first]
+        without = naive_gated_window_attention(*(x[:, shard_rows] for x in (q, k, v, g)), window_size=window)[0]
+        difference = (with_halo - without[:, :edge]).abs().max().item()
+        if not difference > 0.1:
+            failures.append(f"the first rows with and without the halo differ by only {difference:.3g}")
+    return failures
+
+
 def _check_cases_and_bad_input(rank, world, seed) -> list[str]:
-    """Both checks in one spawned run (starting the processes costs most of the time);
-    failures are tagged 'cases:' or 'bad input:'."""
-    return ([f"cases: {f}" for f in _check_all_cases(rank, world, seed)]
-            + [f"bad input: {f}" for f in _check_bad_input(rank, world)])
+    """Every check in one spawned run (starting the processes costs most of the time);
+    failures are tagged 'cases:', 'stale rows:' or 'bad input:'."""
+    failures = [f"cases: {f}" for f in _check_all_cases(rank, world, seed)]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        failures += [f"stale rows: {f}" for f in _check_stale_rows(rank, world, seed + 1000)]
+    return failures + [f"bad input: {f}" for f in _check_bad_input(rank, world)]
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +287,13 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("world", [2, 4])
 def test_matches_one_process(world, runs):
     failures = [f for f in runs(world) if ": cases: " in f]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the fused path's kernels on CPU need the interpreter")
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_backward_leaves_no_stale_rows(world, runs):
+    failures = [f for f in runs(world) if ": stale rows: " in f]
     assert not failures, "\n".join(failures)
 
 
