@@ -4,6 +4,9 @@ the parallel forward for mixed layer kinds; chunked prefill equals the parallel 
 generate() takes the cache (cache_implementation="static", or passed in) and gives what the
 growing cache gives."""
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -33,6 +36,26 @@ def test_compiled_static_steps_equal_parallel_forward(overrides):
         with torch._dynamo.config.patch(error_on_recompile=True):
             for t in range(6, ids.shape[1]):
                 steps.append(step(ids[:, t:t + 1], cache=cache).logits)
+    assert parallel.abs().max() > 1.0
+    torch.testing.assert_close(torch.cat(steps, dim=1), parallel, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="Inductor on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("overrides", [KINDS[0], KINDS[2]], ids=["gatedfwa", "full-swa"])
+def test_inductor_static_steps_through_the_kernels(overrides, monkeypatch):
+    """The decode custom ops (Triton kernels, interpreted here) inside an Inductor graph, as on a
+    GPU: gated layers mutate the cache's decays, ungated ones have none to mutate."""
+    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+    torch._dynamo.reset()
+    model = sharpened(GatedFWAForCausalLM(tiny_config(**overrides)))
+    ids = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        parallel = model(ids).logits
+        cache = model.new_static_cache(max_length=ids.shape[1])
+        steps = [model(ids[:, :5], cache=cache).logits]
+        step = torch.compile(model, fullgraph=True)
+        for t in range(5, ids.shape[1]):
+            steps.append(step(ids[:, t:t + 1], cache=cache).logits.clone())
     assert parallel.abs().max() > 1.0
     torch.testing.assert_close(torch.cat(steps, dim=1), parallel, rtol=1e-4, atol=1e-4)
 

@@ -29,22 +29,42 @@ from gatedfwa.ops.triton_support import triton
 __all__ = ["decode_static_step"]
 
 
-@torch.library.custom_op("gatedfwa::decode_static_attention", mutates_args=("decays",))
-def _decode_static_attention(
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, g_new: torch.Tensor | None,
-    keys: torch.Tensor, values: torch.Tensor, decays: torch.Tensor | None, positions: torch.Tensor,
-    next_position: torch.Tensor, window_size: int | None, scale: float,
-) -> torch.Tensor:
-    """The Triton kernels on the static cache's tensors: o [B, L, HQ, D]; adds the step's
-    gate sum to ``decays`` in place."""
+def _launch(q, k_new, v_new, g_new, keys, values, decays, positions, next_position, window_size, scale):
     from gatedfwa.ops.decode.kernels import launch_decode
 
     return launch_decode(q, k_new, v_new, g_new, keys, values, decays, positions, next_position, 0,
                          keys.shape[2], window_size, scale, update_decays=True)
 
 
+# Two custom ops, gated and ungated, rather than one with an optional mutated argument: a
+# mutated argument that is None trips Inductor's functionalisation under fullgraph compile.
+@torch.library.custom_op("gatedfwa::decode_static_attention", mutates_args=("decays",))
+def _decode_static_attention(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, g_new: torch.Tensor,
+    keys: torch.Tensor, values: torch.Tensor, decays: torch.Tensor, positions: torch.Tensor,
+    next_position: torch.Tensor, window_size: int | None, scale: float,
+) -> torch.Tensor:
+    """The Triton kernels on a gated static cache's tensors: o [B, L, HQ, D]; adds the step's
+    gate sum to ``decays`` in place."""
+    return _launch(q, k_new, v_new, g_new, keys, values, decays, positions, next_position, window_size, scale)
+
+
 @_decode_static_attention.register_fake
 def _(q, k_new, v_new, g_new, keys, values, decays, positions, next_position, window_size, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("gatedfwa::decode_static_attention_ungated", mutates_args=())
+def _decode_static_attention_ungated(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    positions: torch.Tensor, next_position: torch.Tensor, window_size: int | None, scale: float,
+) -> torch.Tensor:
+    """The Triton kernels on an ungated static cache's tensors: o [B, L, HQ, D]."""
+    return _launch(q, k_new, v_new, None, keys, values, None, positions, next_position, window_size, scale)
+
+
+@_decode_static_attention_ungated.register_fake
+def _(q, k_new, v_new, keys, values, positions, next_position, window_size, scale):
     return torch.empty_like(q)
 
 
@@ -79,8 +99,12 @@ def decode_static_step(
     scale = float(q.shape[3] ** -0.5 if scale is None else scale)
     on_triton = select_backend(q.device) == "triton" and triton is not None
     if on_triton:
-        o = _decode_static_attention(q, k_new, v_new, g_new, cache.keys, cache.values, cache.decays,
-                                     cache.positions, cache.next_position, cache.window_size, scale)
+        if g_new is None:
+            o = _decode_static_attention_ungated(q, k_new, v_new, cache.keys, cache.values, cache.positions,
+                                                 cache.next_position, cache.window_size, scale)
+        else:
+            o = _decode_static_attention(q, k_new, v_new, g_new, cache.keys, cache.values, cache.decays,
+                                         cache.positions, cache.next_position, cache.window_size, scale)
     else:
         o = decode_attention_torch(q, k_new, v_new, g_new, cache, scale, first_position=cache.next_position)
     _write_step(cache, k_new, v_new, g_new, decays_shifted=on_triton)
