@@ -43,7 +43,10 @@ __all__ = ["selected_forward", "selected_backward", "BLOCK_MAJOR_MAX_GROUP"]
 
 # Groups up to this size run the selected branch's forward and dq block-major
 # (selected_block_major.py); larger groups query-major. 0 makes every group query-major.
-# `python benchmarks/bench_nsa.py --compare-selected` times both at groups 1 and 16.
+# `python benchmarks/bench_nsa.py --compare-selected` times both at groups 1 and 16: on an H200
+# at T=32k (benchmarks/results/nsa_selected_compare.md) block-major takes group 1 from 71.1 to
+# 25.2 ms forward+backward and loses at group 16 (76.8 against 71.8 ms); groups 2-4 are not
+# measured and follow group 1, whose reason (few rows per block load) they share.
 BLOCK_MAJOR_MAX_GROUP = 4
 
 
