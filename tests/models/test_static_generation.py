@@ -22,22 +22,29 @@ KINDS = [
 ]
 
 
-@pytest.mark.parametrize("overrides", KINDS, ids=["gatedfwa", "shift-outgate", "full-swa"])
-def test_compiled_static_steps_equal_parallel_forward(overrides):
+def assert_compiled_steps_equal_parallel_forward(overrides, length, **compile_options):
+    """Prefill 5 tokens, then step token by token through torch.compile(model, fullgraph=True,
+    **compile_options) on the static cache: the logits equal the parallel forward's, and
+    advancing the position never recompiles."""
     torch._dynamo.reset()
     model = sharpened(GatedFWAForCausalLM(tiny_config(**overrides)))
-    ids = torch.randint(0, 61, (2, 20))
+    ids = torch.randint(0, 61, (2, length))
     with torch.no_grad():
         parallel = model(ids).logits
-        cache = model.new_static_cache(max_length=ids.shape[1])
+        cache = model.new_static_cache(max_length=length)
         steps = [model(ids[:, :5], cache=cache).logits]
-        step = torch.compile(model, backend="aot_eager", fullgraph=True)
-        steps.append(step(ids[:, 5:6], cache=cache).logits)
+        step = torch.compile(model, fullgraph=True, **compile_options)
+        steps.append(step(ids[:, 5:6], cache=cache).logits.clone())
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for t in range(6, ids.shape[1]):
-                steps.append(step(ids[:, t:t + 1], cache=cache).logits)
+            for t in range(6, length):
+                steps.append(step(ids[:, t:t + 1], cache=cache).logits.clone())
     assert parallel.abs().max() > 1.0
     torch.testing.assert_close(torch.cat(steps, dim=1), parallel, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", KINDS, ids=["gatedfwa", "shift-outgate", "full-swa"])
+def test_compiled_static_steps_equal_parallel_forward(overrides):
+    assert_compiled_steps_equal_parallel_forward(overrides, 20, backend="aot_eager")
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="Inductor on the CPU needs a C++ compiler")
@@ -46,18 +53,7 @@ def test_inductor_static_steps_through_the_kernels(overrides, monkeypatch):
     """The decode custom ops (Triton kernels, interpreted here) inside an Inductor graph, as on a
     GPU: gated layers mutate the cache's decays, ungated ones have none to mutate."""
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
-    torch._dynamo.reset()
-    model = sharpened(GatedFWAForCausalLM(tiny_config(**overrides)))
-    ids = torch.randint(0, 61, (2, 9))
-    with torch.no_grad():
-        parallel = model(ids).logits
-        cache = model.new_static_cache(max_length=ids.shape[1])
-        steps = [model(ids[:, :5], cache=cache).logits]
-        step = torch.compile(model, fullgraph=True)
-        for t in range(5, ids.shape[1]):
-            steps.append(step(ids[:, t:t + 1], cache=cache).logits.clone())
-    assert parallel.abs().max() > 1.0
-    torch.testing.assert_close(torch.cat(steps, dim=1), parallel, rtol=1e-4, atol=1e-4)
+    assert_compiled_steps_equal_parallel_forward(overrides, 9)
 
 
 @pytest.mark.parametrize("overrides", KINDS[1:], ids=["shift-outgate", "full-swa"])
