@@ -5,16 +5,21 @@
 
 dg is assembled from chunk-boundary fluxes (gatedfwa/ops/window_attention/gate_flux.py); the
 plain reverse sum of dU over the whole sequence (what windows too long for the flux buffer
-still use) is the "plain" variant, selected here by MAX_FLUX_TILES_PER_BLOCK_M = 0.
+still use) is the "plain" variant, selected here by MAX_FLUX_TILES_PER_BLOCK_M = 0, and its dq
+kernel compiles without any flux code. The flux tile totals are stored one part per warp on
+NVIDIA GPUs (backward._store_warp_totals); the "per tile" variant (launch.WARP_FLUX_TOTALS =
+False) times the portable path, one tl.sum and one store per tile, beside it.
 
 Writes gate_gradient.json/.md under --out:
   numerics  T = 2^20 in one sequence, float32, gates around -0.01, D = 64, w in {256, 1024}: max
             |dg - float64 reference| over the first and the last 1000 positions (references
             on slices with one window of context each side: exact for the slice), and their
             ratio (target: first <= 2 x last), flux and plain.
-  timing    backward ms (forward saved, torch.autograd.grad of o) with flux and plain at that
-            length and at the gpu-125m training shape (B 8, T 4096, HQ 12, D 64, w 1024,
-            bf16), and the flux's share of the backward (target: <= 1% at T = 2^20).
+  timing    backward ms (forward saved, torch.autograd.grad of o) and the dq kernel's device
+            ms (torch.profiler) with flux, flux per tile and plain at that length, at the
+            gpu-125m training shape (B 8, T 4096, HQ 12, D 64, w 1024, bf16) and at B 4
+            T 8192 HQ 16 (D 64 w 512, D 128 w 512 and 2048, bf16), and the flux's share of the
+            backward (target: <= 1% at T = 2^20).
 GATEDFWA_COMMIT names the commit measured.
 """
 
@@ -35,15 +40,17 @@ if QUICK and not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_ms, environment, error_record, write_results  # noqa: E402
+from common import bench_ms, environment, error_record, kernel_device_ms, write_results  # noqa: E402
 
 from gatedfwa import gated_window_attention  # noqa: E402
-from gatedfwa.ops.window_attention import gate_flux  # noqa: E402
+from gatedfwa.ops.window_attention import gate_flux, launch  # noqa: E402
 from gatedfwa.ops.window_attention.reference import naive_gated_window_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLUX_LIMIT = gate_flux.MAX_FLUX_TILES_PER_BLOCK_M
 VARIANTS = {"flux": FLUX_LIMIT, "plain": 0}
+# Timing also runs the flux with one total per tile: (flux limit, per-warp totals) per variant.
+TIMED = {"flux": (FLUX_LIMIT, True), "flux per tile": (FLUX_LIMIT, False), "plain": (0, True)}
 
 
 def inputs(batch, seqlen, heads, head_dim, dtype, gate_level=-0.01, seed=0):
@@ -89,16 +96,21 @@ def timing(batch, seqlen, heads, head_dim, window, dtype) -> dict:
     o = gated_window_attention(q, k, v, g, window_size=window)
     row = {"part": "timing", "T": seqlen, "window": window, "dtype": str(dtype).replace("torch.", ""),
            "shape": f"B{batch} HQ{heads} D{head_dim}"}
-    for name, limit in VARIANTS.items():
+    for name, (limit, warp_totals) in TIMED.items():
         gate_flux.MAX_FLUX_TILES_PER_BLOCK_M = limit
+        launch.WARP_FLUX_TOTALS = warp_totals
 
         def backward():
             torch.autograd.grad(o, (q, k, v, g), do, retain_graph=True)
 
-        row[f"{name} backward ms"] = bench_ms(backward) if DEVICE == "cuda" else None
-        if DEVICE != "cuda":
+        if DEVICE == "cuda":
+            row[f"{name} backward ms"] = bench_ms(backward)
+            kernels = kernel_device_ms(backward, iterations=10)
+            row[f"{name} dq ms"] = sum(ms for kernel, ms in kernels.items() if "_dq_kernel" in kernel)
+        else:
             backward()
     gate_flux.MAX_FLUX_TILES_PER_BLOCK_M = FLUX_LIMIT
+    launch.WARP_FLUX_TOTALS = True
     if DEVICE == "cuda":
         row["flux share"] = row["flux backward ms"] / row["plain backward ms"] - 1
         row["ok"] = row["flux share"] <= 0.01
@@ -118,7 +130,10 @@ def main() -> None:
     else:
         jobs += [lambda: timing(1, long, 2, 64, 256, torch.float32),
                  lambda: timing(1, long, 2, 64, 1024, torch.float32),
-                 lambda: timing(8, 4096, 12, 64, 1024, torch.bfloat16)]
+                 lambda: timing(8, 4096, 12, 64, 1024, torch.bfloat16),
+                 lambda: timing(4, 8192, 16, 64, 512, torch.bfloat16),
+                 lambda: timing(4, 8192, 16, 128, 512, torch.bfloat16),
+                 lambda: timing(4, 8192, 16, 128, 2048, torch.bfloat16)]
     rows = []
     for job in jobs:
         try:
@@ -128,8 +143,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     payload = {"environment": environment(), "quick": QUICK, "rows": rows}
     columns = ["part", "T", "window", "dtype", "shape", "flux first err", "flux last err", "flux first/last",
-               "plain first err", "plain last err", "plain first/last", "flux backward ms", "plain backward ms",
-               "flux share", "ok", "error"]
+               "plain first err", "plain last err", "plain first/last", "flux backward ms", "flux per tile backward ms",
+               "plain backward ms", "flux share", "flux dq ms", "flux per tile dq ms", "plain dq ms", "ok", "error"]
     write_results(args.out, "gate_gradient_quick" if QUICK else "gate_gradient", payload, rows, columns)
 
 

@@ -49,15 +49,25 @@ CASES = [  # seqlen, window, block_m, block_n, sequences (None: one)
 ]
 
 
+def split_in_parts(flux: torch.Tensor, parts: int) -> torch.Tensor:
+    """Each tile total of flux [..., NT] as `parts` random pieces that sum to it, laid out as the
+    dq kernel stores them per warp: [..., NT * parts]."""
+    weights = torch.rand(*flux.shape, parts, dtype=torch.float64)
+    pieces = flux.double()[..., None] * (weights / weights.sum(-1, keepdim=True))
+    return pieces.flatten(-2).float()
+
+
+@pytest.mark.parametrize("parts", [1, 3])
 @pytest.mark.parametrize("seqlen, window, block_m, block_n, cu_seqlens", CASES)
-def test_flux_identity(seqlen, window, block_m, block_n, cu_seqlens):
+def test_flux_identity(seqlen, window, block_m, block_n, cu_seqlens, parts):
     """F(c) = sum of dS_tj over j < c <= t equals sum_{t >= c} dU_t at every block start c,
-    and dg from the fluxes equals the float64 reverse sum of dU (to float32 rounding)."""
+    and dg from the fluxes equals the float64 reverse sum of dU (to float32 rounding); the
+    same with each tile's total stored in parts."""
     bounds = [(0, seqlen)] if cu_seqlens is None else list(zip(cu_seqlens[:-1], cu_seqlens[1:]))
     ds = banded_score_gradients(seqlen, window, bounds)
     du = ds.sum(1) - ds.sum(0)  # row sums - column sums
-    flux = tile_totals(ds, bounds, window, block_m, block_n)
-    fluxes = boundary_fluxes(flux, block_m, block_n)[:, 0]
+    flux = split_in_parts(tile_totals(ds, bounds, window, block_m, block_n), parts)
+    fluxes = boundary_fluxes(flux, block_m, block_n, parts)[:, 0]
     expected = torch.zeros(seqlen, dtype=torch.float64)
     for s, (start, stop) in enumerate(bounds):
         for k in range(fluxes.shape[-1]):
@@ -69,7 +79,7 @@ def test_flux_identity(seqlen, window, block_m, block_n, cu_seqlens):
         expected[start:stop] = du[start:stop].flip(0).cumsum(0).flip(0)
     offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
     for assemble in (reference_gate_gradient_from_flux, gate_gradient_from_flux):  # PyTorch, Triton kernel
-        dg = assemble(du.float()[None, None], flux, offsets, block_m, block_n)
+        dg = assemble(du.float()[None, None], flux, offsets, block_m, block_n, parts)
         assert dg.dtype == torch.float32 and dg.shape == (1, 1, seqlen)
         torch.testing.assert_close(dg[0, 0].double(), expected, atol=2e-5, rtol=1e-5)
 
@@ -99,7 +109,8 @@ def reference_score_gradients(q, k, v, g, do, window, scale, start, stop):
 def test_dq_kernel_stores_tile_totals(triton_backend, monkeypatch, cu_seqlens, device):
     """The dq kernel's flux buffer (captured on its way to gate_gradient_from_flux) against
     the tile totals of a float64 dS, and dg against the plain reverse sum of dU. On a GPU
-    (GATEDFWA_TEST_DEVICE=cuda) at a size with several of its larger tiles per window."""
+    (GATEDFWA_TEST_DEVICE=cuda) at a size with several of its larger tiles per window, where
+    the totals are stored one part per warp by inline assembly: the parts' sums are checked."""
     seqlen, heads, head_dim, window = (90, 2, 16, 23) if device == "cpu" else (700, 2, 64, 300)
     if cu_seqlens is not None and device != "cpu":
         cu_seqlens = [0, 290, 290, 700]
@@ -110,9 +121,9 @@ def test_dq_kernel_stores_tile_totals(triton_backend, monkeypatch, cu_seqlens, d
     bounds = [(0, seqlen)] if cu_seqlens is None else list(zip(cu_seqlens[:-1], cu_seqlens[1:]))
     captured = {}
 
-    def capture(du, flux, cu, block_m, block_n):
-        captured.update(du=du.clone(), flux=flux.clone(), blocks=(block_m, block_n))
-        return gate_gradient_from_flux(du, flux, cu, block_m, block_n)
+    def capture(du, flux, cu, block_m, block_n, parts=1):
+        captured.update(du=du.clone(), flux=flux.clone(), blocks=(block_m, block_n), parts=parts)
+        return gate_gradient_from_flux(du, flux, cu, block_m, block_n, parts=parts)
 
     monkeypatch.setattr(triton_backward, "gate_gradient_from_flux", capture)
     from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums
@@ -122,6 +133,11 @@ def test_dq_kernel_stores_tile_totals(triton_backend, monkeypatch, cu_seqlens, d
     o, lse = attention_forward(q, k, v, sums, window, scale, offsets)
     _, _, _, dg = triton_backward.attention_backward(do, q, k, v, sums, o, lse, window, scale, offsets)
     block_m, block_n = captured["blocks"]
+    parts = captured["parts"]
+    if device == "cuda" and torch.version.hip is None:
+        assert parts == block_m // 16, "the per-warp store (_store_warp_totals) was not used"
+    num_seqs, _, num_blocks, entries = captured["flux"].shape
+    totals = captured["flux"].view(num_seqs, heads, num_blocks, entries // parts, parts).sum(-1)
     q, k, v, g, do = (x.cpu() for x in (q, k, v, g, do))
     for h in range(heads):
         ds = torch.zeros(seqlen, seqlen, dtype=torch.float64)
@@ -129,7 +145,7 @@ def test_dq_kernel_stores_tile_totals(triton_backend, monkeypatch, cu_seqlens, d
             if stop > start:
                 ds[start:stop, start:stop] = reference_score_gradients(q, k, v, g, do, window, scale, start, stop)[h]
         expected = tile_totals(ds, bounds, window, block_m, block_n)[:, 0]
-        torch.testing.assert_close(captured["flux"][:, h].cpu(), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(totals[:, h].cpu(), expected, atol=1e-4, rtol=1e-4)
     plain = triton_backward._reverse_cumsum_within_sequences(captured["du"], offsets)
     torch.testing.assert_close(dg, plain, atol=1e-5, rtol=1e-5)
 

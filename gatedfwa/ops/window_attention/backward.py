@@ -69,6 +69,47 @@ def _delta_kernel(
         tl.store(SHIFTED_LSE + row, lse2 - prefix, mask=row_ok)
 
 
+# The PTX of _store_warp_totals: s = the thread's two row sums, summed over the warp's eight
+# quads (lanes differing in bits 2-4 hold other rows; the four lanes of a quad hold the same
+# two rows), then stored by lane 0 at the first element's address. The outputs
+# only copy the inputs: inline assembly must return a tensor.
+_WARP_TOTAL_PTX = tl.constexpr("""
+{
+.reg .f32 s, t;
+.reg .pred first;
+.reg .u32 lane;
+add.f32 s, $2, $3;
+shfl.sync.bfly.b32 t, s, 4, 0x1f, -1;
+add.f32 s, s, t;
+shfl.sync.bfly.b32 t, s, 8, 0x1f, -1;
+add.f32 s, s, t;
+shfl.sync.bfly.b32 t, s, 16, 0x1f, -1;
+add.f32 s, s, t;
+mov.u32 lane, %laneid;
+setp.eq.u32 first, lane, 0;
+@first st.global.f32 [$4], s;
+mov.b32 $0, $2;
+mov.b32 $1, $3;
+}
+""")
+
+
+@triton.jit
+def _store_warp_totals(row_sums, pointers):
+    """Store, per warp, the total of its rows of row_sums [BLOCK_M] float32 (in the matmul's
+    row layout) at pointers [BLOCK_M] (the address of each row's warp slot), with no shared
+    memory. tl.sum over the block goes on from the warps' totals to combine them through
+    shared memory with two barriers, and Triton stores a row vector through shared memory
+    too, once per key tile inside the dq loop (benchmarks/results/gate_gradient.md times
+    both ways). Valid where every warp holds 16 whole rows, two per
+    thread, each replicated over the four lanes of a quad: the layout of Hopper's and
+    Ampere's matmul results with BLOCK_M == 16 * num_warps (launch.py checks it;
+    tests/ops/test_gate_flux.py compares the stored totals with float64 ones on a GPU)."""
+    return tl.inline_asm_elementwise(
+        asm=_WARP_TOTAL_PTX, constraints="=f,=f,f,f,l,l",
+        args=[row_sums, pointers.to(tl.int64, bitcast=True)], dtype=tl.float32, is_pure=False, pack=2)
+
+
 @triton.jit
 def _dq_tile(
     state, rows, k_head, v_head, row_shift, key_term,
@@ -80,11 +121,13 @@ def _dq_tile(
     sums of dS, dgate_row [BLOCK_M] (a reduction inside each thread group of the matmul
     layout: no shared memory). The tile function of walk_key_tiles: state = (dq [BLOCK_M,
     BLOCK_D] float32, dgate_row, flux_tile: the count of tiles left of the diagonal seen so
-    far), rows = (q, do [BLOCK_M, BLOCK_D], lse2, delta [BLOCK_M], flux_row, flux_on).
-    The decay is applied as in _forward_tile. With flux_on, each tile left of the diagonal
-    also stores the sum of its dS at flux_row + flux_tile (gate_flux.py)."""
+    far), rows = (q, do [BLOCK_M, BLOCK_D], lse2, delta [BLOCK_M], flux_row, FLUX_PARTS).
+    The decay is applied as in _forward_tile. With FLUX_PARTS > 0, each tile left of the
+    diagonal also stores the sum of its dS (gate_flux.py): with FLUX_PARTS == 1 its total at
+    flux_row + flux_tile, else (FLUX_PARTS = BLOCK_M / 16 = the warps) the total of each
+    warp's 16 rows at flux_row + flux_tile * FLUX_PARTS + warp (_store_warp_totals)."""
     dq, dgate_row, flux_tile = state
-    q, do, lse2, delta, flux_row, flux_on = rows
+    q, do, lse2, delta, flux_row, FLUX_PARTS = rows
     kv_mask = offs_d[:, None] < HEAD_DIM
     if MASKED:
         key_ok = (offs_n >= bos) & (offs_n < eos)
@@ -124,7 +167,11 @@ def _dq_tile(
         if DECAY == SPLIT_DECAY:
             # Every pair of this tile crosses the chunk boundaries between its keys and m0:
             # the tile's total is its share of their flux F(c).
-            tl.store(flux_row + flux_tile, tl.sum(row_sums, 0), mask=flux_on)
+            if FLUX_PARTS == 1:
+                tl.store(flux_row + flux_tile, tl.sum(row_sums, 0))
+            elif FLUX_PARTS > 1:
+                warp = tl.arange(0, offs_m.shape[0]) // 16  # the warp that holds each row
+                _store_warp_totals(row_sums, flux_row + flux_tile * FLUX_PARTS + warp)
             flux_tile += 1
     dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
     return dq, dgate_row, flux_tile
@@ -139,14 +186,15 @@ def _dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATE_CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr = False, FEWER_QUERIES: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, FEWER_QUERIES: tl.constexpr = False, FLUX_PARTS: tl.constexpr = 0,
 ):
     """One program: dq of BLOCK_M query rows of one head, walking key tiles as the forward
     (walk.py; USE_TMA as in the forward kernel); rows are key positions,
     and FEWER_QUERIES places the queries as in _forward_kernel. The row sums of dS go to dU,
-    laid out like k (seqlen). flux_tiles > 0: FLUX [sequences, HQ, query blocks, flux_tiles]
-    float32 takes the dS total of each key tile left of the diagonal, nearest first
-    (gate_flux.py; never with FEWER_QUERIES, whose blocks start at the first query)."""
+    laid out like k (seqlen). FLUX_PARTS > 0: FLUX [sequences, HQ, query blocks, flux_tiles,
+    FLUX_PARTS] float32 takes the dS total of each key tile left of the diagonal, nearest
+    first, in FLUX_PARTS parts (_dq_tile; gate_flux.py; never with FEWER_QUERIES, whose blocks
+    start at the first query). FLUX_PARTS == 0 compiles no flux code at all."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -201,11 +249,11 @@ def _dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dgate_row = tl.zeros([BLOCK_M], dtype=tl.float32)
-    flux_row = FLUX + ((seq * num_q_heads + head) * tl.num_programs(0) + block) * flux_tiles
+    flux_row = FLUX + ((seq * num_q_heads + head) * tl.num_programs(0) + block) * flux_tiles * FLUX_PARTS
     flux_tile = tl.zeros([BLOCK_M], dtype=tl.int32).sum(0)
 
     dq, dgate_row, flux_tile = walk_key_tiles(
-        _dq_tile, (dq, dgate_row, flux_tile), (q, do, lse2, delta, flux_row, flux_tiles > 0), k_head, v_head, p_head, s_head, query_offset,
+        _dq_tile, (dq, dgate_row, flux_tile), (q, do, lse2, delta, flux_row, FLUX_PARTS), k_head, v_head, p_head, s_head, query_offset,
         offs_m, offs_d, m0, bos, eos, window, stride_kt, stride_vt, qk_scale,
         HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, USE_TMA)
 
@@ -523,14 +571,15 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     # Zeros: a program leaves the tiles it does not visit (and blocks past the end) unwritten.
     # Without fluxes du stands in as the (unused) pointer.
     flux = du
+    parts = launch.flux_parts(config, q.device) if flux_tiles else 0
     if flux_tiles:
-        flux = q.new_zeros((problem.num_seqs, problem.num_q_heads, dq_grid[0], flux_tiles), dtype=torch.float32)
+        flux = q.new_zeros((problem.num_seqs, problem.num_q_heads, dq_grid[0], flux_tiles * parts), dtype=torch.float32)
     _dq_kernel[dq_grid](
         q, k, v, gf, do, lse, delta, dq, du, flux, problem.cu_seqlens,
         *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
         sums_plane, *token_and_head_strides(do), *token_and_head_strides(dq),
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, scale,
-        problem.cu_seqlens_q, problem.seqlen_q, flux_tiles, **common, **config,
+        problem.cu_seqlens_q, problem.seqlen_q, flux_tiles, FLUX_PARTS=parts, **common, **config,
     )
     dq_blocks = (config["BLOCK_M"], config["BLOCK_N"])
     config = launch.usable_config(launch.CONFIGS["dkdv"](problem.head_dim, has_gate), q, do,
@@ -545,7 +594,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     )
     dg = None
     if flux_tiles:
-        dg = gate_gradient_from_flux(du, flux, cu_seqlens, *dq_blocks)
+        dg = gate_gradient_from_flux(du, flux, cu_seqlens, *dq_blocks, parts=parts)
     elif has_gate:  # fewer queries, or windows too long for the flux buffer: one reverse sum per sequence
         dg = _reverse_cumsum_within_sequences(du, cu_seqlens)
     return dq, dk, dv, dg

@@ -18,7 +18,9 @@ summed over more than a window.
 The boundaries are the dq kernel's query block starts, bos + k BLOCK_M in each sequence. A dq
 program (block b, rows [m0, m0 + BLOCK_M)) stores the dS total of each key tile left of its
 diagonal, nearest first: flux [sequences, HQ, blocks, tiles], tile i holding the keys
-[m0 - (i + 1) BLOCK_N, m0 - i BLOCK_N). Its pairs cross every boundary c = m0 - d BLOCK_M with
+[m0 - (i + 1) BLOCK_N, m0 - i BLOCK_N). (On GPUs it stores each tile's total in `parts`
+pieces, one per warp, [sequences, HQ, blocks, tiles * parts]; every function here takes
+`parts` and reads them as finer tiles.) Its pairs cross every boundary c = m0 - d BLOCK_M with
 i >= d BLOCK_M / BLOCK_N, so
 
     F(bos + k BLOCK_M) = sum_{d >= 0} sum_{i >= d r} flux[k + d, i],   r = BLOCK_M / BLOCK_N,
@@ -56,12 +58,15 @@ def flux_tile_count(window: int, block_m: int, block_n: int) -> int:
     return tiles if tiles <= MAX_FLUX_TILES_PER_BLOCK_M * block_m else 0
 
 
-def boundary_fluxes(flux: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
-    """flux [S, HQ, NB, NT] float32 (dS totals per query block and key tile, as the dq kernel
-    stores them) -> F [S, HQ, NB + 1] float64, F[..., k] = the sum of dS_tj over the pairs j < c
-    <= t for c = bos + k BLOCK_M of each sequence (F[..., NB] = 0: no query follows)."""
+def boundary_fluxes(flux: torch.Tensor, block_m: int, block_n: int, parts: int = 1) -> torch.Tensor:
+    """flux [S, HQ, NB, NT * parts] float32 (dS totals per query block and key tile, as the dq
+    kernel stores them, each tile's total in `parts` consecutive parts) -> F [S, HQ, NB + 1]
+    float64, F[..., k] = the sum of dS_tj over the pairs j < c <= t for c = bos + k BLOCK_M of
+    each sequence (F[..., NB] = 0: no query follows)."""
     num_blocks, num_tiles = flux.shape[-2:]
-    ratio = block_m // block_n
+    # A tile's parts act as tiles of block_n / parts keys: the sums below only need each
+    # entry's distance from the block start in entries.
+    ratio = block_m // block_n * parts
     # beyond[..., b, i] = flux[..., b, i] + flux[..., b, i + 1] + ...: the tiles of block b
     # whose keys lie left of key tile i's right edge.
     beyond = flux.double().flip(-1).cumsum(-1).flip(-1)
@@ -75,12 +80,13 @@ def boundary_fluxes(flux: torch.Tensor, block_m: int, block_n: int) -> torch.Ten
 
 
 def reference_gate_gradient_from_flux(du: torch.Tensor, flux: torch.Tensor, cu_seqlens: torch.Tensor | None,
-                                      block_m: int, block_n: int) -> torch.Tensor:
+                                      block_m: int, block_n: int, parts: int = 1) -> torch.Tensor:
     """dg [B, HQ, T] float32 from dU [B, HQ, T] float32 (row minus column sums of dS) and the
-    dq kernel's flux [S, HQ, NB, NT] (S = B, or the number of sequences with cu_seqlens, B = 1):
-    dg_s = (dU_s + ... + dU_{c-1}) + F(c), c the next block start of s's sequence (or its end)."""
+    dq kernel's flux [S, HQ, NB, NT * parts] (S = B, or the number of sequences with cu_seqlens,
+    B = 1): dg_s = (dU_s + ... + dU_{c-1}) + F(c), c the next block start of s's sequence (or
+    its end)."""
     batch, num_heads, seqlen = du.shape
-    fluxes = boundary_fluxes(flux, block_m, block_n)  # [S, HQ, NB + 1]
+    fluxes = boundary_fluxes(flux, block_m, block_n, parts)  # [S, HQ, NB + 1]
     # suffix[..., p] = dU_p + ... + dU_{T-1} in float64, suffix[..., T] = 0.
     suffix = torch.zeros((batch, num_heads, seqlen + 1), dtype=torch.float64, device=du.device)
     suffix[..., :seqlen] = du.double().flip(-1).cumsum(-1).flip(-1)
@@ -135,15 +141,15 @@ def _gate_gradient_kernel(
 
 
 def gate_gradient_from_flux(du: torch.Tensor, flux: torch.Tensor, cu_seqlens: torch.Tensor | None,
-                            block_m: int, block_n: int) -> torch.Tensor:
+                            block_m: int, block_n: int, parts: int = 1) -> torch.Tensor:
     """As reference_gate_gradient_from_flux, in one Triton launch: dU [B, HQ, T] float32 and
-    flux [S, HQ, NB, NT] float32 -> dg [B, HQ, T] float32."""
+    flux [S, HQ, NB, NT * parts] float32 -> dg [B, HQ, T] float32."""
     batch, num_heads, seqlen = du.shape
     num_seqs, _, num_blocks, num_tiles = flux.shape
     dg = launch.allocate_like(du)
     if seqlen == 0 or num_seqs == 0:
         return dg
-    ratio = block_m // block_n
+    ratio = block_m // block_n * parts  # entries per query block (see boundary_fluxes)
     _gate_gradient_kernel[(num_blocks, num_seqs, num_heads)](
         du, flux, dg, du if cu_seqlens is None else cu_seqlens, seqlen, num_heads, num_blocks, num_tiles,
         cdiv(num_tiles, ratio), BLOCK_M=block_m, RATIO=ratio, TILES=next_power_of_2(num_tiles),

@@ -12,7 +12,7 @@ from gatedfwa.ops.triton_support import cdiv, interpreting, next_power_of_2, tok
 from gatedfwa.ops.varlen import longest_sequence
 from gatedfwa.ops.window_attention.tuned import TUNED
 
-__all__ = ["CONFIGS", "gate_chunk", "Problem", "allocate_like", "check_sums", "usable_config", "descriptors_usable"]
+__all__ = ["CONFIGS", "WARP_FLUX_TOTALS", "flux_parts", "gate_chunk", "Problem", "allocate_like", "check_sums", "usable_config", "descriptors_usable"]
 
 
 def block_d_for(head_dim: int) -> int:
@@ -85,6 +85,24 @@ def _dkdv_config(head_dim: int, has_gate: bool = True) -> dict:
 # has_gate); gate_chunk and the gated launches use has_gate=True.
 CONFIGS = {"forward": _measured_first("forward", _forward_config), "dq": _measured_first("dq", _dq_config),
            "dkdv": _measured_first("dkdv", _dkdv_config)}
+
+
+# Whether the dq kernel may store its flux tile totals one part per warp (backward.py,
+# _store_warp_totals: inline PTX, no shared memory) where the layout allows it. Benchmarks turn
+# it off to time the portable path (one tl.sum per tile) beside it.
+WARP_FLUX_TOTALS = True
+
+
+def flux_parts(config: dict, device: torch.device) -> int:
+    """In how many parts the dq kernel stores each flux tile total under `config`: one per warp
+    (BLOCK_M / 16) on an NVIDIA GPU when every warp holds 16 whole rows (BLOCK_M == 16 *
+    num_warps, the layout _store_warp_totals is written for), else 1. The interpreter runs no
+    inline assembly and takes 1."""
+    rows_per_warp_ok = config["BLOCK_M"] == 16 * config["num_warps"]
+    nvidia = device.type == "cuda" and torch.version.hip is None
+    if WARP_FLUX_TOTALS and rows_per_warp_ok and nvidia and not interpreting():
+        return config["BLOCK_M"] // 16
+    return 1
 
 
 def gate_chunk(head_dim: int) -> int:
