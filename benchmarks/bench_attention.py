@@ -153,6 +153,23 @@ SHAPES = [
     (1, 32768, 16, 128, 2048),
     (8, 4096, 32, 64, 1024),
 ]
+# gatedfwa alone (gated and g=None) at shapes the peers above do not cover:
+# B, T, HQ, H, D, window, varlen (many short sequences, packed).
+MORE_SHAPES = [
+    (1, 32768, 16, 16, 128, 512, True),
+    (4, 8192, 32, 4, 128, 2048, False),
+    (1, 131072, 16, 16, 128, 2048, False),
+]
+
+
+def short_sequences(total: int):
+    """cu_seqlens of sequences of 256-2048 tokens (a fixed draw) packed into total tokens, and
+    their lengths."""
+    cuts = [0]
+    generator = torch.Generator().manual_seed(0)
+    while cuts[-1] < total:
+        cuts.append(min(total, cuts[-1] + int(torch.randint(256, 2049, (1,), generator=generator))))
+    return torch.tensor(cuts, dtype=torch.int32, device=DEVICE), [b - a for a, b in zip(cuts, cuts[1:])]
 
 
 def flex_variants(q, k, v, g, window):
@@ -200,16 +217,25 @@ def add_gate_costs(rows, steps, rounds: int = 5) -> None:
                     f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
 
 
-def time_shape(batch, seqlen, heads, head_dim, window, include_peers=True, include_flex=True):
-    q, k, v, g = make_inputs(batch, seqlen, heads, heads, head_dim, requires_grad=True)
+def time_shape(batch, seqlen, heads, head_dim, window, include_peers=True, include_flex=True, kv_heads=None,
+               varlen=False):
+    """Rows of the speed table for one shape; kv_heads (GQA) and varlen (short packed sequences,
+    short_sequences) for gatedfwa alone (include_peers False)."""
+    kv_heads = heads if kv_heads is None else kv_heads
+    q, k, v, g = make_inputs(batch, seqlen, heads, kv_heads, head_dim, requires_grad=True)
     do = torch.randn_like(q)
-    pairs = window_pairs([seqlen] * batch, window)
+    cu, lengths = short_sequences(seqlen) if varlen else (None, [seqlen] * batch)
+    pairs = window_pairs(lengths, window)
     full_pairs = window_pairs([seqlen] * batch, None)
     rows = []
     steps = {}  # name -> (forward+backward step, leaves), for the interleaved gate cost
+    label = f"B{batch} T{seqlen} H{heads} D{head_dim} w{window}"
+    if kv_heads != heads or varlen:
+        label = f"B{batch} T{seqlen} HQ{heads} H{kv_heads} D{head_dim} w{window}" + (
+            f" varlen x{len(lengths)}" if varlen else "")
 
     def record(name, fwd, leaves, out_grad, pairs_counted, note=""):
-        row = {"shape": f"B{batch} T{seqlen} H{heads} D{head_dim} w{window}", "implementation": name, "note": note}
+        row = {"shape": label, "implementation": name, "note": note}
         try:
             fwd()  # compile / autotune outside the timing
             torch.cuda.synchronize()
@@ -233,8 +259,10 @@ def time_shape(batch, seqlen, heads, head_dim, window, include_peers=True, inclu
         rows.append(row)
         print(row, flush=True)
 
-    record("gatedfwa (gated)", lambda: gated_window_attention(q, k, v, g, window_size=window), [q, k, v, g], do, pairs)
-    record("gatedfwa SWA (g=None)", lambda: gated_window_attention(q, k, v, None, window_size=window), [q, k, v], do, pairs)
+    record("gatedfwa (gated)", lambda: gated_window_attention(q, k, v, g, window_size=window, cu_seqlens=cu),
+           [q, k, v, g], do, pairs)
+    record("gatedfwa SWA (g=None)", lambda: gated_window_attention(q, k, v, None, window_size=window, cu_seqlens=cu),
+           [q, k, v], do, pairs)
     if not include_peers:
         add_gate_costs(rows, steps)
         return rows
@@ -428,12 +456,7 @@ def time_best(best, shapes, label):
             cu = None
             lengths = [seqlen] * batch
             if varlen:  # many short sequences: lengths 256-2048
-                cuts = [0]
-                generator = torch.Generator().manual_seed(0)
-                while cuts[-1] < seqlen:
-                    cuts.append(min(seqlen, cuts[-1] + int(torch.randint(256, 2049, (1,), generator=generator))))
-                cu = torch.tensor(cuts, dtype=torch.int32, device=DEVICE)
-                lengths = [b - a for a, b in zip(cuts, cuts[1:])]
+                cu, lengths = short_sequences(seqlen)
             pairs = window_pairs(lengths, window)
             for which, table in (("launch.py", {}), ("sweep best", overrides)):
                 _use_configs(defaults, table)
@@ -547,6 +570,10 @@ def main(argv=None):
         for i, shape in enumerate(SHAPES):
             # FlexAttention compiles per shape (about a minute each): only the two main shapes.
             rows.extend(time_shape(*shape, include_peers=not args.no_peers, include_flex=i < 2))
+            torch.cuda.empty_cache()
+        for batch, seqlen, q_heads, kv_heads, head_dim, window, varlen in MORE_SHAPES:
+            rows.extend(time_shape(batch, seqlen, q_heads, head_dim, window, include_peers=False, kv_heads=kv_heads,
+                                   varlen=varlen))
             torch.cuda.empty_cache()
         columns = ["shape", "implementation", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
                    "gated / ungated fwd+bwd, interleaved", "note", "error"]

@@ -109,8 +109,8 @@ def reference_score_gradients(q, k, v, g, do, window, scale, start, stop):
 def test_dq_kernel_stores_tile_totals(triton_backend, monkeypatch, cu_seqlens, device):
     """The dq kernel's flux buffer (captured on its way to gate_gradient_from_flux) against
     the tile totals of a float64 dS, and dg against the plain reverse sum of dU. On a GPU
-    (GATEDFWA_TEST_DEVICE=cuda) at a size with several of its larger tiles per window, where
-    the totals are stored one part per warp by inline assembly: the parts' sums are checked."""
+    (GATEDFWA_TEST_DEVICE=cuda) at a size with several of its larger tiles per window; the
+    totals are checked as the sums of their parts where the kernel stores them in parts."""
     seqlen, heads, head_dim, window = (90, 2, 16, 23) if device == "cpu" else (700, 2, 64, 300)
     if cu_seqlens is not None and device != "cpu":
         cu_seqlens = [0, 290, 290, 700]
@@ -134,8 +134,6 @@ def test_dq_kernel_stores_tile_totals(triton_backend, monkeypatch, cu_seqlens, d
     _, _, _, dg = triton_backward.attention_backward(do, q, k, v, sums, o, lse, window, scale, offsets)
     block_m, block_n = captured["blocks"]
     parts = captured["parts"]
-    if device == "cuda" and torch.version.hip is None:
-        assert parts == block_m // 16, "the per-warp store (_store_warp_totals) was not used"
     num_seqs, _, num_blocks, entries = captured["flux"].shape
     totals = captured["flux"].view(num_seqs, heads, num_blocks, entries // parts, parts).sum(-1)
     q, k, v, g, do = (x.cpu() for x in (q, k, v, g, do))
@@ -148,6 +146,48 @@ def test_dq_kernel_stores_tile_totals(triton_backend, monkeypatch, cu_seqlens, d
         torch.testing.assert_close(totals[:, h].cpu(), expected, atol=1e-4, rtol=1e-4)
     plain = triton_backward._reverse_cumsum_within_sequences(captured["du"], offsets)
     torch.testing.assert_close(dg, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled dq kernel")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("head_dim, window", [(64, 330), (128, 700)])
+def test_warp_flux_totals_match_one_sum_per_tile(triton_backend, monkeypatch, dtype, head_dim, window):
+    """The dq kernel's flux tile totals stored one part per warp (inline PTX, no shared memory)
+    against the same kernel's one tl.sum per tile, on the same inputs: equal to float32
+    rounding, and dg with them. The per-warp store must be what runs for 16-bit inputs on
+    Hopper, and must not run for float32 (its products leave the tensor cores' layout)."""
+    from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums
+    from gatedfwa.ops.window_attention.forward import attention_forward
+
+    seqlen, heads = 1100, 2
+    cu_seqlens = torch.tensor([0, 500, 500, 1100], dtype=torch.int32, device="cuda")
+    q, k, v, do = (torch.randn(1, seqlen, heads, head_dim, device="cuda", dtype=dtype) for _ in range(4))
+    g = -0.1 * torch.rand(1, seqlen, heads, device="cuda")
+    scale = head_dim**-0.5
+    runs = {}
+    for warp_totals in (True, False):
+        monkeypatch.setattr(launch, "WARP_FLUX_TOTALS", warp_totals)
+        captured = {}
+
+        def capture(du, flux, cu, block_m, block_n, parts=1):
+            captured.update(flux=flux.clone(), parts=parts)
+            return gate_gradient_from_flux(du, flux, cu, block_m, block_n, parts=parts)
+
+        monkeypatch.setattr(triton_backward, "gate_gradient_from_flux", capture)
+        sums = chunk_gate_sums(g, launch.gate_chunk(head_dim), cu_seqlens)
+        o, lse = attention_forward(q, k, v, sums, window, scale, cu_seqlens)
+        dg = triton_backward.attention_backward(do, q, k, v, sums, o, lse, window, scale, cu_seqlens)[3]
+        flux, parts = captured["flux"], captured["parts"]
+        runs[warp_totals] = (flux.view(*flux.shape[:-1], -1, parts).sum(-1), dg, parts)
+    hopper = torch.cuda.get_device_capability()[0] == 9 and torch.version.hip is None
+    expected_parts = launch.CONFIGS["dq"](head_dim)["BLOCK_M"] // 16 if hopper and dtype != torch.float32 else 1
+    assert runs[True][2] == expected_parts and runs[False][2] == 1
+    totals, dg, _ = runs[True]
+    reference_totals, reference_dg, _ = runs[False]
+    size = reference_totals.abs().max().item()
+    torch.testing.assert_close(totals, reference_totals, rtol=1e-5, atol=1e-5 * size)
+    torch.testing.assert_close(dg, reference_dg, rtol=1e-5, atol=1e-5 * reference_dg.abs().max().item())
 
 
 def test_flux_error_does_not_grow_along_a_long_sequence():

@@ -101,10 +101,10 @@ def _store_warp_totals(row_sums, pointers):
     memory. tl.sum over the block goes on from the warps' totals to combine them through
     shared memory with two barriers, and Triton stores a row vector through shared memory
     too, once per key tile inside the dq loop (benchmarks/results/gate_gradient.md times
-    both ways). Valid where every warp holds 16 whole rows, two per
-    thread, each replicated over the four lanes of a quad: the layout of Hopper's and
-    Ampere's matmul results with BLOCK_M == 16 * num_warps (launch.py checks it;
-    tests/ops/test_gate_flux.py compares the stored totals with float64 ones on a GPU)."""
+    both ways). Valid where every warp holds 16 whole rows, two per thread, each replicated
+    over the four lanes of a quad: the layout of a Hopper tensor-core (wgmma) result with
+    BLOCK_M == 16 * num_warps (launch.flux_parts decides; tests/ops/test_gate_flux.py compares
+    the parts' sums with one tl.sum per tile on a GPU)."""
     return tl.inline_asm_elementwise(
         asm=_WARP_TOTAL_PTX, constraints="=f,=f,f,f,l,l",
         args=[row_sums, pointers.to(tl.int64, bitcast=True)], dtype=tl.float32, is_pure=False, pack=2)
@@ -571,7 +571,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
     # Zeros: a program leaves the tiles it does not visit (and blocks past the end) unwritten.
     # Without fluxes du stands in as the (unused) pointer.
     flux = du
-    parts = launch.flux_parts(config, q.device) if flux_tiles else 0
+    parts = launch.flux_parts(config, q) if flux_tiles else 0
     if flux_tiles:
         flux = q.new_zeros((problem.num_seqs, problem.num_q_heads, dq_grid[0], flux_tiles * parts), dtype=torch.float32)
     _dq_kernel[dq_grid](

@@ -93,14 +93,17 @@ CONFIGS = {"forward": _measured_first("forward", _forward_config), "dq": _measur
 WARP_FLUX_TOTALS = True
 
 
-def flux_parts(config: dict, device: torch.device) -> int:
-    """In how many parts the dq kernel stores each flux tile total under `config`: one per warp
-    (BLOCK_M / 16) on an NVIDIA GPU when every warp holds 16 whole rows (BLOCK_M == 16 *
-    num_warps, the layout _store_warp_totals is written for), else 1. The interpreter runs no
-    inline assembly and takes 1."""
-    rows_per_warp_ok = config["BLOCK_M"] == 16 * config["num_warps"]
-    nvidia = device.type == "cuda" and torch.version.hip is None
-    if WARP_FLUX_TOTALS and rows_per_warp_ok and nvidia and not interpreting():
+def flux_parts(config: dict, q: torch.Tensor) -> int:
+    """In how many parts the dq kernel stores each flux tile total under `config` for inputs
+    like q: one per warp (BLOCK_M / 16) where its row sums are in the layout
+    _store_warp_totals is written for, else 1. That layout is the Hopper tensor cores' (wgmma)
+    result with every warp holding 16 whole rows: fp16/bf16 inputs (float32 takes full-precision
+    products, computed outside the tensor cores in another layout), compute capability 9, and
+    BLOCK_M == 16 * num_warps. The interpreter runs no inline assembly."""
+    if not (WARP_FLUX_TOTALS and q.is_cuda and torch.version.hip is None and not interpreting()):
+        return 1
+    tensor_cores = q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device)[0] == 9
+    if tensor_cores and config["BLOCK_M"] == 16 * config["num_warps"]:
         return config["BLOCK_M"] // 16
     return 1
 
