@@ -59,7 +59,7 @@ def split_in_parts(flux: torch.Tensor, parts: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("parts", [1, 3])
 @pytest.mark.parametrize("seqlen, window, block_m, block_n, cu_seqlens", CASES)
-def test_flux_identity(seqlen, window, block_m, block_n, cu_seqlens, parts):
+def test_flux_identity(seqlen, window, block_m, block_n, cu_seqlens, parts, device):
     """F(c) = sum of dS_tj over j < c <= t equals sum_{t >= c} dU_t at every block start c,
     and dg from the fluxes equals the float64 reverse sum of dU (to float32 rounding); the
     same with each tile's total stored in parts."""
@@ -77,11 +77,11 @@ def test_flux_identity(seqlen, window, block_m, block_n, cu_seqlens, parts):
             if c < stop:
                 torch.testing.assert_close(crossing, du[c:stop].sum(), atol=1e-9, rtol=1e-9)
         expected[start:stop] = du[start:stop].flip(0).cumsum(0).flip(0)
-    offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
+    offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
     for assemble in (reference_gate_gradient_from_flux, gate_gradient_from_flux):  # PyTorch, Triton kernel
-        dg = assemble(du.float()[None, None], flux, offsets, block_m, block_n, parts)
+        dg = assemble(du.float()[None, None].to(device), flux.to(device), offsets, block_m, block_n, parts)
         assert dg.dtype == torch.float32 and dg.shape == (1, 1, seqlen)
-        torch.testing.assert_close(dg[0, 0].double(), expected, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(dg[0, 0].double().cpu(), expected, atol=2e-5, rtol=1e-5)
 
 
 def test_flux_tile_count_falls_back_for_long_windows():
