@@ -136,15 +136,15 @@ def test_mask_and_cu_seqlens_together_rejected():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_gradients_match_reference(monkeypatch, backend):
+def test_gradients_match_reference(monkeypatch, backend, device):
     """Output and every gradient (x, q_proj and gate_proj, whose weights run as one GEMM,
     gate_bias, ...) within the rule of the independent reference (float32 naive, float64
     reference). The triton case runs the fused gate + attention op (the interpreter on a
     CPU), which reads gate_pre as a column slice of the q and gate GEMM's output."""
     monkeypatch.setenv("GATEDFWA_BACKEND", backend)
-    layer = randomize_(GatedFWAttention(24, 4, 2, 8, window_size=6, token_shift=True, qk_norm=True))
-    x = torch.randn(2, 21, 24)
-    do = torch.randn(2, 21, 24, dtype=torch.float64)
+    layer = randomize_(GatedFWAttention(24, 4, 2, 8, window_size=6, token_shift=True, qk_norm=True)).to(device)
+    x = torch.randn(2, 21, 24, device=device)
+    do = torch.randn(2, 21, 24, dtype=torch.float64, device=device)
 
     def gradients(forward, dtype):
         layer.zero_grad(set_to_none=True)

@@ -114,13 +114,14 @@ def test_cache_arguments_are_checked():
     assert getattr(model(ids), "cache", None) is None
 
 
-def test_triton_backend_decoding_equals_parallel(monkeypatch):
+def test_triton_backend_decoding_equals_parallel(monkeypatch, device):
     """The same equivalence through the Triton kernels (attention, gate, decode; under the
     interpreter on CPU): the path a GPU takes."""
     pytest.importorskip("triton")
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
     model = sharpened(GatedFWAForCausalLM(tiny_config(token_shift=True, attention_kinds=["gatedfwa", "full"])))
-    ids = torch.randint(0, 61, (2, 14))  # T > 3w
+    model = model.to(device)
+    ids = torch.randint(0, 61, (2, 14), device=device)  # T > 3w
     with torch.no_grad():
         parallel = model(ids).logits
         out = model(ids[:, :6], use_cache=True)

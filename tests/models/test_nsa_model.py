@@ -122,13 +122,14 @@ def test_every_training_preset_accepts_the_nsa_kinds(preset):
         assert isinstance(GatedFWAForCausalLM(config).model.layers[0].attn, NSAttention)
 
 
-def test_triton_backend_decoding_equals_parallel(monkeypatch):
+def test_triton_backend_decoding_equals_parallel(monkeypatch, device):
     """The parallel path through the NSA Triton kernels (under the interpreter on CPU), the
     decode steps through the window decode kernel and the PyTorch NSA step: the path a GPU takes."""
     pytest.importorskip("triton")
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
     model = sharpened(GatedFWAForCausalLM(tiny_config(attention_kinds=["nsa-gatedfwa", "nsa"], **NSA_FIELDS)))
-    parallel, decoded, _ = parallel_and_decoded_logits(model, torch.randint(0, 61, (2, 15)), 6)
+    model = model.to(device)
+    parallel, decoded, _ = parallel_and_decoded_logits(model, torch.randint(0, 61, (2, 15), device=device), 6)
     torch.testing.assert_close(decoded, parallel, rtol=1e-4, atol=1e-4)
 
 

@@ -48,6 +48,8 @@ def test_compiled_static_steps_equal_parallel_forward(overrides):
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="Inductor on the CPU needs a C++ compiler")
+@pytest.mark.skipif(os.environ.get("GATEDFWA_TEST_DEVICE", "cpu") != "cpu",
+                    reason="the CPU counterpart (interpreted kernels) of the CUDA-graph tests below")
 @pytest.mark.parametrize("overrides", [KINDS[0], KINDS[2]], ids=["gatedfwa", "full-swa"])
 def test_inductor_static_steps_through_the_kernels(overrides, monkeypatch):
     """The decode custom ops (Triton kernels, interpreted here) inside an Inductor graph, as on a

@@ -18,11 +18,11 @@ from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
 from gatedfwa.testing import assert_within_rule, max_abs_error
 
 
-def make_inputs(batch, seqlen, q_heads, kv_heads, head_dim, dtype, gated, gate_scale=1.0):
-    q = torch.randn(batch, seqlen, q_heads, head_dim, dtype=dtype)
-    k = torch.randn(batch, seqlen, kv_heads, head_dim, dtype=dtype)
-    v = torch.randn(batch, seqlen, kv_heads, head_dim, dtype=dtype)
-    g = -torch.rand(batch, seqlen, q_heads) * gate_scale if gated else None
+def make_inputs(batch, seqlen, q_heads, kv_heads, head_dim, dtype, gated, gate_scale=1.0, device="cpu"):
+    q = torch.randn(batch, seqlen, q_heads, head_dim, dtype=dtype, device=device)
+    k = torch.randn(batch, seqlen, kv_heads, head_dim, dtype=dtype, device=device)
+    v = torch.randn(batch, seqlen, kv_heads, head_dim, dtype=dtype, device=device)
+    g = -torch.rand(batch, seqlen, q_heads, device=device) * gate_scale if gated else None
     return q, k, v, g
 
 
@@ -105,8 +105,8 @@ def test_extreme_gates(monkeypatch):
 # --------------------------------------------------------------------------------------
 
 
-def filled_cache(batch, q_heads, kv_heads, head_dim, window, gated, tokens, dtype=torch.float32):
-    _, k, v, g = make_inputs(batch, tokens, q_heads, kv_heads, head_dim, dtype, gated)
+def filled_cache(batch, q_heads, kv_heads, head_dim, window, gated, tokens, dtype=torch.float32, device="cpu"):
+    _, k, v, g = make_inputs(batch, tokens, q_heads, kv_heads, head_dim, dtype, gated, device=device)
     cache = WindowLayerCache(window)
     cache.prefill(k, v, g, num_q_heads=q_heads)
     return cache
@@ -137,10 +137,11 @@ class CountingLaunches:
         (2, 2, 256, 20, True, 1, 1, torch.bfloat16),  # largest head dim
     ],
 )
-def test_triton_kernel_matches_torch(monkeypatch, q_heads, kv_heads, head_dim, window, gated, length, splits, dtype):
+def test_triton_kernel_matches_torch(monkeypatch, q_heads, kv_heads, head_dim, window, gated, length, splits, dtype,
+                                     device):
     batch = 2
-    cache = filled_cache(batch, q_heads, kv_heads, head_dim, window, gated, tokens=37, dtype=dtype)
-    q, k_new, v_new, g_new = make_inputs(batch, length, q_heads, kv_heads, head_dim, dtype, gated)
+    cache = filled_cache(batch, q_heads, kv_heads, head_dim, window, gated, tokens=37, dtype=dtype, device=device)
+    q, k_new, v_new, g_new = make_inputs(batch, length, q_heads, kv_heads, head_dim, dtype, gated, device=device)
     scale = head_dim**-0.5
     expected = decode_attention_torch(q, k_new, v_new, g_new, cache, scale)
     decays_before = None if cache.decays is None else cache.decays.clone()
@@ -160,10 +161,10 @@ def test_triton_kernel_matches_torch(monkeypatch, q_heads, kv_heads, head_dim, w
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_triton_decode_step_by_step(monkeypatch, chunk):
+def test_triton_decode_step_by_step(monkeypatch, chunk, device):
     """The dispatched op with GATEDFWA_BACKEND=triton equals the torch backend at every step,
     cache state included."""
-    q, k, v, g = make_inputs(2, 18, 4, 2, 24, torch.float32, True)
+    q, k, v, g = make_inputs(2, 18, 4, 2, 24, torch.float32, True, device=device)
     with_backend(monkeypatch, "torch")
     expected, cache_torch = decode_all(q, k, v, g, 5, 6, chunk)
     with_backend(monkeypatch, "triton")
@@ -179,14 +180,14 @@ def test_triton_decode_step_by_step(monkeypatch, chunk):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_left_padded_rows_match_rows_alone(monkeypatch, backend):
+def test_left_padded_rows_match_rows_alone(monkeypatch, backend, device):
     """A batch of prompts of different lengths, left-padded, decodes each row exactly as
     that row alone would (padding slots are never attended, even before they leave the ring)."""
     with_backend(monkeypatch, backend)
     window, new_tokens, lengths = 6, 7, [9, 4]
     longest = max(lengths)
-    q, k, v, g = make_inputs(len(lengths), longest + new_tokens, 4, 2, 16, torch.float32, True)
-    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
+    q, k, v, g = make_inputs(len(lengths), longest + new_tokens, 4, 2, 16, torch.float32, True, device=device)
+    mask = torch.zeros(len(lengths), longest, dtype=torch.long, device=device)
     for row, n in enumerate(lengths):
         mask[row, longest - n:] = 1
         # Garbage (NaN) in the padding must not leak anywhere.

@@ -44,10 +44,10 @@ CASES = [
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("chunk", [1, 3])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"hq{c[0]}-h{c[1]}-d{c[2]}-w{c[3]}-{'gate' if c[4] else 'nogate'}")
-def test_static_step_matches_reference(monkeypatch, case, chunk, backend):
+def test_static_step_matches_reference(monkeypatch, case, chunk, backend, device):
     q_heads, kv_heads, head_dim, window, gated = case
     seqlen = 3 * (window or 6) + 4  # the ring wraps several times
-    q, k, v, g = make_inputs(2, seqlen, q_heads, kv_heads, head_dim, torch.float32, gated)
+    q, k, v, g = make_inputs(2, seqlen, q_heads, kv_heads, head_dim, torch.float32, gated, device=device)
     ref64, _ = naive_gated_window_attention(q.double(), k.double(), v.double(), None if g is None else g.double(), window)
     naive32, _ = naive_gated_window_attention(q, k, v, g, window)
     prompt = 5
@@ -71,14 +71,14 @@ def test_static_step_matches_reference(monkeypatch, case, chunk, backend):
 
 
 @pytest.mark.parametrize("gated", [True, False])
-def test_split_kernel_with_empty_splits(gated):
+def test_split_kernel_with_empty_splits(gated, device):
     """Four splits over 64 slots of which 5 hold tokens: three splits see only empty slots
     (maximum -inf, sum 0) and the log-sum-exp combine must ignore them."""
     batch, q_heads, kv_heads, head_dim = 1, 8, 2, 32
-    _, k, v, g = make_inputs(batch, 5, q_heads, kv_heads, head_dim, torch.float32, gated)
+    _, k, v, g = make_inputs(batch, 5, q_heads, kv_heads, head_dim, torch.float32, gated, device=device)
     cache = StaticWindowLayerCache(64)
     cache.prefill(k, v, g, num_q_heads=q_heads)
-    q, k_new, v_new, g_new = make_inputs(batch, 1, q_heads, kv_heads, head_dim, torch.float32, gated)
+    q, k_new, v_new, g_new = make_inputs(batch, 1, q_heads, kv_heads, head_dim, torch.float32, gated, device=device)
     scale = head_dim**-0.5
     expected = decode_attention_torch(q, k_new, v_new, g_new, cache, scale, first_position=cache.next_position)
     got = launch_decode(q, k_new, v_new, g_new, cache.keys, cache.values, cache.decays, cache.positions,
@@ -86,7 +86,7 @@ def test_split_kernel_with_empty_splits(gated):
     assert torch.isfinite(got).all()
     assert max_abs_error(got, expected) < 1e-5
     # And against float64 over the whole stream.
-    qs = torch.cat((torch.zeros(batch, 5, q_heads, head_dim), q), 1)
+    qs = torch.cat((torch.zeros(batch, 5, q_heads, head_dim, device=device), q), 1)
     ks, vs = torch.cat((k, k_new), 1), torch.cat((v, v_new), 1)
     gs = None if g is None else torch.cat((g, g_new), 1)
     ref64, _ = naive_gated_window_attention(qs.double(), ks.double(), vs.double(), None if gs is None else gs.double(), 64)

@@ -510,28 +510,28 @@ def test_gated_fwa_attention_validation():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_gate_attention_from_projection_reads_a_column_slice(monkeypatch, backend):
+def test_gate_attention_from_projection_reads_a_column_slice(monkeypatch, backend, device):
     """gate_attention_from_projection with gate_pre taken as the last 2 HQ columns of a wider
     projection (as GatedFWAttention's one GEMM for q and the gate gives it): output and
     gradients, through the slice, against the float64 composition of the reference pieces."""
     from gatedfwa.ops.window_attention.fused_gate import gate_attention_from_projection
 
     monkeypatch.setenv("GATEDFWA_BACKEND", backend)
-    other_weight = torch.randn(16, 32)
+    other_weight = torch.randn(16, 32, device=device)
 
     def from_wide_projection(q, k, v, x, gate_weight, gate_bias, window_size, cu_seqlens):
         wide = x @ torch.cat((other_weight.to(x.dtype), gate_weight)).t()
         return gate_attention_from_projection(q, k, v, wide[..., 16:], gate_bias, window_size=window_size,
                                               cu_seqlens=cu_seqlens, return_lse=True)
 
-    q = torch.randn(2, 23, 4, 16)
-    k = torch.randn(2, 23, 2, 16)
-    v = torch.randn(2, 23, 2, 16)
-    x = torch.randn(2, 23, 32)
-    gate_weight = torch.randn(8, 32) / 32**0.5
-    gate_bias = torch.randn(4) + 2
+    q = torch.randn(2, 23, 4, 16, device=device)
+    k = torch.randn(2, 23, 2, 16, device=device)
+    v = torch.randn(2, 23, 2, 16, device=device)
+    x = torch.randn(2, 23, 32, device=device)
+    gate_weight = torch.randn(8, 32, device=device) / 32**0.5
+    gate_bias = torch.randn(4, device=device) + 2
     inputs = (q, k, v, x, gate_weight, gate_bias)
-    do = torch.randn(q.shape, dtype=torch.float64)
+    do = torch.randn(q.shape, dtype=torch.float64, device=device)
     fast = composite_grads(from_wide_projection, inputs, do, 7, None)
     low = composite_grads(composite_reference, inputs, do, 7, None)
     ref = composite_grads(composite_reference, [t.double() for t in inputs], do, 7, None)
