@@ -455,7 +455,8 @@ def test_compile_fullgraph(monkeypatch, device):
     gate_bias = torch.randn(4, device=device, requires_grad=True)
     compiled = torch.compile(log_gates_from_projection, backend="aot_eager", fullgraph=True)
     compiled(gate_pre, gate_bias).sum().backward()
-    expected = projection_grads(projection_reference, gate_pre, gate_bias, torch.ones(2, 5, 4, dtype=torch.float64))
+    dg = torch.ones(2, 5, 4, dtype=torch.float64, device=device)
+    expected = projection_grads(projection_reference, gate_pre, gate_bias, dg)
     torch.testing.assert_close(gate_pre.grad, expected[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gate_bias.grad, expected[2], rtol=1e-5, atol=1e-6)
 
