@@ -279,6 +279,19 @@ def composite_reference(q, k, v, x, gate_weight, gate_bias, window_size, cu_seql
     return naive_gated_window_attention(q, k, v, g.to(q.dtype), window_size=window_size, cu_seqlens=cu_seqlens)
 
 
+def projection_attention_inputs(batch, seqlen, q_heads, kv_heads, head_dim, hidden, device):
+    """Inputs of gate + attention from a projection: ((q, k, v, x [B, T, hidden], gate_weight
+    [2 HQ, hidden], gate_bias [HQ]), do [B, T, HQ, D] float64)."""
+    q = torch.randn(batch, seqlen, q_heads, head_dim, device=device)
+    k = torch.randn(batch, seqlen, kv_heads, head_dim, device=device)
+    v = torch.randn(batch, seqlen, kv_heads, head_dim, device=device)
+    x = torch.randn(batch, seqlen, hidden, device=device)
+    gate_weight = torch.randn(2 * q_heads, hidden, device=device) / hidden**0.5
+    gate_bias = torch.randn(q_heads, device=device) + 2
+    do = torch.randn(q.shape, dtype=torch.float64, device=device)
+    return (q, k, v, x, gate_weight, gate_bias), do
+
+
 def composite_grads(fn, inputs, do, window_size, cu_seqlens):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     o, lse = fn(*leaves, window_size, cu_seqlens)
@@ -331,15 +344,8 @@ def test_projection_gate_kernel_composes_with_attention(monkeypatch, device):
         monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
         return chunked_gated_window_attention(q, k, v, g, window_size, None, cu_seqlens)
 
-    q = torch.randn(1, 33, 4, 8, device=device)
-    k = torch.randn(1, 33, 1, 8, device=device)
-    v = torch.randn(1, 33, 1, 8, device=device)
-    x = torch.randn(1, 33, 12, device=device)
-    gate_weight = torch.randn(8, 12, device=device) / 12**0.5
-    gate_bias = torch.randn(4, device=device) + 2
+    inputs, do = projection_attention_inputs(1, 33, 4, 1, 8, 12, device)
     cu = torch.tensor([0, 10, 33], dtype=torch.int32, device=device)
-    inputs = (q, k, v, x, gate_weight, gate_bias)
-    do = torch.randn(q.shape, dtype=torch.float64, device=device)
     fast = composite_grads(composite, inputs, do, 6, cu)
     low = composite_grads(composite_reference, inputs, do, 6, cu)
     ref = composite_grads(composite_reference, [t.double() for t in inputs], do, 6, cu)
@@ -525,14 +531,7 @@ def test_gate_attention_from_projection_reads_a_column_slice(monkeypatch, backen
         return gate_attention_from_projection(q, k, v, wide[..., 16:], gate_bias, window_size=window_size,
                                               cu_seqlens=cu_seqlens, return_lse=True)
 
-    q = torch.randn(2, 23, 4, 16, device=device)
-    k = torch.randn(2, 23, 2, 16, device=device)
-    v = torch.randn(2, 23, 2, 16, device=device)
-    x = torch.randn(2, 23, 32, device=device)
-    gate_weight = torch.randn(8, 32, device=device) / 32**0.5
-    gate_bias = torch.randn(4, device=device) + 2
-    inputs = (q, k, v, x, gate_weight, gate_bias)
-    do = torch.randn(q.shape, dtype=torch.float64, device=device)
+    inputs, do = projection_attention_inputs(2, 23, 4, 2, 16, 32, device)
     fast = composite_grads(from_wide_projection, inputs, do, 7, None)
     low = composite_grads(composite_reference, inputs, do, 7, None)
     ref = composite_grads(composite_reference, [t.double() for t in inputs], do, 7, None)
