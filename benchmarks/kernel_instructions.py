@@ -69,9 +69,8 @@ def compile_sass(kernel, floats, config: dict, has_gate: bool, head_dim: int) ->
                      HAS_GATE=has_gate, VARLEN=False, DOT_PRECISION="tf32", FEWER_QUERIES=False)
     # The Hopper switches (launch.py), where the configuration sets them.
     constants.update({name: bool(config.get(name, False)) for name in ("USE_TMA",)})
-    if "FLUX_PARTS" in kernel.arg_names:  # the dq kernel's flux totals, as on an NVIDIA GPU
-        warp_rows = config["BLOCK_M"] == 16 * config["num_warps"] and launch.WARP_FLUX_TOTALS
-        constants["FLUX_PARTS"] = config["BLOCK_M"] // 16 if warp_rows else 1
+    if "FLUX_PARTS" in kernel.arg_names:  # the dq kernel's flux totals, as bf16 on sm_90 stores them
+        constants["FLUX_PARTS"] = launch.warp_flux_parts(config)
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in constants:

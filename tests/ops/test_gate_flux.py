@@ -105,6 +105,29 @@ def reference_score_gradients(q, k, v, g, do, window, scale, start, stop):
     return p * (dp - (p * dp).sum(-1, keepdim=True))
 
 
+def backward_with_captured_flux(monkeypatch, q, k, v, g, do, window, offsets):
+    """The Triton forward and backward with gate sums, capturing the flux buffer on its way to
+    gate_gradient_from_flux. Returns (dg, dU, the tile totals [S, HQ, NB, NT] with the kernel's
+    parts summed, (block_m, block_n), parts)."""
+    from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums
+    from gatedfwa.ops.window_attention.forward import attention_forward
+
+    captured = {}
+
+    def capture(du, flux, cu, block_m, block_n, parts=1):
+        captured.update(du=du.clone(), flux=flux.clone(), blocks=(block_m, block_n), parts=parts)
+        return gate_gradient_from_flux(du, flux, cu, block_m, block_n, parts=parts)
+
+    monkeypatch.setattr(triton_backward, "gate_gradient_from_flux", capture)
+    head_dim, scale = q.shape[-1], q.shape[-1]**-0.5
+    sums = chunk_gate_sums(g, launch.gate_chunk(head_dim), offsets)
+    o, lse = attention_forward(q, k, v, sums, window, scale, offsets)
+    dg = triton_backward.attention_backward(do, q, k, v, sums, o, lse, window, scale, offsets)[3]
+    flux, parts = captured["flux"], captured["parts"]
+    totals = flux.view(*flux.shape[:-1], -1, parts).sum(-1)
+    return dg, captured["du"], totals, captured["blocks"], parts
+
+
 @pytest.mark.parametrize("cu_seqlens", [None, [0, 37, 37, 90]], ids=["one", "varlen"])
 def test_dq_kernel_stores_tile_totals(triton_backend, monkeypatch, cu_seqlens, device):
     """The dq kernel's flux buffer (captured on its way to gate_gradient_from_flux) against
@@ -119,23 +142,7 @@ def test_dq_kernel_stores_tile_totals(triton_backend, monkeypatch, cu_seqlens, d
     scale = head_dim**-0.5
     offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
     bounds = [(0, seqlen)] if cu_seqlens is None else list(zip(cu_seqlens[:-1], cu_seqlens[1:]))
-    captured = {}
-
-    def capture(du, flux, cu, block_m, block_n, parts=1):
-        captured.update(du=du.clone(), flux=flux.clone(), blocks=(block_m, block_n), parts=parts)
-        return gate_gradient_from_flux(du, flux, cu, block_m, block_n, parts=parts)
-
-    monkeypatch.setattr(triton_backward, "gate_gradient_from_flux", capture)
-    from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums
-    from gatedfwa.ops.window_attention.forward import attention_forward
-
-    sums = chunk_gate_sums(g, launch.gate_chunk(head_dim), offsets)
-    o, lse = attention_forward(q, k, v, sums, window, scale, offsets)
-    _, _, _, dg = triton_backward.attention_backward(do, q, k, v, sums, o, lse, window, scale, offsets)
-    block_m, block_n = captured["blocks"]
-    parts = captured["parts"]
-    num_seqs, _, num_blocks, entries = captured["flux"].shape
-    totals = captured["flux"].view(num_seqs, heads, num_blocks, entries // parts, parts).sum(-1)
+    dg, du, totals, (block_m, block_n), _ = backward_with_captured_flux(monkeypatch, q, k, v, g, do, window, offsets)
     q, k, v, g, do = (x.cpu() for x in (q, k, v, g, do))
     for h in range(heads):
         ds = torch.zeros(seqlen, seqlen, dtype=torch.float64)
@@ -144,7 +151,7 @@ def test_dq_kernel_stores_tile_totals(triton_backend, monkeypatch, cu_seqlens, d
                 ds[start:stop, start:stop] = reference_score_gradients(q, k, v, g, do, window, scale, start, stop)[h]
         expected = tile_totals(ds, bounds, window, block_m, block_n)[:, 0]
         torch.testing.assert_close(totals[:, h].cpu(), expected, atol=1e-4, rtol=1e-4)
-    plain = triton_backward._reverse_cumsum_within_sequences(captured["du"], offsets)
+    plain = triton_backward._reverse_cumsum_within_sequences(du, offsets)
     torch.testing.assert_close(dg, plain, atol=1e-5, rtol=1e-5)
 
 
@@ -157,29 +164,15 @@ def test_warp_flux_totals_match_one_sum_per_tile(triton_backend, monkeypatch, dt
     against the same kernel's one tl.sum per tile, on the same inputs: equal to float32
     rounding, and dg with them. The per-warp store must be what runs for 16-bit inputs on
     Hopper, and must not run for float32 (its products leave the tensor cores' layout)."""
-    from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums
-    from gatedfwa.ops.window_attention.forward import attention_forward
-
     seqlen, heads = 1100, 2
     cu_seqlens = torch.tensor([0, 500, 500, 1100], dtype=torch.int32, device="cuda")
     q, k, v, do = (torch.randn(1, seqlen, heads, head_dim, device="cuda", dtype=dtype) for _ in range(4))
     g = -0.1 * torch.rand(1, seqlen, heads, device="cuda")
-    scale = head_dim**-0.5
     runs = {}
     for warp_totals in (True, False):
         monkeypatch.setattr(launch, "WARP_FLUX_TOTALS", warp_totals)
-        captured = {}
-
-        def capture(du, flux, cu, block_m, block_n, parts=1):
-            captured.update(flux=flux.clone(), parts=parts)
-            return gate_gradient_from_flux(du, flux, cu, block_m, block_n, parts=parts)
-
-        monkeypatch.setattr(triton_backward, "gate_gradient_from_flux", capture)
-        sums = chunk_gate_sums(g, launch.gate_chunk(head_dim), cu_seqlens)
-        o, lse = attention_forward(q, k, v, sums, window, scale, cu_seqlens)
-        dg = triton_backward.attention_backward(do, q, k, v, sums, o, lse, window, scale, cu_seqlens)[3]
-        flux, parts = captured["flux"], captured["parts"]
-        runs[warp_totals] = (flux.view(*flux.shape[:-1], -1, parts).sum(-1), dg, parts)
+        dg, _, totals, _, parts = backward_with_captured_flux(monkeypatch, q, k, v, g, do, window, cu_seqlens)
+        runs[warp_totals] = (totals, dg, parts)
     hopper = torch.cuda.get_device_capability()[0] == 9 and torch.version.hip is None
     expected_parts = launch.CONFIGS["dq"](head_dim)["BLOCK_M"] // 16 if hopper and dtype != torch.float32 else 1
     assert runs[True][2] == expected_parts and runs[False][2] == 1

@@ -12,7 +12,7 @@ from gatedfwa.ops.triton_support import cdiv, interpreting, next_power_of_2, tok
 from gatedfwa.ops.varlen import longest_sequence
 from gatedfwa.ops.window_attention.tuned import TUNED
 
-__all__ = ["CONFIGS", "WARP_FLUX_TOTALS", "flux_parts", "gate_chunk", "Problem", "allocate_like", "check_sums", "usable_config", "descriptors_usable"]
+__all__ = ["CONFIGS", "WARP_FLUX_TOTALS", "warp_flux_parts", "flux_parts", "gate_chunk", "Problem", "allocate_like", "check_sums", "usable_config", "descriptors_usable"]
 
 
 def block_d_for(head_dim: int) -> int:
@@ -93,18 +93,25 @@ CONFIGS = {"forward": _measured_first("forward", _forward_config), "dq": _measur
 WARP_FLUX_TOTALS = True
 
 
-def flux_parts(config: dict, q: torch.Tensor) -> int:
-    """In how many parts the dq kernel stores each flux tile total under `config` for inputs
-    like q: one per warp (BLOCK_M / 16) where its row sums are in the layout
-    _store_warp_totals is written for, else 1. That layout is the Hopper tensor cores' (wgmma)
-    result with every warp holding 16 whole rows: fp16/bf16 inputs (float32 takes full-precision
-    products, computed outside the tensor cores in another layout), compute capability 9, and
-    BLOCK_M == 16 * num_warps. The interpreter runs no inline assembly."""
-    if not (WARP_FLUX_TOTALS and q.is_cuda and torch.version.hip is None and not interpreting()):
-        return 1
-    tensor_cores = q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device)[0] == 9
-    if tensor_cores and config["BLOCK_M"] == 16 * config["num_warps"]:
+def warp_flux_parts(config: dict) -> int:
+    """In how many parts a dq kernel launched with `config` stores each flux tile total where
+    its row sums come from Hopper's tensor cores (wgmma): one per warp (BLOCK_M / 16) when
+    every warp holds 16 whole rows (BLOCK_M == 16 * num_warps), the layout _store_warp_totals
+    is written for, else 1."""
+    if WARP_FLUX_TOTALS and config["BLOCK_M"] == 16 * config["num_warps"]:
         return config["BLOCK_M"] // 16
+    return 1
+
+
+def flux_parts(config: dict, q: torch.Tensor) -> int:
+    """warp_flux_parts(config) where the dq kernel's row sums for inputs like q come from the
+    tensor cores: fp16/bf16 inputs (float32 takes full-precision products, computed outside
+    them in another layout) on an NVIDIA GPU of compute capability 9; else 1. The interpreter
+    runs no inline assembly."""
+    if not (q.is_cuda and torch.version.hip is None and not interpreting()):
+        return 1
+    if q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device)[0] == 9:
+        return warp_flux_parts(config)
     return 1
 
 
