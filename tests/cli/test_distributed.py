@@ -10,7 +10,8 @@ import pytest
 
 from tests.cli.conftest import FAST
 
-STEPS = ["--max-steps", "4", "--eval-interval", "2", "--batch-size", "8"]
+# On the CPU on every machine (gloo): a GPU machine may have fewer GPUs than processes.
+STEPS = ["--device", "cpu", "--max-steps", "4", "--eval-interval", "2", "--batch-size", "8"]
 
 
 def _records(run_dir):

@@ -13,7 +13,8 @@ import pytest
 
 from tests.cli.conftest import FAST, text_corpus  # noqa: F401  (text_corpus is a fixture)
 
-STEPS = ["--max-steps", "3", "--eval-interval", "3", "--batch-size", "4"]
+# On the CPU on every machine (gloo): a GPU machine may have fewer GPUs than processes.
+STEPS = ["--device", "cpu", "--max-steps", "3", "--eval-interval", "3", "--batch-size", "4"]
 
 
 def _records(run_dir):

@@ -20,8 +20,8 @@ def _rotate(x, positions, theta):
     """x [B, T, H, D]: channels (i, i + D/2) as the complex number x_i + i x_{i+D/2},
     multiplied by exp(i * position * theta^(-2i/D))."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])
-    angle = positions.double()[:, :, None, None] * freqs
+    freqs = theta ** (-torch.arange(half, dtype=torch.float64, device=x.device) * 2 / x.shape[-1])
+    angle = positions.to(x.device).double()[:, :, None, None] * freqs
     z = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.polar(torch.ones_like(angle), angle)
     return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
 
@@ -35,7 +35,7 @@ def reference_attention_layer(layer, x, position_ids=None, dtype=torch.float64, 
     batch, seqlen, _ = x.shape
     hq, h, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
     if position_ids is None:
-        position_ids = torch.arange(seqlen)[None].expand(batch, seqlen)
+        position_ids = torch.arange(seqlen, device=x.device)[None].expand(batch, seqlen)
     q = (x @ p["q_proj.weight"].T).view(batch, seqlen, hq, d)
     k = (x @ p["k_proj.weight"].T).view(batch, seqlen, h, d)
     v = (x @ p["v_proj.weight"].T).view(batch, seqlen, h, d)
