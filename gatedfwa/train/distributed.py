@@ -131,9 +131,14 @@ def wrap_model(model: nn.Module, ctx: DistributedContext, fsdp: bool) -> nn.Modu
             from torch.distributed.fsdp import fully_shard
         except ImportError:
             raise ConfigError("--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") from None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # Every process, on this process's device type: fully_shard's default mesh follows the
+        # machine's accelerator, so gloo processes on the CPU of a GPU machine would claim GPUs.
+        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         for layer in _decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
