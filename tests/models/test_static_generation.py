@@ -12,6 +12,7 @@ import torch
 
 from gatedfwa import StaticWindowCache
 from gatedfwa.models import GatedFWAForCausalLM
+from tests.conftest import DEVICE
 from tests.models.test_generation import sharpened
 from tests.models.test_model import tiny_config
 
@@ -48,7 +49,7 @@ def test_compiled_static_steps_equal_parallel_forward(overrides):
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="Inductor on the CPU needs a C++ compiler")
-@pytest.mark.skipif(os.environ.get("GATEDFWA_TEST_DEVICE", "cpu") != "cpu",
+@pytest.mark.skipif(DEVICE != "cpu",
                     reason="the CPU counterpart (interpreted kernels) of the CUDA-graph tests below")
 @pytest.mark.parametrize("overrides", [KINDS[0], KINDS[2]], ids=["gatedfwa", "full-swa"])
 def test_inductor_static_steps_through_the_kernels(overrides, monkeypatch):
