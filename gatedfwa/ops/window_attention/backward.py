@@ -517,11 +517,12 @@ def _reverse_cumsum_within_sequences(du: torch.Tensor, cu_seqlens: torch.Tensor 
     return dg
 
 
-def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q=None):
-    """Gradients of o with respect to q, k, v and the log gates: (dq, dk, dv, dg) with
-    dg [B,HQ,T_k] float32 (None without gate): the gates cover the key positions. sums and lse
-    are what attention_forward used and returned (lse2 in base 2), cu_seqlens and cu_seqlens_q
-    as there."""
+def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q=None, dlse=None):
+    """Gradients of o (and of the log-sum-exp) with respect to q, k, v and the log gates:
+    (dq, dk, dv, dg) with dg [B,HQ,T_k] float32 (None without gate): the gates cover the key
+    positions. sums and lse are what attention_forward used and returned (lse2 in base 2),
+    cu_seqlens and cu_seqlens_q as there. dlse [B, HQ, T_q] float32 is the gradient flowing
+    into the natural-log lse (None: the lse was not used)."""
     launch.check_sums(sums, q, k)
     problem = launch.Problem(q, k, window_size, cu_seqlens, cu_seqlens_q)
     dq = launch.allocate_like(q)
@@ -560,6 +561,11 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
         HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d, BLOCK_M=delta_block, HAS_GATE=has_gate,
         VARLEN=problem.varlen, FEWER_QUERIES=problem.fewer_queries,
     )
+    if dlse is not None:
+        # lse_t = log sum_j exp(s_tj) has d lse_t / d s_tj = p_tj, so a gradient into lse adds
+        # dlse_t * p_tj to dS_tj = p_tj (dp_tj - delta_t): the kernels' dS with delta_t - dlse_t.
+        # Every consumer of dS (dq, dk, the gate fluxes) then includes it.
+        delta.sub_(dlse.reshape(stats_shape).to(torch.float32))
     config = launch.usable_config(launch.CONFIGS["dq"](problem.head_dim, has_gate), q, k, v,
                                   fewer_queries=problem.fewer_queries)
     dq_grid = problem.query_grid(config["BLOCK_M"], problem.num_q_heads)

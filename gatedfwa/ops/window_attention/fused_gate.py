@@ -24,7 +24,7 @@ from gatedfwa.ops.backend import select_backend
 from gatedfwa.ops.gate.op import check_gate_bias, log_gates_from_projection
 from gatedfwa.ops.triton_support import LN2
 from gatedfwa.ops.validation import check_attention_args, check_float_tensor, format_shape
-from gatedfwa.ops.window_attention.op import gated_window_attention
+from gatedfwa.ops.window_attention.op import gated_window_attention, natural_lse_gradient
 
 __all__ = ["gate_attention_from_projection", "gated_fwa_attention"]
 
@@ -40,12 +40,14 @@ def _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens):
     return o, lse2, sums
 
 
-def _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens):
-    """(dq, dk, dv, d_gate_pre, d_bias) from the Triton kernels, d_bias empty without bias."""
+def _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens, dlse2=None):
+    """(dq, dk, dv, d_gate_pre, d_bias) from the Triton kernels, d_bias empty without bias;
+    dlse2 is the gradient into the base-2 lse output, or None."""
     from gatedfwa.ops.gate.op import projection_backward
     from gatedfwa.ops.window_attention.backward import attention_backward
 
-    dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens)
+    dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens,
+                                        dlse=natural_lse_gradient(dlse2))
     d_gate_pre, d_bias = projection_backward(dg, gate_pre, gate_bias, dg_seqlen=gate_pre.shape[1])
     return dq, dk, dv, d_gate_pre, d_bias
 
@@ -60,13 +62,15 @@ def _gate_attention_forward(
     window_size: int | None,
     scale: float,
     cu_seqlens: torch.Tensor | None,
+    lse_differentiable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (o, lse2 [B, HQ, T] base 2, sums [2, B, HQ, T] float32)."""
+    """Returns (o, lse2 [B, HQ, T] base 2, sums [2, B, HQ, T] float32); lse_differentiable:
+    the caller hands lse2 on, so its gradient reaches the backward."""
     return _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens)
 
 
 @_gate_attention_forward.register_fake
-def _(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens):
+def _(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, lse_differentiable=False):
     batch, seqlen, num_q_heads, _ = q.shape
     return (
         torch.empty_like(q),
@@ -89,41 +93,46 @@ def _gate_attention_backward(
     window_size: int | None,
     scale: float,
     cu_seqlens: torch.Tensor | None,
+    dlse2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, d_gate_pre [B, T, 2HQ] in gate_pre's dtype, d_bias [HQ] in the
-    bias's dtype, or an empty tensor without bias)."""
-    return _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens)
+    bias's dtype, or an empty tensor without bias); dlse2: the gradient into lse2, or None."""
+    return _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens, dlse2)
 
 
 @_gate_attention_backward.register_fake
-def _(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens):
+def _(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens, dlse2=None):
     d_bias = gate_pre.new_empty((0,)) if gate_bias is None else torch.empty_like(gate_bias)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(gate_pre, memory_format=torch.contiguous_format), d_bias)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens = inputs
+    q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, lse_differentiable = inputs
     o, lse, sums = output
     ctx.save_for_backward(q, k, v, gate_pre, gate_bias, sums, o, lse, cu_seqlens)
     ctx.window_size = window_size
     ctx.scale = scale
     ctx.has_bias = gate_bias is not None
+    ctx.lse_differentiable = lse_differentiable
 
 
-def _gradients(ctx, do, backward):
+def _gradients(ctx, do, dlse2, backward):
     """The inputs' gradients from what _setup_context saved; `backward` is the backward custom
-    op (compiled graphs) or _backward_impl (eager calls)."""
+    op (compiled graphs) or _backward_impl (eager calls). dlse2 is passed on only when the
+    caller returned the lse; the sums are internal (no gradient flows into them)."""
     q, k, v, gate_pre, gate_bias, sums, o, lse, cu_seqlens = ctx.saved_tensors
-    # lse and the sums are auxiliary outputs; gradients flowing into them are not supported.
+    if do is None:  # only the lse was used
+        do = torch.zeros_like(o)
+    dlse2 = dlse2.contiguous() if ctx.lse_differentiable and dlse2 is not None else None
     dq, dk, dv, d_gate_pre, d_bias = backward(
-        do.contiguous(), q, k, v, gate_pre, gate_bias, sums, o, lse, ctx.window_size, ctx.scale, cu_seqlens
+        do.contiguous(), q, k, v, gate_pre, gate_bias, sums, o, lse, ctx.window_size, ctx.scale, cu_seqlens, dlse2
     )
-    return dq, dk, dv, d_gate_pre, (d_bias if ctx.has_bias else None), None, None, None
+    return dq, dk, dv, d_gate_pre, (d_bias if ctx.has_bias else None), None, None, None, None
 
 
-def _backward(ctx, do, dlse, dsums):
-    return _gradients(ctx, do, _gate_attention_backward)
+def _backward(ctx, do, dlse2, dsums):
+    return _gradients(ctx, do, dlse2, _gate_attention_backward)
 
 
 _gate_attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -135,23 +144,29 @@ class _GateAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _forward_impl(*inputs)
+        output = _forward_impl(*inputs[:-1])
         _setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        if ctx.lse_differentiable:
+            ctx.mark_non_differentiable(output[2])
+        else:
+            ctx.mark_non_differentiable(output[1], output[2])
         return output
 
     @staticmethod
-    def backward(ctx, do, dlse, dsums):
-        return _gradients(ctx, do, _backward_impl)
+    def backward(ctx, do, dlse2, dsums):
+        return _gradients(ctx, do, dlse2, _backward_impl)
 
 
-def _fused_gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens):
+def _fused_gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, lse_differentiable=False):
     """Triton path of gated_fwa_attention after the gate projection (arguments checked there).
 
     q [B, T, HQ, D], k/v [B, T, H, D], gate_pre [B, T, 2HQ], gate_bias [HQ] or None.
-    Returns (o [B, T, HQ, D], lse2 [B, HQ, T] float32 in base 2)."""
+    Returns (o [B, T, HQ, D], lse2 [B, HQ, T] float32 in base 2); lse2 carries a gradient
+    only with lse_differentiable."""
     args = (q.contiguous(), k.contiguous(), v.contiguous(), gate_pre.contiguous(),
-            None if gate_bias is None else gate_bias.contiguous(), window_size, scale, cu_seqlens)
+            None if gate_bias is None else gate_bias.contiguous(), window_size, scale, cu_seqlens,
+            lse_differentiable)
     op = _gate_attention_forward if torch.compiler.is_compiling() else _GateAttention.apply
     o, lse2, _ = op(*args)
     return o, lse2
@@ -258,8 +273,8 @@ def _attend_from_projection(q, k, v, gate_pre, gate_bias, window_size, scale, cu
     composition elsewhere."""
     if select_backend(q.device) == "triton":
         scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-        o, lse2 = _fused_gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens)
-        return (o, lse2.detach() * LN2) if return_lse else o
+        o, lse2 = _fused_gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, return_lse)
+        return (o, lse2 * LN2) if return_lse else o
     g = log_gates_from_projection(gate_pre, gate_bias)
     return gated_window_attention(
         q, k, v, g, window_size=window_size, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from gatedfwa.ops.backend import select_backend
-from gatedfwa.ops.triton_support import LN2
+from gatedfwa.ops.triton_support import LN2, LOG2E
 from gatedfwa.ops.validation import check_attention_args
 from gatedfwa.ops.window_attention.reference import chunked_gated_window_attention
 
@@ -28,6 +28,12 @@ def _gate_sums(g: torch.Tensor | None, q: torch.Tensor, cu_seqlens: torch.Tensor
     return chunk_gate_sums(g, gate_chunk(q.shape[-1]), cu_seqlens)
 
 
+def natural_lse_gradient(dlse2: torch.Tensor | None) -> torch.Tensor | None:
+    """The gradient into the natural-log lse from the one into lse2 (base 2, lse = lse2 * ln 2):
+    dlse = dlse2 / ln 2."""
+    return None if dlse2 is None else dlse2 * LOG2E
+
+
 def _forward_impl(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q):
     """(o, lse2 [B, HQ, T_q] base 2) from the Triton kernels; q, k, v, g contiguous."""
     from gatedfwa.ops.window_attention.forward import attention_forward
@@ -35,12 +41,14 @@ def _forward_impl(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q):
     return attention_forward(q, k, v, _gate_sums(g, q, cu_seqlens), window_size, scale, cu_seqlens, cu_seqlens_q)
 
 
-def _backward_impl(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q):
-    """(dq, dk, dv, dg [B, T_k, HQ] in g's dtype or None without g) from the Triton kernels."""
+def _backward_impl(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q, dlse2=None):
+    """(dq, dk, dv, dg [B, T_k, HQ] in g's dtype or None without g) from the Triton kernels.
+    dlse2 [B, HQ, T_q] is the gradient into the base-2 lse2 output, or None when it has none."""
     from gatedfwa.ops.window_attention.backward import attention_backward
 
     sums = _gate_sums(g, q, cu_seqlens)  # recomputed: one light pass over g
-    dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q)
+    dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q,
+                                        dlse=natural_lse_gradient(dlse2))
     if dg is None:
         return dq, dk, dv, None
     return dq, dk, dv, dg.transpose(1, 2).to(g.dtype).contiguous()
@@ -62,14 +70,16 @@ def _window_attention_forward(
     scale: float,
     cu_seqlens: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None = None,
+    lse_differentiable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (o, lse2): the output and the base-2 log-sum-exp [B, HQ, T_q] float32.
-    cu_seqlens delimits k's sequences; cu_seqlens_q q's, None when they are k's."""
+    cu_seqlens delimits k's sequences; cu_seqlens_q q's, None when they are k's.
+    lse_differentiable: the caller hands lse2 on, so its gradient reaches the backward."""
     return _forward_impl(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q)
 
 
 @_window_attention_forward.register_fake
-def _(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q=None):
+def _(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q=None, lse_differentiable=False):
     batch, seqlen, num_q_heads, _ = q.shape
     return torch.empty_like(q), q.new_empty((batch, num_q_heads, seqlen), dtype=torch.float32)
 
@@ -87,40 +97,45 @@ def _window_attention_backward(
     scale: float,
     cu_seqlens: torch.Tensor | None,
     cu_seqlens_q: torch.Tensor | None = None,
+    dlse2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """lse2 is the forward's base-2 log-sum-exp. Returns (dq, dk, dv, dg); dg is an empty
-    tensor when g is None."""
-    dq, dk, dv, dg = _backward_impl(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q)
+    """lse2 is the forward's base-2 log-sum-exp, dlse2 the gradient into it (or None).
+    Returns (dq, dk, dv, dg); dg is an empty tensor when g is None."""
+    dq, dk, dv, dg = _backward_impl(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q, dlse2)
     return dq, dk, dv, (q.new_empty((0,), dtype=torch.float32) if dg is None else dg)
 
 
 @_window_attention_backward.register_fake
-def _(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q=None):
+def _(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q=None, dlse2=None):
     dg = q.new_empty((0,), dtype=torch.float32) if g is None else torch.empty_like(g)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q = inputs
+    q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q, lse_differentiable = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, g, o, lse, cu_seqlens, cu_seqlens_q)
     ctx.window_size = window_size
     ctx.scale = scale
     ctx.has_gate = g is not None
+    ctx.lse_differentiable = lse_differentiable
 
 
-def _gradients(ctx, do, backward):
+def _gradients(ctx, do, dlse2, backward):
     """The inputs' gradients from what _setup_context saved; `backward` is the backward custom
-    op (compiled graphs) or _backward_impl (eager calls)."""
+    op (compiled graphs) or _backward_impl (eager calls). dlse2, the gradient into lse2, is
+    passed on only when the caller returned the lse: otherwise it is zero (or None)."""
     q, k, v, g, o, lse, cu_seqlens, cu_seqlens_q = ctx.saved_tensors
-    # lse is an auxiliary output; a gradient flowing into it is not supported.
+    if do is None:  # only the lse was used
+        do = torch.zeros_like(o)
+    dlse2 = dlse2.contiguous() if ctx.lse_differentiable and dlse2 is not None else None
     dq, dk, dv, dg = backward(do.contiguous(), q, k, v, g, o, lse, ctx.window_size, ctx.scale, cu_seqlens,
-                              cu_seqlens_q)
-    return dq, dk, dv, (dg if ctx.has_gate else None), None, None, None, None
+                              cu_seqlens_q, dlse2)
+    return dq, dk, dv, (dg if ctx.has_gate else None), None, None, None, None, None
 
 
-def _backward(ctx, do, dlse):
-    return _gradients(ctx, do, _window_attention_backward)
+def _backward(ctx, do, dlse2):
+    return _gradients(ctx, do, dlse2, _window_attention_backward)
 
 
 _window_attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -133,14 +148,16 @@ class _WindowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _forward_impl(*inputs)
+        output = _forward_impl(*inputs[:-1])
         _setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        if not ctx.lse_differentiable:
+            ctx.mark_non_differentiable(output[1])
         return output
 
     @staticmethod
-    def backward(ctx, do, dlse):
-        return _gradients(ctx, do, _backward_impl)
+    def backward(ctx, do, dlse2):
+        return _gradients(ctx, do, dlse2, _backward_impl)
 
 
 # --------------------------------------------------------------------------------------
@@ -182,7 +199,8 @@ def gated_window_attention(
         scale: logit scale, default D ** -0.5.
         cu_seqlens: int32 (or int64) [N + 1] offsets of N sequences packed along T (B must be 1),
             the same for q and k; nothing, the gate sums included, crosses a sequence boundary.
-        return_lse: also return the log-sum-exp of each row's logits, [B, HQ, T_q] float32.
+        return_lse: also return the log-sum-exp of each row's logits, [B, HQ, T_q] float32
+            (natural log); gradients flow through it as through o.
         cu_seqlens_q, cu_seqlens_k: keyword only, instead of cu_seqlens when q's sequences are
             shorter than k's: [N + 1] offsets of the same N sequences in q and in k (and g);
             sequence i has cu_seqlens_q[i+1] - cu_seqlens_q[i] <= cu_seqlens_k[i+1] - cu_seqlens_k[i]
@@ -205,9 +223,9 @@ def gated_window_attention(
         op = _window_attention_forward if torch.compiler.is_compiling() else _WindowAttention.apply
         o, lse2 = op(
             q.contiguous(), k.contiguous(), v.contiguous(),
-            None if g is None else g.contiguous(), window_size, scale, cu_seqlens, cu_seqlens_q,
+            None if g is None else g.contiguous(), window_size, scale, cu_seqlens, cu_seqlens_q, return_lse,
         )
-        lse = lse2.detach() * LN2
+        lse = lse2 * LN2
     else:
         o, lse = chunked_gated_window_attention(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q=cu_seqlens_q)
     return (o, lse) if return_lse else o
