@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, TextIteratorStr
 
 from gatedfwa.errors import ConfigError
 from gatedfwa.tokenizer import BYTE_ALPHABET, ByteTokenizer, StreamDecoder, tokenizer_from_spec
+from gatedfwa.train.checkpoint import load_checkpoint_tokenizer
 from gatedfwa.train.data import load_corpus
 
 # ASCII, 2-, 3- and 4-byte characters, NUL (the pad byte) and U+0100 (the pad's vocabulary entry).
@@ -120,3 +121,16 @@ def _two_words() -> PreTrainedTokenizerFast:
 def test_a_tokenizer_that_is_not_bytes_is_refused_as_one():
     with pytest.raises(ConfigError, match="must map every byte to its value, vocabulary 256; this one has 2 entries"):
         ByteTokenizer(_two_words())
+
+
+def test_checkpoint_tokenizer_files_that_cannot_serve_are_named(tmp_path):
+    record = {"tokenizer": {"kind": "byte"}}
+    assert load_checkpoint_tokenizer(tmp_path, record).unit == "byte"  # no files: rebuilt from the record
+    ByteTokenizer().pretrained.save_pretrained(tmp_path)
+    assert load_checkpoint_tokenizer(tmp_path, record).encode("é") == [0xC3, 0xA9]
+    _two_words().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=f"^--ckpt: the tokenizer in {tmp_path}: the byte tokenizer must map"):
+        load_checkpoint_tokenizer(tmp_path, record)
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut short
+    with pytest.raises(ConfigError, match=f"^--ckpt: cannot load the tokenizer in {tmp_path}: "):
+        load_checkpoint_tokenizer(tmp_path, record)
