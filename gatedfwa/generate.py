@@ -8,7 +8,9 @@ grows; the report shows the cache's bytes next to what a full-attention cache of
 length would need.
 
 The tokenizer is the one saved in the checkpoint (gatedfwa/train/checkpoint.py
-``load_checkpoint_tokenizer``).
+``load_checkpoint_tokenizer``). A prompt is bytes to a byte model: command-line text that
+holds bytes which are not UTF-8 (``sys.argv`` keeps them as surrogate escapes) is tokenized
+as those very bytes, and echoed with U+FFFD in their place.
 
 Ctrl-C stops generation cleanly: the text printed so far stays, the line is ended, and
 :class:`gatedfwa.errors.Interrupted` says how many tokens came (``gatedfwa generate`` then
@@ -119,10 +121,13 @@ class _TextStreamer(BaseStreamer):
             self.out.flush()
 
 
-def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8,
+def generate_text(ckpt: str | Path, prompt: str | bytes, max_new_tokens: int = 256, temperature: float = 0.8,
                   top_k: int | None = 50, seed: int = 0, device: str = "auto", out=None,
                   cache: str = "auto") -> GenerationReport:
     """Streams ``max_new_tokens`` tokens after ``prompt`` to ``out`` (default stdout).
+
+    ``prompt``: text, which may hold bytes that are not UTF-8 as surrogate escapes (as
+    ``sys.argv`` does), or bytes.
 
     ``cache``: "static" decodes with the fixed-shape StaticWindowCache, around which
     generate() compiles each step into one CUDA graph (on a GPU); "dynamic" with the growing
@@ -149,7 +154,8 @@ def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temp
     hf_logging.set_verbosity_error()  # no loading notices before the streamed text
     model = load_model(checkpoint, "--ckpt", dtype).to(target).eval()
 
-    ids = tokenizer.encode(prompt)
+    prompt_bytes = prompt if isinstance(prompt, bytes) else prompt.encode("utf-8", errors="surrogateescape")
+    ids = tokenizer.encode_bytes(prompt_bytes)
     if not ids:
         raise ConfigError("--prompt encodes to no tokens")
     if max(ids) >= model.config.vocab_size:
@@ -170,7 +176,7 @@ def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temp
         raise ConfigError("--cache static: NSA layers keep every token and have no static cache; use --cache dynamic")
     if cache == "static" or (cache == "auto" and target.type == "cuda" and not has_nsa):
         options["cache"] = model.new_static_cache(len(ids) + max_new_tokens + 1)
-    out.write(prompt)
+    out.write(prompt_bytes.decode("utf-8", errors="replace"))
     out.flush()
     start = time.perf_counter()
     try:

@@ -1,11 +1,12 @@
 """The tokenizer saved with every checkpoint of ``gatedfwa train``: transformers loads it
-(AutoTokenizer, pipeline, streamers), and ``gatedfwa generate`` uses it (and rebuilds it
-for older checkpoints without its files)."""
+(AutoTokenizer, pipeline, streamers), ``gatedfwa generate`` uses it (and rebuilds it for
+older checkpoints without its files), and byte prompts need not be UTF-8."""
 
 import json
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, TextStreamer, pipeline
 
@@ -42,6 +43,16 @@ def test_checkpoint_loads_with_auto_tokenizer_and_pipeline(trained_run, capsys):
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=8, do_sample=False, streamer=TextStreamer(tokenizer, skip_prompt=True))
     assert capsys.readouterr().out == text[len(prompt):] + "\n"  # the streamer ends the line
+
+
+def test_generate_takes_a_prompt_that_is_not_utf8(cli, trained_run):
+    # sys.argv holds the bytes of $'\xff\xfe bad' as surrogate escapes.
+    prompt = b"\xff\xfe bad".decode("utf-8", errors="surrogateescape")
+    status, out, err = cli(["generate", "--ckpt", trained_run, "--prompt", prompt, "--max-new-tokens", 4,
+                            "--temperature", 0])
+    assert status == 0, err
+    # Echoed with U+FFFD for the two bytes; tokenized as the 6 bytes themselves.
+    assert out.startswith("\ufffd\ufffd bad") and "after a 6-token prompt" in err
 
 
 def test_checkpoint_from_before_tokenizer_files_generates_and_resumes(cli, trained_run, tmp_path):
@@ -113,3 +124,15 @@ def test_named_tokenizer_is_saved_and_pre_tokenized_data_saves_none(cli, text_co
     assert status == 0, err
     ids = out.split()
     assert ids[:3] == ["17", "4", "99"] and len(ids) == 6 and all(0 <= int(i) < 128 for i in ids)
+
+
+@pytest.mark.parametrize("prompt", [b"\x00\x00def", b"caf\xc3"])
+def test_generate_api_takes_bytes(trained_run, prompt):
+    import io
+
+    from gatedfwa.generate import generate_text
+
+    out = io.StringIO()
+    report = generate_text(trained_run, prompt, max_new_tokens=3, temperature=0, device="cpu", out=out)
+    assert report.prompt_tokens == len(prompt) and report.new_tokens == 3
+    assert out.getvalue().startswith(prompt.decode("utf-8", errors="replace"))
