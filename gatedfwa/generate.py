@@ -7,6 +7,11 @@ window cache, whose size stays at ``window_size`` tokens per layer however long 
 grows; the report shows the cache's bytes next to what a full-attention cache of the same
 length would need.
 
+The tokenizer is the one saved in the checkpoint (gatedfwa/train/checkpoint.py
+``load_checkpoint_tokenizer``). A prompt is bytes to a byte model: command-line text that
+holds bytes which are not UTF-8 (``sys.argv`` keeps them as surrogate escapes) is tokenized
+as those very bytes, and echoed with U+FFFD in their place.
+
 Ctrl-C stops generation cleanly: the text printed so far stays, the line is ended, and
 :class:`gatedfwa.errors.Interrupted` says how many tokens came (``gatedfwa generate`` then
 exits with status 130).
@@ -24,8 +29,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from gatedfwa.devices import resolve_device
 from gatedfwa.errors import ConfigError, Interrupted
-from gatedfwa.tokenizer import tokenizer_from_spec
-from gatedfwa.train.checkpoint import load_model, read_train_record, resolve_checkpoint
+from gatedfwa.train.checkpoint import load_checkpoint_tokenizer, load_model, read_train_record, resolve_checkpoint
 
 __all__ = ["generate_text", "GenerationReport", "cache_bytes"]
 
@@ -89,7 +93,7 @@ def _human(nbytes: int | None) -> str:
 
 class _TextStreamer(BaseStreamer):
     """transformers streamer protocol (put/end): prints decoded text as ids arrive and
-    records when each token came."""
+    records when each token came. ``decode``: a tokenizer's ``stream_decoder()``."""
 
     def __init__(self, decode, out):
         self.decode, self.out = decode, out
@@ -103,20 +107,27 @@ class _TextStreamer(BaseStreamer):
             return
         ids = value.reshape(-1).tolist()
         self.times.extend([time.perf_counter()] * len(ids))
-        text = self.decode(ids)
+        self._write(self.decode(ids))
+
+    def end(self) -> None:
+        """Prints what the decoder still holds (an incomplete character at the very end).
+        Safe to call twice: generate_text calls it too (not every transformers version does)."""
+        self._write(self.decode.flush())
+
+    def _write(self, text: str) -> None:
         if text:
             self.pieces.append(text)
             self.out.write(text)
             self.out.flush()
 
-    def end(self) -> None:
-        pass  # generate_text ends the line itself (not every transformers version calls end)
 
-
-def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8,
+def generate_text(ckpt: str | Path, prompt: str | bytes, max_new_tokens: int = 256, temperature: float = 0.8,
                   top_k: int | None = 50, seed: int = 0, device: str = "auto", out=None,
                   cache: str = "auto") -> GenerationReport:
     """Streams ``max_new_tokens`` tokens after ``prompt`` to ``out`` (default stdout).
+
+    ``prompt``: text, which may hold bytes that are not UTF-8 as surrogate escapes (as
+    ``sys.argv`` does), or bytes.
 
     ``cache``: "static" decodes with the fixed-shape StaticWindowCache, around which
     generate() compiles each step into one CUDA graph (on a GPU); "dynamic" with the growing
@@ -135,7 +146,7 @@ def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temp
         raise ConfigError(f"--cache must be auto, static or dynamic, got {cache!r}")
     checkpoint = resolve_checkpoint(ckpt)
     record = read_train_record(checkpoint)
-    tokenizer = tokenizer_from_spec(record["tokenizer"])
+    tokenizer = load_checkpoint_tokenizer(checkpoint, record)
     target = resolve_device(device)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     from transformers.utils import logging as hf_logging
@@ -143,7 +154,8 @@ def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temp
     hf_logging.set_verbosity_error()  # no loading notices before the streamed text
     model = load_model(checkpoint, "--ckpt", dtype).to(target).eval()
 
-    ids = tokenizer.encode(prompt)
+    prompt_bytes = prompt if isinstance(prompt, bytes) else prompt.encode("utf-8", errors="surrogateescape")
+    ids = tokenizer.encode_bytes(prompt_bytes)
     if not ids:
         raise ConfigError("--prompt encodes to no tokens")
     if max(ids) >= model.config.vocab_size:
@@ -152,8 +164,11 @@ def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temp
     streamer = _TextStreamer(tokenizer.stream_decoder(), out)
     torch.manual_seed(seed)
     sampling = temperature > 0
+    # A NUL byte is the byte tokenizer's pad id and a real byte of a prompt: the mask says so.
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     options = dict(max_new_tokens=max_new_tokens, do_sample=sampling, streamer=streamer,
-                   return_dict_in_generate=True, pad_token_id=0)
+                   attention_mask=torch.ones_like(input_ids), return_dict_in_generate=True,
+                   pad_token_id=0 if pad is None else pad)
     if sampling:
         options.update(temperature=temperature, top_k=top_k)
     has_nsa = any(kind.startswith("nsa") for kind in model.config.layer_kinds)
@@ -161,16 +176,18 @@ def generate_text(ckpt: str | Path, prompt: str, max_new_tokens: int = 256, temp
         raise ConfigError("--cache static: NSA layers keep every token and have no static cache; use --cache dynamic")
     if cache == "static" or (cache == "auto" and target.type == "cuda" and not has_nsa):
         options["cache"] = model.new_static_cache(len(ids) + max_new_tokens + 1)
-    out.write(prompt)
+    out.write(prompt_bytes.decode("utf-8", errors="replace"))
     out.flush()
     start = time.perf_counter()
     try:
         with torch.no_grad():
             result = model.generate(input_ids, **options)
     except KeyboardInterrupt:
+        streamer.end()
         out.write("\n")
         out.flush()
         raise Interrupted(f"interrupted after {len(streamer.times)} of {max_new_tokens} new tokens") from None
+    streamer.end()
     out.write("\n")
     out.flush()
     sequences = result.sequences if hasattr(result, "sequences") else result

@@ -3,6 +3,9 @@ what an exact resume needs.
 
 Layout of ``RUN/checkpoints/step-0000600/`` (the number counts optimizer steps done):
     config.json, model.safetensors   the model (``GatedFWAForCausalLM.from_pretrained`` loads it)
+    tokenizer.json, tokenizer_config.json
+                                     the tokenizer (``AutoTokenizer.from_pretrained`` loads it;
+                                     none for pre-tokenized data without a named tokenizer)
     train_config.json                the TrainConfig, tokenizer record, data description, step
     training_state.pt                optimizer state, step, tokens seen, RNG states, data position
 
@@ -27,7 +30,7 @@ from gatedfwa.errors import ConfigError
 
 __all__ = [
     "save_checkpoint", "resolve_checkpoint", "read_train_record", "check_model_files", "load_model",
-    "read_training_state", "apply_training_state", "CHECKPOINTS_DIR",
+    "load_checkpoint_tokenizer", "read_training_state", "apply_training_state", "CHECKPOINTS_DIR",
 ]
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -35,6 +38,7 @@ TRAIN_RECORD = "train_config.json"
 TRAINING_STATE = "training_state.pt"
 MODEL_FILE = "model.safetensors"
 MODEL_INDEX = "model.safetensors.index.json"  # save_pretrained's list of shards, for large models
+TOKENIZER_CONFIG = "tokenizer_config.json"  # written by a tokenizer's save_pretrained
 FORMAT_VERSION = 1
 
 
@@ -104,10 +108,11 @@ def _full_state_dicts(model, optimizer, sharded: bool):
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, record: dict, tokens_seen: int,
-                    keep: int, is_main: bool = True, sharded: bool = False) -> Path:
+                    keep: int, is_main: bool = True, sharded: bool = False, tokenizer=None) -> Path:
     """Writes RUN/checkpoints/step-N (on the main process) and removes all but the newest
     ``keep`` checkpoints. ``model`` is the unwrapped model; with ``sharded`` (FSDP) every
-    process must call this (the state is gathered collectively)."""
+    process must call this (the state is gathered collectively). ``tokenizer``: the
+    transformers tokenizer of the data, saved beside the model (None: none is saved)."""
     model_state, optimizer_state = _full_state_dicts(model, optimizer, sharded)
     final = run_dir / CHECKPOINTS_DIR / f"step-{step:07d}"
     if not is_main:
@@ -122,6 +127,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, record: dict, to
         model.save_pretrained(staging)
     else:
         model.save_pretrained(staging, state_dict=model_state)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
     torch.save(
         {
             "format": FORMAT_VERSION,
@@ -196,6 +203,27 @@ def load_model(checkpoint: Path, option: str = "--ckpt", dtype: torch.dtype = to
         return GatedFWAForCausalLM.from_pretrained(checkpoint, dtype=dtype)
     except (OSError, ValueError, TypeError) as error:  # config.json unreadable or holding bad values
         raise ConfigError(f"{option}: cannot load the model in {checkpoint}: {_first_line(error)}") from None
+
+
+def load_checkpoint_tokenizer(checkpoint: Path, record: dict, option: str = "--ckpt"):
+    """The tokenizer ``checkpoint`` was trained with (gatedfwa/tokenizer.py): the one saved in
+    its files when it has them, else (checkpoints written before tokenizers were saved, and
+    pre-tokenized data without one) the one its training record names."""
+    from gatedfwa.tokenizer import tokenizer_from_spec
+
+    if not (checkpoint / TOKENIZER_CONFIG).is_file():
+        return tokenizer_from_spec(record["tokenizer"])
+    from transformers import AutoTokenizer
+
+    try:
+        pretrained = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    except Exception as error:  # noqa: BLE001 - JSON, I/O and tokenizers errors alike mean damaged files
+        raise ConfigError(f"{option}: cannot load the tokenizer in {checkpoint}: {type(error).__name__}: "
+                          f"{_first_line(error)}") from None
+    try:
+        return tokenizer_from_spec(record["tokenizer"], pretrained)
+    except ConfigError as error:  # files that do not match the record (a byte tokenizer that is not)
+        raise ConfigError(f"{option}: the tokenizer in {checkpoint}: {error}") from None
 
 
 def read_training_state(checkpoint: Path, option: str = "--resume") -> dict:

@@ -27,6 +27,7 @@ import torch
 
 from gatedfwa.distributed import shard_sequence
 from gatedfwa.errors import ConfigError, Interrupted
+from gatedfwa.tokenizer import tokenizer_from_spec
 from gatedfwa.train.checkpoint import (
     apply_training_state, check_model_files, latest_checkpoint, load_model, read_training_state, run_dir_of,
     save_checkpoint,
@@ -70,12 +71,13 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _build_model(config: TrainConfig, vocab_size: int, resume: Path | None):
+def _build_model(config: TrainConfig, vocab_size: int, resume: Path | None, special_token_ids: dict):
     from gatedfwa.models import GatedFWAConfig, GatedFWAForCausalLM
 
     fields = config.model_fields(vocab_size)
     try:
-        model_config = GatedFWAConfig(**fields)
+        # pad/bos/eos ids: the tokenizer's (gatedfwa/tokenizer.py), as AutoTokenizer and pipeline expect
+        model_config = GatedFWAConfig(**fields, **special_token_ids)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model settings: {error}") from None
     if resume is not None:
@@ -88,6 +90,8 @@ def _build_model(config: TrainConfig, vocab_size: int, resume: Path | None):
                 f"--resume: the model in {resume} differs from this run's model in "
                 + ", ".join(f"{k} ({saved.get(k)!r} there, {wanted.get(k)!r} here)" for k in differ)
             )
+        model.config.update(special_token_ids)  # older checkpoints (no tokenizer files) have none
+        model.generation_config.update(**special_token_ids)
         return model
     torch.manual_seed(config.seed)
     return GatedFWAForCausalLM(model_config)
@@ -193,7 +197,8 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
     sampler = WindowSampler(corpus.train, config.seq_len, config.batch_size, config.seed)
     heldout = heldout_windows(corpus.heldout, config.seq_len, config.eval_windows)
 
-    model = _build_model(config, corpus.vocab_size, resume).to(ctx.device)
+    tokenizer = tokenizer_from_spec(corpus.tokenizer_spec)  # saved with every checkpoint
+    model = _build_model(config, corpus.vocab_size, resume, tokenizer.special_token_ids()).to(ctx.device)
     model.train()
     if ctx.context_parallel_group is not None:
         from gatedfwa.models import enable_context_parallel
@@ -244,7 +249,7 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
         nonlocal saved_at
         saved_at = step
         return save_checkpoint(out, step, model, optimizer, record, tokens_seen, config.keep_checkpoints,
-                               is_main=ctx.is_main, sharded=config.fsdp and ctx.active)
+                               is_main=ctx.is_main, sharded=config.fsdp and ctx.active, tokenizer=tokenizer.pretrained)
 
     def run_eval() -> None:
         nonlocal heldout_loss, evaluated_at
