@@ -5,9 +5,10 @@ that the command line starts fast. So: if transformers is already imported, regi
 otherwise register right after transformers' own import finishes, from a one-shot import hook
 that removes itself. Registering means importing
 
-    gatedfwa.models                               model_type "gatedfwa" for AutoConfig,
-                                                  AutoModel and AutoModelForCausalLM
-    gatedfwa.integrations.transformers_attention  attn_implementation="gatedfwa"
+    gatedfwa.models                                  model_type "gatedfwa" for AutoConfig,
+                                                     AutoModel and AutoModelForCausalLM
+    gatedfwa.integrations.transformers_attention     attn_implementation="gatedfwa"
+    gatedfwa.integrations.transformers_checkpoints   older parameter names load in from_pretrained
 
 each of which registers on import.
 """
@@ -21,7 +22,11 @@ import sys
 
 __all__ = ["register_with_transformers", "register_when_transformers_is_imported"]
 
-_REGISTERING_MODULES = ("gatedfwa.models", "gatedfwa.integrations.transformers_attention")
+_REGISTERING_MODULES = (
+    "gatedfwa.models",
+    "gatedfwa.integrations.transformers_attention",
+    "gatedfwa.integrations.transformers_checkpoints",
+)
 
 
 def register_with_transformers() -> None:

@@ -1,6 +1,6 @@
-"""`import gatedfwa` makes transformers know model_type "gatedfwa" and
-attn_implementation="gatedfwa" whichever of the two is imported first, without importing
-torch itself (gatedfwa/transformers_registration.py)."""
+"""`import gatedfwa` makes transformers know model_type "gatedfwa", attn_implementation="gatedfwa"
+and the renamings of older checkpoint keys whichever of the two is imported first, without
+importing torch itself (gatedfwa/transformers_registration.py)."""
 
 import subprocess
 import sys
@@ -14,6 +14,8 @@ config = AutoConfig.for_model("gatedfwa", vocab_size=32, hidden_size=16, num_hid
                               num_attention_heads=2, window_size=4)
 model = AutoModelForCausalLM.from_config(config)
 assert type(model).__name__ == "GatedFWAForCausalLM", type(model)
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+assert get_checkpoint_conversion_mapping("gatedfwa"), "checkpoint key renamings missing"
 print("registered")
 """
 
@@ -41,3 +43,4 @@ def test_lazy_exports():
     assert "nsa_attention" in dir(gatedfwa)
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         gatedfwa.not_a_name
+
