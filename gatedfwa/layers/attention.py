@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from gatedfwa.distributed import context_parallel_gated_window_attention
 from gatedfwa.distributed.sequence import previous_token_across_shards, refuse_under_context_parallel, shard_start
@@ -89,6 +90,27 @@ def previous_token(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Te
     return shifted.masked_fill(starts.view(1, -1, *([1] * (x.dim() - 2))), 0.0)
 
 
+def _fusable(*modules: nn.Module) -> bool:
+    """True when calling each module computes exactly F.linear(x, module.weight), so that its
+    weight may be read directly: a plain torch.nn.Linear (its exact class: a subclass, e.g. a
+    LoRA-wrapped or quantised linear, may compute something else) without bias, whose forward
+    is the class's own (accelerate's device-map and offload hooks replace the instance's
+    forward), and with no hooks that calling it would run. The hook test is the one
+    nn.Module.__call__ makes before going straight to forward: the module's own forward and
+    backward hooks, and the global ones (torch.nn.modules.module.register_module_*_hook)."""
+    if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+            or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):
+        return False
+    return all(
+        type(module) is nn.Linear
+        and module.bias is None
+        and "forward" not in module.__dict__
+        and not (module._forward_hooks or module._forward_pre_hooks
+                 or module._backward_hooks or module._backward_pre_hooks)
+        for module in modules
+    )
+
+
 class GatedFWAttention(nn.Module):
     """Gated sliding-window attention layer (GatedFWA, arXiv 2512.07782).
 
@@ -115,6 +137,10 @@ class GatedFWAttention(nn.Module):
     is named apart from the MLP's gate_proj, so that PEFT's target_modules can pick either.
     Checkpoints written before that name (attn.gate_proj, attn.gate_bias) still load through
     from_pretrained (gatedfwa/integrations/transformers_checkpoints.py).
+
+    Every projection runs by calling its module, so wrappers (PEFT's LoRA, quantised linears,
+    forward hooks) apply in training, prefill and decoding alike; see _project_with_gate for
+    the one fused GEMM plain modules get.
     """
 
     def __init__(
@@ -202,15 +228,23 @@ class GatedFWAttention(nn.Module):
     def _project_with_gate(self, x: torch.Tensor):
         """x [B, T, C] -> (q [B, T, HQ, D], raw k, v [B, T, H, D], gate_pre [B, T, 2HQ] or None).
 
-        With the gate, W_q and the gate's [W_g; W_beta] run as one GEMM (HQ D + 2 HQ output
-        columns): a separate projection to 2 HQ columns is a skinny GEMM that reads all of x
-        again, and its backward adds one more [B, T, C] gradient into x's. q and gate_pre
-        are column slices of the one output; q is copied by the rotary embedding anyway,
-        and the parameters keep their own names (q_proj, decay_gate_proj), so checkpoints
-        load unchanged."""
+        With the gate, W_q and the decay gate's [W_g; W_beta] run as one GEMM (HQ D + 2 HQ
+        output columns) when that is exactly what calling the two modules would compute
+        (_fusable): a separate projection to 2 HQ columns is a skinny GEMM that reads all of
+        x again, and its backward adds one more [B, T, C] gradient into x's. q and gate_pre
+        are column slices of the one output; q is copied by the rotary embedding anyway, and
+        the parameters keep their own names (q_proj, decay_gate_proj).
+
+        Otherwise each module is called. The fused GEMM reads the raw weights, so it would
+        silently skip whatever wraps a module: a LoRA adapter (no effect, no gradient), a
+        quantised or sharded linear, a forward hook. Decoding calls the modules (_project,
+        log_gates), so this fallback is also what keeps prefill and decoding equal."""
         if not self.use_gate:
             return (*self._project(x), None)
         batch, seqlen, _ = x.shape
+        if not _fusable(self.q_proj, self.decay_gate_proj):
+            q, k, v = self._project(x)
+            return q, k, v, self.decay_gate_proj(x)
         q_columns = self.num_heads * self.head_dim
         q_and_gate = F.linear(x, torch.cat((self.q_proj.weight, self.decay_gate_proj.weight)))
         # split, not two slices: its backward writes both gradients into one buffer (a slice's
