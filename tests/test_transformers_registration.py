@@ -1,6 +1,7 @@
 """`import gatedfwa` makes transformers know model_type "gatedfwa", attn_implementation="gatedfwa"
-and the renamings of older checkpoint keys whichever of the two is imported first, without
-importing torch itself (gatedfwa/transformers_registration.py)."""
+and the renamings of older checkpoint keys, and PEFT its default target modules for
+"gatedfwa", whichever is imported first, without importing torch itself
+(gatedfwa/transformers_registration.py)."""
 
 import subprocess
 import sys
@@ -44,3 +45,15 @@ def test_lazy_exports():
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         gatedfwa.not_a_name
 
+
+def test_peft_learns_the_default_targets_when_imported_after_gatedfwa():
+    code = (
+        "import gatedfwa, sys\n"
+        "assert 'torch' not in sys.modules and 'peft' not in sys.modules\n"
+        "from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets\n"
+        "assert targets['gatedfwa'] == ['q_proj', 'v_proj'], targets.get('gatedfwa')\n"
+        "print('registered')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "registered" in result.stdout

@@ -1,8 +1,8 @@
 """PEFT adapters on GatedFWAForCausalLM (real peft): LoRA on every linear layer trains (every
 adapter tensor gets a gradient, a step changes the logits), prefill then step-by-step
 decoding with the adapter equals the parallel forward, the merged model equals the adapted
-one, an adapter on q_proj or the decay gate alone takes effect, and the decay gate is a
-target apart from the MLP's gate_proj."""
+one, an adapter on q_proj or the decay gate alone takes effect, the decay gate is a target
+apart from the MLP's gate_proj, and LoraConfig without target_modules works."""
 
 import pytest
 import torch
@@ -99,3 +99,9 @@ def test_gate_proj_targets_only_the_mlp():
     targeted = peft_model.base_model.targeted_module_names
     assert len(targeted) == 2 and all(name.endswith("mlp.gate_proj") for name in targeted)
 
+
+def test_default_targets_without_target_modules():
+    model = GatedFWAForCausalLM(tiny_config(attention_kinds=["swa", "gatedfwa"]))
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM"))
+    targeted = sorted(peft_model.base_model.targeted_module_names)
+    assert targeted == sorted(f"model.layers.{i}.attn.{name}" for i in range(2) for name in ("q_proj", "v_proj"))
