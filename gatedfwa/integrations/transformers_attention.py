@@ -19,13 +19,17 @@ the other decoder models with such layers through ``gatedfwa.gated_window_attent
 Decoding steps (fewer queries than keys, with a cache) run PyTorch SDPA with the mask sdpa
 itself would use, so they are exactly what attn_implementation="sdpa" computes. What the op
 cannot compute (attention sinks, logit soft-capping, attention dropout, non-causal masks)
-raises NotImplementedError naming the feature. docs/transformers.md has the details.
+raises NotImplementedError naming the feature: what the model's config declares (soft-capping,
+attention dropout) as soon as the model is built with, or switched to, "gatedfwa"; the rest
+at the first forward. docs/transformers.md has the details.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.utils import logging
@@ -34,7 +38,7 @@ from gatedfwa import gated_window_attention
 from gatedfwa.integrations.transformers_masks import WindowMaskLayout, gatedfwa_mask
 from gatedfwa.layers.padding import PackedLayout, pack, unpack
 
-__all__ = ["ATTN_IMPLEMENTATION", "gatedfwa_attention_forward", "register"]
+__all__ = ["ATTN_IMPLEMENTATION", "check_config_supported", "gatedfwa_attention_forward", "register"]
 
 ATTN_IMPLEMENTATION = "gatedfwa"
 
@@ -47,21 +51,29 @@ def _unsupported(feature: str, hint: str) -> NotImplementedError:
     )
 
 
+def _softcap_unsupported(softcap) -> NotImplementedError:
+    return _unsupported(
+        f"attention logit soft-capping (softcap={softcap}, as in Gemma 2)",
+        "set config.attn_logit_softcapping=None or use attn_implementation='eager'.",
+    )
+
+
+def _dropout_unsupported(dropout) -> NotImplementedError:
+    return _unsupported(
+        f"attention dropout (dropout={dropout})",
+        "set config.attention_dropout=0.0 or use attn_implementation='sdpa'.",
+    )
+
+
 def _reject_unsupported(module, query, value, dropout, softcap, s_aux, is_causal, kwargs) -> None:
     """Raise for every feature that would change the result and that the op does not compute."""
     if s_aux is not None or kwargs.get("sinks") is not None:
         raise _unsupported("attention sinks (s_aux, as in GPT-OSS)",
                            "use attn_implementation='eager' or 'flash_attention_2'.")
     if softcap is not None:
-        raise _unsupported(
-            f"attention logit soft-capping (softcap={softcap}, as in Gemma 2)",
-            "set config.attn_logit_softcapping=None or use attn_implementation='eager'.",
-        )
+        raise _softcap_unsupported(softcap)
     if dropout is not None and dropout > 0:
-        raise _unsupported(
-            f"attention dropout (dropout={dropout})",
-            "set config.attention_dropout=0.0 or use attn_implementation='sdpa'.",
-        )
+        raise _dropout_unsupported(dropout)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if not causal:
         raise _unsupported("non-causal (bidirectional) attention", "use attn_implementation='sdpa'.")
@@ -194,11 +206,55 @@ def gatedfwa_attention_forward(
     return out, None
 
 
+def check_config_supported(config) -> None:
+    """Raise NotImplementedError, naming the feature and the way out, when a model ``config``
+    asks for what attn_implementation="gatedfwa" cannot compute and the config alone tells:
+    attention logit soft-capping (``attn_logit_softcapping``, on by default in Gemma 2) and
+    attention dropout (``attention_dropout`` > 0; applied in training only, but refused at
+    once rather than at the first training step). What only a forward call shows (sinks,
+    non-causal layers, a dropout under another config name) raises there."""
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise _softcap_unsupported(softcap)
+    dropout = getattr(config, "attention_dropout", None)
+    if dropout is not None and dropout > 0:
+        raise _dropout_unsupported(dropout)
+
+
+def _check_configs_when_chosen() -> None:
+    """Make transformers run check_config_supported whenever a model is built with, or
+    switched to (set_attn_implementation), attn_implementation="gatedfwa".
+
+    transformers has no hook through which a registered attention function could validate the
+    model it is chosen for: it checks an implementation in
+    PreTrainedModel._check_and_adjust_attn_implementation, which both __init__ and
+    set_attn_implementation call, and which a model class overrides (calling super()) to
+    refuse implementations its config cannot use. That one method is wrapped here: the
+    original runs unchanged and its result is returned; only when the result is "gatedfwa" is
+    the model's config checked. Raising there leaves a switched model on its previous
+    implementation. Without this, such a model would raise only at its first forward call (the
+    check in gatedfwa_attention_forward, which stays for configs changed after the build)."""
+    original = PreTrainedModel._check_and_adjust_attn_implementation
+    if getattr(original, "_gatedfwa_checks_config", False):  # already wrapped
+        return
+
+    @functools.wraps(original)
+    def check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        implementation = original(self, attn_implementation, *args, **kwargs)
+        if implementation == ATTN_IMPLEMENTATION:
+            check_config_supported(self.config)
+        return implementation
+
+    check_and_adjust_attn_implementation._gatedfwa_checks_config = True
+    PreTrainedModel._check_and_adjust_attn_implementation = check_and_adjust_attn_implementation
+
+
 def register() -> None:
-    """Register attn_implementation="gatedfwa" (attention and mask functions) with transformers.
-    Idempotent; importing this module calls it."""
+    """Register attn_implementation="gatedfwa" (attention and mask functions) with transformers,
+    and the config check at build time. Idempotent; importing this module calls it."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, gatedfwa_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, gatedfwa_mask)
+    _check_configs_when_chosen()
 
 
 register()

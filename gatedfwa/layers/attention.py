@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from gatedfwa.distributed import context_parallel_gated_window_attention
 from gatedfwa.distributed.sequence import previous_token_across_shards, refuse_under_context_parallel, shard_start
@@ -89,6 +90,27 @@ def previous_token(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Te
     return shifted.masked_fill(starts.view(1, -1, *([1] * (x.dim() - 2))), 0.0)
 
 
+def _fusable(*modules: nn.Module) -> bool:
+    """True when calling each module computes exactly F.linear(x, module.weight), so that its
+    weight may be read directly: a plain torch.nn.Linear (its exact class: a subclass, e.g. a
+    LoRA-wrapped or quantised linear, may compute something else) without bias, whose forward
+    is the class's own (accelerate's device-map and offload hooks replace the instance's
+    forward), and with no hooks that calling it would run. The hook test is the one
+    nn.Module.__call__ makes before going straight to forward: the module's own forward and
+    backward hooks, and the global ones (torch.nn.modules.module.register_module_*_hook)."""
+    if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+            or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):
+        return False
+    return all(
+        type(module) is nn.Linear
+        and module.bias is None
+        and "forward" not in module.__dict__
+        and not (module._forward_hooks or module._forward_pre_hooks
+                 or module._backward_hooks or module._backward_pre_hooks)
+        for module in modules
+    )
+
+
 class GatedFWAttention(nn.Module):
     """Gated sliding-window attention layer (GatedFWA, arXiv 2512.07782).
 
@@ -108,9 +130,17 @@ class GatedFWAttention(nn.Module):
         gate_init_range: retentions sigmoid(b_g) the gate bias starts at (see module docstring).
         layer_idx: index of this layer in its model (its slot in a decoding cache).
 
-    Parameters: q_proj, k_proj, v_proj, o_proj (no biases); with the gate, gate_proj.weight
-    [2 HQ, C] (rows W_g then W_beta, the layout gated_fwa_attention takes) and gate_bias [HQ];
-    q_norm, k_norm; output_gate_proj [HQ D, C]; shift_proj [2 H, C] (k mixes, then v mixes).
+    Parameters: q_proj, k_proj, v_proj, o_proj (no biases); with the gate, the decay gate's
+    decay_gate_proj.weight [2 HQ, C] (rows W_g, the a_t rows, then W_beta, the beta rows: the
+    layout gated_fwa_attention takes) and decay_gate_bias [HQ] (b_g); q_norm, k_norm;
+    output_gate_proj [HQ D, C]; shift_proj [2 H, C] (k mixes, then v mixes). The decay gate
+    is named apart from the MLP's gate_proj, so that PEFT's target_modules can pick either.
+    Checkpoints written before that name (attn.gate_proj, attn.gate_bias) still load through
+    from_pretrained (gatedfwa/integrations/transformers_checkpoints.py).
+
+    Every projection runs by calling its module, so wrappers (PEFT's LoRA, quantised linears,
+    forward hooks) apply in training, prefill and decoding alike; see _project_with_gate for
+    the one fused GEMM plain modules get.
     """
 
     def __init__(
@@ -165,18 +195,18 @@ class GatedFWAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
         if use_gate:
-            self.gate_proj = nn.Linear(hidden_size, 2 * num_heads, bias=False)
-            self.gate_bias = nn.Parameter(gate_bias_init(num_heads, self.gate_init_range))
+            self.decay_gate_proj = nn.Linear(hidden_size, 2 * num_heads, bias=False)
+            self.decay_gate_bias = nn.Parameter(gate_bias_init(num_heads, self.gate_init_range))
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.output_gate_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False) if output_gate else None
         self.shift_proj = nn.Linear(hidden_size, 2 * num_kv_heads, bias=False) if token_shift else None
 
-    def reset_gate_bias(self) -> None:
-        """Set gate_bias to its documented initial value (gate_bias_init)."""
+    def reset_decay_gate_bias(self) -> None:
+        """Set decay_gate_bias to its documented initial value (gate_bias_init)."""
         if self.use_gate:
             with torch.no_grad():
-                self.gate_bias.copy_(gate_bias_init(self.num_heads, self.gate_init_range))
+                self.decay_gate_bias.copy_(gate_bias_init(self.num_heads, self.gate_init_range))
 
     # ----------------------------------------------------------------------------------
     # Pieces shared by the parallel and the decoding paths
@@ -198,17 +228,25 @@ class GatedFWAttention(nn.Module):
     def _project_with_gate(self, x: torch.Tensor):
         """x [B, T, C] -> (q [B, T, HQ, D], raw k, v [B, T, H, D], gate_pre [B, T, 2HQ] or None).
 
-        With the gate, W_q and the gate's [W_g; W_beta] run as one GEMM (HQ D + 2 HQ output
-        columns): a separate projection to 2 HQ columns is a skinny GEMM that reads all of x
-        again, and its backward adds one more [B, T, C] gradient into x's. q and gate_pre
-        are column slices of the one output; q is copied by the rotary embedding anyway,
-        and the parameters keep their own names (q_proj, gate_proj), so checkpoints load
-        unchanged."""
+        With the gate, W_q and the decay gate's [W_g; W_beta] run as one GEMM (HQ D + 2 HQ
+        output columns) when that is exactly what calling the two modules would compute
+        (_fusable): a separate projection to 2 HQ columns is a skinny GEMM that reads all of
+        x again, and its backward adds one more [B, T, C] gradient into x's. q and gate_pre
+        are column slices of the one output; q is copied by the rotary embedding anyway, and
+        the parameters keep their own names (q_proj, decay_gate_proj).
+
+        Otherwise each module is called. The fused GEMM reads the raw weights, so it would
+        silently skip whatever wraps a module: a LoRA adapter (no effect, no gradient), a
+        quantised or sharded linear, a forward hook. Decoding calls the modules (_project,
+        log_gates), so this fallback is also what keeps prefill and decoding equal."""
         if not self.use_gate:
             return (*self._project(x), None)
         batch, seqlen, _ = x.shape
+        if not _fusable(self.q_proj, self.decay_gate_proj):
+            q, k, v = self._project(x)
+            return q, k, v, self.decay_gate_proj(x)
         q_columns = self.num_heads * self.head_dim
-        q_and_gate = F.linear(x, torch.cat((self.q_proj.weight, self.gate_proj.weight)))
+        q_and_gate = F.linear(x, torch.cat((self.q_proj.weight, self.decay_gate_proj.weight)))
         # split, not two slices: its backward writes both gradients into one buffer (a slice's
         # backward would allocate a zero-filled full-width gradient for each).
         q, gate_pre = q_and_gate.split((q_columns, 2 * self.num_heads), dim=-1)
@@ -240,7 +278,7 @@ class GatedFWAttention(nn.Module):
 
     def log_gates(self, x: torch.Tensor) -> torch.Tensor:
         """The gate alone: x [B, T, C] -> g [B, T, HQ] float32 (<= 0). Used by decoding."""
-        return log_gates_from_projection(self.gate_proj(x), self.gate_bias)
+        return log_gates_from_projection(self.decay_gate_proj(x), self.decay_gate_bias)
 
     # ----------------------------------------------------------------------------------
     # Forward
@@ -336,7 +374,7 @@ class GatedFWAttention(nn.Module):
             )
         if self.use_gate:
             return gate_attention_from_projection(
-                q, k, v, gate_pre, self.gate_bias, window_size=self.window_size, scale=self.scale,
+                q, k, v, gate_pre, self.decay_gate_bias, window_size=self.window_size, scale=self.scale,
                 cu_seqlens=cu_seqlens,
             )
         return gated_window_attention(q, k, v, None, window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens)
@@ -350,7 +388,7 @@ class GatedFWAttention(nn.Module):
 
     def _gates_from_projection(self, gate_pre):
         """gate_pre [B, T, 2HQ] -> g [B, T, HQ] float32, or None without the gate."""
-        return None if gate_pre is None else log_gates_from_projection(gate_pre, self.gate_bias)
+        return None if gate_pre is None else log_gates_from_projection(gate_pre, self.decay_gate_bias)
 
     def _prefill(self, cache, layout, k, v, g, k_raw, v_raw) -> None:
         """Write a prompt's keys, values and gates into an empty cache, in the padded layout

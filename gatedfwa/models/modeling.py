@@ -113,7 +113,7 @@ class GatedFWAPreTrainedModel(PreTrainedModel):
         # parameters of their own: every parameter is set from its own module's branch.
         if isinstance(module, GatedFWAttention):
             if module.use_gate:
-                init.copy_(module.gate_bias, gate_bias_init(module.num_heads, module.gate_init_range))
+                init.copy_(module.decay_gate_bias, gate_bias_init(module.num_heads, module.gate_init_range))
         elif isinstance(module, nn.Linear):
             residual = getattr(module, "_gatedfwa_residual", False)
             init.normal_(module.weight, mean=0.0, std=residual_std if residual else std)

@@ -158,24 +158,59 @@ def test_generate_matches_sdpa(cache):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family,message", [
-    ("gemma2-softcap", "soft-capping"),
-    ("gpt-oss", "attention sinks"),
-])
-def test_unsupported_model_features_raise(family, message):
-    model = build(family_config(family), "gatedfwa")
-    with pytest.raises(NotImplementedError, match=message):
+def test_attention_sinks_raise():
+    model = build(family_config("gpt-oss"), "gatedfwa")
+    with pytest.raises(NotImplementedError, match="attention sinks"):
         model(torch.randint(0, model.config.vocab_size, (1, 8)))
 
 
-def test_attention_dropout_raises_in_training():
-    config = family_config("mistral")
+def dropout_config(family: str):
+    config = family_config(family)
     config.attention_dropout = 0.1
-    model = build(config, "gatedfwa")
-    ids = torch.randint(0, config.vocab_size, (1, 8))
+    return config
+
+
+# What the config declares raises when the model is built with attn_implementation="gatedfwa"
+# or switched to it, naming the feature and the way out.
+CONFIG_FEATURES = {
+    "gemma2-softcap": (lambda: family_config("gemma2-softcap"), r"soft-capping \(softcap=50.0.*attn_logit_softcapping=None"),
+    "gemma2-dropout": (lambda: dropout_config("gemma2"), r"attention dropout \(dropout=0.1\).*attention_dropout=0.0"),
+    "mistral-dropout": (lambda: dropout_config("mistral"), r"attention dropout \(dropout=0.1\).*attention_dropout=0.0"),
+}
+
+
+@pytest.mark.parametrize("make_config,message", CONFIG_FEATURES.values(), ids=CONFIG_FEATURES.keys())
+def test_config_features_raise_when_the_model_is_built(make_config, message):
+    with pytest.raises(NotImplementedError, match=message):
+        build(make_config(), "gatedfwa")
+
+
+@pytest.mark.parametrize("make_config,message", CONFIG_FEATURES.values(), ids=CONFIG_FEATURES.keys())
+def test_config_features_raise_when_the_model_is_switched(make_config, message):
+    model = build(make_config(), "eager")
+    with pytest.raises(NotImplementedError, match=message):
+        model.set_attn_implementation("gatedfwa")
+    assert model.config._attn_implementation == "eager"  # left as it was
+    model(torch.randint(0, model.config.vocab_size, (1, 6)))
+
+
+def test_attention_dropout_set_after_the_build_raises_in_training():
+    """The check at the first forward stays for what changes after the build."""
+    model = build(family_config("mistral"), "gatedfwa")
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
     model.eval()(ids)  # no dropout at evaluation
     with pytest.raises(NotImplementedError, match="dropout"):
         model.train()(ids)
+
+
+def test_switching_a_supported_model_to_gatedfwa_works():
+    config = family_config("gemma2")
+    model = build(config, "eager")
+    model.set_attn_implementation("gatedfwa")
+    assert model.config._attn_implementation == "gatedfwa"
+    model(torch.randint(0, config.vocab_size, (1, 6)))
 
 
 def test_padding_inside_a_window_raises():

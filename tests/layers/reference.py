@@ -52,8 +52,8 @@ def reference_attention_layer(layer, x, position_ids=None, dtype=torch.float64, 
     k = _rotate(k, position_ids, layer.rope_theta)
     g = None
     if layer.use_gate:
-        w = p["gate_proj.weight"]
-        a = x @ w[:hq].T + p["gate_bias"]
+        w = p["decay_gate_proj.weight"]
+        a = x @ w[:hq].T + p["decay_gate_bias"]
         beta = 1 + F.elu(x @ w[hq:].T)
         g = F.logsigmoid(beta * a) / beta
     if hasattr(layer, "branch_gate_proj"):

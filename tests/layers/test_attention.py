@@ -15,7 +15,7 @@ def randomize_(layer: GatedFWAttention) -> GatedFWAttention:
     """Weights large enough that attention is far from uniform and gates vary per token."""
     with torch.no_grad():
         for name, p in layer.named_parameters():
-            if name == "gate_bias":
+            if name == "decay_gate_bias":
                 p.copy_(torch.randn_like(p) * 2.0)
             elif name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
@@ -106,7 +106,7 @@ def test_gate_bias_init_spreads_retention_over_heads():
     ratios = decay[1:] / decay[:-1]
     torch.testing.assert_close(ratios, torch.full_like(ratios, ratios[0].item()), rtol=1e-4, atol=0)  # geometric
     layer = GatedFWAttention(16, 8, window_size=4)
-    torch.testing.assert_close(layer.gate_bias.detach(), bias)
+    torch.testing.assert_close(layer.decay_gate_bias.detach(), bias)
     one = torch.sigmoid(gate_bias_init(1, (0.9, 0.999))).item()
     assert 0.9 < one < 0.999
     with pytest.raises(ValueError, match="gate_init_range"):
@@ -137,9 +137,9 @@ def test_mask_and_cu_seqlens_together_rejected():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_gradients_match_reference(monkeypatch, backend, device):
-    """Output and every gradient (x, q_proj and gate_proj, whose weights run as one GEMM,
-    gate_bias, ...) within the rule of the independent reference (float32 naive, float64
-    reference). The triton case runs the fused gate + attention op (the interpreter on a
+    """Output and every gradient (x, q_proj and decay_gate_proj, whose weights run as one
+    GEMM, decay_gate_bias, ...) within the rule of the independent reference (float32 naive,
+    float64 reference). The triton case runs the fused gate + attention op (the interpreter on a
     CPU), which reads gate_pre as a column slice of the q and gate GEMM's output."""
     monkeypatch.setenv("GATEDFWA_BACKEND", backend)
     layer = randomize_(GatedFWAttention(24, 4, 2, 8, window_size=6, token_shift=True, qk_norm=True)).to(device)
@@ -159,10 +159,10 @@ def test_gradients_match_reference(monkeypatch, backend, device):
                       torch.float32)
     ref = gradients(lambda xx, dtype: reference_attention_layer(layer, xx, dtype=dtype, differentiable=True),
                     torch.float64)
-    assert "gate_proj.weight" in ref and "gate_bias" in ref
+    assert "decay_gate_proj.weight" in ref and "decay_gate_bias" in ref
     for name in ref:
         # float32 slack as in tests/ops/test_gate.py: ten times it for the gradients that flow
         # through the kernels' dg (sums of float32 row and column sums of dS).
-        through_gate = backend == "triton" and name in ("dx", "gate_proj.weight", "gate_bias")
+        through_gate = backend == "triton" and name in ("dx", "decay_gate_proj.weight", "decay_gate_bias")
         atol = float32_slack(ref[name], torch.float32) * (10 if through_gate else 1)
         assert_within_rule(name, fast[name], naive[name], ref[name], atol=atol)

@@ -184,7 +184,7 @@ def test_initialisation():
 
     std, residual_std = 0.02, 0.02 / (2 * 8) ** 0.5
     for block in model.model.layers:
-        torch.testing.assert_close(block.attn.gate_bias.detach(), gate_bias_init(8, (0.95, 0.995)))
+        torch.testing.assert_close(block.attn.decay_gate_bias.detach(), gate_bias_init(8, (0.95, 0.995)))
         assert abs(block.attn.q_proj.weight.std().item() - std) < 0.1 * std
         assert abs(block.attn.o_proj.weight.std().item() - residual_std) < 0.1 * residual_std
         assert abs(block.mlp.down_proj.weight.std().item() - residual_std) < 0.1 * residual_std
