@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from gatedfwa.distributed.sequence import context_parallel_causal_lm_loss, refuse_under_context_parallel, shard_start
@@ -40,7 +41,7 @@ try:
 except ImportError:  # transformers < 5: plain torch initialisers
     from torch.nn import init
 
-__all__ = ["GatedFWAPreTrainedModel", "GatedFWAModel", "GatedFWAForCausalLM"]
+__all__ = ["GatedFWAPreTrainedModel", "GatedFWAModel", "GatedFWAForCausalLM", "causal_lm_loss"]
 
 # transformers renamed the cache field of model outputs from past_key_values to cache (5.2x).
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -260,6 +261,9 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
     """GatedFWAModel plus the language-modelling head; works with generate()."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # transformers' Trainer then passes num_items_in_batch (the label count of the whole
+    # accumulated batch) and leaves the scaling for gradient accumulation to the loss.
+    accepts_loss_kwargs = True
 
     def __init__(self, config: GatedFWAConfig):
         super().__init__(config)
@@ -299,6 +303,7 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
         past_key_values: WindowCache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """
@@ -321,12 +326,20 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
                 this); default False, so training never builds one.
             logits_to_keep: compute logits only for the last n positions (0 = all), or for
                 the positions in a 1-D index tensor.
-            Other keyword arguments (from generate(), e.g. return_dict) are accepted and ignored.
+            num_items_in_batch: the number of scored labels (labels[:, 1:] != -100) of the
+                whole batch that this call is a part of, as transformers' Trainer passes it
+                under gradient accumulation; the loss is then this call's sum divided by it,
+                so the parts' losses (and gradients) add up to the whole batch's mean.
+            Other keyword arguments go to the loss function (transformers' loss kwargs, e.g.
+            shift_labels); it ignores the ones it does not know (e.g. token_type_ids, and
+            return_dict from generate()).
 
         Returns:
-            CausalLMOutputWithPast: logits [B, T', vocab] in the model's dtype; loss = mean
-            next-token cross-entropy in nats over labels != -100 (computed in float32); the
-            cache (field ``cache``, or ``past_key_values`` on older transformers).
+            CausalLMOutputWithPast: logits [B, T', vocab] in the model's dtype; loss =
+            next-token cross-entropy in nats over labels != -100, computed in float32 by
+            transformers' causal-LM loss (self.loss_function): the mean, or the sum divided
+            by num_items_in_batch; the cache (field ``cache``, or ``past_key_values`` on older
+            transformers).
         """
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("pass the cache once: cache or past_key_values, not both")
@@ -348,8 +361,19 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
         if labels is not None:
             if logits.shape[1] != hidden.shape[1]:
                 raise ValueError("labels need logits at every position: use logits_to_keep=0")
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(
+                    f"labels must have shape [batch, seqlen] = {list(logits.shape[:2])}, got {list(labels.shape)}")
             group = self.model.context_parallel_group
-            loss = causal_lm_loss(logits, labels) if group is None else context_parallel_causal_lm_loss(logits, labels, group)
+            if group is None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                          num_items_in_batch=num_items_in_batch, **kwargs)
+            else:
+                if num_items_in_batch is not None or "shift_labels" in kwargs:
+                    raise ValueError(
+                        "num_items_in_batch and shift_labels are not supported under context parallelism: the "
+                        "loss is this rank's part of the mean over the group (context_parallel_causal_lm_loss)")
+                loss = context_parallel_causal_lm_loss(logits, labels, group)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
 
     @classmethod
@@ -385,11 +409,12 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
         return cache
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (nats) of logits[:, t] against labels[:, t + 1], -100 ignored,
-    computed in float32."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy (nats) of logits[:, t] [B, T, vocab] against labels[:, t + 1]
+    [B, T], -100 ignored, computed in float32 by transformers' causal-LM loss (what
+    GatedFWAForCausalLM.forward computes): the mean over the scored labels, or their sum
+    divided by num_items_in_batch when given."""
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels must have shape [batch, seqlen] = {list(logits.shape[:2])}, got {list(labels.shape)}")
-    shifted_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shifted_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=-100)
+    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)

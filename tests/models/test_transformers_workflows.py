@@ -1,0 +1,104 @@
+"""GatedFWAForCausalLM in the everyday transformers workflows, one section per workflow
+(tiny models, CPU, float32)."""
+
+import functools
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+
+import gatedfwa  # noqa: F401  (registers the Auto classes)
+from gatedfwa.models import GatedFWAForCausalLM
+from tests.models.test_model import tiny_config
+
+
+def fixed_batch(rows: int = 4, seqlen: int = 12, vocab: int = 61) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and labels [rows, seqlen] that do not depend on the test's seed; the labels
+    hold -100 unevenly over the rows, so that a mean of per-row (or per-micro-batch) means
+    differs from the mean over all labels."""
+    generator = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, vocab, (rows, seqlen), generator=generator)
+    labels = ids.clone()
+    labels[0, :9] = -100
+    labels[3, 5:] = -100
+    return ids, labels
+
+
+@functools.cache
+def initial_model_state() -> dict[str, torch.Tensor]:
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(99)
+    state = {name: tensor.clone() for name, tensor in GatedFWAForCausalLM(tiny_config()).state_dict().items()}
+    torch.set_rng_state(generator_state)
+    return state
+
+
+def model_at_initial_state() -> GatedFWAForCausalLM:
+    model = GatedFWAForCausalLM(tiny_config())
+    model.load_state_dict(initial_model_state())
+    return model
+
+
+@functools.cache
+def one_trainer_step(accumulation: int):
+    """One optimizer step of transformers' Trainer (SGD, lr 1, no clipping) over the 4 rows of
+    fixed_batch, in micro-batches of 4 // accumulation rows. Returns (the logged loss, the
+    change of every parameter, which is minus its gradient, and the model)."""
+    ids, labels = fixed_batch()
+    rows = [{"input_ids": ids[i], "labels": labels[i]} for i in range(len(ids))]
+    model = model_at_initial_state()
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=len(rows) // accumulation,
+            gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=1.0,
+            lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, logging_steps=1,
+            report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 1
+    start = initial_model_state()
+    change = {name: (tensor - start[name]) for name, tensor in model.state_dict().items()}
+    return logged[0], change, model
+
+
+# --- 1. gradient accumulation under Trainer ---------------------------------------------
+
+
+def test_loss_is_transformers_causal_lm_loss_with_num_items_in_batch():
+    """The loss of a whole batch is the mean over its labels; with num_items_in_batch, each
+    part's loss is its sum divided by it, so the parts add up to the whole (values and
+    gradients)."""
+    ids, labels = fixed_batch()
+    model = model_at_initial_state()
+    whole = model(ids, labels=labels)
+    expected = F.cross_entropy(whole.logits[:, :-1].reshape(-1, 61), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(whole.loss, expected)
+    whole.loss.backward()
+    whole_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    count = labels[:, 1:].ne(-100).sum()
+    parts = [model(ids[rows], labels=labels[rows], num_items_in_batch=count).loss for rows in (slice(0, 1), slice(1, 4))]
+    # The per-part means would weigh row 0 (3 labels) like rows 1-3 (20 labels).
+    assert abs(sum(parts).item() - whole.loss.item()) < 1e-5
+    sum(parts).backward()
+    for grad, expected_grad in zip((p.grad for p in model.parameters()), whole_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("accumulation", [2, 4])
+def test_trainer_gradient_accumulation_gives_the_full_batch_loss_and_gradients(accumulation):
+    loss, change, _ = one_trainer_step(accumulation)
+    reference_loss, reference_change, _ = one_trainer_step(1)
+    ids, labels = fixed_batch()
+    with torch.no_grad():
+        full_batch_mean = model_at_initial_state()(ids, labels=labels).loss.item()
+    assert abs(reference_loss - full_batch_mean) < 1e-5
+    assert abs(loss - reference_loss) < 1e-5
+    for name, delta in change.items():
+        torch.testing.assert_close(delta, reference_change[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert change["lm_head.weight"].abs().max() > 1e-3  # the step did change the weights
