@@ -47,6 +47,36 @@ __all__ = ["GatedFWAPreTrainedModel", "GatedFWAModel", "GatedFWAForCausalLM", "c
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def _resolve_return_dict(return_dict: bool | None, config: GatedFWAConfig) -> bool:
+    """return_dict as passed, else config.return_dict (True unless set to False)."""
+    return return_dict if return_dict is not None else config.return_dict is not False
+
+
+def _refuse_attention_weights(output_attentions: bool | None, config: GatedFWAConfig) -> None:
+    if output_attentions or (output_attentions is None and getattr(config, "output_attentions", False)):
+        raise ValueError(
+            "output_attentions=True is not supported: GatedFWA's attention kernels never form the attention "
+            "weights (they keep running softmax sums over each window), so there are none to return"
+        )
+
+
+def _selected_hidden_states(output_hidden_states: bool | int | list[int] | None, count: int) -> frozenset[int] | None:
+    """The indices of the hidden states to return, out of ``count`` (embeddings, then one per
+    block), or None for none. output_hidden_states is a flag or, as transformers also
+    accepts, an index or list of indices (negative from the end); the others come back None."""
+    if output_hidden_states is None or output_hidden_states is False:
+        return None
+    if output_hidden_states is True:
+        return frozenset(range(count))
+    indices = [output_hidden_states] if isinstance(output_hidden_states, int) else list(output_hidden_states)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and -count <= i < count for i in indices):
+        raise ValueError(
+            f"output_hidden_states must be a bool, or an index or list of indices in [-{count}, {count}) of the "
+            f"{count} hidden states (embeddings, then one per block), got {output_hidden_states!r}"
+        )
+    return frozenset(i % count for i in indices)
+
+
 class GatedFWAMLP(nn.Module):
     """SwiGLU: down(silu(x W_gate) * (x W_up)), no biases."""
 
@@ -182,10 +212,19 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         cache: WindowCache | None = None,
         use_cache: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
-        """Hidden states [B, T, C] after the final norm, and the cache when one is used (see
-        GatedFWAForCausalLM.forward for the arguments)."""
+    ) -> BaseModelOutputWithPast | tuple:
+        """Hidden states [B, T, C] after the final norm (last_hidden_state), the cache when one
+        is used, and with output_hidden_states the num_hidden_layers + 1 hidden states (see
+        GatedFWAForCausalLM.forward for the arguments). A tuple of these when return_dict is
+        False."""
+        return_dict = _resolve_return_dict(return_dict, self.config)
+        _refuse_attention_weights(output_attentions, self.config)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -205,10 +244,13 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
             cache = self.new_cache()
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
+        # Which hidden states to return: embeddings, then one per block (None = none).
+        returned = _selected_hidden_states(output_hidden_states, len(self.layers) + 1)
 
         chunk = getattr(cache, "prefill_chunk_size", None)
         if cache is not None and not cache.holds_tokens and chunk is not None and seqlen > chunk:
-            return self._prefill_in_chunks(x, attention_mask, position_ids, cache, chunk)
+            outputs = self._prefill_in_chunks(x, attention_mask, position_ids, cache, chunk, output_hidden_states)
+            return outputs if return_dict else outputs.to_tuple()
 
         layout = None
         if cache is not None and cache.holds_tokens:
@@ -234,27 +276,47 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
             position_ids = default_position_ids(batch, seqlen, None, x.device) + shard_start(seqlen, self.context_parallel_group)
         # The rotary angles are the same in every layer: computed once here.
         rotary = rotary_angles(position_ids, self.config.head_dim, self.config.rope_theta)
+        # Hidden states in the blocks' layout (packed when there is padding); the last is
+        # the final norm's output, as transformers' models return it.
+        hidden_states = [] if returned is not None else None
         for i, block in enumerate(self.layers):
+            if hidden_states is not None:
+                hidden_states.append(x)
             x = block(x, rotary, layout=layout, cache=None if cache is None else cache[i])
         x = self.norm(x)
         if layout is not None:
             x = unpack(x, layout)
-        return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache})
+        if hidden_states is not None:
+            if layout is not None:  # back to the caller's [B, T, C], zeros at the padding
+                hidden_states = [unpack(h, layout) if j in returned else None for j, h in enumerate(hidden_states)]
+            hidden_states.append(x)
+            hidden_states = tuple(h if j in returned else None for j, h in enumerate(hidden_states))
+        outputs = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=hidden_states, **{_CACHE_FIELD: cache})
+        return outputs if return_dict else outputs.to_tuple()
 
-    def _prefill_in_chunks(self, x, attention_mask, position_ids, cache, chunk: int) -> BaseModelOutputWithPast:
+    def _prefill_in_chunks(self, x, attention_mask, position_ids, cache, chunk: int,
+                           output_hidden_states=None) -> BaseModelOutputWithPast:
         """A prompt x [B, T, C] into an empty cache, ``chunk`` tokens at a time: the first
         chunk by the parallel path, each later one against the cached window (the layers'
         chunked prefill). Attention memory is O(window + chunk) per windowed layer."""
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("chunked prefill (prefill_chunk_size) takes prompts without padding: "
                              "attention_mask must be all ones or None")
-        hidden = []
+        pieces = []
         for start in range(0, x.shape[1], chunk):
             piece = slice(start, start + chunk)
-            out = self(inputs_embeds=x[:, piece], cache=cache,
-                       position_ids=None if position_ids is None else position_ids[:, piece])
-            hidden.append(out.last_hidden_state)
-        return BaseModelOutputWithPast(last_hidden_state=torch.cat(hidden, dim=1), **{_CACHE_FIELD: cache})
+            pieces.append(self(inputs_embeds=x[:, piece], cache=cache, output_hidden_states=output_hidden_states,
+                               position_ids=None if position_ids is None else position_ids[:, piece],
+                               return_dict=True))
+        hidden_states = None
+        if pieces[0].hidden_states is not None:
+            # The chunks' hidden states, joined along the sequence (None where not asked for).
+            hidden_states = tuple(
+                None if parts[0] is None else torch.cat(parts, dim=1)
+                for parts in zip(*(out.hidden_states for out in pieces))
+            )
+        return BaseModelOutputWithPast(last_hidden_state=torch.cat([out.last_hidden_state for out in pieces], dim=1),
+                                       hidden_states=hidden_states, **{_CACHE_FIELD: cache})
 
 
 class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
@@ -304,8 +366,11 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         """
         Args:
             input_ids: [B, T] token ids (or inputs_embeds [B, T, C]).
@@ -330,19 +395,28 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
                 whole batch that this call is a part of, as transformers' Trainer passes it
                 under gradient accumulation; the loss is then this call's sum divided by it,
                 so the parts' losses (and gradients) add up to the whole batch's mean.
+            output_hidden_states: also return ``hidden_states``: num_hidden_layers + 1
+                tensors [B, T, C], the embeddings and each block's output, the last one after
+                the final norm (it equals the input of lm_head); padding positions hold 0.
+                Default: config.output_hidden_states. An index or list of indices returns
+                only those (the others are None).
+            output_attentions: True raises ValueError (the kernels never form attention
+                weights).
+            return_dict: False returns a tuple of the output's fields that are not None, in
+                order (loss, logits, cache, hidden_states); default: config.return_dict.
             Other keyword arguments go to the loss function (transformers' loss kwargs, e.g.
-            shift_labels); it ignores the ones it does not know (e.g. token_type_ids, and
-            return_dict from generate()).
+            shift_labels); it ignores the ones it does not know (e.g. token_type_ids).
 
         Returns:
             CausalLMOutputWithPast: logits [B, T', vocab] in the model's dtype; loss =
             next-token cross-entropy in nats over labels != -100, computed in float32 by
             transformers' causal-LM loss (self.loss_function): the mean, or the sum divided
             by num_items_in_batch; the cache (field ``cache``, or ``past_key_values`` on older
-            transformers).
+            transformers); hidden_states when asked for.
         """
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("pass the cache once: cache or past_key_values, not both")
+        return_dict = _resolve_return_dict(return_dict, self.config)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -350,6 +424,9 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             cache=cache if cache is not None else past_key_values,
             use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -374,7 +451,9 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
                         "num_items_in_batch and shift_labels are not supported under context parallelism: the "
                         "loss is this rank's part of the mean over the group (context_parallel_causal_lm_loss)")
                 loss = context_parallel_causal_lm_loss(logits, labels, group)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                        **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+        return output if return_dict else output.to_tuple()
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

@@ -102,3 +102,98 @@ def test_trainer_gradient_accumulation_gives_the_full_batch_loss_and_gradients(a
     for name, delta in change.items():
         torch.testing.assert_close(delta, reference_change[name], rtol=1e-5, atol=1e-6, msg=name)
     assert change["lm_head.weight"].abs().max() > 1e-3  # the step did change the weights
+
+
+# --- 4. output_hidden_states, return_dict, output_attentions -------------------------------
+
+
+def test_hidden_states_follow_transformers_convention():
+    """num_hidden_layers + 1 states: the embeddings, each block's output, and in place of the
+    last block's output the final norm's (the input of lm_head)."""
+    model = GatedFWAForCausalLM(tiny_config(num_hidden_layers=3)).eval()
+    ids = torch.randint(0, 61, (2, 9))
+    block_outputs = []
+    for block in model.model.layers:
+        block.register_forward_hook(lambda module, args, output: block_outputs.append(output))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    states = out.hidden_states
+    assert isinstance(states, tuple) and len(states) == 4
+    torch.testing.assert_close(states[0], model.model.embed_tokens(ids))
+    torch.testing.assert_close(states[1], block_outputs[0])
+    torch.testing.assert_close(states[2], block_outputs[1])
+    torch.testing.assert_close(states[3], model.model.norm(block_outputs[2]))
+    torch.testing.assert_close(model.lm_head(states[3]), out.logits)
+    with torch.no_grad():
+        assert model(ids).hidden_states is None
+        model.config.output_hidden_states = True  # the config's default applies too
+        assert len(model(ids).hidden_states) == 4
+        model.config.output_hidden_states = False
+        selected = model(ids, output_hidden_states=[0, -1]).hidden_states
+    assert selected[1] is None and selected[2] is None
+    torch.testing.assert_close(selected[0], states[0])
+    torch.testing.assert_close(selected[3], states[3])
+    with pytest.raises(ValueError, match="output_hidden_states must be a bool"):
+        model(ids, output_hidden_states=[4])
+
+
+def test_hidden_states_of_a_padded_batch_come_back_in_the_callers_layout():
+    model = GatedFWAForCausalLM(tiny_config(token_shift=True)).eval()
+    rows = [torch.randint(1, 61, (n,)) for n in (6, 3)]
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, 6 - len(row):] = row
+        mask[b, 6 - len(row):] = 1
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        for b, row in enumerate(rows):
+            alone = model(row[None], output_hidden_states=True).hidden_states
+            for state, expected in zip(batched, alone):
+                assert state.shape == (2, 6, 32)
+                torch.testing.assert_close(state[b, 6 - len(row):], expected[0], rtol=1e-5, atol=1e-5)
+    for state in batched:
+        assert state[mask == 0].abs().max() == 0  # padding positions hold zeros
+
+
+def test_hidden_states_through_chunked_prefill_and_generate():
+    model = GatedFWAForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 61, (2, 11))
+    with torch.no_grad():
+        whole = model(ids, output_hidden_states=True).hidden_states
+        chunked = model(ids, cache=model.new_static_cache(16, prefill_chunk_size=4), output_hidden_states=True)
+    for state, expected in zip(chunked.hidden_states, whole):
+        torch.testing.assert_close(state, expected, rtol=1e-5, atol=1e-5)
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, output_hidden_states=True,
+                         return_dict_in_generate=True)
+    assert [len(step) for step in out.hidden_states] == [3, 3, 3]
+    assert out.hidden_states[0][-1].shape == (2, 11, 32) and out.hidden_states[1][-1].shape == (2, 1, 32)
+    torch.testing.assert_close(out.hidden_states[0][-1], whole[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_return_dict_false_returns_tuples():
+    model = GatedFWAForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 61, (2, 7))
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+        loss, logits = model(ids, labels=ids, return_dict=False)
+        assert torch.equal(loss, out.loss) and torch.equal(logits, out.logits)
+        as_tuple = model(ids, output_hidden_states=True, use_cache=True, return_dict=False)
+        assert len(as_tuple) == 3 and torch.equal(as_tuple[0], out.logits)  # logits, cache, hidden states
+        assert len(as_tuple[2]) == 3
+        (hidden,) = model.model(ids, return_dict=False)
+        torch.testing.assert_close(model.lm_head(hidden), out.logits)
+        model.config.return_dict = False
+        assert isinstance(model(ids), tuple) and isinstance(model(ids, return_dict=True).logits, torch.Tensor)
+        # generate() asks for dict outputs itself.
+        assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (2, 9)
+
+
+def test_output_attentions_raises():
+    model = GatedFWAForCausalLM(tiny_config())
+    ids = torch.randint(0, 61, (1, 5))
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        model(ids, output_attentions=True)
+    model.config.output_attentions = True
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        model(ids)
