@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 
 from gatedfwa.distributed.sequence import context_parallel_causal_lm_loss, refuse_under_context_parallel, shard_start
 from gatedfwa.layers.attention import GatedFWAttention, default_position_ids, gate_bias_init
@@ -42,6 +44,8 @@ except ImportError:  # transformers < 5: plain torch initialisers
     from torch.nn import init
 
 __all__ = ["GatedFWAPreTrainedModel", "GatedFWAModel", "GatedFWAForCausalLM", "causal_lm_loss"]
+
+logger = logging.get_logger(__name__)
 
 # transformers renamed the cache field of model outputs from past_key_values to cache (5.2x).
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -90,8 +94,19 @@ class GatedFWAMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class GatedFWABlock(nn.Module):
-    """Pre-norm transformer block: attention then MLP, each on a residual branch."""
+class GatedFWABlock(GradientCheckpointingLayer):
+    """Pre-norm transformer block: attention then MLP, each on a residual branch.
+
+    forward(x, rotary, layout=None, cache=None): x [B, T, C] (or [1, N, C] packed by
+    ``layout``), rotary the (cos, sin) angles of its positions, -> [B, T, C] (or [1, N, C]).
+
+    Gradient checkpointing (model.gradient_checkpointing_enable(), transformers'
+    GradientCheckpointingLayer): in training, a block keeps only its inputs and runs its
+    forward again in the backward pass. x and rotary are positional so that the reentrant
+    variant of torch.utils.checkpoint sees x as the input that needs a gradient; layout is
+    read again unchanged, and a block never holds a cache while checkpointed
+    (GatedFWAModel.forward refuses one), so the recomputation repeats the first pass exactly.
+    """
 
     def __init__(self, config: GatedFWAConfig, layer_idx: int):
         super().__init__()
@@ -129,7 +144,7 @@ class GatedFWAPreTrainedModel(PreTrainedModel):
     config_class = GatedFWAConfig
     config: GatedFWAConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["GatedFWABlock"]
     _can_compile_fullgraph = True
 
@@ -240,6 +255,19 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
             )
         if self.context_parallel_group is not None:
             refuse_under_context_parallel(attention_mask=attention_mask, cache=cache, use_cache=use_cache or None)
+        if self.training and torch.is_grad_enabled() and any(block.gradient_checkpointing for block in self.layers):
+            # The backward pass runs every block again; a cache would take the tokens twice.
+            if cache is not None:
+                raise ValueError(
+                    "a decoding cache cannot be used while gradient checkpointing is on in training (the blocks run "
+                    "twice): decode under model.eval() or torch.no_grad(), or call gradient_checkpointing_disable()"
+                )
+            if use_cache:
+                logger.warning_once(
+                    "use_cache=True is ignored while gradient checkpointing is on in training: no cache is built "
+                    "(model.eval() or torch.no_grad() builds one)"
+                )
+                use_cache = False
         if use_cache and cache is None:
             cache = self.new_cache()
         if cache is not None and len(cache) != len(self.layers):
@@ -388,7 +416,8 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
                 prompt, run in parallel, that fills it. Holding tokens: the input holds the
                 next tokens, decoded against it (and appended to it).
             use_cache: create a cache when none is given and return it (generate() sets
-                this); default False, so training never builds one.
+                this); default False, so training never builds one. Ignored, with a
+                warning, while gradient checkpointing is on in training.
             logits_to_keep: compute logits only for the last n positions (0 = all), or for
                 the positions in a 1-D index tensor.
             num_items_in_batch: the number of scored labels (labels[:, 1:] != -100) of the

@@ -2,12 +2,14 @@
 (tiny models, CPU, float32)."""
 
 import functools
+import logging
 import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
+from transformers.utils import logging as hf_logging
 
 import gatedfwa  # noqa: F401  (registers the Auto classes)
 from gatedfwa.models import GatedFWAForCausalLM
@@ -42,19 +44,23 @@ def model_at_initial_state() -> GatedFWAForCausalLM:
 
 
 @functools.cache
-def one_trainer_step(accumulation: int):
+def one_trainer_step(accumulation: int, gradient_checkpointing: bool = False):
     """One optimizer step of transformers' Trainer (SGD, lr 1, no clipping) over the 4 rows of
     fixed_batch, in micro-batches of 4 // accumulation rows. Returns (the logged loss, the
     change of every parameter, which is minus its gradient, and the model)."""
     ids, labels = fixed_batch()
     rows = [{"input_ids": ids[i], "labels": labels[i]} for i in range(len(ids))]
     model = model_at_initial_state()
+    # Trainer(gradient_checkpointing=True), named activation_checkpointing since transformers 5.2x.
+    checkpointing_name = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                          else "gradient_checkpointing")
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=len(rows) // accumulation,
             gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=1.0,
             lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, logging_steps=1,
             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+            **{checkpointing_name: gradient_checkpointing},
         )
         trainer = Trainer(model=model, args=args, train_dataset=rows)
         trainer.train()
@@ -102,6 +108,70 @@ def test_trainer_gradient_accumulation_gives_the_full_batch_loss_and_gradients(a
     for name, delta in change.items():
         torch.testing.assert_close(delta, reference_change[name], rtol=1e-5, atol=1e-6, msg=name)
     assert change["lm_head.weight"].abs().max() > 1e-3  # the step did change the weights
+
+
+# --- 2. gradient checkpointing ------------------------------------------------------------
+
+
+def enable_checkpointing(model, use_reentrant: bool = False) -> None:
+    # transformers 5.2x calls it activation checkpointing (the gradient_* names remain as
+    # deprecated aliases of the same code).
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(use_reentrant):
+    """With padding (the blocks run on the packed layout) and token shift; the attention
+    layers run twice per step when checkpointed (the recomputation in the backward pass)."""
+    config = tiny_config(token_shift=True, attention_kinds=["gatedfwa", "full"])
+    ids, labels = fixed_batch()
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    labels = labels.masked_fill(mask == 0, -100)
+    runs = []
+    for checkpointed in (False, True):
+        torch.manual_seed(5)
+        model = GatedFWAForCausalLM(config).train()
+        if checkpointed:
+            enable_checkpointing(model, use_reentrant)
+        calls = []
+        for block in model.model.layers:
+            block.attn.register_forward_hook(lambda *_: calls.append(1))
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, len(calls)))
+    (plain_loss, plain_grads, plain_calls), (loss, grads, calls) = runs
+    assert plain_calls == 2 and calls == 4
+    torch.testing.assert_close(loss, plain_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_builds_no_cache_in_training(caplog):
+    model = GatedFWAForCausalLM(tiny_config()).train()
+    enable_checkpointing(model)
+    ids = torch.randint(0, 61, (2, 6))
+    hf_logging.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="gatedfwa.models.modeling"):
+        assert model(ids, use_cache=True).cache is None
+    assert "use_cache=True is ignored while gradient checkpointing" in caplog.text
+    with pytest.raises(ValueError, match="decoding cache cannot be used while gradient checkpointing"):
+        model(ids, cache=model.new_cache())
+    with torch.no_grad():  # no backward pass, so nothing is checkpointed: decoding works
+        assert model(ids, use_cache=True).cache.holds_tokens
+    assert model.eval().generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 9)
+
+
+def test_trainer_with_gradient_checkpointing_gives_the_same_step():
+    loss, change, model = one_trainer_step(1, gradient_checkpointing=True)
+    assert all(block.gradient_checkpointing for block in model.model.layers)
+    reference_loss, reference_change, _ = one_trainer_step(1)
+    assert abs(loss - reference_loss) < 1e-5
+    for name, delta in change.items():
+        torch.testing.assert_close(delta, reference_change[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 # --- 4. output_hidden_states, return_dict, output_attentions -------------------------------
