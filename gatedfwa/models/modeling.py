@@ -18,6 +18,7 @@ an NSA layer keeps every key and value and its block summaries besides (gatedfwa
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +141,41 @@ class GatedFWABlock(GradientCheckpointingLayer):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def resolve_attn_implementation(requested: str | None, model_name: str) -> str:
+    """The attn_implementation that a GatedFWA model records when ``requested`` is asked for.
+
+    Every layer computes its attention with gatedfwa's own kernels (the kind of each layer
+    comes from config.attention_kinds), whatever is named. So every name transformers knows
+    ("eager", "sdpa", "flash_attention_2", "flex_attention", "paged|eager", registered ones
+    such as "gatedfwa", ...) is accepted, and "eager" is recorded in config._attn_implementation:
+    transformers' name for a model's own attention code, for which it takes no path meant
+    for another backend (flash attention's mask handling in generate(), for one). Asking for
+    a name other than "eager" or "gatedfwa" logs a warning, once per name.
+
+    Raises ValueError for a name transformers does not know (a typo), listing the known ones.
+    """
+    if requested is None or requested in ("eager", "gatedfwa"):
+        return "eager"
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
+    if not isinstance(requested, str):
+        raise ValueError(f"attn_implementation must be a string, one of {sorted(known)}; got {requested!r}")
+    # transformers accepts "paged|" before any name (deprecated except for paged|eager) and
+    # flash_attention_N whether or not the flash-attn package is installed.
+    name = requested.removeprefix("paged|")
+    if name not in known and requested not in known and not re.fullmatch(r"flash_attention_\d+", name):
+        raise ValueError(
+            f"attn_implementation={requested!r} is not an attention implementation transformers knows; "
+            f"{model_name} accepts any of {sorted(known)} (its layers run gatedfwa's own kernels whichever is named)"
+        )
+    logger.warning_once(
+        f"{model_name} ignores attn_implementation={requested!r}: every layer computes its attention with "
+        "gatedfwa's own kernels (config.attention_kinds chooses the kind), whichever implementation is named"
+    )
+    return "eager"
+
+
 class GatedFWAPreTrainedModel(PreTrainedModel):
     config_class = GatedFWAConfig
     config: GatedFWAConfig
@@ -147,6 +183,17 @@ class GatedFWAPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["GatedFWABlock"]
     _can_compile_fullgraph = True
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation: str | None, *args, **kwargs) -> str:
+        # transformers' own check accepts only the backends a model's attention layers call
+        # into; these layers call none of them (see resolve_attn_implementation).
+        return resolve_attn_implementation(attn_implementation, type(self).__name__)
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # set_attn_implementation() may always change the name (it changes nothing else);
+        # transformers' default guesses the answer from this module's source code.
+        return True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -4,11 +4,12 @@
 import functools
 import logging
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 import gatedfwa  # noqa: F401  (registers the Auto classes)
@@ -172,6 +173,65 @@ def test_trainer_with_gradient_checkpointing_gives_the_same_step():
     assert abs(loss - reference_loss) < 1e-5
     for name, delta in change.items():
         torch.testing.assert_close(delta, reference_change[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --- 3. attn_implementation -----------------------------------------------------------------
+
+COMMON_NAMES = ["sdpa", "flash_attention_2", "flex_attention"]  # "eager" is what an unset name gives
+
+
+def entry_points(tmp_path: Path):
+    """name -> function(attn_implementation) building a GatedFWAForCausalLM with the same
+    weights through that entry point."""
+    reference = GatedFWAForCausalLM(tiny_config()).eval()
+    reference.save_pretrained(tmp_path)
+
+    def constructor(name):
+        model = GatedFWAForCausalLM(tiny_config(attn_implementation=name))
+        model.load_state_dict(reference.state_dict())
+        return model
+
+    def from_config(name):
+        model = AutoModelForCausalLM.from_config(tiny_config(), attn_implementation=name)
+        model.load_state_dict(reference.state_dict())
+        return model
+
+    def set_attn_implementation(name):
+        model = GatedFWAForCausalLM.from_pretrained(tmp_path)
+        model.set_attn_implementation(name)
+        return model
+
+    return reference, {
+        "from_pretrained": lambda name: AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=name),
+        "from_config": from_config,
+        "constructor": constructor,
+        "set_attn_implementation": set_attn_implementation,
+    }
+
+
+def test_common_attn_implementations_are_accepted_and_change_nothing(tmp_path, caplog):
+    reference, builders = entry_points(tmp_path)
+    ids = torch.randint(0, 61, (2, 7))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    hf_logging.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="gatedfwa.models.modeling"):
+        for entry, build in builders.items():
+            for name in COMMON_NAMES:
+                model = build(name).eval()
+                assert model.config._attn_implementation == "eager", (entry, name)
+                with torch.no_grad():
+                    assert torch.equal(model(ids).logits, expected), (entry, name)
+    for name in COMMON_NAMES:
+        said = [r for r in caplog.records if f"attn_implementation='{name}'" in r.getMessage()]
+        assert len(said) == 1 and "gatedfwa's own kernels" in said[0].getMessage()
+
+
+def test_unknown_attn_implementation_raises_at_every_entry_point(tmp_path):
+    _, builders = entry_points(tmp_path)
+    for entry, build in builders.items():
+        with pytest.raises(ValueError, match=r"attn_implementation='sdpa2' is not an attention implementation"):
+            build("sdpa2")
 
 
 # --- 4. output_hidden_states, return_dict, output_attentions -------------------------------
