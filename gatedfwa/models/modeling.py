@@ -44,7 +44,8 @@ try:
 except ImportError:  # transformers < 5: plain torch initialisers
     from torch.nn import init
 
-__all__ = ["GatedFWAPreTrainedModel", "GatedFWAModel", "GatedFWAForCausalLM", "causal_lm_loss"]
+__all__ = ["GatedFWAPreTrainedModel", "GatedFWAModel", "GatedFWAForCausalLM", "causal_lm_loss",
+           "left_padding_mask_from_pad_tokens"]
 
 logger = logging.get_logger(__name__)
 
@@ -559,6 +560,13 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
             inputs["attention_mask"] = None
         return inputs
 
+    def _prepare_attention_mask_for_generation(self, inputs_tensor, generation_config, model_kwargs):
+        # generate() calls this only when the caller passed no attention_mask. transformers
+        # marks every pad token as padding, a pad id inside a prompt too (a NUL byte of a
+        # byte-level prompt with pad_token_id=0); only leading pad tokens can be padding here.
+        inferred = super()._prepare_attention_mask_for_generation(inputs_tensor, generation_config, model_kwargs)
+        return left_padding_mask_from_pad_tokens(inferred)
+
     def _reorder_cache(self, cache: WindowCache, beam_idx: torch.Tensor) -> WindowCache:
         cache.reorder_cache(beam_idx)
         return cache
@@ -573,3 +581,22 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels must have shape [batch, seqlen] = {list(logits.shape[:2])}, got {list(labels.shape)}")
     return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
+
+
+def left_padding_mask_from_pad_tokens(is_token: torch.Tensor) -> torch.Tensor:
+    """The attention mask generate() uses for prompts passed without one.
+
+    Args:
+        is_token: [B, T], 0 where a prompt holds the pad token id, 1 elsewhere (what
+            transformers infers from pad_token_id).
+
+    Returns:
+        [B, T] of the same dtype. Batched prompts are left-padded, so a row's padding is the
+        run of pad tokens before its first other token; a pad token after that is a real
+        token (a prompt may contain the pad id, e.g. byte 0 of a byte-level prompt with
+        pad_token_id=0). A single prompt (B = 1) has no padding: all ones. Without a mask
+        nothing tells a leading pad id that is text from padding; pass attention_mask then.
+    """
+    if is_token.shape[0] == 1:
+        return torch.ones_like(is_token)
+    return is_token.cummax(dim=1).values

@@ -14,6 +14,8 @@ from transformers.utils import logging as hf_logging
 
 import gatedfwa  # noqa: F401  (registers the Auto classes)
 from gatedfwa.models import GatedFWAForCausalLM
+from gatedfwa.models.modeling import left_padding_mask_from_pad_tokens
+from tests.models.test_generation import sharpened
 from tests.models.test_model import tiny_config
 
 
@@ -327,3 +329,41 @@ def test_output_attentions_raises():
     model.config.output_attentions = True
     with pytest.raises(ValueError, match="output_attentions=True is not supported"):
         model(ids)
+
+
+# --- 5. generate() without an attention mask ----------------------------------------------
+
+
+def test_inferred_generation_mask_marks_only_leading_pad_tokens():
+    is_token = torch.tensor([[0, 0, 1, 0, 1], [1, 0, 0, 1, 1], [0, 0, 0, 0, 1]])
+    assert left_padding_mask_from_pad_tokens(is_token).tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]]
+    assert left_padding_mask_from_pad_tokens(torch.tensor([[0, 1, 0]])).tolist() == [[1, 1, 1]]
+
+
+def test_generate_without_mask_keeps_pad_ids_inside_a_prompt():
+    """pad_token_id=0 and a prompt holding byte 0 (as the CLI's byte-level prompts can): the
+    0 is text, so the tokens equal those generated with an explicit mask of ones."""
+    model = sharpened(GatedFWAForCausalLM(tiny_config(token_shift=True))).eval()
+    prompt = torch.randint(1, 61, (1, 8))
+    prompt[0, 0] = 0
+    prompt[0, 4] = 0
+    options = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    inferred = model.generate(prompt, **options)
+    explicit = model.generate(prompt, attention_mask=torch.ones_like(prompt), **options)
+    assert torch.equal(inferred, explicit)
+
+
+def test_generate_without_mask_infers_left_padding_of_a_batch():
+    model = sharpened(GatedFWAForCausalLM(tiny_config(token_shift=True))).eval()
+    rows = [torch.randint(1, 61, (n,)) for n in (7, 4, 6)]
+    rows[0][2] = 0  # a pad id inside a row's text
+    rows[1][1] = 0  # ... and right after a row's first token
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, 7 - len(row):] = row
+        mask[b, 7 - len(row):] = 1
+    options = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    inferred = model.generate(ids, **options)
+    explicit = model.generate(ids, attention_mask=mask, **options)
+    assert torch.equal(inferred, explicit)
