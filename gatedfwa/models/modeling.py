@@ -196,6 +196,12 @@ class GatedFWAPreTrainedModel(PreTrainedModel):
         # transformers' default guesses the answer from this module's source code.
         return True
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """Does nothing: GatedFWAConfig.save_pretrained writes the auto_map of every saved
+        model itself (see GatedFWAConfig.register_for_auto_class for why transformers' default
+        would be wrong here)."""
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) weights; residual output projections (attention o_proj,

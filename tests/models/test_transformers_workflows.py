@@ -2,8 +2,13 @@
 (tiny models, CPU, float32)."""
 
 import functools
+import json
 import logging
+import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,8 +18,9 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 import gatedfwa  # noqa: F401  (registers the Auto classes)
-from gatedfwa.models import GatedFWAForCausalLM
+from gatedfwa.models import GatedFWAConfig, GatedFWAForCausalLM
 from gatedfwa.models.modeling import left_padding_mask_from_pad_tokens
+from gatedfwa.models.remote_code import AUTO_MAP, REMOTE_CODE_FILE
 from tests.models.test_generation import sharpened
 from tests.models.test_model import tiny_config
 
@@ -367,3 +373,101 @@ def test_generate_without_mask_infers_left_padding_of_a_batch():
     inferred = model.generate(ids, **options)
     explicit = model.generate(ids, attention_mask=mask, **options)
     assert torch.equal(inferred, explicit)
+
+
+# --- 6. loading without import gatedfwa ----------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_fresh_python(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Runs script in a new interpreter where gatedfwa is importable (PYTHONPATH) but not
+    imported; transformers' copies of remote code go to a folder of this test."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=tmp_path,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+
+
+def test_saved_folder_carries_the_remote_code_module(tmp_path):
+    model = GatedFWAForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP
+    module = (tmp_path / "model" / REMOTE_CODE_FILE).read_text()
+    assert "from gatedfwa.models import GatedFWAConfig, GatedFWAForCausalLM, GatedFWAModel" in module
+    # The CLI's checkpoints go through model.save_pretrained too.
+    from gatedfwa.train.checkpoint import save_checkpoint
+
+    step = save_checkpoint(tmp_path / "run", 3, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                           {"train": {}, "tokenizer": {}}, tokens_seen=0, keep=1)
+    assert (step / REMOTE_CODE_FILE).read_text() == module
+    assert json.loads((step / "config.json").read_text())["auto_map"] == AUTO_MAP
+    # A config saved alone carries it as well, and keeps auto_map entries of its own.
+    alone = GatedFWAConfig(**{**tiny_config().to_dict(), "auto_map": {"AutoTokenizer": "x.Y"}})
+    alone.save_pretrained(tmp_path / "config")
+    assert json.loads((tmp_path / "config" / "config.json").read_text())["auto_map"] == {"AutoTokenizer": "x.Y", **AUTO_MAP}
+    assert (tmp_path / "config" / REMOTE_CODE_FILE).is_file()
+
+
+def test_fresh_process_loads_with_trust_remote_code_and_says_how_without(tmp_path):
+    model = GatedFWAForCausalLM(tiny_config(attention_kinds=["gatedfwa", "swa"])).eval()
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(0, 61, (2, 7))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "expected.pt")
+    result = run_fresh_python(
+        """
+        import importlib.abc, json, sys
+        import torch
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        def error_of(call):
+            try:
+                call()
+            except Exception as error:
+                return f"{type(error).__name__}: {error}"
+            return None
+
+        report = {}
+        # Without trust_remote_code: transformers' error names the remedy.
+        report["no_trust"] = error_of(lambda: AutoModelForCausalLM.from_pretrained("model"))
+
+        # With it, where gatedfwa is not installed: the import check names the package.
+        class NoGatedFWA(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "gatedfwa" or name.startswith("gatedfwa."):
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+        sys.meta_path.insert(0, NoGatedFWA())
+        report["not_installed"] = error_of(lambda: AutoConfig.from_pretrained("model", trust_remote_code=True))
+        sys.meta_path.pop(0)
+        report["imported_before_loading"] = "gatedfwa" in sys.modules
+
+        config = AutoConfig.from_pretrained("model", trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained("model", trust_remote_code=True).eval()
+        base = AutoModel.from_pretrained("model", trust_remote_code=True)
+        import gatedfwa.models
+        expected = torch.load("expected.pt")
+        with torch.no_grad():
+            report["same_logits"] = torch.equal(model(expected["ids"]).logits, expected["logits"])
+        report["config_class"] = type(config) is gatedfwa.models.GatedFWAConfig
+        report["model_class"] = type(model) is gatedfwa.models.GatedFWAForCausalLM
+        report["base_class"] = type(base) is gatedfwa.models.GatedFWAModel
+        # Saving again writes the same auto_map, not copies of gatedfwa's modules.
+        model.save_pretrained("again")
+        import os
+        report["saved_again"] = sorted(os.listdir("again"))
+        report["auto_map_again"] = json.load(open("again/config.json"))["auto_map"]
+        print("\\nREPORT", json.dumps(report))  # after the prompt input() printed
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.rsplit("REPORT ", 1)[-1])
+    assert report["no_trust"].startswith("ValueError") and "trust_remote_code=True" in report["no_trust"]
+    assert report["not_installed"].startswith("ImportError") and "gatedfwa" in report["not_installed"]
+    assert "pip install gatedfwa" in report["not_installed"]
+    assert report["imported_before_loading"] is False
+    assert report["same_logits"] and report["config_class"] and report["model_class"] and report["base_class"]
+    assert report["saved_again"] == sorted(["config.json", "generation_config.json", "model.safetensors", REMOTE_CODE_FILE])
+    assert report["auto_map_again"] == AUTO_MAP
