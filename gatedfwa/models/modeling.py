@@ -13,6 +13,12 @@ tokens of every row are packed into one varlen row once, before the first block,
 unpacked after the last, so no padding token ever enters a softmax or a gate sum.
 Decoding keeps per windowed layer only the last w keys and values (gatedfwa/ops/decode/cache.py);
 an NSA layer keeps every key and value and its block summaries besides (gatedfwa/ops/nsa/cache.py).
+
+The transformers workflows (docs/models.md, "With transformers"): the loss honours Trainer's
+num_items_in_batch (gradient accumulation), the blocks support gradient checkpointing,
+every common attn_implementation name is accepted (the layers' own kernels run whatever is
+named), output_hidden_states and return_dict are honoured, generate() infers only left
+padding from pad tokens, and save_pretrained writes what trust_remote_code=True needs.
 """
 
 from __future__ import annotations
