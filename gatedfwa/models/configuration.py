@@ -5,10 +5,12 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import os
 
 from transformers import PretrainedConfig
 
 from gatedfwa.attention_kinds import ATTENTION_KINDS
+from gatedfwa.models.remote_code import AUTO_MAP, write_remote_code
 
 __all__ = ["GatedFWAConfig", "ATTENTION_KINDS", "config_fields"]
 
@@ -138,6 +140,25 @@ class GatedFWAConfig(PretrainedConfig):
     def layer_uses_nsa(self, layer_idx: int) -> bool:
         """Whether layer ``layer_idx`` is Native Sparse Attention ("nsa", "nsa-gatedfwa")."""
         return ATTENTION_KINDS[self.layer_kinds[layer_idx]].uses_nsa
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """Writes config.json, as transformers does, and beside it the module file that its
+        ``auto_map`` names (gatedfwa/models/remote_code.py), so that
+        ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads the
+        folder in a process that never imported gatedfwa. model.save_pretrained calls this,
+        so every saved model (the CLI's checkpoints included) carries both. Other auto_map
+        entries already in the config are kept."""
+        self.auto_map = {**(getattr(self, "auto_map", None) or {}), **AUTO_MAP}
+        write_remote_code(save_directory)
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """Does nothing: save_pretrained always writes this config's auto_map itself.
+
+        transformers calls this on a class it loaded through trust_remote_code; the default
+        would make every later save copy gatedfwa/models/configuration.py into the folder
+        and point auto_map at that copy (a second, stale definition of the class)."""
 
     def _check(self) -> None:
         """Raise ValueError/TypeError naming the field when a value cannot work."""
