@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PackedLayout", "packed_layout", "pack", "unpack", "positions_from_mask", "pack_padded"]
+__all__ = ["PackedLayout", "packed_layout", "flattened_layout", "pack", "unpack", "positions_from_mask", "pack_padded"]
 
 
 @dataclass
@@ -52,6 +52,60 @@ def packed_layout(attention_mask: torch.Tensor) -> PackedLayout:
     cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=attention_mask.device)
     cu_seqlens[1:] = torch.cumsum(lengths, dim=0)
     return PackedLayout(indices=indices, cu_seqlens=cu_seqlens, batch=batch, seqlen=seqlen)
+
+
+def flattened_layout(
+    batch: int,
+    seqlen: int,
+    device: torch.device,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+) -> PackedLayout | None:
+    """The layout of rows that hold several sequences back to back, without padding (what
+    transformers' DataCollatorWithFlattening makes: one row, rotary positions that restart for
+    each sequence), or None when every row is one sequence.
+
+    The sequences are read from the first of these that is given:
+        cu_seqlens: [N + 1] offsets of N sequences in the flattened [B * T] tokens (flash
+            attention's ``cu_seq_lens_q``), starting at 0 and ending at B * T;
+        seq_idx: [B, T] the sequence each token belongs to; a sequence starts where it changes;
+        position_ids: [B, T] rotary positions; a sequence starts where the position does not
+            increase (a restart at 0, or at any value not above the previous one).
+    Each row also starts a sequence. Reading seq_idx or position_ids costs one host
+    synchronisation (the number of sequences sets the layout's size); cu_seqlens costs one
+    for its check in eager mode and none under torch.compile.
+    """
+    total = batch * seqlen
+    if cu_seqlens is not None:
+        cu_seqlens = torch.as_tensor(cu_seqlens, device=device).to(torch.int32).reshape(-1)
+        row_starts = torch.arange(0, total, seqlen, device=device, dtype=torch.int32)
+        # The values are checked in eager mode only: reading them is a host synchronisation,
+        # which would break a compiled graph.
+        if cu_seqlens.numel() < 2 or not torch.compiler.is_compiling() and (
+                int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any())
+                or not bool(torch.isin(row_starts, cu_seqlens).all())):
+            raise ValueError(
+                f"cu_seq_lens must be non-decreasing offsets from 0 to batch * seqlen = {total} that include each "
+                f"row's start, got {cu_seqlens.tolist()}")
+        if cu_seqlens.numel() - 1 == batch:
+            return None
+        return PackedLayout(torch.arange(total, device=device), cu_seqlens.contiguous(), batch, seqlen)
+    name, marks = ("seq_idx", seq_idx) if seq_idx is not None else ("position_ids", position_ids)
+    if marks is None:
+        return None
+    if tuple(marks.shape) != (batch, seqlen):
+        raise ValueError(f"{name} must have shape [batch, seqlen] = {[batch, seqlen]}, got {list(marks.shape)}")
+    starts = torch.ones(batch, seqlen, dtype=torch.bool, device=device)
+    if seq_idx is not None:
+        starts[:, 1:] = marks[:, 1:] != marks[:, :-1]
+    else:
+        starts[:, 1:] = marks[:, 1:] <= marks[:, :-1]
+    offsets = starts.reshape(-1).nonzero().reshape(-1)  # the host synchronisation
+    if offsets.numel() == batch:
+        return None
+    cu_seqlens = torch.cat((offsets, offsets.new_tensor([total]))).to(torch.int32)
+    return PackedLayout(torch.arange(total, device=device), cu_seqlens, batch, seqlen)
 
 
 def pack(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:

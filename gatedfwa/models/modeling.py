@@ -39,7 +39,7 @@ from gatedfwa.distributed.sequence import context_parallel_causal_lm_loss, refus
 from gatedfwa.layers.attention import GatedFWAttention, default_position_ids, gate_bias_init
 from gatedfwa.layers.norm import RMSNorm
 from gatedfwa.layers.nsa_attention import NSAttention
-from gatedfwa.layers.padding import pack_padded, unpack
+from gatedfwa.layers.padding import flattened_layout, pack, pack_padded, unpack
 from gatedfwa.layers.rotary import rotary_angles
 from gatedfwa.models.configuration import GatedFWAConfig
 from gatedfwa.ops import StaticWindowCache, WindowCache
@@ -290,6 +290,9 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
         output_hidden_states: bool | int | list[int] | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Hidden states [B, T, C] after the final norm (last_hidden_state), the cache when one
@@ -360,6 +363,10 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
                 position_ids = cache[0].token_counts[:, None] + torch.arange(seqlen, device=x.device)
         elif attention_mask is not None:
             layout, x, position_ids, _ = pack_padded(attention_mask, x, position_ids)
+        elif (layout := self._flattened_sequences(x, position_ids, cu_seq_lens_q, cu_seq_lens_k, seq_idx)) is not None:
+            x = pack(x, layout)
+            position_ids = (default_position_ids(1, x.shape[1], layout.cu_seqlens, x.device) if position_ids is None
+                            else pack(position_ids, layout))
         elif position_ids is None:
             position_ids = default_position_ids(batch, seqlen, None, x.device) + shard_start(seqlen, self.context_parallel_group)
         # The rotary angles are the same in every layer: computed once here.
@@ -381,6 +388,27 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
             hidden_states = tuple(h if j in returned else None for j, h in enumerate(hidden_states))
         outputs = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=hidden_states, **{_CACHE_FIELD: cache})
         return outputs if return_dict else outputs.to_tuple()
+
+    def _flattened_sequences(self, x, position_ids, cu_seq_lens_q, cu_seq_lens_k, seq_idx):
+        """The PackedLayout of rows that hold several sequences back to back (padding-free
+        batches, e.g. transformers' DataCollatorWithFlattening), or None: read from
+        cu_seq_lens_q/k, else seq_idx, else position_ids that restart (layers/padding.py
+        flattened_layout). Each sequence then attends only to itself, as under flash-attention.
+        position_ids and seq_idx are read only when given (one host synchronisation); under
+        torch.compile only cu_seq_lens_q/k keep the graph whole."""
+        if (cu_seq_lens_q is None) != (cu_seq_lens_k is None) or (
+                cu_seq_lens_q is not None and not torch.compiler.is_compiling()
+                and not torch.equal(torch.as_tensor(cu_seq_lens_q), torch.as_tensor(cu_seq_lens_k))):
+            raise ValueError("cu_seq_lens_q and cu_seq_lens_k must be given together and be equal "
+                             "(the model attends within each sequence, as many queries as keys)")
+        if cu_seq_lens_q is None and seq_idx is None and position_ids is None:
+            return None
+        if self.context_parallel_group is not None:
+            if cu_seq_lens_q is not None or seq_idx is not None:
+                raise ValueError("packed sequences (cu_seq_lens_q/k, seq_idx) are not supported under context parallelism")
+            return None  # positions are the shard's; a shard holds one sequence
+        return flattened_layout(x.shape[0], x.shape[1], x.device, position_ids=position_ids,
+                                cu_seqlens=cu_seq_lens_q, seq_idx=seq_idx)
 
     def _prefill_in_chunks(self, x, attention_mask, position_ids, cache, chunk: int,
                            output_hidden_states=None) -> BaseModelOutputWithPast:
@@ -467,7 +495,10 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
                 generate() passes it) or None; the new tokens are all tokens (padding
                 belongs to the prompt; checked for a mask on the CPU, not read on a GPU).
             position_ids: [B, T] rotary positions; default: the rank of each token among its
-                row's real tokens (0 for the first).
+                row's real tokens (0 for the first). Without attention_mask and cache, positions
+                that restart (do not increase) within a row start a new sequence there: rows
+                holding several sequences back to back (transformers' DataCollatorWithFlattening)
+                attend within each sequence. Reading them costs one host synchronisation.
             labels: [B, T] targets aligned with input_ids; shifted inside (position t predicts
                 labels[t + 1]); -100 is ignored. Under context parallelism, this rank's shard of
                 them; the loss is then this rank's part (see context_parallel_causal_lm_loss).
@@ -493,6 +524,11 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
                 weights).
             return_dict: False returns a tuple of the output's fields that are not None, in
                 order (loss, logits, cache, hidden_states); default: config.return_dict.
+            cu_seq_lens_q, cu_seq_lens_k (keyword): [N + 1] offsets of N sequences packed in the
+                flattened [B * T] tokens (equal; DataCollatorWithFlattening with
+                return_flash_attn_kwargs=True), instead of reading position_ids; seq_idx
+                (keyword): [B, T] the sequence of each token, likewise. max_length_q/k are
+                accepted and not needed.
             Other keyword arguments go to the loss function (transformers' loss kwargs, e.g.
             shift_labels); it ignores the ones it does not know (e.g. token_type_ids).
 
@@ -506,6 +542,11 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("pass the cache once: cache or past_key_values, not both")
         return_dict = _resolve_return_dict(return_dict, self.config)
+        # Where packed sequences lie (padding-free batches); the lengths flash-attention
+        # also takes (max_length_q/k) follow from them.
+        packing = {name: kwargs.pop(name, None) for name in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")}
+        kwargs.pop("max_length_q", None)
+        kwargs.pop("max_length_k", None)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -516,6 +557,7 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             return_dict=True,
+            **packing,
         )
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):

@@ -183,6 +183,98 @@ def test_trainer_with_gradient_checkpointing_gives_the_same_step():
         torch.testing.assert_close(delta, reference_change[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+# --- Padding-free batches (DataCollatorWithFlattening) ---------------------------------------
+
+
+def flattened_examples(lengths=(5, 9, 1, 7), vocab: int = 61):
+    generator = torch.Generator().manual_seed(4321)
+    return [{"input_ids": torch.randint(0, vocab, (n,), generator=generator).tolist()} for n in lengths]
+
+
+@pytest.mark.parametrize("boundaries", ["position_ids", "flash_kwargs", "seq_idx"])
+def test_flattened_batch_attends_within_each_sequence(boundaries):
+    """Sequences laid end to end in one row (transformers' DataCollatorWithFlattening) give
+    each sequence's own logits and loss, read from restarting position_ids, from
+    cu_seq_lens_q/k, or from seq_idx."""
+    from transformers import DataCollatorWithFlattening
+
+    model = GatedFWAForCausalLM(tiny_config(attention_kinds=["gatedfwa", "full"])).eval()
+    examples = flattened_examples()
+    collator = DataCollatorWithFlattening(return_position_ids=boundaries == "position_ids",
+                                          return_flash_attn_kwargs=boundaries == "flash_kwargs",
+                                          return_seq_idx=boundaries == "seq_idx", return_tensors="pt")
+    batch = collator(examples)
+    out = model(**batch)
+    separate = [model(torch.tensor([e["input_ids"]])).logits[0] for e in examples]
+    torch.testing.assert_close(out.logits[0], torch.cat(separate), rtol=1e-5, atol=1e-5)
+    # The collator masks each sequence's first label, so the loss is the mean over the
+    # sequences' own next-token predictions.
+    losses = [F.cross_entropy(logits[:-1], torch.tensor(e["input_ids"][1:], dtype=torch.long),
+                              reduction="sum")
+              for logits, e in zip(separate, examples)]
+    count = sum(len(e["input_ids"]) - 1 for e in examples)
+    torch.testing.assert_close(out.loss, torch.stack(losses).sum() / count, rtol=1e-5, atol=1e-6)
+
+
+def right_padded(features):
+    """The collator to compare with: right padding, an attention mask, labels -100 at padding."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, f in enumerate(features):
+        ids[i, :len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[i, :len(f["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def test_trainer_on_flattened_batches_matches_padded_batches():
+    """One Trainer step on DataCollatorWithFlattening batches equals one on the same examples
+    right-padded with an attention mask (the loss over the same predictions)."""
+    from transformers import DataCollatorWithFlattening
+
+    examples = flattened_examples(lengths=(6, 11, 3, 8))
+    changes = {}
+    for name, collator in {"flattened": DataCollatorWithFlattening(), "padded": right_padded}.items():
+        model = model_at_initial_state()
+        with tempfile.TemporaryDirectory() as output_dir:
+            args = TrainingArguments(
+                output_dir=output_dir, per_device_train_batch_size=len(examples), max_steps=1, optim="sgd",
+                learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+                report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+                remove_unused_columns=False,
+            )
+            Trainer(model=model, args=args, train_dataset=examples, data_collator=collator).train()
+        start = initial_model_state()
+        changes[name] = {key: tensor - start[key] for key, tensor in model.state_dict().items()}
+    for key, delta in changes["flattened"].items():
+        torch.testing.assert_close(delta, changes["padded"][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_flattened_batch_compiles_fullgraph_with_cu_seq_lens(monkeypatch):
+    """cu_seq_lens_q/k keep a torch.compile(fullgraph=True) graph whole (backend aot_eager) on
+    the Triton path, whose custom ops take packed sequences as they come (the PyTorch path
+    loops over the sequences in Python)."""
+    from transformers import DataCollatorWithFlattening
+
+    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+    model = GatedFWAForCausalLM(tiny_config()).eval()
+    batch = DataCollatorWithFlattening(return_position_ids=False, return_flash_attn_kwargs=True,
+                                       return_tensors="pt")(flattened_examples())
+    batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.as_tensor(batch["cu_seq_lens_q"], dtype=torch.int32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    separate = torch.cat([model(torch.tensor([e["input_ids"]])).logits[0] for e in flattened_examples()])
+    torch.testing.assert_close(compiled(**batch).logits[0], separate, rtol=1e-5, atol=1e-5)
+
+
+def test_flattened_batch_arguments_are_checked():
+    model = GatedFWAForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 61, (1, 10))
+    with pytest.raises(ValueError, match="cu_seq_lens_q and cu_seq_lens_k"):
+        model(ids, cu_seq_lens_q=torch.tensor([0, 4, 10]))
+    with pytest.raises(ValueError, match="cu_seq_lens must be non-decreasing offsets"):
+        model(ids, cu_seq_lens_q=torch.tensor([0, 4, 9]), cu_seq_lens_k=torch.tensor([0, 4, 9]))
+
+
 # --- 3. attn_implementation -----------------------------------------------------------------
 
 COMMON_NAMES = ["sdpa", "flash_attention_2", "flex_attention"]  # "eager" is what an unset name gives
