@@ -79,8 +79,11 @@ def read_junit(path: Path) -> list[dict]:
     return cases
 
 
-def run_groups(groups: list[list[Path]], marker: str | None, log_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Run each group in its own pytest process; return (test cases, per-process records)."""
+def run_groups(groups: list[list[Path]], marker: str | None, log_dir: Path,
+               timeout_s: float) -> tuple[list[dict], list[dict]]:
+    """Run each group in its own pytest process; return (test cases, per-process records).
+    A process still running timeout_s after the start is stopped (its cases so far are lost,
+    and it is recorded as an error), so that the summary is written within a time limit."""
     env = dict(os.environ, GATEDFWA_TEST_DEVICE="cuda", TRITON_INTERPRET="0", PYTHONUNBUFFERED="1")
     running = []
     for i, group in enumerate(groups):
@@ -94,12 +97,18 @@ def run_groups(groups: list[list[Path]], marker: str | None, log_dir: Path) -> t
         running.append((i, group, xml, log, time.time(), subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
                                                                            stderr=subprocess.STDOUT)))
     cases, processes = [], []
+    deadline = time.time() + timeout_s
     for i, group, xml, log, started, process in running:
-        status = process.wait()
+        try:
+            status = process.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            status = f"stopped after {timeout_s:.0f} s"
+            process.wait()
         log.close()
         processes.append({"group": i, "files": [str(f.relative_to(REPO)) for f in group], "exit_status": status,
                           "seconds": round(time.time() - started, 1)})
-        if xml.exists():
+        if xml.exists() and isinstance(status, int):
             cases.extend(read_junit(xml))
         else:  # pytest died before writing its report: keep the end of its log
             tail = (log_dir / f"group{i}.log").read_text(errors="replace").splitlines()[-20:]
@@ -153,6 +162,8 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=6, help="pytest processes side by side (default 6)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for gpu_tests.json / .md (default benchmarks/results)")
     parser.add_argument("--name", default="gpu_tests", help="file name stem (default gpu_tests)")
+    parser.add_argument("--timeout", type=float, default=540.0,
+                        help="seconds after which pytest processes still running are stopped (default 540)")
     args = parser.parse_args()
 
     import torch
@@ -164,7 +175,7 @@ def main() -> int:
     groups = split_by_size(files, args.processes)
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
-        cases, processes = run_groups(groups, args.marker, Path(scratch))
+        cases, processes = run_groups(groups, args.marker, Path(scratch), args.timeout)
     command = "python benchmarks/gpu_tests.py " + " ".join(
         ([f"-m {args.marker}"] if args.marker else []) + args.paths + [f"--processes {args.processes}"])
     record = {
