@@ -70,3 +70,9 @@ def op_modules() -> list:
     import gatedfwa.ops
 
     return [importlib.import_module(info.name) for info in pkgutil.walk_packages(gatedfwa.ops.__path__, "gatedfwa.ops.")]
+
+
+def output_cache(output):
+    """The decoding cache a model output carries. transformers renamed the field from
+    ``past_key_values`` to ``cache`` in its 5.2x releases; tests run on both sides of that."""
+    return output.cache if hasattr(output, "cache") else output.past_key_values

@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gatedfwa.models import GatedFWAForCausalLM
-from gatedfwa.testing import op_modules
+from gatedfwa.testing import op_modules, output_cache
 from tests.models.test_model import tiny_config
 
 # What .item(), bool(t), int(t) and data-dependent shapes dispatch to.
@@ -88,7 +88,7 @@ def test_decode_steps_never_read_device_values(overrides, backend, monkeypatch):
     monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
     with torch.no_grad():
         out = model(prompt, attention_mask=mask, use_cache=True)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = output_cache(out)
 
     model.to("meta")
     move_cache(cache, "meta")

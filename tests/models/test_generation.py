@@ -8,6 +8,7 @@ import torch
 
 from gatedfwa import WindowCache
 from gatedfwa.models import GatedFWAForCausalLM
+from gatedfwa.testing import output_cache
 from tests.models.test_model import tiny_config
 
 
@@ -33,7 +34,7 @@ def test_step_by_step_logits_equal_parallel_forward(overrides):
     with torch.no_grad():
         parallel = model(ids).logits
         out = model(ids[:, :5], use_cache=True)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache = output_cache(out)
         steps = [out.logits]
         for t in range(5, ids.shape[1]):
             out = model(ids[:, t:t + 1], cache=cache)
@@ -107,7 +108,7 @@ def test_cache_arguments_are_checked():
     with pytest.raises(ValueError, match="layers"):
         model(ids, cache=WindowCache([4]))
     out = model(ids, use_cache=True)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = output_cache(out)
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids[:, :1], cache=cache, attention_mask=torch.tensor([[1, 1, 1, 1, 0]]))
     assert model(ids).logits.shape == (1, 4, 61)  # no cache unless asked for
@@ -125,6 +126,6 @@ def test_triton_backend_decoding_equals_parallel(monkeypatch, device):
     with torch.no_grad():
         parallel = model(ids).logits
         out = model(ids[:, :6], use_cache=True)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache = output_cache(out)
         steps = [out.logits] + [model(ids[:, t:t + 1], cache=cache).logits for t in range(6, 14)]
     torch.testing.assert_close(torch.cat(steps, dim=1), parallel, rtol=1e-4, atol=1e-4)

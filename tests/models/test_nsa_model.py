@@ -8,6 +8,7 @@ from gatedfwa.layers import GatedFWAttention, NSAttention
 from gatedfwa.models import GatedFWAConfig, GatedFWAForCausalLM
 from gatedfwa.ops.decode import WindowLayerCache
 from gatedfwa.ops.nsa import NSALayerCache
+from gatedfwa.testing import output_cache
 from tests.models.test_generation import sharpened
 from tests.models.test_model import tiny_config
 
@@ -21,7 +22,7 @@ def parallel_and_decoded_logits(model, ids, prompt_len):
     with torch.no_grad():
         parallel = model(ids).logits
         out = model(ids[:, :prompt_len], use_cache=True)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache = output_cache(out)
         steps = [out.logits] + [model(ids[:, t:t + 1], cache=cache).logits for t in range(prompt_len, ids.shape[1])]
     return parallel, torch.cat(steps, dim=1), cache
 

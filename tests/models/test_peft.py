@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from gatedfwa.models import GatedFWAForCausalLM
+from gatedfwa.testing import output_cache
 from tests.models.test_generation import sharpened
 from tests.models.test_model import tiny_config
 
@@ -38,7 +39,7 @@ def adapter_parameters(peft_model) -> dict[str, torch.nn.Parameter]:
 def decoded_logits(model, ids, prompt_len: int) -> torch.Tensor:
     """Logits of a prefill of prompt_len tokens (use_cache=True) then one token at a time."""
     out = model(ids[:, :prompt_len], use_cache=True)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = output_cache(out)
     steps = [out.logits] + [model(ids[:, t:t + 1], cache=cache).logits for t in range(prompt_len, ids.shape[1])]
     return torch.cat(steps, dim=1)
 

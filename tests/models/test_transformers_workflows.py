@@ -21,6 +21,7 @@ import gatedfwa  # noqa: F401  (registers the Auto classes)
 from gatedfwa.models import GatedFWAConfig, GatedFWAForCausalLM
 from gatedfwa.models.modeling import left_padding_mask_from_pad_tokens
 from gatedfwa.models.remote_code import AUTO_MAP, REMOTE_CODE_FILE
+from gatedfwa.testing import output_cache
 from tests.models.test_generation import sharpened
 from tests.models.test_model import tiny_config
 
@@ -165,12 +166,12 @@ def test_gradient_checkpointing_builds_no_cache_in_training(caplog):
     ids = torch.randint(0, 61, (2, 6))
     hf_logging.warning_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="gatedfwa.models.modeling"):
-        assert model(ids, use_cache=True).cache is None
+        assert output_cache(model(ids, use_cache=True)) is None
     assert "use_cache=True is ignored while gradient checkpointing" in caplog.text
     with pytest.raises(ValueError, match="decoding cache cannot be used while gradient checkpointing"):
         model(ids, cache=model.new_cache())
     with torch.no_grad():  # no backward pass, so nothing is checkpointed: decoding works
-        assert model(ids, use_cache=True).cache.holds_tokens
+        assert output_cache(model(ids, use_cache=True)).holds_tokens
     assert model.eval().generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 9)
 
 
