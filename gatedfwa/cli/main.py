@@ -2,7 +2,7 @@
 
     gatedfwa train --preset cpu --out runs/cpu          train the CPU default
     gatedfwa generate --ckpt runs/cpu --prompt "def "   stream a sample from a checkpoint
-    gatedfwa plot runs/cpu runs/swa                     compare loss curves (runs/compare.png)
+    gatedfwa plot runs/cpu runs/swa                     compare loss curves (runs/cpu/compare.png)
 
 Bad input (missing paths, unknown names, mismatched or damaged checkpoints, ...) ends with a
 one-line message and exit status 2; Ctrl-C ends with exit status 130 (training saves a
@@ -120,12 +120,17 @@ def _add_plot(sub) -> None:
     p = sub.add_parser(
         "plot",
         help="one PNG of the loss curves of one or more runs",
-        description="Plot training (smoothed) and held-out loss in bits per byte/token against training tokens, one colour per run.",
+        description=(
+            "Plot training (smoothed) and held-out loss in bits per byte/token against training tokens, one colour per run. "
+            "Without --out the PNG goes into the first RUN_DIR: loss.png for one run, compare.png for several; "
+            "nothing is written to the working directory unasked."
+        ),
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with a metrics.jsonl)")
     p.add_argument("--out", metavar="FILE",
-                   help="PNG to write (default: RUN_DIR/loss.png for one run; for several, compare.png beside the first run folder)")
-    p.add_argument("--smooth", type=int, default=10, metavar="N", help="moving average over N steps for the training loss (default %(default)s)")
+                   help="PNG file to write, in an existing folder (default: RUN_DIR/loss.png for one run; "
+                        "for several, compare.png inside the first run folder)")
+    p.add_argument("--smooth", type=int, default=10, metavar="N", help="moving average over N >= 1 steps for the training loss (default %(default)s)")
     p.set_defaults(handler=_run_plot)
 
 
@@ -221,17 +226,9 @@ def _run_generate(args) -> int:
 
 
 def _run_plot(args) -> int:
-    from gatedfwa.plot import plot_runs
+    from gatedfwa.plot import plot_runs  # checks every argument before matplotlib loads
 
-    if args.smooth < 1:
-        raise ConfigError(f"--smooth must be >= 1, got {args.smooth}")
-    if args.out is not None:
-        out = Path(args.out)
-    elif len(args.runs) == 1:
-        out = Path(args.runs[0]) / "loss.png"
-    else:
-        out = Path(args.runs[0]).parent / "compare.png"
-    path = plot_runs(args.runs, out, smooth=args.smooth)
+    path = plot_runs(args.runs, None if args.out is None else Path(args.out), smooth=args.smooth)
     print(f"plot: {path}")
     return 0
 
