@@ -10,7 +10,8 @@ checkpoint first, generation keeps the text printed so far).
 Several processes: ``torchrun --nproc-per-node N -m gatedfwa.cli.main train ...``.
 
 This module imports only light modules at the top, so ``gatedfwa --help`` answers at once;
-torch, transformers and the model are imported by the command that runs.
+torch, transformers and the model are imported by the command that runs, after the checks
+that need none of them (gatedfwa/cli/arguments.py), so that bad arguments fail at once too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import sys
 from pathlib import Path
 
 from gatedfwa.attention_kinds import ATTENTION_KINDS
+from gatedfwa.backend_variable import check_backend_variable
+from gatedfwa.cli.arguments import check_generate_arguments, check_train_config
 from gatedfwa.errors import ConfigError, Interrupted
+from gatedfwa.generation_options import CACHE_CHOICES
 from gatedfwa.train.presets import DEFAULT_PRESET, PRESETS
 
 __all__ = ["main", "build_parser"]
@@ -110,7 +114,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=50, metavar="K", help="sample among the K most likely tokens (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default %(default)s)")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--cache", default="auto", choices=("auto", "static", "dynamic"),
+    p.add_argument("--cache", default="auto", choices=CACHE_CHOICES,
                    help="static: fixed-shape cache, each step compiled into one CUDA graph on a GPU; dynamic: "
                         "the growing cache, uncompiled; auto (default): static on a GPU, dynamic on the CPU")
     p.set_defaults(handler=_run_generate)
@@ -194,9 +198,10 @@ def _train_config(args):
 
 
 def _run_train(args) -> int:
+    config, resume, out = _train_config(args)
+    check_train_config(config)  # bad settings fail here, before torch loads
     from gatedfwa.train.trainer import train
 
-    config, resume, out = _train_config(args)
     result = train(config, out, resume=resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process reports
         return 0
@@ -217,6 +222,7 @@ def _run_train(args) -> int:
 
 
 def _run_generate(args) -> int:
+    check_generate_arguments(args)  # bad options and checkpoints fail here, before torch loads
     from gatedfwa.generate import describe, generate_text
 
     report = generate_text(args.ckpt, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -239,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command != "plot":
+            check_backend_variable()  # before anything else, and before torch loads
         return args.handler(args)
     except ConfigError as error:
         print(f"gatedfwa {args.command}: error: {error}", file=sys.stderr)
