@@ -29,6 +29,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from gatedfwa.devices import resolve_device
 from gatedfwa.errors import ConfigError, Interrupted
+from gatedfwa.generation_options import check_generation_options
 from gatedfwa.train.checkpoint import load_checkpoint_tokenizer, load_model, read_train_record, resolve_checkpoint
 
 __all__ = ["generate_text", "GenerationReport", "cache_bytes"]
@@ -134,16 +135,7 @@ def generate_text(ckpt: str | Path, prompt: str | bytes, max_new_tokens: int = 2
     WindowCache, uncompiled; "auto" (default) takes "static" on a GPU for models without NSA
     layers, "dynamic" otherwise."""
     out = sys.stdout if out is None else out
-    if not prompt:
-        raise ConfigError("--prompt must not be empty (the model needs at least one token to continue)")
-    if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"--top-k must be >= 1, got {top_k}")
-    if cache not in ("auto", "static", "dynamic"):
-        raise ConfigError(f"--cache must be auto, static or dynamic, got {cache!r}")
+    check_generation_options(prompt, max_new_tokens, temperature, top_k, cache)
     checkpoint = resolve_checkpoint(ckpt)
     record = read_train_record(checkpoint)
     tokenizer = load_checkpoint_tokenizer(checkpoint, record)

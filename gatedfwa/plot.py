@@ -4,6 +4,10 @@ Each run contributes its training loss (thin line, smoothed over a few steps) an
 held-out loss (markers), both in bits per byte (byte tokenizer) or bits per token, against
 training tokens. Runs are labelled by folder name and attention kind, which makes the
 figure a like-for-like comparison of attention kinds trained on the same data.
+
+Without ``--out`` the figure goes into the first run folder: ``RUN/loss.png`` for one run,
+``RUN1/compare.png`` for several (never into the working directory unasked). ``--out`` must
+name a .png file in an existing folder. Everything is checked before matplotlib loads.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 from gatedfwa.errors import ConfigError
 from gatedfwa.train.metrics import METRICS_FILE, nats_to_bits, read_metrics
 
-__all__ = ["plot_runs"]
+__all__ = ["plot_runs", "default_out", "check_out", "read_runs"]
 
 
 def _label(run_dir: Path) -> tuple[str, str]:
@@ -44,28 +48,59 @@ def _smooth(values: list[float], width: int) -> list[float]:
     return out
 
 
-def plot_runs(run_dirs: list, out: Path, smooth: int = 10) -> Path:
-    """Writes the PNG and returns its path; ConfigError if a run has no metrics."""
+def default_out(run_dirs: list) -> Path:
+    """Where ``gatedfwa plot`` writes without --out: RUN/loss.png for one run, compare.png
+    inside the first run folder for several; always inside a folder the user named, never
+    the working directory unasked."""
+    return Path(run_dirs[0]) / ("loss.png" if len(run_dirs) == 1 else "compare.png")
+
+
+def check_out(out: Path) -> None:
+    """ConfigError unless ``out`` names a .png file in an existing folder (nothing is created)."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: name a .png file, e.g. {out / 'loss.png'}")
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out must name a .png file (the plot is a PNG image), got {out}")
+    folder = out.parent
+    if not folder.exists():
+        raise ConfigError(f"--out {out}: the folder {folder} does not exist; create it first or name a .png "
+                          f"file in an existing folder")
+    if not folder.is_dir():
+        raise ConfigError(f"--out {out}: cannot write the plot ({folder} is a file, not a folder)")
+
+
+def read_runs(run_dirs: list) -> list[tuple[Path, list[dict]]]:
+    """(run folder, metrics records) of each run; ConfigError for a folder that is not a run,
+    a metrics file with no losses yet, or one with a line that is not a metrics record."""
+    runs = []
+    for raw in run_dirs:
+        run = Path(raw)
+        if not run.is_dir():
+            raise ConfigError(f"{raw}: no such run folder")
+        path = run / METRICS_FILE
+        if not path.is_file():
+            raise ConfigError(f"{raw}: not a run folder (no {METRICS_FILE} in it)")
+        records = [r for r in read_metrics(path) if "train_loss" in r or "heldout_bits" in r]
+        if not records:
+            raise ConfigError(f"{path} holds no metrics yet")
+        runs.append((run, records))
+    return runs
+
+
+def plot_runs(run_dirs: list, out: Path | None = None, smooth: int = 10) -> Path:
+    """Writes the PNG (``out``; None: :func:`default_out`) and returns its path. Every
+    argument is checked before matplotlib loads: ConfigError if ``smooth`` < 1, a run has
+    no metrics, or ``out`` is not a .png file in an existing folder."""
+    if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 1:
+        raise ConfigError(f"--smooth must be an integer >= 1, got {smooth!r}")
+    runs = read_runs(run_dirs)
+    out = default_out(run_dirs) if out is None else Path(out)
+    check_out(out)
+
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
-
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"--out must name a .png file, got {out}")
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a folder: name a .png file, e.g. {out / 'loss.png'}")
-    runs = []
-    for raw in run_dirs:
-        run = Path(raw)
-        path = run / METRICS_FILE
-        if not path.is_file():
-            raise ConfigError(f"{raw}: not a run folder (no {METRICS_FILE} in it)")
-        records = read_metrics(path)
-        if not records:
-            raise ConfigError(f"{path} holds no metrics yet")
-        runs.append((run, records))
 
     units = set()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
@@ -89,7 +124,6 @@ def plot_runs(run_dirs: list, out: Path, smooth: int = 10) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out)
     except OSError as error:  # e.g. a file where a parent folder should be, or no permission
         raise ConfigError(f"--out {out}: cannot write the plot ({error.strerror or error})") from None

@@ -2,7 +2,7 @@
 
     gatedfwa train --preset cpu --out runs/cpu          train the CPU default
     gatedfwa generate --ckpt runs/cpu --prompt "def "   stream a sample from a checkpoint
-    gatedfwa plot runs/cpu runs/swa                     compare loss curves (runs/compare.png)
+    gatedfwa plot runs/cpu runs/swa                     compare loss curves (runs/cpu/compare.png)
 
 Bad input (missing paths, unknown names, mismatched or damaged checkpoints, ...) ends with a
 one-line message and exit status 2; Ctrl-C ends with exit status 130 (training saves a
@@ -10,7 +10,8 @@ checkpoint first, generation keeps the text printed so far).
 Several processes: ``torchrun --nproc-per-node N -m gatedfwa.cli.main train ...``.
 
 This module imports only light modules at the top, so ``gatedfwa --help`` answers at once;
-torch, transformers and the model are imported by the command that runs.
+torch, transformers and the model are imported by the command that runs, after the checks
+that need none of them (gatedfwa/cli/arguments.py), so that bad arguments fail at once too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import sys
 from pathlib import Path
 
 from gatedfwa.attention_kinds import ATTENTION_KINDS
+from gatedfwa.backend_variable import check_backend_variable
+from gatedfwa.cli.arguments import check_generate_arguments, check_train_config
 from gatedfwa.errors import ConfigError, Interrupted
+from gatedfwa.generation_options import CACHE_CHOICES
 from gatedfwa.train.presets import DEFAULT_PRESET, PRESETS
 
 __all__ = ["main", "build_parser"]
@@ -110,7 +114,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=50, metavar="K", help="sample among the K most likely tokens (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default %(default)s)")
     p.add_argument("--device", default="auto", metavar="DEV", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--cache", default="auto", choices=("auto", "static", "dynamic"),
+    p.add_argument("--cache", default="auto", choices=CACHE_CHOICES,
                    help="static: fixed-shape cache, each step compiled into one CUDA graph on a GPU; dynamic: "
                         "the growing cache, uncompiled; auto (default): static on a GPU, dynamic on the CPU")
     p.set_defaults(handler=_run_generate)
@@ -120,12 +124,17 @@ def _add_plot(sub) -> None:
     p = sub.add_parser(
         "plot",
         help="one PNG of the loss curves of one or more runs",
-        description="Plot training (smoothed) and held-out loss in bits per byte/token against training tokens, one colour per run.",
+        description=(
+            "Plot training (smoothed) and held-out loss in bits per byte/token against training tokens, one colour per run. "
+            "Without --out the PNG goes into the first RUN_DIR: loss.png for one run, compare.png for several; "
+            "nothing is written to the working directory unasked."
+        ),
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with a metrics.jsonl)")
     p.add_argument("--out", metavar="FILE",
-                   help="PNG to write (default: RUN_DIR/loss.png for one run; for several, compare.png beside the first run folder)")
-    p.add_argument("--smooth", type=int, default=10, metavar="N", help="moving average over N steps for the training loss (default %(default)s)")
+                   help="PNG file to write, in an existing folder (default: RUN_DIR/loss.png for one run; "
+                        "for several, compare.png inside the first run folder)")
+    p.add_argument("--smooth", type=int, default=10, metavar="N", help="moving average over N >= 1 steps for the training loss (default %(default)s)")
     p.set_defaults(handler=_run_plot)
 
 
@@ -189,9 +198,10 @@ def _train_config(args):
 
 
 def _run_train(args) -> int:
+    config, resume, out = _train_config(args)
+    check_train_config(config)  # bad settings fail here, before torch loads
     from gatedfwa.train.trainer import train
 
-    config, resume, out = _train_config(args)
     result = train(config, out, resume=resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process reports
         return 0
@@ -212,6 +222,7 @@ def _run_train(args) -> int:
 
 
 def _run_generate(args) -> int:
+    check_generate_arguments(args)  # bad options and checkpoints fail here, before torch loads
     from gatedfwa.generate import describe, generate_text
 
     report = generate_text(args.ckpt, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -221,17 +232,9 @@ def _run_generate(args) -> int:
 
 
 def _run_plot(args) -> int:
-    from gatedfwa.plot import plot_runs
+    from gatedfwa.plot import plot_runs  # checks every argument before matplotlib loads
 
-    if args.smooth < 1:
-        raise ConfigError(f"--smooth must be >= 1, got {args.smooth}")
-    if args.out is not None:
-        out = Path(args.out)
-    elif len(args.runs) == 1:
-        out = Path(args.runs[0]) / "loss.png"
-    else:
-        out = Path(args.runs[0]).parent / "compare.png"
-    path = plot_runs(args.runs, out, smooth=args.smooth)
+    path = plot_runs(args.runs, None if args.out is None else Path(args.out), smooth=args.smooth)
     print(f"plot: {path}")
     return 0
 
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command != "plot":
+            check_backend_variable()  # before anything else, and before torch loads
         return args.handler(args)
     except ConfigError as error:
         print(f"gatedfwa {args.command}: error: {error}", file=sys.stderr)

@@ -14,7 +14,11 @@ a function of the step, so model + optimizer + step + RNG reproduce an uninterru
 A checkpoint is written to a temporary folder and renamed into place, so a crash while
 saving never leaves a half-written ``step-*`` folder behind. A file damaged later (a copy
 cut short, a full disk) is found when it is read: the loaders here raise a one-line
-ConfigError naming the file and the newest earlier checkpoint to use instead.
+ConfigError naming the file and the newest earlier checkpoint to use instead. A folder that
+holds another kind of model (a config.json whose model_type is not "gatedfwa") is named as such.
+
+torch is imported by the functions that need it, so that the command line finds and checks
+the checkpoint a command names before loading torch.
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-
-import torch
 
 from gatedfwa.errors import ConfigError
 
@@ -40,6 +42,7 @@ MODEL_FILE = "model.safetensors"
 MODEL_INDEX = "model.safetensors.index.json"  # save_pretrained's list of shards, for large models
 TOKENIZER_CONFIG = "tokenizer_config.json"  # written by a tokenizer's save_pretrained
 FORMAT_VERSION = 1
+MODEL_TYPE = "gatedfwa"  # GatedFWAConfig.model_type, written to every checkpoint's config.json
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -59,19 +62,48 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def _model_type(folder: Path) -> str | None:
+    """The model_type in folder/config.json, or None when there is none to read (a
+    damaged config.json is reported when the model is loaded)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
+def _check_model_type(folder: Path, option: str) -> None:
+    """ConfigError when folder/config.json describes a model other than gatedfwa's."""
+    model_type = _model_type(folder)
+    if model_type is not None and model_type != MODEL_TYPE:
+        raise ConfigError(
+            f"{option}: {folder} holds a {model_type!r} model (model_type in its config.json), not a gatedfwa "
+            f"checkpoint; gatedfwa checkpoints are written by `gatedfwa train` (RUN/{CHECKPOINTS_DIR}/step-N/)"
+        )
+
+
 def resolve_checkpoint(path: str | Path, option: str = "--ckpt") -> Path:
-    """A checkpoint folder, or a run folder (its newest checkpoint)."""
+    """A checkpoint folder, or a run folder (its newest checkpoint); ConfigError for a
+    missing path, a folder without a checkpoint, or one holding another kind of model."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{option}: no such checkpoint or run folder: {path}")
+    if (p / "config.json").is_file():
+        _check_model_type(p, option)
     if _is_checkpoint(p):
         return p
     latest = latest_checkpoint(p)
     if latest is None:
+        if (p / "config.json").is_file():  # a gatedfwa model saved without its training record
+            raise ConfigError(
+                f"{option}: {path} holds a model (config.json) but no {TRAIN_RECORD}, so it is not a checkpoint "
+                f"of `gatedfwa train`; load such a folder with GatedFWAForCausalLM.from_pretrained"
+            )
         raise ConfigError(
             f"{option}: {path} holds no checkpoint (expected a run folder with {CHECKPOINTS_DIR}/step-*/ "
             f"or a checkpoint folder with {TRAIN_RECORD} and config.json)"
         )
+    _check_model_type(latest, option)
     return latest
 
 
@@ -91,6 +123,8 @@ def read_train_record(checkpoint: Path) -> dict:
 
 
 def _rng_state() -> dict:
+    import torch
+
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -117,6 +151,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, record: dict, to
     final = run_dir / CHECKPOINTS_DIR / f"step-{step:07d}"
     if not is_main:
         return final
+    import torch
+
     staging = run_dir / CHECKPOINTS_DIR / f".tmp-step-{step:07d}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -190,9 +226,11 @@ def check_model_files(checkpoint: Path, option: str = "--ckpt") -> None:
             raise _damaged(path, option, _first_line(error)) from None
 
 
-def load_model(checkpoint: Path, option: str = "--ckpt", dtype: torch.dtype = torch.float32):
-    """The GatedFWAForCausalLM saved in ``checkpoint``, in ``dtype`` on the CPU; ConfigError
-    naming the file when config.json or the weights cannot be read."""
+def load_model(checkpoint: Path, option: str = "--ckpt", dtype=None):
+    """The GatedFWAForCausalLM saved in ``checkpoint``, in ``dtype`` (a torch.dtype; None:
+    float32) on the CPU; ConfigError naming the file when config.json or the weights cannot
+    be read."""
+    import torch
     from transformers.utils import logging as hf_logging
 
     from gatedfwa.models import GatedFWAForCausalLM
@@ -200,7 +238,7 @@ def load_model(checkpoint: Path, option: str = "--ckpt", dtype: torch.dtype = to
     check_model_files(checkpoint, option)
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in the command's output
     try:
-        return GatedFWAForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+        return GatedFWAForCausalLM.from_pretrained(checkpoint, dtype=torch.float32 if dtype is None else dtype)
     except (OSError, ValueError, TypeError) as error:  # config.json unreadable or holding bad values
         raise ConfigError(f"{option}: cannot load the model in {checkpoint}: {_first_line(error)}") from None
 
@@ -232,6 +270,8 @@ def read_training_state(checkpoint: Path, option: str = "--resume") -> dict:
     path = checkpoint / TRAINING_STATE
     if not path.is_file():
         raise ConfigError(f"{option}: {checkpoint} has no {TRAINING_STATE} (a model-only export cannot be resumed)")
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - zip, pickle and I/O errors alike mean the file is damaged
@@ -248,6 +288,8 @@ def read_training_state(checkpoint: Path, option: str = "--resume") -> dict:
 
 def apply_training_state(state: dict, model, optimizer, sharded: bool = False) -> None:
     """Loads the optimizer state and the RNG states of ``read_training_state`` into place."""
+    import torch
+
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from gatedfwa.attention_kinds import ATTENTION_KINDS
 from gatedfwa.errors import ConfigError
-from gatedfwa.models.configuration import config_fields
 
 __all__ = ["TrainConfig", "load_config_file", "apply_overrides", "resume_mismatches"]
 
@@ -24,6 +23,13 @@ RESUMABLE_CHANGES = frozenset({
     "max_steps", "eval_interval", "eval_windows", "save_interval", "keep_checkpoints",
     "micro_batch_size", "device", "compile", "fsdp", "context_parallel", "plot", "progress",
 })
+
+
+def _model_field_names() -> list[str]:
+    """GatedFWAConfig's fields; imported here, not at the top, because it loads transformers."""
+    from gatedfwa.models.configuration import config_fields
+
+    return config_fields()
 
 
 @dataclass
@@ -83,8 +89,11 @@ class TrainConfig:
             return [kinds] * int(self.model.get("num_hidden_layers", 1))
         return list(kinds)
 
-    def validate(self) -> None:
-        """Checks that need no data or model; raises ConfigError naming the setting."""
+    def validate(self, model_field_names: bool = True) -> None:
+        """Checks that need no data or model; raises ConfigError naming the setting.
+        ``model_field_names=False`` skips the one check that imports transformers (model
+        settings that are not GatedFWAConfig fields): the command line runs the rest first,
+        before torch loads, so that a bad number fails at once."""
         def positive_int(name):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -112,9 +121,9 @@ class TrainConfig:
             raise ConfigError(f"model must be a table of model settings, got {self.model!r}")
         if "vocab_size" in self.model:
             raise ConfigError("model.vocab_size is set by the tokenizer of the data; remove it")
-        unknown = sorted(set(self.model) - set(config_fields()))
+        unknown = sorted(set(self.model) - set(_model_field_names())) if model_field_names else []
         if unknown:
-            valid = [name for name in config_fields() if name != "vocab_size"]
+            valid = [name for name in _model_field_names() if name != "vocab_size"]
             raise ConfigError(
                 f"model: unknown setting(s) {', '.join(unknown)}; valid model settings (GatedFWAConfig fields): "
                 f"{', '.join(valid)}"

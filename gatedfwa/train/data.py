@@ -4,7 +4,8 @@ Sources (``load_corpus``):
     * default: the source files (``*.py``) of the running interpreter's standard library,
       sorted by path. Real text that needs no download; about 30 MB on CPython 3.11.
     * ``--data PATH ...``: text files and folders (read recursively; hidden and binary files,
-      those with a NUL byte in their first 8 KiB, are skipped), sorted by path.
+      those with a NUL byte in their first 8 KiB, are skipped), sorted by path. A binary
+      file named on its own is refused with a message saying what --data takes.
     * ``--data FILE.bin``: pre-tokenized ids stored as uint16 (the nanoGPT layout). A
       ``val.bin`` beside a ``train.bin`` is used as the held-out set.
     * ``--hf-dataset NAME``: a Hugging Face dataset already in the local cache (the
@@ -71,8 +72,15 @@ def stdlib_source_files() -> tuple[Path, list[Path]]:
     return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+def _is_binary(path: Path) -> bool:
+    """A NUL byte in the first 8 KiB: an image, an archive, random bytes; never text."""
+    with open(path, "rb") as f:
+        return b"\0" in f.read(_BINARY_PROBE)
+
+
 def _text_files(paths: list[str]) -> list[Path]:
-    """Every readable text file named by paths (folders are walked), sorted, deduplicated."""
+    """Every readable text file named by paths (folders are walked, their binary files
+    skipped), sorted, deduplicated; ConfigError for a named file that is not text."""
     found: set[Path] = set()
     for raw in paths:
         path = Path(raw)
@@ -81,16 +89,16 @@ def _text_files(paths: list[str]) -> list[Path]:
         if path.is_dir():
             for p in path.rglob("*"):
                 rel = p.relative_to(path).parts
-                if p.is_file() and not any(part.startswith(".") for part in rel):
+                if p.is_file() and not any(part.startswith(".") for part in rel) and not _is_binary(p):
                     found.add(p)
+        elif _is_binary(path):
+            raise ConfigError(
+                f"--data: {raw} is not text (it has NUL bytes, as images and other binary files do); --data takes "
+                f"text files and folders of them, or one pre-tokenized .bin file of uint16 token ids"
+            )
         else:
             found.add(path)
-    text = []
-    for p in sorted(found, key=lambda q: q.as_posix()):
-        with open(p, "rb") as f:
-            if b"\0" not in f.read(_BINARY_PROBE):
-                text.append(p)
-    return text
+    return sorted(found, key=lambda q: q.as_posix())
 
 
 def _split_documents(documents: list[bytes]) -> tuple[list[bytes], list[bytes]]:
@@ -219,7 +227,8 @@ def load_corpus(
             return _load_bin(path, tokenizer)
         files = _text_files(data)
         if not files:
-            raise ConfigError(f"the corpus is empty: no text files found in {', '.join(data)}")
+            raise ConfigError(f"the corpus is empty: no text files found in {', '.join(data)} "
+                              f"(files with a NUL byte in their first {_BINARY_PROBE // 1024} KiB are binary and skipped)")
         documents = [p.read_bytes() for p in files]
         size = sum(len(d) for d in documents)
         return _corpus_from_documents(documents, load_tokenizer(tokenizer), f"{_count(len(files), 'text file')} from {', '.join(data)} ({size / 1e6:.1f} MB)")

@@ -22,18 +22,49 @@ def nats_to_bits(nats: float) -> float:
     return nats / math.log(2)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Records of a metrics file (lines that are not JSON objects, e.g. a line cut short by
-    a crash, are skipped)."""
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_record(record) -> bool:
+    """A JSON object whose losses, if it has any, come with numeric values and tokens."""
+    if not isinstance(record, dict):
+        return False
+    needed = []
+    if "train_loss" in record:
+        needed += ["tokens", "train_loss"]
+    if "heldout_loss" in record or "heldout_bits" in record:
+        needed += ["tokens", "heldout_bits"]
+    return all(_is_number(record.get(name)) for name in needed)
+
+
+def read_metrics(path: Path, skip_damaged: bool = False) -> list[dict]:
+    """Records of a metrics file. A last line without its newline that does not parse was
+    cut short by a crash and is skipped; any other line that is not a metrics record (one
+    JSON object, numeric losses and tokens) raises ConfigError naming the file and line,
+    unless ``skip_damaged``, which skips it (a resumed run keeps what it can)."""
+    from gatedfwa.errors import ConfigError
+
+    try:
+        lines = Path(path).read_bytes().split(b"\n")
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except ValueError:  # also UnicodeDecodeError: bytes that are not text
+            record = None
+        if _is_record(record):
+            records.append(record)
+        elif not (skip_damaged or number == len(lines)):  # the last piece has no newline: cut short
+            shown = raw[:60].decode("utf-8", errors="replace")
+            raise ConfigError(
+                f"{path} line {number} is not a metrics record (gatedfwa train writes one JSON object per line, "
+                f"with numeric tokens and losses): {shown!r}{'...' if len(raw) > 60 else ''}"
+            )
     return records
 
 
@@ -48,7 +79,7 @@ class MetricsLog:
         self.path = run_dir / METRICS_FILE
         keep: list[dict] = []
         if resume_step is not None and previous is not None and previous.exists():
-            keep = [r for r in read_metrics(previous) if r.get("step", 0) <= resume_step]
+            keep = [r for r in read_metrics(previous, skip_damaged=True) if r.get("step", 0) <= resume_step]
         with open(self.path, "w", encoding="utf-8") as f:
             for record in keep:
                 f.write(json.dumps(record) + "\n")

@@ -71,9 +71,9 @@ def test_resume_continues_exactly(tmp_path, cli, text_corpus):
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
-def test_plot_writes_beside_the_runs_by_default(tmp_path, cli, trained_run, monkeypatch):
+def test_plot_writes_into_the_first_run_by_default(tmp_path, cli, trained_run, monkeypatch):
     # Without --out nothing lands in the working directory: one run gets RUN/loss.png,
-    # several get compare.png beside the first run folder.
+    # several get compare.png inside the first run folder.
     runs = tmp_path / "runs"
     for name in ("a", "b"):
         shutil.copytree(trained_run, runs / name)
@@ -83,6 +83,6 @@ def test_plot_writes_beside_the_runs_by_default(tmp_path, cli, trained_run, monk
     status, out, err = cli(["plot", runs / "a"])
     assert status == 0 and out.strip() == f"plot: {runs / 'a' / 'loss.png'}", err
     status, out, err = cli(["plot", runs / "a", runs / "b"])
-    assert status == 0 and out.strip() == f"plot: {runs / 'compare.png'}", err
-    assert (runs / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list(workdir.iterdir()) == []
+    assert status == 0 and out.strip() == f"plot: {runs / 'a' / 'compare.png'}", err
+    assert (runs / "a" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(workdir.iterdir()) == [] and sorted(p.name for p in runs.iterdir()) == ["a", "b"]
