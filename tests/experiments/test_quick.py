@@ -290,19 +290,36 @@ def test_cost_runs_only_the_parts_asked_for(tmp_path):
     assert record.results["decoding"] and not record.results["training_tokens_per_s"]
 
 
-def test_parallel_arms_run_in_worker_processes_in_waves(tmp_path):
-    """run_arms_parallel (the GPU path of associative_recall) records every arm's numbers in
-    arm order, wave by wave, and skips a wave that no longer fits the deadline."""
+def test_parallel_arms_give_the_numbers_of_arms_run_one_after_another(tmp_path, monkeypatch):
+    """run_arms_parallel (the GPU path of associative_recall) trains each arm in a worker
+    process, wave by wave, and records the same numbers, in arm order, as run_arms in this
+    process; a wave that no longer fits the deadline is skipped."""
     import functools
 
-    record = kit.Record("parallel", "claim", {"seeds": [0]}, tmp_path, quick=True)
-    arms = [{"kind": "a", "seed": 0}, {"kind": "b", "seed": 0}, {"kind": "c", "seed": 0}]
-    kit.run_arms_parallel(arms, functools.partial(dict, worker=True), record, kit.Deadline(None), workers=2)
-    assert [{k: v for k, v in arm.items() if k != "wall_s"} for arm in record.arms] == \
-        [{**arm, "worker": True} for arm in arms]
-    late = kit.Record("late", "claim", {"seeds": [0]}, tmp_path, quick=True)
-    kit.run_arms_parallel(arms, functools.partial(dict, worker=True), late, kit.Deadline(-1.0), workers=2)
-    assert late.arms == [] and [entry["kind"] for entry in late.data["skipped"]] == ["a", "b", "c"]
+    import associative_recall
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers compute on one thread, as this process does
+
+    config = kit.build_config(associative_recall, quick=True, kinds=["gatedfwa", "full"], seeds=[0])
+    config["steps"] = 2
+    arms = associative_recall.arm_list(config)
+    assert len(arms) == 2
+    run_one = functools.partial(associative_recall.run_arm, config)
+    serial = kit.Record("serial", "claim", config, tmp_path / "serial", quick=True)
+    kit.run_arms(arms, run_one, serial, kit.Deadline(None))
+    parallel = kit.Record("parallel", "claim", config, tmp_path / "parallel", quick=True)
+    kit.run_arms_parallel(arms, run_one, parallel, kit.Deadline(None), workers=2)
+
+    def numbers_of(record):
+        return [{key: value for key, value in arm.items() if key != "wall_s"} for arm in record.arms]
+
+    assert [arm["kind"] for arm in parallel.arms] == ["gatedfwa", "full"]
+    assert numbers_of(parallel) == numbers_of(serial)
+    assert all(arm["train_loss_first"] > 0 and arm["curve"] for arm in parallel.arms)
+
+    late = kit.Record("late", "claim", config, tmp_path / "late", quick=True)
+    kit.run_arms_parallel(arms, run_one, late, kit.Deadline(-1.0), workers=2)
+    assert late.arms == [] and [entry["kind"] for entry in late.data["skipped"]] == ["gatedfwa", "full"]
 
 
 def test_doc_tables_match_the_committed_records():
