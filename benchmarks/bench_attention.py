@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
 from common import (  # noqa: E402
     attention_tflops, bench_ms, environment, kernel_device_ms, measure_ceilings, window_pairs, write_results,
@@ -540,7 +541,9 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown results")
     parser.add_argument("--only", choices=["check", "speed", "sweep", "profile"], help="run one part only")
     parser.add_argument("--no-peers", action="store_true", help="time gatedfwa only")
+    provenance.add_options(parser)
     args = parser.parse_args(argv)
+    provenance.settle_or_exit(parser, args)
     if not torch.cuda.is_available():
         parser.error("a CUDA GPU is required")
     env = environment()

@@ -35,6 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
 from common import attention_tflops, environment, error_record, kernel_device_ms, window_pairs, write_results  # noqa: E402
 
@@ -302,7 +303,9 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown results")
     parser.add_argument("--only", choices=["check", "speed"], help="run one part only")
     parser.add_argument("--smoke", action="store_true", help="CPU processes (gloo), tiny sizes: does it run")
+    provenance.add_options(parser)
     args = parser.parse_args(argv)
+    provenance.settle_or_exit(parser, args, strict=not args.smoke)
     global DEVICE, CHECKS, SPEED_SHAPES
     if "LOCAL_RANK" not in os.environ:
         sys.exit("run under torchrun: torchrun --standalone --nproc-per-node 2 " + __file__)

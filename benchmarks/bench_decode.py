@@ -48,6 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
 from common import bench_ms, environment, error_record, measure_ceilings, write_results  # noqa: E402
 
@@ -251,7 +252,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny CPU logic check, no timing")
     parser.add_argument("--no-sweep", action="store_true", help="skip the tile sweep")
     parser.add_argument("--sweep", default="main,b1", help="variants whose tiles are swept (main, b1; default both)")
+    provenance.add_options(parser)
     args = parser.parse_args()
+    provenance.settle_or_exit(parser, args, strict=not args.quick)
 
     env = environment()
     copy_gbps = None

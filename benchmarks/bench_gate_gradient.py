@@ -39,6 +39,7 @@ if QUICK and not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
 from common import bench_ms, environment, error_record, kernel_device_ms, write_results  # noqa: E402
 
@@ -121,7 +122,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--quick", action="store_true")
+    provenance.add_options(parser)
     args = parser.parse_args()
+    provenance.settle_or_exit(parser, args, strict=not args.quick)
     long = 4096 if QUICK else 2**20
     span = 256 if QUICK else 1000
     jobs = [lambda w=w: numerics(long, w, span) for w in ((16,) if QUICK else (256, 1024))]

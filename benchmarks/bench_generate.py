@@ -53,6 +53,7 @@ if QUICK and not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
 from common import environment, write_results  # noqa: E402
 
@@ -250,7 +251,9 @@ def main() -> None:
                         help="generation time limit per run; a run past it stops early and is marked truncated")
     parser.add_argument("--total-budget-s", type=float, default=330.0,
                         help="runs that would start after this many seconds are skipped")
+    provenance.add_options(parser)
     args = parser.parse_args()
+    provenance.settle_or_exit(parser, args, strict=not args.quick)
 
     window = args.window or (8 if QUICK else 2048)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32

@@ -39,6 +39,7 @@ if QUICK and not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
 import transformers  # noqa: E402
 from common import bench_ms, environment, error_record, write_results  # noqa: E402
@@ -130,7 +131,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--impls", default="sdpa,gatedfwa,flex_attention",
                         help="attn_implementation values, comma-separated; sdpa first gives the check column")
+    provenance.add_options(parser)
     args = parser.parse_args()
+    provenance.settle_or_exit(parser, args, strict=not args.quick)
 
     seqlen = args.seqlen or (128 if QUICK else 8192)
     window = args.window or (32 if QUICK else 4096)

@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
 from common import environment, error_record, write_results  # noqa: E402
 
@@ -193,7 +194,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile-steps", type=int, default=3)
+    provenance.add_options(parser)
     args = parser.parse_args()
+    provenance.settle_or_exit(parser, args, strict=not args.quick)
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     if args.quick:
         args.micro_batch, args.seq_len, args.warmup, args.steps, args.rounds = 2, 64, 1, 1, 2

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
 from common import (  # noqa: E402
     attention_tflops,
@@ -462,7 +463,9 @@ def main(argv=None):
     parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel device times")
     parser.add_argument("--compare-selected", action="store_true",
                         help="only compare the selected branch's strategies (nsa_selected_compare)")
+    provenance.add_options(parser)
     args = parser.parse_args(argv)
+    provenance.settle_or_exit(parser, args)
     if not torch.cuda.is_available():
         parser.error("a CUDA GPU is required")
     env = environment()

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 from common import REPO, environment, write_results  # noqa: E402
 
 
@@ -57,7 +58,9 @@ def main() -> None:
     parser.add_argument("--preset", default="gpu-20m")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--gpus", type=int, default=torch.cuda.device_count())
+    provenance.add_options(parser)
     args = parser.parse_args()
+    provenance.settle_or_exit(parser, args)
     if args.gpus < 2:
         raise SystemExit("needs at least 2 GPUs (--gpus)")
 

@@ -5,28 +5,21 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
-import subprocess
 import traceback
 from pathlib import Path
 
 import torch
 
+import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def git_commit() -> str:
-    """The commit being measured: GATEDFWA_COMMIT if set (a copy of the tree whose .git is
-    missing or stale), else git's HEAD of this checkout (wherever the script is run from)."""
-    if os.environ.get("GATEDFWA_COMMIT"):
-        return os.environ["GATEDFWA_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The commit being measured (provenance.py: git's HEAD, or GATEDFWA_COMMIT where there
+    is no git; a tree with uncommitted changes is refused unless allowed)."""
+    return provenance.recorded()["git_commit"]
 
 
 def error_record(exc: BaseException) -> dict:
@@ -39,7 +32,7 @@ def environment() -> dict:
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        **provenance.recorded(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
@@ -121,11 +114,12 @@ def write_results(out_dir: str | Path, name: str, payload: dict, table_rows: lis
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     env = payload.get("environment", {})
+    dirty = " (dirty tree)" if env.get("dirty") else ""
     lines = [
         f"# {name}",
         "",
         f"{env.get('gpu', 'CPU')}, torch {env.get('torch')}, triton {env.get('triton')}, "
-        f"commit {str(env.get('git_commit'))[:10]}, {env.get('date')}",
+        f"commit {str(env.get('git_commit'))[:10]}{dirty}, {env.get('date')}",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",

@@ -31,6 +31,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 from common import REPO, environment  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -134,9 +135,10 @@ def summarise(cases: list[dict]) -> dict:
 def write_markdown(path: Path, record: dict) -> None:
     env, summary = record["environment"], record["summary"]
     t = summary["totals"]
+    dirty = " (dirty tree)" if env.get("dirty") else ""
     lines = [
         f"# GPU test run: {env.get('gpu', 'no GPU')}, torch {env['torch']}, triton {env['triton']}, "
-        f"transformers {record['transformers']}, commit {env['git_commit'][:10]}, {env['date']}",
+        f"transformers {record['transformers']}, commit {env['git_commit'][:10]}{dirty}, {env['date']}",
         "",
         f"`{record['command']}`: **{t['passed']} passed, {t['failed']} failed, {t['error']} errors, "
         f"{t['skipped']} skipped** in {record['seconds']:.0f} s over {len(record['processes'])} pytest processes.",
@@ -164,7 +166,9 @@ def main() -> int:
     parser.add_argument("--name", default="gpu_tests", help="file name stem (default gpu_tests)")
     parser.add_argument("--timeout", type=float, default=540.0,
                         help="seconds after which pytest processes still running are stopped (default 540)")
+    provenance.add_options(parser)
     args = parser.parse_args()
+    provenance.settle_or_exit(parser, args)
 
     import torch
     import transformers

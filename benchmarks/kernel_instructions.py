@@ -31,6 +31,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -127,7 +128,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--head-dim", type=int, default=128, choices=[32, 64, 128, 256])
+    provenance.add_options(parser)
     args = parser.parse_args(argv)
+    provenance.settle_or_exit(parser, args)
     rows = []
     for name, (kernel, floats, config_of) in KERNELS.items():
         config = config_of(args.head_dim, True)  # the gated tiles, for both variants

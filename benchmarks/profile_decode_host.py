@@ -45,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
 from gatedfwa.models import GatedFWAConfig, GatedFWAForCausalLM  # noqa: E402
 
@@ -208,7 +209,9 @@ def main() -> None:
     parser.add_argument("--stub-kernels", action="store_true",
                         help="CPU only: Triton path with kernel launches replaced by a counter")
     parser.add_argument("--out", default=None, help="folder for profile_decode_host.json and .md")
+    provenance.add_options(parser)
     args = parser.parse_args()
+    provenance.settle_or_exit(parser, args, strict=args.out is not None)
 
     device = args.device
     if args.stub_kernels:

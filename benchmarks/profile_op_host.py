@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
 from common import environment, write_results  # noqa: E402
 from profile_decode_host import LaunchCounter, stub_triton_kernels  # noqa: E402
@@ -94,7 +95,9 @@ def main() -> None:
     parser.add_argument("--stub-kernels", action="store_true", help="CPU: Triton path with launches stubbed out")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
+    provenance.add_options(parser)
     args = parser.parse_args()
+    provenance.settle_or_exit(parser, args, strict=args.out is not None)
     if args.stub_kernels:
         stub_triton_kernels()
         device = "cpu"

@@ -37,7 +37,7 @@ for _path in (REPO, REPO / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from common import git_commit  # noqa: E402  (the commit measured, shared with the bench_*.py scripts)
+import provenance  # noqa: E402  (the commit measured, shared with the bench_*.py scripts)
 
 
 # --------------------------------------------------------------------------------------
@@ -60,13 +60,15 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def environment() -> dict:
-    """Date, commit, package versions and the device the numbers come from."""
+def environment(quick: bool = False) -> dict:
+    """Date, commit (``git_commit``, ``dirty``, ``commit_from``: provenance.py), package
+    versions and the device the numbers come from. Outside ``quick`` runs a commit that
+    cannot be stated truthfully raises provenance.ProvenanceError."""
     from importlib import metadata
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        **provenance.recorded(strict=not quick),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
@@ -134,12 +136,16 @@ class Record:
     """Everything one experiment produces, written to ``<out>/<name>.json`` after every arm
     (so a run stopped from outside still leaves the finished arms)."""
 
-    def __init__(self, name: str, claim: str, config: dict, out_dir: Path, quick: bool):
+    def __init__(self, name: str, claim: str, config: dict, out_dir: Path, quick: bool,
+                 env: dict | None = None):
+        """``env``: the record's environment, given by merge.py (whose arms come from other
+        runs); taken now (``environment(quick)``) if None."""
         self.name, self.out_dir = name, Path(out_dir)
         self.started = time.monotonic()
         self.data = {
             "experiment": name, "claim": claim, "quick": quick, "config": config,
-            "seeds": config.get("seeds"), "environment": environment(),
+            "seeds": config.get("seeds"),
+            "environment": environment(quick) if env is None else env,
             "arms": [], "skipped": [], "results": {}, "figures": [], "wall_s": None,
         }
 
@@ -322,6 +328,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
                         help="replace one top-level setting of the config, e.g. --set parts='[\"decode\"]' or "
                              "--set steps=3000 (repeatable; the key must exist)")
+    provenance.add_options(parser)
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -383,4 +390,5 @@ def main(module, argv=None) -> Record:
         config = build_config(module, args.quick, args.kinds, args.seeds, args.device, parse_overrides(args.overrides))
     except ValueError as error:
         parser.error(str(error))
+    provenance.settle_or_exit(parser, args, strict=not args.quick)
     return run_experiment(module, config, args.out, args.quick, Deadline(args.budget_s))

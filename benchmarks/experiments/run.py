@@ -42,6 +42,7 @@ def main(argv=None) -> int:
                                           overrides) for name in names}
     except ValueError as error:
         parser.error(f"{error} (--set applies to every experiment named)")
+    kit.provenance.settle_or_exit(parser, args, strict=not args.quick)
     deadline = kit.Deadline(args.budget_s)
     threads = torch.get_num_threads()
     if args.quick:

@@ -162,37 +162,113 @@ def test_driver_rejects_unknown_names(capsys):
     assert "unknown experiment" in capsys.readouterr().err
 
 
-def _quick_record(module, out_dir, **settings):
+def _quick_record(module, out_dir, commit=None, **settings):
+    """A quick run of ``module`` into ``out_dir``; ``commit``: the commit its record names
+    (a clean tree), else what provenance.py finds here."""
+    import provenance
+
     config = kit.build_config(module, quick=True)
     config.update(settings)
-    return kit.run_experiment(module, config, out_dir, True, kit.Deadline(None))
+    settled = provenance._settled
+    if commit is not None:
+        provenance._settled = {"git_commit": commit, "dirty": False, "commit_from": "git"}
+    try:
+        return kit.run_experiment(module, config, out_dir, True, kit.Deadline(None))
+    finally:
+        provenance._settled = settled
+
+
+COMMIT_A, COMMIT_B, COMMIT_C = "a" * 40, "b" * 40, "c" * 40  # not in any history: different code
+
+
+def _provenance_of(record) -> list[tuple]:
+    """(kind, seed, commit of the arm's run) for each arm of a merged record."""
+    sources = record.data["sources"]
+    return [(arm["kind"], arm["seed"], sources[arm["source"]]["environment"]["git_commit"]) for arm in record.arms]
 
 
 def test_merge_adds_arms_of_a_like_for_like_run(tmp_path):
-    """merge.py unites the arms of two runs, derives the results again and keeps both sources."""
+    """merge.py unites the arms of two runs of one commit, derives the results again and
+    keeps both sources."""
     import associative_recall
     import merge
 
-    _quick_record(associative_recall, tmp_path / "base", kinds=["gatedfwa"], seeds=[0])
-    _quick_record(associative_recall, tmp_path / "extra", kinds=["full"], seeds=[0])
+    _quick_record(associative_recall, tmp_path / "base", COMMIT_A, kinds=["gatedfwa"], seeds=[0])
+    _quick_record(associative_recall, tmp_path / "extra", COMMIT_A, kinds=["full"], seeds=[0])
     merged = merge.merge(tmp_path / "base" / "associative_recall.json", tmp_path / "extra" / "associative_recall.json",
                          tmp_path / "merged")
     saved = json.loads(merged.json_path.read_text())
     assert saved["config"]["kinds"] == ["gatedfwa", "full"]
     assert [(arm["kind"], arm["source"]) for arm in saved["arms"]] == [("gatedfwa", 0), ("full", 1)]
     assert [entry["kind"] for entry in saved["results"]["summary"]] == ["gatedfwa", "full"]
-    assert len(saved["sources"]) == 2 and all(s["environment"]["git_commit"] for s in saved["sources"])
+    assert len(saved["sources"]) == 2 and "mixed_commits" not in saved
+    assert saved["environment"]["git_commit"] == COMMIT_A and "git_commits" not in saved["environment"]
     assert (tmp_path / "merged" / "associative_recall.png").read_bytes()[:8] == PNG_MAGIC
 
-    # An arm of the extra run replaces the base's arm of the same name.
+    # An arm of the extra run replaces the base's arm of the same name; the run it replaced,
+    # with no arm left, leaves the sources.
     again = merge.merge(merged.json_path, tmp_path / "extra" / "associative_recall.json", tmp_path / "again")
     assert [(arm["kind"], arm["source"]) for arm in again.arms] == [("gatedfwa", 0), ("full", 1)]
+    assert len(again.data["sources"]) == 2
 
     # Runs that differ in how an arm runs are not like for like.
-    _quick_record(associative_recall, tmp_path / "other", kinds=["full"], seeds=[0], steps=3)
+    _quick_record(associative_recall, tmp_path / "other", COMMIT_A, kinds=["full"], seeds=[0], steps=3)
     with pytest.raises(ValueError, match="steps"):
         merge.merge(tmp_path / "base" / "associative_recall.json", tmp_path / "other" / "associative_recall.json",
                     tmp_path / "refused")
+
+
+def test_merge_keeps_each_arms_run_and_refuses_mixed_code_unless_told(tmp_path):
+    """Arms of different commits are merged only with a recorded reason; a merged base
+    keeps its own sources, so every arm still names the run (and commit) it came from."""
+    import associative_recall
+    import merge
+
+    runs = {}
+    for name, commit, kind, seed in (("a", COMMIT_A, "gatedfwa", 0), ("b", COMMIT_B, "full", 0),
+                                      ("c", COMMIT_C, "gatedfwa", 1), ("b2", COMMIT_B, "full", 1)):
+        _quick_record(associative_recall, tmp_path / name, commit, kinds=[kind], seeds=[seed])
+        runs[name] = tmp_path / name / "associative_recall.json"
+
+    with pytest.raises(ValueError, match="different code.*--allow-mixed-commits"):
+        merge.merge(runs["a"], runs["b"], tmp_path / "refused")
+    first = merge.merge(runs["a"], runs["b"], tmp_path / "ab", allow_mixed_commits="seed 0 of full re-run later")
+    assert first.data["mixed_commits"] == {"commits": [COMMIT_A, COMMIT_B], "reasons": ["seed 0 of full re-run later"]}
+    assert "git_commit" not in first.data["environment"] and first.data["environment"]["git_commits"] == [COMMIT_A, COMMIT_B]
+
+    # A third commit needs a decision of its own; a run of a commit already there does not.
+    with pytest.raises(ValueError, match="different code"):
+        merge.merge(first.json_path, runs["c"], tmp_path / "refused")
+    second = merge.merge(first.json_path, runs["b2"], tmp_path / "abb")
+    assert _provenance_of(second) == [("gatedfwa", 0, COMMIT_A), ("full", 0, COMMIT_B), ("full", 1, COMMIT_B)]
+    third = merge.merge(second.json_path, runs["c"], tmp_path / "abbc", allow_mixed_commits="seed 1 of gatedfwa")
+    assert _provenance_of(third) == [("gatedfwa", 0, COMMIT_A), ("full", 0, COMMIT_B), ("full", 1, COMMIT_B),
+                                     ("gatedfwa", 1, COMMIT_C)]
+    assert third.data["mixed_commits"]["reasons"] == ["seed 0 of full re-run later", "seed 1 of gatedfwa"]
+    assert [source["file"] for source in third.data["sources"]] == [str(runs[name]) for name in ("a", "b", "b2", "c")]
+    assert third.data["wall_s"] == pytest.approx(sum(json.loads(runs[name].read_text())["wall_s"]
+                                                     for name in ("a", "b", "b2", "c")))
+
+    # The command line asks for a reason.
+    with pytest.raises(SystemExit):
+        merge.main([str(runs["a"]), str(runs["b"]), "--out", str(tmp_path / "cli"), "--allow-mixed-commits", " "])
+    assert merge.main([str(runs["a"]), str(runs["b"]), "--out", str(tmp_path / "cli"),
+                       "--allow-mixed-commits", "a reason"]) == 0
+
+
+def test_merge_compares_the_code_of_two_commits():
+    """Two names of one commit have the same code; an unknown commit or a dirty tree has
+    code of its own."""
+    import merge
+    import provenance
+
+    head = provenance.head_commit()
+    if head is None:
+        pytest.skip("needs a git checkout (an sdist has none)")
+    assert merge.same_code({"git_commit": head}, {"git_commit": head[:9]})
+    assert not merge.same_code({"git_commit": head}, {"git_commit": head, "dirty": True})
+    assert not merge.same_code({"git_commit": "unknown"}, {"git_commit": "unknown"})
+    assert not merge.same_code({"git_commit": head}, {"git_commit": COMMIT_A})
 
 
 def test_set_overrides_one_setting_and_rejects_unknown_keys():
@@ -214,19 +290,36 @@ def test_cost_runs_only_the_parts_asked_for(tmp_path):
     assert record.results["decoding"] and not record.results["training_tokens_per_s"]
 
 
-def test_parallel_arms_run_in_worker_processes_in_waves(tmp_path):
-    """run_arms_parallel (the GPU path of associative_recall) records every arm's numbers in
-    arm order, wave by wave, and skips a wave that no longer fits the deadline."""
+def test_parallel_arms_give_the_numbers_of_arms_run_one_after_another(tmp_path, monkeypatch):
+    """run_arms_parallel (the GPU path of associative_recall) trains each arm in a worker
+    process, wave by wave, and records the same numbers, in arm order, as run_arms in this
+    process; a wave that no longer fits the deadline is skipped."""
     import functools
 
-    record = kit.Record("parallel", "claim", {"seeds": [0]}, tmp_path, quick=True)
-    arms = [{"kind": "a", "seed": 0}, {"kind": "b", "seed": 0}, {"kind": "c", "seed": 0}]
-    kit.run_arms_parallel(arms, functools.partial(dict, worker=True), record, kit.Deadline(None), workers=2)
-    assert [{k: v for k, v in arm.items() if k != "wall_s"} for arm in record.arms] == \
-        [{**arm, "worker": True} for arm in arms]
-    late = kit.Record("late", "claim", {"seeds": [0]}, tmp_path, quick=True)
-    kit.run_arms_parallel(arms, functools.partial(dict, worker=True), late, kit.Deadline(-1.0), workers=2)
-    assert late.arms == [] and [entry["kind"] for entry in late.data["skipped"]] == ["a", "b", "c"]
+    import associative_recall
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers compute on one thread, as this process does
+
+    config = kit.build_config(associative_recall, quick=True, kinds=["gatedfwa", "full"], seeds=[0])
+    config["steps"] = 2
+    arms = associative_recall.arm_list(config)
+    assert len(arms) == 2
+    run_one = functools.partial(associative_recall.run_arm, config)
+    serial = kit.Record("serial", "claim", config, tmp_path / "serial", quick=True)
+    kit.run_arms(arms, run_one, serial, kit.Deadline(None))
+    parallel = kit.Record("parallel", "claim", config, tmp_path / "parallel", quick=True)
+    kit.run_arms_parallel(arms, run_one, parallel, kit.Deadline(None), workers=2)
+
+    def numbers_of(record):
+        return [{key: value for key, value in arm.items() if key != "wall_s"} for arm in record.arms]
+
+    assert [arm["kind"] for arm in parallel.arms] == ["gatedfwa", "full"]
+    assert numbers_of(parallel) == numbers_of(serial)
+    assert all(arm["train_loss_first"] > 0 and arm["curve"] for arm in parallel.arms)
+
+    late = kit.Record("late", "claim", config, tmp_path / "late", quick=True)
+    kit.run_arms_parallel(arms, run_one, late, kit.Deadline(-1.0), workers=2)
+    assert late.arms == [] and [entry["kind"] for entry in late.data["skipped"]] == ["gatedfwa", "full"]
 
 
 def test_doc_tables_match_the_committed_records():
