@@ -175,7 +175,7 @@ def generate_text(ckpt: str | Path, prompt: str | bytes, max_new_tokens: int = 2
     no_static = sorted({kind for kind in model.config.layer_kinds if not attention_kind(kind).supports_static_cache})
     if cache == "static" and no_static:
         raise ConfigError(f"--cache static: the layers of attention kind {', '.join(no_static)} have no static cache "
-                          "(NSA layers keep every token); use --cache dynamic")
+                          "(the NSA kinds keep every token); use --cache dynamic")
     if cache == "static" or (cache == "auto" and target.type == "cuda" and not no_static):
         options["cache"] = model.new_static_cache(len(ids) + max_new_tokens + 1)
     out.write(prompt_bytes.decode("utf-8", errors="replace"))
