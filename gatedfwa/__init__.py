@@ -33,6 +33,8 @@ _EXPORTS = {
     "GatedFWAConfig": "gatedfwa.models",
     "GatedFWAForCausalLM": "gatedfwa.models",
     "GatedFWAModel": "gatedfwa.models",
+    "register_attention_kind": "gatedfwa.attention_kinds",
+    "unregister_attention_kind": "gatedfwa.attention_kinds",
 }
 
 __all__ = list(_EXPORTS)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from gatedfwa.attention_kinds import attention_kind
 from gatedfwa.devices import resolve_device
 from gatedfwa.errors import ConfigError, Interrupted
 from gatedfwa.generation_options import check_generation_options
@@ -132,8 +133,8 @@ def generate_text(ckpt: str | Path, prompt: str | bytes, max_new_tokens: int = 2
 
     ``cache``: "static" decodes with the fixed-shape StaticWindowCache, around which
     generate() compiles each step into one CUDA graph (on a GPU); "dynamic" with the growing
-    WindowCache, uncompiled; "auto" (default) takes "static" on a GPU for models without NSA
-    layers, "dynamic" otherwise."""
+    WindowCache, uncompiled; "auto" (default) takes "static" on a GPU for models whose every
+    attention kind has a static cache (not the NSA kinds), "dynamic" otherwise."""
     out = sys.stdout if out is None else out
     check_generation_options(prompt, max_new_tokens, temperature, top_k, cache)
     checkpoint = resolve_checkpoint(ckpt)
@@ -163,10 +164,11 @@ def generate_text(ckpt: str | Path, prompt: str | bytes, max_new_tokens: int = 2
                    pad_token_id=0 if pad is None else pad)
     if sampling:
         options.update(temperature=temperature, top_k=top_k)
-    has_nsa = any(kind.startswith("nsa") for kind in model.config.layer_kinds)
-    if cache == "static" and has_nsa:
-        raise ConfigError("--cache static: NSA layers keep every token and have no static cache; use --cache dynamic")
-    if cache == "static" or (cache == "auto" and target.type == "cuda" and not has_nsa):
+    no_static = sorted({kind for kind in model.config.layer_kinds if not attention_kind(kind).supports_static_cache})
+    if cache == "static" and no_static:
+        raise ConfigError(f"--cache static: the layers of attention kind {', '.join(no_static)} have no static cache "
+                          "(the NSA kinds keep every token); use --cache dynamic")
+    if cache == "static" or (cache == "auto" and target.type == "cuda" and not no_static):
         options["cache"] = model.new_static_cache(len(ids) + max_new_tokens + 1)
     out.write(prompt_bytes.decode("utf-8", errors="replace"))
     out.flush()

@@ -82,7 +82,7 @@ def _sequence_starts(seqlen: int, cu_seqlens: torch.Tensor | None, device: torch
 def previous_token(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     """The previous token's value at every position: x [B, T, ...] -> [B, T, ...], zero where
     a sequence starts (t = 0, or a cu_seqlens boundary). Decoding takes the previous token
-    of its first new token from the cache instead (see GatedFWAttention._decode)."""
+    of its first new token from the cache instead (see GatedFWAttention._forward_decode)."""
     if x.shape[1] == 0:
         return x
     shifted = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
@@ -319,6 +319,11 @@ class GatedFWAttention(nn.Module):
 
         Returns:
             [B, T, C] in x's dtype.
+
+        The arguments choose one path, once: decoding against a filled cache
+        (_forward_decode), a padded batch (_forward_padded: packs, runs the packed path,
+        unpacks), packed sequences (_forward_packed) or rows that are one sequence each
+        (_forward_dense).
         """
         if self.context_parallel_group is not None:
             refuse_under_context_parallel(attention_mask=attention_mask, cu_seqlens=cu_seqlens, layout=layout, cache=cache)
@@ -330,24 +335,51 @@ class GatedFWAttention(nn.Module):
                     "decoding against a filled cache takes new tokens without padding: "
                     "attention_mask, cu_seqlens and layout must be None"
                 )
-            return self._decode(hidden_states, position_ids, cache, rotary)
+            return self._forward_decode(hidden_states, position_ids, cache, rotary)
         if attention_mask is not None:
             if cu_seqlens is not None or layout is not None:
                 raise ValueError("pass only one of attention_mask, cu_seqlens and layout")
-            layout, x, positions, rotary = pack_padded(attention_mask, hidden_states, position_ids, rotary or ())
-            out = self.forward(x, positions, cache=cache, layout=layout, rotary=rotary or None)
-            return out if layout is None else unpack(out, layout)
+            return self._forward_padded(hidden_states, attention_mask, position_ids, cache, rotary)
         if layout is not None:
             if cu_seqlens is not None:
                 raise ValueError("pass only one of cu_seqlens and layout")
-            cu_seqlens = layout.cu_seqlens
-        elif cache is not None and cu_seqlens is not None:
-            raise ValueError("a cache is filled from a padded batch (attention_mask), not from cu_seqlens")
+            return self._forward_packed(hidden_states, position_ids, layout.cu_seqlens, cache, layout, rotary)
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("a cache is filled from a padded batch (attention_mask), not from cu_seqlens")
+            return self._forward_packed(hidden_states, position_ids, cu_seqlens, None, None, rotary)
+        return self._forward_dense(hidden_states, position_ids, cache, rotary)
 
-        x = hidden_states
-        batch, seqlen, _ = x.shape
+    def _forward_padded(self, x, attention_mask, position_ids, cache, rotary) -> torch.Tensor:
+        """A padded batch x [B, T, C] (attention_mask [B, T]): its real tokens packed into
+        one row [1, N, C] with their positions (and rotary angles), run as packed sequences,
+        put back in place: [B, T, C], zeros at the padding. A mask of ones packs nothing."""
+        layout, packed, positions, packed_rotary = pack_padded(attention_mask, x, position_ids, rotary or ())
+        if layout is None:
+            return self._forward_dense(packed, positions, cache, packed_rotary or None)
+        out = self._forward_packed(packed, positions, layout.cu_seqlens, cache, layout, packed_rotary or None)
+        return unpack(out, layout)
+
+    def _forward_packed(self, x, position_ids, cu_seqlens, cache, layout, rotary) -> torch.Tensor:
+        """Sequences packed back to back, x [1, N, C] with cu_seqlens [S + 1] (from ``layout``
+        when x is a padded batch packed, which a cache is filled from) -> [1, N, C]. Default
+        positions count from each sequence's start."""
         if position_ids is None and rotary is None:
-            position_ids = default_position_ids(batch, seqlen, cu_seqlens, x.device) + shard_start(seqlen, self.context_parallel_group)
+            position_ids = default_position_ids(x.shape[0], x.shape[1], cu_seqlens, x.device)
+        return self._forward_parallel(x, position_ids, rotary, cu_seqlens, cache, layout)
+
+    def _forward_dense(self, x, position_ids, cache, rotary) -> torch.Tensor:
+        """Rows that are one sequence each, x [B, T, C] -> [B, T, C] (under context
+        parallelism: this rank's shard of each, positions from the shard's start)."""
+        if position_ids is None and rotary is None:
+            batch, seqlen = x.shape[:2]
+            position_ids = default_position_ids(batch, seqlen, None, x.device) + shard_start(seqlen, self.context_parallel_group)
+        return self._forward_parallel(x, position_ids, rotary, None, cache, None)
+
+    def _forward_parallel(self, x, position_ids, rotary, cu_seqlens, cache, layout) -> torch.Tensor:
+        """Every token of x [B, T, C] at once (sequences along T split by cu_seqlens, or one
+        per row): projections, token shift, norms and rotary, the attention op, the output
+        projection -> [B, T, C]. With an empty cache, it is filled as well (prefill)."""
         q, k_raw, v_raw, gate_pre = self._project_with_gate(x)
         k, v = k_raw, v_raw
         if self.token_shift:
@@ -406,7 +438,7 @@ class GatedFWAttention(nn.Module):
             cache.set_extra_state("shift_k", k_raw[:, -1])
             cache.set_extra_state("shift_v", v_raw[:, -1])
 
-    def _decode(self, x, position_ids, cache, rotary=None) -> torch.Tensor:
+    def _forward_decode(self, x, position_ids, cache, rotary=None) -> torch.Tensor:
         """New tokens x [B, L, C] against a filled cache: up to MAX_DECODE_LENGTH tokens go
         through the decode op, a longer chunk (chunked prefill) through the parallel op on
         [cached window || chunk] keys. With a StaticWindowLayerCache nothing here reads a

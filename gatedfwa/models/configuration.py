@@ -9,7 +9,7 @@ import os
 
 from transformers import PretrainedConfig
 
-from gatedfwa.attention_kinds import ATTENTION_KINDS
+from gatedfwa.attention_kinds import ATTENTION_KINDS, attention_kind
 from gatedfwa.models.remote_code import AUTO_MAP, write_remote_code
 
 __all__ = ["GatedFWAConfig", "ATTENTION_KINDS", "config_fields"]
@@ -36,7 +36,8 @@ class GatedFWAConfig(PretrainedConfig):
         rope_theta: base of the rotary frequencies.
         attention_kinds: one kind for every layer, or a list with one kind per layer, from
             ATTENTION_KINDS (gatedfwa/attention_kinds.py: "gatedfwa", "swa", "full",
-            "forgetting", "nsa", "nsa-gatedfwa"). E.g. a hybrid with every 4th layer full:
+            "forgetting", "nsa", "nsa-gatedfwa", and any kind registered with
+            register_attention_kind). E.g. a hybrid with every 4th layer full:
             ["gatedfwa", "gatedfwa", "gatedfwa", "full"] * 3.
         qk_norm: RMSNorm on each query and key head.
         output_gate: sigmoid output gate in the attention layers.
@@ -130,16 +131,13 @@ class GatedFWAConfig(PretrainedConfig):
         return list(self.attention_kinds)
 
     def layer_window(self, layer_idx: int) -> int | None:
-        """The window of layer ``layer_idx``: window_size for "gatedfwa"/"swa" and the NSA
-        kinds (their sliding branch), None otherwise."""
-        return self.window_size if ATTENTION_KINDS[self.layer_kinds[layer_idx]].uses_window else None
+        """The window of layer ``layer_idx``: window_size for a kind that uses the window
+        ("gatedfwa", "swa", the NSA kinds' sliding branch), None otherwise."""
+        return self.window_size if attention_kind(self.layer_kinds[layer_idx]).uses_window else None
 
     def layer_uses_gate(self, layer_idx: int) -> bool:
-        return ATTENTION_KINDS[self.layer_kinds[layer_idx]].uses_gate
-
-    def layer_uses_nsa(self, layer_idx: int) -> bool:
-        """Whether layer ``layer_idx`` is Native Sparse Attention ("nsa", "nsa-gatedfwa")."""
-        return ATTENTION_KINDS[self.layer_kinds[layer_idx]].uses_nsa
+        """Whether layer ``layer_idx``'s kind uses the GatedFWA gate."""
+        return attention_kind(self.layer_kinds[layer_idx]).uses_gate
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
         """Writes config.json, as transformers does, and beside it the module file that its
@@ -188,7 +186,9 @@ class GatedFWAConfig(PretrainedConfig):
             raise TypeError(f"attention_kinds must be a string or a list of strings, got {type(kinds).__name__}")
         for kind in kinds:
             if kind not in ATTENTION_KINDS:
-                raise ValueError(f"unknown attention kind {kind!r} in attention_kinds; choose from {list(ATTENTION_KINDS)}")
+                raise ValueError(
+                    f"unknown attention kind {kind!r} in attention_kinds; choose from {list(ATTENTION_KINDS)} "
+                    "(or register it first: gatedfwa.attention_kinds.register_attention_kind)")
         windowed = [kind for kind in kinds if ATTENTION_KINDS[kind].uses_window]
         if self.window_size is None:
             if windowed:

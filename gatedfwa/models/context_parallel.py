@@ -6,15 +6,10 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
-from gatedfwa.layers.attention import GatedFWAttention
+from gatedfwa.attention_kinds import ATTENTION_KINDS, attention_kind
 from gatedfwa.models.modeling import GatedFWAModel
 
-__all__ = ["enable_context_parallel", "CONTEXT_PARALLEL_KINDS"]
-
-# The kinds whose attention is the window op alone: their halo is the last window_size - 1
-# tokens of the ranks before. (Window-free kinds would need the whole prefix; sparse kinds
-# such as NSA select blocks anywhere in the prefix.)
-CONTEXT_PARALLEL_KINDS = ("gatedfwa", "swa")
+__all__ = ["enable_context_parallel"]
 
 
 def enable_context_parallel(model: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:
@@ -28,21 +23,24 @@ def enable_context_parallel(model: nn.Module, group: dist.ProcessGroup | None) -
     group is the single-process loss (gradients alike). Every rank must run the same forward
     and backward. Padding masks, packed sequences and decoding caches are refused.
 
-    Raises ValueError for a model with a layer of any other kind than CONTEXT_PARALLEL_KINDS
-    (full, forgetting, NSA).
+    Raises ValueError for a model with a layer of a kind whose registry entry does not
+    support context parallelism (gatedfwa/attention_kinds.py: of the built-in kinds, only
+    "gatedfwa" and "swa" do; full, forgetting and NSA read beyond a sliding window).
     """
     base = getattr(model, "model", model)
     if not isinstance(base, GatedFWAModel):
         raise TypeError(f"model must be a GatedFWAForCausalLM or GatedFWAModel, got {type(model).__name__}")
     if group is not None:
-        unsupported = sorted({kind for kind in base.config.layer_kinds if kind not in CONTEXT_PARALLEL_KINDS})
+        unsupported = sorted({kind for kind in base.config.layer_kinds
+                              if not attention_kind(kind).supports_context_parallel})
         if unsupported:
+            supported = [name for name, kind in ATTENTION_KINDS.items() if kind.supports_context_parallel]
             raise ValueError(
-                f"context parallelism supports the windowed attention kinds {list(CONTEXT_PARALLEL_KINDS)} only; "
-                f"this model has layers of kind {unsupported} (they read beyond a sliding window of the prefix)"
+                f"context parallelism supports the attention kinds {supported} only; this model has layers "
+                f"of kind {unsupported} (e.g. the window-free and NSA kinds read beyond a sliding window of the prefix)"
             )
     base.context_parallel_group = group
-    for module in base.modules():
-        if isinstance(module, GatedFWAttention):
-            module.context_parallel_group = group
+    for block in base.layers:
+        # The attribute the layers of a kind that supports context parallelism read.
+        block.attn.context_parallel_group = group
     return model

@@ -4,15 +4,17 @@
       -> token embedding                                   [B, T, C]
       -> num_hidden_layers x Block:
              x = x + Attention(RMSNorm(x))    (kind per layer: gatedfwa / swa / full / forgetting /
-                                               nsa / nsa-gatedfwa)
+                                               nsa / nsa-gatedfwa / a registered kind)
              x = x + SwiGLU-MLP(RMSNorm(x))
       -> RMSNorm -> lm_head                                logits [B, T, vocab]
 
 Padding (attention_mask with zeros, e.g. left-padded prompts) is handled exactly: the real
 tokens of every row are packed into one varlen row once, before the first block, and
 unpacked after the last, so no padding token ever enters a softmax or a gate sum.
-Decoding keeps per windowed layer only the last w keys and values (gatedfwa/ops/decode/cache.py);
-an NSA layer keeps every key and value and its block summaries besides (gatedfwa/ops/nsa/cache.py).
+Each layer's attention module and decoding cache come from its kind's entry in the registry
+(gatedfwa/attention_kinds.py). Decoding keeps per windowed layer only the last w keys and
+values (gatedfwa/ops/decode/cache.py); an NSA layer keeps every key and value and its block
+summaries besides (gatedfwa/ops/nsa/cache.py).
 
 The transformers workflows (docs/models.md, "With transformers"): the loss honours Trainer's
 num_items_in_batch (gradient accumulation), the blocks support gradient checkpointing,
@@ -35,15 +37,14 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
+from gatedfwa.attention_kinds import attention_kind
 from gatedfwa.distributed.sequence import context_parallel_causal_lm_loss, refuse_under_context_parallel, shard_start
 from gatedfwa.layers.attention import GatedFWAttention, default_position_ids, gate_bias_init
 from gatedfwa.layers.norm import RMSNorm
-from gatedfwa.layers.nsa_attention import NSAttention
 from gatedfwa.layers.padding import flattened_layout, pack, pack_padded, unpack
 from gatedfwa.layers.rotary import rotary_angles
 from gatedfwa.models.configuration import GatedFWAConfig
 from gatedfwa.ops import StaticWindowCache, WindowCache
-from gatedfwa.ops.nsa import NSALayerCache
 
 try:
     from transformers import initialization as init
@@ -121,25 +122,12 @@ class GatedFWABlock(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.kind = config.layer_kinds[layer_idx]
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        nsa = {}
-        if config.layer_uses_nsa(layer_idx):
-            nsa = dict(block_size=config.nsa_block_size, block_counts=config.nsa_block_counts)
-        self.attn = (NSAttention if nsa else GatedFWAttention)(
-            **nsa,
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim,
-            window_size=config.layer_window(layer_idx),
-            use_gate=config.layer_uses_gate(layer_idx),
-            rope_theta=config.rope_theta,
-            qk_norm=config.qk_norm,
-            output_gate=config.output_gate,
-            token_shift=config.token_shift,
-            norm_eps=config.rms_norm_eps,
-            gate_init_range=tuple(config.gate_init_range),
-            layer_idx=layer_idx,
-        )
+        # The kind's layer factory (gatedfwa/attention_kinds.py; the built-in ones are in
+        # gatedfwa/models/builtin_kinds.py).
+        self.attn = attention_kind(self.kind).build_layer(config, layer_idx)
+        if not isinstance(self.attn, nn.Module):
+            raise TypeError(f"the layer factory of attention kind {self.kind!r} must return an nn.Module, "
+                            f"got {type(self.attn).__name__}")
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedFWAMLP(config.hidden_size, config.intermediate_size)
 
@@ -254,13 +242,15 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
         self.embed_tokens = value
 
     def new_cache(self) -> WindowCache:
-        """An empty decoding cache for this model: per layer a ring buffer of its window
-        (growing for the window-free kinds "full" and "forgetting"); an NSA layer's entry is
-        an NSALayerCache (its window ring buffer, every key and value, block summaries)."""
-        cache = WindowCache([self.config.layer_window(i) for i in range(self.config.num_hidden_layers)])
-        for i, block in enumerate(self.layers):
-            if isinstance(block.attn, NSAttention):
-                cache.layers[i] = block.attn.new_cache()
+        """An empty decoding cache for this model: per layer what its kind's cache factory
+        makes (gatedfwa/attention_kinds.py): a ring buffer of its window for "gatedfwa" and
+        "swa" (growing for the window-free kinds "full" and "forgetting"), an NSALayerCache
+        for the NSA kinds (its window ring buffer, every key and value, block summaries).
+        Raises ValueError for a model with a layer of a kind that has no cache."""
+        # The containers make a window cache per window size given; here each layer's cache
+        # comes from its kind instead.
+        cache = WindowCache([])
+        cache.layers = [attention_kind(kind).new_cache(self.config, i) for i, kind in enumerate(self.config.layer_kinds)]
         return cache
 
     def new_static_cache(self, max_length: int, prefill_chunk_size: int | None = None) -> StaticWindowCache:
@@ -273,11 +263,19 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
                 window ("full", "forgetting") hold; windowed layers keep their window.
             prefill_chunk_size: prefill a longer prompt in chunks of this many tokens
                 (memory O(window + chunk) per windowed layer); None = one parallel pass.
+
+        Raises ValueError for a model with a layer of a kind that has no static cache (the
+        NSA kinds).
         """
-        if any(isinstance(block.attn, NSAttention) for block in self.layers):
-            raise ValueError("NSA layers keep every token and have no static cache; use new_cache()")
-        windows = [self.config.layer_window(i) for i in range(self.config.num_hidden_layers)]
-        return StaticWindowCache(windows, max_length=max_length, prefill_chunk_size=prefill_chunk_size)
+        kinds = [attention_kind(kind) for kind in self.config.layer_kinds]
+        unsupported = list(dict.fromkeys(f"{kind.name!r} ({kind.description})" for kind in kinds
+                                         if not kind.supports_static_cache))
+        if unsupported:
+            raise ValueError(f"layers of attention kind {', '.join(unsupported)} have no static cache; "
+                             "use new_cache()")
+        cache = StaticWindowCache([], max_length=max_length, prefill_chunk_size=prefill_chunk_size)
+        cache.layers = [kind.new_static_cache(self.config, i, max_length) for i, kind in enumerate(kinds)]
+        return cache
 
     def forward(
         self,
