@@ -18,7 +18,11 @@ from pathlib import Path
 from gatedfwa.errors import ConfigError
 from gatedfwa.train.metrics import METRICS_FILE, nats_to_bits, read_metrics
 
-__all__ = ["plot_runs", "default_out", "check_out", "read_runs"]
+__all__ = ["plot_runs", "default_out", "check_out", "read_runs", "PlotUnavailable"]
+
+
+class PlotUnavailable(ConfigError):
+    """matplotlib is not installed (it is the optional extra ``gatedfwa[plot]``)."""
 
 
 def _label(run_dir: Path) -> tuple[str, str]:
@@ -90,14 +94,18 @@ def read_runs(run_dirs: list) -> list[tuple[Path, list[dict]]]:
 def plot_runs(run_dirs: list, out: Path | None = None, smooth: int = 10) -> Path:
     """Writes the PNG (``out``; None: :func:`default_out`) and returns its path. Every
     argument is checked before matplotlib loads: ConfigError if ``smooth`` < 1, a run has
-    no metrics, or ``out`` is not a .png file in an existing folder."""
+    no metrics, or ``out`` is not a .png file in an existing folder; PlotUnavailable (a
+    ConfigError) without matplotlib."""
     if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 1:
         raise ConfigError(f"--smooth must be an integer >= 1, got {smooth!r}")
     runs = read_runs(run_dirs)
     out = default_out(run_dirs) if out is None else Path(out)
     check_out(out)
 
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotUnavailable("plots need matplotlib, which is not installed: pip install 'gatedfwa[plot]'") from None
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt

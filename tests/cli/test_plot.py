@@ -4,6 +4,7 @@ what --out may name, and damaged metrics files named by file and line."""
 import json
 import random
 import shutil
+import sys
 
 import pytest
 
@@ -91,3 +92,10 @@ def test_a_last_line_cut_short_is_skipped(cli, two_runs):
     metrics.write_text(metrics.read_text() + '{"step": 3, "tokens": 15')
     status, out, err = cli(["plot", "a"])
     assert status == 0, err
+
+
+def test_without_matplotlib_plot_names_the_extra(cli, two_runs, monkeypatch):
+    (two_runs / "a" / "loss.png").unlink(missing_ok=True)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    _check(cli, ["a"], "plots need matplotlib, which is not installed: pip install 'gatedfwa[plot]'")
+    assert not (two_runs / "a" / "loss.png").exists()
