@@ -70,8 +70,12 @@ def _add_train(sub) -> None:
                    help="one setting, e.g. --set warmup_steps=10 or --set model.num_hidden_layers=2 (repeatable; VALUE read as JSON when it parses)")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/PRESET; when resuming, the resumed run's folder)")
     p.add_argument("--resume", metavar="PATH", help="continue a run exactly from its newest checkpoint (run folder) or from a checkpoint folder")
-    p.add_argument("--overwrite", action="store_true", help="delete the checkpoints and metrics already in --out and start over")
-    p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps to train in total (may be raised when resuming)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run: the old run is deleted once the new one has written "
+                        "its first checkpoint, and kept if the new one fails or is interrupted before")
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help="optimizer steps to train in total, not more steps (may be raised when resuming; a run that "
+                        "has them already is left as it is)")
     p.add_argument("--attention", metavar="KIND", help=f"attention kind of every layer: {KINDS_HELP}")
     p.add_argument("--window", type=int, metavar="N", help="attention window in tokens, the query included (model.window_size); at most --seq-len")
     p.add_argument("--seq-len", type=int, metavar="N", help="context: tokens per training window")
@@ -89,6 +93,11 @@ def _add_train(sub) -> None:
     p.add_argument("--save-interval", type=int, metavar="N", help="steps between checkpoints (0 = only at the end)")
     p.add_argument("--keep-checkpoints", type=int, metavar="N", help="how many of the newest checkpoints to keep (default 2)")
     p.add_argument("--device", metavar="DEV", help="auto (default: cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads per process (default: 1 when training on a CPU of at most 2 cores: there 2 "
+                        "threads train 1.9x faster while the machine is idle but up to 9x slower once another "
+                        "program keeps a core busy; else PyTorch's choice, OMP_NUM_THREADS when set); "
+                        "the startup line says how many")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (opt-in)")
     p.add_argument("--fsdp", action="store_true", default=None, help="with several processes, shard parameters and optimizer state (FSDP2) instead of DDP")
     p.add_argument("--context-parallel", type=int, metavar="N",
@@ -157,7 +166,7 @@ _TRAIN_OPTIONS = {
     "micro_batch_size": "micro_batch_size", "lr": "lr", "seed": "seed", "data": "data", "tokenizer": "tokenizer",
     "hf_dataset": "hf_dataset", "hf_split": "hf_split", "hf_text_field": "hf_text_field",
     "eval_interval": "eval_interval", "eval_windows": "eval_windows", "save_interval": "save_interval",
-    "keep_checkpoints": "keep_checkpoints", "device": "device", "compile": "compile", "fsdp": "fsdp",
+    "keep_checkpoints": "keep_checkpoints", "device": "device", "threads": "threads", "compile": "compile", "fsdp": "fsdp",
     "context_parallel": "context_parallel",
     "plot": "plot", "progress": "progress",
 }
@@ -204,6 +213,10 @@ def _run_train(args) -> int:
 
     result = train(config, out, resume=resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process reports
+        return 0
+    if result.already_finished:
+        print(f"nothing to do: the run is finished ({result.checkpoint} is step {result.step}, its --max-steps); "
+              f"to train further, raise --max-steps: gatedfwa train --resume {args.resume} --max-steps {2 * result.step}")
         return 0
     plot = None
     if config.plot:

@@ -21,8 +21,12 @@ __all__ = ["TrainConfig", "load_config_file", "apply_overrides", "resume_mismatc
 # May differ between a checkpoint and the run resuming from it.
 RESUMABLE_CHANGES = frozenset({
     "max_steps", "eval_interval", "eval_windows", "save_interval", "keep_checkpoints",
-    "micro_batch_size", "device", "compile", "fsdp", "context_parallel", "plot", "progress",
+    "micro_batch_size", "device", "threads", "compile", "fsdp", "context_parallel", "plot", "progress",
 })
+
+# A causal language model predicts token t + 1 from tokens up to t: a window needs two tokens
+# to hold one prediction (the loss of a 1-token window is 0 / 0).
+MIN_SEQ_LEN = 2
 
 
 def _model_field_names() -> list[str]:
@@ -58,6 +62,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     device: str = "auto"  # auto = cuda if available, else cpu
+    threads: int | None = None  # CPU threads per process (torch intra-op); None = auto (gatedfwa/train/threads.py)
     compile: bool = False
     fsdp: bool = False
     context_parallel: int = 1  # processes each window is split across (sequence shards)
@@ -101,6 +106,13 @@ class TrainConfig:
 
         for name in ("seq_len", "batch_size", "max_steps", "eval_windows", "keep_checkpoints"):
             positive_int(name)
+        if self.seq_len < MIN_SEQ_LEN:
+            raise ConfigError(
+                f"seq_len must be at least {MIN_SEQ_LEN}, got {self.seq_len}: a causal language model predicts "
+                f"each token from the ones before it, so a window needs {MIN_SEQ_LEN} tokens to hold one prediction"
+            )
+        if self.threads is not None:
+            positive_int("threads")
         for name in ("eval_interval", "save_interval", "warmup_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -29,13 +28,16 @@ from gatedfwa.distributed import shard_sequence
 from gatedfwa.errors import ConfigError, Interrupted
 from gatedfwa.tokenizer import tokenizer_from_spec
 from gatedfwa.train.checkpoint import (
-    apply_training_state, check_model_files, latest_checkpoint, load_model, read_training_state, run_dir_of,
+    apply_training_state, check_model_files, load_model, read_train_record, read_training_state, run_dir_of,
     save_checkpoint,
 )
 from gatedfwa.train.config import TrainConfig
 from gatedfwa.train.data import WindowSampler, heldout_windows, load_corpus
 from gatedfwa.train.distributed import DistributedContext, init_context_parallel, init_distributed, wrap_model
-from gatedfwa.train.metrics import MetricsLog, nats_to_bits
+from gatedfwa.train.memory import check_training_memory, estimate_training_memory
+from gatedfwa.train.metrics import METRICS_FILE, MetricsLog, nats_to_bits
+from gatedfwa.train.run_folder import RunFolder, check_run_folder
+from gatedfwa.train.threads import choose_threads
 
 __all__ = ["train", "TrainResult", "learning_rate"]
 
@@ -51,6 +53,7 @@ class TrainResult:
     unit: str
     wall_s: float
     parameters: int
+    already_finished: bool = False  # resumed at max_steps: nothing was trained or written
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -62,6 +65,10 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     progress = min(1.0, (step - config.warmup_steps) / span)
     floor = config.lr * config.min_lr_ratio
     return floor + (config.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _threads(count: int) -> str:
+    return "1 CPU thread" if count == 1 else f"{count} CPU threads"
 
 
 def _autocast(device: torch.device):
@@ -136,25 +143,21 @@ def _shard(rows: torch.Tensor, ctx: DistributedContext) -> tuple[torch.Tensor, t
     return rows, rows
 
 
-def _prepare_run_dir(out: Path, resume: Path | None, overwrite: bool, is_main: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is an existing file, not a folder: name a folder for the run "
-                          f"(it will hold checkpoints/ and metrics.jsonl)")
-    existing = latest_checkpoint(out)
-    if existing is not None and resume is None:
-        if not overwrite:
-            raise ConfigError(
-                f"--out {out} already holds a run ({existing.name}); continue it with --resume {out}, "
-                f"start over with --overwrite, or choose another --out"
-            )
-        if is_main:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-    if is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:  # e.g. a file where a parent folder should be
-            raise ConfigError(f"--out {out}: cannot create the run folder ({error.strerror})") from None
+def _finished_run(config: TrainConfig, resume: Path, done: int, started: float) -> TrainResult:
+    """The result of resuming a run that already has its max_steps steps: nothing is trained
+    or written. ConfigError when max_steps is below the checkpoint's step."""
+    if done > config.max_steps:
+        raise ConfigError(
+            f"--max-steps {config.max_steps} is below the step of the checkpoint to resume ({resume} is step {done}): "
+            f"--max-steps counts all the steps of the run, not more steps; for {config.max_steps} more, "
+            f"give --max-steps {done + config.max_steps}"
+        )
+    record = read_train_record(resume)
+    return TrainResult(
+        run_dir=run_dir_of(resume), checkpoint=resume, metrics=run_dir_of(resume) / METRICS_FILE, step=done,
+        heldout_loss=float("nan"), heldout_bits=float("nan"), unit=str(record.get("unit", "token")),
+        wall_s=time.time() - started, parameters=int(record.get("parameters", 0)), already_finished=True,
+    )
 
 
 def train(config: TrainConfig, out: Path, resume: Path | None = None, overwrite: bool = False,
@@ -164,10 +167,13 @@ def train(config: TrainConfig, out: Path, resume: Path | None = None, overwrite:
     started = time.time()
     config.validate()
     ctx = init_distributed(config.device)
+    threads_before = torch.get_num_threads()
     try:
         init_context_parallel(ctx, config.context_parallel)
+        torch.set_num_threads(choose_threads(config.threads, ctx.device))
         return _train(config, Path(out), resume, overwrite, ctx, started, log)
     finally:
+        torch.set_num_threads(threads_before)  # the thread count is the process's: leave it as found
         ctx.close()
 
 
@@ -184,13 +190,17 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
         else:
             print(line, file=sys.stderr, flush=True)
 
+    # Whatever can refuse the run is checked before the run folder is touched: the settings,
+    # the checkpoint to resume, --out, the data, the tokenizer, the model and its memory.
     micro_batch, accumulation = config.micro_steps(ctx.data_size)
     resume_state = None
     if resume is not None:  # damaged checkpoint files are refused before anything is written
         resume_state = read_training_state(resume)
         check_model_files(resume, "--resume")
-    _prepare_run_dir(out, resume, overwrite, ctx.is_main)
-    ctx.barrier()
+        if int(resume_state["step"]) >= config.max_steps:
+            return _finished_run(config, resume, int(resume_state["step"]), started)
+    continuing = resume is not None and out.resolve() == run_dir_of(resume).resolve()
+    check_run_folder(out, continuing, overwrite)
 
     corpus = load_corpus(config.data, config.tokenizer, config.hf_dataset, config.hf_split, config.hf_text_field)
     say(f"data: {corpus.description}; {len(corpus.train):,} training and {len(corpus.heldout):,} held-out {corpus.unit}s")
@@ -198,7 +208,12 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
     heldout = heldout_windows(corpus.heldout, config.seq_len, config.eval_windows)
 
     tokenizer = tokenizer_from_spec(corpus.tokenizer_spec)  # saved with every checkpoint
-    model = _build_model(config, corpus.vocab_size, resume, tokenizer.special_token_ids()).to(ctx.device)
+    model = _build_model(config, corpus.vocab_size, resume, tokenizer.special_token_ids())
+    parameters = sum(p.numel() for p in model.parameters())
+    needed = estimate_training_memory(model.config, parameters, micro_batch, config.seq_len // config.context_parallel,
+                                      ctx.device, sharded_over=ctx.world_size if config.fsdp else 1)
+    check_training_memory(needed, ctx.device, micro_batch)
+    model = model.to(ctx.device)
     model.train()
     if ctx.context_parallel_group is not None:
         from gatedfwa.models import enable_context_parallel
@@ -207,12 +222,12 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
             enable_context_parallel(model, ctx.context_parallel_group)
         except ValueError as error:
             raise ConfigError(f"--context-parallel: {error}") from None
-    parameters = sum(p.numel() for p in model.parameters())
     kinds = config.layer_kinds()
     say(
         f"model: {parameters / 1e6:.2f}M parameters, {len(kinds)} layers ({', '.join(sorted(set(kinds)))}), "
         f"window {config.model.get('window_size')}, context {config.seq_len}; "
-        f"{ctx.world_size} process(es) on {ctx.device}"
+        f"{ctx.world_size} process(es) on {ctx.device}, {_threads(torch.get_num_threads())}"
+        + (" each" if ctx.world_size > 1 else "")
         + (f" ({ctx.data_size} data parallel x {ctx.context_parallel_size} context parallel)" if ctx.mesh else "")
         + f", batch {config.batch_size} x {config.seq_len} tokens "
         f"(micro-batch {micro_batch}, {accumulation} accumulation step(s))"
@@ -236,10 +251,13 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
         "train": config.to_dict(), "tokenizer": corpus.tokenizer_spec, "unit": corpus.unit,
         "data": corpus.description, "world_size": ctx.world_size, "parameters": parameters,
     }
-    metrics = None
+    # Ready: from here on the run folder is written. Until the run's first checkpoint, an
+    # error or Ctrl-C puts the folder back as it was (the old run of an --overwrite included).
+    folder = RunFolder(out, continuing)
     if ctx.is_main:
-        previous = run_dir_of(resume) / "metrics.jsonl" if resume is not None else None
-        metrics = MetricsLog(out, resume_step=step if resume is not None else None, previous=previous)
+        folder.open()
+    ctx.barrier()
+    metrics = None
     tokens_per_step = config.batch_size * config.seq_len
     heldout_loss = float("nan")
     evaluated_at = saved_at = None
@@ -248,8 +266,10 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
     def save() -> Path:
         nonlocal saved_at
         saved_at = step
-        return save_checkpoint(out, step, model, optimizer, record, tokens_seen, config.keep_checkpoints,
+        path = save_checkpoint(out, step, model, optimizer, record, tokens_seen, config.keep_checkpoints,
                                is_main=ctx.is_main, sharded=config.fsdp and ctx.active, tokenizer=tokenizer.pretrained)
+        folder.commit()  # the new run has a checkpoint: an old run set aside can go
+        return path
 
     def run_eval() -> None:
         nonlocal heldout_loss, evaluated_at
@@ -266,6 +286,9 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
         progress = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
     in_update = False
     try:
+        if ctx.is_main:
+            previous = run_dir_of(resume) / METRICS_FILE if resume is not None else None
+            metrics = MetricsLog(out, resume_step=step if resume is not None else None, previous=previous)
         if step == 0 and config.eval_interval:
             run_eval()
         while step < config.max_steps:
@@ -312,16 +335,23 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
     except KeyboardInterrupt:
         if progress is not None:
             progress.close()
+        if folder.replacing:  # Ctrl-C soon after --overwrite: keep the run that was there
+            raise Interrupted(f"interrupted at step {step}, before the new run's first checkpoint: the run that "
+                              f"was in {out} is back in place and the new one was not kept") from None
         if ctx.world_size == 1 and not in_update and step > 0 and saved_at != step:
             checkpoint = save()
             raise Interrupted(f"interrupted at step {step}; checkpoint saved to {checkpoint}; "
                               f"continue with: gatedfwa train --resume {out}") from None
+        if checkpoint is None:
+            raise Interrupted(f"interrupted at step {step}, before the first checkpoint: nothing was kept") from None
         raise Interrupted(f"interrupted at step {step}; last checkpoint: {checkpoint}") from None
     finally:
         if progress is not None:
             progress.close()
         if metrics is not None:
             metrics.close()
+        if ctx.is_main and not folder.committed:  # stopped before this run's first checkpoint
+            folder.roll_back()
     ctx.barrier()
     return TrainResult(
         run_dir=out, checkpoint=checkpoint, metrics=out / "metrics.jsonl", step=step,

@@ -37,6 +37,8 @@ def _damage(path: Path, how: str) -> None:
     (["--attention", "linear"], "--attention: unknown attention kind 'linear'; choose one of: gatedfwa, swa, full, forgetting"),
     (["--window", "128", "--seq-len", "64"], "model.window_size (128) is larger than the context seq_len (64)"),
     (["--max-steps", "0"], "max_steps must be a positive integer"),
+    (["--seq-len", "1", "--window", "1"], "seq_len must be at least 2, got 1: a causal language model predicts"),
+    (["--threads", "0"], "threads must be a positive integer, got 0"),
     (["--config", "{tmp}/nope.json"], "--config: no such file"),
     (["--config", "{tmp}/bad.json"], "is not valid JSON"),
     (["--set", "colour=blue"], "unknown setting(s) colour"),

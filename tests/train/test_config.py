@@ -28,6 +28,8 @@ def test_unknown_preset_and_setting_are_named():
     ({"model": {"attention_kinds": ["gatedfwa"]}}, "one per layer"),
     ({"model": {"window_size": 512}, "seq_len": 256}, r"window_size \(512\) is larger than the context"),
     ({"seq_len": 0}, "seq_len must be a positive integer"),
+    ({"seq_len": 1, "model": {"window_size": 1}}, "seq_len must be at least 2"),
+    ({"threads": 0}, "threads must be a positive integer"),
     ({"lr": -1.0}, "lr must be a positive number"),
     ({"model": {"vocab_size": 10}}, "vocab_size is set by the tokenizer"),
     ({"model": {"hiden_size": 64}}, r"model: unknown setting\(s\) hiden_size; valid model settings \(GatedFWAConfig fields\): hidden_size, "),
