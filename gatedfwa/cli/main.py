@@ -220,9 +220,12 @@ def _run_train(args) -> int:
         return 0
     plot = None
     if config.plot:
-        from gatedfwa.plot import plot_runs
+        from gatedfwa.plot import PlotUnavailable, plot_runs
 
-        plot = plot_runs([result.run_dir], result.run_dir / "loss.png")
+        try:
+            plot = plot_runs([result.run_dir], result.run_dir / "loss.png")
+        except PlotUnavailable as missing:  # the run is saved; only the picture is missing
+            plot = f"skipped ({missing})"
     minutes, seconds = divmod(int(round(result.wall_s)), 60)
     print(f"done: {result.step} steps, {result.parameters / 1e6:.2f}M parameters, "
           f"held-out loss {result.heldout_bits:.3f} bits per {result.unit}, {minutes}m{seconds:02d}s")

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gatedfwa.attention_kinds import attention_kind
+
 from gatedfwa.errors import ConfigError
 from gatedfwa.ops.backend import select_backend
 
@@ -73,7 +75,11 @@ def _layer_values_per_token(config, layer: int, seq_len: int, torch_attention: b
     values += 4 * inner + hidden  # MLP: gate, SiLU, up, product, down
     if torch_attention:
         window = config.layer_window(layer)
-        reach = seq_len if window is None or config.layer_uses_nsa(layer) else min(window, seq_len)
+        # A query reads only its window where the layer's attention is the window op alone
+        # (the kinds that split across ranks with a window-sized halo); NSA's compressed and
+        # selected branches, like full attention, reach the whole prefix.
+        window_only = window is not None and attention_kind(config.layer_kinds[layer]).supports_context_parallel
+        reach = min(window, seq_len) if window_only else seq_len
         chunk = _attention_chunk(reach)
         span = chunk + reach - 1
         values += 6 * heads * span  # a query's scores, up to six copies alive at once

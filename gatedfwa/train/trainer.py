@@ -171,10 +171,28 @@ def train(config: TrainConfig, out: Path, resume: Path | None = None, overwrite:
     try:
         init_context_parallel(ctx, config.context_parallel)
         torch.set_num_threads(choose_threads(config.threads, ctx.device))
-        return _train(config, Path(out), resume, overwrite, ctx, started, log)
+        with _tf32_matmuls(ctx.device):
+            return _train(config, Path(out), resume, overwrite, ctx, started, log)
     finally:
         torch.set_num_threads(threads_before)  # the thread count is the process's: leave it as found
         ctx.close()
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(device: torch.device):
+    """TF32 for float32 matmuls and convolutions on GPUs while training (the weights' float32
+    work outside autocast), restored afterwards: the flags are the process's, and a caller
+    who trains in a notebook or a test and then checks float32 results must get full float32
+    products again."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
@@ -232,9 +250,6 @@ def _train(config, out, resume, overwrite, ctx, started, log) -> TrainResult:
         + f", batch {config.batch_size} x {config.seq_len} tokens "
         f"(micro-batch {micro_batch}, {accumulation} accumulation step(s))"
     )
-    if ctx.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     network = wrap_model(model, ctx, config.fsdp)
     optimizer = _optimizer(model, config)

@@ -135,3 +135,34 @@ def test_automatic_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(threads, "usable_cores", lambda: 2)
     assert threads.choose_threads(None, cpu) == torch.get_num_threads()  # the user's OMP_NUM_THREADS stands
+
+
+def test_without_matplotlib_training_ends_without_the_plot(cli, text_corpus, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    out_dir = tmp_path / "run"
+    with_plot = [arg for arg in FAST if arg != "--no-plot"]
+    status, out, err = cli(["train", *with_plot, "--data", text_corpus, "--out", out_dir])
+    assert status == 0, err
+    assert "plot:       skipped (plots need matplotlib, which is not installed: pip install 'gatedfwa[plot]')" in out
+    assert (out_dir / "metrics.jsonl").is_file() and not (out_dir / "loss.png").exists()
+
+
+def test_tf32_is_switched_on_for_training_only():
+    from gatedfwa.train.trainer import _tf32_matmuls
+
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = [flag.allow_tf32 for flag in flags]
+    try:
+        for flag in flags:
+            flag.allow_tf32 = False
+        with _tf32_matmuls(torch.device("cuda")):  # the flags need no GPU to be read and set
+            assert all(flag.allow_tf32 for flag in flags)
+        assert not any(flag.allow_tf32 for flag in flags)
+        with pytest.raises(RuntimeError), _tf32_matmuls(torch.device("cuda")):
+            raise RuntimeError("a failed run")
+        assert not any(flag.allow_tf32 for flag in flags)
+        with _tf32_matmuls(torch.device("cpu")):
+            assert not any(flag.allow_tf32 for flag in flags)
+    finally:
+        for flag, value in zip(flags, before):
+            flag.allow_tf32 = value
