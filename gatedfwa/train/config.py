@@ -185,13 +185,16 @@ def load_config_file(path: str) -> dict:
     text = file.read_text(encoding="utf-8")
     try:
         if file.suffix == ".toml":
-            import tomllib  # Python >= 3.11
+            try:
+                import tomllib  # Python >= 3.11
+            except ImportError:  # Python 3.10: the same parser as the package tomli (a dependency there)
+                import tomli as tomllib
 
             values = tomllib.loads(text)
         else:
             values = json.loads(text)
     except ImportError:
-        raise ConfigError("--config: TOML files need Python >= 3.11; use JSON") from None
+        raise ConfigError("--config: TOML files need Python >= 3.11 or the package tomli; use JSON") from None
     except ValueError as error:
         raise ConfigError(f"--config: {path} is not valid {'TOML' if file.suffix == '.toml' else 'JSON'}: {error}") from None
     if not isinstance(values, dict):
