@@ -15,6 +15,7 @@ from gatedfwa.testing import assert_within_rule, float32_slack
 from tests.layers.reference import reference_attention_layer
 from tests.models.test_generation import sharpened
 from tests.models.test_model import tiny_config
+from tests.models.test_static_generation import assert_compiled_steps_equal_parallel_forward
 
 
 def test_gate_field_defaults_validates_and_sizes_the_layers():
@@ -154,3 +155,9 @@ def test_forgetting_gate_generate_matches_greedy_loop():
             ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(generated, ids)
     assert math.isfinite(model(ids, labels=ids).loss.item())
+
+
+def test_forgetting_gate_compiled_static_decoding_equals_forward():
+    """Compiled (fullgraph) decoding steps on the static cache, gate="forgetting"."""
+    assert_compiled_steps_equal_parallel_forward(dict(gate="forgetting", attention_kinds=["gatedfwa", "forgetting"]),
+                                                 12, backend="aot_eager")

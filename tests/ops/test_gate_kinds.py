@@ -343,6 +343,22 @@ def test_compile_fullgraph_with_a_one_input_gate(monkeypatch, device):
     torch.testing.assert_close(gate_bias.grad, expected.sum((0, 1)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("gate", GATE_NAMES)
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_torch_path_compiles_fullgraph(monkeypatch, gate, grad):
+    """The PyTorch path inside torch.compile(fullgraph=True), with gradients and under
+    no_grad (compiled decoding steps): the values of the eager call."""
+    monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
+    torch._dynamo.reset()
+    spec = gate_spec(gate)
+    gate_pre = torch.randn(2, 5, spec.inputs_per_head * 3, requires_grad=grad)
+    bias = torch.randn(3)
+    compiled = torch.compile(lambda p, b: log_gates_from_projection(p, b, gate=gate), backend="aot_eager",
+                             fullgraph=True)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(compiled(gate_pre, bias), log_gates_from_projection(gate_pre, bias, gate=gate))
+
+
 # ----------------------------------------------------------------------------------------
 # Errors: a gate's number of inputs
 # ----------------------------------------------------------------------------------------

@@ -37,7 +37,10 @@ class _AnalyticGate(torch.autograd.Function):
 def torch_log_gates(spec: GateSpec, *inputs: torch.Tensor) -> torch.Tensor:
     """g = the gate of ``spec`` on ``inputs`` (spec.inputs_per_head tensors of one shape,
     usually [B, T, H]): same shape, float32 (float64 when an input is float64), differentiable."""
-    if spec.backward_torch is None:
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    if spec.backward_torch is None or not needs_grad:
+        # Without a gradient to take, no autograd.Function: torch.compile cannot trace one
+        # with a non-tensor argument under no_grad (compiled decoding steps run there).
         compute = _compute_dtype(inputs)
         return spec.forward_torch(*(x.to(compute) for x in inputs))
     return _AnalyticGate.apply(spec, *inputs)
