@@ -5,8 +5,9 @@
       -> token shift of k and v (optional): mix in the previous token's projection
       -> RMSNorm of q and k per head (optional)
       -> rotary position embedding of q and k
-      -> gated window attention: the gate reads x (a = x W_g + b_g, beta = 1 + ELU(x W_beta),
-         g = logsigmoid(beta a) / beta), the window keeps the last w keys
+      -> gated window attention: the gate reads x (by default a = x W_g + b_g,
+         beta = 1 + ELU(x W_beta), g = logsigmoid(beta a) / beta; ``gate`` picks another
+         registered gate), the window keeps the last w keys
       -> sigmoid output gate (optional): o * sigmoid(x W_og)
       -> o W_o [B, T, C]
 
@@ -14,16 +15,15 @@ With the gate off this is plain sliding-window attention (the baseline); with
 window_size=None it is full causal attention (gate off) or forgetting attention (gate on).
 
 Gate bias initialisation. At initialisation x W_g and x W_beta are small, so beta ~ 1 and
-the per-step retention is exp(g) ~ sigmoid(b_g). b_g is set per query head so that the
+the per-step retention is exp(g) ~ sigmoid(b_g) (for the "forgetting" gate exactly so). b_g
+is set per query head by the gate's GateSpec.bias_init; for both shipped gates the
 retentions sigmoid(b_g) are spread from ``gate_init_range[0]`` to ``gate_init_range[1]``
-(default 0.99 .. 0.999), geometrically in the decay 1 - sigmoid(b_g): the heads start with
-memory horizons of about 100 to 1000 tokens, i.e. little decay inside the window, and the
-model learns to forget faster where that helps.
+(default 0.99 .. 0.999), geometrically in the decay 1 - sigmoid(b_g) (gate_bias_init): the
+heads start with memory horizons of about 100 to 1000 tokens, i.e. little decay inside the
+window, and the model learns to forget faster where that helps.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -46,25 +46,12 @@ from gatedfwa.ops import (
     log_gates_from_projection,
 )
 from gatedfwa.ops.decode.chunked import prefill_chunk
+from gatedfwa.ops.gate.bias_init import gate_bias_init
+from gatedfwa.ops.gate import registry
+from gatedfwa.ops.gate.spec import GateSpec
 from gatedfwa.ops.window_attention.fused_gate import gate_attention_from_projection
 
 __all__ = ["GatedFWAttention", "gate_bias_init"]
-
-
-def gate_bias_init(num_heads: int, retention_range: tuple[float, float] = (0.99, 0.999)) -> torch.Tensor:
-    """b_g [num_heads] with sigmoid(b_g) running from retention_range[0] to [1], the decays
-    1 - sigmoid(b_g) spaced geometrically (one head: the geometric middle)."""
-    low, high = retention_range
-    if not (0.0 < low < 1.0 and 0.0 < high < 1.0):
-        raise ValueError(f"gate_init_range values must lie strictly between 0 and 1, got {retention_range}")
-    log_decay_low, log_decay_high = math.log(1.0 - low), math.log(1.0 - high)
-    if num_heads == 1:
-        fractions = torch.tensor([0.5], dtype=torch.float64)
-    else:
-        fractions = torch.linspace(0.0, 1.0, num_heads, dtype=torch.float64)
-    decay = torch.exp(log_decay_low + fractions * (log_decay_high - log_decay_low))
-    retention = 1.0 - decay
-    return torch.log(retention / decay).float()  # logit(retention)
 
 
 def _sequence_starts(seqlen: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -129,10 +116,14 @@ class GatedFWAttention(nn.Module):
         norm_eps: epsilon of the QK RMSNorm.
         gate_init_range: retentions sigmoid(b_g) the gate bias starts at (see module docstring).
         layer_idx: index of this layer in its model (its slot in a decoding cache).
+        gate: the gate parameterisation, a name in gatedfwa.ops.gate.registry.GATES:
+            "sharpened" (default; g = logsigmoid(beta a) / beta, beta = 1 + ELU(x W_beta)) or
+            "forgetting" (g = logsigmoid(a)). Read only with use_gate.
 
     Parameters: q_proj, k_proj, v_proj, o_proj (no biases); with the gate, the decay gate's
-    decay_gate_proj.weight [2 HQ, C] (rows W_g, the a_t rows, then W_beta, the beta rows: the
-    layout gated_fwa_attention takes) and decay_gate_bias [HQ] (b_g); q_norm, k_norm;
+    decay_gate_proj.weight [n HQ, C], n the gate's inputs per head (the layout
+    gated_fwa_attention takes: for the default gate n = 2, rows W_g, the a_t rows, then
+    W_beta, the beta rows; for "forgetting" n = 1, W_g) and decay_gate_bias [HQ] (b_g); q_norm, k_norm;
     output_gate_proj [HQ D, C]; shift_proj [2 H, C] (k mixes, then v mixes). The decay gate
     is named apart from the MLP's gate_proj, so that PEFT's target_modules can pick either.
     Checkpoints written before that name (attn.gate_proj, attn.gate_bias) still load through
@@ -158,8 +149,10 @@ class GatedFWAttention(nn.Module):
         norm_eps: float = 1e-6,
         gate_init_range: tuple[float, float] = (0.99, 0.999),
         layer_idx: int | None = None,
+        gate: str = registry.DEFAULT_GATE,
     ):
         super().__init__()
+        spec = registry.gate_spec(gate)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads != 0:
             raise ValueError(
@@ -182,6 +175,8 @@ class GatedFWAttention(nn.Module):
         self.head_dim = head_dim
         self.window_size = window_size
         self.use_gate = use_gate
+        # The name, not the GateSpec: the module stays plain data for copies and pickling.
+        self.gate = spec.name
         self.rope_theta = float(rope_theta)
         self.token_shift = token_shift
         self.gate_init_range = tuple(gate_init_range)
@@ -195,18 +190,33 @@ class GatedFWAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
         if use_gate:
-            self.decay_gate_proj = nn.Linear(hidden_size, 2 * num_heads, bias=False)
-            self.decay_gate_bias = nn.Parameter(gate_bias_init(num_heads, self.gate_init_range))
+            self.decay_gate_proj = nn.Linear(hidden_size, spec.inputs_per_head * num_heads, bias=False)
+            self.decay_gate_bias = nn.Parameter(self.initial_decay_gate_bias())
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.output_gate_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False) if output_gate else None
         self.shift_proj = nn.Linear(hidden_size, 2 * num_kv_heads, bias=False) if token_shift else None
 
+    @property
+    def gate_spec(self) -> GateSpec:
+        """The GateSpec of this layer's gate (gatedfwa/ops/gate/spec.py)."""
+        return registry.gate_spec(self.gate)
+
+    @property
+    def gate_width(self) -> int:
+        """Columns of the gate projection: the gate's inputs per head times HQ."""
+        return self.gate_spec.inputs_per_head * self.num_heads
+
+    def initial_decay_gate_bias(self) -> torch.Tensor:
+        """decay_gate_bias's documented initial value [HQ] float32: the gate's bias_init at
+        gate_init_range (gate_bias_init for both shipped gates)."""
+        return self.gate_spec.bias_init(self.num_heads, self.gate_init_range)
+
     def reset_decay_gate_bias(self) -> None:
-        """Set decay_gate_bias to its documented initial value (gate_bias_init)."""
+        """Set decay_gate_bias to its documented initial value (initial_decay_gate_bias)."""
         if self.use_gate:
             with torch.no_grad():
-                self.decay_gate_bias.copy_(gate_bias_init(self.num_heads, self.gate_init_range))
+                self.decay_gate_bias.copy_(self.initial_decay_gate_bias())
 
     # ----------------------------------------------------------------------------------
     # Pieces shared by the parallel and the decoding paths
@@ -226,11 +236,11 @@ class GatedFWAttention(nn.Module):
         return k, v
 
     def _project_with_gate(self, x: torch.Tensor):
-        """x [B, T, C] -> (q [B, T, HQ, D], raw k, v [B, T, H, D], gate_pre [B, T, 2HQ] or None).
+        """x [B, T, C] -> (q [B, T, HQ, D], raw k, v [B, T, H, D], gate_pre [B, T, n HQ] or None).
 
-        With the gate, W_q and the decay gate's [W_g; W_beta] run as one GEMM (HQ D + 2 HQ
-        output columns) when that is exactly what calling the two modules would compute
-        (_fusable): a separate projection to 2 HQ columns is a skinny GEMM that reads all of
+        With the gate, W_q and the decay gate's weight (for the default gate [W_g; W_beta]) run
+        as one GEMM (HQ D + n HQ output columns) when that is exactly what calling the two
+        modules would compute (_fusable): a separate projection to n HQ columns is a skinny GEMM that reads all of
         x again, and its backward adds one more [B, T, C] gradient into x's. q and gate_pre
         are column slices of the one output; q is copied by the rotary embedding anyway, and
         the parameters keep their own names (q_proj, decay_gate_proj).
@@ -249,7 +259,7 @@ class GatedFWAttention(nn.Module):
         q_and_gate = F.linear(x, torch.cat((self.q_proj.weight, self.decay_gate_proj.weight)))
         # split, not two slices: its backward writes both gradients into one buffer (a slice's
         # backward would allocate a zero-filled full-width gradient for each).
-        q, gate_pre = q_and_gate.split((q_columns, 2 * self.num_heads), dim=-1)
+        q, gate_pre = q_and_gate.split((q_columns, self.gate_width), dim=-1)
         return (q.view(batch, seqlen, self.num_heads, self.head_dim), *self._project_kv(x), gate_pre)
 
     def _shift(self, x, k, v, k_prev, v_prev):
@@ -278,7 +288,7 @@ class GatedFWAttention(nn.Module):
 
     def log_gates(self, x: torch.Tensor) -> torch.Tensor:
         """The gate alone: x [B, T, C] -> g [B, T, HQ] float32 (<= 0). Used by decoding."""
-        return log_gates_from_projection(self.decay_gate_proj(x), self.decay_gate_bias)
+        return log_gates_from_projection(self.decay_gate_proj(x), self.decay_gate_bias, self.gate)
 
     # ----------------------------------------------------------------------------------
     # Forward
@@ -398,7 +408,7 @@ class GatedFWAttention(nn.Module):
 
     def _attend(self, q, k, v, x, cu_seqlens, gate_pre=None):
         """Gated (or plain) window attention of the whole sequence: [B, T, HQ, D]. gate_pre
-        [B, T, 2HQ] is x's gate projection from _project_with_gate (None without the gate)."""
+        [B, T, n HQ] is x's gate projection from _project_with_gate (None without the gate)."""
         if self.context_parallel_group is not None:  # the gate first, then the op across ranks
             g = self._gates_from_projection(gate_pre)
             return context_parallel_gated_window_attention(
@@ -407,7 +417,7 @@ class GatedFWAttention(nn.Module):
         if self.use_gate:
             return gate_attention_from_projection(
                 q, k, v, gate_pre, self.decay_gate_bias, window_size=self.window_size, scale=self.scale,
-                cu_seqlens=cu_seqlens,
+                cu_seqlens=cu_seqlens, gate=self.gate,
             )
         return gated_window_attention(q, k, v, None, window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens)
 
@@ -419,8 +429,8 @@ class GatedFWAttention(nn.Module):
         return o, g
 
     def _gates_from_projection(self, gate_pre):
-        """gate_pre [B, T, 2HQ] -> g [B, T, HQ] float32, or None without the gate."""
-        return None if gate_pre is None else log_gates_from_projection(gate_pre, self.decay_gate_bias)
+        """gate_pre [B, T, n HQ] -> g [B, T, HQ] float32, or None without the gate."""
+        return None if gate_pre is None else log_gates_from_projection(gate_pre, self.decay_gate_bias, self.gate)
 
     def _prefill(self, cache, layout, k, v, g, k_raw, v_raw) -> None:
         """Write a prompt's keys, values and gates into an empty cache, in the padded layout
@@ -477,7 +487,8 @@ class GatedFWAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"window_size={self.window_size}, gate={self.use_gate}, token_shift={self.token_shift}"
+            f"window_size={self.window_size}, gate={self.gate if self.use_gate else None}, "
+            f"token_shift={self.token_shift}"
         )
 
 

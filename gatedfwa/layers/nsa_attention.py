@@ -32,10 +32,10 @@ class NSAttention(GatedFWAttention):
 
     Args:
         hidden_size, num_heads, num_kv_heads, head_dim, rope_theta, qk_norm, output_gate,
-        token_shift, norm_eps, gate_init_range, layer_idx: as GatedFWAttention.
+        token_shift, norm_eps, gate_init_range, layer_idx, gate: as GatedFWAttention.
         window_size: keys of the sliding branch, the query included (None: full causal).
-        use_gate: GatedFWA log gates in the sliding branch ("nsa-gatedfwa"); False: plain
-            sliding window ("nsa").
+        use_gate: GatedFWA log gates (of the gate named by ``gate``) in the sliding branch
+            ("nsa-gatedfwa"); False: plain sliding window ("nsa").
         block_size: tokens per block, for the summaries and the selection.
         block_counts: blocks each query selects (block 0 and its own block among them).
 

@@ -24,7 +24,7 @@ __all__ = ["attention_layer_options", "window_attention_layer", "nsa_attention_l
 def attention_layer_options(config: GatedFWAConfig, layer_idx: int) -> dict:
     """The keyword arguments of GatedFWAttention for layer ``layer_idx`` of a model with
     ``config``: its width and heads, config.layer_window(layer_idx) as window_size,
-    config.layer_uses_gate(layer_idx) as use_gate, and the layer options. A kind of one's
+    config.layer_uses_gate(layer_idx) as use_gate, config.gate as gate, and the layer options. A kind of one's
     own may build its layer from these, changing what it changes."""
     return dict(
         hidden_size=config.hidden_size,
@@ -39,6 +39,7 @@ def attention_layer_options(config: GatedFWAConfig, layer_idx: int) -> dict:
         token_shift=config.token_shift,
         norm_eps=config.rms_norm_eps,
         gate_init_range=tuple(config.gate_init_range),
+        gate=config.gate,
         layer_idx=layer_idx,
     )
 

@@ -10,6 +10,7 @@ import os
 from transformers import PretrainedConfig
 
 from gatedfwa.attention_kinds import ATTENTION_KINDS, attention_kind
+from gatedfwa.ops.gate.registry import DEFAULT_GATE, GATES
 from gatedfwa.models.remote_code import AUTO_MAP, write_remote_code
 
 __all__ = ["GatedFWAConfig", "ATTENTION_KINDS", "config_fields"]
@@ -42,6 +43,10 @@ class GatedFWAConfig(PretrainedConfig):
         qk_norm: RMSNorm on each query and key head.
         output_gate: sigmoid output gate in the attention layers.
         token_shift: learned mix of the previous token's key and value (attention layers).
+        gate: the gate of the gated kinds, a name in gatedfwa.ops.gate.registry.GATES:
+            "sharpened" (default; g = logsigmoid(beta a) / beta, beta = 1 + ELU(x W_beta),
+            decay_gate_proj [2 HQ, C]) or "forgetting" (g = logsigmoid(a), decay_gate_proj
+            [HQ, C]); docs/gate.md. Configs saved without it load as "sharpened".
         gate_init_range: retentions sigmoid(b_g) that the gate biases start at, spread over
             the heads (see gatedfwa.layers.attention).
         nsa_block_size: tokens per block of the NSA kinds, for both the block summaries
@@ -76,6 +81,7 @@ class GatedFWAConfig(PretrainedConfig):
         qk_norm: bool = False,
         output_gate: bool = False,
         token_shift: bool = False,
+        gate: str = DEFAULT_GATE,
         gate_init_range: tuple[float, float] | list[float] = (0.99, 0.999),
         nsa_block_size: int = 64,
         nsa_block_counts: int = 16,
@@ -113,6 +119,7 @@ class GatedFWAConfig(PretrainedConfig):
         self.qk_norm = qk_norm
         self.output_gate = output_gate
         self.token_shift = token_shift
+        self.gate = gate
         self.gate_init_range = list(gate_init_range)
         self.nsa_block_size = nsa_block_size
         self.nsa_block_counts = nsa_block_counts
@@ -195,6 +202,8 @@ class GatedFWAConfig(PretrainedConfig):
                 raise ValueError(f"window_size must be set (an int >= 1) for the {windowed[0]!r} kind")
         elif not _is_int(self.window_size) or self.window_size < 1:
             raise ValueError(f"window_size must be an int >= 1 (it counts the query itself), got {self.window_size!r}")
+        if not isinstance(self.gate, str) or self.gate not in GATES:
+            raise ValueError(f"unknown gate {self.gate!r}; choose from {list(GATES)}")
         low_high = self.gate_init_range
         if len(low_high) != 2 or not all(0.0 < float(p) < 1.0 for p in low_high):
             raise ValueError(f"gate_init_range must be two retentions strictly between 0 and 1, got {low_high!r}")

@@ -39,7 +39,7 @@ from transformers.utils import logging
 
 from gatedfwa.attention_kinds import attention_kind
 from gatedfwa.distributed.sequence import context_parallel_causal_lm_loss, refuse_under_context_parallel, shard_start
-from gatedfwa.layers.attention import GatedFWAttention, default_position_ids, gate_bias_init
+from gatedfwa.layers.attention import GatedFWAttention, default_position_ids
 from gatedfwa.layers.norm import RMSNorm
 from gatedfwa.layers.padding import flattened_layout, pack, pack_padded, unpack
 from gatedfwa.layers.rotary import rotary_angles
@@ -200,14 +200,15 @@ class GatedFWAPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) weights; residual output projections (attention o_proj,
         MLP down_proj) scaled by 1 / sqrt(2 * num_hidden_layers) so the residual stream's
-        variance does not grow with depth; norms at 1; gate biases at gate_bias_init."""
+        variance does not grow with depth; norms at 1; gate biases at their gate's initial
+        value (GatedFWAttention.initial_decay_gate_bias)."""
         std = self.config.initializer_range
         residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         # transformers calls this on children before parents, and skips modules without
         # parameters of their own: every parameter is set from its own module's branch.
         if isinstance(module, GatedFWAttention):
             if module.use_gate:
-                init.copy_(module.decay_gate_bias, gate_bias_init(module.num_heads, module.gate_init_range))
+                init.copy_(module.decay_gate_bias, module.initial_decay_gate_bias())
         elif isinstance(module, nn.Linear):
             residual = getattr(module, "_gatedfwa_residual", False)
             init.normal_(module.weight, mean=0.0, std=residual_std if residual else std)

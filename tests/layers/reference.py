@@ -12,6 +12,13 @@ from gatedfwa.ops.nsa.reference import naive_nsa_attention
 from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
 
 
+# Each gate's formula written out literally (gatedfwa/ops/gate/kinds/), by the layer's gate name.
+LITERAL_GATES = {
+    "sharpened": lambda a, beta_pre: F.logsigmoid((1 + F.elu(beta_pre)) * a) / (1 + F.elu(beta_pre)),
+    "forgetting": lambda a: F.logsigmoid(a),
+}
+
+
 def _rms(x, weight, eps):
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
 
@@ -52,10 +59,9 @@ def reference_attention_layer(layer, x, position_ids=None, dtype=torch.float64, 
     k = _rotate(k, position_ids, layer.rope_theta)
     g = None
     if layer.use_gate:
-        w = p["decay_gate_proj.weight"]
-        a = x @ w[:hq].T + p["decay_gate_bias"]
-        beta = 1 + F.elu(x @ w[hq:].T)
-        g = F.logsigmoid(beta * a) / beta
+        # decay_gate_proj's rows: one block of HQ per gate input, a's first (it takes the bias).
+        inputs = (x @ p["decay_gate_proj.weight"].T).split(hq, dim=-1)
+        g = LITERAL_GATES[layer.gate](inputs[0] + p["decay_gate_bias"], *inputs[1:])
     if hasattr(layer, "branch_gate_proj"):
         branch_gates = torch.sigmoid(x @ p["branch_gate_proj.weight"].T).view(batch, seqlen, 3, hq)
         o, _ = naive_nsa_attention(q, k, v, g, *branch_gates.unbind(2), block_size=layer.block_size,

@@ -1,12 +1,23 @@
-"""The GatedFWA gate (docs/gate.md): g = logsigmoid(beta * a) / beta, beta = 1 + ELU(beta_pre).
+"""The gate: from the gate projection to the log gates g the attention takes (docs/gate.md).
 
-    reference.py    the formula in PyTorch: naive, and the stable path CPUs take
-    device_math.py  the formula as Triton device functions
-    kernels.py      Triton kernels for g and its backward
+A gate is a GateSpec, registered by name in GATES: "sharpened" (the default,
+g = logsigmoid(beta * a) / beta, beta = 1 + ELU(beta_pre)) and "forgetting" (g = logsigmoid(a)).
+
+    spec.py         GateSpec: a gate's inputs per head, formula forms, device functions, bias init
+    registry.py     GATES, DEFAULT_GATE, gate_spec(name), register_gate(spec)
+    kinds/          one module per shipped gate (sharpened.py, forgetting.py)
+    bias_init.py    the initial gate bias from a range of retentions
+    reference.py    the sharpened gate in PyTorch: naive, and the stable path CPUs take
+    device_math.py  the sharpened gate as Triton device functions; exp and log1p for all gates
+    torch_path.py   any gate's PyTorch path (value and backward) from its GateSpec
+    kernels.py      Triton kernels for g and its backward, for any GateSpec
     chunk_sums.py   chunk-local gate sums, the form the attention kernels read
     op.py           compute_log_gates, log_gates_from_projection: checks, dispatch, autograd
 """
 
 from gatedfwa.ops.gate.op import compute_log_gates, log_gates_from_projection
+from gatedfwa.ops.gate.registry import DEFAULT_GATE, GATES, gate_spec, register_gate
+from gatedfwa.ops.gate.spec import GateSpec
 
-__all__ = ["compute_log_gates", "log_gates_from_projection"]
+__all__ = ["compute_log_gates", "log_gates_from_projection", "GATES", "DEFAULT_GATE", "GateSpec", "gate_spec",
+           "register_gate"]

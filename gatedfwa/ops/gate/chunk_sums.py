@@ -23,15 +23,16 @@ stretch per tile load), the same [B, H, T] layout as the kernels' row statistics
 cu_seqlens, B == 1 and T is the packed length.
 
 Two producers share one kernel: from the log gates g [B, T, H] (gated_window_attention), or
-straight from the gate projection gate_pre [B, T, 2H] and b_g (gated_fwa_attention), in which
-case g is evaluated in registers (device_math.log_gate) and never stored.
+straight from the gate projection gate_pre [B, T, n H] and b_g (gated_fwa_attention; n inputs
+per head, 2 for the default gate), in which case g is evaluated in registers by the gate's
+device function (GateSpec.device_value, passed in as a constexpr) and never stored.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gatedfwa.ops.gate.device_math import log_gate
+from gatedfwa.ops.gate.registry import DEFAULT_GATE, gate_spec
 # Triton is optional: without it the kernel below is never launched.
 from gatedfwa.ops.triton_support import LOG2E, LOG2E_CONSTEXPR, cdiv, jit, next_power_of_2, tl
 from gatedfwa.ops.varlen import longest_sequence
@@ -57,15 +58,18 @@ def _suffix_combine(later_total, later_rest, earlier_total, earlier_rest):
 
 @jit
 def _chunk_sums_kernel(
-    SRC, BETA_SRC, BIAS, SUMS, CU_SEQLENS,
-    token_stride, beta_token_stride, seqlen, num_heads, plane,
+    SRC, SECOND_SRC, BIAS, SUMS, CU_SEQLENS,
+    token_stride, second_token_stride, seqlen, num_heads, plane,
+    VALUE: tl.constexpr, INPUTS: tl.constexpr,
     FROM_PROJECTION: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
     CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """One program: CHUNKS consecutive chunks of one sequence, BLOCK_H heads, as a block
     [CHUNKS, CHUNK, BLOCK_H] scanned along its middle axis. Tokens are flattened (b * T + t);
-    SRC/BETA_SRC rows are tokens with unit stride along heads. Every gate is loaded and
-    evaluated once: P is its cumulative sum, S the exclusive reverse one (_suffix_combine)."""
+    SRC/SECOND_SRC rows are tokens with unit stride along heads. FROM_PROJECTION: SRC holds a
+    (before the bias) and, with INPUTS == 2, SECOND_SRC the gate's second input; g =
+    VALUE(a[, second]). Otherwise SRC holds g. Every gate is loaded and evaluated once: P is its
+    cumulative sum, S the exclusive reverse one (_suffix_combine)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
     if VARLEN:
@@ -91,10 +95,14 @@ def _chunk_sums_kernel(
     if FROM_PROJECTION:
         if HAS_BIAS:
             g = g + tl.load(BIAS + heads, mask=heads < num_heads, other=0.0).to(tl.float32)
-        beta_pre = tl.load(BETA_SRC + tokens * beta_token_stride + heads, mask=mask, other=0.0).to(tl.float32)
-        # Masked slots would evaluate the gate at a = 0 (g = -log 2): zero them, so that
-        # the last valid position's S sums only zeros.
-        g = tl.where(mask, log_gate(g, beta_pre), 0.0)
+        if INPUTS == 2:
+            second = tl.load(SECOND_SRC + tokens * second_token_stride + heads, mask=mask, other=0.0).to(tl.float32)
+            g_value = VALUE(g, second)
+        else:
+            g_value = VALUE(g)
+        # Masked slots would evaluate the gate at zero inputs (g = -log 2 for both shipped
+        # gates): zero them, so that the last valid position's S sums only zeros.
+        g = tl.where(mask, g_value, 0.0)
     g = g * LOG2E_CONSTEXPR
     prefix = tl.cumsum(g, 1)
     _, suffix = tl.associative_scan((g, tl.zeros_like(g)), 1, _suffix_combine, reverse=True)
@@ -103,7 +111,9 @@ def _chunk_sums_kernel(
     tl.store(out + plane, suffix, mask=mask)
 
 
-def _launch(src, beta_src, bias, num_heads, batch, seqlen, chunk, cu_seqlens, max_seqlen, device):
+def _launch(src, second_src, bias, num_heads, batch, seqlen, chunk, cu_seqlens, max_seqlen, device, spec=None):
+    """src: g, or (spec given) a [.., H] with unit stride along heads; second_src: the gate's
+    second input, or None."""
     sums = torch.empty((2, batch, num_heads, seqlen), dtype=torch.float32, device=device)
     if sums.numel() == 0 or max_seqlen == 0:
         return sums.zero_()
@@ -112,11 +122,15 @@ def _launch(src, beta_src, bias, num_heads, batch, seqlen, chunk, cu_seqlens, ma
     # No more chunks per program than the longest sequence has (short sequences, decoding).
     chunks = min(CHUNKS_PER_PROGRAM, next_power_of_2(cdiv(max_seqlen, chunk)))
     grid = (cdiv(max_seqlen, chunks * chunk), num_seqs, cdiv(num_heads, block_h))
-    from_projection = beta_src is not None
+    from_projection = spec is not None
+    # From g, VALUE is never called: the default gate's keeps one compiled variant.
+    spec = spec or gate_spec(DEFAULT_GATE)
+    second = second_src if second_src is not None else src
     _chunk_sums_kernel[grid](
-        src, beta_src if from_projection else src, bias if bias is not None else src, sums,
+        src, second, bias if bias is not None else src, sums,
         cu_seqlens if cu_seqlens is not None else src,
-        src.stride(-2), beta_src.stride(-2) if from_projection else 0, seqlen, num_heads, sums.stride(0),
+        src.stride(-2), second.stride(-2) if second_src is not None else 0, seqlen, num_heads, sums.stride(0),
+        VALUE=spec.device_value, INPUTS=spec.inputs_per_head,
         FROM_PROJECTION=from_projection, HAS_BIAS=bias is not None, VARLEN=cu_seqlens is not None,
         CHUNK=chunk, CHUNKS=chunks, BLOCK_H=block_h, num_warps=NUM_WARPS,
     )
@@ -137,17 +151,21 @@ def chunk_gate_sums(g: torch.Tensor, chunk: int, cu_seqlens: torch.Tensor | None
 
 def chunk_gate_sums_from_projection(gate_pre: torch.Tensor, gate_bias: torch.Tensor | None, chunk: int,
                                     cu_seqlens: torch.Tensor | None = None,
-                                    max_seqlen: int | None = None) -> torch.Tensor:
-    """gate_pre [B, T, 2H] (x W_g without bias, then x W_beta), gate_bias [H] or None ->
-    sums [2, B, H, T] float32 (base 2) of g = logsigmoid(beta a) / beta, g itself never stored."""
+                                    max_seqlen: int | None = None, gate: str = DEFAULT_GATE) -> torch.Tensor:
+    """gate_pre [B, T, n H] (the gate's n inputs per head, H columns each: for the default gate
+    x W_g without bias, then x W_beta), gate_bias [H] or None -> sums [2, B, H, T] float32
+    (base 2) of the gate's g (for the default gate logsigmoid(beta a) / beta), g itself never
+    stored. gate: a name registered in gatedfwa.ops.gate.registry.GATES."""
+    spec = gate_spec(gate)
     gate_pre = gate_pre.contiguous()
-    batch, seqlen, two_h = gate_pre.shape
-    num_heads = two_h // 2
+    batch, seqlen, width = gate_pre.shape
+    num_heads = width // spec.inputs_per_head
     if max_seqlen is None:
         max_seqlen = longest_sequence(cu_seqlens, seqlen)
-    return _launch(gate_pre[..., :num_heads], gate_pre[..., num_heads:],
+    second = gate_pre[..., num_heads:] if spec.inputs_per_head == 2 else None
+    return _launch(gate_pre[..., :num_heads], second,
                    None if gate_bias is None else gate_bias.contiguous(),
-                   num_heads, batch, seqlen, chunk, cu_seqlens, max_seqlen, gate_pre.device)
+                   num_heads, batch, seqlen, chunk, cu_seqlens, max_seqlen, gate_pre.device, spec)
 
 
 def reference_chunk_gate_sums(g: torch.Tensor, chunk: int, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,6 +1,10 @@
-"""The gate formula as Triton device functions, shared by every kernel that evaluates it.
+"""The sharpened gate (the default) as Triton device functions, and the exp and log1p they
+and other gates' device functions are built from.
 
     beta = 1 + ELU(beta_pre),   g = logsigmoid(beta * a) / beta = min(a, 0) - log1p(exp(-beta |a|)) / beta
+
+The kernels (kernels.py, chunk_sums.py) receive log_gate and log_gate_derivatives through the
+gate's GateSpec (kinds/sharpened.py) as constexpr arguments and inline them.
 
 exp and log1p are built here from operations whose accuracy does not depend on the
 argument's size, because the GPU's fast exp (exp2 of x * log2(e)) loses about |x| * 6e-8
@@ -13,7 +17,7 @@ from __future__ import annotations
 from gatedfwa.ops.triton_support import LOG2E_CONSTEXPR as LOG2E
 from gatedfwa.ops.triton_support import constexpr, jit, tl
 
-__all__ = ["exp_nonpositive", "log1p_unit", "gate_terms", "log_gate"]
+__all__ = ["exp_nonpositive", "log1p_unit", "gate_terms", "log_gate", "log_gate_derivatives"]
 
 # ln(2) split so that n * LN2_HI is exact in float32 for |n| < 2^9 (LN2_HI has 15 bits).
 LN2_HI = constexpr(0.693145751953125)
@@ -90,3 +94,21 @@ def log_gate(a, beta_pre):
     beta, z_abs, e, log1p_e = gate_terms(a, beta_pre)
     return tl.minimum(a, 0.0) - log1p_e / beta
 
+
+
+@jit
+def log_gate_derivatives(a, beta_pre):
+    """(dg/da, dg/dbeta_pre) for float32 blocks: dg/da = sigmoid(-z), dg/dbeta_pre =
+    h(z) beta'(beta_pre) / beta^2 with h(z) = log1p(e) + |z| e / (1 + e) (reference.py)."""
+    beta, z_abs, e, log1p_e = gate_terms(a, beta_pre)
+    # One reciprocal serves both sigmoid(-z) and h.
+    e_over = e / (1.0 + e)
+    # sigmoid(-z): e / (1 + e) when z >= 0, 1 / (1 + e) = 1 - e / (1 + e) when z < 0 (the sign
+    # of z is a's); 1 - e/(1+e) >= 1/2 there, so the subtraction loses nothing.
+    da_factor = tl.where(a >= 0, e_over, 1.0 - e_over)
+    h = log1p_e + z_abs * e_over
+    inv_beta = 1.0 / beta
+    # beta' = 1 for beta_pre > 0 (beta >= 1), beta' = beta otherwise: 1/beta^2 is never formed
+    # for small beta, where it would overflow float32.
+    dbeta_factor = h * inv_beta * tl.where(beta_pre > 0, inv_beta, 1.0)
+    return da_factor, dbeta_factor

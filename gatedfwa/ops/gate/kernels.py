@@ -1,12 +1,15 @@
-"""Triton kernels of the gate: the log gates from (a, beta_pre) and their backward, on 2-D
-views [rows, H] with unit stride along H, and their launchers. The formula's device
-functions are in device_math.py; the op and its autograd are in op.py."""
+"""Triton kernels of the gate: the log gates from the gate's inputs and their backward, on
+2-D views [rows, H] with unit stride along H, and their launchers. The formula comes from a
+GateSpec (spec.py): its device functions reach the kernels as constexpr arguments (VALUE,
+DERIVATIVES) and are inlined, and INPUTS (1 or 2) says how many inputs per head are read and
+differentiated. The op and its autograd are in op.py."""
 
 from __future__ import annotations
 
 import torch
 
-from gatedfwa.ops.gate.device_math import gate_terms, log_gate
+from gatedfwa.ops.gate.registry import DEFAULT_GATE, gate_spec
+from gatedfwa.ops.gate.spec import GateSpec
 # Triton is optional: without it the kernels below are never launched.
 from gatedfwa.ops.triton_support import cdiv, jit, next_power_of_2, tl, triton
 
@@ -28,52 +31,59 @@ def _tile_offsets(pid, num_rows, num_heads, BLOCK_ROWS: tl.constexpr, BLOCK_H: t
 
 
 @jit
-def _load_gate_inputs(
-    a_ptr, beta_pre_ptr, bias_ptr, rows, heads, mask, a_row_stride, beta_row_stride, num_heads,
-    HAS_BIAS: tl.constexpr,
-):
+def _load_a(a_ptr, bias_ptr, rows, heads, mask, a_row_stride, num_heads, HAS_BIAS: tl.constexpr):
+    """Input 0, a, as float32, with the bias added."""
     a = tl.load(a_ptr + rows[:, None] * a_row_stride + heads[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + heads, mask=heads < num_heads, other=0.0).to(tl.float32)
         a = a + bias[None, :]
-    beta_pre = tl.load(
-        beta_pre_ptr + rows[:, None] * beta_row_stride + heads[None, :], mask=mask, other=0.0
-    ).to(tl.float32)
-    return a, beta_pre
+    return a
+
+
+@jit
+def _load_second(second_ptr, rows, heads, mask, second_row_stride):
+    """Input 1 (beta_pre for the sharpened gate) as float32."""
+    return tl.load(second_ptr + rows[:, None] * second_row_stride + heads[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 # ======================================================================================
-# Kernels. Inputs are 2-D views [rows, H] with unit stride along H: either two separate
-# tensors, or the two halves of gate_pre [rows, 2H] (row stride 2H).
+# Kernels. Inputs are 2-D views [rows, H] with unit stride along H: separate tensors, or
+# the column blocks of gate_pre [rows, INPUTS * H] (row stride INPUTS * H). With INPUTS == 1
+# the second input's pointers and strides are placeholders, never read or written.
 # ======================================================================================
 
 
 @jit
 def _gate_forward_kernel(
-    a_ptr, beta_pre_ptr, bias_ptr, g_ptr,
-    num_rows, num_heads, a_row_stride, beta_row_stride,
+    a_ptr, second_ptr, bias_ptr, g_ptr,
+    num_rows, num_heads, a_row_stride, second_row_stride,
+    VALUE: tl.constexpr, INPUTS: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """g = min(a, 0) - log1p(exp(-beta |a|)) / beta, written to g [rows, H] float32."""
+    """g = VALUE(a[, second]), written to g [rows, H] float32."""
     rows, heads, mask = _tile_offsets(tl.program_id(0), num_rows, num_heads, BLOCK_ROWS, BLOCK_H)
-    a, beta_pre = _load_gate_inputs(
-        a_ptr, beta_pre_ptr, bias_ptr, rows, heads, mask, a_row_stride, beta_row_stride, num_heads,
-        HAS_BIAS,
-    )
-    g = log_gate(a, beta_pre)
+    a = _load_a(a_ptr, bias_ptr, rows, heads, mask, a_row_stride, num_heads, HAS_BIAS)
+    if INPUTS == 2:
+        second = _load_second(second_ptr, rows, heads, mask, second_row_stride)
+        g = VALUE(a, second)
+    else:
+        g = VALUE(a)
     tl.store(g_ptr + rows[:, None] * num_heads + heads[None, :], g, mask=mask)
 
 
 @jit
 def _gate_backward_kernel(
-    dg_ptr, a_ptr, beta_pre_ptr, bias_ptr, da_ptr, dbeta_pre_ptr, dbias_partial_ptr,
-    seqlen, num_heads, a_row_stride, beta_row_stride, da_row_stride, dbeta_row_stride,
+    dg_ptr, a_ptr, second_ptr, bias_ptr, da_ptr, dsecond_ptr, dbias_partial_ptr,
+    seqlen, num_heads, a_row_stride, second_row_stride, da_row_stride, dsecond_row_stride,
+    DERIVATIVES: tl.constexpr, INPUTS: tl.constexpr,
     HAS_BIAS: tl.constexpr, DG_BY_HEAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """From dg float32, [rows, H] or (DG_BY_HEAD) [B, H, T] as the attention's backward makes
-    it, with rows = B * T and T = seqlen: da = dg sigmoid(-z), dbeta_pre = dg h(z) beta'(beta_pre) / beta^2
-    with h(z) = log1p(e) + |z| e / (1 + e), and, with a bias, this program's column sums of da
-    into dbias_partial [programs, H] float32 (summed on the host: a few KB).
+    it, with rows = B * T and T = seqlen: da = dg dg/da and (INPUTS == 2) dsecond = dg dg/dsecond,
+    the factors from DERIVATIVES (for the sharpened gate, dg/da = sigmoid(-z) and
+    dg/dbeta_pre = h(z) beta'(beta_pre) / beta^2: device_math.log_gate_derivatives), and, with a
+    bias, this program's column sums of da into dbias_partial [programs, H] float32 (summed on
+    the host: a few KB).
 
     Grid (time blocks, B): a program covers BLOCK_ROWS positions of one batch row (without
     DG_BY_HEAD the caller passes B = 1, T = rows), so its dg rows are BLOCK_ROWS contiguous
@@ -84,36 +94,30 @@ def _gate_backward_kernel(
     heads = tl.arange(0, BLOCK_H)
     mask = (t < seqlen)[:, None] & (heads < num_heads)[None, :]
     rows = batch * seqlen + t
-    a, beta_pre = _load_gate_inputs(
-        a_ptr, beta_pre_ptr, bias_ptr, rows, heads, mask, a_row_stride, beta_row_stride, num_heads,
-        HAS_BIAS,
-    )
+    a = _load_a(a_ptr, bias_ptr, rows, heads, mask, a_row_stride, num_heads, HAS_BIAS)
+    if INPUTS == 2:
+        second = _load_second(second_ptr, rows, heads, mask, second_row_stride)
     if DG_BY_HEAD:
         # Row b * T + t of head h lies at (b * H + h) * T + t.
         dg_offsets = batch * num_heads * seqlen + heads[None, :].to(tl.int64) * seqlen + t[:, None]
     else:
         dg_offsets = rows[:, None] * num_heads + heads[None, :]
     dg = tl.load(dg_ptr + dg_offsets, mask=mask, other=0.0).to(tl.float32)
-    beta, z_abs, e, log1p_e = gate_terms(a, beta_pre)
-    # One reciprocal serves both sigmoid(-z) and h.
-    e_over = e / (1.0 + e)
-    # sigmoid(-z): e / (1 + e) when z >= 0, 1 / (1 + e) = 1 - e / (1 + e) when z < 0 (the sign
-    # of z is a's); 1 - e/(1+e) >= 1/2 there, so the subtraction loses nothing.
-    da_factor = tl.where(a >= 0, e_over, 1.0 - e_over)
-    h = log1p_e + z_abs * e_over
-    inv_beta = 1.0 / beta
-    # beta' = 1 for beta_pre > 0 (beta >= 1), beta' = beta otherwise: 1/beta^2 is never formed
-    # for small beta, where it would overflow float32.
-    dbeta_factor = h * inv_beta * tl.where(beta_pre > 0, inv_beta, 1.0)
-    # dg enters last, in two products: fewer values cross between dg's layout and gate_pre's
-    # (about a fifth fewer instructions on sm_90 than multiplying dg in as the terms form).
-    da = dg * da_factor
-    dbeta_pre = dg * dbeta_factor
+    # dg enters last, in one product per input: fewer values cross between dg's layout and
+    # gate_pre's (about a fifth fewer instructions on sm_90 than multiplying dg in as the
+    # terms form).
+    if INPUTS == 2:
+        da_factor, dsecond_factor = DERIVATIVES(a, second)
+        da = dg * da_factor
+        dsecond = dg * dsecond_factor
+    else:
+        da = dg * DERIVATIVES(a)
     tl.store(da_ptr + rows[:, None] * da_row_stride + heads[None, :], da.to(da_ptr.dtype.element_ty), mask=mask)
-    tl.store(
-        dbeta_pre_ptr + rows[:, None] * dbeta_row_stride + heads[None, :],
-        dbeta_pre.to(dbeta_pre_ptr.dtype.element_ty), mask=mask,
-    )
+    if INPUTS == 2:
+        tl.store(
+            dsecond_ptr + rows[:, None] * dsecond_row_stride + heads[None, :],
+            dsecond.to(dsecond_ptr.dtype.element_ty), mask=mask,
+        )
     if HAS_BIAS:
         pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         column_sums = tl.sum(tl.where(mask, da, 0.0), axis=0)
@@ -146,29 +150,52 @@ def _require_triton() -> None:
         )
 
 
-def gate_forward_2d(a, beta_pre, bias, elements_per_program=None):
-    """a, beta_pre [rows, H] (unit stride along H), bias [H] or None -> g [rows, H] float32."""
+def _second_input(spec: GateSpec, a, second, name: str):
+    """second as the kernels take it: itself for two-input gates, a placeholder (a, never read)
+    for one-input gates."""
+    if (second is not None) != (spec.inputs_per_head == 2):
+        raise ValueError(
+            f"the {spec.name!r} gate takes {spec.inputs_per_head} input(s) per head ({', '.join(spec.input_names)}): "
+            f"{name} must be {'given' if spec.inputs_per_head == 2 else 'None'}"
+        )
+    return a if second is None else second
+
+
+def gate_forward_2d(a, beta_pre, bias, elements_per_program=None, spec: GateSpec | None = None):
+    """a, beta_pre [rows, H] (unit stride along H), bias [H] or None -> g [rows, H] float32.
+
+    spec: the gate (default the sharpened one). beta_pre is its second input (None for a
+    one-input gate)."""
     _require_triton()
+    spec = spec or gate_spec(DEFAULT_GATE)
+    second = _second_input(spec, a, beta_pre, "beta_pre")
     num_rows, num_heads = a.shape
     g = allocate((num_rows, num_heads), torch.float32, a.device)
     if g.numel() == 0:
         return g
     block_rows, block_h, programs = _launch_shape(num_rows, num_heads, elements_per_program)
     _gate_forward_kernel[(programs,)](
-        a, beta_pre, bias if bias is not None else a, g,
-        num_rows, num_heads, a.stride(0), beta_pre.stride(0),
+        a, second, bias if bias is not None else a, g,
+        num_rows, num_heads, a.stride(0), second.stride(0),
+        VALUE=spec.device_value, INPUTS=spec.inputs_per_head,
         HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=NUM_WARPS,
     )
     return g
 
 
-def gate_backward_2d(dg, a, beta_pre, bias, da, dbeta_pre, elements_per_program=None, dg_seqlen=None):
+def gate_backward_2d(dg, a, beta_pre, bias, da, dbeta_pre, elements_per_program=None, dg_seqlen=None,
+                     spec: GateSpec | None = None):
     """Writes da and dbeta_pre ([rows, H] views, unit stride along H, any float dtype) from
     dg float32; returns d(bias) [H] float32 when bias is given, else None.
 
     dg is [rows, H], or, with dg_seqlen = T, the attention backward's [B, H, T] layout
-    (rows = B * T): the kernel reads it in place, no transpose is made."""
+    (rows = B * T): the kernel reads it in place, no transpose is made. spec: the gate
+    (default the sharpened one); beta_pre and dbeta_pre are its second input and that
+    input's gradient (both None for a one-input gate)."""
     _require_triton()
+    spec = spec or gate_spec(DEFAULT_GATE)
+    second = _second_input(spec, a, beta_pre, "beta_pre")
+    dsecond = _second_input(spec, da, dbeta_pre, "dbeta_pre")
     num_rows, num_heads = a.shape
     if a.numel() == 0:
         return None if bias is None else torch.zeros(num_heads, dtype=torch.float32, device=a.device)
@@ -181,8 +208,9 @@ def gate_backward_2d(dg, a, beta_pre, bias, da, dbeta_pre, elements_per_program=
         allocate((grid[0] * grid[1], num_heads), torch.float32, a.device) if bias is not None else dg
     )
     _gate_backward_kernel[grid](
-        dg, a, beta_pre, bias if bias is not None else a, da, dbeta_pre, partial,
-        seqlen, num_heads, a.stride(0), beta_pre.stride(0), da.stride(0), dbeta_pre.stride(0),
+        dg, a, second, bias if bias is not None else a, da, dsecond, partial,
+        seqlen, num_heads, a.stride(0), second.stride(0), da.stride(0), dsecond.stride(0),
+        DERIVATIVES=spec.device_derivatives, INPUTS=spec.inputs_per_head,
         HAS_BIAS=bias is not None, DG_BY_HEAD=dg_seqlen is not None,
         BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=NUM_WARPS,
     )

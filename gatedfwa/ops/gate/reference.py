@@ -1,4 +1,5 @@
-"""The gate of GatedFWA in plain PyTorch: the formula, and a numerically stable path.
+"""The sharpened gate (GatedFWA's default, kinds/sharpened.py) in plain PyTorch: the formula,
+and a numerically stable path.
 
 Per token t and query head h (x_t is the layer input, see docs/gate.md):
 
@@ -15,7 +16,8 @@ Two functions compute g from a and the beta pre-activation ``beta_pre`` = x_t W_
 * :func:`reference_log_gates` is the PyTorch path that serves devices without Triton. It
   computes in float32 from the stable forms below and has an analytic backward, so values
   and gradients stay finite over the whole range the gate meets in practice (beta from
-  ~1e-22 to ~50, |a| up to 1e4). The Triton kernels in gate.py compute the same forms.
+  ~1e-22 to ~50, |a| up to 1e4). The Triton kernels (kernels.py, with device_math.py)
+  compute the same forms.
 
 Stable forms (z = beta * a, e = exp(-|z|) in (0, 1]):
 

@@ -1,13 +1,15 @@
 """The gate and the attention as one op, from the gate projection to the attention output.
 
-    gate_pre [B, T, 2HQ], b_g [HQ] --(chunk sums kernel)--> chunk gate sums [2, B, HQ, T]
+    gate_pre [B, T, n HQ], b_g [HQ] --(chunk sums kernel)--> chunk gate sums [2, B, HQ, T]
     q, k, v + chunk gate sums      --(attention kernels)--> o [B, T, HQ, D], lse
 
 Forward: one pass over gate_pre evaluates g in registers and writes only the chunk-local sums
 the attention tiles read (gate/chunk_sums.py); g [B, T, HQ] is never stored. Backward: the attention
 backward gives dg in its [B, HQ, T] layout and the gate backward kernel (gate/kernels.py) reads it in
-place, with gate_pre, to write d(gate_pre) [B, T, 2HQ] and d(b_g); the sums saved by the
-forward are reused. torch.compile sees two custom ops with a registered backward; eager
+place, with gate_pre, to write d(gate_pre) [B, T, n HQ] and d(b_g); the sums saved by the
+forward are reused. n is the gate's inputs per head (2 for the default gate, a and beta_pre;
+1 for "forgetting"): every function takes ``gate``, a name in gatedfwa/ops/gate/registry.py,
+and the kernels evaluate that gate's device functions. torch.compile sees two custom ops with a registered backward; eager
 calls take an autograd.Function with the same forward and backward, which skips the custom
 ops' dispatch on the host.
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 from gatedfwa.ops.backend import select_backend
 from gatedfwa.ops.gate.op import check_gate_bias, log_gates_from_projection
+from gatedfwa.ops.gate.registry import DEFAULT_GATE, gate_spec
 from gatedfwa.ops.triton_support import LN2
 from gatedfwa.ops.validation import check_attention_args, check_float_tensor, format_shape
 from gatedfwa.ops.window_attention.op import gated_window_attention, natural_lse_gradient
@@ -29,18 +32,19 @@ from gatedfwa.ops.window_attention.op import gated_window_attention, natural_lse
 __all__ = ["gate_attention_from_projection", "gated_fwa_attention"]
 
 
-def _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens):
+def _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, gate=DEFAULT_GATE):
     """(o, lse2 [B, HQ, T] base 2, sums [2, B, HQ, T] float32) from the Triton kernels."""
     from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums_from_projection
     from gatedfwa.ops.window_attention.forward import attention_forward
     from gatedfwa.ops.window_attention.launch import gate_chunk
 
-    sums = chunk_gate_sums_from_projection(gate_pre, gate_bias, gate_chunk(q.shape[-1]), cu_seqlens)
+    sums = chunk_gate_sums_from_projection(gate_pre, gate_bias, gate_chunk(q.shape[-1]), cu_seqlens, gate=gate)
     o, lse2 = attention_forward(q, k, v, sums, window_size, scale, cu_seqlens)
     return o, lse2, sums
 
 
-def _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens, dlse2=None):
+def _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens, dlse2=None,
+                   gate=DEFAULT_GATE):
     """(dq, dk, dv, d_gate_pre, d_bias) from the Triton kernels, d_bias empty without bias;
     dlse2 is the gradient into the base-2 lse output, or None."""
     from gatedfwa.ops.gate.op import projection_backward
@@ -48,7 +52,7 @@ def _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, 
 
     dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens,
                                         dlse=natural_lse_gradient(dlse2))
-    d_gate_pre, d_bias = projection_backward(dg, gate_pre, gate_bias, dg_seqlen=gate_pre.shape[1])
+    d_gate_pre, d_bias = projection_backward(dg, gate_pre, gate_bias, dg_seqlen=gate_pre.shape[1], gate=gate)
     return dq, dk, dv, d_gate_pre, d_bias
 
 
@@ -63,14 +67,16 @@ def _gate_attention_forward(
     scale: float,
     cu_seqlens: torch.Tensor | None,
     lse_differentiable: bool = False,
+    gate: str = DEFAULT_GATE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (o, lse2 [B, HQ, T] base 2, sums [2, B, HQ, T] float32); lse_differentiable:
-    the caller hands lse2 on, so its gradient reaches the backward."""
-    return _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens)
+    the caller hands lse2 on, so its gradient reaches the backward; gate: the registered
+    gate's name."""
+    return _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, gate)
 
 
 @_gate_attention_forward.register_fake
-def _(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, lse_differentiable=False):
+def _(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, lse_differentiable=False, gate=DEFAULT_GATE):
     batch, seqlen, num_q_heads, _ = q.shape
     return (
         torch.empty_like(q),
@@ -94,23 +100,26 @@ def _gate_attention_backward(
     scale: float,
     cu_seqlens: torch.Tensor | None,
     dlse2: torch.Tensor | None = None,
+    gate: str = DEFAULT_GATE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv, d_gate_pre [B, T, 2HQ] in gate_pre's dtype, d_bias [HQ] in the
+    """Returns (dq, dk, dv, d_gate_pre [B, T, n HQ] in gate_pre's dtype, d_bias [HQ] in the
     bias's dtype, or an empty tensor without bias); dlse2: the gradient into lse2, or None."""
-    return _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens, dlse2)
+    return _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens, dlse2,
+                          gate)
 
 
 @_gate_attention_backward.register_fake
-def _(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens, dlse2=None):
+def _(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens, dlse2=None, gate=DEFAULT_GATE):
     d_bias = gate_pre.new_empty((0,)) if gate_bias is None else torch.empty_like(gate_bias)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(gate_pre, memory_format=torch.contiguous_format), d_bias)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, lse_differentiable = inputs
+    q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, lse_differentiable, gate = inputs
     o, lse, sums = output
     ctx.save_for_backward(q, k, v, gate_pre, gate_bias, sums, o, lse, cu_seqlens)
+    ctx.gate = gate
     ctx.window_size = window_size
     ctx.scale = scale
     ctx.has_bias = gate_bias is not None
@@ -126,9 +135,10 @@ def _gradients(ctx, do, dlse2, backward):
         do = torch.zeros_like(o)
     dlse2 = dlse2.contiguous() if ctx.lse_differentiable and dlse2 is not None else None
     dq, dk, dv, d_gate_pre, d_bias = backward(
-        do.contiguous(), q, k, v, gate_pre, gate_bias, sums, o, lse, ctx.window_size, ctx.scale, cu_seqlens, dlse2
+        do.contiguous(), q, k, v, gate_pre, gate_bias, sums, o, lse, ctx.window_size, ctx.scale, cu_seqlens, dlse2,
+        ctx.gate,
     )
-    return dq, dk, dv, d_gate_pre, (d_bias if ctx.has_bias else None), None, None, None, None
+    return dq, dk, dv, d_gate_pre, (d_bias if ctx.has_bias else None), None, None, None, None, None
 
 
 def _backward(ctx, do, dlse2, dsums):
@@ -144,7 +154,8 @@ class _GateAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _forward_impl(*inputs[:-1])
+        *arguments, lse_differentiable, gate = inputs
+        output = _forward_impl(*arguments, gate)
         _setup_context(ctx, inputs, output)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         if ctx.lse_differentiable:
@@ -158,34 +169,39 @@ class _GateAttention(torch.autograd.Function):
         return _gradients(ctx, do, dlse2, _backward_impl)
 
 
-def _fused_gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, lse_differentiable=False):
+def _fused_gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, lse_differentiable=False,
+                          gate=DEFAULT_GATE):
     """Triton path of gated_fwa_attention after the gate projection (arguments checked there).
 
-    q [B, T, HQ, D], k/v [B, T, H, D], gate_pre [B, T, 2HQ], gate_bias [HQ] or None.
-    Returns (o [B, T, HQ, D], lse2 [B, HQ, T] float32 in base 2); lse2 carries a gradient
-    only with lse_differentiable."""
+    q [B, T, HQ, D], k/v [B, T, H, D], gate_pre [B, T, n HQ] (n: the gate's inputs per head),
+    gate_bias [HQ] or None. Returns (o [B, T, HQ, D], lse2 [B, HQ, T] float32 in base 2);
+    lse2 carries a gradient only with lse_differentiable."""
     args = (q.contiguous(), k.contiguous(), v.contiguous(), gate_pre.contiguous(),
             None if gate_bias is None else gate_bias.contiguous(), window_size, scale, cu_seqlens,
-            lse_differentiable)
+            lse_differentiable, gate)
     op = _gate_attention_forward if torch.compiler.is_compiling() else _GateAttention.apply
     o, lse2, _ = op(*args)
     return o, lse2
 
 
-def check_gated_fwa_args(q, k, v, x, gate_weight, gate_bias, window_size, scale, cu_seqlens) -> None:
+def check_gated_fwa_args(q, k, v, x, gate_weight, gate_bias, window_size, scale, cu_seqlens,
+                         gate: str = DEFAULT_GATE) -> None:
+    spec = gate_spec(gate)
     check_attention_args(q, k, v, None, window_size, scale, cu_seqlens)
     num_q_heads = q.shape[2]
+    width = spec.inputs_per_head
     check_float_tensor("x", x, 3, "[batch, seqlen, model_dim]")
     if x.shape[:2] != q.shape[:2]:
         raise ValueError(f"x and q must agree in batch and seqlen, got x {format_shape(x)} and q {format_shape(q)}")
     if x.device != q.device:
         raise ValueError(f"x must be on q's device {q.device}, got {x.device}")
-    check_float_tensor("gate_weight", gate_weight, 2, "[2 * query_heads, model_dim]")
-    expected = (2 * num_q_heads, x.shape[-1])
+    check_float_tensor("gate_weight", gate_weight, 2, f"[{width} * query_heads, model_dim]")
+    expected = (width * num_q_heads, x.shape[-1])
     if tuple(gate_weight.shape) != expected:
         raise ValueError(
-            f"gate_weight must have shape [2 * query_heads, model_dim] = {list(expected)} "
-            f"(rows 0..{num_q_heads - 1} W_g, then W_beta), got {format_shape(gate_weight)}"
+            f"gate_weight must have shape [{width} * query_heads, model_dim] = {list(expected)} "
+            f"(the {spec.name!r} gate's rows: {spec.projection_layout('HQ').replace('columns', 'rows')}), "
+            f"got {format_shape(gate_weight)}"
         )
     if gate_weight.dtype != x.dtype:
         raise TypeError(f"gate_weight must have x's dtype {x.dtype}, got {gate_weight.dtype}")
@@ -205,20 +221,24 @@ def gated_fwa_attention(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     return_lse: bool = False,
+    gate: str = DEFAULT_GATE,
 ):
     """GatedFWA from projections to output: the gate from x, then gated window attention.
 
-        gate_pre = x @ gate_weight^T                           [B, T, 2HQ]
-        g        = log_gates_from_projection(gate_pre, gate_bias)   [B, T, HQ] float32
+        gate_pre = x @ gate_weight^T                                  [B, T, n HQ]
+        g        = log_gates_from_projection(gate_pre, gate_bias, gate)     [B, T, HQ] float32
         o        = gated_window_attention(q, k, v, g, window_size, scale, cu_seqlens)
     (the composition it equals; see below for what runs).
 
     Args:
         q: [B, T, HQ, D]; k, v: [B, T, H, D] (see gated_window_attention).
         x: [B, T, C] the layer input the gate reads.
-        gate_weight: [2 * HQ, C] in x's dtype; rows 0..HQ-1 are W_g, rows HQ..2HQ-1 W_beta.
-        gate_bias: [HQ] b_g (W_beta has no bias), or None.
+        gate_weight: [n * HQ, C] in x's dtype, n the gate's inputs per head; rows 0..HQ-1 are
+            W_g, and for the default gate (n = 2) rows HQ..2HQ-1 W_beta.
+        gate_bias: [HQ] b_g (added to a; W_beta has no bias), or None.
         window_size, scale, cu_seqlens, return_lse: as in gated_window_attention.
+        gate: the name of a gate in gatedfwa.ops.gate.registry.GATES ("sharpened", the
+            default: g = logsigmoid(beta a) / beta; "forgetting": g = logsigmoid(a)).
 
     Returns:
         o [B, T, HQ, D] in q's dtype, or (o, lse [B, HQ, T]) with return_lse. Gradients flow
@@ -228,9 +248,9 @@ def gated_fwa_attention(
     pass over gate_pre writes the chunk-local gate sums the attention kernels read, g is never
     stored, and the backward turns the attention's dg into d(gate_pre) in one pass.
     """
-    check_gated_fwa_args(q, k, v, x, gate_weight, gate_bias, window_size, scale, cu_seqlens)
+    check_gated_fwa_args(q, k, v, x, gate_weight, gate_bias, window_size, scale, cu_seqlens, gate)
     return _attend_from_projection(
-        q, k, v, F.linear(x, gate_weight), gate_bias, window_size, scale, cu_seqlens, return_lse
+        q, k, v, F.linear(x, gate_weight), gate_bias, window_size, scale, cu_seqlens, return_lse, gate
     )
 
 
@@ -244,38 +264,44 @@ def gate_attention_from_projection(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     return_lse: bool = False,
+    gate: str = DEFAULT_GATE,
 ):
     """gated_fwa_attention after the gate projection: for callers that compute
     gate_pre = x @ gate_weight^T themselves, e.g. in the same GEMM as q (GatedFWAttention).
 
     Args:
         q: [B, T, HQ, D]; k, v: [B, T, H, D] (see gated_window_attention).
-        gate_pre: [B, T, 2 HQ] floating point, columns 0..HQ-1 a = x W_g, then x W_beta; a
-            column slice of a wider projection is taken as it is (no copy of the rest).
-        gate_bias, window_size, scale, cu_seqlens, return_lse: as in gated_fwa_attention.
+        gate_pre: [B, T, n HQ] floating point, the gate's n inputs per head in column blocks
+            of HQ: columns 0..HQ-1 a = x W_g, then (default gate) x W_beta; a column slice of
+            a wider projection is taken as it is (no copy of the rest).
+        gate_bias, window_size, scale, cu_seqlens, return_lse, gate: as in gated_fwa_attention.
     Returns: as gated_fwa_attention; gradients flow to q, k, v, gate_pre and gate_bias.
     """
+    width = gate_spec(gate).inputs_per_head
     check_attention_args(q, k, v, None, window_size, scale, cu_seqlens)
-    check_float_tensor("gate_pre", gate_pre, 3, "[batch, seqlen, 2 * query_heads]")
-    expected = (*q.shape[:2], 2 * q.shape[2])
+    check_float_tensor("gate_pre", gate_pre, 3, f"[batch, seqlen, {width} * query_heads]")
+    expected = (*q.shape[:2], width * q.shape[2])
     if tuple(gate_pre.shape) != expected:
         raise ValueError(
-            f"gate_pre must have shape [batch, seqlen, 2 * query_heads] = {list(expected)}, got {format_shape(gate_pre)}"
+            f"gate_pre must have shape [batch, seqlen, {width} * query_heads] = {list(expected)} "
+            f"for the {gate!r} gate, got {format_shape(gate_pre)}"
         )
     if gate_pre.device != q.device:
         raise ValueError(f"gate_pre must be on q's device {q.device}, got {gate_pre.device}")
     check_gate_bias(gate_bias, q.shape[2], q.device)
-    return _attend_from_projection(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, return_lse)
+    return _attend_from_projection(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, return_lse, gate)
 
 
-def _attend_from_projection(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, return_lse):
+def _attend_from_projection(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, return_lse,
+                            gate=DEFAULT_GATE):
     """The two ops' shared body, arguments checked: the fused op on the Triton backend, the
     composition elsewhere."""
     if select_backend(q.device) == "triton":
         scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-        o, lse2 = _fused_gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, return_lse)
+        o, lse2 = _fused_gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, return_lse,
+                                        gate)
         return (o, lse2 * LN2) if return_lse else o
-    g = log_gates_from_projection(gate_pre, gate_bias)
+    g = log_gates_from_projection(gate_pre, gate_bias, gate)
     return gated_window_attention(
         q, k, v, g, window_size=window_size, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse
     )
