@@ -22,6 +22,7 @@ _EXPORTS = {
     "log_gates_from_projection": "gatedfwa.ops",
     "nsa_attention": "gatedfwa.ops",
     "decode_gated_window_attention": "gatedfwa.ops",
+    "use_backend": "gatedfwa.ops",
     "WindowCache": "gatedfwa.ops",
     "WindowLayerCache": "gatedfwa.ops",
     "StaticWindowCache": "gatedfwa.ops",

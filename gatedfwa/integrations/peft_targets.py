@@ -13,7 +13,7 @@ The default is ``["q_proj", "v_proj"]``: what PEFT uses for Llama, Mistral, Qwen
 the other decoders whose attention has the same projections (the choice of the LoRA paper).
 A recipe written for those models then adapts the same layers here, and the comparison of
 a fine-tuned GatedFWA model with a fine-tuned sliding-window baseline (kind "swa", which has
-no decay gate) is like for like. The decay gate (``decay_gate_proj``, 2 HQ outputs: a LoRA
+no decay gate) is like for like. The decay gate (``decay_gate_proj``, the gate's inputs per head x HQ outputs: a LoRA
 of rank 8 already matches its full rank for HQ <= 4) and the MLP are left to an explicit
 choice: name them in ``target_modules``, or pass ``target_modules="all-linear"`` for every
 linear layer but the output head.

@@ -11,6 +11,7 @@ __init__). Shared by all: backend.py (which implementation serves a call), valid
 (argument checks), varlen.py (packed sequences), triton_support.py (Triton, constants).
 """
 
+from gatedfwa.ops.backend import use_backend
 from gatedfwa.ops.decode import (
     MAX_DECODE_LENGTH,
     StaticWindowCache,
@@ -38,4 +39,5 @@ __all__ = [
     "StaticWindowLayerCache",
     "decode_static_step",
     "MAX_DECODE_LENGTH",
+    "use_backend",
 ]

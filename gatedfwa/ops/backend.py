@@ -6,12 +6,18 @@
     "torch"   the PyTorch path of each op (chunked, memory O(T * w)); the default elsewhere.
 
 GATEDFWA_BACKEND=triton or GATEDFWA_BACKEND=torch forces one, for every op; "auto" (or the
-variable unset) picks as above (gatedfwa/backend_variable.py reads it). A value that is not
+variable unset) picks as above (gatedfwa/backend_variable.py reads it). Inside
+``with use_backend("torch"):`` (or "triton", "auto") the context's choice wins over the
+variable, for the code run in that context only (a context variable: other threads and
+tasks keep theirs). A value that is not
 one of these, or "triton" where the kernels cannot run (Triton not installed, or tensors off
 the GPU without the interpreter), raises ConfigError saying what to set instead.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 
@@ -19,13 +25,39 @@ from gatedfwa.backend_variable import BACKEND_VARIABLE, BACKENDS, HOW_TO_UNFORCE
 from gatedfwa.errors import ConfigError
 from gatedfwa.ops.triton_support import interpreting, triton
 
-__all__ = ["BACKENDS", "BACKEND_VARIABLE", "select_backend"]
+__all__ = ["BACKENDS", "BACKEND_VARIABLE", "select_backend", "use_backend"]
+
+# The backend a use_backend() context forces: "triton", "torch", "auto", or None outside any.
+_CONTEXT_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("gatedfwa_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops in this context on ``name``: "triton", "torch", or "auto" (the default
+    choice, whatever GATEDFWA_BACKEND says). Contexts nest; leaving one restores the outer
+    choice. ValueError for any other name."""
+    if name not in ("auto", *BACKENDS):
+        raise ValueError(f"use_backend: backend must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
+    token = _CONTEXT_BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _CONTEXT_BACKEND.reset(token)
+
+
+def _forced() -> str | None:
+    """The backend forced by the innermost use_backend() context, else by GATEDFWA_BACKEND."""
+    chosen = _CONTEXT_BACKEND.get()
+    if chosen is None:
+        return forced_backend()
+    return None if chosen == "auto" else chosen
 
 
 def select_backend(device: torch.device) -> str:
     """The backend that serves tensors on ``device``: GATEDFWA_BACKEND if set, otherwise
-    Triton on CUDA (when installed) and the PyTorch path everywhere else."""
-    forced = forced_backend()
+    Triton on CUDA (when installed) and the PyTorch path everywhere else. A use_backend()
+    context overrides the variable."""
+    forced = _forced()
     if forced == "torch":
         return "torch"
     if forced == "triton":
@@ -33,7 +65,7 @@ def select_backend(device: torch.device) -> str:
             raise triton_missing()
         if device.type != "cuda" and not interpreting():
             raise ConfigError(
-                f"{BACKEND_VARIABLE}=triton: the Triton kernels need CUDA tensors, these are on {device.type}: "
+                f"{BACKEND_VARIABLE}=triton (or use_backend('triton')): the Triton kernels need CUDA tensors, these are on {device.type}: "
                 f"run on a GPU, {HOW_TO_UNFORCE}, or set TRITON_INTERPRET=1 to run the kernels in Triton's CPU "
                 f"interpreter (slow)"
             )
