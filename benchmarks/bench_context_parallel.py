@@ -48,7 +48,7 @@ from gatedfwa.ops.window_attention.reference import chunked_gated_window_attenti
 
 def make_sequence(seqlen, q_heads, kv_heads, head_dim, gate, device, seed, dtype=torch.bfloat16):
     """One sequence [1, seqlen, ...], the same on every rank (one seed); gates
-    logsigmoid(N(0, 1) + 3) as in bench_attention.py."""
+    logsigmoid(N(0, 1) + 3) as in attention_inputs.py."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape):

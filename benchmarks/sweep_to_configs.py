@@ -1,14 +1,20 @@
-"""Turn a kernel sweep (bench_attention.py --only sweep, attention_sweep.json) into the
-launch table gatedfwa/ops/window_attention/tuned.py.
+"""Turn a kernel sweep (sweep_attention.py, attention_sweep.json) into the launch table of
+the window attention kernels, in the form the library reads
+(gatedfwa/ops/window_attention/tuned.py: TUNED[(kernel, BLOCK_D, has_gate)] = config).
 
     python benchmarks/sweep_to_configs.py benchmarks/results/attention_sweep.json
-    python benchmarks/sweep_to_configs.py sweep.json --out /tmp/tuned.py    # look first
+    python benchmarks/sweep_to_configs.py sweep.json --out /tmp/table.py     # elsewhere
 
 For each kernel (forward, dq, dkdv), head size and gate setting, the winner is the candidate
 that passed the sweep's correctness check and has the least device time of that kernel,
 summed over the windows swept at that head size (a candidate missing at one of them cannot
 win). A winner that is the current default is still written: the table then records that
-the default was measured. Needs no GPU and no Triton.
+the default was measured.
+
+The table goes to benchmarks/results/attention_launch_table.py (beside the sweep it comes
+from), never into the package: adopting it is a change to the library, made by copying the
+file over gatedfwa/ops/window_attention/tuned.py. The script prints each entry against the
+package's current table (new, changed or the same). Needs no GPU, no torch and no Triton.
 """
 
 from __future__ import annotations
@@ -20,7 +26,11 @@ from pathlib import Path
 
 KERNELS = ("forward", "dq", "dkdv")
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA")
-TABLE = Path(__file__).resolve().parent.parent / "gatedfwa" / "ops" / "window_attention" / "tuned.py"
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH_TABLE_NAME = "attention_launch_table.py"
+TABLE = REPO / "benchmarks" / "results" / LAUNCH_TABLE_NAME
+# The table the library reads now (compared against, never written).
+PACKAGE_TABLE = REPO / "gatedfwa" / "ops" / "window_attention" / "tuned.py"
 
 
 def block_d_for(head_dim: int) -> int:
@@ -53,6 +63,17 @@ def best_configs(rows: list[dict]) -> dict[tuple[str, int, bool], dict]:
     return best
 
 
+def swept_defaults(rows: list[dict]) -> dict[tuple[str, int, bool], dict]:
+    """{(kernel, BLOCK_D, has_gate): launch.py's own choice when the sweep ran} (the sweep
+    labels that candidate "(default)")."""
+    defaults = {}
+    for row in rows:
+        if row.get("kernel") in KERNELS and str(row.get("candidate", "")).endswith("(default)"):
+            key = (row["kernel"], block_d_for(row["head_dim"]), bool(row["gate"]))
+            defaults[key] = {name: row["config"][name] for name in CONFIG_KEYS if name in row["config"]}
+    return defaults
+
+
 def table_source(best: dict, environment: dict) -> str:
     """Python source of tuned.py holding best."""
     measured_on = (f"{environment.get('gpu', '?')}, torch {environment.get('torch', '?')}, "
@@ -61,8 +82,9 @@ def table_source(best: dict, environment: dict) -> str:
     entries = "\n".join(f"    {key!r}: {pprint.pformat(best[key], width=200, sort_dicts=False)},"
                         for key in sorted(best))
     return f'''"""Measured launch configurations of the window attention kernels, written by
-benchmarks/sweep_to_configs.py from a sweep (benchmarks/bench_attention.py --only sweep);
-launch.py uses an entry where one exists and its own defaults elsewhere. Regenerate, do not edit.
+benchmarks/sweep_to_configs.py from a kernel sweep's attention_sweep.json; copied over
+gatedfwa/ops/window_attention/tuned.py, launch.py uses an entry where one exists and its own
+defaults elsewhere. Regenerate, do not edit.
 
 TUNED[(kernel, BLOCK_D, has_gate)] = dict(BLOCK_M, BLOCK_N, num_warps, num_stages[, USE_TMA]), kernel one of "forward", "dq", "dkdv".
 
@@ -75,18 +97,56 @@ TUNED: dict[tuple[str, int, bool], dict] = {{
 '''
 
 
+def read_table(path: Path) -> dict | None:
+    """TUNED of a launch table file (a tuned.py), or None where there is no such file."""
+    if not path.is_file():
+        return None
+    namespace: dict = {}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    return namespace["TUNED"]
+
+
+def compare_tables(best: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """One line per entry of either table: new, changed (with the current entry), the same,
+    or only in the current table; a winner that was launch.py's choice when swept (defaults)
+    says so."""
+    defaults = defaults or {}
+    lines = []
+    for key in sorted(set(best) | set(current)):
+        if key not in best:
+            lines.append(f"dropped  {key}: {current[key]} (no winner in this sweep)")
+            continue
+        if key not in current:
+            line = f"new      {key}: {best[key]}"
+        elif best[key] != current[key]:
+            line = f"changed  {key}: {best[key]} (now {current[key]})"
+        else:
+            line = f"same     {key}: {best[key]}"
+        lines.append(line + (" (launch.py's default when swept)" if defaults.get(key) == best[key] else ""))
+    return lines
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", help="attention_sweep.json written by bench_attention.py --only sweep")
-    parser.add_argument("--out", default=str(TABLE), help="where to write the table (default: the package's tuned.py)")
+    parser.add_argument("sweep", help="attention_sweep.json written by sweep_attention.py")
+    parser.add_argument("--out", default=str(TABLE), help=f"where to write the table (default: {TABLE.relative_to(REPO)})")
+    parser.add_argument("--current", default=str(PACKAGE_TABLE),
+                        help="the table to compare with (default: the package's tuned.py)")
     args = parser.parse_args(argv)
+    if Path(args.out).resolve() == PACKAGE_TABLE.resolve():
+        parser.error(f"--out {args.out}: the package's table is changed by copying the written file over it, "
+                     "as a change to the library, not by this script")
     payload = json.loads(Path(args.sweep).read_text())
     best = best_configs(payload["rows"])
     if not best:
         parser.error("no candidate passed its check at every window: nothing to write")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(table_source(best, payload.get("environment", {})))
-    for key in sorted(best):
-        print(key, best[key])
+    current = read_table(Path(args.current))
+    if current is None:
+        print(f"(no table at {args.current} to compare with)")
+    print(f"against {args.current}:")
+    print("\n".join(compare_tables(best, current or {}, swept_defaults(payload["rows"]))))
     print(f"wrote {args.out}")
 
 

@@ -90,6 +90,13 @@ def test_the_check_names_each_kind_of_offender(tmp_path):
         "a --quick logic check")
     assert problems("mystery", {"environment": {"git_commit": head}}) == [
         "no writer script known for this file: add it to WRITERS in check_provenance.py"]
+    # The sweep moved from bench_attention.py to sweep_attention.py: a file measured before the
+    # move names a commit holding only the former, which is accepted; a commit holding neither is not.
+    assert problems("attention_sweep", {"environment": {"git_commit": STALE}}) == []
+    root = provenance.git("rev-list", "--max-parents=0", "HEAD").split()[0]
+    assert problems("attention_sweep", {"environment": {"git_commit": root}}) == [
+        f"commit {root} predates benchmarks/sweep_attention.py and benchmarks/bench_attention.py, the scripts that "
+        "write this file"]
     merged = {"environment": {}, "sources": [{"environment": {"git_commit": head}},
                                              {"environment": {"git_commit": "unknown"}}], "arms": []}
     assert problems("experiments/cost", merged) == ["commit unknown"]

@@ -1,6 +1,7 @@
 """The Hopper variant of the window attention kernels (launch.py: USE_TMA)
-against the float64 naive reference, with the rule of docs/correctness.md, and the kernel
-sweep's selection of winners (benchmarks/sweep_to_configs.py).
+against the float64 naive reference, with the rule of docs/correctness.md, and the measured
+launch table's precedence (tuned.py; the sweep that writes it is tested in
+tests/benchmarks/test_sweep_attention.py).
 
 On the CPU the interpreter runs the descriptor loads (tensor descriptors, zero-filled outside
 the sequence) with the interpreter's tile sizes; the GPU test runs them compiled at the real
@@ -8,9 +9,6 @@ tile sizes.
 """
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -105,75 +103,3 @@ def test_tuned_entries_take_precedence(monkeypatch):
     assert launch.CONFIGS["dkdv"](100, True) == entry  # BLOCK_D 128
     assert "USE_TMA" not in launch.CONFIGS["dkdv"](128, False)
     assert "USE_TMA" not in launch.CONFIGS["forward"](128, True)
-
-
-def _sweep_to_configs():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sweep_to_configs.py"
-    spec = importlib.util.spec_from_file_location("sweep_to_configs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_sweep_winners_and_table(tmp_path):
-    """The winner is the fastest candidate summed over the windows that passed its check and
-    was timed at every window; the written table is valid Python holding the winners."""
-    module = _sweep_to_configs()
-    fast = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=True)
-    slow = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-    wrong = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, USE_TMA=True)
-    partial = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=4)
-
-    def row(config, window, ms, check="ok", kernel="forward", head_dim=128, gate=True):
-        return dict(kernel=kernel, head_dim=head_dim, gate=gate, window=window, config=config, check=check,
-                    kernel_ms=ms)
-
-    rows = [row(fast, 512, 1.0), row(fast, 2048, 3.0), row(slow, 512, 0.9), row(slow, 2048, 3.5),
-            row(wrong, 512, 0.1, check="o: max error 1e-1 exceeds"), row(wrong, 2048, 0.1, check="o: ..."),
-            row(partial, 512, 0.05), {**row(partial, 2048, None), "error": "OutOfMemoryError"},
-            row(slow, 512, 0.4, kernel="dkdv", head_dim=64, gate=False)]
-    best = module.best_configs(rows)
-    assert best == {("forward", 128, True): fast, ("dkdv", 64, False): slow}
-    out = tmp_path / "tuned.py"
-    out.write_text(module.table_source(best, {"gpu": "test GPU"}))
-    namespace = {}
-    exec(out.read_text(), namespace)
-    assert namespace["TUNED"] == best
-
-
-def test_sweep_runs_end_to_end_on_cpu(triton_backend, monkeypatch, tmp_path):
-    """The sweep's logic at toy sizes under the interpreter, with the GPU timers replaced by
-    stand-ins that still call the step: every candidate is checked, timed, ranked, and the
-    winners are timed against launch.py's choice (GPU numbers come from the sweep itself)."""
-    if not launch.interpreting():
-        pytest.skip("checks the sweep's logic on the CPU; on a GPU, run the sweep itself")
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
-    monkeypatch.setattr(bench, "CHECK_SEQLEN", 40)
-    monkeypatch.setattr(bench, "CHECK_HEADS", 2)
-    monkeypatch.setattr(bench, "CHECK_WINDOW", 20)
-    calls = []
-
-    def fake_kernel_ms(step, iterations=10):
-        step()
-        calls.append(step)
-        return {"_forward_kernel": 1.0 + 0.1 * len(calls), "_dq_kernel": 2.0, "_dkdv_kernel_0d1": 3.0, "other": 0.5}
-
-    monkeypatch.setattr(bench, "kernel_device_ms", fake_kernel_ms)
-    monkeypatch.setattr(bench, "bench_ms", lambda fn, grad_to_none=None: (fn(), 1.0)[1])
-    tma = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, USE_TMA=True)
-    monkeypatch.setattr(bench, "SWEEP", {"forward": [tma], "dq": [], "dkdv": [dict(tma, BLOCK_M=16, BLOCK_N=32)]})
-    rows, best = bench.sweep(shapes=[(1, 48, 2, 16, 16)])
-    assert {row["check"] for row in rows} == {"ok"}
-    assert len(rows) == 2 * (2 + 1 + 2)  # gates x (forward, dq, dk/dv candidates incl. the default)
-    assert all(row["step kernels ms"] == pytest.approx(row["forward ms"] + 5.5) for row in rows)
-    assert {row["dkdv ms"] for row in rows} == {3.0}
-    # The default forward was timed first, so it wins (the stand-in grows with every call).
-    assert best[("forward", 16, True)] == launch.CONFIGS["forward"](16, True)
-    assert best[("dkdv", 16, False)] in (launch.CONFIGS["dkdv"](16, False), dict(tma, BLOCK_M=16, BLOCK_N=32))
-    timed = bench.time_best(best, [(1, 48, 2, 1, 16, 16, True)], "test")
-    assert len(timed) == 4 and not any("error" in row for row in timed)
-    assert timed[0]["gated / ungated fwd+bwd"] == 1.0
