@@ -8,8 +8,9 @@
 GATEDFWA_BACKEND=triton or GATEDFWA_BACKEND=torch forces one, for every op; "auto" (or the
 variable unset) picks as above (gatedfwa/backend_variable.py reads it). Inside
 ``with use_backend("torch"):`` (or "triton", "auto") the context's choice wins over the
-variable, for the code run in that context only (a context variable: other threads and
-tasks keep theirs). A value that is not
+variable until the context ends. Like the variable, the choice is the process's (not one
+thread's): it is a plain module global so that torch.compile reads it while tracing and
+guards on it, recompiling when a later call runs under another choice. A value that is not
 one of these, or "triton" where the kernels cannot run (Triton not installed, or tensors off
 the GPU without the interpreter), raises ConfigError saying what to set instead.
 """
@@ -17,7 +18,6 @@ the GPU without the interpreter), raises ConfigError saying what to set instead.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 
 import torch
 
@@ -27,8 +27,9 @@ from gatedfwa.ops.triton_support import interpreting, triton
 
 __all__ = ["BACKENDS", "BACKEND_VARIABLE", "select_backend", "use_backend"]
 
-# The backend a use_backend() context forces: "triton", "torch", "auto", or None outside any.
-_CONTEXT_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("gatedfwa_backend", default=None)
+# The backend the innermost use_backend() context forces: "triton", "torch", "auto", or None
+# outside any.
+_context_backend: str | None = None
 
 
 @contextlib.contextmanager
@@ -38,19 +39,19 @@ def use_backend(name: str):
     choice. ValueError for any other name."""
     if name not in ("auto", *BACKENDS):
         raise ValueError(f"use_backend: backend must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
-    token = _CONTEXT_BACKEND.set(name)
+    global _context_backend
+    outer, _context_backend = _context_backend, name
     try:
         yield
     finally:
-        _CONTEXT_BACKEND.reset(token)
+        _context_backend = outer
 
 
 def _forced() -> str | None:
     """The backend forced by the innermost use_backend() context, else by GATEDFWA_BACKEND."""
-    chosen = _CONTEXT_BACKEND.get()
-    if chosen is None:
+    if _context_backend is None:
         return forced_backend()
-    return None if chosen == "auto" else chosen
+    return None if _context_backend == "auto" else _context_backend
 
 
 def select_backend(device: torch.device) -> str:

@@ -1,7 +1,5 @@
 """use_backend(): a context that picks the ops' implementation over GATEDFWA_BACKEND."""
 
-import threading
-
 import pytest
 import torch
 
@@ -30,14 +28,22 @@ def test_the_context_wins_over_the_variable_and_nests(monkeypatch):
 
 
 @needs_triton
-def test_the_context_is_local_to_its_thread():
-    seen = {}
+def test_compiled_code_follows_the_context():
+    """torch.compile guards on the context's choice: a later call under another choice
+    recompiles instead of running the backend it was traced with."""
+    seen = []
+
+    def record(x):
+        seen.append(select_backend(torch.device("cuda")))
+        return x + 1
+
+    compiled = torch.compile(record, backend="eager", fullgraph=True)
+    x = torch.zeros(2)
     with use_backend("torch"):
-        worker = threading.Thread(target=lambda: seen.update(choice=select_backend(torch.device("cuda"))))
-        worker.start()
-        worker.join()
-        assert select_backend(torch.device("cuda")) == "torch"
-    assert seen["choice"] == "triton"
+        compiled(x)
+    with use_backend("triton"):
+        compiled(x)
+    assert seen == ["torch", "triton"]
 
 
 def test_a_backend_name_is_checked():
