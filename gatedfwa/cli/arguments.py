@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from gatedfwa.errors import ConfigError
-from gatedfwa.generation_options import check_generation_options
+from gatedfwa.cli.generation_options import check_generation_options
 from gatedfwa.train.checkpoint import read_train_record, resolve_checkpoint
 
 __all__ = ["check_train_config", "check_generate_arguments"]

@@ -247,7 +247,7 @@ def load_checkpoint_tokenizer(checkpoint: Path, record: dict, option: str = "--c
     """The tokenizer ``checkpoint`` was trained with (gatedfwa/tokenizer.py): the one saved in
     its files when it has them, else (checkpoints written before tokenizers were saved, and
     pre-tokenized data without one) the one its training record names."""
-    from gatedfwa.tokenizer import tokenizer_from_spec
+    from gatedfwa.text.tokenizer import tokenizer_from_spec
 
     if not (checkpoint / TOKENIZER_CONFIG).is_file():
         return tokenizer_from_spec(record["tokenizer"])

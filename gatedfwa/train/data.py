@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from gatedfwa.errors import ConfigError
-from gatedfwa.tokenizer import ByteTokenizer, IdTokenizer, load_tokenizer
+from gatedfwa.text.tokenizer import ByteTokenizer, IdTokenizer, load_tokenizer
 
 __all__ = ["Corpus", "load_corpus", "stdlib_source_files", "WindowSampler", "heldout_windows", "HELDOUT_EVERY"]
 

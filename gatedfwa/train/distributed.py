@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gatedfwa.devices import resolve_device
+from gatedfwa.train.devices import resolve_device
 from gatedfwa.errors import ConfigError
 
 __all__ = ["DistributedContext", "init_distributed", "init_context_parallel", "wrap_model"]

@@ -26,7 +26,7 @@ import torch
 
 from gatedfwa.distributed import shard_sequence
 from gatedfwa.errors import ConfigError, Interrupted
-from gatedfwa.tokenizer import tokenizer_from_spec
+from gatedfwa.text.tokenizer import tokenizer_from_spec
 from gatedfwa.train.checkpoint import (
     apply_training_state, check_model_files, load_model, read_train_record, read_training_state, run_dir_of,
     save_checkpoint,
