@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from gatedfwa.attention_kinds import ATTENTION_KINDS
-from gatedfwa.backend_variable import check_backend_variable
+from gatedfwa.environment import check_backend_variable
 from gatedfwa.cli.arguments import check_generate_arguments, check_train_config
 from gatedfwa.errors import ConfigError, Interrupted
 from gatedfwa.cli.generation_options import CACHE_CHOICES
