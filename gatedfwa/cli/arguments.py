@@ -12,11 +12,11 @@ gatedfwa/plot.py, before matplotlib loads; main() checks GATEDFWA_BACKEND
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from gatedfwa.errors import ConfigError
 from gatedfwa.cli.generation_options import check_generation_options
+from gatedfwa.environment import world_size
+from gatedfwa.errors import ConfigError
 from gatedfwa.train.checkpoint import read_train_record, resolve_checkpoint
 
 __all__ = ["check_train_config", "check_generate_arguments"]
@@ -27,7 +27,7 @@ def check_train_config(config) -> None:
     but the model field names, which need transformers), the batch split of a single process,
     and that every --data path exists. train() runs the full checks again."""
     config.validate(model_field_names=False)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # several processes: the trainer knows the split
+    if world_size() == 1:  # several processes: the trainer knows the split
         config.micro_steps(1)
     for raw in config.data or []:
         if not Path(raw).exists():  # the same message as gatedfwa/train/data.py gives

@@ -17,15 +17,14 @@ that need none of them (gatedfwa/cli/arguments.py), so that bad arguments fail a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from gatedfwa.attention_kinds import ATTENTION_KINDS
-from gatedfwa.environment import check_backend_variable
 from gatedfwa.cli.arguments import check_generate_arguments, check_train_config
-from gatedfwa.errors import ConfigError, Interrupted
 from gatedfwa.cli.generation_options import CACHE_CHOICES
+from gatedfwa.environment import check_environment, rank
+from gatedfwa.errors import ConfigError, Interrupted
 from gatedfwa.train.presets import DEFAULT_PRESET, PRESETS
 
 __all__ = ["main", "build_parser"]
@@ -212,7 +211,7 @@ def _run_train(args) -> int:
     from gatedfwa.train.trainer import train
 
     result = train(config, out, resume=resume, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process reports
+    if rank() != 0:  # under torchrun only the first process reports
         return 0
     if result.already_finished:
         print(f"nothing to do: the run is finished ({result.checkpoint} is step {result.step}, its --max-steps); "
@@ -262,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command != "plot":
-            check_backend_variable()  # before anything else, and before torch loads
+            check_environment()  # before anything else, and before torch loads
         return args.handler(args)
     except ConfigError as error:
         print(f"gatedfwa {args.command}: error: {error}", file=sys.stderr)
