@@ -4,10 +4,10 @@ fail in a fraction of a second instead of after the heavy imports.
 
 The rules themselves live with what they guard and are only called from here:
 TrainConfig.validate (gatedfwa/train/config.py), the generation options
-(gatedfwa/generation_options.py) and the checkpoint lookup (gatedfwa/train/checkpoint.py),
+(gatedfwa/cli/generation_options.py) and the checkpoint lookup (gatedfwa/train/checkpoint.py),
 all importable without torch. ``gatedfwa plot`` checks its arguments inside
-gatedfwa/plot.py, before matplotlib loads; main() checks GATEDFWA_BACKEND
-(gatedfwa/backend_variable.py) before train and generate.
+gatedfwa/cli/plot.py, before matplotlib loads; main() checks the environment variables
+(gatedfwa/environment.py: GATEDFWA_BACKEND, torchrun's numbers) before train and generate.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def _build_model(config: TrainConfig, vocab_size: int, resume: Path | None, spec
 
     fields = config.model_fields(vocab_size)
     try:
-        # pad/bos/eos ids: the tokenizer's (gatedfwa/tokenizer.py), as AutoTokenizer and pipeline expect
+        # pad/bos/eos ids: the tokenizer's (gatedfwa/text/tokenizer.py), as AutoTokenizer and pipeline expect
         model_config = GatedFWAConfig(**fields, **special_token_ids)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model settings: {error}") from None
