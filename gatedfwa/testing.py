@@ -53,13 +53,6 @@ def assert_within_rule(
         )
 
 
-def poison_(*tensors: torch.Tensor) -> None:
-    """Fill floating tensors with NaN in place, so that an element a kernel fails to write shows."""
-    for t in tensors:
-        if t is not None and t.is_floating_point():
-            t.fill_(float("nan"))
-
-
 def op_modules() -> list:
     """Every module under gatedfwa.ops, imported: for tests and profilers that replace the
     Triton kernels they hold (import all first: a module imported after a patch would bind the

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from gatedfwa.ops import use_backend
 from gatedfwa.ops.decode import WindowCache, WindowLayerCache, decode_gated_window_attention
 from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
 from gatedfwa.testing import max_abs_error
@@ -90,14 +91,14 @@ def test_prefill_with_left_padding_marks_padding_invalid():
         WindowLayerCache(4).prefill(k, v, g, attention_mask=mask[:, :3])
 
 
-def test_unbounded_cache_grows_and_stays_exact(monkeypatch):
+def test_unbounded_cache_grows_and_stays_exact():
     """window None ("full" / "forgetting"): capacity doubles as needed, outputs stay exact."""
-    monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
     q, k, v, g = random_step(1, 21, 2, 1, 8)
     cache = WindowLayerCache(None)
     cache.allocate(1, 1, 2, 8, torch.float32, "cpu", gated=True, capacity=2)
-    outs = [decode_gated_window_attention(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], g[:, t : t + 1], cache)
-            for t in range(21)]
+    with use_backend("torch"):
+        outs = [decode_gated_window_attention(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], g[:, t : t + 1],
+                                              cache) for t in range(21)]
     assert cache.capacity == 32 and cache.slots_in_use == 21
     ref, _ = naive_gated_window_attention(q.double(), k.double(), v.double(), g.double(), None)
     assert max_abs_error(torch.cat(outs, 1), ref) < 1e-5

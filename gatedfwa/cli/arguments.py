@@ -4,19 +4,19 @@ fail in a fraction of a second instead of after the heavy imports.
 
 The rules themselves live with what they guard and are only called from here:
 TrainConfig.validate (gatedfwa/train/config.py), the generation options
-(gatedfwa/generation_options.py) and the checkpoint lookup (gatedfwa/train/checkpoint.py),
+(gatedfwa/cli/generation_options.py) and the checkpoint lookup (gatedfwa/train/checkpoint.py),
 all importable without torch. ``gatedfwa plot`` checks its arguments inside
-gatedfwa/plot.py, before matplotlib loads; main() checks GATEDFWA_BACKEND
-(gatedfwa/backend_variable.py) before train and generate.
+gatedfwa/cli/plot.py, before matplotlib loads; main() checks the environment variables
+(gatedfwa/environment.py: GATEDFWA_BACKEND, torchrun's numbers) before train and generate.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from gatedfwa.cli.generation_options import check_generation_options
+from gatedfwa.environment import world_size
 from gatedfwa.errors import ConfigError
-from gatedfwa.generation_options import check_generation_options
 from gatedfwa.train.checkpoint import read_train_record, resolve_checkpoint
 
 __all__ = ["check_train_config", "check_generate_arguments"]
@@ -27,7 +27,7 @@ def check_train_config(config) -> None:
     but the model field names, which need transformers), the batch split of a single process,
     and that every --data path exists. train() runs the full checks again."""
     config.validate(model_field_names=False)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # several processes: the trainer knows the split
+    if world_size() == 1:  # several processes: the trainer knows the split
         config.micro_steps(1)
     for raw in config.data or []:
         if not Path(raw).exists():  # the same message as gatedfwa/train/data.py gives

@@ -17,15 +17,14 @@ that need none of them (gatedfwa/cli/arguments.py), so that bad arguments fail a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from gatedfwa.attention_kinds import ATTENTION_KINDS
-from gatedfwa.backend_variable import check_backend_variable
 from gatedfwa.cli.arguments import check_generate_arguments, check_train_config
+from gatedfwa.cli.generation_options import CACHE_CHOICES
+from gatedfwa.environment import check_environment, rank
 from gatedfwa.errors import ConfigError, Interrupted
-from gatedfwa.generation_options import CACHE_CHOICES
 from gatedfwa.train.presets import DEFAULT_PRESET, PRESETS
 
 __all__ = ["main", "build_parser"]
@@ -212,7 +211,7 @@ def _run_train(args) -> int:
     from gatedfwa.train.trainer import train
 
     result = train(config, out, resume=resume, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the first process reports
+    if rank() != 0:  # under torchrun only the first process reports
         return 0
     if result.already_finished:
         print(f"nothing to do: the run is finished ({result.checkpoint} is step {result.step}, its --max-steps); "
@@ -220,7 +219,7 @@ def _run_train(args) -> int:
         return 0
     plot = None
     if config.plot:
-        from gatedfwa.plot import PlotUnavailable, plot_runs
+        from gatedfwa.cli.plot import PlotUnavailable, plot_runs
 
         try:
             plot = plot_runs([result.run_dir], result.run_dir / "loss.png")
@@ -239,7 +238,7 @@ def _run_train(args) -> int:
 
 def _run_generate(args) -> int:
     check_generate_arguments(args)  # bad options and checkpoints fail here, before torch loads
-    from gatedfwa.generate import describe, generate_text
+    from gatedfwa.cli.generate import describe, generate_text
 
     report = generate_text(args.ckpt, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, seed=args.seed, device=args.device, cache=args.cache)
@@ -248,7 +247,7 @@ def _run_generate(args) -> int:
 
 
 def _run_plot(args) -> int:
-    from gatedfwa.plot import plot_runs  # checks every argument before matplotlib loads
+    from gatedfwa.cli.plot import plot_runs  # checks every argument before matplotlib loads
 
     path = plot_runs(args.runs, None if args.out is None else Path(args.out), smooth=args.smooth)
     print(f"plot: {path}")
@@ -262,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command != "plot":
-            check_backend_variable()  # before anything else, and before torch loads
+            check_environment()  # before anything else, and before torch loads
         return args.handler(args)
     except ConfigError as error:
         print(f"gatedfwa {args.command}: error: {error}", file=sys.stderr)

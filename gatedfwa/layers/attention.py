@@ -41,7 +41,6 @@ from gatedfwa.ops import (
     WindowLayerCache,
     decode_gated_window_attention,
     decode_static_step,
-    gated_fwa_attention,
     gated_window_attention,
     log_gates_from_projection,
 )
@@ -211,12 +210,6 @@ class GatedFWAttention(nn.Module):
         """decay_gate_bias's documented initial value [HQ] float32: the gate's bias_init at
         gate_init_range (gate_bias_init for both shipped gates)."""
         return self.gate_spec.bias_init(self.num_heads, self.gate_init_range)
-
-    def reset_decay_gate_bias(self) -> None:
-        """Set decay_gate_bias to its documented initial value (initial_decay_gate_bias)."""
-        if self.use_gate:
-            with torch.no_grad():
-                self.decay_gate_bias.copy_(self.initial_decay_gate_bias())
 
     # ----------------------------------------------------------------------------------
     # Pieces shared by the parallel and the decoding paths

@@ -244,10 +244,10 @@ def load_model(checkpoint: Path, option: str = "--ckpt", dtype=None):
 
 
 def load_checkpoint_tokenizer(checkpoint: Path, record: dict, option: str = "--ckpt"):
-    """The tokenizer ``checkpoint`` was trained with (gatedfwa/tokenizer.py): the one saved in
+    """The tokenizer ``checkpoint`` was trained with (gatedfwa/text/tokenizer.py): the one saved in
     its files when it has them, else (checkpoints written before tokenizers were saved, and
     pre-tokenized data without one) the one its training record names."""
-    from gatedfwa.tokenizer import tokenizer_from_spec
+    from gatedfwa.text.tokenizer import tokenizer_from_spec
 
     if not (checkpoint / TOKENIZER_CONFIG).is_file():
         return tokenizer_from_spec(record["tokenizer"])

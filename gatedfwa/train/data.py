@@ -26,7 +26,6 @@ micro-steps changes nothing but who computes which rows.
 
 from __future__ import annotations
 
-import os
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -35,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gatedfwa.environment import forbid_dataset_downloads
 from gatedfwa.errors import ConfigError
-from gatedfwa.tokenizer import ByteTokenizer, IdTokenizer, load_tokenizer
+from gatedfwa.text.tokenizer import ByteTokenizer, IdTokenizer, load_tokenizer
 
 __all__ = ["Corpus", "load_corpus", "stdlib_source_files", "WindowSampler", "heldout_windows", "HELDOUT_EVERY"]
 
@@ -183,7 +183,7 @@ def _load_bin(path: Path, tokenizer_name: str | None) -> Corpus:
 
 
 def _load_hf_dataset(name: str, split: str, text_field: str, tokenizer) -> Corpus:
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never download
+    forbid_dataset_downloads()
     try:
         import datasets
     except ImportError:

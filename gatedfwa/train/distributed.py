@@ -18,15 +18,15 @@ exactly the gradient of the global batch, as with data parallelism alone.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from gatedfwa.devices import resolve_device
+from gatedfwa import environment
 from gatedfwa.errors import ConfigError
+from gatedfwa.train.devices import resolve_device
 
 __all__ = ["DistributedContext", "init_distributed", "init_context_parallel", "wrap_model"]
 
@@ -88,9 +88,7 @@ class DistributedContext:
 
 
 def init_distributed(device_name: str) -> DistributedContext:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    world_size, rank, local_rank = environment.world_size(), environment.rank(), environment.local_rank()
     device = resolve_device(device_name, local_rank)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":

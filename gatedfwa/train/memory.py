@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from gatedfwa.attention_kinds import attention_kind
-
+from gatedfwa.environment import local_world_size
 from gatedfwa.errors import ConfigError
 from gatedfwa.ops.backend import select_backend
 
@@ -137,7 +137,7 @@ def available_memory(device: torch.device) -> tuple[int, str] | None:
         available, what = _physical_memory(), "RAM"
     if available is None:
         return None
-    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    processes = local_world_size()
     if processes > 1:
         return available // processes, f"{what} / {processes} processes"
     return available, what

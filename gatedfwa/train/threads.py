@@ -28,6 +28,8 @@ import os
 
 import torch
 
+from gatedfwa.environment import omp_num_threads_is_set
+
 __all__ = ["usable_cores", "choose_threads", "SMALL_MACHINE_CORES"]
 
 SMALL_MACHINE_CORES = 2  # at most this many cores: one thread by default on the CPU
@@ -46,6 +48,6 @@ def choose_threads(requested: int | None, device: torch.device) -> int:
     else the automatic choice of the module docstring."""
     if requested is not None:
         return requested
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and usable_cores() <= SMALL_MACHINE_CORES:
+    if device.type == "cpu" and not omp_num_threads_is_set() and usable_cores() <= SMALL_MACHINE_CORES:
         return 1
     return torch.get_num_threads()

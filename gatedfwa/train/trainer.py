@@ -26,7 +26,7 @@ import torch
 
 from gatedfwa.distributed import shard_sequence
 from gatedfwa.errors import ConfigError, Interrupted
-from gatedfwa.tokenizer import tokenizer_from_spec
+from gatedfwa.text.tokenizer import tokenizer_from_spec
 from gatedfwa.train.checkpoint import (
     apply_training_state, check_model_files, load_model, read_train_record, read_training_state, run_dir_of,
     save_checkpoint,
@@ -83,7 +83,7 @@ def _build_model(config: TrainConfig, vocab_size: int, resume: Path | None, spec
 
     fields = config.model_fields(vocab_size)
     try:
-        # pad/bos/eos ids: the tokenizer's (gatedfwa/tokenizer.py), as AutoTokenizer and pipeline expect
+        # pad/bos/eos ids: the tokenizer's (gatedfwa/text/tokenizer.py), as AutoTokenizer and pipeline expect
         model_config = GatedFWAConfig(**fields, **special_token_ids)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model settings: {error}") from None

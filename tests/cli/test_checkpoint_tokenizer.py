@@ -130,7 +130,7 @@ def test_named_tokenizer_is_saved_and_pre_tokenized_data_saves_none(cli, text_co
 def test_generate_api_takes_bytes(trained_run, prompt):
     import io
 
-    from gatedfwa.generate import generate_text
+    from gatedfwa.cli.generate import generate_text
 
     out = io.StringIO()
     report = generate_text(trained_run, prompt, max_new_tokens=3, temperature=0, device="cpu", out=out)

@@ -101,11 +101,13 @@ def test_bad_argument_fails_before_heavy_imports(folders, args, message):
     assert report["seconds"] < QUICK_S, report
 
 
-@pytest.mark.parametrize("value, message", [
-    ("cuda", "GATEDFWA_BACKEND='cuda' is not a backend; accepted values: auto, triton, torch"),
+@pytest.mark.parametrize("variable, value, message", [
+    ("GATEDFWA_BACKEND", "cuda", "GATEDFWA_BACKEND='cuda' is not a backend; accepted values: auto, triton, torch"),
+    ("WORLD_SIZE", "two", "WORLD_SIZE='two' must be a whole number >= 1: how many processes train together"),
+    ("LOCAL_RANK", "-1", "LOCAL_RANK='-1' must be a whole number >= 0"),
 ])
-def test_bad_backend_variable_fails_before_heavy_imports(folders, value, message):
+def test_bad_environment_variable_fails_before_heavy_imports(folders, variable, value, message):
     for args in (TRAIN, ["generate", "--ckpt", "empty"]):
-        report, err = _run(args, folders, env={"GATEDFWA_BACKEND": value})
+        report, err = _run(args, folders, env={variable: value})
         assert report["status"] == 2 and message in err and "Traceback" not in err, err
         assert report["heavy"] == [], report

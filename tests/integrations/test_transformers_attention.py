@@ -18,6 +18,7 @@ import torch
 import gatedfwa  # noqa: F401  (registers attn_implementation="gatedfwa")
 from gatedfwa.integrations import transformers_attention
 from gatedfwa.integrations.transformers_masks import UnsupportedMaskError
+from gatedfwa.ops import use_backend
 from gatedfwa.testing import assert_within_rule, float32_slack
 from tests.integrations.tiny_models import FAMILIES, WINDOW, build, family_config, reference_implementation
 
@@ -121,10 +122,10 @@ def test_layers_run_through_the_op(monkeypatch):
     assert calls == [(None, True), (WINDOW, True)]  # layer 0 full, layer 1 sliding
 
 
-def test_triton_path(monkeypatch, device):
+def test_triton_path(device):
     """The Triton kernels behind the adapter (interpreted on the CPU), one padded batch."""
-    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
-    check_against_sdpa("mistral", "padded", torch.float32, device)
+    with use_backend("triton"):
+        check_against_sdpa("mistral", "padded", torch.float32, device)
 
 
 @pytest.mark.parametrize("cache", [None, "static"])
@@ -263,7 +264,7 @@ def test_non_causal_layer_raises():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("layout", ["rows", "padded", "packed"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_matches_sdpa_gpu(family, layout, dtype, monkeypatch):
-    monkeypatch.delenv("GATEDFWA_BACKEND", raising=False)
+def test_matches_sdpa_gpu(family, layout, dtype):
     assert os.environ.get("TRITON_INTERPRET") != "1", "GPU tests need the compiled kernels"
-    check_against_sdpa(family, layout, dtype, "cuda", size="gpu")
+    with use_backend("auto"):  # the default choice on CUDA tensors, whatever GATEDFWA_BACKEND says
+        check_against_sdpa(family, layout, dtype, "cuda", size="gpu")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gatedfwa.layers import GatedFWAttention, gate_bias_init
+from gatedfwa.ops import use_backend
 from gatedfwa.testing import assert_within_rule, float32_slack
 from tests.layers.reference import reference_attention_layer
 
@@ -136,12 +137,11 @@ def test_mask_and_cu_seqlens_together_rejected():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_gradients_match_reference(monkeypatch, backend, device):
+def test_gradients_match_reference(backend, device):
     """Output and every gradient (x, q_proj and decay_gate_proj, whose weights run as one
     GEMM, decay_gate_bias, ...) within the rule of the independent reference (float32 naive,
     float64 reference). The triton case runs the fused gate + attention op (the interpreter on a
     CPU), which reads gate_pre as a column slice of the q and gate GEMM's output."""
-    monkeypatch.setenv("GATEDFWA_BACKEND", backend)
     layer = randomize_(GatedFWAttention(24, 4, 2, 8, window_size=6, token_shift=True, qk_norm=True)).to(device)
     x = torch.randn(2, 21, 24, device=device)
     do = torch.randn(2, 21, 24, dtype=torch.float64, device=device)
@@ -154,7 +154,8 @@ def test_gradients_match_reference(monkeypatch, backend, device):
         grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
         return {"output": out.detach(), "dx": xx.grad.clone(), **grads}
 
-    fast = gradients(lambda xx, dtype: layer(xx), torch.float32)
+    with use_backend(backend):
+        fast = gradients(lambda xx, dtype: layer(xx), torch.float32)
     naive = gradients(lambda xx, dtype: reference_attention_layer(layer, xx, dtype=dtype, differentiable=True),
                       torch.float32)
     ref = gradients(lambda xx, dtype: reference_attention_layer(layer, xx, dtype=dtype, differentiable=True),

@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gatedfwa.models import GatedFWAForCausalLM
+from gatedfwa.ops import use_backend
 from gatedfwa.testing import op_modules, output_cache
 from tests.models.test_model import tiny_config
 
@@ -85,8 +86,7 @@ def test_decode_steps_never_read_device_values(overrides, backend, monkeypatch):
     prompt = torch.randint(1, 61, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[0, :2] = 0  # left padding: the prefill packs, the cache marks padding slots
-    monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
-    with torch.no_grad():
+    with torch.no_grad(), use_backend("torch"):
         out = model(prompt, attention_mask=mask, use_cache=True)
     cache = output_cache(out)
 
@@ -94,10 +94,9 @@ def test_decode_steps_never_read_device_values(overrides, backend, monkeypatch):
     move_cache(cache, "meta")
     if backend == "triton":
         stub_triton_kernels(monkeypatch)
-    monkeypatch.setenv("GATEDFWA_BACKEND", backend)
     next_ids = torch.zeros(2, 1, dtype=torch.long, device="meta")
     stream_mask = torch.ones(2, 6, dtype=torch.long, device="meta")
-    with torch.no_grad(), RejectHostReads():
+    with torch.no_grad(), use_backend(backend), RejectHostReads():
         # As generate() calls it (whole-stream mask), then the manual loop (no mask), then
         # three tokens in one step (speculative or chunked decoding); past the window of 4.
         for _ in range(3):

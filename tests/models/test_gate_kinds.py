@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gatedfwa.models import GatedFWAConfig, GatedFWAForCausalLM
+from gatedfwa.ops import use_backend
 from gatedfwa.testing import assert_within_rule, float32_slack
 from tests.layers.reference import reference_attention_layer
 from tests.models.test_generation import sharpened
@@ -98,11 +99,10 @@ def reference_model_loss(model, ids, dtype):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_forgetting_gate_gradients_match_float64_reference(monkeypatch, backend, device):
+def test_forgetting_gate_gradients_match_float64_reference(backend, device):
     """Loss and every parameter's gradient within the rule of docs/correctness.md against
     the float64 re-implementation (float32 naive for the rule's own error); on Triton the
     fused gate + attention op and the gate kernels run (the interpreter on a CPU)."""
-    monkeypatch.setenv("GATEDFWA_BACKEND", backend)
     model = sharpened(GatedFWAForCausalLM(tiny_config(gate="forgetting", attention_kinds=["gatedfwa", "forgetting"])))
     with torch.no_grad():
         for block in model.model.layers:
@@ -116,7 +116,8 @@ def test_forgetting_gate_gradients_match_float64_reference(monkeypatch, backend,
         loss.backward()
         return {"loss": loss.detach(), **{name: p.grad.clone() for name, p in model.named_parameters()}}
 
-    fast = gradients(lambda: model(ids, labels=ids).loss)
+    with use_backend(backend):
+        fast = gradients(lambda: model(ids, labels=ids).loss)
     naive = gradients(lambda: reference_model_loss(model, ids, torch.float32))
     ref = gradients(lambda: reference_model_loss(model, ids, torch.float64))
     assert ref["model.layers.0.attn.decay_gate_proj.weight"].shape == (4, 32)
@@ -128,14 +129,13 @@ def test_forgetting_gate_gradients_match_float64_reference(monkeypatch, backend,
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_forgetting_gate_decoding_equals_forward(monkeypatch, backend, device):
+def test_forgetting_gate_decoding_equals_forward(backend, device):
     """Prefill, then one token at a time through the model's cache, gives the logits of one
     parallel forward (T > 3w, a windowed and a window-free gated layer)."""
-    monkeypatch.setenv("GATEDFWA_BACKEND", backend)
     model = sharpened(GatedFWAForCausalLM(tiny_config(gate="forgetting", attention_kinds=["gatedfwa", "forgetting"],
                                                       token_shift=True))).to(device)
     ids = torch.randint(0, 61, (2, 14), device=device)
-    with torch.no_grad():
+    with torch.no_grad(), use_backend(backend):
         parallel = model(ids).logits
         out = model(ids[:, :6], use_cache=True)
         cache = out.cache if hasattr(out, "cache") else out.past_key_values

@@ -8,6 +8,7 @@ import torch
 
 from gatedfwa import WindowCache
 from gatedfwa.models import GatedFWAForCausalLM
+from gatedfwa.ops import use_backend
 from gatedfwa.testing import output_cache
 from tests.models.test_model import tiny_config
 
@@ -115,15 +116,14 @@ def test_cache_arguments_are_checked():
     assert getattr(model(ids), "cache", None) is None
 
 
-def test_triton_backend_decoding_equals_parallel(monkeypatch, device):
+def test_triton_backend_decoding_equals_parallel(device):
     """The same equivalence through the Triton kernels (attention, gate, decode; under the
     interpreter on CPU): the path a GPU takes."""
     pytest.importorskip("triton")
-    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
     model = sharpened(GatedFWAForCausalLM(tiny_config(token_shift=True, attention_kinds=["gatedfwa", "full"])))
     model = model.to(device)
     ids = torch.randint(0, 61, (2, 14), device=device)  # T > 3w
-    with torch.no_grad():
+    with torch.no_grad(), use_backend("triton"):
         parallel = model(ids).logits
         out = model(ids[:, :6], use_cache=True)
         cache = output_cache(out)

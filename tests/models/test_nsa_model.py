@@ -7,6 +7,7 @@ import torch
 from gatedfwa.layers import GatedFWAttention, NSAttention
 from gatedfwa.models import GatedFWAConfig, GatedFWAForCausalLM
 from gatedfwa.ops.decode import WindowLayerCache
+from gatedfwa.ops import use_backend
 from gatedfwa.ops.nsa import NSALayerCache
 from gatedfwa.testing import output_cache
 from tests.models.test_generation import sharpened
@@ -123,14 +124,14 @@ def test_every_training_preset_accepts_the_nsa_kinds(preset):
         assert isinstance(GatedFWAForCausalLM(config).model.layers[0].attn, NSAttention)
 
 
-def test_triton_backend_decoding_equals_parallel(monkeypatch, device):
+def test_triton_backend_decoding_equals_parallel(device):
     """The parallel path through the NSA Triton kernels (under the interpreter on CPU), the
     decode steps through the window decode kernel and the PyTorch NSA step: the path a GPU takes."""
     pytest.importorskip("triton")
-    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
     model = sharpened(GatedFWAForCausalLM(tiny_config(attention_kinds=["nsa-gatedfwa", "nsa"], **NSA_FIELDS)))
     model = model.to(device)
-    parallel, decoded, _ = parallel_and_decoded_logits(model, torch.randint(0, 61, (2, 15), device=device), 6)
+    with use_backend("triton"):
+        parallel, decoded, _ = parallel_and_decoded_logits(model, torch.randint(0, 61, (2, 15), device=device), 6)
     torch.testing.assert_close(decoded, parallel, rtol=1e-4, atol=1e-4)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from gatedfwa import StaticWindowCache
 from gatedfwa.models import GatedFWAForCausalLM
+from gatedfwa.ops import use_backend
 from tests.conftest import DEVICE
 from tests.models.test_generation import sharpened
 from tests.models.test_model import tiny_config
@@ -52,11 +53,11 @@ def test_compiled_static_steps_equal_parallel_forward(overrides):
 @pytest.mark.skipif(DEVICE != "cpu",
                     reason="the CPU counterpart (interpreted kernels) of the CUDA-graph tests below")
 @pytest.mark.parametrize("overrides", [KINDS[0], KINDS[2]], ids=["gatedfwa", "full-swa"])
-def test_inductor_static_steps_through_the_kernels(overrides, monkeypatch):
+def test_inductor_static_steps_through_the_kernels(overrides):
     """The decode custom ops (Triton kernels, interpreted here) inside an Inductor graph, as on a
     GPU: gated layers mutate the cache's decays, ungated ones have none to mutate."""
-    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
-    assert_compiled_steps_equal_parallel_forward(overrides, 9)
+    with use_backend("triton"):
+        assert_compiled_steps_equal_parallel_forward(overrides, 9)
 
 
 @pytest.mark.parametrize("overrides", KINDS[1:], ids=["shift-outgate", "full-swa"])

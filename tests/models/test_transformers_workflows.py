@@ -21,6 +21,7 @@ import gatedfwa  # noqa: F401  (registers the Auto classes)
 from gatedfwa.models import GatedFWAConfig, GatedFWAForCausalLM
 from gatedfwa.models.modeling import left_padding_mask_from_pad_tokens
 from gatedfwa.models.remote_code import AUTO_MAP, REMOTE_CODE_FILE
+from gatedfwa.ops import use_backend
 from gatedfwa.testing import output_cache
 from tests.models.test_generation import sharpened
 from tests.models.test_model import tiny_config
@@ -251,21 +252,22 @@ def test_trainer_on_flattened_batches_matches_padded_batches():
         torch.testing.assert_close(delta, changes["padded"][key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_flattened_batch_compiles_fullgraph_with_cu_seq_lens(monkeypatch, device):
+def test_flattened_batch_compiles_fullgraph_with_cu_seq_lens(device):
     """cu_seq_lens_q/k keep a torch.compile(fullgraph=True) graph whole (backend aot_eager) on
     the Triton path, whose custom ops take packed sequences as they come (the PyTorch path
     loops over the sequences in Python)."""
     from transformers import DataCollatorWithFlattening
 
-    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
     model = GatedFWAForCausalLM(tiny_config()).eval().to(device)
     batch = DataCollatorWithFlattening(return_position_ids=False, return_flash_attn_kwargs=True,
                                        return_tensors="pt")(flattened_examples())
     batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.as_tensor(batch["cu_seq_lens_q"], dtype=torch.int32)
     batch = {name: value.to(device) if torch.is_tensor(value) else value for name, value in batch.items()}
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    separate = torch.cat([model(torch.tensor([e["input_ids"]], device=device)).logits[0] for e in flattened_examples()])
-    torch.testing.assert_close(compiled(**batch).logits[0], separate, rtol=1e-5, atol=1e-5)
+    with use_backend("triton"):
+        separate = torch.cat([model(torch.tensor([e["input_ids"]], device=device)).logits[0]
+                              for e in flattened_examples()])
+        torch.testing.assert_close(compiled(**batch).logits[0], separate, rtol=1e-5, atol=1e-5)
 
 
 def test_flattened_batch_arguments_are_checked():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gatedfwa.errors import ConfigError
-from gatedfwa.tokenizer import ByteTokenizer
+from gatedfwa.text.tokenizer import ByteTokenizer
 from gatedfwa.train.data import HELDOUT_EVERY, WindowSampler, heldout_windows, load_corpus, stdlib_source_files
 
 

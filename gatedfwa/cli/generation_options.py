@@ -1,4 +1,4 @@
-"""The checks on the options of ``gatedfwa generate`` (and of gatedfwa/generate.py's
+"""The checks on the options of ``gatedfwa generate`` (and of gatedfwa/cli/generate.py's
 ``generate_text``) that need no model: one place for the rules, in a module that imports
 nothing heavy, so that the command line rejects a bad number before torch loads.
 """

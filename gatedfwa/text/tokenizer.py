@@ -1,44 +1,11 @@
-"""Tokenizers the trainer and the generator share, and the one saved with every checkpoint.
+"""The tokenizers training and generation share: text (or raw bytes) to ids, ids back to
+text, and the record a checkpoint keeps of which tokenizer it was trained with.
 
-The default is the **byte tokenizer**: token id = byte value (0..255) of the UTF-8 text,
-vocabulary 256, nothing to download or train, and held-out loss per token is loss per byte.
-It is a real ``transformers`` tokenizer (:func:`build_byte_tokenizer`, a
-``PreTrainedTokenizerFast`` around a ``tokenizers.Tokenizer``), so a checkpoint written by
-``gatedfwa train`` loads with ``AutoTokenizer.from_pretrained`` and
-``pipeline("text-generation", model=...)``. Its pieces:
-
-* vocabulary: one entry per byte, id = byte value. ``tokenizers`` works on text, so each
-  byte is written as one printable character (:data:`BYTE_ALPHABET`: the printable Latin-1
-  bytes stand for themselves, the other 68 bytes for the characters from U+0100 on, in byte
-  order; the alphabet ``tokenizers``' ``ByteLevel`` steps use), and the byte-level
-  pre-tokenizer turns text into the characters of its UTF-8 bytes;
-* model: BPE without merges, so every byte stays one token;
-* decoder: byte-level, characters back to bytes, then UTF-8 with invalid bytes replaced
-  by U+FFFD (as ``bytes.decode("utf-8", errors="replace")`` does).
-
-Bytes that are not valid UTF-8 are valid input for a byte model (a prompt given on the
-command line as raw bytes, for instance): :meth:`ByteTokenizer.encode_bytes` looks every
-byte up in the vocabulary, and :meth:`ByteTokenizer.encode` takes text that carries such
-bytes as surrogate escapes (Python's ``surrogateescape``, how ``sys.argv`` holds them).
-
-Special tokens. The 256 ids are all bytes, so no id is free for a special token, and
-adding one would change the vocabulary (and the embedding rows of every checkpoint) and
-break "loss per token = loss per byte". Hence:
-
-* no ``bos`` and no ``eos``: the model never saw either. Training reads windows at arbitrary
-  offsets of one stream of concatenated files (gatedfwa/train/data.py), so no sequence
-  starts with a marker and none ends with one; generation runs for ``max_new_tokens``.
-* ``pad`` = byte 0 (NUL), vocabulary entry "Ā" (U+0100, the stand-in of byte 0). Padded
-  positions are masked out by the attention mask, so any id would do; NUL is the one that
-  text does not contain (the data loader skips files with a NUL byte near their start as
-  binary). Two consequences: ``decode(..., skip_special_tokens=True)`` drops NUL bytes, and
-  a NUL byte in a prompt is a real token that only the attention mask tells apart from
-  padding (the tokenizer returns one; pass it to ``generate``). The text "Ā" is not the pad
-  token: it encodes to its two UTF-8 bytes like any text (``split_special_tokens``).
-
-Padding is on the left, as batched prompts of a causal LM need. The model's config gets the
-same three ids (``pad_token_id`` 0, ``bos_token_id`` and ``eos_token_id`` None) from
-``special_token_ids()`` (gatedfwa/train/trainer.py).
+The default is the byte tokenizer (:class:`ByteTokenizer`, around the transformers
+tokenizer of gatedfwa/text/byte_tokenizer.py). Bytes that are not valid UTF-8 are valid
+input for a byte model: :meth:`ByteTokenizer.encode_bytes` looks every byte up in the
+vocabulary, and :meth:`ByteTokenizer.encode` takes text that carries such bytes as
+surrogate escapes (Python's ``surrogateescape``, how ``sys.argv`` holds them).
 
 A Hugging Face tokenizer can be used instead of bytes when ``transformers`` has it in the
 local cache or a local folder (``--tokenizer NAME``; nothing is ever downloaded); it brings
@@ -52,95 +19,19 @@ Checkpoints written before the files existed are rebuilt from the record alone.
 
 The classes here (:class:`ByteTokenizer`, :class:`HFTokenizer`, :class:`IdTokenizer`) add
 to a transformers tokenizer (``pretrained``) what training and generation need: the unit of
-the loss ("byte" or "token"), the record, encoding raw bytes, and streaming decoding.
+the loss ("byte" or "token"), the record, encoding raw bytes, and streaming decoding
+(gatedfwa/text/stream_decoder.py).
 """
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase
 
 from gatedfwa.errors import ConfigError
+from gatedfwa.text.byte_tokenizer import BYTE_ALPHABET, build_byte_tokenizer
+from gatedfwa.text.stream_decoder import StreamDecoder
 
-__all__ = [
-    "BYTE_ALPHABET", "BYTE_PAD_TOKEN_ID", "build_byte_tokenizer", "ByteTokenizer", "HFTokenizer", "IdTokenizer",
-    "StreamDecoder", "tokenizer_from_spec", "load_tokenizer",
-]
-
-BYTE_PAD_TOKEN_ID = 0
-
-
-def _byte_alphabet() -> list[str]:
-    """The character that stands for each byte value (index = byte), as ``tokenizers``'
-    byte-level steps write bytes: printable Latin-1 bytes ("!".."~", "¡".."¬", "®".."ÿ") are
-    their own character; the others (controls, space, DEL, NBSP, soft hyphen) take U+0100,
-    U+0101, ... in byte order."""
-    printable = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    alphabet, next_stand_in = [], 0x100
-    for byte in range(256):
-        if byte in printable:
-            alphabet.append(chr(byte))
-        else:
-            alphabet.append(chr(next_stand_in))
-            next_stand_in += 1
-    return alphabet
-
-
-BYTE_ALPHABET: list[str] = _byte_alphabet()
-
-
-def build_byte_tokenizer() -> PreTrainedTokenizerFast:
-    """The byte tokenizer as a transformers tokenizer (see the module docstring): ids are
-    the UTF-8 bytes of the text, pad = 0, no bos or eos."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    backend = Tokenizer(models.BPE(vocab={char: byte for byte, char in enumerate(BYTE_ALPHABET)}, merges=[]))
-    # No regex split: without merges, words would only cost time.
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=BYTE_ALPHABET[BYTE_PAD_TOKEN_ID],
-        split_special_tokens=True,  # "Ā" in text is two bytes of text, not the pad token
-        clean_up_tokenization_spaces=False,  # decoding gives the bytes back, spaces included
-        padding_side="left",
-    )
-
-
-class StreamDecoder:
-    """Text of ids that arrive a few at a time (a streamer's ``put``): each call returns
-    only the new text. The ids since the last restart are decoded together (tokens of a
-    Hugging Face tokenizer may merge with their neighbours when decoded), and text that
-    ends in U+FFFD waits for the next ids: a character whose bytes are split across tokens
-    is printed whole, once. :meth:`flush` returns what is left at the end (an incomplete
-    character as U+FFFD).
-
-    ``decode``: list of ids -> str. ``independent``: True when text decoded piece by piece,
-    cut after any complete character, equals the text decoded at once (bytes, ids printed as
-    numbers); then every call starts afresh. Otherwise the ids start afresh after a newline,
-    so decoding stays short."""
-
-    def __init__(self, decode, independent: bool = False):
-        self._decode = decode
-        self._independent = independent
-        self._ids: list[int] = []
-        self._printed = 0  # characters of decode(self._ids) already returned
-
-    def __call__(self, ids) -> str:
-        self._ids.extend(int(i) for i in ids)
-        text = self._decode(self._ids)
-        if text.endswith("\ufffd"):  # an incomplete character, or an invalid byte: wait for more
-            return ""
-        new = text[self._printed:]
-        if self._independent or text.endswith("\n"):
-            self._ids, self._printed = [], 0
-        else:
-            self._printed = len(text)
-        return new
-
-    def flush(self) -> str:
-        new = self._decode(self._ids)[self._printed:]
-        self._ids, self._printed = [], 0
-        return new
+__all__ = ["ByteTokenizer", "HFTokenizer", "IdTokenizer", "tokenizer_from_spec", "load_tokenizer"]
 
 
 class _PretrainedTokenizer:

@@ -10,7 +10,9 @@ from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, TextIteratorStreamer
 
 from gatedfwa.errors import ConfigError
-from gatedfwa.tokenizer import BYTE_ALPHABET, ByteTokenizer, StreamDecoder, tokenizer_from_spec
+from gatedfwa.text.byte_tokenizer import BYTE_ALPHABET
+from gatedfwa.text.stream_decoder import StreamDecoder
+from gatedfwa.text.tokenizer import ByteTokenizer, tokenizer_from_spec
 from gatedfwa.train.checkpoint import load_checkpoint_tokenizer
 from gatedfwa.train.data import load_corpus
 

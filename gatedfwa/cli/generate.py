@@ -28,9 +28,9 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from gatedfwa.attention_kinds import attention_kind
-from gatedfwa.devices import resolve_device
+from gatedfwa.train.devices import resolve_device
 from gatedfwa.errors import ConfigError, Interrupted
-from gatedfwa.generation_options import check_generation_options
+from gatedfwa.cli.generation_options import check_generation_options
 from gatedfwa.train.checkpoint import load_checkpoint_tokenizer, load_model, read_train_record, resolve_checkpoint
 
 __all__ = ["generate_text", "GenerationReport", "cache_bytes"]
