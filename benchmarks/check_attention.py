@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
 from attention_inputs import DEVICE, make_inputs  # noqa: E402
-from common import environment, write_results  # noqa: E402
+from common import start_gpu_run, write_results  # noqa: E402
 
 from gatedfwa import gated_window_attention  # noqa: E402
 from gatedfwa.ops.window_attention.reference import chunked_gated_window_attention, naive_gated_window_attention  # noqa: E402
@@ -112,11 +112,7 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown results")
     provenance.add_options(parser)
     args = parser.parse_args(argv)
-    provenance.settle_or_exit(parser, args)
-    if DEVICE != "cuda":
-        parser.error("a CUDA GPU is required")
-    env = environment()
-    print(env, flush=True)
+    env = start_gpu_run(parser, args)
     started = time.time()
     rows = []
     for spec in CHECKS:

@@ -44,6 +44,18 @@ def environment() -> dict:
     return info
 
 
+def start_gpu_run(parser, args) -> dict:
+    """The opening of a script that measures on a GPU: settles the commit it records
+    (provenance.py: a dirty tree stops it unless --allow-dirty), refuses to run without a
+    CUDA GPU, prints and returns environment()."""
+    provenance.settle_or_exit(parser, args)
+    if not torch.cuda.is_available():
+        parser.error("a CUDA GPU is required")
+    env = environment()
+    print(env, flush=True)
+    return env
+
+
 def bench_ms(fn, warmup_ms: float = 50, rep_ms: float = 300, grad_to_none=None) -> float:
     """Median milliseconds of fn (CUDA events, after warm-up)."""
     import triton.testing

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
 from attention_inputs import DEVICE, make_inputs  # noqa: E402
-from common import bench_ms, environment, write_results  # noqa: E402
+from common import bench_ms, start_gpu_run, write_results  # noqa: E402
 
 from gatedfwa import gated_window_attention  # noqa: E402
 from gatedfwa.ops import gated_fwa_attention  # noqa: E402
@@ -81,11 +81,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="folder for the JSON and markdown results")
     provenance.add_options(parser)
     args = parser.parse_args(argv)
-    provenance.settle_or_exit(parser, args)
-    if DEVICE != "cuda":
-        parser.error("a CUDA GPU is required")
-    env = environment()
-    print(env, flush=True)
+    env = start_gpu_run(parser, args)
     rows = profile_kernels()
     write_results(args.out, "attention_profile", {"environment": env, "rows": rows}, rows,
                   ["variant", "kernel", "calls", "ms per step"])

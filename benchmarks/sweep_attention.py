@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
-from attention_inputs import DEVICE, make_inputs, short_sequences  # noqa: E402
-from common import attention_tflops, bench_ms, environment, kernel_device_ms, window_pairs, write_results  # noqa: E402
+from attention_inputs import make_inputs, short_sequences  # noqa: E402
+from common import attention_tflops, bench_ms, kernel_device_ms, start_gpu_run, window_pairs, write_results  # noqa: E402
 from sweep_to_configs import LAUNCH_TABLE_NAME, best_configs, table_source  # noqa: E402
 
 from gatedfwa import gated_window_attention  # noqa: E402
@@ -253,11 +253,7 @@ def main(argv=None):
                         help="candidates not started within this many seconds are recorded as skipped")
     provenance.add_options(parser)
     args = parser.parse_args(argv)
-    provenance.settle_or_exit(parser, args)
-    if DEVICE != "cuda":
-        parser.error("a CUDA GPU is required")
-    env = environment()
-    print(env, flush=True)
+    env = start_gpu_run(parser, args)
     started = time.time()
     rows, best = sweep(budget_s=args.budget_s)
     timed = time_best(best, BEST_SHAPES, "after sweep")

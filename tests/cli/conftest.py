@@ -2,6 +2,7 @@
 ``gatedfwa`` in-process and capture its exit status and output."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,20 @@ def trained_run(tmp_path_factory, text_corpus):
                    "--eval-interval", "0", "--save-interval", "1"])
     assert status == 0
     return run
+
+
+@pytest.fixture
+def run_copy(tmp_path, trained_run) -> Path:
+    """A copy of the trained run, free to change: tmp_path/run."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    return copy
+
+
+def folder_files(folder: Path) -> dict:
+    """{relative path: bytes} of every file under folder, hidden ones included: two calls
+    compare equal when nothing in the folder was written, moved or removed."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gatedfwa.cli.main import build_parser
-from tests.cli.conftest import FAST
+from tests.cli.conftest import FAST, folder_files
 
 
 def _check(cli, args, message, command="train", one_line=True):
@@ -18,11 +18,6 @@ def _check(cli, args, message, command="train", one_line=True):
     assert "Traceback" not in err
     if one_line:
         assert err.count("\n") == 1, err
-
-
-def _files(folder: Path) -> dict:
-    """{relative path: bytes} of every file under folder."""
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _damage(path: Path, how: str) -> None:
@@ -112,13 +107,13 @@ def test_damaged_checkpoint_file_for_resume(cli, trained_run, tmp_path, name, ho
     shutil.copytree(trained_run, run)
     damaged = run / "checkpoints" / "step-0000002" / name
     _damage(damaged, how)
-    before = _files(run)
+    before = folder_files(run)
     earlier = run / "checkpoints" / "step-0000001"
     _check(cli, ["train", "--resume", run, "--no-progress"],
            f"--resume: {damaged} is truncated or corrupt (")
     _check(cli, ["train", "--resume", run, "--no-progress", "--out", tmp_path / "elsewhere"],
            f"; use an earlier checkpoint: --resume {earlier}")
-    assert _files(run) == before and not (tmp_path / "elsewhere").exists()  # nothing written or lost
+    assert folder_files(run) == before and not (tmp_path / "elsewhere").exists()  # nothing written or lost
     # The checkpoint it points at resumes.
     status, _, err = cli(["train", "--resume", earlier, "--no-progress", "--no-plot", "--out", tmp_path / "resumed"])
     assert status == 0, err

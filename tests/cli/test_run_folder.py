@@ -2,28 +2,18 @@
 --overwrite is deleted only once the new run has its first checkpoint: bad input, errors and
 Ctrl-C before that leave every file as it was (gatedfwa/train/run_folder.py)."""
 
-import shutil
-from pathlib import Path
-
 import pytest
 
 import gatedfwa.train.trainer as trainer
 from gatedfwa.train.run_folder import SET_ASIDE
-from tests.cli.conftest import FAST
-
-
-def _files(folder: Path) -> dict:
-    """{relative path: bytes} of every file under folder, hidden ones included."""
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+from tests.cli.conftest import FAST, folder_files
 
 
 @pytest.fixture
-def old_run(tmp_path, trained_run):
+def old_run(run_copy):
     """A copy of the 2-step run, with a loss plot as `gatedfwa train` leaves one."""
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    (run / "loss.png").write_bytes(b"\x89PNG old plot")
-    return run
+    (run_copy / "loss.png").write_bytes(b"\x89PNG old plot")
+    return run_copy
 
 
 def _interrupt_at(monkeypatch, at_step):
@@ -44,12 +34,12 @@ def _interrupt_at(monkeypatch, at_step):
     ["--seq-len", "1", "--window", "1"],
 ])
 def test_failing_overwrite_keeps_the_old_run(cli, old_run, text_corpus, tmp_path, bad):
-    before = _files(old_run)
+    before = folder_files(old_run)
     data = [] if "--data" in bad else ["--data", text_corpus]
     bad = [a.replace("{tmp}", str(tmp_path)) for a in bad]
     status, _, err = cli(["train", *FAST, *data, *bad, "--out", old_run, "--overwrite"])
     assert status == 2 and "gatedfwa train: error:" in err and "Traceback" not in err, err
-    assert _files(old_run) == before
+    assert folder_files(old_run) == before
 
 
 def test_overwrite_replaces_the_old_run_once_the_new_one_has_a_checkpoint(cli, old_run, text_corpus):
@@ -68,12 +58,12 @@ def test_overwrite_replaces_the_old_run_once_the_new_one_has_a_checkpoint(cli, o
 
 def test_ctrl_c_before_the_first_checkpoint_of_an_overwrite_puts_the_old_run_back(cli, old_run, text_corpus,
                                                                                    monkeypatch):
-    before = _files(old_run)
+    before = folder_files(old_run)
     _interrupt_at(monkeypatch, at_step=2)  # two steps trained, no checkpoint yet (save interval 10)
     status, _, err = cli(["train", *FAST, "--data", text_corpus, "--out", old_run, "--overwrite", "--max-steps", 20])
     assert status == 130, err
     assert "interrupted at step 2, before the new run's first checkpoint" in err and "back in place" in err
-    assert _files(old_run) == before
+    assert folder_files(old_run) == before
 
 
 def test_ctrl_c_after_the_first_checkpoint_of_an_overwrite_keeps_the_new_run(cli, old_run, text_corpus,
@@ -96,16 +86,16 @@ def test_a_replacement_killed_before_its_first_checkpoint_still_counts_as_the_ru
     for name in ("checkpoints", "metrics.jsonl", "loss.png"):
         (old_run / name).rename(aside / name)
     (old_run / "metrics.jsonl").write_text('{"step": 0, "heldout_loss": 5.0}\n')
-    old, left = _files(aside), _files(old_run)
+    old, left = folder_files(aside), folder_files(old_run)
     status, _, err = cli(["train", *FAST, "--data", text_corpus, "--out", old_run])
     assert status == 2 and "already holds a run (step-0000002)" in err, err
     status, _, err = cli(["train", *FAST, "--data", text_corpus, "--out", old_run, "--overwrite", "--seq-len", 100000])
-    assert status == 2 and _files(old_run) == left, err  # refused: nothing touched
+    assert status == 2 and folder_files(old_run) == left, err  # refused: nothing touched
     # Stopped before its first checkpoint, the next replacement puts the old run back in place.
     _interrupt_at(monkeypatch, at_step=1)
     status, _, err = cli(["train", *FAST, "--data", text_corpus, "--out", old_run, "--overwrite"])
     assert status == 130 and "back in place" in err, err
-    assert _files(old_run) == old and not aside.exists()
+    assert folder_files(old_run) == old and not aside.exists()
     monkeypatch.undo()
     status, _, err = cli(["train", *FAST, "--data", text_corpus, "--out", old_run, "--overwrite", "--max-steps", 1])
     assert status == 0, err

@@ -3,7 +3,6 @@ a 1-token context, a batch far beyond the machine's memory, and the CPU thread c
 
 import contextlib
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -12,40 +11,34 @@ import pytest
 import torch
 
 import gatedfwa.train.threads as threads
-from tests.cli.conftest import FAST
-
-
-def _files(folder: Path) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+from tests.cli.conftest import FAST, folder_files
 
 
 @pytest.fixture
-def run(tmp_path, trained_run):
-    copy = tmp_path / "run"
-    shutil.copytree(trained_run, copy)
-    return copy
+def run(run_copy):
+    return run_copy
 
 
 def test_resuming_a_finished_run_writes_nothing(cli, run, tmp_path):
-    before = _files(run)
+    before = folder_files(run)
     for extra in ([], ["--max-steps", 2], ["--out", tmp_path / "elsewhere"]):
         status, out, err = cli(["train", "--resume", run, "--no-progress", *extra])
         assert status == 0, err
         assert out.count("\n") == 1 and "Traceback" not in err
         assert "the run is finished" in out and "is step 2" in out, out
         assert f"raise --max-steps: gatedfwa train --resume {run} --max-steps 4" in out, out
-        assert _files(run) == before
+        assert folder_files(run) == before
     assert not (tmp_path / "elsewhere").exists()
 
 
 def test_max_steps_below_the_checkpoint_is_refused(cli, run):
-    before = _files(run)
+    before = folder_files(run)
     status, out, err = cli(["train", "--resume", run, "--max-steps", 1, "--no-progress"])
     assert status == 2, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "gatedfwa train: error: --max-steps 1 is below the step of the checkpoint to resume" in err, err
     assert "is step 2" in err and "for 1 more, give --max-steps 3" in err, err
-    assert _files(run) == before
+    assert folder_files(run) == before
 
 
 def test_a_one_token_context_is_refused(cli, text_corpus, tmp_path):
