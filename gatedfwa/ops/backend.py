@@ -23,7 +23,7 @@ import torch
 
 from gatedfwa.backend_variable import BACKEND_VARIABLE, BACKENDS, HOW_TO_UNFORCE, forced_backend, triton_missing
 from gatedfwa.errors import ConfigError
-from gatedfwa.ops.triton_support import interpreting, triton
+from gatedfwa.ops.common.triton_support import interpreting, triton
 
 __all__ = ["BACKENDS", "BACKEND_VARIABLE", "select_backend", "use_backend"]
 

@@ -12,7 +12,7 @@ from gatedfwa.ops.gate.chunk_sums import (
     reference_chunk_gate_sums,
 )
 from gatedfwa.ops.gate.reference import reference_log_gates
-from gatedfwa.ops.triton_support import LOG2E
+from gatedfwa.ops.common.triton_support import LOG2E
 
 
 def relative_error(fast, ref):

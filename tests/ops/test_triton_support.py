@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gatedfwa.ops import triton_support
+from gatedfwa.ops.common import triton_support
 
 triton = pytest.importorskip("triton")
 tl = triton.language

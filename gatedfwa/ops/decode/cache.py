@@ -42,7 +42,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from gatedfwa.ops.validation import format_shape, check_gate_like
+from gatedfwa.ops.common.validation import format_shape, check_gate_like
 
 __all__ = ["WindowLayerCache", "WindowCache"]
 

@@ -11,7 +11,7 @@ import functools
 import torch
 
 from gatedfwa.ops.decode.cache import WindowLayerCache
-from gatedfwa.ops.triton_support import LOG2E, LOG2E_CONSTEXPR, cdiv, dot_precision, jit, next_power_of_2, tl
+from gatedfwa.ops.common.triton_support import LOG2E, LOG2E_CONSTEXPR, cdiv, dot_precision, jit, next_power_of_2, tl
 
 __all__ = ["decode_config", "decode_attention_triton", "launch_decode"]
 

@@ -34,8 +34,8 @@ import torch
 from gatedfwa.ops.backend import select_backend
 from gatedfwa.ops.decode.cache import WindowLayerCache
 from gatedfwa.ops.decode.reference import decode_attention_torch
-from gatedfwa.ops.triton_support import triton
-from gatedfwa.ops.validation import check_attention_tensor, check_log_gate_values, check_scale, format_shape
+from gatedfwa.ops.common.triton_support import triton
+from gatedfwa.ops.common.validation import check_attention_tensor, check_log_gate_values, check_scale, format_shape
 
 __all__ = ["MAX_DECODE_LENGTH", "decode_gated_window_attention"]
 

@@ -24,7 +24,7 @@ from gatedfwa.ops.decode.cache import _suffix_sums_after
 from gatedfwa.ops.decode.op import check_decode_args
 from gatedfwa.ops.decode.reference import decode_attention_torch
 from gatedfwa.ops.decode.static_cache import StaticWindowLayerCache
-from gatedfwa.ops.triton_support import triton
+from gatedfwa.ops.common.triton_support import triton
 
 __all__ = ["decode_static_step"]
 

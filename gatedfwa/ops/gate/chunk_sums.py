@@ -34,8 +34,8 @@ import torch
 
 from gatedfwa.ops.gate.registry import DEFAULT_GATE, gate_spec
 # Triton is optional: without it the kernel below is never launched.
-from gatedfwa.ops.triton_support import LOG2E, LOG2E_CONSTEXPR, cdiv, jit, next_power_of_2, tl
-from gatedfwa.ops.varlen import longest_sequence
+from gatedfwa.ops.common.triton_support import LOG2E, LOG2E_CONSTEXPR, cdiv, jit, next_power_of_2, tl
+from gatedfwa.ops.common.varlen import longest_sequence
 
 __all__ = ["chunk_gate_sums", "chunk_gate_sums_from_projection", "reference_chunk_gate_sums"]
 

@@ -14,8 +14,8 @@ relative accuracy: 3e-6 at x = -50, far more than the reference's one rounding.
 from __future__ import annotations
 
 # Triton is optional: without it these functions are defined but never compiled.
-from gatedfwa.ops.triton_support import LOG2E_CONSTEXPR as LOG2E
-from gatedfwa.ops.triton_support import constexpr, jit, tl
+from gatedfwa.ops.common.triton_support import LOG2E_CONSTEXPR as LOG2E
+from gatedfwa.ops.common.triton_support import constexpr, jit, tl
 
 __all__ = ["exp_nonpositive", "log1p_unit", "gate_terms", "log_gate", "log_gate_derivatives"]
 

@@ -11,7 +11,7 @@ import torch
 from gatedfwa.ops.gate.registry import DEFAULT_GATE, gate_spec
 from gatedfwa.ops.gate.spec import GateSpec
 # Triton is optional: without it the kernels below are never launched.
-from gatedfwa.ops.triton_support import cdiv, jit, next_power_of_2, tl, triton
+from gatedfwa.ops.common.triton_support import cdiv, jit, next_power_of_2, tl, triton
 
 __all__ = ["ELEMENTS_PER_PROGRAM", "allocate", "gate_forward_2d", "gate_backward_2d"]
 

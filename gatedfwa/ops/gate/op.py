@@ -37,7 +37,7 @@ from gatedfwa.ops.gate import kernels
 from gatedfwa.ops.gate.registry import DEFAULT_GATE, gate_spec
 from gatedfwa.ops.gate.spec import GateSpec
 from gatedfwa.ops.gate.torch_path import torch_log_gates
-from gatedfwa.ops.validation import check_cu_seqlens, check_float_tensor, format_shape
+from gatedfwa.ops.common.validation import check_cu_seqlens, check_float_tensor, format_shape
 
 __all__ = ["compute_log_gates", "log_gates_from_projection", "projection_backward", "check_gate_bias"]
 

@@ -21,7 +21,7 @@ from gatedfwa.ops.nsa.reference import (
     select_blocks_from_importance,
 )
 from gatedfwa.ops.nsa.sliding import sliding_branch
-from gatedfwa.ops.varlen import sequence_spans
+from gatedfwa.ops.common.varlen import sequence_spans
 
 __all__ = ["chunked_selected_attention", "chunked_nsa_attention"]
 

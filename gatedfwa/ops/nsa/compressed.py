@@ -32,8 +32,8 @@ from gatedfwa.ops.nsa.tiles import (
     store_rows,
     summary_bounds,
 )
-from gatedfwa.ops.triton_support import LOG2E, cdiv, interpreting, jit, tl, token_and_head_strides
-from gatedfwa.ops.varlen import sequence_bounds
+from gatedfwa.ops.common.triton_support import LOG2E, cdiv, interpreting, jit, tl, token_and_head_strides
+from gatedfwa.ops.common.varlen import sequence_bounds
 
 __all__ = ["compressed_forward", "compressed_backward"]
 

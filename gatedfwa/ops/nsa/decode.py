@@ -24,7 +24,7 @@ import torch
 from gatedfwa.ops.decode import decode_gated_window_attention
 from gatedfwa.ops.nsa.cache import NSALayerCache
 from gatedfwa.ops.nsa.reference import combine_branches
-from gatedfwa.ops.validation import check_attention_tensor, check_gate_like, check_scale
+from gatedfwa.ops.common.validation import check_attention_tensor, check_gate_like, check_scale
 
 __all__ = ["decode_nsa_attention"]
 

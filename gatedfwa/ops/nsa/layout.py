@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from gatedfwa.ops.triton_support import cdiv, next_power_of_2
+from gatedfwa.ops.common.triton_support import cdiv, next_power_of_2
 
 __all__ = ["SequenceLayout"]
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from gatedfwa.ops.nsa.sliding import naive_sliding_branch
-from gatedfwa.ops.varlen import sequence_spans
+from gatedfwa.ops.common.varlen import sequence_spans
 
 __all__ = [
     "mean_pool_blocks",

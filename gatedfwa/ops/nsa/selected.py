@@ -37,7 +37,7 @@ from gatedfwa.ops.nsa.tiles import (
     softmax_step,
     store_rows,
 )
-from gatedfwa.ops.triton_support import LOG2E, interpreting, jit, next_power_of_2, tl, token_and_head_strides
+from gatedfwa.ops.common.triton_support import LOG2E, interpreting, jit, next_power_of_2, tl, token_and_head_strides
 
 __all__ = ["selected_forward", "selected_backward", "BLOCK_MAJOR_MAX_GROUP"]
 

@@ -32,8 +32,8 @@ import torch
 from gatedfwa.ops.nsa import tiles
 from gatedfwa.ops.nsa.layout import SequenceLayout
 from gatedfwa.ops.nsa.tiles import add_rows, kernel_flags, load_gradient_rows, load_keys, load_rows, probabilities
-from gatedfwa.ops.triton_support import LOG2E, cdiv, interpreting, jit, next_power_of_2, tl, token_and_head_strides
-from gatedfwa.ops.varlen import sequence_bounds
+from gatedfwa.ops.common.triton_support import LOG2E, cdiv, interpreting, jit, next_power_of_2, tl, token_and_head_strides
+from gatedfwa.ops.common.varlen import sequence_bounds
 
 __all__ = ["InvertedSelection", "invert_selection", "work_items", "block_major_forward", "block_keys_backward"]
 

@@ -29,7 +29,7 @@ from gatedfwa.ops.nsa.tiles import (
     query_tile_rows,
     summary_bounds,
 )
-from gatedfwa.ops.triton_support import LOG2E, dot_precision, interpreting, jit, next_power_of_2, tl, token_and_head_strides
+from gatedfwa.ops.common.triton_support import LOG2E, dot_precision, interpreting, jit, next_power_of_2, tl, token_and_head_strides
 
 __all__ = ["select_blocks"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from gatedfwa.ops.triton_support import dot_precision, jit, tl
-from gatedfwa.ops.varlen import sequence_bounds
+from gatedfwa.ops.common.triton_support import dot_precision, jit, tl
+from gatedfwa.ops.common.varlen import sequence_bounds
 
 
 def allocate_like(x: torch.Tensor) -> torch.Tensor:

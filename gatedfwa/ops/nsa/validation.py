@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from gatedfwa.ops.validation import check_cu_seqlens, check_gate_like, check_qkv, check_scale, format_shape
+from gatedfwa.ops.common.validation import check_cu_seqlens, check_gate_like, check_qkv, check_scale, format_shape
 
 __all__ = ["check_nsa_args", "canonical_block_indices"]
 

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gatedfwa.ops.triton_support import LOG2E, dot_precision, interpreting, token_and_head_strides
+from gatedfwa.ops.common.triton_support import LOG2E, dot_precision, interpreting, token_and_head_strides
 from gatedfwa.ops.window_attention import launch
 from gatedfwa.ops.window_attention.gate_flux import flux_tile_count, gate_gradient_from_flux
 from gatedfwa.ops.window_attention.tiles import (
@@ -17,7 +17,7 @@ from gatedfwa.ops.window_attention.tiles import (
     tile_prefix, tile_suffix,
 )
 from gatedfwa.ops.window_attention.walk import walk_key_tiles
-from gatedfwa.ops.varlen import query_bounds
+from gatedfwa.ops.common.varlen import query_bounds
 
 __all__ = ["attention_backward"]
 

@@ -10,13 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
-from gatedfwa.ops.triton_support import LOG2E, dot_precision, token_and_head_strides
+from gatedfwa.ops.common.triton_support import LOG2E, dot_precision, token_and_head_strides
 from gatedfwa.ops.window_attention import launch
 from gatedfwa.ops.window_attention.tiles import (
     PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, sequence_descriptor, tile_prefix,
 )
 from gatedfwa.ops.window_attention.walk import walk_key_tiles
-from gatedfwa.ops.varlen import query_bounds
+from gatedfwa.ops.common.varlen import query_bounds
 
 __all__ = ["attention_forward"]
 

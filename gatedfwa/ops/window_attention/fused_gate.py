@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from gatedfwa.ops.backend import select_backend
 from gatedfwa.ops.gate.op import check_gate_bias, log_gates_from_projection
 from gatedfwa.ops.gate.registry import DEFAULT_GATE, gate_spec
-from gatedfwa.ops.triton_support import LN2
-from gatedfwa.ops.validation import check_attention_args, check_float_tensor, format_shape
+from gatedfwa.ops.common.triton_support import LN2
+from gatedfwa.ops.common.validation import check_attention_args, check_float_tensor, format_shape
 from gatedfwa.ops.window_attention.op import gated_window_attention, natural_lse_gradient
 
 __all__ = ["gate_attention_from_projection", "gated_fwa_attention"]

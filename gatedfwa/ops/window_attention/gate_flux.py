@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gatedfwa.ops.triton_support import cdiv, interpreting, next_power_of_2
-from gatedfwa.ops.varlen import sequence_bounds
+from gatedfwa.ops.common.triton_support import cdiv, interpreting, next_power_of_2
+from gatedfwa.ops.common.varlen import sequence_bounds
 from gatedfwa.ops.window_attention import launch
 
 __all__ = ["boundary_fluxes", "flux_tile_count", "gate_gradient_from_flux", "reference_gate_gradient_from_flux"]

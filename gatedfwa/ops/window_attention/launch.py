@@ -8,8 +8,8 @@ import functools
 
 import torch
 
-from gatedfwa.ops.triton_support import cdiv, interpreting, next_power_of_2, token_and_head_strides
-from gatedfwa.ops.varlen import longest_sequence
+from gatedfwa.ops.common.triton_support import cdiv, interpreting, next_power_of_2, token_and_head_strides
+from gatedfwa.ops.common.varlen import longest_sequence
 from gatedfwa.ops.window_attention.tuned import TUNED
 
 __all__ = ["CONFIGS", "WARP_FLUX_TOTALS", "warp_flux_parts", "flux_parts", "gate_chunk", "Problem", "allocate_like", "check_sums", "usable_config", "descriptors_usable"]

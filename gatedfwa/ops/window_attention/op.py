@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from gatedfwa.ops.backend import select_backend
-from gatedfwa.ops.triton_support import LN2, LOG2E
-from gatedfwa.ops.validation import check_attention_args
+from gatedfwa.ops.common.triton_support import LN2, LOG2E
+from gatedfwa.ops.common.validation import check_attention_args
 from gatedfwa.ops.window_attention.reference import chunked_gated_window_attention
 
 __all__ = ["gated_window_attention", "flash_gated_window_attention"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gatedfwa.ops.varlen import query_key_spans
+from gatedfwa.ops.common.varlen import query_key_spans
 
 __all__ = ["naive_gated_window_attention", "chunked_gated_window_attention"]
 

@@ -61,7 +61,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from gatedfwa.ops.varlen import sequence_bounds
+from gatedfwa.ops.common.varlen import sequence_bounds
 
 __all__ = [
     "sequence_bounds", "gate_batch_shift", "tile_carry", "tile_prefix", "tile_suffix",

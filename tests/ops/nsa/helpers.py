@@ -13,7 +13,7 @@ from gatedfwa.ops.nsa.reference import (
     naive_compressed_attention,
     naive_nsa_attention,
 )
-from gatedfwa.ops.varlen import sequence_spans
+from gatedfwa.ops.common.varlen import sequence_spans
 from gatedfwa.testing import assert_within_rule, float32_slack
 
 GATE_NAMES = ("g", "g_cmp", "g_slc", "g_swa")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from gatedfwa.ops.triton_support import jit, tl
+from gatedfwa.ops.common.triton_support import jit, tl
 
 __all__ = ["longest_sequence", "sequence_spans", "query_key_spans", "sequence_bounds", "query_bounds"]
 
