@@ -45,9 +45,17 @@ def use_backend(name: str):
         _CONTEXT_BACKEND.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _context_backend() -> str | None:
+    """The innermost use_backend() context's name, or None outside any. torch.compile cannot
+    trace a ContextVar read: it calls this once while tracing and keeps the answer in the
+    compiled code, as it keeps the GATEDFWA_BACKEND it read."""
+    return _CONTEXT_BACKEND.get()
+
+
 def _forced() -> str | None:
     """The backend forced by the innermost use_backend() context, else by GATEDFWA_BACKEND."""
-    chosen = _CONTEXT_BACKEND.get()
+    chosen = _context_backend()
     if chosen is None:
         return forced_backend()
     return None if chosen == "auto" else chosen
