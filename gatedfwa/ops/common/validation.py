@@ -1,5 +1,5 @@
-"""Argument checks shared by the public ops. Each error names the argument and what was
-expected; nothing is broadcast, truncated or clamped silently."""
+"""Argument checks shared by the public ops, one function per concept. Each error names the
+argument and what was expected; nothing is broadcast, truncated or clamped silently."""
 
 from __future__ import annotations
 
@@ -68,11 +68,6 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow_shorter_q
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
-def check_gate(g: torch.Tensor | None, q: torch.Tensor) -> None:
-    """g [B, T, HQ], a floating dtype, on q's device (or None)."""
-    check_gate_like(g, tuple(q.shape[:3]), q.device)
-
-
 def check_gate_like(
     g: torch.Tensor | None,
     expected_shape: tuple[int, ...],
@@ -95,14 +90,27 @@ def check_gate_like(
         raise ValueError(f"{name} must be on {reference_name}'s device {device}, got {g.device}")
 
 
-def check_window(window_size: int | None) -> None:
-    """None (full causal) or an int >= 1 that counts the query itself."""
+def check_positive_int(name: str, value, minimum: int = 1) -> None:
+    """An int (not a bool) >= minimum: TypeError for anything else than an int, ValueError for a
+    smaller one."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_window(window_size: int | None, zero_means: str | None = None) -> None:
+    """None (full causal) or an int >= 1 that counts the query itself; 0 as well where it means
+    something, said by zero_means (NSA: "no sliding branch")."""
     if window_size is None:
         return
     if isinstance(window_size, bool) or not isinstance(window_size, int):
         raise TypeError(f"window_size must be an int >= 1 or None, got {window_size!r}")
+    if window_size == 0 and zero_means is not None:
+        return
     if window_size < 1:
-        raise ValueError(f"window_size must be >= 1 (it counts the query itself) or None, got {window_size}")
+        zero = "" if zero_means is None else f", 0 ({zero_means})"
+        raise ValueError(f"window_size must be >= 1 (it counts the query itself){zero} or None, got {window_size}")
 
 
 def check_scale(scale: float | None) -> None:
