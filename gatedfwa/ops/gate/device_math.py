@@ -99,7 +99,7 @@ def log_gate(a, beta_pre):
 @jit
 def log_gate_derivatives(a, beta_pre):
     """(dg/da, dg/dbeta_pre) for float32 blocks: dg/da = sigmoid(-z), dg/dbeta_pre =
-    h(z) beta'(beta_pre) / beta^2 with h(z) = log1p(e) + |z| e / (1 + e) (reference.py)."""
+    h(z) beta'(beta_pre) / beta^2 with h(z) = log1p(e) + |z| e / (1 + e) (kinds/sharpened.py)."""
     beta, z_abs, e, log1p_e = gate_terms(a, beta_pre)
     # One reciprocal serves both sigmoid(-z) and h.
     e_over = e / (1.0 + e)

@@ -4,7 +4,7 @@ the fused gate + attention op, each against the gate's float64 naive formula
 (GateSpec.naive) with the rule of docs/correctness.md; extreme inputs stay finite. Plus the
 registry and GateSpec checks, and the ops' errors for a gate's number of inputs.
 
-tests/ops/test_gate.py tests the default gate in more depth (its own extreme range, compile,
+test_gate.py tests the default gate in more depth (its own extreme range, compile,
 the custom ops' eager paths); this file holds the checks every gate must pass, so a new gate
 is tested by registering it.
 """
@@ -15,29 +15,19 @@ import pytest
 import torch
 
 from gatedfwa import compute_log_gates, gated_fwa_attention, log_gates_from_projection
+from gatedfwa.ops.backend import use_backend
 from gatedfwa.ops.gate import GATES, GateSpec, gate_spec, register_gate
-from gatedfwa.ops.gate import kernels as gate_kernels
 from gatedfwa.ops.gate import op as gate_op
-from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums_from_projection, reference_chunk_gate_sums
+from gatedfwa.ops.gate.naive import naive_log_gates_from_projection
 from gatedfwa.ops.gate.torch_path import torch_log_gates
-from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
-from gatedfwa.testing import assert_within_rule, float32_slack
-from tests.ops.test_gate import assert_elementwise_close, assert_within_relative_rule, output_rtol
+from gatedfwa.ops.window_attention import fused_gate
+from gatedfwa.ops.window_attention.chunk_sums import chunk_gate_sums_from_projection
+from gatedfwa.ops.window_attention.fused_gate import gate_attention_from_projection
+from gatedfwa.ops.window_attention.naive import naive_chunk_gate_sums, naive_gated_window_attention
+from gatedfwa.testing import assert_elementwise_close, assert_within_relative_rule, assert_within_rule, float32_slack
 
 GATE_NAMES = list(GATES)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@pytest.fixture(params=["triton", "torch"])
-def backend(request, monkeypatch):
-    """Force a backend; for Triton, small programs and NaN-filled output buffers."""
-    monkeypatch.setenv("GATEDFWA_BACKEND", request.param)
-    if request.param == "triton":
-        monkeypatch.setattr(gate_kernels, "ELEMENTS_PER_PROGRAM", 64)
-        monkeypatch.setattr(
-            gate_kernels, "allocate", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-        )
-    return request.param
 
 
 def random_inputs(spec: GateSpec, shape, device, dtype=torch.float32) -> list[torch.Tensor]:
@@ -69,9 +59,10 @@ def gates_and_grads(fn, inputs, dg):
     return (g.detach(), *grads)
 
 
-def check_against_formula(spec, inputs, extremes=False):
+def check_against_formula(spec, inputs, extremes_rtol=None):
     """compute_log_gates(gate=spec.name) against spec.naive in float64 (and in the inputs'
-    precision, for the rule): values and the gradient of every input."""
+    precision, for the rule): values and the gradient of every input. Extremes (extremes_rtol:
+    the output_rtol fixture): the rule on relative errors and an elementwise bound."""
     dg = torch.randn(inputs[0].shape, dtype=torch.float64, device=inputs[0].device)
     fast = gates_and_grads(lambda *x: compute_log_gates(*x, gate=spec.name), inputs, dg)
     low = gates_and_grads(spec.naive, inputs, dg)
@@ -81,9 +72,9 @@ def check_against_formula(spec, inputs, extremes=False):
     names = ("g", *(f"d{name}" for name in spec.input_names))
     for name, x, y, z in zip(names, fast, low, ref):
         assert torch.isfinite(x).all(), f"{spec.name}: {name} has non-finite entries"
-        if extremes:
+        if extremes_rtol is not None:
             assert_within_relative_rule(name, x, y, z)
-            assert_elementwise_close(name, x, z, output_rtol(x.dtype))
+            assert_elementwise_close(name, x, z, extremes_rtol(x.dtype))
         else:
             assert_within_rule(name, x, y, z)
     assert (fast[0] <= 0).all()
@@ -160,28 +151,21 @@ def test_log_gates_random(backend, gate, dtype, device):
 
 
 @pytest.mark.parametrize("gate", GATE_NAMES)
-def test_log_gates_extremes_stay_finite(backend, gate, device):
+def test_log_gates_extremes_stay_finite(backend, gate, device, output_rtol):
     """Finite values and gradients over the extreme grid, each element within float32's
     accuracy of the float64 formula."""
     spec = gate_spec(gate)
-    check_against_formula(spec, extreme_inputs(spec, device), extremes=True)
+    check_against_formula(spec, extreme_inputs(spec, device), extremes_rtol=output_rtol)
 
 
-def split_projection_reference(spec):
-    """g from gate_pre [B, T, n H] and the bias by the naive formula, in gate_pre's dtype."""
-
-    def reference(gate_pre, gate_bias):
-        inputs = list(gate_pre.split(gate_pre.shape[-1] // spec.inputs_per_head, dim=-1))
-        if gate_bias is not None:
-            inputs[0] = inputs[0] + gate_bias.to(inputs[0].dtype)
-        return spec.naive(*inputs)
-
-    return reference
+def projection_reference(gate):
+    """g from gate_pre [B, T, n H] and the bias by the gate's naive formula, in gate_pre's dtype."""
+    return lambda gate_pre, gate_bias: naive_log_gates_from_projection(gate_pre, gate_bias, gate)
 
 
 @pytest.mark.parametrize("gate", GATE_NAMES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_projection(backend, gate, with_bias, device):
+def test_projection(backend, gate, with_bias, device, output_rtol):
     """log_gates_from_projection: gate_pre [B, T, n H] and the bias, values and gradients,
     with extreme columns on a few tokens."""
     spec = gate_spec(gate)
@@ -194,7 +178,7 @@ def test_projection(backend, gate, with_bias, device):
     bias = torch.randn(heads, device=device) if with_bias else None
     leaves = [gate_pre] + ([bias] if with_bias else [])
     dg = torch.randn(2, 29, heads, dtype=torch.float64, device=device)
-    reference = split_projection_reference(spec)
+    reference = projection_reference(gate)
 
     def run(fn, tensors):
         return gates_and_grads(lambda p, *b: fn(p, b[0] if b else None), tensors, dg)
@@ -210,10 +194,9 @@ def test_projection(backend, gate, with_bias, device):
 
 
 @pytest.mark.parametrize("gate", GATE_NAMES)
-def test_projection_backward_reads_dg_by_head(monkeypatch, gate, device):
+def test_projection_backward_reads_dg_by_head(small_programs, gate, device, output_rtol):
     """The fused op's backward entry (dg in the attention's [B, H, T] layout) equals the one
     from dg [B*T, H], for every gate."""
-    monkeypatch.setattr(gate_kernels, "ELEMENTS_PER_PROGRAM", 64)
     spec = gate_spec(gate)
     batch, seqlen, heads = 3, 21, 5
     gate_pre = torch.randn(batch, seqlen, spec.inputs_per_head * heads, device=device) * 3
@@ -222,7 +205,7 @@ def test_projection_backward_reads_dg_by_head(monkeypatch, gate, device):
     by_head = gate_op.projection_backward(dg, gate_pre, bias, dg_seqlen=seqlen, gate=gate)
     by_row = gate_op.projection_backward(dg.transpose(1, 2).reshape(-1, heads), gate_pre, bias, gate=gate)
     assert torch.equal(by_head[0], by_row[0])
-    ref = gates_and_grads(split_projection_reference(spec), [gate_pre.double(), bias.double()], dg.transpose(1, 2))
+    ref = gates_and_grads(projection_reference(gate), [gate_pre.double(), bias.double()], dg.transpose(1, 2))
     assert_elementwise_close("d_gate_pre", by_head[0], ref[1], output_rtol(torch.float32))
     torch.testing.assert_close(by_head[1].double(), ref[2], rtol=1e-5, atol=1e-5)
 
@@ -238,8 +221,8 @@ def test_chunk_sums_from_projection(gate, device):
     bias = torch.randn(heads, device=device)
     cu_seqlens = torch.tensor([0, 5, 5, 30, 48], dtype=torch.int32, device=device)
     sums = chunk_gate_sums_from_projection(gate_pre, bias, 16, cu_seqlens, gate=gate)
-    g64 = split_projection_reference(spec)(gate_pre.double(), bias.double())
-    ref = reference_chunk_gate_sums(g64, 16, cu_seqlens)
+    g64 = naive_log_gates_from_projection(gate_pre.double(), bias.double(), gate)
+    ref = naive_chunk_gate_sums(g64, 16, cu_seqlens)
     assert torch.isfinite(sums).all()
     assert ((sums.double() - ref).abs() / (ref.abs() + 1e-6)).max().item() < 1e-5
 
@@ -251,10 +234,8 @@ def test_chunk_sums_from_projection(gate, device):
 
 def composite_reference(gate):
     """Projection, the gate's naive formula, naive quadratic attention, in the inputs' dtype."""
-    reference = split_projection_reference(gate_spec(gate))
-
     def run(q, k, v, x, gate_weight, gate_bias, window_size, cu_seqlens):
-        g = reference(x @ gate_weight.t(), gate_bias)
+        g = naive_log_gates_from_projection(x @ gate_weight.t(), gate_bias, gate)
         return naive_gated_window_attention(q, k, v, g.to(q.dtype), window_size=window_size, cu_seqlens=cu_seqlens)
 
     return run
@@ -273,13 +254,11 @@ def composite_grads(fn, inputs, do, window_size, cu_seqlens):
     [("triton", 8, None), ("triton", None, [0, 13, 13, 29, 40]), ("torch", 8, None)],
     ids=["triton-w8", "triton-full-varlen", "torch-w8"],
 )
-def test_gated_fwa_attention(monkeypatch, gate, backend_name, window_size, cu_seqlens, device):
+def test_gated_fwa_attention(small_programs, gate, backend_name, window_size, cu_seqlens, device):
     """gated_fwa_attention(gate=...): on Triton the fused op (chunk sums from gate_pre,
     attention kernels, gate backward from dg in place), elsewhere the composition; output,
     lse and the gradients of q, k, v, x, gate_weight [n HQ, C] and gate_bias against the
     float64 composition of the reference pieces."""
-    monkeypatch.setenv("GATEDFWA_BACKEND", backend_name)
-    monkeypatch.setattr(gate_kernels, "ELEMENTS_PER_PROGRAM", 64)
     spec = gate_spec(gate)
     batch = 2 if cu_seqlens is None else 1
     q = torch.randn(batch, 40, 4, 16, device=device)
@@ -297,42 +276,40 @@ def test_gated_fwa_attention(monkeypatch, gate, backend_name, window_size, cu_se
                                    cu_seqlens=cu_seqlens, return_lse=True, gate=gate)
 
     reference = composite_reference(gate)
-    fast = composite_grads(fused, inputs, do, window_size, cu)
+    with use_backend(backend_name):
+        fast = composite_grads(fused, inputs, do, window_size, cu)
     low = composite_grads(reference, inputs, do, window_size, cu)
     ref = composite_grads(reference, [t.double() for t in inputs], do, window_size, cu)
     names = ("o", "lse", "dq", "dk", "dv", "dx", "d_gate_weight", "d_gate_bias")
     for name, a, b, c in zip(names, fast, low, ref):
-        # As tests/ops/test_gate.py: ten times the float32 slack for the gradients that flow
-        # through the attention kernels' dg.
+        # As tests/ops/window_attention/test_fused_gate.py: ten times the float32 slack for the
+        # gradients that flow through the attention kernels' dg.
         through_gate = backend_name == "triton" and name in ("dx", "d_gate_weight", "d_gate_bias")
         atol = float32_slack(c, torch.float32) * (10 if through_gate else 1)
         assert_within_rule(name, a, b, c, atol=atol)
 
 
-def test_custom_ops_opcheck_with_a_one_input_gate(monkeypatch, device):
+@use_backend("triton")
+def test_custom_ops_opcheck_with_a_one_input_gate(small_programs, device):
     """Schemas, fake tensors and autograd registrations of the custom ops, "forgetting" gate
     (no second input: its gradient slot is an empty tensor)."""
-    from gatedfwa.ops.window_attention import fused_gate
-
-    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
-    monkeypatch.setattr(gate_kernels, "ELEMENTS_PER_PROGRAM", 64)
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     a = torch.randn(2, 5, 3, device=device, requires_grad=True)
-    torch.library.opcheck(gate_op._log_gates_op, (a, None, "forgetting"), test_utils=utils)
+    torch.library.opcheck(gate_op._log_gates.op, (a, None, "forgetting"), test_utils=utils)
     gate_pre = torch.randn(2, 5, 3, device=device, requires_grad=True)
     for bias in (torch.randn(3, device=device, requires_grad=True), None):
-        torch.library.opcheck(gate_op._projection_op, (gate_pre, bias, "forgetting"), test_utils=utils)
+        torch.library.opcheck(gate_op._projection.op, (gate_pre, bias, "forgetting"), test_utils=utils)
     q = torch.randn(1, 9, 2, 16, device=device, requires_grad=True)
     kv = torch.randn(1, 9, 1, 16, device=device, requires_grad=True)
     gate_pre = torch.randn(1, 9, 2, device=device, requires_grad=True)
     bias = torch.randn(2, device=device, requires_grad=True)
-    torch.library.opcheck(fused_gate._gate_attention_forward,
+    torch.library.opcheck(fused_gate._gate_attention.op,
                           (q, kv, kv.detach().clone().requires_grad_(), gate_pre, bias, 4, 0.25, None, False, "forgetting"),
                           test_utils=utils)
 
 
-def test_compile_fullgraph_with_a_one_input_gate(monkeypatch, device):
-    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
+@use_backend("triton")
+def test_compile_fullgraph_with_a_one_input_gate(device):
     gate_pre = torch.randn(2, 5, 4, device=device, requires_grad=True)
     gate_bias = torch.randn(4, device=device, requires_grad=True)
     compiled = torch.compile(lambda p, b: log_gates_from_projection(p, b, gate="forgetting"), backend="aot_eager",
@@ -345,10 +322,10 @@ def test_compile_fullgraph_with_a_one_input_gate(monkeypatch, device):
 
 @pytest.mark.parametrize("gate", GATE_NAMES)
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
-def test_torch_path_compiles_fullgraph(monkeypatch, gate, grad):
+@use_backend("torch")
+def test_torch_path_compiles_fullgraph(gate, grad):
     """The PyTorch path inside torch.compile(fullgraph=True), with gradients and under
     no_grad (compiled decoding steps): the values of the eager call."""
-    monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
     torch._dynamo.reset()
     spec = gate_spec(gate)
     gate_pre = torch.randn(2, 5, spec.inputs_per_head * 3, requires_grad=grad)
@@ -378,7 +355,5 @@ def test_inputs_must_match_the_gate():
     with pytest.raises(ValueError, match=r"gate_weight must have shape \[1 \* query_heads, model_dim\] = \[4, 10\] "
                                          r"\(the 'forgetting' gate's rows: a \(HQ rows\)\)"):
         gated_fwa_attention(q, kv, kv, x, torch.randn(8, 10), None, gate="forgetting")
-    from gatedfwa.ops.window_attention.fused_gate import gate_attention_from_projection
-
     with pytest.raises(ValueError, match=r"gate_pre must have shape \[batch, seqlen, 1 \* query_heads\] = \[1, 6, 4\]"):
         gate_attention_from_projection(q, kv, kv, torch.randn(1, 6, 8), None, gate="forgetting")

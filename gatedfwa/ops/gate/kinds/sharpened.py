@@ -1,23 +1,24 @@
-"""The sharpened gate (GatedFWA's default, kinds/sharpened.py) in plain PyTorch: the formula,
-and a numerically stable path.
+"""The sharpened gate, GatedFWA's default (docs/gate.md):
 
-Per token t and query head h (x_t is the layer input, see docs/gate.md):
+    a      = x W_g + b_g
+    beta   = 1 + ELU(x W_beta)                  (> 0)
+    g      = logsigmoid(beta * a) / beta        (<= 0)
 
-    a_t    = x_t W_g + b_g
-    beta_t = 1 + ELU(x_t W_beta)                 (> 0)
-    g_t    = logsigmoid(beta_t * a_t) / beta_t   (<= 0)
+Two inputs per head, (a, beta_pre = x W_beta): the gate projection is [B, T, 2 HQ], a's
+columns then beta_pre's, and a layer's decay_gate_proj.weight is [2 HQ, C]. Its pieces are
+the longest of any gate, for the range it must survive (beta from ~1e-22 to ~50, |a| up to
+1e4): the formula and its stable PyTorch forms here, the Triton device functions in
+gatedfwa/ops/gate/device_math.py.
 
-Two functions compute g from a and the beta pre-activation ``beta_pre`` = x_t W_beta:
-
-* :func:`naive_log_gates` writes the formula down and lets autograd differentiate it, in the
-  inputs' own dtype. Run in float64 it is the reference of the tests; run in a lower
-  precision it shows the error that precision causes by itself (docs/correctness.md). Its
-  float32 gradients overflow for beta near 0 (they divide by beta^2).
-* :func:`reference_log_gates` is the PyTorch path that serves devices without Triton. It
-  computes in float32 from the stable forms below and has an analytic backward, so values
-  and gradients stay finite over the whole range the gate meets in practice (beta from
-  ~1e-22 to ~50, |a| up to 1e4). The Triton kernels (kernels.py, with device_math.py)
-  compute the same forms.
+* :func:`naive_sharpened_log_gates` writes the formula down and lets autograd differentiate
+  it, in the inputs' own dtype. Run in float64 it is the reference of the tests; run in a
+  lower precision it shows the error that precision causes by itself (docs/correctness.md).
+  Its float32 gradients overflow for beta near 0 (they divide by beta^2).
+* :func:`sharpened_log_gates_torch` and :func:`sharpened_log_gates_backward_torch` are the
+  PyTorch path (through gatedfwa/ops/gate/torch_path.py) that serves devices without Triton.
+  They compute in float32 from the stable forms below, an analytic backward included, so
+  values and gradients stay finite over the whole range the gate meets in practice (beta
+  from ~1e-22 to ~50, |a| up to 1e4). The Triton kernels compute the same forms.
 
 Stable forms (z = beta * a, e = exp(-|z|) in (0, 1]):
 
@@ -45,12 +46,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gatedfwa.ops.gate.device_math import log_gate, log_gate_derivatives
+from gatedfwa.ops.gate.spec import GateSpec
+
 __all__ = [
+    "GATE",
     "beta_from_preactivation",
-    "naive_log_gates",
-    "reference_log_gates",
-    "log_gates_forward_torch",
-    "log_gates_backward_torch",
+    "naive_sharpened_log_gates",
+    "sharpened_log_gates_torch",
+    "sharpened_log_gates_backward_torch",
 ]
 
 
@@ -62,7 +66,7 @@ def beta_from_preactivation(beta_pre: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, 1 + beta_pre.clamp(min=0), torch.exp(beta_pre.clamp(max=0)))
 
 
-def naive_log_gates(a: torch.Tensor, beta_pre: torch.Tensor) -> torch.Tensor:
+def naive_sharpened_log_gates(a: torch.Tensor, beta_pre: torch.Tensor) -> torch.Tensor:
     """g = logsigmoid(beta * a) / beta, computed in the inputs' dtype, differentiated by autograd.
 
     The float64 reference of the tests (and, in float32/bf16, the "same formula in the same
@@ -82,7 +86,7 @@ def _log1p_exp_neg(z_abs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return e, torch.log1p(e)
 
 
-def log_gates_forward_torch(a: torch.Tensor, beta_pre: torch.Tensor) -> torch.Tensor:
+def sharpened_log_gates_torch(a: torch.Tensor, beta_pre: torch.Tensor) -> torch.Tensor:
     """g [same shape] float32 from the stable forms (float64 in, float64 out). No autograd."""
     compute = torch.float64 if torch.float64 in (a.dtype, beta_pre.dtype) else torch.float32
     a, beta_pre = a.to(compute), beta_pre.to(compute)
@@ -91,7 +95,7 @@ def log_gates_forward_torch(a: torch.Tensor, beta_pre: torch.Tensor) -> torch.Te
     return a.clamp(max=0) - log1p_e / beta
 
 
-def log_gates_backward_torch(
+def sharpened_log_gates_backward_torch(
     dg: torch.Tensor, a: torch.Tensor, beta_pre: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d a, d beta_pre) in float32 (float64 for float64 inputs) from the upstream dg."""
@@ -108,26 +112,13 @@ def log_gates_backward_torch(
     return dg * sigmoid_neg_z, dbeta_pre
 
 
-class _ReferenceLogGates(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, beta_pre):
-        ctx.save_for_backward(a, beta_pre)
-        return log_gates_forward_torch(a, beta_pre)
-
-    @staticmethod
-    def backward(ctx, dg):
-        a, beta_pre = ctx.saved_tensors
-        da, dbeta_pre = log_gates_backward_torch(dg, a, beta_pre)
-        return da.to(a.dtype), dbeta_pre.to(beta_pre.dtype)
-
-
-def reference_log_gates(a: torch.Tensor, beta_pre: torch.Tensor) -> torch.Tensor:
-    """Stable PyTorch gate: g = logsigmoid(beta * a) / beta, beta = 1 + ELU(beta_pre).
-
-    Args:
-        a, beta_pre: equal shapes (usually [B, T, H]), any floating dtype.
-    Returns:
-        g, same shape, float32 (float64 when an input is float64); differentiable, with
-        gradients in the inputs' dtypes.
-    """
-    return _ReferenceLogGates.apply(a, beta_pre)
+GATE = GateSpec(
+    name="sharpened",
+    description="logsigmoid(beta a) / beta with beta = 1 + ELU(beta_pre); inputs a, beta_pre",
+    input_names=("a", "beta_pre"),
+    naive=naive_sharpened_log_gates,
+    forward_torch=sharpened_log_gates_torch,
+    backward_torch=sharpened_log_gates_backward_torch,
+    device_value=log_gate,
+    device_derivatives=log_gate_derivatives,
+)
