@@ -1,5 +1,6 @@
-"""The decode step in plain PyTorch (float32 math, any device): the reference the Triton
-kernel (kernels.py) is tested against, and the path CPUs take. op.py has the math."""
+"""The decode step in plain PyTorch (float32 math, any device): the path every device without
+Triton takes, and what the Triton kernel (kernels.py) is tested against. op.py has the math;
+naive.py the float64 oracle both are tested against."""
 
 from __future__ import annotations
 

@@ -10,20 +10,13 @@ import pytest
 import torch
 
 from gatedfwa import gated_window_attention
+from gatedfwa.ops.backend import use_backend
 from gatedfwa.ops.decode import MAX_DECODE_LENGTH, WindowLayerCache, decode_gated_window_attention
 from gatedfwa.ops.decode import kernels as decode_kernels
 from gatedfwa.ops.decode.kernels import decode_attention_triton
-from gatedfwa.ops.decode.reference import decode_attention_torch
-from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
+from gatedfwa.ops.decode.naive import naive_decoded_outputs
+from gatedfwa.ops.decode.torch_path import decode_attention_torch
 from gatedfwa.testing import assert_within_rule, max_abs_error
-
-
-def make_inputs(batch, seqlen, q_heads, kv_heads, head_dim, dtype, gated, gate_scale=1.0, device="cpu"):
-    q = torch.randn(batch, seqlen, q_heads, head_dim, dtype=dtype, device=device)
-    k = torch.randn(batch, seqlen, kv_heads, head_dim, dtype=dtype, device=device)
-    v = torch.randn(batch, seqlen, kv_heads, head_dim, dtype=dtype, device=device)
-    g = -torch.rand(batch, seqlen, q_heads, device=device) * gate_scale if gated else None
-    return q, k, v, g
 
 
 def decode_all(q, k, v, g, window, prompt, chunk):
@@ -41,10 +34,6 @@ def decode_all(q, k, v, g, window, prompt, chunk):
     return torch.cat(outs, dim=1), cache
 
 
-def with_backend(monkeypatch, backend):
-    monkeypatch.setenv("GATEDFWA_BACKEND", backend)
-
-
 CASES = [
     # (q_heads, kv_heads, head_dim, window, gated)
     (4, 2, 24, 6, True),
@@ -57,14 +46,14 @@ CASES = [
 
 @pytest.mark.parametrize("chunk", [1, 3])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"hq{c[0]}-h{c[1]}-d{c[2]}-w{c[3]}-{'gate' if c[4] else 'nogate'}")
-def test_torch_decode_matches_parallel(monkeypatch, case, chunk):
-    with_backend(monkeypatch, "torch")
+@use_backend("torch")
+def test_torch_decode_matches_parallel(case, chunk, make_inputs):
     q_heads, kv_heads, head_dim, window, gated = case
     w_eff = window or 6
     seqlen = 3 * w_eff + 5  # T > 3w: the ring wraps several times
     q, k, v, g = make_inputs(2, seqlen, q_heads, kv_heads, head_dim, torch.float32, gated)
-    ref64, _ = naive_gated_window_attention(q.double(), k.double(), v.double(), None if g is None else g.double(), window)
-    naive32, _ = naive_gated_window_attention(q, k, v, g, window)
+    ref64 = naive_decoded_outputs(q.double(), k.double(), v.double(), None if g is None else g.double(), window)
+    naive32 = naive_decoded_outputs(q, k, v, g, window)
     parallel = gated_window_attention(q, k, v, g, window_size=window)
     for prompt in (0, w_eff + 2):  # from an empty cache, and after a prefill that wrapped
         out, _ = decode_all(q, k, v, g, window, prompt, chunk)
@@ -72,32 +61,32 @@ def test_torch_decode_matches_parallel(monkeypatch, case, chunk):
         assert max_abs_error(out, parallel[:, prompt:]) < 1e-5
 
 
-def test_torch_decode_bf16(monkeypatch):
-    with_backend(monkeypatch, "torch")
+@use_backend("torch")
+def test_torch_decode_bf16(make_inputs):
     q, k, v, g = make_inputs(2, 20, 4, 2, 32, torch.bfloat16, True)
-    ref64, _ = naive_gated_window_attention(q.double(), k.double(), v.double(), g.double(), 5)
-    naive16, _ = naive_gated_window_attention(q, k, v, g, 5)
+    ref64 = naive_decoded_outputs(q.double(), k.double(), v.double(), g.double(), 5, first=7)
+    naive16 = naive_decoded_outputs(q, k, v, g, 5, first=7)
     out, _ = decode_all(q, k, v, g, 5, 7, 2)
     assert out.dtype == torch.bfloat16
-    assert_within_rule("bf16 decode", out, naive16[:, 7:], ref64[:, 7:])
+    assert_within_rule("bf16 decode", out, naive16, ref64)
 
 
-def test_window_one_sees_only_itself(monkeypatch):
-    with_backend(monkeypatch, "torch")
+@use_backend("torch")
+def test_window_one_sees_only_itself(make_inputs):
     q, k, v, g = make_inputs(1, 9, 2, 1, 16, torch.float32, True)
     out, cache = decode_all(q, k, v, g, 1, 4, 3)
     assert torch.allclose(out, v[:, 4:].expand(-1, -1, 2, -1), atol=1e-6)
     assert cache.capacity == 1
 
 
-def test_extreme_gates(monkeypatch):
+@use_backend("torch")
+def test_extreme_gates(make_inputs):
     """Gates as low as -1e4: cached keys get weight 0, never NaN."""
-    with_backend(monkeypatch, "torch")
     q, k, v, g = make_inputs(1, 16, 2, 2, 16, torch.float32, True, gate_scale=1e4)
-    ref64, _ = naive_gated_window_attention(q.double(), k.double(), v.double(), g.double(), 4)
+    ref64 = naive_decoded_outputs(q.double(), k.double(), v.double(), g.double(), 4, first=5)
     out, _ = decode_all(q, k, v, g, 4, 5, 1)
     assert torch.isfinite(out).all()
-    assert max_abs_error(out, ref64[:, 5:]) < 1e-5
+    assert max_abs_error(out, ref64) < 1e-5
 
 
 # --------------------------------------------------------------------------------------
@@ -105,11 +94,18 @@ def test_extreme_gates(monkeypatch):
 # --------------------------------------------------------------------------------------
 
 
-def filled_cache(batch, q_heads, kv_heads, head_dim, window, gated, tokens, dtype=torch.float32, device="cpu"):
-    _, k, v, g = make_inputs(batch, tokens, q_heads, kv_heads, head_dim, dtype, gated, device=device)
-    cache = WindowLayerCache(window)
-    cache.prefill(k, v, g, num_q_heads=q_heads)
-    return cache
+@pytest.fixture
+def filled_cache(make_inputs):
+    """filled_cache(batch, q_heads, kv_heads, head_dim, window, gated, tokens, dtype=float32,
+    device="cpu") -> a WindowLayerCache prefilled with `tokens` random tokens."""
+
+    def fill(batch, q_heads, kv_heads, head_dim, window, gated, tokens, dtype=torch.float32, device="cpu"):
+        _, k, v, g = make_inputs(batch, tokens, q_heads, kv_heads, head_dim, dtype, gated, device=device)
+        cache = WindowLayerCache(window)
+        cache.prefill(k, v, g, num_q_heads=q_heads)
+        return cache
+
+    return fill
 
 
 class CountingLaunches:
@@ -138,7 +134,7 @@ class CountingLaunches:
     ],
 )
 def test_triton_kernel_matches_torch(monkeypatch, q_heads, kv_heads, head_dim, window, gated, length, splits, dtype,
-                                     device):
+                                     device, make_inputs, filled_cache):
     batch = 2
     cache = filled_cache(batch, q_heads, kv_heads, head_dim, window, gated, tokens=37, dtype=dtype, device=device)
     q, k_new, v_new, g_new = make_inputs(batch, length, q_heads, kv_heads, head_dim, dtype, gated, device=device)
@@ -161,14 +157,14 @@ def test_triton_kernel_matches_torch(monkeypatch, q_heads, kv_heads, head_dim, w
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_triton_decode_step_by_step(monkeypatch, chunk, device):
-    """The dispatched op with GATEDFWA_BACKEND=triton equals the torch backend at every step,
-    cache state included."""
+def test_triton_decode_step_by_step(chunk, device, make_inputs):
+    """The dispatched op on the Triton backend equals the torch backend at every step, cache
+    state included."""
     q, k, v, g = make_inputs(2, 18, 4, 2, 24, torch.float32, True, device=device)
-    with_backend(monkeypatch, "torch")
-    expected, cache_torch = decode_all(q, k, v, g, 5, 6, chunk)
-    with_backend(monkeypatch, "triton")
-    got, cache_triton = decode_all(q, k, v, g, 5, 6, chunk)
+    with use_backend("torch"):
+        expected, cache_torch = decode_all(q, k, v, g, 5, 6, chunk)
+    with use_backend("triton"):
+        got, cache_triton = decode_all(q, k, v, g, 5, 6, chunk)
     assert max_abs_error(got, expected) < 1e-5
     for name, tensor in cache_torch.tensors().items():
         assert torch.allclose(cache_triton.tensors()[name].double(), tensor.double(), atol=1e-5), name
@@ -180,33 +176,33 @@ def test_triton_decode_step_by_step(monkeypatch, chunk, device):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_left_padded_rows_match_rows_alone(monkeypatch, backend, device):
+def test_left_padded_rows_match_rows_alone(backend, device, make_inputs):
     """A batch of prompts of different lengths, left-padded, decodes each row exactly as
     that row alone would (padding slots are never attended, even before they leave the ring)."""
-    with_backend(monkeypatch, backend)
-    window, new_tokens, lengths = 6, 7, [9, 4]
-    longest = max(lengths)
-    q, k, v, g = make_inputs(len(lengths), longest + new_tokens, 4, 2, 16, torch.float32, True, device=device)
-    mask = torch.zeros(len(lengths), longest, dtype=torch.long, device=device)
-    for row, n in enumerate(lengths):
-        mask[row, longest - n:] = 1
-        # Garbage (NaN) in the padding must not leak anywhere.
-        k[row, : longest - n] = float("nan")
-        v[row, : longest - n] = float("nan")
-        g[row, : longest - n] = float("nan")
-    cache = WindowLayerCache(window)
-    cache.prefill(k[:, :longest], v[:, :longest], g[:, :longest], attention_mask=mask)
-    batched = []
-    for t in range(longest, longest + new_tokens, 2):
-        sl = slice(t, min(t + 2, longest + new_tokens))
-        batched.append(decode_gated_window_attention(q[:, sl], k[:, sl], v[:, sl], g[:, sl], cache))
-    batched = torch.cat(batched, dim=1)
-    assert cache.token_counts.tolist() == [n + new_tokens for n in lengths]
-    for row, n in enumerate(lengths):
-        alone = slice(longest - n, None)
-        sub = [x[row : row + 1, alone] for x in (q, k, v, g)]
-        out, _ = decode_all(*sub, window, n, 2)
-        assert max_abs_error(batched[row : row + 1], out) < 1e-5
+    with use_backend(backend):
+        window, new_tokens, lengths = 6, 7, [9, 4]
+        longest = max(lengths)
+        q, k, v, g = make_inputs(len(lengths), longest + new_tokens, 4, 2, 16, torch.float32, True, device=device)
+        mask = torch.zeros(len(lengths), longest, dtype=torch.long, device=device)
+        for row, n in enumerate(lengths):
+            mask[row, longest - n:] = 1
+            # Garbage (NaN) in the padding must not leak anywhere.
+            k[row, : longest - n] = float("nan")
+            v[row, : longest - n] = float("nan")
+            g[row, : longest - n] = float("nan")
+        cache = WindowLayerCache(window)
+        cache.prefill(k[:, :longest], v[:, :longest], g[:, :longest], attention_mask=mask)
+        batched = []
+        for t in range(longest, longest + new_tokens, 2):
+            sl = slice(t, min(t + 2, longest + new_tokens))
+            batched.append(decode_gated_window_attention(q[:, sl], k[:, sl], v[:, sl], g[:, sl], cache))
+        batched = torch.cat(batched, dim=1)
+        assert cache.token_counts.tolist() == [n + new_tokens for n in lengths]
+        for row, n in enumerate(lengths):
+            alone = slice(longest - n, None)
+            sub = [x[row : row + 1, alone] for x in (q, k, v, g)]
+            out, _ = decode_all(*sub, window, n, 2)
+            assert max_abs_error(batched[row : row + 1], out) < 1e-5
 
 
 # --------------------------------------------------------------------------------------
@@ -214,7 +210,7 @@ def test_left_padded_rows_match_rows_alone(monkeypatch, backend, device):
 # --------------------------------------------------------------------------------------
 
 
-def test_validation_errors():
+def test_validation_errors(make_inputs, filled_cache):
     cache = filled_cache(2, 4, 2, 16, 8, True, tokens=5)
     q, k, v, g = make_inputs(2, 1, 4, 2, 16, torch.float32, True)
     with pytest.raises(TypeError, match="cache"):

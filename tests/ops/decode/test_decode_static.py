@@ -12,13 +12,13 @@
 import pytest
 import torch
 
+from gatedfwa.ops.backend import use_backend
 from gatedfwa.ops.decode import StaticWindowLayerCache, WindowLayerCache, decode_gated_window_attention, decode_static_step
 from gatedfwa.ops.decode.chunked import attend_chunk, prefill_chunk
 from gatedfwa.ops.decode.kernels import launch_decode
-from gatedfwa.ops.decode.reference import decode_attention_torch
-from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
+from gatedfwa.ops.decode.naive import naive_decoded_outputs
+from gatedfwa.ops.decode.torch_path import decode_attention_torch
 from gatedfwa.testing import assert_within_rule, max_abs_error
-from tests.ops.test_decode import make_inputs, with_backend
 
 
 def static_decode_all(q, k, v, g, window, prompt, chunk, max_length=None):
@@ -44,24 +44,25 @@ CASES = [
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("chunk", [1, 3])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"hq{c[0]}-h{c[1]}-d{c[2]}-w{c[3]}-{'gate' if c[4] else 'nogate'}")
-def test_static_step_matches_reference(monkeypatch, case, chunk, backend, device):
+def test_static_step_matches_reference(case, chunk, backend, device, make_inputs):
     q_heads, kv_heads, head_dim, window, gated = case
     seqlen = 3 * (window or 6) + 4  # the ring wraps several times
     q, k, v, g = make_inputs(2, seqlen, q_heads, kv_heads, head_dim, torch.float32, gated, device=device)
-    ref64, _ = naive_gated_window_attention(q.double(), k.double(), v.double(), None if g is None else g.double(), window)
-    naive32, _ = naive_gated_window_attention(q, k, v, g, window)
     prompt = 5
-    with_backend(monkeypatch, backend)
-    out, cache = static_decode_all(q, k, v, g, window, prompt, chunk)
-    assert_within_rule(f"static decode ({backend})", out, naive32[:, prompt:], ref64[:, prompt:])
+    ref64 = naive_decoded_outputs(q.double(), k.double(), v.double(), None if g is None else g.double(), window, prompt)
+    naive32 = naive_decoded_outputs(q, k, v, g, window, prompt)
+    with use_backend(backend):
+        out, cache = static_decode_all(q, k, v, g, window, prompt, chunk)
+    assert_within_rule(f"static decode ({backend})", out, naive32, ref64)
     assert int(cache.next_position) == seqlen
     assert cache.token_counts.tolist() == [seqlen, seqlen]
     # The same cache state as the host-position decode op.
     host = WindowLayerCache(window)
     host.prefill(k[:, :prompt], v[:, :prompt], None if g is None else g[:, :prompt], num_q_heads=q_heads)
-    for start in range(prompt, seqlen, chunk):
-        sl = slice(start, min(start + chunk, seqlen))
-        decode_gated_window_attention(q[:, sl], k[:, sl], v[:, sl], None if g is None else g[:, sl], host)
+    with use_backend(backend):
+        for start in range(prompt, seqlen, chunk):
+            sl = slice(start, min(start + chunk, seqlen))
+            decode_gated_window_attention(q[:, sl], k[:, sl], v[:, sl], None if g is None else g[:, sl], host)
     used = host.slots_in_use
     slot_views = {"keys": lambda c: c.keys[:, :, :used], "values": lambda c: c.values[:, :, :used],
                   "decays": lambda c: c.decays[:, :, :used], "positions": lambda c: c.positions[:, :used]}
@@ -71,7 +72,7 @@ def test_static_step_matches_reference(monkeypatch, case, chunk, backend, device
 
 
 @pytest.mark.parametrize("gated", [True, False])
-def test_split_kernel_with_empty_splits(gated, device):
+def test_split_kernel_with_empty_splits(gated, device, make_inputs):
     """Four splits over 64 slots of which 5 hold tokens: three splits see only empty slots
     (maximum -inf, sum 0) and the log-sum-exp combine must ignore them."""
     batch, q_heads, kv_heads, head_dim = 1, 8, 2, 32
@@ -89,13 +90,13 @@ def test_split_kernel_with_empty_splits(gated, device):
     qs = torch.cat((torch.zeros(batch, 5, q_heads, head_dim, device=device), q), 1)
     ks, vs = torch.cat((k, k_new), 1), torch.cat((v, v_new), 1)
     gs = None if g is None else torch.cat((g, g_new), 1)
-    ref64, _ = naive_gated_window_attention(qs.double(), ks.double(), vs.double(), None if gs is None else gs.double(), 64)
-    naive32, _ = naive_gated_window_attention(qs, ks, vs, gs, 64)
-    assert_within_rule("split kernel", got, naive32[:, 5:], ref64[:, 5:])
+    ref64 = naive_decoded_outputs(qs.double(), ks.double(), vs.double(), None if gs is None else gs.double(), 64, 5)
+    naive32 = naive_decoded_outputs(qs, ks, vs, gs, 64, 5)
+    assert_within_rule("split kernel", got, naive32, ref64)
 
 
-def test_static_cache_keeps_shapes_and_addresses(monkeypatch):
-    with_backend(monkeypatch, "torch")
+@use_backend("torch")
+def test_static_cache_keeps_shapes_and_addresses(make_inputs):
     window = 4
     q, k, v, g = make_inputs(2, 3 + 10 * window, 4, 2, 16, torch.float32, True)
     cache = StaticWindowLayerCache(window)
@@ -108,10 +109,10 @@ def test_static_cache_keeps_shapes_and_addresses(monkeypatch):
     assert cache.next_position.data_ptr() == position_ptr
 
 
-def test_compiled_step_does_not_recompile(monkeypatch):
+@use_backend("torch")
+def test_compiled_step_does_not_recompile(make_inputs):
     """The step compiles whole (fullgraph) and its one graph serves every position: nothing
     in it depends on a host value that changes from step to step."""
-    with_backend(monkeypatch, "torch")
     torch._dynamo.reset()
     q, k, v, g = make_inputs(1, 20, 4, 2, 16, torch.float32, True)
     cache = StaticWindowLayerCache(5)
@@ -121,38 +122,38 @@ def test_compiled_step_does_not_recompile(monkeypatch):
     with torch._dynamo.config.patch(error_on_recompile=True):
         for t in range(5, 20):
             outs.append(step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], cache))
-    expected = naive_gated_window_attention(q.double(), k.double(), v.double(), g.double(), 5)[0][:, 4:]
+    expected = naive_decoded_outputs(q.double(), k.double(), v.double(), g.double(), 5, first=4)
     assert max_abs_error(torch.cat(outs, 1), expected) < 1e-5
 
 
 @pytest.mark.parametrize("window, gated", [(6, True), (6, False), (None, True)])
 @pytest.mark.parametrize("static", [False, True])
-def test_chunked_prefill_matches_reference(monkeypatch, window, gated, static):
-    with_backend(monkeypatch, "torch")
+@use_backend("torch")
+def test_chunked_prefill_matches_reference(window, gated, static, make_inputs):
     seqlen, first, chunk = 40, 7, 9  # chunks longer than the window
     q, k, v, g = make_inputs(2, seqlen, 4, 2, 16, torch.float32, gated, gate_scale=3.0)
-    ref64, _ = naive_gated_window_attention(q.double(), k.double(), v.double(), None if g is None else g.double(), window)
-    naive32, _ = naive_gated_window_attention(q, k, v, g, window)
+    ref64 = naive_decoded_outputs(q.double(), k.double(), v.double(), None if g is None else g.double(), window, first)
+    naive32 = naive_decoded_outputs(q, k, v, g, window, first)
     cache = StaticWindowLayerCache(window, seqlen) if static else WindowLayerCache(window)
     cache.prefill(k[:, :first], v[:, :first], None if g is None else g[:, :first], num_q_heads=4)
     outs = []
     for start in range(first, seqlen, chunk):
         sl = slice(start, start + chunk)
         outs.append(prefill_chunk(q[:, sl], k[:, sl], v[:, sl], None if g is None else g[:, sl], cache, 16**-0.5))
-    assert_within_rule("chunked prefill", torch.cat(outs, 1), naive32[:, first:], ref64[:, first:])
+    assert_within_rule("chunked prefill", torch.cat(outs, 1), naive32, ref64)
     assert cache.seen_tokens == seqlen
     if window is not None:
         assert cache.capacity == window  # O(w) cache whatever the prompt length
 
 
-def test_attend_chunk_needs_the_chunk_in_the_keys():
+def test_attend_chunk_needs_the_chunk_in_the_keys(make_inputs):
     q, k, v, _ = make_inputs(1, 5, 2, 2, 16, torch.float32, False)
     with pytest.raises(ValueError, match="k must hold the chunk"):
         attend_chunk(q, k[:, :3], v[:, :3], None, 4, 0.25)
 
 
-def test_static_errors(monkeypatch):
-    with_backend(monkeypatch, "torch")
+@use_backend("torch")
+def test_static_errors(make_inputs):
     with pytest.raises(ValueError, match="max_length"):
         StaticWindowLayerCache(None)
     q, k, v, g = make_inputs(1, 6, 2, 2, 16, torch.float32, True)
@@ -169,7 +170,7 @@ def test_static_errors(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graph capture")
 @pytest.mark.parametrize("window", [64, 4096])
-def test_cuda_graph_replay_matches_reference(window):
+def test_cuda_graph_replay_matches_reference(window, make_inputs):
     """The compiled step (mode reduce-overhead: CUDA graphs) with the Triton kernels, every
     position replayed from one graph, against the float64 reference."""
     torch._dynamo.reset()
@@ -183,6 +184,6 @@ def test_cuda_graph_replay_matches_reference(window):
     for t in range(prompt, seqlen):
         torch.compiler.cudagraph_mark_step_begin()
         outs.append(step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], cache).clone())
-    ref64, _ = naive_gated_window_attention(q.double(), k.double(), v.double(), g.double(), window)
-    naive16, _ = naive_gated_window_attention(q, k, v, g, window)
-    assert_within_rule("cuda graph decode", torch.cat(outs, 1), naive16[:, prompt:], ref64[:, prompt:])
+    ref64 = naive_decoded_outputs(q.double(), k.double(), v.double(), g.double(), window, prompt)
+    naive16 = naive_decoded_outputs(q, k, v, g, window, prompt)
+    assert_within_rule("cuda graph decode", torch.cat(outs, 1), naive16, ref64)
