@@ -1,5 +1,6 @@
 """NSA in PyTorch with bounded memory: the path for devices without Triton, differentiable
-through autograd. Same rules as reference.py (which states them).
+through autograd. Same rules as naive.py (which states them; rules.py holds the ones every
+path shares).
 
 Memory per kv head, for a sequence of n tokens: the compressed branch and the selection hold
 [n, n // block_size] scores; the selected branch gathers the block_counts * block_size keys
@@ -14,10 +15,10 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
-from gatedfwa.ops.nsa.reference import (
+from gatedfwa.ops.nsa.rules import (
     combine_branches,
+    compressed_attention,
     mean_pool_blocks,
-    naive_compressed_attention,
     select_blocks_from_importance,
 )
 from gatedfwa.ops.nsa.sliding import sliding_branch
@@ -99,7 +100,7 @@ def chunked_nsa_attention(q, k, v, g, g_cmp, g_slc, g_swa, block_size: int, bloc
         qs, ks, vs = qf[b, start:end], kf[b, start:end], vf[b, start:end]
         indices = None if block_indices is None else block_indices[b, start:end]
         if need_compressed:
-            o_c, _, probs = naive_compressed_attention(
+            o_c, _, probs = compressed_attention(
                 qs, mean_pool_blocks(ks, block_size), mean_pool_blocks(vs, block_size), block_size, scale)
             cmp_parts.append(o_c)
             if need_selection:

@@ -1,18 +1,16 @@
-"""Inputs and checks shared by the NSA tests: the float64 rule (docs: gatedfwa/testing.py) on
-the output and every gradient, and the selection compared block for block with the float64
-reference where the reference's choice is not a near-tie."""
+"""Inputs and checks shared by the NSA tests (fixtures make_inputs and check_nsa): the float64
+rule (docs: gatedfwa/testing.py) on the output and every gradient, and the selection compared
+block for block with the float64 reference where the reference's choice is not a near-tie."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from gatedfwa.ops.nsa import nsa_attention
-from gatedfwa.ops.nsa.reference import (
-    mean_pool_blocks,
-    naive_compressed_attention,
-    naive_nsa_attention,
-)
+from gatedfwa.ops.nsa.naive import naive_nsa_attention
+from gatedfwa.ops.nsa.rules import compressed_attention, mean_pool_blocks
 from gatedfwa.ops.common.varlen import sequence_spans
 from gatedfwa.testing import assert_within_rule, float32_slack
 
@@ -22,7 +20,7 @@ GATE_NAMES = ("g", "g_cmp", "g_slc", "g_swa")
 NEAR_TIE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
-def make_inputs(batch, seqlen, q_heads, kv_heads, head_dim, dtype, device, branches=("cmp", "slc", "swa"),
+def _make_inputs(batch, seqlen, q_heads, kv_heads, head_dim, dtype, device, branches=("cmp", "slc", "swa"),
                 gate=True, block_size=16):
     """q, k, v in dtype; gates float32: g log gates, branch gates sigmoids (None if absent).
     The keys of each block share a random direction, so that block summaries differ clearly
@@ -54,7 +52,7 @@ def selection_gaps(q, k, block_size, block_counts, cu_seqlens=None) -> torch.Ten
     for b, start, end in sequence_spans(cu_seqlens, batch, seqlen):
         ks = k64[b, start:end]
         summaries = mean_pool_blocks(ks, block_size)
-        _, _, probs = naive_compressed_attention(q64[b, start:end], summaries, summaries, block_size,
+        _, _, probs = compressed_attention(q64[b, start:end], summaries, summaries, block_size,
                                                  head_dim**-0.5)
         importance = probs.unflatten(0, (num_kv_heads, group)).sum(dim=1)  # [H, n, nc]
         n, nc = end - start, summaries.shape[0]
@@ -90,7 +88,7 @@ def fast_op(*args, **kwargs):
     return nsa_attention(*args, return_block_indices=True, **kwargs)
 
 
-def check_nsa(q, k, v, gates, block_size=16, block_counts=3, window_size=20, cu_seqlens=None, block_indices=None,
+def _check_nsa(q, k, v, gates, block_size=16, block_counts=3, window_size=20, cu_seqlens=None, block_indices=None,
               min_checked=None):
     """Run nsa_attention (whichever backend the environment selects), check its selection
     against the float64 reference where that is not a near-tie (at least min_checked of the
@@ -119,3 +117,21 @@ def check_nsa(q, k, v, gates, block_size=16, block_counts=3, window_size=20, cu_
         assert torch.isfinite(grad).all(), name
         assert_within_rule(name, grad, low[1][name], ref[1][name], atol=float32_slack(ref[1][name], q.dtype))
     return o, grads, indices
+
+
+@pytest.fixture
+def make_inputs():
+    """make_inputs(batch, seqlen, q_heads, kv_heads, head_dim, dtype, device, branches=("cmp",
+    "slc", "swa"), gate=True, block_size=16) -> (q, k, v, gates): q, k, v in dtype with keys
+    that make block selections clear, and the gates g, g_cmp, g_slc, g_swa by name (float32,
+    None for a branch left out)."""
+    return _make_inputs
+
+
+@pytest.fixture
+def check_nsa():
+    """check_nsa(q, k, v, gates, block_size=16, block_counts=3, window_size=20, cu_seqlens=None,
+    block_indices=None, min_checked=None) -> (o, grads, block indices): nsa_attention on the
+    selected backend, its selection and the rule on o and every gradient checked against the
+    float64 reference."""
+    return _check_nsa
