@@ -42,7 +42,8 @@ from common import (  # noqa: E402
 from gatedfwa import gated_window_attention  # noqa: E402
 from gatedfwa.ops.window_attention import launch  # noqa: E402
 from gatedfwa.ops.window_attention.fused_gate import _fused_gate_attention as fused_gate_attention  # noqa: E402
-from gatedfwa.ops.window_attention.reference import chunked_gated_window_attention, naive_gated_window_attention  # noqa: E402
+from gatedfwa.ops.window_attention.naive import naive_gated_window_attention  # noqa: E402
+from gatedfwa.ops.window_attention.torch_path import chunked_gated_window_attention  # noqa: E402
 
 DEVICE = "cuda"
 

@@ -16,7 +16,10 @@ Both are sums of same-signed terms taken directly, never differences of longer s
 rounds like any short sum. A chunk's total is P at its last position. They are stored in base
 2, multiplied by log2(e) once here, because the attention kernels take exponentials with exp2:
 the sums then enter the logits without any per-tile arithmetic. CHUNK divides every tile
-size of the attention kernels (window_attention/launch.py, gate_chunk), so a tile is a whole number of chunks.
+size of the attention kernels: launch.py (gate_chunk) derives it from their tile sizes, so a
+tile is a whole number of chunks. This is the attention kernels' input format, which is why it
+lives beside them; the gate itself (its formula) comes from the gate registry
+(gatedfwa/ops/gate/registry.py).
 
 Layout: sums [2, B, H, T] float32, sums[0] = P and sums[1] = S, contiguous along time (one
 stretch per tile load), the same [B, H, T] layout as the kernels' row statistics. With
@@ -34,18 +37,12 @@ import torch
 
 from gatedfwa.ops.gate.registry import DEFAULT_GATE, gate_spec
 # Triton is optional: without it the kernel below is never launched.
-from gatedfwa.ops.common.triton_support import LOG2E, LOG2E_CONSTEXPR, cdiv, jit, next_power_of_2, tl
-from gatedfwa.ops.common.varlen import longest_sequence
+from gatedfwa.ops.common.triton_support import LOG2E_CONSTEXPR, cdiv, jit, next_power_of_2, tl
+from gatedfwa.ops.common.head_major import batch_shift
+from gatedfwa.ops.common.varlen import longest_sequence, sequence_bounds
+from gatedfwa.ops.window_attention import launch
 
-__all__ = ["chunk_gate_sums", "chunk_gate_sums_from_projection", "reference_chunk_gate_sums"]
-
-# One program: CHUNKS_PER_PROGRAM chunks of one sequence, BLOCK_H heads. On an H200 one chunk
-# (4 warps) was fastest of 1-8 chunks and 2-8 warps, at B = 4 and 64 (T = 8192, H = 16, chunk
-# 64). Tests raise it to see several chunks per program and ragged blocks.
-CHUNKS_PER_PROGRAM = 1
-NUM_WARPS = 4
-MAX_BLOCK_H = 64
-
+__all__ = ["chunk_gate_sums", "chunk_gate_sums_from_projection"]
 
 @jit
 def _suffix_combine(later_total, later_rest, earlier_total, earlier_rest):
@@ -72,15 +69,9 @@ def _chunk_sums_kernel(
     cumulative sum, S the exclusive reverse one (_suffix_combine)."""
     block = tl.program_id(0)
     seq = tl.program_id(1)
-    if VARLEN:
-        bos = tl.load(CU_SEQLENS + seq).to(tl.int32)
-        eos = tl.load(CU_SEQLENS + seq + 1).to(tl.int32)
-        batch_shift = 0
-    else:
-        bos = seq * seqlen
-        eos = bos + seqlen
-        # Token p = b * T + t of head h is stored at (b * H + h) * T + t.
-        batch_shift = seq * (num_heads - 1) * seqlen
+    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    # Token p = b * T + t of head h is stored at (b * H + h) * T + t.
+    shift = batch_shift(seq, num_heads, seqlen, VARLEN)
     start = bos + block * (CHUNKS * CHUNK)
     if start >= eos:
         return
@@ -106,7 +97,7 @@ def _chunk_sums_kernel(
     g = g * LOG2E_CONSTEXPR
     prefix = tl.cumsum(g, 1)
     _, suffix = tl.associative_scan((g, tl.zeros_like(g)), 1, _suffix_combine, reverse=True)
-    out = SUMS + batch_shift + tokens + heads.to(tl.int64) * seqlen
+    out = SUMS + shift + tokens + heads.to(tl.int64) * seqlen
     tl.store(out, prefix, mask=mask)
     tl.store(out + plane, suffix, mask=mask)
 
@@ -117,10 +108,10 @@ def _launch(src, second_src, bias, num_heads, batch, seqlen, chunk, cu_seqlens, 
     sums = torch.empty((2, batch, num_heads, seqlen), dtype=torch.float32, device=device)
     if sums.numel() == 0 or max_seqlen == 0:
         return sums.zero_()
-    block_h = min(next_power_of_2(num_heads), MAX_BLOCK_H)
+    block_h = min(next_power_of_2(num_heads), launch.MAX_CHUNK_SUMS_BLOCK_H)
     num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
     # No more chunks per program than the longest sequence has (short sequences, decoding).
-    chunks = min(CHUNKS_PER_PROGRAM, next_power_of_2(cdiv(max_seqlen, chunk)))
+    chunks = min(launch.CHUNKS_PER_PROGRAM, next_power_of_2(cdiv(max_seqlen, chunk)))
     grid = (cdiv(max_seqlen, chunks * chunk), num_seqs, cdiv(num_heads, block_h))
     from_projection = spec is not None
     # From g, VALUE is never called: the default gate's keeps one compiled variant.
@@ -132,7 +123,7 @@ def _launch(src, second_src, bias, num_heads, batch, seqlen, chunk, cu_seqlens, 
         src.stride(-2), second.stride(-2) if second_src is not None else 0, seqlen, num_heads, sums.stride(0),
         VALUE=spec.device_value, INPUTS=spec.inputs_per_head,
         FROM_PROJECTION=from_projection, HAS_BIAS=bias is not None, VARLEN=cu_seqlens is not None,
-        CHUNK=chunk, CHUNKS=chunks, BLOCK_H=block_h, num_warps=NUM_WARPS,
+        CHUNK=chunk, CHUNKS=chunks, BLOCK_H=block_h, num_warps=launch.CHUNK_SUMS_WARPS,
     )
     return sums
 
@@ -166,21 +157,3 @@ def chunk_gate_sums_from_projection(gate_pre: torch.Tensor, gate_bias: torch.Ten
     return _launch(gate_pre[..., :num_heads], second,
                    None if gate_bias is None else gate_bias.contiguous(),
                    num_heads, batch, seqlen, chunk, cu_seqlens, max_seqlen, gate_pre.device, spec)
-
-
-def reference_chunk_gate_sums(g: torch.Tensor, chunk: int, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """The definition above in float64 PyTorch (tests): g [B, T, H] -> [2, B, H, T] float64,
-    base 2 (times log2(e)) as the kernel writes it."""
-    batch, seqlen, num_heads = g.shape
-    g = g.double().transpose(1, 2)  # [B, H, T]
-    sums = torch.zeros((2, batch, num_heads, seqlen), dtype=torch.float64, device=g.device)
-    bounds = [(0, seqlen)] if cu_seqlens is None else list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()))
-    for start, stop in bounds:
-        for c0 in range(start, stop, chunk):
-            c1 = min(c0 + chunk, stop)
-            piece = g[..., c0:c1]
-            sums[0, ..., c0:c1] = piece.cumsum(-1)
-            # The suffix summed directly (not total - prefix, which cancels).
-            later = torch.cat([piece[..., 1:], piece.new_zeros(*piece.shape[:-1], 1)], dim=-1)
-            sums[1, ..., c0:c1] = later.flip(-1).cumsum(-1).flip(-1)
-    return sums * LOG2E

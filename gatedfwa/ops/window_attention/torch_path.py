@@ -1,6 +1,5 @@
-"""Gated sliding-window attention in plain PyTorch: the specification.
-
-Two paths compute the same function (see docs/math.md):
+"""Gated sliding-window attention in plain PyTorch: the path every device without Triton takes
+(and, with GATEDFWA_BACKEND=torch or use_backend("torch"), any device).
 
     o_t = sum_{j in window(t)} softmax_j( scale * q_t . k_j + (U_t - U_j) ) v_j
     U_t = g_1 + ... + g_t        (summed per sequence, per query head)
@@ -8,15 +7,13 @@ Two paths compute the same function (see docs/math.md):
 
 Queries may be fewer than keys (T_q <= T_k, per sequence with varlen): they align to the
 end, query i sitting at key position T_k - T_q + i, and t above is that key position. The
-gates g cover the key positions.
+gates g cover the key positions (docs/math.md).
 
-* :func:`naive_gated_window_attention` builds the full T x T score matrix. It exists for
-  tests: it is the float64 reference, and run in a lower precision it measures how much
-  error that precision alone causes.
-* :func:`chunked_gated_window_attention` splits queries into chunks and gives each chunk only
-  the keys its window reaches, so memory is O(T * (w + chunk)) instead of O(T^2). Gate sums
-  are taken locally inside each chunk's key span, never as a global cumulative sum. It is
-  differentiable through autograd and serves every device without Triton.
+:func:`chunked_gated_window_attention` splits queries into chunks and gives each chunk only
+the keys its window reaches, so memory is O(T * (w + chunk)) instead of O(T^2). Gate sums are
+taken locally inside each chunk's key span, never as a global cumulative sum. It is
+differentiable through autograd. naive.py holds the quadratic float64 oracle it is tested
+against.
 
 Shapes, everywhere in this package:
     q [B, T, HQ, D], k and v [B, T, H, D] with HQ % H == 0, g [B, T, HQ] (log gates, <= 0),
@@ -31,54 +28,7 @@ import torch.nn.functional as F
 
 from gatedfwa.ops.common.varlen import query_key_spans
 
-__all__ = ["naive_gated_window_attention", "chunked_gated_window_attention"]
-
-
-def naive_gated_window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor | None = None,
-    window_size: int | None = None,
-    scale: float | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    cu_seqlens_q: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quadratic reference. Every operation runs in q's dtype, so that running it in a low
-    precision shows the error that precision causes by itself.
-
-    Returns (o [B, T, HQ, D] in q's dtype, lse [B, HQ, T] float32). Rows without any
-    visible key (impossible for w >= 1, kept for safety) give o = 0 and lse = -inf.
-    """
-    batch, _, num_q_heads, head_dim = q.shape
-    group = num_q_heads // k.shape[2]
-    scale = head_dim**-0.5 if scale is None else scale
-    dtype = q.dtype
-    outs, lses = [], []
-    for b, (q_start, q_end), (k_start, k_end) in query_key_spans(cu_seqlens_q, cu_seqlens, batch, q.shape[1], k.shape[1]):
-        n = k_end - k_start
-        qs = q[b, q_start:q_end].transpose(0, 1)  # [HQ, n_q, D]
-        ks = k[b, k_start:k_end].transpose(0, 1).repeat_interleave(group, dim=0)
-        vs = v[b, k_start:k_end].transpose(0, 1).repeat_interleave(group, dim=0)
-        scores = torch.matmul(qs, ks.transpose(1, 2)) * scale  # [HQ, n_q, n]
-        t = torch.arange(n - (q_end - q_start), n, device=q.device)  # the queries' key positions
-        if g is not None:
-            cumulative = torch.cumsum(g[b, k_start:k_end].to(dtype).transpose(0, 1), dim=-1)  # [HQ, n]
-            scores = scores + (cumulative[:, t, None] - cumulative[:, None, :])
-        distance = t[:, None] - torch.arange(n, device=q.device)[None, :]
-        visible = distance >= 0
-        if window_size is not None:
-            visible = visible & (distance < window_size)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1)  # [HQ, n]
-        finite = torch.isfinite(row_lse)
-        probs = torch.exp(scores - torch.where(finite, row_lse, 0.0)[..., None])
-        probs = torch.where(finite[..., None], probs, 0.0)
-        outs.append(torch.matmul(probs, vs).transpose(0, 1))  # [n_q, HQ, D]
-        lses.append(row_lse.float())
-    if cu_seqlens is None:
-        return torch.stack(outs), torch.stack(lses)
-    return torch.cat(outs, dim=0)[None], torch.cat(lses, dim=1)[None]
+__all__ = ["chunked_gated_window_attention"]
 
 
 def _default_chunk(window_size: int, seqlen: int) -> int:

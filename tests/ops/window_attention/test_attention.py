@@ -10,77 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gatedfwa import flash_gated_window_attention, gated_window_attention
 from gatedfwa.ops.window_attention import backward as triton_backward
 from gatedfwa.ops.window_attention import launch
-from gatedfwa.ops.window_attention.reference import chunked_gated_window_attention, naive_gated_window_attention
+from gatedfwa.ops.window_attention.naive import naive_gated_window_attention
+from gatedfwa.ops.window_attention.torch_path import chunked_gated_window_attention
 from gatedfwa.testing import assert_within_rule, float32_slack, max_abs_error
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def make_inputs(batch, seqlen, q_heads, kv_heads, head_dim, gate, dtype, device, gate_scale=1.0):
-    q = torch.randn(batch, seqlen, q_heads, head_dim, device=device, dtype=dtype)
-    k = torch.randn(batch, seqlen, kv_heads, head_dim, device=device, dtype=dtype)
-    v = torch.randn(batch, seqlen, kv_heads, head_dim, device=device, dtype=dtype)
-    g = None
-    if gate:
-        # Gates spread from nearly 0 (little decay) to a few units (strong decay).
-        g = F.logsigmoid(torch.randn(batch, seqlen, q_heads, device=device) * 2 + 1) * gate_scale
-        g = g.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    return q, k, v, g
-
-
-def run_with_grads(fn, q, k, v, g, do, **kwargs):
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    gate = None if g is None else g.detach().clone().requires_grad_()
-    o, lse = fn(*leaves, gate, **kwargs)
-    inputs = leaves + ([gate] if gate is not None else [])
-    grads = torch.autograd.grad(o, inputs, do)
-    return o.detach(), lse.detach(), grads
-
-
-def triton_op(q, k, v, g, window_size, cu_seqlens):
-    return gated_window_attention(q, k, v, g, window_size=window_size, cu_seqlens=cu_seqlens, return_lse=True)
-
-
-def chunked_op(q, k, v, g, window_size, cu_seqlens):
-    return chunked_gated_window_attention(q, k, v, g, window_size=window_size, cu_seqlens=cu_seqlens)
-
-
-def naive_op(q, k, v, g, window_size, cu_seqlens):
-    return naive_gated_window_attention(q, k, v, g, window_size=window_size, cu_seqlens=cu_seqlens)
-
-
-def check_against_reference(fast_fn, q, k, v, g, window_size, cu_seqlens=None):
-    """Run fast_fn, the naive path in q's precision and in float64; apply the rule to o, lse
-    and every gradient (float32 slack: gatedfwa.testing.float32_slack)."""
-    do = torch.randn_like(q)
-    fast = run_with_grads(fast_fn, q, k, v, g, do, window_size=window_size, cu_seqlens=cu_seqlens)
-    low = run_with_grads(naive_op, q, k, v, g, do, window_size=window_size, cu_seqlens=cu_seqlens)
-    as64 = [x.double() for x in (q, k, v)] + [None if g is None else g.double()]
-    ref = run_with_grads(naive_op, *as64, do.double(), window_size=window_size, cu_seqlens=cu_seqlens)
-    def slack(reference):
-        return float32_slack(reference, q.dtype)
-
-    assert_within_rule("o", fast[0], low[0], ref[0], atol=slack(ref[0]))
-    assert_within_rule("lse", fast[1], low[1], ref[1], atol=slack(ref[1]))
-    for name, a, b, c in zip(("dq", "dk", "dv", "dg"), fast[2], low[2], ref[2]):
-        assert_within_rule(name, a, b, c, atol=slack(c))
-    return fast
-
-
-@pytest.fixture
-def triton_backend(monkeypatch):
-    """Force the Triton kernels and poison every output buffer with NaN."""
-    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
-
-    def poisoned(x):
-        return torch.full_like(x, float("nan"))
-
-    monkeypatch.setattr(launch, "allocate_like", poisoned)
 
 
 # (head_dim, q_heads, kv_heads, window, gate, seqlen): every head dim, both GQA ratios,
@@ -105,7 +43,7 @@ def case_id(case):
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=case_id)
-def test_triton_kernels_bf16(triton_backend, device, case):
+def test_triton_kernels_bf16(triton_backend, device, case, make_inputs, check_against_reference, triton_op):
     head_dim, q_heads, kv_heads, window, gate, seqlen = case
     q, k, v, g = make_inputs(2, seqlen, q_heads, kv_heads, head_dim, gate, torch.bfloat16, device)
     check_against_reference(triton_op, q, k, v, g, window)
@@ -113,21 +51,22 @@ def test_triton_kernels_bf16(triton_backend, device, case):
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 @pytest.mark.parametrize("window", [16, None])
-def test_triton_kernels_other_dtypes(triton_backend, device, dtype, window):
+def test_triton_kernels_other_dtypes(triton_backend, device, dtype, window, make_inputs, check_against_reference,
+                                     triton_op):
     q, k, v, g = make_inputs(1, 53, 4, 2, 48, True, DTYPES[dtype], device)
     check_against_reference(triton_op, q, k, v, g, window)
 
 
 @pytest.mark.parametrize("window", [1, 7, None])
 @pytest.mark.parametrize("gate", [True, False])
-def test_triton_kernels_varlen(triton_backend, device, window, gate):
+def test_triton_kernels_varlen(triton_backend, device, window, gate, make_inputs, check_against_reference, triton_op):
     # Empty and length-1 sequences, and lengths that straddle tile boundaries.
     cu_seqlens = torch.tensor([0, 0, 1, 18, 18, 51, 52, 90], dtype=torch.int32, device=device)
     q, k, v, g = make_inputs(1, 90, 4, 2, 32, gate, torch.bfloat16, device)
     check_against_reference(triton_op, q, k, v, g, window, cu_seqlens)
 
 
-def test_triton_varlen_equals_separate_calls(triton_backend, device):
+def test_triton_varlen_equals_separate_calls(triton_backend, device, make_inputs):
     """Packing must not let attention or the gate sum cross a sequence boundary."""
     cu_seqlens = torch.tensor([0, 21, 50], dtype=torch.int32, device=device)
     q, k, v, g = make_inputs(1, 50, 2, 1, 32, True, torch.float32, device)
@@ -147,7 +86,8 @@ SEVERAL_CHUNK_TILES = {
 
 @pytest.mark.parametrize("tiles", list(SEVERAL_CHUNK_TILES))
 @pytest.mark.parametrize("window", [40, None])
-def test_triton_tiles_of_several_gate_chunks(triton_backend, device, monkeypatch, window, tiles):
+def test_triton_tiles_of_several_gate_chunks(triton_backend, device, monkeypatch, window, tiles, make_inputs,
+                                             check_against_reference, triton_op):
     """Tiles that span 2 and 4 chunks of the gate sums (the kernels add the totals of the
     tile's other chunks), varlen, against the reference."""
     sides = dict(zip(("forward", "dq", "dkdv"), SEVERAL_CHUNK_TILES[tiles]))
@@ -172,7 +112,7 @@ def extreme_gates(shape, gate_value, device):
 
 
 @pytest.mark.parametrize("gate_value", [-1e4, -30.0])
-def test_triton_extreme_gates_bf16(triton_backend, device, gate_value):
+def test_triton_extreme_gates_bf16(triton_backend, device, gate_value, make_inputs, check_against_reference, triton_op):
     q, k, v, _ = make_inputs(1, 100, 2, 2, 32, False, torch.bfloat16, device)
     g = extreme_gates((1, 100, 2), gate_value, device)
     fast = check_against_reference(triton_op, q, k, v, g, 16)
@@ -181,7 +121,8 @@ def test_triton_extreme_gates_bf16(triton_backend, device, gate_value):
 
 
 @pytest.mark.parametrize("gate_value", [-1e4, -30.0])
-def test_triton_extreme_gates_fp32(triton_backend, device, gate_value):
+def test_triton_extreme_gates_fp32(triton_backend, device, gate_value, make_inputs, run_with_grads, triton_op,
+                                   naive_op):
     """With |g| ~ 1e4 every decay sum is ~1e5 and rounds at ~1e-2 in float32, in any prefix-sum
     formulation. The forward meets the usual rule. The naive path's backward reuses its one
     probability matrix; the kernels recompute probabilities from other tile-local sums, and
@@ -201,20 +142,20 @@ def test_triton_extreme_gates_fp32(triton_backend, device, gate_value):
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES[:6], ids=case_id)
-def test_chunked_path(device, case):
+def test_chunked_path(device, case, make_inputs, check_against_reference, chunked_op):
     head_dim, q_heads, kv_heads, window, gate, seqlen = case
     q, k, v, g = make_inputs(2, seqlen, q_heads, kv_heads, head_dim, gate, torch.bfloat16, device)
     check_against_reference(chunked_op, q, k, v, g, window)
 
 
 @pytest.mark.parametrize("window", [1, 5, None])
-def test_chunked_path_varlen_fp32(device, window):
+def test_chunked_path_varlen_fp32(device, window, make_inputs, check_against_reference, chunked_op):
     cu_seqlens = torch.tensor([0, 0, 1, 30, 30, 64], dtype=torch.int32, device=device)
     q, k, v, g = make_inputs(1, 64, 4, 1, 24, True, torch.float32, device)
     check_against_reference(chunked_op, q, k, v, g, window, cu_seqlens)
 
 
-def test_chunked_extreme_gates(device):
+def test_chunked_extreme_gates(device, make_inputs, check_against_reference, chunked_op):
     q, k, v, _ = make_inputs(1, 100, 2, 2, 16, False, torch.float32, device)
     g = -1e4 * (0.5 + 0.5 * torch.rand(1, 100, 2, device=device))
     g[:, ::3] = 0.0
@@ -222,7 +163,7 @@ def test_chunked_extreme_gates(device):
     assert all(torch.isfinite(t).all() for t in (fast[0], *fast[2]))
 
 
-def test_naive_reference_gradcheck():
+def test_naive_reference_gradcheck(make_inputs):
     q, k, v, g = make_inputs(1, 9, 2, 1, 4, True, torch.float64, "cpu")
     inputs = [x.requires_grad_() for x in (q, k, v, g)]
     assert torch.autograd.gradcheck(
@@ -230,7 +171,7 @@ def test_naive_reference_gradcheck():
     )
 
 
-def test_long_sequence_error_does_not_grow_with_position(device):
+def test_long_sequence_error_does_not_grow_with_position(device, make_inputs):
     """T = 2^20 in one sequence, gates around -0.01, fp32: the error of the last 1000
     positions is no worse than that of the first 1000. A global fp32 cumulative sum of the
     gates would reach ~1e4 here and lose ~1e-3 absolute in every decay difference."""
@@ -253,10 +194,10 @@ def test_long_sequence_error_does_not_grow_with_position(device):
     assert tail <= 2 * head + 1e-6, (head, tail)
 
 
-def test_gate_gradient_error_does_not_grow_along_the_sequence(triton_backend, device):
+def test_gate_gradient_error_does_not_grow_along_the_sequence(triton_backend, device, make_inputs):
     """dg summed as a reverse cumulative sum over the whole sequence of (row sums - column
     sums) of dS would accumulate any mismatch between the two towards the start; the kernels
-    sum nothing over more than a window (gate_flux.py, tests/ops/test_gate_flux.py for the
+    sum nothing over more than a window (gate_flux.py, tests/ops/window_attention/test_gate_flux.py for the
     same at T = 2^18 on the assembly alone). fp32, T = 2048: the dg
     error over the first 256 positions stays that of the last 256 (float64 references on
     slices with one window of context each side are exact for the slice). An earlier
@@ -281,7 +222,8 @@ def test_gate_gradient_error_does_not_grow_along_the_sequence(triton_backend, de
     assert head <= 2 * tail + 1e-6, (head, tail)
 
 
-def test_one_token_per_sequence_with_odd_strides(triton_backend, device):
+def test_one_token_per_sequence_with_odd_strides(triton_backend, device, make_inputs, check_against_reference,
+                                                 triton_op):
     """T == 1 and B > 1, inputs whose size-1 time dimension carries a stride other than the
     batch stride (they are still contiguous): the kernels must step tokens by the batch
     stride, not by that stride."""
@@ -315,7 +257,7 @@ def test_reverse_cumsum_within_sequences(cu_seqlens, device):
     torch.testing.assert_close(dg.double(), expected, rtol=2 ** -23, atol=0)
 
 
-def test_backend_selection(monkeypatch, device):
+def test_backend_selection(monkeypatch, device, make_inputs):
     q, k, v, g = make_inputs(1, 20, 2, 2, 16, True, torch.float32, device)
     monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
     torch_out = gated_window_attention(q, k, v, g, window_size=6)
@@ -327,7 +269,7 @@ def test_backend_selection(monkeypatch, device):
         gated_window_attention(q, k, v, g)
 
 
-def test_flash_alias_matches(device):
+def test_flash_alias_matches(device, make_inputs):
     q, k, v, g = make_inputs(1, 30, 2, 1, 16, True, torch.float32, device)
     a = gated_window_attention(q, k, v, g, window_size=8, scale=0.3)
     b = flash_gated_window_attention(q, k, v, g, window_size=(7, 0), softmax_scale=0.3)
@@ -341,7 +283,7 @@ def test_flash_alias_matches(device):
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_eager_path_matches_custom_op(triton_backend, device, gated):
+def test_eager_path_matches_custom_op(triton_backend, device, gated, make_inputs):
     """Eager calls take an autograd.Function instead of the custom op (less host work); both
     run the same kernels, so outputs and gradients agree bit for bit."""
     from gatedfwa.ops.window_attention import op as window_op
@@ -352,7 +294,7 @@ def test_eager_path_matches_custom_op(triton_backend, device, gated):
     for via_op in (False, True):
         inputs = [None if x is None else x.clone().requires_grad_() for x in (q, k, v, g)]
         if via_op:
-            o = window_op._window_attention_forward(*inputs, 8, 0.25, None)[0]
+            o = window_op._window_attention.op(*inputs, 8, 0.25, None)[0]
         else:
             o = gated_window_attention(*inputs, window_size=8, scale=0.25)
         o.backward(do)
@@ -361,7 +303,7 @@ def test_eager_path_matches_custom_op(triton_backend, device, gated):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_compiles_fullgraph_with_triton_op(triton_backend, device):
+def test_compiles_fullgraph_with_triton_op(triton_backend, device, make_inputs):
     """The custom op (forward and registered backward) does not break torch.compile's graph.
     aot_eager exercises dynamo capture and AOT autograd without generating C++ code."""
     q, k, v, g = make_inputs(1, 37, 2, 1, 16, True, torch.float32, device)
@@ -461,7 +403,8 @@ def test_cu_seqlens_int32_and_int64(dtype, device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled kernels with their real tile sizes")
 @pytest.mark.parametrize("head_dim,q_heads,kv_heads,window", [(128, 4, 4, 300), (64, 8, 2, 1000), (80, 4, 1, None), (256, 2, 2, 200)])
-def test_triton_kernels_gpu_many_tiles(triton_backend, head_dim, q_heads, kv_heads, window):
+def test_triton_kernels_gpu_many_tiles(triton_backend, head_dim, q_heads, kv_heads, window, make_inputs,
+                                       check_against_reference, triton_op):
     """Sequences spanning many tiles of the GPU tile sizes, with masked and unmasked tiles."""
     q, k, v, g = make_inputs(2, 1500, q_heads, kv_heads, head_dim, True, torch.bfloat16, "cuda")
     check_against_reference(triton_op, q, k, v, g, window)

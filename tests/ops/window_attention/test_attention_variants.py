@@ -9,14 +9,10 @@ tile sizes.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from gatedfwa.ops.window_attention import launch
-from tests.ops.test_attention import check_against_reference, make_inputs, triton_backend, triton_op  # noqa: F401
 
 VARIANTS = {"tma": dict(USE_TMA=True)}
 
@@ -42,7 +38,8 @@ def with_variant(monkeypatch, flags: dict) -> list[dict]:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("window,gate", [(7, True), (None, True), (20, False)])
-def test_variants_varlen_gqa(triton_backend, device, monkeypatch, variant, window, gate):
+def test_variants_varlen_gqa(triton_backend, device, monkeypatch, variant, window, gate, make_inputs,
+                             check_against_reference, triton_op):
     """Packed sequences (empty, length 1, straddling tiles) and GQA 2:1: the descriptors are
     per sequence, so tiles reaching before its start or past its end must read zeros."""
     used = with_variant(monkeypatch, VARIANTS[variant])
@@ -52,14 +49,15 @@ def test_variants_varlen_gqa(triton_backend, device, monkeypatch, variant, windo
     assert len(used) == 3 and all(config["USE_TMA"] for config in used)
 
 
-def test_tma_batched_fp32(triton_backend, device, monkeypatch):
+def test_tma_batched_fp32(triton_backend, device, monkeypatch, make_inputs, check_against_reference, triton_op):
     used = with_variant(monkeypatch, VARIANTS["tma"])
     q, k, v, g = make_inputs(2, 45, 2, 1, 16, True, torch.float32, device)
     check_against_reference(triton_op, q, k, v, g, 19)
     assert all(config["USE_TMA"] for config in used)
 
 
-def test_tma_falls_back_where_unaligned(triton_backend, device, monkeypatch):
+def test_tma_falls_back_where_unaligned(triton_backend, device, monkeypatch, make_inputs, check_against_reference,
+                                        triton_op):
     """D = 20 in bf16 with one head: a token stride of 40 bytes, which TMA cannot address;
     the launchers drop USE_TMA and the pointer loads give the right answer."""
     used = with_variant(monkeypatch, VARIANTS["tma"])
@@ -73,7 +71,8 @@ def test_tma_falls_back_where_unaligned(triton_backend, device, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: descriptors compiled at real tile sizes")
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("head_dim,q_heads,kv_heads,window", [(128, 4, 4, 300), (64, 8, 1, 1000), (128, 4, 2, None)])
-def test_variants_gpu(triton_backend, monkeypatch, variant, head_dim, q_heads, kv_heads, window):
+def test_variants_gpu(triton_backend, monkeypatch, variant, head_dim, q_heads, kv_heads, window, make_inputs,
+                      check_against_reference, triton_op):
     """Sequences of many tiles, batched and packed, with launch.py's tile sizes plus the
     variant's switches (on a GPU without TMA the launchers fall back, and the test still
     checks the answer)."""
@@ -107,18 +106,10 @@ def test_tuned_entries_take_precedence(monkeypatch):
     assert "USE_TMA" not in launch.CONFIGS["forward"](128, True)
 
 
-def _sweep_to_configs():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "sweep_to_configs.py"
-    spec = importlib.util.spec_from_file_location("sweep_to_configs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_sweep_winners_and_table(tmp_path):
+def test_sweep_winners_and_table(tmp_path, benchmark_script):
     """The winner is the fastest candidate summed over the windows that passed its check and
     was timed at every window; the written table is valid Python holding the winners."""
-    module = _sweep_to_configs()
+    module = benchmark_script("sweep_to_configs")
     fast = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, USE_TMA=True)
     slow = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     wrong = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, USE_TMA=True)
@@ -141,16 +132,13 @@ def test_sweep_winners_and_table(tmp_path):
     assert namespace["TUNED"] == best
 
 
-def test_sweep_runs_end_to_end_on_cpu(triton_backend, monkeypatch, tmp_path):
+def test_sweep_runs_end_to_end_on_cpu(triton_backend, monkeypatch, tmp_path, benchmark_script):
     """The sweep's logic at toy sizes under the interpreter, with the GPU timers replaced by
     stand-ins that still call the step: every candidate is checked, timed, ranked, and the
     winners are timed against launch.py's choice (GPU numbers come from the sweep itself)."""
     if not launch.interpreting():
         pytest.skip("checks the sweep's logic on the CPU; on a GPU, run the sweep itself")
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("bench_attention")
     monkeypatch.setattr(bench, "DEVICE", "cpu")
     monkeypatch.setattr(bench, "CHECK_SEQLEN", 40)
     monkeypatch.setattr(bench, "CHECK_HEADS", 2)

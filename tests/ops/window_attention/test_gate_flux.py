@@ -9,10 +9,8 @@ import torch
 
 from gatedfwa.ops.window_attention import backward as triton_backward
 from gatedfwa.ops.window_attention import gate_flux, launch
-from gatedfwa.ops.window_attention.gate_flux import (
-    boundary_fluxes, flux_tile_count, gate_gradient_from_flux, reference_gate_gradient_from_flux,
-)
-from tests.ops.test_attention import triton_backend  # noqa: F401 - the fixture
+from gatedfwa.ops.window_attention.gate_flux import flux_tile_count, gate_gradient_from_flux
+from gatedfwa.ops.window_attention.naive import boundary_fluxes, naive_gate_gradient_from_flux
 
 
 def banded_score_gradients(seqlen: int, window: int, bounds, dtype=torch.float64) -> torch.Tensor:
@@ -78,7 +76,7 @@ def test_flux_identity(seqlen, window, block_m, block_n, cu_seqlens, parts, devi
                 torch.testing.assert_close(crossing, du[c:stop].sum(), atol=1e-9, rtol=1e-9)
         expected[start:stop] = du[start:stop].flip(0).cumsum(0).flip(0)
     offsets = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
-    for assemble in (reference_gate_gradient_from_flux, gate_gradient_from_flux):  # PyTorch, Triton kernel
+    for assemble in (naive_gate_gradient_from_flux, gate_gradient_from_flux):  # PyTorch, Triton kernel
         dg = assemble(du.float()[None, None].to(device), flux.to(device), offsets, block_m, block_n, parts)
         assert dg.dtype == torch.float32 and dg.shape == (1, 1, seqlen)
         torch.testing.assert_close(dg[0, 0].double().cpu(), expected, atol=2e-5, rtol=1e-5)
@@ -109,7 +107,7 @@ def backward_with_captured_flux(monkeypatch, q, k, v, g, do, window, offsets):
     """The Triton forward and backward with gate sums, capturing the flux buffer on its way to
     gate_gradient_from_flux. Returns (dg, dU, the tile totals [S, HQ, NB, NT] with the kernel's
     parts summed, (block_m, block_n), parts)."""
-    from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums
+    from gatedfwa.ops.window_attention.chunk_sums import chunk_gate_sums
     from gatedfwa.ops.window_attention.forward import attention_forward
 
     captured = {}
@@ -215,7 +213,7 @@ def test_flux_error_does_not_grow_along_a_long_sequence():
     flux = flux.view(1, 1, seqlen // block_m, num_tiles)
 
     # The PyTorch assembly (the kernel sums the same terms: test_flux_identity compares them).
-    from_flux = reference_gate_gradient_from_flux(du32[None, None], flux, None, block_m, block_n)[0, 0].double()
+    from_flux = naive_gate_gradient_from_flux(du32[None, None], flux, None, block_m, block_n)[0, 0].double()
     plain = du32.double().flip(0).cumsum(0).flip(0)
 
     def head_and_tail(dg):
@@ -243,6 +241,6 @@ def test_kernel_matches_reference_assembly(cu_seqlens, device):
     if cu_seqlens is not None:  # blocks past a sequence's end stay zero, as the dq kernel leaves them
         for s, (start, stop) in enumerate(zip(cu_seqlens[:-1], cu_seqlens[1:])):
             flux[s, :, -(-(stop - start) // block_m):] = 0.0
-    expected = reference_gate_gradient_from_flux(du, flux, offsets, block_m, block_n)
+    expected = naive_gate_gradient_from_flux(du, flux, offsets, block_m, block_n)
     torch.testing.assert_close(gate_gradient_from_flux(du, flux, offsets, block_m, block_n), expected,
                                atol=1e-5, rtol=1e-6)

@@ -15,14 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from gatedfwa import gated_fwa_attention, gated_window_attention
-from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
+from gatedfwa.ops.backend import use_backend
+from gatedfwa.ops.window_attention.naive import naive_gated_window_attention
 from gatedfwa.testing import assert_within_rule, float32_slack
 
 
 @pytest.fixture(params=["triton", "torch"])
-def backend(request, monkeypatch):
-    monkeypatch.setenv("GATEDFWA_BACKEND", request.param)
-    return request.param
+def backend(request):
+    with use_backend(request.param):
+        yield request.param
 
 
 def _inputs(device, dtype, batch=1, seqlen_q=37, seqlen_k=37, q_heads=4, kv_heads=2, head_dim=16):
@@ -55,7 +56,7 @@ def _check(fast_fn, naive_fn, tensors, o_shape, lse_shape, with_o, names, throug
         if c.abs().sum() > 0:
             assert a.abs().sum() > 0, f"{name}: no gradient reached it"
         # Gradients that reach the gate projection get ten times the slack, as in
-        # tests/ops/test_gate.py: the kernels' dg is assembled from float32 sums of dS.
+        # tests/ops/window_attention/test_fused_gate.py: the kernels' dg is assembled from float32 sums of dS.
         slack = float32_slack(c, tensors[0].dtype) * (10 if name in through_gate else 1)
         assert_within_rule(name, a, b, c, atol=slack)
 
@@ -123,7 +124,7 @@ def test_lse_gradient_fused_gate_op(backend, device):
            ("dq", "dk", "dv", "dx", "dweight", "dbias"), through_gate=("dx", "dweight", "dbias"))
 
 
-def test_lse_gradient_compiled_custom_op(device, monkeypatch):
+def test_lse_gradient_compiled_custom_op(device):
     """Under torch.compile the custom ops carry the lse's gradient: the compiled Triton path
     agrees with the PyTorch path, whose lse is differentiable by construction."""
     q, k, v, g = _inputs(device, torch.float32, seqlen_q=29, seqlen_k=29)
@@ -133,11 +134,11 @@ def test_lse_gradient_compiled_custom_op(device, monkeypatch):
         o, lse = gated_window_attention(q, k, v, g, window_size=12, return_lse=True)
         return o.square().mean() + (lse * dlse).sum()
 
-    monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
-    reference_leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
-    loss(*reference_leaves).backward()
-    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
-    compiled_leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
-    torch.compile(loss, fullgraph=True, backend="aot_eager")(*compiled_leaves).backward()
+    with use_backend("torch"):
+        reference_leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
+        loss(*reference_leaves).backward()
+    with use_backend("triton"):
+        compiled_leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
+        torch.compile(loss, fullgraph=True, backend="aot_eager")(*compiled_leaves).backward()
     for a, b in zip(compiled_leaves, reference_leaves):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
