@@ -1,4 +1,4 @@
-"""The interpreter corrections of gatedfwa/ops/triton_support.py, applied on import whenever
+"""The interpreter corrections of gatedfwa/ops/common/triton_support.py, applied on import whenever
 Triton's interpreter is on: interpreted kernels must give the compiled kernels' answers."""
 
 from __future__ import annotations
