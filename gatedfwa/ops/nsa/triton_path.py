@@ -3,14 +3,15 @@ selected.py composed with autograd.
 
     k_cmp, v_cmp = block means of k, v          pooling.py (PyTorch autograd)
     o_cmp, lse2  = compressed attention          the KernelOp _compressed (Triton fwd/bwd)
-    indices      = top blocks from lse2          selection.py (no gradient: discrete)
+    indices      = top blocks from lse2          the KernelOp _selection (no gradient: discrete)
     o_slc        = selected-block attention      the KernelOp _selected (Triton fwd/bwd)
     o_swa        = gated window attention        the window op (its own kernels)
     o            = g_cmp o_cmp + g_slc o_slc + g_swa o_swa   (PyTorch autograd)
 
 The two attention branches are KernelOps (gatedfwa/ops/common/custom_op.py): custom ops with
 a registered backward, which torch.compile sees as opaque nodes, and an autograd.Function for
-eager calls. A custom op takes tensors and numbers only, so each receives what its
+eager calls; the selection is one without a backward. Without cu_seqlens the whole path
+compiles as one graph (fullgraph); with it, the lengths are read on the host first. A custom op takes tensors and numbers only, so each receives what its
 SequenceLayout is made of (cu_seqlens, the summary offsets, the longest sequence, the block
 size) and rebuilds it without reading anything back, and the selected branch receives the
 inverted selection of a block-major call as three tensors (the backward reuses it).
@@ -163,6 +164,28 @@ _selected = KernelOp(
 )
 
 
+# --------------------------------------------------------------------------------------
+# The selection: top block_counts blocks per query and kv head, no gradient (discrete)
+# --------------------------------------------------------------------------------------
+
+
+def _select(
+    q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor | None,
+    summary_offsets: torch.Tensor | None, max_seqlen: int, block_size: int, block_counts: int, scale: float,
+) -> torch.Tensor:
+    """Block indices [B, T, H, block_counts] int32 (ascending, -1 last) from the compressed
+    branch's lse2 [B*T, HQ]."""
+    layout = SequenceLayout(q, k_cmp.shape[1], block_size, cu_seqlens, max_seqlen, summary_offsets)
+    return select_blocks(q, k_cmp, lse, layout, block_counts, scale)
+
+
+def _select_fake(q, k_cmp, lse, cu_seqlens, summary_offsets, max_seqlen, block_size, block_counts, scale):
+    return q.new_empty((q.shape[0], q.shape[1], k_cmp.shape[1], block_counts), dtype=torch.int32)
+
+
+_selection = KernelOp("gatedfwa::nsa_select_blocks", _select, _select_fake)
+
+
 def triton_nsa_attention(q, k, v, g, g_cmp, g_slc, g_swa, block_size: int, block_counts: int,
                          window_size: int | None, scale: float, cu_seqlens, block_indices, want_indices: bool = False):
     """Arguments as nsa_attention, validated (block_indices canonical). Returns (o in q's
@@ -180,13 +203,17 @@ def triton_nsa_attention(q, k, v, g, g_cmp, g_slc, g_swa, block_size: int, block
             branches.append((g_cmp, o_cmp))
         else:
             with torch.no_grad():
-                _, lse = compressed_forward(q, k_cmp.detach(), v_cmp.detach(), layout, scale)
+                _, lse = _compressed(q.detach(), k_cmp.detach(), v_cmp.detach(), *parts)
         if need_selection:
             with torch.no_grad():
-                block_indices = select_blocks(q.detach(), k_cmp.detach(), lse.detach(), layout, block_counts, scale)
+                block_indices = _selection(q.detach(), k_cmp.detach(), lse.detach(), cu_seqlens,
+                                           layout.summary_offsets, layout.max_seqlen, block_size, block_counts, scale)
     if g_slc is not None:
         inverted = (None, None, None)
-        if q.numel() > 0 and block_major(layout):  # the forward walks it, the backward reuses it
+        # A block-major forward walks the inverted selection and the backward reuses it. Its
+        # size depends on the indices' values, which a compiled graph cannot hold between the
+        # custom ops: there each builds its own.
+        if q.numel() > 0 and block_major(layout) and not torch.compiler.is_compiling():
             inverted = tuple(invert_selection(block_indices, layout))
         o_slc, _ = _selected(q, k, v, block_indices, cu_seqlens, layout.max_seqlen, block_size, scale, *inverted)
         branches.append((g_slc, o_slc))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gatedfwa.ops.backend import use_backend
-from gatedfwa.ops.nsa import launch, selected, selected_block_major
+from gatedfwa.ops.nsa import launch, nsa_attention, selected, selected_block_major
 
 
 # BLOCK_MAJOR_MAX_GROUP per strategy: no group block-major, every group block-major.
@@ -103,6 +103,55 @@ def test_gpu_bf16_moderate_size(case, make_inputs, check_nsa):
     # bf16 summaries move near-tied importances; the selection is compared where it is clear.
     check_nsa(q, k, v, gates, block_size=64, block_counts=16, window_size=512, cu_seqlens=cu_seqlens,
               min_checked=0.5)
+
+
+def test_custom_ops_opcheck(device):
+    """The compressed and selected branches' custom ops (triton_path.py): schemas, fake
+    tensors and autograd registrations, packed sequences; the selected branch with the
+    inverted selection given (block-major) and built inside."""
+    from gatedfwa.ops.nsa import triton_path
+    from gatedfwa.ops.nsa.layout import SequenceLayout
+    from gatedfwa.ops.nsa.pooling import pool_block_summaries
+
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    cu_seqlens = torch.tensor([0, 19, 40], dtype=torch.int32, device=device)
+    q = torch.randn(1, 40, 4, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(1, 40, 2, 16, device=device, requires_grad=True) for _ in range(2))
+    layout = SequenceLayout(q, 2, 8, cu_seqlens)
+    k_cmp, v_cmp = (pool_block_summaries(x, layout).detach().requires_grad_() for x in (k, v))
+    torch.library.opcheck(triton_path._compressed.op, (q, k_cmp, v_cmp, cu_seqlens, layout.summary_offsets,
+                                                       layout.max_seqlen, 8, 0.25), test_utils=utils)
+    # Each query keeps block 0 and its own block (ascending, -1 where they coincide).
+    position = torch.cat([torch.arange(19), torch.arange(21)]).to(device)
+    own = position // 8
+    indices = torch.stack([torch.zeros_like(own), torch.where(own > 0, own, -1)], -1).to(torch.int32)
+    indices = indices[None, :, None, :].expand(1, 40, 2, 2).contiguous()
+    inverted = tuple(selected_block_major.invert_selection(indices, layout))
+    for given in (inverted, (None, None, None)):
+        torch.library.opcheck(triton_path._selected.op, (q, k, v, indices, cu_seqlens, layout.max_seqlen, 8, 0.25,
+                                                         *given), test_utils=utils)
+
+
+def test_compiles_fullgraph(device, make_inputs):
+    """Without packed sequences the Triton path is one graph under torch.compile(fullgraph=True):
+    its kernels are custom ops (aot_eager: dynamo capture and AOT autograd, no code generated);
+    loss and gradients as in eager mode."""
+    torch._dynamo.reset()
+    q, k, v, gates = make_inputs(1, 40, 4, 2, 16, torch.float32, device)
+
+    def loss(q, k, v, g):
+        o = nsa_attention(q, k, v, g, gates["g_cmp"], gates["g_slc"], gates["g_swa"], block_size=16, block_counts=2,
+                          window_size=12)
+        return o.square().mean()
+
+    def loss_and_grads(fn):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, gates["g"])]
+        value = fn(*leaves)
+        return [value.detach(), *torch.autograd.grad(value, leaves)]
+
+    compiled = loss_and_grads(torch.compile(loss, fullgraph=True, backend="aot_eager"))
+    for name, a, b in zip(("loss", "dq", "dk", "dv", "dg"), compiled, loss_and_grads(loss)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_selected_backward_work_items_cover_each_list_once(monkeypatch):
