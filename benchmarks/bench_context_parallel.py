@@ -43,7 +43,7 @@ from gatedfwa import gated_window_attention  # noqa: E402
 from gatedfwa.distributed import context_parallel_gated_window_attention  # noqa: E402
 from gatedfwa.distributed.fused import fused_context_parallel_attention  # noqa: E402
 from gatedfwa.distributed.halo import HaloLink, HaloPlan, attach_halo, start_halo_exchange  # noqa: E402
-from gatedfwa.ops.window_attention.reference import chunked_gated_window_attention  # noqa: E402
+from gatedfwa.ops.window_attention.torch_path import chunked_gated_window_attention  # noqa: E402
 
 
 def make_sequence(seqlen, q_heads, kv_heads, head_dim, gate, device, seed, dtype=torch.bfloat16):

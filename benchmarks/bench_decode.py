@@ -53,8 +53,9 @@ import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 from common import bench_ms, environment, error_record, measure_ceilings, write_results  # noqa: E402
 
 from gatedfwa.ops.decode import WindowLayerCache, decode_gated_window_attention  # noqa: E402
-from gatedfwa.ops.decode.kernels import decode_attention_triton, decode_config  # noqa: E402
-from gatedfwa.ops.decode.reference import decode_attention_torch  # noqa: E402
+from gatedfwa.ops.decode.kernels import decode_attention_triton  # noqa: E402
+from gatedfwa.ops.decode.launch import decode_config  # noqa: E402
+from gatedfwa.ops.decode.torch_path import decode_attention_torch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TIMING = DEVICE == "cuda" and not QUICK

@@ -46,9 +46,10 @@ from common import bench_ms, environment, error_record, kernel_device_ms, measur
 
 from gatedfwa import gated_window_attention, log_gates_from_projection  # noqa: E402
 from gatedfwa.ops.gate import kernels as gate_kernels  # noqa: E402
-from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums_from_projection  # noqa: E402
+from gatedfwa.ops.gate import launch as gate_launch  # noqa: E402
+from gatedfwa.ops.window_attention.chunk_sums import chunk_gate_sums_from_projection  # noqa: E402
 from gatedfwa.ops.gate.op import compute_log_gates  # noqa: E402
-from gatedfwa.ops.gate.reference import naive_log_gates  # noqa: E402
+from gatedfwa.ops.gate.naive import naive_log_gates  # noqa: E402
 from gatedfwa.ops.window_attention.fused_gate import _fused_gate_attention as fused_gate_attention  # noqa: E402
 from gatedfwa.ops.window_attention.launch import gate_chunk  # noqa: E402
 
@@ -167,7 +168,7 @@ def bandwidth(sizes, dtype, ceiling_gbps) -> dict:
             a_view, beta_view = flat[:, :heads], flat[:, heads:]
             d_gate_pre = torch.empty_like(flat)
             da_view, dbeta_view = d_gate_pre[:, :heads], d_gate_pre[:, heads:]
-            _, _, programs = gate_kernels._launch_shape(rows, heads, None)
+            _, _, programs = gate_launch.launch_shape(rows, heads)
             fwd_bytes, bwd_bytes = gate_bytes(rows, heads, gate_pre.element_size(), programs)
 
             def forward():

@@ -45,7 +45,7 @@ from common import bench_ms, environment, error_record, kernel_device_ms, write_
 
 from gatedfwa import gated_window_attention  # noqa: E402
 from gatedfwa.ops.window_attention import gate_flux, launch  # noqa: E402
-from gatedfwa.ops.window_attention.reference import naive_gated_window_attention  # noqa: E402
+from gatedfwa.ops.window_attention.naive import naive_gated_window_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLUX_LIMIT = gate_flux.MAX_FLUX_TILES_PER_BLOCK_M

@@ -57,8 +57,9 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from gatedfwa.ops.nsa import compressed, nsa_attention, selected, selected_block_major, selection  # noqa: E402
-from gatedfwa.ops.nsa.reference import naive_nsa_attention  # noqa: E402
+from gatedfwa.ops.nsa import launch as nsa_launch  # noqa: E402
+from gatedfwa.ops.nsa import nsa_attention, selected  # noqa: E402
+from gatedfwa.ops.nsa.naive import naive_nsa_attention  # noqa: E402
 from gatedfwa.ops.window_attention import gated_window_attention  # noqa: E402
 from gatedfwa.testing import assert_within_rule  # noqa: E402
 
@@ -226,11 +227,11 @@ def fla_peer(q, k, v, g_cmp, g_slc, g_swa, group, record, rows, shape):
 # Launch-config sweep
 # ---------------------------------------------------------------------------------------------
 
-# Each kernel family's _config(layout) (compressed.py, selection.py, selected.py,
-# selected_block_major.py: the block-major forward's) is replaced
+# Each kernel family's config(layout) (gatedfwa/ops/nsa/launch.py, CONFIGS: compressed.py,
+# selection.py, selected.py, selected_block_major.py: the block-major forward's) is replaced
 # by a candidate; ROWS is raised to the group size where smaller. The first is the default.
-FAMILIES = {"compressed": compressed, "selection": selection, "selected": selected,
-            "selected block-major fwd": selected_block_major}
+FAMILIES = {"compressed": "compressed", "selection": "selection", "selected": "selected",
+            "selected block-major fwd": "block_major"}  # the family's key in nsa_launch.CONFIGS
 KERNEL_FRAGMENT = {"compressed": "_compressed_", "selection": "_select_kernel", "selected": "_selected_",
                    "selected block-major fwd": "_selected_"}
 CANDIDATES = {
@@ -248,16 +249,17 @@ CANDIDATES = {
                                  dict(ROWS=128, BLOCK_K=64, num_warps=8, num_stages=2),
                                  dict(ROWS=32, BLOCK_K=64, num_warps=4, num_stages=2)],
 }
-DEFAULT_CONFIG = {name: module._config for name, module in FAMILIES.items()}
+DEFAULT_CONFIG = {name: nsa_launch.CONFIGS[key] for name, key in FAMILIES.items()}
 CHOSEN: dict[tuple[str, int], dict] = {}  # (family, group) -> config, filled by --sweep
 
 
 def use_config(family: str, config: dict | None) -> None:
     """Make the family's kernels launch with config (None: the module's own default)."""
     if config is None:
-        FAMILIES[family]._config = DEFAULT_CONFIG[family]
+        nsa_launch.CONFIGS[FAMILIES[family]] = DEFAULT_CONFIG[family]
     else:
-        FAMILIES[family]._config = lambda layout, c=config: {**c, "ROWS": max(c["ROWS"], layout.group_pad)}
+        nsa_launch.CONFIGS[FAMILIES[family]] = lambda layout, c=config: {**c,
+                                                                         "ROWS": max(c["ROWS"], layout.group_pad)}
 
 
 def apply_configs(group: int) -> None:

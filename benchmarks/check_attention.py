@@ -26,7 +26,8 @@ from attention_inputs import DEVICE, make_inputs  # noqa: E402
 from common import start_gpu_run, write_results  # noqa: E402
 
 from gatedfwa import gated_window_attention  # noqa: E402
-from gatedfwa.ops.window_attention.reference import chunked_gated_window_attention, naive_gated_window_attention  # noqa: E402
+from gatedfwa.ops.window_attention.naive import naive_gated_window_attention  # noqa: E402
+from gatedfwa.ops.window_attention.torch_path import chunked_gated_window_attention  # noqa: E402
 
 
 def relative_error(x, ref):

@@ -41,7 +41,7 @@ from sweep_to_configs import LAUNCH_TABLE_NAME, best_configs, table_source  # no
 
 from gatedfwa import gated_window_attention  # noqa: E402
 from gatedfwa.ops.window_attention import launch  # noqa: E402  (the launch table the sweep overrides)
-from gatedfwa.ops.window_attention.reference import naive_gated_window_attention  # noqa: E402
+from gatedfwa.ops.window_attention.naive import naive_gated_window_attention  # noqa: E402
 
 
 def _candidate(m, n, warps, stages, tma=False):

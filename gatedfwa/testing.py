@@ -53,6 +53,21 @@ def assert_within_rule(
         )
 
 
+def assert_within_relative_rule(name: str, fast: torch.Tensor, naive_low: torch.Tensor, ref64: torch.Tensor) -> None:
+    """assert_within_rule on errors relative to max(|ref64|, 1), for outputs that span many
+    decades (a log gate from -3.6e21 to -1e-30 in one tensor): there a plain maximum would
+    compare the rounding of the single largest element only."""
+    scale = ref64.abs().clamp(min=1)
+    assert_within_rule(name, fast.double() / scale, naive_low.double() / scale, ref64 / scale)
+
+
+def assert_elementwise_close(name: str, fast: torch.Tensor, ref64: torch.Tensor, rtol: float) -> None:
+    """|fast - ref64| <= rtol |ref64| + 1e-9 everywhere; the 1e-9 covers a float64 formula's own
+    cancellation (~ |a| 1e-16 in the sharpened gate's beta gradient)."""
+    excess = ((fast.double() - ref64).abs() - (rtol * ref64.abs() + 1e-9)).max().item()
+    assert excess <= 0, f"{name}: elementwise error exceeds {rtol:.0e} relative by {excess:.3e}"
+
+
 def op_modules() -> list:
     """Every module under gatedfwa.ops, imported: for tests and profilers that replace the
     Triton kernels they hold (import all first: a module imported after a patch would bind the

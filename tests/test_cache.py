@@ -5,7 +5,7 @@ import torch
 
 from gatedfwa.ops import use_backend
 from gatedfwa.ops.decode import WindowCache, WindowLayerCache, decode_gated_window_attention
-from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
+from gatedfwa.ops.window_attention.naive import naive_gated_window_attention
 from gatedfwa.testing import max_abs_error
 
 

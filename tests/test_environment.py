@@ -20,10 +20,7 @@ ENVIRONMENT_ACCESS = {"environ", "environb", "getenv", "getenvb", "putenv", "uns
 # entry is (file, the line as written). Remove an entry when its line goes: a stale entry
 # fails below, so the list only shrinks.
 PENDING = {
-    # TRITON_INTERPRET: becomes `_INTERPRETING = triton_interpret()`.
-    ("ops/triton_support.py", '_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"'),
     # GATEDFWA_CHECK_VALUES: becomes `... and not check_values_on_device():`.
-    ("ops/validation.py", 'if g.device.type != "cpu" and os.environ.get(VALUE_CHECKS_VARIABLE, "0") != "1":'),
     ("distributed/context_parallel.py",
      'if q.device.type != "cpu" and os.environ.get(VALUE_CHECKS_VARIABLE, "0") != "1":'),
 }

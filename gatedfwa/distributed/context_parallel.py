@@ -32,7 +32,7 @@ from gatedfwa.distributed.fused import fused_context_parallel_attention
 from gatedfwa.distributed.halo import HaloLink, HaloPlan, attach_halo, expect_tail_gradients, start_halo_exchange
 from gatedfwa.ops import gated_window_attention
 from gatedfwa.ops.backend import select_backend
-from gatedfwa.ops.validation import VALUE_CHECKS_VARIABLE, check_attention_args
+from gatedfwa.ops.common.validation import VALUE_CHECKS_VARIABLE, check_attention_args
 
 __all__ = ["context_parallel_gated_window_attention"]
 

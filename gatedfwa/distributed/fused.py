@@ -34,7 +34,8 @@ from __future__ import annotations
 import torch
 
 from gatedfwa.distributed.halo import HaloLink
-from gatedfwa.ops.window_attention.op import _backward_impl, _forward_impl
+from gatedfwa.ops.window_attention.triton_path import window_attention_backward as _backward_impl
+from gatedfwa.ops.window_attention.triton_path import window_attention_forward as _forward_impl
 
 __all__ = ["fused_context_parallel_attention"]
 

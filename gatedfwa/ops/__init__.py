@@ -7,8 +7,8 @@
     nsa/               Native Sparse Attention with the gated window as its sliding branch
 
 Each package has a PyTorch reference beside its Triton kernels and one public face (its
-__init__). Shared by all: backend.py (which implementation serves a call), validation.py
-(argument checks), varlen.py (packed sequences), triton_support.py (Triton, constants).
+__init__). Shared by all: backend.py (which implementation serves a call) and common/ (Triton
+support, packed sequences, argument checks).
 """
 
 from gatedfwa.ops.backend import use_backend

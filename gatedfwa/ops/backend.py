@@ -6,7 +6,7 @@
     "torch"   the PyTorch path of each op (chunked, memory O(T * w)); the default elsewhere.
 
 GATEDFWA_BACKEND=triton or GATEDFWA_BACKEND=torch forces one, for every op; "auto" (or the
-variable unset) picks as above (gatedfwa/backend_variable.py reads it). Inside
+variable unset) picks as above (gatedfwa/environment.py reads it). Inside
 ``with use_backend("torch"):`` (or "triton", "auto") the context's choice wins over the
 variable until the context ends. Like the variable, the choice is the process's (not one
 thread's): it is a plain module global so that torch.compile reads it while tracing and
@@ -21,9 +21,9 @@ import contextlib
 
 import torch
 
-from gatedfwa.backend_variable import BACKEND_VARIABLE, BACKENDS, HOW_TO_UNFORCE, forced_backend, triton_missing
+from gatedfwa.environment import BACKEND_VARIABLE, BACKENDS, HOW_TO_UNFORCE, forced_backend, triton_missing
 from gatedfwa.errors import ConfigError
-from gatedfwa.ops.triton_support import interpreting, triton
+from gatedfwa.ops.common.triton_support import interpreting, triton
 
 __all__ = ["BACKENDS", "BACKEND_VARIABLE", "select_backend", "use_backend"]
 

@@ -10,7 +10,7 @@ counts what one forward + backward pass of a micro-batch keeps alive:
   inputs and outputs of the norms, projections, rotary embedding, gate and MLP, and on the
   PyTorch attention path (the CPU) each query's window of scores, up to six copies of it
   (scaled, decay-biased, masked, centred, exponentiated and the probabilities' gradient:
-  gatedfwa/ops/window_attention/reference.py);
+  gatedfwa/ops/window_attention/torch_path.py);
 * the logits: the model's, their float32 copy, the log-softmax of the loss and the gradient,
   ``4 x vocab`` float32 numbers per token.
 
@@ -55,7 +55,7 @@ class MemoryEstimate:
 
 def _attention_chunk(reach: int) -> int:
     """The query chunk of the PyTorch attention path for a window of ``reach`` keys (as in
-    gatedfwa/ops/window_attention/reference.py: about the window, within [16, 128])."""
+    gatedfwa/ops/window_attention/torch_path.py: about the window, within [16, 128])."""
     chunk = 16
     while chunk < min(reach, 128):
         chunk *= 2

@@ -28,7 +28,7 @@ from gatedfwa.distributed import fused as fused_module
 from gatedfwa.distributed import halo as halo_module
 from gatedfwa.distributed.halo import HaloPlan
 from gatedfwa.ops.window_attention import launch
-from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
+from gatedfwa.ops.window_attention.naive import naive_gated_window_attention
 from gatedfwa.testing import assert_within_rule, float32_slack
 from tests.distributed.launch import run_on_ranks
 

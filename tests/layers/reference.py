@@ -1,15 +1,15 @@
 """An independent, slow re-implementation of GatedFWAttention for tests: every step written
 out from the formulas (complex-number rotary, literal gate formula, the naive quadratic
 attention), run in any dtype, float64 for the reference. NSAttention (the NSA kinds) takes the
-same steps with NSA's quadratic reference (gatedfwa/ops/nsa/reference.py) as its attention."""
+same steps with NSA's quadratic reference (gatedfwa/ops/nsa/naive.py) as its attention."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from gatedfwa.ops.nsa.reference import naive_nsa_attention
-from gatedfwa.ops.window_attention.reference import naive_gated_window_attention
+from gatedfwa.ops.nsa.naive import naive_nsa_attention
+from gatedfwa.ops.window_attention.naive import naive_gated_window_attention
 
 
 # Each gate's formula written out literally (gatedfwa/ops/gate/kinds/), by the layer's gate name.

@@ -162,8 +162,8 @@ def test_gradients_match_reference(backend, device):
                     torch.float64)
     assert "decay_gate_proj.weight" in ref and "decay_gate_bias" in ref
     for name in ref:
-        # float32 slack as in tests/ops/test_gate.py: ten times it for the gradients that flow
-        # through the kernels' dg (sums of float32 row and column sums of dS).
+        # float32 slack as in tests/ops/window_attention/test_fused_gate.py: ten times it for the
+        # gradients that flow through the kernels' dg (sums of float32 row and column sums of dS).
         through_gate = backend == "triton" and name in ("dx", "decay_gate_proj.weight", "decay_gate_bias")
         atol = float32_slack(ref[name], torch.float32) * (10 if through_gate else 1)
         assert_within_rule(name, fast[name], naive[name], ref[name], atol=atol)

@@ -6,7 +6,7 @@ import torch
 import gatedfwa
 from gatedfwa.errors import ConfigError
 from gatedfwa.ops.backend import select_backend, use_backend
-from gatedfwa.ops.triton_support import triton
+from gatedfwa.ops.common.triton_support import triton
 
 needs_triton = pytest.mark.skipif(triton is None, reason="Triton is not installed")
 

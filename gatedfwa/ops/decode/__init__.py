@@ -3,8 +3,11 @@
     cache.py         WindowLayerCache (one layer's ring buffer), WindowCache (a model's layers)
     static_cache.py  StaticWindowLayerCache / StaticWindowCache: fixed shapes, the position on
                      the device (a decode step replays as a CUDA graph)
-    reference.py     the decode step in PyTorch
+    naive.py         the float64 oracle of the tests: the window op's reference on the whole
+                     stream
+    torch_path.py    the decode step in PyTorch
     kernels.py       the decode step in Triton (split window + log-sum-exp combine)
+    launch.py        the kernels' tile sizes and slot splits
     op.py            decode_gated_window_attention: checks, dispatch, cache update
     static_op.py     decode_static_step: the same against a static cache, no host position
     chunked.py       chunked prefill: a prompt chunk against [cached window || chunk]

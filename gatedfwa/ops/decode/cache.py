@@ -42,7 +42,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from gatedfwa.ops.validation import format_shape, check_gate_like
+from gatedfwa.ops.common.validation import check_float_tensor, check_gate_like, check_window, format_shape
 
 __all__ = ["WindowLayerCache", "WindowCache"]
 
@@ -62,10 +62,7 @@ class WindowLayerCache:
     """
 
     def __init__(self, window_size: int | None):
-        if window_size is not None and (isinstance(window_size, bool) or not isinstance(window_size, int)):
-            raise TypeError(f"window_size must be an int >= 1 or None, got {window_size!r}")
-        if window_size is not None and window_size < 1:
-            raise ValueError(f"window_size must be >= 1 (it counts the query itself) or None, got {window_size}")
+        check_window(window_size)
         self.window_size = window_size
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
@@ -194,13 +191,7 @@ class WindowLayerCache:
         """k/v [B, T, H, D] and g [B, T, HQ] (or None) agree with each other and, once
         allocated, with this cache (batch, heads, head dim, dtype, device, gate on/off)."""
         for name, x in ((k_name, k), (v_name, v)):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            if x.dim() != 4:
-                raise ValueError(f"{name} must have 4 dimensions [batch, seqlen, kv_heads, head_dim], "
-                                 f"got shape {format_shape(x)}")
-            if not x.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+            check_float_tensor(name, x, 4, "[batch, seqlen, kv_heads, head_dim]")
         if k.shape != v.shape:
             raise ValueError(f"{k_name} and {v_name} must have the same shape, got {format_shape(k)} and {format_shape(v)}")
         if k.dtype != v.dtype or k.device != v.device:

@@ -1,35 +1,19 @@
 """Triton decode step: one program per (batch row, key/value head, slot split) serves every
 query head of that key/value head and every new token, so the cached keys and values are read
 once per step; at small batch the slots are split over several programs (flash-decoding) whose
-partial softmax results _combine_kernel merges. op.py has the math; reference.py the PyTorch
+partial softmax results _combine_kernel merges. op.py has the math; torch_path.py the PyTorch
 version this is tested against."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from gatedfwa.ops.decode.cache import WindowLayerCache
-from gatedfwa.ops.triton_support import LOG2E, LOG2E_CONSTEXPR, cdiv, dot_precision, jit, next_power_of_2, tl
+from gatedfwa.ops.decode.launch import decode_config
+from gatedfwa.ops.common.online_softmax import softmax_step
+from gatedfwa.ops.common.triton_support import LOG2E, LOG2E_CONSTEXPR, cdiv, dot_precision, jit, next_power_of_2, tl
 
-__all__ = ["decode_config", "decode_attention_triton", "launch_decode"]
-
-
-@jit
-def _softmax_fold(acc, row_max, row_sum, s, v, DOT_PRECISION: tl.constexpr):
-    """Fold a tile of base-2 logits s [BLOCK_M, BLOCK_N] (-inf = invisible) and its values
-    v [BLOCK_N, BLOCK_D] into the running softmax (acc, row_max, row_sum)."""
-    new_max = tl.maximum(row_max, tl.max(s, 1))
-    # A row with no visible key so far keeps max = -inf; subtracting 0 then gives
-    # exp2(-inf) = 0 instead of NaN.
-    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-    p = tl.math.exp2(s - safe_max[:, None])
-    correction = tl.math.exp2(row_max - safe_max)
-    row_sum = row_sum * correction + tl.sum(p, 1)
-    acc = acc * correction[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, new_max, row_sum
+__all__ = ["decode_attention_triton", "launch_decode"]
 
 
 @jit
@@ -110,7 +94,7 @@ def _decode_kernel(
         s = tl.where(visible, s, float("-inf"))
         v = tl.load(v_base + slots[:, None] * stride_vcw + offs_d[None, :],
                     mask=slot_ok[:, None] & d_ok[None, :], other=0.0)
-        acc, row_max, row_sum = _softmax_fold(acc, row_max, row_sum, s, v, DOT_PRECISION)
+        acc, row_max, row_sum = softmax_step(acc, row_max, row_sum, s, v, DOT_PRECISION)
 
     # ---- the new tokens themselves, in the last split.
     if split == num_splits - 1:
@@ -130,7 +114,7 @@ def _decode_kernel(
         s = tl.where(visible, s, float("-inf"))
         v = tl.load(V_NEW + b * stride_vnb + fresh[:, None] * stride_vnl + h * stride_vnh + offs_d[None, :],
                     mask=fresh_ok[:, None] & d_ok[None, :], other=0.0)
-        acc, row_max, row_sum = _softmax_fold(acc, row_max, row_sum, s, v, DOT_PRECISION)
+        acc, row_max, row_sum = softmax_step(acc, row_max, row_sum, s, v, DOT_PRECISION)
 
     if SPLIT:
         part = (pid_bh * num_splits + split) * tl.num_programs(2) * BLOCK_M + rows
@@ -179,35 +163,6 @@ def _combine_kernel(
     q_head = h * GROUP + rows % GROUP
     tl.store(O + b * stride_ob + token[:, None] * stride_ol + q_head[:, None] * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    # Looked up once per GPU: decode_config runs on every layer of every decode step.
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def decode_config(batch: int, num_kv_heads: int, group: int, length: int, head_dim: int, used_slots: int,
-                  device: torch.device) -> dict:
-    """Tile sizes and the number of slot splits for one decode step."""
-    rows = length * group
-    block_m = min(64, max(16, next_power_of_2(rows)))
-    block_n = 64 if head_dim <= 128 else 32
-    row_blocks = cdiv(rows, block_m)
-    programs = batch * num_kv_heads * row_blocks
-    # Enough programs to keep every SM streaming (flash-decoding): at batch 1 the window is
-    # all the work there is, so it is cut into splits of as little as 2 tiles (B=1, H=8,
-    # w=4096: 32 splits, 256 programs); the combine then reads 32 partial rows per output
-    # row, about 6% of the bytes the splits read.
-    wanted = cdiv(4 * _num_sms(device), programs)
-    num_splits = max(1, min(wanted, cdiv(used_slots, 2 * block_n)))
-    return dict(block_m=block_m, block_n=block_n, num_splits=num_splits, num_warps=4, num_stages=2)
 
 
 def decode_attention_triton(

@@ -17,7 +17,7 @@ slots serve L > 1: a new token's slot holds a token that some earlier new query 
 need.
 
 Two implementations:
-* reference.py, :func:`decode_attention_torch`: plain PyTorch, float32 math (any device).
+* torch_path.py, :func:`decode_attention_torch`: plain PyTorch, float32 math (any device).
 * kernels.py, :func:`decode_attention_triton`: one Triton program per (batch row, key/value head, slot
   split) serves every query head of that key/value head and every new token, so the cached
   keys and values are read once per step. At small batch the slots are split over several
@@ -33,9 +33,9 @@ import torch
 
 from gatedfwa.ops.backend import select_backend
 from gatedfwa.ops.decode.cache import WindowLayerCache
-from gatedfwa.ops.decode.reference import decode_attention_torch
-from gatedfwa.ops.triton_support import triton
-from gatedfwa.ops.validation import check_attention_tensor, check_log_gate_values, check_scale, format_shape
+from gatedfwa.ops.decode.torch_path import decode_attention_torch
+from gatedfwa.ops.common.triton_support import triton
+from gatedfwa.ops.common.validation import check_attention_tensor, check_log_gate_values, check_scale, format_shape
 
 __all__ = ["MAX_DECODE_LENGTH", "decode_gated_window_attention"]
 

@@ -32,6 +32,7 @@ from typing import Sequence
 
 import torch
 
+from gatedfwa.ops.common.validation import check_positive_int
 from gatedfwa.ops.decode.cache import WindowCache, WindowLayerCache
 
 __all__ = ["StaticWindowLayerCache", "StaticWindowCache"]
@@ -57,11 +58,10 @@ class StaticWindowLayerCache(WindowLayerCache):
         self.next_position: torch.Tensor | None = None
         super().__init__(window_size)
         if window_size is None:
-            if max_length is None or isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-                raise ValueError(
-                    "max_length (an int >= 1, the longest stream the cache holds) is required for a layer "
-                    f"without window, got {max_length!r}"
-                )
+            if max_length is None:
+                raise ValueError("max_length (an int >= 1, the longest stream the cache holds) is required for a "
+                                 "layer without window")
+            check_positive_int("max_length", max_length)
         self.max_length = max_length
         self.prefilled = False
 
@@ -165,9 +165,8 @@ class StaticWindowCache(WindowCache):
 
     def __init__(self, window_sizes: Sequence[int | None], max_length: int | None = None,
                  prefill_chunk_size: int | None = None):
-        if prefill_chunk_size is not None and (isinstance(prefill_chunk_size, bool)
-                                               or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1):
-            raise ValueError(f"prefill_chunk_size must be an int >= 1 or None, got {prefill_chunk_size!r}")
+        if prefill_chunk_size is not None:
+            check_positive_int("prefill_chunk_size", prefill_chunk_size)
         self.layers = [StaticWindowLayerCache(w, max_length) for w in window_sizes]
         self.max_length = max_length
         self.prefill_chunk_size = prefill_chunk_size

@@ -11,8 +11,9 @@ The math is op.py's; what differs is where the position lives. The step
    layer without window), computed on the device, with index_copy_;
 3. advances next_position and token_counts by L on the device.
 
-On the Triton path the kernels run inside a ``torch.library`` custom op, so that
-torch.compile(fullgraph=True) keeps them whole and a CUDA graph captures their launches.
+On the Triton path the kernels are a ``torch.library`` custom op (a KernelOp,
+gatedfwa/ops/common/custom_op.py), so that torch.compile(fullgraph=True) keeps them whole and
+a CUDA graph captures their launches.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from __future__ import annotations
 import torch
 
 from gatedfwa.ops.backend import select_backend
+from gatedfwa.ops.common.custom_op import KernelOp
 from gatedfwa.ops.decode.cache import _suffix_sums_after
 from gatedfwa.ops.decode.op import check_decode_args
-from gatedfwa.ops.decode.reference import decode_attention_torch
+from gatedfwa.ops.decode.torch_path import decode_attention_torch
 from gatedfwa.ops.decode.static_cache import StaticWindowLayerCache
-from gatedfwa.ops.triton_support import triton
+from gatedfwa.ops.common.triton_support import triton
 
 __all__ = ["decode_static_step"]
 
@@ -38,8 +40,11 @@ def _launch(q, k_new, v_new, g_new, keys, values, decays, positions, next_positi
 
 # Two custom ops, gated and ungated, rather than one with an optional mutated argument: a
 # mutated argument that is None trips Inductor's functionalisation under fullgraph compile.
-@torch.library.custom_op("gatedfwa::decode_static_attention", mutates_args=("decays",))
-def _decode_static_attention(
+# Neither has a backward (decoding takes no gradient): each is a KernelOp of a forward alone,
+# whose eager calls run the launch directly.
+
+
+def _gated_step(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, g_new: torch.Tensor,
     keys: torch.Tensor, values: torch.Tensor, decays: torch.Tensor, positions: torch.Tensor,
     next_position: torch.Tensor, window_size: int | None, scale: float,
@@ -49,13 +54,11 @@ def _decode_static_attention(
     return _launch(q, k_new, v_new, g_new, keys, values, decays, positions, next_position, window_size, scale)
 
 
-@_decode_static_attention.register_fake
-def _(q, k_new, v_new, g_new, keys, values, decays, positions, next_position, window_size, scale):
+def _gated_step_fake(q, k_new, v_new, g_new, keys, values, decays, positions, next_position, window_size, scale):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("gatedfwa::decode_static_attention_ungated", mutates_args=())
-def _decode_static_attention_ungated(
+def _ungated_step(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     positions: torch.Tensor, next_position: torch.Tensor, window_size: int | None, scale: float,
 ) -> torch.Tensor:
@@ -63,9 +66,14 @@ def _decode_static_attention_ungated(
     return _launch(q, k_new, v_new, None, keys, values, None, positions, next_position, window_size, scale)
 
 
-@_decode_static_attention_ungated.register_fake
-def _(q, k_new, v_new, keys, values, positions, next_position, window_size, scale):
+def _ungated_step_fake(q, k_new, v_new, keys, values, positions, next_position, window_size, scale):
     return torch.empty_like(q)
+
+
+_decode_static_attention = KernelOp("gatedfwa::decode_static_attention", _gated_step, _gated_step_fake,
+                                    mutates_args=("decays",))
+_decode_static_attention_ungated = KernelOp("gatedfwa::decode_static_attention_ungated", _ungated_step,
+                                            _ungated_step_fake)
 
 
 def decode_static_step(

@@ -14,8 +14,8 @@ relative accuracy: 3e-6 at x = -50, far more than the reference's one rounding.
 from __future__ import annotations
 
 # Triton is optional: without it these functions are defined but never compiled.
-from gatedfwa.ops.triton_support import LOG2E_CONSTEXPR as LOG2E
-from gatedfwa.ops.triton_support import constexpr, jit, tl
+from gatedfwa.ops.common.triton_support import LOG2E_CONSTEXPR as LOG2E
+from gatedfwa.ops.common.triton_support import constexpr, jit, tl
 
 __all__ = ["exp_nonpositive", "log1p_unit", "gate_terms", "log_gate", "log_gate_derivatives"]
 
@@ -99,7 +99,7 @@ def log_gate(a, beta_pre):
 @jit
 def log_gate_derivatives(a, beta_pre):
     """(dg/da, dg/dbeta_pre) for float32 blocks: dg/da = sigmoid(-z), dg/dbeta_pre =
-    h(z) beta'(beta_pre) / beta^2 with h(z) = log1p(e) + |z| e / (1 + e) (reference.py)."""
+    h(z) beta'(beta_pre) / beta^2 with h(z) = log1p(e) + |z| e / (1 + e) (kinds/sharpened.py)."""
     beta, z_abs, e, log1p_e = gate_terms(a, beta_pre)
     # One reciprocal serves both sigmoid(-z) and h.
     e_over = e / (1.0 + e)

@@ -1,26 +1,21 @@
 """Triton kernels of the gate: the log gates from the gate's inputs and their backward, on
-2-D views [rows, H] with unit stride along H, and their launchers. The formula comes from a
-GateSpec (spec.py): its device functions reach the kernels as constexpr arguments (VALUE,
-DERIVATIVES) and are inlined, and INPUTS (1 or 2) says how many inputs per head are read and
-differentiated. The op and its autograd are in op.py."""
+2-D views [rows, H] with unit stride along H, and their launchers (block sizes: launch.py).
+The formula comes from a GateSpec (spec.py): its device functions reach the kernels as
+constexpr arguments (VALUE, DERIVATIVES) and are inlined, and INPUTS (1 or 2) says how many
+inputs per head are read and differentiated. The op and its autograd are in op.py."""
 
 from __future__ import annotations
 
 import torch
 
+from gatedfwa.ops.gate import launch
 from gatedfwa.ops.gate.registry import DEFAULT_GATE, gate_spec
 from gatedfwa.ops.gate.spec import GateSpec
 # Triton is optional: without it the kernels below are never launched.
-from gatedfwa.ops.triton_support import cdiv, jit, next_power_of_2, tl, triton
+from gatedfwa.ops.common.triton_support import cdiv, jit, tl, triton
 
-__all__ = ["ELEMENTS_PER_PROGRAM", "allocate", "gate_forward_2d", "gate_backward_2d"]
+__all__ = ["gate_forward_2d", "gate_backward_2d"]
 
-
-# Elements (rows x heads) each program handles: on an H200 the backward was fastest with 1024
-# (4 warps) of 1024-8192 elements and 2-16 warps, at B*T*H = 2^19 and 2^23. Tests lower it to
-# get many programs and ragged tails.
-ELEMENTS_PER_PROGRAM = 1024
-NUM_WARPS = 4
 
 @jit
 def _tile_offsets(pid, num_rows, num_heads, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -129,19 +124,6 @@ def _gate_backward_kernel(
 # ======================================================================================
 
 
-def allocate(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised output buffer. Tests replace this to fill outputs with NaN, which shows
-    any element a kernel fails to write."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _launch_shape(num_rows: int, num_heads: int, elements_per_program: int | None):
-    block_h = next_power_of_2(max(num_heads, 1))
-    elements = elements_per_program or ELEMENTS_PER_PROGRAM
-    block_rows = max(1, min(next_power_of_2(max(num_rows, 1)), elements // block_h))
-    return block_rows, block_h, cdiv(num_rows, block_rows)
-
-
 def _require_triton() -> None:
     if triton is None:
         raise ImportError(
@@ -170,15 +152,15 @@ def gate_forward_2d(a, beta_pre, bias, elements_per_program=None, spec: GateSpec
     spec = spec or gate_spec(DEFAULT_GATE)
     second = _second_input(spec, a, beta_pre, "beta_pre")
     num_rows, num_heads = a.shape
-    g = allocate((num_rows, num_heads), torch.float32, a.device)
+    g = launch.allocate((num_rows, num_heads), torch.float32, a.device)
     if g.numel() == 0:
         return g
-    block_rows, block_h, programs = _launch_shape(num_rows, num_heads, elements_per_program)
+    block_rows, block_h, programs = launch.launch_shape(num_rows, num_heads, elements_per_program)
     _gate_forward_kernel[(programs,)](
         a, second, bias if bias is not None else a, g,
         num_rows, num_heads, a.stride(0), second.stride(0),
         VALUE=spec.device_value, INPUTS=spec.inputs_per_head,
-        HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=NUM_WARPS,
+        HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=launch.NUM_WARPS,
     )
     return g
 
@@ -202,16 +184,16 @@ def gate_backward_2d(dg, a, beta_pre, bias, da, dbeta_pre, elements_per_program=
     # Programs never straddle two batch rows, so that dg's rows stay contiguous in each.
     seqlen = dg_seqlen or num_rows
     batch = num_rows // seqlen
-    block_rows, block_h, _ = _launch_shape(seqlen, num_heads, elements_per_program)
+    block_rows, block_h, _ = launch.launch_shape(seqlen, num_heads, elements_per_program)
     grid = (cdiv(seqlen, block_rows), batch)
     partial = (
-        allocate((grid[0] * grid[1], num_heads), torch.float32, a.device) if bias is not None else dg
+        launch.allocate((grid[0] * grid[1], num_heads), torch.float32, a.device) if bias is not None else dg
     )
     _gate_backward_kernel[grid](
         dg, a, second, bias if bias is not None else a, da, dsecond, partial,
         seqlen, num_heads, a.stride(0), second.stride(0), da.stride(0), dsecond.stride(0),
         DERIVATIVES=spec.device_derivatives, INPUTS=spec.inputs_per_head,
         HAS_BIAS=bias is not None, DG_BY_HEAD=dg_seqlen is not None,
-        BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=NUM_WARPS,
+        BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=launch.NUM_WARPS,
     )
     return None if bias is None else partial.sum(dim=0)

@@ -13,14 +13,17 @@ one matmul, gate_pre = x @ gate_weight^T of shape [B, T, n H] (input 0, a's pre-
 in the first H columns; for the default gate beta's pre-activation in the last H). The
 forward kernel here reads gate_pre (and b_g) once and writes g [B, T, H] float32, for users
 who want the gates themselves. The attention path does not need g: gated_fwa_attention has
-the kernel of chunk_sums.py turn gate_pre straight into the chunk-local gate sums the
-attention kernels read. Either way, the backward kernel reads the attention's dg, recomputes
+the kernel of gatedfwa/ops/window_attention/chunk_sums.py turn gate_pre straight into the
+chunk-local gate sums the attention kernels read. Either way, the backward kernel reads the attention's dg, recomputes
 the gate terms from gate_pre, and writes d(gate_pre) [B, T, n H] and partial sums for d(b_g)
 in one pass; nothing [B, T, H]-sized is stored between the two.
 
-Numerics of the default gate follow the stable forms of reference.py (finite values and
+Numerics of the default gate follow the stable forms of kinds/sharpened.py (finite values and
 gradients from beta ~ 1e-22 to beta ~ 50 and |a| up to 1e4 and beyond); the device functions
-are in device_math.py.
+are in device_math.py. On the Triton backend each op is a KernelOp
+(gatedfwa/ops/common/custom_op.py): custom ops with a registered backward under
+torch.compile, an autograd.Function in eager calls, the launcher alone when no gradient is
+recorded.
 
 Public functions:
     compute_log_gates(a, beta_pre, cu_seqlens=None, gate=...)   -> g [B, T, H] float32
@@ -33,11 +36,12 @@ from __future__ import annotations
 import torch
 
 from gatedfwa.ops.backend import select_backend
-from gatedfwa.ops.gate import kernels
+from gatedfwa.ops.common.custom_op import KernelOp, no_gradient
+from gatedfwa.ops.gate import kernels, launch
 from gatedfwa.ops.gate.registry import DEFAULT_GATE, gate_spec
 from gatedfwa.ops.gate.spec import GateSpec
 from gatedfwa.ops.gate.torch_path import torch_log_gates
-from gatedfwa.ops.validation import check_cu_seqlens, check_float_tensor, format_shape
+from gatedfwa.ops.common.validation import check_cu_seqlens, check_float_tensor, format_shape
 
 __all__ = ["compute_log_gates", "log_gates_from_projection", "projection_backward", "check_gate_bias"]
 
@@ -48,16 +52,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 # ======================================================================================
-# Custom ops (opaque to torch.compile, with registered backward)
+# The Triton path as KernelOps
 # ======================================================================================
 
 
-def _no_gradient(x: torch.Tensor) -> torch.Tensor:
-    """What a custom op returns for an absent gradient (its outputs cannot be None)."""
-    return x.new_empty((0,))
-
-
-def _log_gates_forward(a: torch.Tensor, beta_pre: torch.Tensor | None, gate: str) -> torch.Tensor:
+def _log_gates_forward(a: torch.Tensor, beta_pre: torch.Tensor | None, gate: str = DEFAULT_GATE) -> torch.Tensor:
     """a, beta_pre [B, T, H] (beta_pre None for one-input gates) -> g [B, T, H] float32 (the
     kernel launch)."""
     a = a.contiguous()
@@ -65,62 +64,52 @@ def _log_gates_forward(a: torch.Tensor, beta_pre: torch.Tensor | None, gate: str
     return kernels.gate_forward_2d(_rows(a), second, None, spec=gate_spec(gate)).view(a.shape)
 
 
-@torch.library.custom_op("gatedfwa::log_gates", mutates_args=(), device_types=None)
-def _log_gates_op(a: torch.Tensor, beta_pre: torch.Tensor | None, gate: str = DEFAULT_GATE) -> torch.Tensor:
-    return _log_gates_forward(a, beta_pre, gate)
-
-
-@_log_gates_op.register_fake
-def _(a, beta_pre, gate=DEFAULT_GATE):
+def _log_gates_fake(a, beta_pre, gate=DEFAULT_GATE):
     return a.new_empty(a.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("gatedfwa::log_gates_backward", mutates_args=(), device_types=None)
-def _log_gates_backward_op(
+def _log_gates_backward(
     dg: torch.Tensor, a: torch.Tensor, beta_pre: torch.Tensor | None, gate: str = DEFAULT_GATE
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _log_gates_backward_impl(dg, a, beta_pre, gate)
-
-
-def _log_gates_backward_impl(dg, a, beta_pre, gate=DEFAULT_GATE):
     """(da, dbeta_pre) in a's and beta_pre's dtypes from dg [B, T, H]; dbeta_pre is an empty
     tensor without beta_pre (one-input gates)."""
     a = a.contiguous()
-    da = kernels.allocate(a.shape, a.dtype, a.device)
+    da = launch.allocate(a.shape, a.dtype, a.device)
     if beta_pre is None:
         second = dsecond = None
-        dbeta_pre = _no_gradient(a)
+        dbeta_pre = no_gradient(a)
     else:
         beta_pre = beta_pre.contiguous()
-        dbeta_pre = kernels.allocate(beta_pre.shape, beta_pre.dtype, beta_pre.device)
+        dbeta_pre = launch.allocate(beta_pre.shape, beta_pre.dtype, beta_pre.device)
         second, dsecond = _rows(beta_pre), _rows(dbeta_pre)
     kernels.gate_backward_2d(_rows(dg.float().contiguous()), _rows(a), second, None, _rows(da), dsecond,
                              spec=gate_spec(gate))
     return da, dbeta_pre
 
 
-@_log_gates_backward_op.register_fake
-def _(dg, a, beta_pre, gate=DEFAULT_GATE):
-    d_second = _no_gradient(a) if beta_pre is None else torch.empty_like(beta_pre, memory_format=torch.contiguous_format)
+def _log_gates_backward_fake(dg, a, beta_pre, gate=DEFAULT_GATE):
+    d_second = no_gradient(a) if beta_pre is None else torch.empty_like(beta_pre, memory_format=torch.contiguous_format)
     return torch.empty_like(a, memory_format=torch.contiguous_format), d_second
 
 
-def _log_gates_setup(ctx, inputs, output):
+def _log_gates_save(ctx, inputs, output):
     a, beta_pre, gate = inputs
     ctx.save_for_backward(a, beta_pre)
     ctx.gate = gate
     ctx.has_second = beta_pre is not None
 
 
-def _log_gates_backward(ctx, dg, backward=_log_gates_backward_op):
-    """(da, dbeta_pre or None, None); `backward` is the backward custom op (compiled graphs)
-    or _log_gates_backward_impl (eager calls)."""
+def _log_gates_gradients(ctx, backward, dg):
+    """(da, dbeta_pre or None, None)."""
     a, beta_pre = ctx.saved_tensors
     da, dbeta_pre = backward(dg, a, beta_pre, ctx.gate)
     return da, (dbeta_pre if ctx.has_second else None), None
 
 
-_log_gates_op.register_autograd(_log_gates_backward, setup_context=_log_gates_setup)
+_log_gates = KernelOp(
+    "gatedfwa::log_gates", _log_gates_forward, _log_gates_fake, backward=_log_gates_backward,
+    backward_fake=_log_gates_backward_fake, save=_log_gates_save, gradients=_log_gates_gradients,
+)
 
 
 def _split_projection(gate_pre: torch.Tensor, spec: GateSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -140,29 +129,42 @@ def _projection_forward(gate_pre: torch.Tensor, bias: torch.Tensor | None, gate:
     return g.view(*gate_pre.shape[:-1], num_heads)
 
 
-@torch.library.custom_op("gatedfwa::log_gates_from_projection", mutates_args=(), device_types=None)
-def _projection_op(gate_pre: torch.Tensor, bias: torch.Tensor | None, gate: str = DEFAULT_GATE) -> torch.Tensor:
-    return _projection_forward(gate_pre, bias, gate)
-
-
-@_projection_op.register_fake
-def _(gate_pre, bias, gate=DEFAULT_GATE):
+def _projection_fake(gate_pre, bias, gate=DEFAULT_GATE):
     num_heads = gate_pre.shape[-1] // gate_spec(gate).inputs_per_head
     return gate_pre.new_empty((*gate_pre.shape[:-1], num_heads), dtype=torch.float32)
 
 
-@torch.library.custom_op("gatedfwa::log_gates_from_projection_backward", mutates_args=(), device_types=None)
-def _projection_backward_op(
+def _projection_backward(
     dg: torch.Tensor, gate_pre: torch.Tensor, bias: torch.Tensor | None, gate: str = DEFAULT_GATE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (d gate_pre [B, T, n H] in gate_pre's dtype, d bias [H] in bias's dtype, or an
-    empty tensor without bias)."""
-    return _projection_backward_impl(dg, gate_pre, bias, gate)
-
-
-def _projection_backward_impl(dg, gate_pre, bias, gate=DEFAULT_GATE):
-    """projection_backward from dg [B, T, H]."""
+    empty tensor without bias) from dg [B, T, H]."""
     return projection_backward(_rows(dg.float().contiguous()), gate_pre, bias, gate=gate)
+
+
+def _projection_backward_fake(dg, gate_pre, bias, gate=DEFAULT_GATE):
+    d_bias = no_gradient(gate_pre) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(gate_pre, memory_format=torch.contiguous_format), d_bias
+
+
+def _projection_save(ctx, inputs, output):
+    gate_pre, bias, gate = inputs
+    ctx.save_for_backward(gate_pre, bias)
+    ctx.has_bias = bias is not None
+    ctx.gate = gate
+
+
+def _projection_gradients(ctx, backward, dg):
+    """(d gate_pre, d bias or None, None)."""
+    gate_pre, bias = ctx.saved_tensors
+    d_gate_pre, d_bias = backward(dg, gate_pre, bias, ctx.gate)
+    return d_gate_pre, (d_bias if ctx.has_bias else None), None
+
+
+_projection = KernelOp(
+    "gatedfwa::log_gates_from_projection", _projection_forward, _projection_fake, backward=_projection_backward,
+    backward_fake=_projection_backward_fake, save=_projection_save, gradients=_projection_gradients,
+)
 
 
 def projection_backward(dg: torch.Tensor, gate_pre: torch.Tensor, bias: torch.Tensor | None,
@@ -172,65 +174,15 @@ def projection_backward(dg: torch.Tensor, gate_pre: torch.Tensor, bias: torch.Te
     dg_seqlen = T. gate: the registered gate's name (n inputs per head)."""
     spec = gate_spec(gate)
     gate_pre = gate_pre.contiguous()
-    d_gate_pre = kernels.allocate(gate_pre.shape, gate_pre.dtype, gate_pre.device)
+    d_gate_pre = launch.allocate(gate_pre.shape, gate_pre.dtype, gate_pre.device)
     a, second = _split_projection(_rows(gate_pre), spec)
     da, dsecond = _split_projection(_rows(d_gate_pre), spec)
     d_bias = kernels.gate_backward_2d(
         dg, a, second, None if bias is None else bias.contiguous(), da, dsecond, dg_seqlen=dg_seqlen, spec=spec,
     )
     if d_bias is None:
-        return d_gate_pre, _no_gradient(gate_pre)
+        return d_gate_pre, no_gradient(gate_pre)
     return d_gate_pre, d_bias.to(bias.dtype)
-
-
-@_projection_backward_op.register_fake
-def _(dg, gate_pre, bias, gate=DEFAULT_GATE):
-    d_bias = _no_gradient(gate_pre) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(gate_pre, memory_format=torch.contiguous_format), d_bias
-
-
-def _projection_setup(ctx, inputs, output):
-    gate_pre, bias, gate = inputs
-    ctx.save_for_backward(gate_pre, bias)
-    ctx.has_bias = bias is not None
-    ctx.gate = gate
-
-
-def _projection_backward(ctx, dg, backward=_projection_backward_op):
-    """(d gate_pre, d bias or None, None); `backward` is the backward custom op (compiled
-    graphs) or _projection_backward_impl (eager calls)."""
-    gate_pre, bias = ctx.saved_tensors
-    d_gate_pre, d_bias = backward(dg, gate_pre, bias, ctx.gate)
-    return d_gate_pre, (d_bias if ctx.has_bias else None), None
-
-
-_projection_op.register_autograd(_projection_backward, setup_context=_projection_setup)
-
-
-# Eager calls skip the custom ops' dispatch (tens of microseconds of host time per call):
-# these autograd.Functions run the same launches. torch.compile gets the custom ops.
-
-
-class _LogGates(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        _log_gates_setup(ctx, inputs, None)
-        return _log_gates_forward(*inputs)
-
-    @staticmethod
-    def backward(ctx, dg):
-        return _log_gates_backward(ctx, dg, _log_gates_backward_impl)
-
-
-class _Projection(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        _projection_setup(ctx, inputs, None)
-        return _projection_forward(*inputs)
-
-    @staticmethod
-    def backward(ctx, dg):
-        return _projection_backward(ctx, dg, _projection_backward_impl)
 
 
 # ======================================================================================
@@ -328,9 +280,7 @@ def compute_log_gates(
     spec = gate_spec(gate)
     inputs = check_log_gate_args(spec, a, beta_pre, cu_seqlens)
     if select_backend(a.device) == "triton":
-        if torch.compiler.is_compiling():
-            return _log_gates_op(a, beta_pre, spec.name)
-        return _LogGates.apply(a, beta_pre, spec.name)
+        return _log_gates(a, beta_pre, spec.name)
     return torch_log_gates(spec, *inputs).float()
 
 
@@ -352,12 +302,8 @@ def log_gates_from_projection(gate_pre: torch.Tensor, gate_bias: torch.Tensor | 
     spec = gate_spec(gate)
     check_projection_args(gate_pre, gate_bias, spec)
     if select_backend(gate_pre.device) == "triton":
-        if torch.compiler.is_compiling():
-            return _projection_op(gate_pre, gate_bias, spec.name)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate_pre, gate_bias)):
-            return _Projection.apply(gate_pre, gate_bias, spec.name)
-        # Inference (decoding calls this once per layer per token): the launcher directly.
-        return _projection_forward(gate_pre, gate_bias, spec.name)
+        # Under no_grad (decoding calls this once per layer per token) the launcher runs alone.
+        return _projection(gate_pre, gate_bias, spec.name)
     num_heads = gate_pre.shape[-1] // spec.inputs_per_head
     a = gate_pre[..., :num_heads].float()
     if gate_bias is not None:

@@ -2,11 +2,20 @@
 
     from gatedfwa.ops.nsa import nsa_attention
 
-Files: op.py (public entry, dispatch), validation.py (argument checks), reference.py (the
-quadratic specification), chunked.py (PyTorch path with bounded memory), sliding.py (the
-window op as the sliding branch), and the Triton path: pooling.py (block summaries),
-compressed.py, selection.py, selected.py and selected_block_major.py (kernels), autograd.py
-(their composition).
+Files:
+    naive.py        the float64 oracle of the tests (quadratic), and the rules in words
+    rules.py        the rules every path shares: block summaries, compressed attention, the
+                    selection rule, the branches' combination
+    torch_path.py   the PyTorch path with bounded memory
+    sliding.py      the sliding branch: the window op
+    layout.py       sizes and sequence bookkeeping of one call
+    pooling.py      block summaries for the Triton path (PyTorch autograd)
+    tiles.py        device helpers of the kernels
+    compressed.py, selection.py, selected.py, selected_block_major.py   the Triton kernels
+    launch.py       the kernels' tile sizes, warps and output buffers
+    triton_path.py  the Triton path: the kernels composed, with their custom ops
+    validation.py   argument checks
+    op.py           nsa_attention: checks, dispatch
 Decoding: cache.py (NSALayerCache: window ring buffer, every key/value, block summaries) and
 decode.py (decode_nsa_attention, the step in PyTorch).
 docs/nsa.md describes the math.

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from gatedfwa.ops.common.validation import check_positive_int
 from gatedfwa.ops.decode import WindowLayerCache
 
 __all__ = ["NSALayerCache"]
@@ -50,8 +51,7 @@ class NSALayerCache:
     """
 
     def __init__(self, window_size: int | None, block_size: int):
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        check_positive_int("block_size", block_size)
         self.window = WindowLayerCache(window_size)
         self.kept = WindowLayerCache(None)
         self.block_size = block_size

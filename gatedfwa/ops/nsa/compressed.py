@@ -1,7 +1,7 @@
 """Triton kernels of the compressed branch: attention over block summaries.
 
 Query t of a sequence sees summary c once block c is complete: (c + 1) * block_size <= t + 1
-(reference.py). A program holds the query heads of one kv head for BLOCK_Q consecutive
+(naive.py). A program holds the query heads of one kv head for BLOCK_Q consecutive
 queries as ROWS = BLOCK_Q * GROUP_PAD rows (layout.py) and walks the summary tiles its last
 query can see; the causal mask is per row (visible count (t + 1) // block_size).
 
@@ -17,23 +17,21 @@ from __future__ import annotations
 
 import torch
 
-from gatedfwa.ops.nsa import tiles
+from gatedfwa.ops.nsa import launch
 from gatedfwa.ops.nsa.layout import SequenceLayout
+from gatedfwa.ops.common.online_softmax import softmax_lse, softmax_output, softmax_step
 from gatedfwa.ops.nsa.tiles import (
-    finish_softmax,
-    kernel_flags,
     load_gradient_rows,
     load_keys,
     load_rows,
     probabilities,
     query_rows,
     query_tile_rows,
-    softmax_step,
     store_rows,
     summary_bounds,
 )
-from gatedfwa.ops.triton_support import LOG2E, cdiv, interpreting, jit, tl, token_and_head_strides
-from gatedfwa.ops.varlen import sequence_bounds
+from gatedfwa.ops.common.triton_support import LOG2E, cdiv, jit, tl, token_and_head_strides
+from gatedfwa.ops.common.varlen import sequence_bounds
 
 __all__ = ["compressed_forward", "compressed_backward"]
 
@@ -66,7 +64,8 @@ def _compressed_forward_kernel(
         s = tl.where(offs_c[None, :] < visible[:, None], s, float("-inf"))
         v = load_keys(VC, first_summary + offs_c, c_ok, kv_head, offs_d, stride_vt, stride_vh, HEAD_DIM, False)
         acc, row_max, row_sum = softmax_step(acc, row_max, row_sum, s, v, DOT_PRECISION)
-    out, lse = finish_softmax(acc, row_max, row_sum)
+    out = softmax_output(acc, row_sum)
+    lse = softmax_lse(row_max, row_sum)
     store_rows(O, out, position, head, valid, offs_d, stride_ot, stride_oh, HEAD_DIM)
     tl.store(LSE + position * num_q_heads + head, lse, mask=valid)
 
@@ -160,14 +159,6 @@ def _compressed_dkdv_kernel(
              dv, mask=mask)
 
 
-def _config(layout: SequenceLayout) -> dict:
-    """ROWS query rows per program (at least one group), BLOCK_C summaries per tile."""
-    if interpreting():
-        return dict(ROWS=max(64, layout.group_pad), BLOCK_C=16, num_warps=4, num_stages=1)
-    rows = max(64 if layout.block_d <= 128 else 32, layout.group_pad)
-    return dict(ROWS=rows, BLOCK_C=64 if layout.block_d <= 128 else 32, num_warps=4, num_stages=2)
-
-
 def _sequence_pointers(layout: SequenceLayout, q: torch.Tensor):
     """(cu_seqlens, summary offsets) pointers; q stands in for both without varlen (never read)."""
     return (layout.cu_seqlens if layout.varlen else q), (layout.summary_offsets if layout.varlen else q)
@@ -183,18 +174,18 @@ def compressed_forward(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, T, HQ, D] contiguous, k_cmp/v_cmp [num_summaries, H, D] (pooling.py).
     Returns o_cmp [B, T, HQ, D] in q's dtype and lse2 [B*T, HQ] float32 (base 2)."""
-    o = tiles.allocate_like(q)
+    o = launch.allocate_like(q)
     lse = torch.empty((layout.batch * layout.seqlen, layout.num_q_heads), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return o, lse
     k_cmp, v_cmp = _nonempty(k_cmp), _nonempty(v_cmp)
-    config = _config(layout)
+    config = launch.CONFIGS["compressed"](layout)
     cu, offsets = _sequence_pointers(layout, q)
     _compressed_forward_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k_cmp, v_cmp, o, lse, cu, offsets,
         *token_and_head_strides(q), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1), *token_and_head_strides(o),
         layout.seqlen, layout.summaries_per_seq, layout.num_q_heads, layout.block_size, scale * LOG2E,
-        **kernel_flags(layout, q), **config,
+        **launch.kernel_flags(layout, q), **config,
     )
     return o, lse
 
@@ -202,59 +193,33 @@ def compressed_forward(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor
 def compressed_backward(do, q, k_cmp, v_cmp, o, lse, layout: SequenceLayout, scale: float):
     """Gradients (dq [B, T, HQ, D], dk_cmp, dv_cmp [num_summaries, H, D]) in the inputs' dtypes,
     from the forward's o and lse2."""
-    dq = tiles.allocate_like(q)
-    dk_cmp = tiles.allocate_like(k_cmp)
-    dv_cmp = tiles.allocate_like(v_cmp)
+    dq = launch.allocate_like(q)
+    dk_cmp = launch.allocate_like(k_cmp)
+    dv_cmp = launch.allocate_like(v_cmp)
     if q.numel() == 0:
         return dq, dk_cmp, dv_cmp
     delta = (o.float() * do.float()).sum(-1).reshape(-1, layout.num_q_heads)
     k_in, v_in = _nonempty(k_cmp), _nonempty(v_cmp)
-    config = _config(layout)
+    config = launch.CONFIGS["compressed"](layout)
     cu, offsets = _sequence_pointers(layout, q)
     sizes = (layout.seqlen, layout.summaries_per_seq, layout.num_q_heads, layout.block_size, scale * LOG2E, scale)
     _compressed_dq_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k_in, v_in, do, lse, delta, dq, cu, offsets,
         *token_and_head_strides(q), k_in.stride(0), k_in.stride(1), v_in.stride(0), v_in.stride(1), *token_and_head_strides(do),
-        *token_and_head_strides(dq), *sizes, **kernel_flags(layout, q), **config,
+        *token_and_head_strides(dq), *sizes, **launch.kernel_flags(layout, q), **config,
     )
     if k_cmp.shape[0] > 0:
         tiles_per_seq = cdiv(max(layout.max_summaries, 1), config["BLOCK_C"])
-        span, splits = query_splits(layout, tiles_per_seq * layout.num_seqs * layout.num_kv_heads)
+        span, splits = launch.query_splits(layout, tiles_per_seq * layout.num_seqs * layout.num_kv_heads)
         # float32 partial sums, one per split of the queries (summed below: no atomics).
-        dk_part = tiles.allocate_like(k_cmp.new_empty((splits, *k_cmp.shape), dtype=torch.float32))
-        dv_part = tiles.allocate_like(dk_part)
+        dk_part = launch.allocate_like(k_cmp.new_empty((splits, *k_cmp.shape), dtype=torch.float32))
+        dv_part = launch.allocate_like(dk_part)
         _compressed_dkdv_kernel[(tiles_per_seq * splits, layout.num_seqs, layout.num_kv_heads)](
             q, k_cmp, v_cmp, do, lse, delta, dk_part, dv_part, cu, offsets,
             *token_and_head_strides(q), k_cmp.stride(0), k_cmp.stride(1), v_cmp.stride(0), v_cmp.stride(1),
             *token_and_head_strides(do), dk_part.stride(1), dk_part.stride(2), dv_part.stride(1), dv_part.stride(2),
-            *sizes, span, splits, dk_part.stride(0), **kernel_flags(layout, q), **config,
+            *sizes, span, splits, dk_part.stride(0), **launch.kernel_flags(layout, q), **config,
         )
         dk_cmp = dk_part.sum(0).to(k_cmp.dtype)
         dv_cmp = dv_part.sum(0).to(v_cmp.dtype)
     return dq, dk_cmp, dv_cmp
-
-
-# Fewest queries per span of the summaries' backward: shorter spans re-read the same
-# summary tile for too little work.
-MIN_QUERY_SPAN = 256
-
-
-def query_splits(layout: SequenceLayout, programs: int) -> tuple[int, int]:
-    """(query_span, splits) for the summaries' backward: the queries of a sequence are cut into
-    `splits` spans of query_span tokens, each a program of its own, so that a few summary
-    tiles still fill the GPU (one tile per program would leave most SMs idle: T=8192 with 4
-    kv heads has 8 tiles). About four waves of programs (the tiles' work is triangular: early
-    summaries are seen by more queries), spans of at least MIN_QUERY_SPAN."""
-    longest = max(layout.max_seqlen, 1)
-    if interpreting():
-        splits = min(3, cdiv(longest, 16))  # several spans even at the tests' sizes
-    else:
-        wanted = cdiv(4 * streaming_multiprocessors(layout.device), max(programs, 1))
-        splits = max(1, min(wanted, cdiv(longest, MIN_QUERY_SPAN)))
-    span = cdiv(longest, splits)
-    return span, cdiv(longest, span)
-
-
-def streaming_multiprocessors(device: torch.device) -> int:
-    """SMs of a CUDA device (1 elsewhere): the programs a wave of launches holds, roughly."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1

@@ -1,7 +1,7 @@
 """Decoding NSA against an NSALayerCache (gatedfwa/ops/nsa/cache.py), in PyTorch.
 
 A new token of rank r in its row (r + 1 real tokens with itself, n = r + 1) computes, with
-the rules of reference.py:
+the rules of naive.py (code: rules.py):
 
 * compressed: softmax over the summaries of its row's complete blocks c < n // BS (all of
   them: the summaries of blocks it completes included), o_cmp = 0 while there is none;
@@ -23,8 +23,8 @@ import torch
 
 from gatedfwa.ops.decode import decode_gated_window_attention
 from gatedfwa.ops.nsa.cache import NSALayerCache
-from gatedfwa.ops.nsa.reference import combine_branches
-from gatedfwa.ops.validation import check_attention_tensor, check_gate_like, check_scale
+from gatedfwa.ops.nsa.rules import combine_branches
+from gatedfwa.ops.common.validation import check_attention_tensor, check_gate_like, check_positive_int, check_scale
 
 __all__ = ["decode_nsa_attention"]
 
@@ -65,8 +65,7 @@ def decode_nsa_attention(
         check_gate_like(gate, tuple(q.shape[:3]), q.device, name=name)
     if g_cmp is None and g_slc is None and g_swa is None:
         raise ValueError("at least one of the branch gates g_cmp, g_slc, g_swa must be given")
-    if isinstance(block_counts, bool) or not isinstance(block_counts, int) or block_counts < 1:
-        raise ValueError(f"block_counts must be an int >= 1, got {block_counts!r}")
+    check_positive_int("block_counts", block_counts)
     check_scale(scale)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if not cache.kept.is_allocated:  # decoding without a prompt: nothing prefilled

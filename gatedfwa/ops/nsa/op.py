@@ -1,10 +1,10 @@
 """The public NSA op: validation and backend dispatch.
 
 Backends (as for the window op, gatedfwa/ops/window_attention/op.py):
-    "triton"  the kernels of compressed.py, selection.py and selected.py (autograd in
-              autograd.py); default for CUDA tensors. On CPU tensors they run under
-              TRITON_INTERPRET=1 (tests).
-    "torch"   chunked.py; default elsewhere.
+    "triton"  the kernels of compressed.py, selection.py and selected.py (composed, with their
+              custom ops, in triton_path.py); default for CUDA tensors. On CPU tensors they
+              run under TRITON_INTERPRET=1 (tests).
+    "torch"   torch_path.py; default elsewhere.
 GATEDFWA_BACKEND=triton or GATEDFWA_BACKEND=torch forces one. The sliding branch is always
 gatedfwa's window op, which dispatches the same way.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from gatedfwa.ops.nsa.chunked import chunked_nsa_attention
-from gatedfwa.ops.nsa.sliding import select_backend
+from gatedfwa.ops.backend import select_backend
+from gatedfwa.ops.nsa.torch_path import chunked_nsa_attention
 from gatedfwa.ops.nsa.validation import canonical_block_indices, check_nsa_args
 
 __all__ = ["nsa_attention"]
@@ -77,7 +77,7 @@ def nsa_attention(
     args = (q, k, v, g, g_cmp, g_slc, g_swa, block_size, block_counts, window_size, scale, cu_seqlens, block_indices,
             return_block_indices)
     if select_backend(q.device) == "triton":
-        from gatedfwa.ops.nsa.autograd import triton_nsa_attention
+        from gatedfwa.ops.nsa.triton_path import triton_nsa_attention
 
         o, indices = triton_nsa_attention(*args)
     else:

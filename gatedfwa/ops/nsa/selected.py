@@ -24,20 +24,19 @@ from __future__ import annotations
 
 import torch
 
-from gatedfwa.ops.nsa import tiles
+from gatedfwa.ops.nsa import launch
 from gatedfwa.ops.nsa.layout import SequenceLayout
 from gatedfwa.ops.nsa.selected_block_major import block_keys_backward, block_major_forward, invert_selection
+from gatedfwa.ops.common.online_softmax import softmax_lse, softmax_output, softmax_step
 from gatedfwa.ops.nsa.tiles import (
-    finish_softmax,
-    kernel_flags,
+    NO_BLOCK,
     load_gradient_rows,
     load_keys,
     probabilities,
     query_tile_rows,
-    softmax_step,
     store_rows,
 )
-from gatedfwa.ops.triton_support import LOG2E, interpreting, jit, next_power_of_2, tl, token_and_head_strides
+from gatedfwa.ops.common.triton_support import LOG2E, jit, tl, token_and_head_strides
 
 __all__ = ["selected_forward", "selected_backward", "BLOCK_MAJOR_MAX_GROUP"]
 
@@ -53,9 +52,6 @@ BLOCK_MAJOR_MAX_GROUP = 4
 def block_major(layout: SequenceLayout) -> bool:
     """Whether this call's selected forward and dq are block-major (module docstring)."""
     return layout.group <= BLOCK_MAJOR_MAX_GROUP
-
-
-NO_BLOCK = tl.constexpr(1 << 30)  # after every block number: a finished list
 
 
 @jit
@@ -119,7 +115,8 @@ def _selected_forward_kernel(
             acc, row_max, row_sum = softmax_step(acc, row_max, row_sum, s, v, DOT_PRECISION)
         cursor, current, block = _advance(INDICES, position, valid, cursor, chosen, kv_head, num_kv_heads,
                                           block_counts)
-    out, lse = finish_softmax(acc, row_max, row_sum)
+    out = softmax_output(acc, row_sum)
+    lse = softmax_lse(row_max, row_sum)
     store_rows(O, out, position, head, valid, offs_d, stride_ot, stride_oh, HEAD_DIM)
     tl.store(LSE + position * num_q_heads + head, lse, mask=valid)
 
@@ -159,46 +156,39 @@ def _selected_dq_kernel(
     store_rows(DQ, dq * scale, position, head, valid, offs_d, stride_dqt, stride_dqh, HEAD_DIM)
 
 
-def _config(layout: SequenceLayout) -> dict:
-    """ROWS query rows per program; BLOCK_K keys per tile (a block is one or more tiles)."""
-    if interpreting():  # tests: 16-key tiles, so that a block larger than 16 keys takes several
-        return dict(ROWS=max(64, layout.group_pad), BLOCK_K=16, num_warps=4, num_stages=1)
-    block_k = max(16, min(64, next_power_of_2(layout.block_size)))
-    return dict(ROWS=max(16, layout.group_pad), BLOCK_K=block_k, num_warps=4, num_stages=2)
-
-
-def selected_forward(q, k, v, indices, layout: SequenceLayout, scale: float):
+def selected_forward(q, k, v, indices, layout: SequenceLayout, scale: float, inverted=None):
     """q [B, T, HQ, D], k/v [B, T, H, D] contiguous, indices [B, T, H, S] int32 contiguous
-    (ascending, -1 last). Returns o_slc [B, T, HQ, D], lse2 [B*T, HQ] float32 and the
-    inverted selection when the forward built one (block-major; else None), which the
-    backward takes instead of building it again."""
+    (ascending, -1 last). Returns o_slc [B, T, HQ, D] and lse2 [B*T, HQ] float32. A block-major
+    call (block_major(layout)) walks the inverted selection: given (the caller keeps it for the
+    backward), or built here."""
     if q.numel() > 0 and block_major(layout):
-        inverted = invert_selection(indices, layout)
-        return (*block_major_forward(q, k, v, inverted, layout, scale), inverted)
-    o = tiles.allocate_like(q)
+        if inverted is None:
+            inverted = invert_selection(indices, layout)
+        return block_major_forward(q, k, v, inverted, layout, scale)
+    o = launch.allocate_like(q)
     lse = torch.empty((layout.batch * layout.seqlen, layout.num_q_heads), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
-        return o, lse, None
-    config = _config(layout)
+        return o, lse
+    config = launch.CONFIGS["selected"](layout)
     _selected_forward_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k, v, indices, o, lse, layout.cu_seqlens if layout.varlen else q,
         *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v), *token_and_head_strides(o),
         layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, indices.shape[-1],
-        scale * LOG2E, **kernel_flags(layout, q), **config,
+        scale * LOG2E, **launch.kernel_flags(layout, q), **config,
     )
-    return o, lse, None
+    return o, lse
 
 
 def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scale: float, inverted=None):
-    """(dq, dk, dv) in the inputs' dtypes from the forward's o and lse2 (and its inverted
-    selection, if any)."""
-    dq = tiles.allocate_like(q)
-    dk = tiles.allocate_like(k)
-    dv = tiles.allocate_like(v)
+    """(dq, dk, dv) in the inputs' dtypes from the forward's o and lse2; the dk/dv walk takes
+    the inverted selection, given or built here."""
+    dq = launch.allocate_like(q)
+    dk = launch.allocate_like(k)
+    dv = launch.allocate_like(v)
     if q.numel() == 0:
         return dq, dk, dv
     delta = (o.float() * do.float()).sum(-1).reshape(-1, layout.num_q_heads)
-    config = _config(layout)
+    config = launch.CONFIGS["selected"](layout)
     with_dq = block_major(layout)
     if not with_dq:
         _selected_dq_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
@@ -206,7 +196,7 @@ def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scal
             *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
             *token_and_head_strides(do), *token_and_head_strides(dq),
             layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, indices.shape[-1],
-            scale * LOG2E, scale, **kernel_flags(layout, q), **config,
+            scale * LOG2E, scale, **launch.kernel_flags(layout, q), **config,
         )
     if inverted is None:
         inverted = invert_selection(indices, layout)

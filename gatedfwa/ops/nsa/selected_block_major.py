@@ -29,11 +29,11 @@ from typing import NamedTuple
 
 import torch
 
-from gatedfwa.ops.nsa import tiles
+from gatedfwa.ops.nsa import launch
 from gatedfwa.ops.nsa.layout import SequenceLayout
-from gatedfwa.ops.nsa.tiles import add_rows, kernel_flags, load_gradient_rows, load_keys, load_rows, probabilities
-from gatedfwa.ops.triton_support import LOG2E, cdiv, interpreting, jit, next_power_of_2, tl, token_and_head_strides
-from gatedfwa.ops.varlen import sequence_bounds
+from gatedfwa.ops.nsa.tiles import add_rows, load_gradient_rows, load_keys, load_rows, probabilities
+from gatedfwa.ops.common.triton_support import LOG2E, cdiv, interpreting, jit, tl, token_and_head_strides
+from gatedfwa.ops.common.varlen import sequence_bounds
 
 __all__ = ["InvertedSelection", "invert_selection", "work_items", "block_major_forward", "block_keys_backward"]
 
@@ -236,14 +236,6 @@ def _selected_dkdv_kernel(
 # Host functions
 # ---------------------------------------------------------------------------------------------
 
-def _config(layout: SequenceLayout) -> dict:
-    """ROWS (query, head) rows per step of the forward's walk; BLOCK_K keys per program."""
-    if interpreting():  # tests: 16-key tiles, so that a block larger than 16 keys takes several
-        return dict(ROWS=max(16, layout.group_pad), BLOCK_K=16, num_warps=4, num_stages=1)
-    block_k = max(16, min(64, next_power_of_2(layout.block_size)))
-    return dict(ROWS=max(64, layout.group_pad), BLOCK_K=block_k, num_warps=4, num_stages=2)
-
-
 def _combine_partials(partial: torch.Tensor, inverted: InvertedSelection, layout: SequenceLayout) -> torch.Tensor:
     """partial [pieces, entries, G] base-2 log-sum-exps -> lse2 [B*T, HQ] float32: per (query,
     head) row, log2 of the sum of 2^partial over its entries and pieces; -inf for a row
@@ -269,17 +261,17 @@ def block_major_forward(q, k, v, inverted: InvertedSelection, layout: SequenceLa
     if item_list.numel() == 0:
         lse = torch.full((layout.batch * layout.seqlen, layout.num_q_heads), float("-inf"), device=q.device)
         return o32.to(q.dtype), lse
-    config = _config(layout)
+    config = launch.CONFIGS["block_major"](layout)
     pieces = cdiv(layout.block_size, config["BLOCK_K"])
     grid = (item_list.numel() * pieces, 1, 1)
     cu = layout.cu_seqlens if layout.varlen else q
     items = (inverted.queries, item_list, item_start, item_end)
     # Every (piece, entry, head) is written, -inf where the row sees none of the piece's keys.
-    partial = tiles.allocate_like(q.new_empty((pieces, inverted.entries, layout.group), dtype=torch.float32))
+    partial = launch.allocate_like(q.new_empty((pieces, inverted.entries, layout.group), dtype=torch.float32))
     _selected_row_lse_kernel[grid](
         q, k, *items, partial, cu, *token_and_head_strides(q), *token_and_head_strides(k),
         layout.seqlen, layout.num_kv_heads, layout.block_size, layout.max_blocks, inverted.entries, scale * LOG2E,
-        **kernel_flags(layout, q), **config,
+        **launch.kernel_flags(layout, q), **config,
     )
     lse = _combine_partials(partial, inverted, layout)
     _selected_output_kernel[grid](
@@ -287,7 +279,7 @@ def block_major_forward(q, k, v, inverted: InvertedSelection, layout: SequenceLa
         *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
         *token_and_head_strides(o32),
         layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, layout.max_blocks, scale * LOG2E,
-        **kernel_flags(layout, q), **config,
+        **launch.kernel_flags(layout, q), **config,
     )
     return o32.to(q.dtype), lse
 
@@ -296,7 +288,7 @@ def block_keys_backward(q, k, v, do, lse, delta, inverted: InvertedSelection, la
                         config: dict, with_dq: bool):
     """float32 (dk, dv [B, T, H, D], dq [B, T, HQ, D] or None) of the selected branch from
     the forward's lse2 and delta = rowsum(o * do) [B*T, HQ]; dq only with with_dq. config:
-    ROWS, BLOCK_K and the launch options (selected.py's _config)."""
+    ROWS, BLOCK_K and the launch options (launch.CONFIGS["selected"])."""
     item_list, item_start, item_end = work_items(inverted.offsets, layout)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -311,6 +303,6 @@ def block_keys_backward(q, k, v, do, lse, delta, inverted: InvertedSelection, la
             *token_and_head_strides(do), *token_and_head_strides(dk32), *token_and_head_strides(dv32),
             *token_and_head_strides(dq_arg),
             layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, layout.max_blocks,
-            scale * LOG2E, scale, **kernel_flags(layout, q), **config, WITH_DQ=with_dq,
+            scale * LOG2E, scale, **launch.kernel_flags(layout, q), **config, WITH_DQ=with_dq,
         )
     return dk32, dv32, dq32

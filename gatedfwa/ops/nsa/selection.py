@@ -1,5 +1,5 @@
 """Triton kernel of the block selection: top-block_counts blocks per query and kv head from
-the compressed-attention probabilities (rule: reference.py, select_blocks_from_importance).
+the compressed-attention probabilities (rule: rules.py, select_blocks_from_importance).
 
 A program holds the query heads of one kv head for BLOCK_Q consecutive queries as rows
 (layout.py). It recomputes the compressed logits tile by tile, turns them into probabilities
@@ -23,19 +23,12 @@ from __future__ import annotations
 
 import torch
 
+from gatedfwa.ops.nsa import launch
 from gatedfwa.ops.nsa.layout import SequenceLayout
-from gatedfwa.ops.nsa.tiles import (
-    load_keys,
-    query_tile_rows,
-    summary_bounds,
-)
-from gatedfwa.ops.triton_support import LOG2E, dot_precision, interpreting, jit, next_power_of_2, tl, token_and_head_strides
+from gatedfwa.ops.nsa.tiles import NO_BLOCK, load_keys, query_tile_rows, summary_bounds
+from gatedfwa.ops.common.triton_support import LOG2E, dot_precision, jit, next_power_of_2, tl, token_and_head_strides
 
 __all__ = ["select_blocks"]
-
-# Sorts after every block number (and below, negated, under every key of a list slot).
-NO_BLOCK = tl.constexpr(1 << 30)
-
 
 @jit
 def _select_kernel(
@@ -99,34 +92,17 @@ def _select_kernel(
     tl.store(out, best_block, mask=query_ok[:, None] & (rank < block_counts))
 
 
-def allocate_indices(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Uninitialised int32 index buffer. Tests replace this to fill it with a value no slot may
-    keep, which shows any entry the kernel fails to write."""
-    return torch.empty(shape, dtype=torch.int32, device=device)
-
-
-def _config(layout: SequenceLayout) -> dict:
-    if interpreting():
-        return dict(ROWS=max(64, layout.group_pad), BLOCK_C=16, num_warps=4, num_stages=1)
-    if layout.block_d <= 128:
-        # Chosen by `bench_nsa.py --sweep` on an H200 (benchmarks/results/nsa_sweep.md): at
-        # D=128 smaller summary tiles with a deeper pipeline beat BLOCK_C=64 with 4 warps at
-        # groups 1 and 16 (0.57 vs 0.88 ms and 0.27 vs 0.38 ms, T=8192).
-        return dict(ROWS=max(16, layout.group_pad), BLOCK_C=32, num_warps=2, num_stages=3)
-    return dict(ROWS=max(16, layout.group_pad), BLOCK_C=32, num_warps=4, num_stages=2)
-
-
 def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, layout: SequenceLayout,
                   block_counts: int, scale: float) -> torch.Tensor:
     """q [B, T, HQ, D] contiguous, k_cmp [num_summaries, H, D], lse [B*T, HQ] (base 2, from
     compressed_forward). Returns block indices [B, T, H, block_counts] int32, each row
     ascending, -1 last."""
-    indices = allocate_indices((layout.batch, layout.seqlen, layout.num_kv_heads, block_counts), q.device)
+    indices = launch.allocate_indices((layout.batch, layout.seqlen, layout.num_kv_heads, block_counts), q.device)
     if q.numel() == 0:
         return indices
     if k_cmp.shape[0] == 0:
         k_cmp = k_cmp.new_zeros((1, *k_cmp.shape[1:]))
-    config = _config(layout)
+    config = launch.CONFIGS["selection"](layout)
     varlen = layout.varlen
     _select_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k_cmp, lse, indices, layout.cu_seqlens if varlen else q, layout.summary_offsets if varlen else q,

@@ -1,28 +1,20 @@
-"""Triton helpers shared by the NSA kernels: sequence bounds, the query-row layout of
-layout.py, masked tile loads, and one step of the online softmax.
+"""Triton helpers shared by the NSA kernels: the query-row layout of layout.py, masked tile
+loads, probabilities from a stored log-sum-exp, and the end marker of block lists. (Sequence
+bounds and the online softmax: gatedfwa/ops/common/varlen.py and online_softmax.py.)
 
-Logits are kept in base 2 (scaled by log2(e) once), as in the window attention kernels (gatedfwa/ops/window_attention/), so the
-kernels use exp2/log2 and every log-sum-exp they store is lse2 = lse * log2(e).
+Logits are kept in base 2 (scaled by log2(e) once), as in the window attention kernels
+(gatedfwa/ops/window_attention/), so the kernels use exp2/log2 and every log-sum-exp they
+store is lse2 = lse * log2(e).
 """
 
 from __future__ import annotations
 
-import torch
+from gatedfwa.ops.common.triton_support import jit, tl
+from gatedfwa.ops.common.varlen import sequence_bounds
 
-from gatedfwa.ops.triton_support import dot_precision, jit, tl
-from gatedfwa.ops.varlen import sequence_bounds
-
-
-def allocate_like(x: torch.Tensor) -> torch.Tensor:
-    """Uninitialised output buffer shaped like x. Tests replace this (tiles.allocate_like) to
-    fill outputs with NaN, which shows any element a kernel fails to write."""
-    return torch.empty_like(x)
-
-
-def kernel_flags(layout, q: torch.Tensor) -> dict:
-    """The compile-time arguments every NSA kernel takes from the layout (layout.py)."""
-    return dict(GROUP=layout.group, GROUP_PAD=layout.group_pad, HEAD_DIM=layout.head_dim, BLOCK_D=layout.block_d,
-                VARLEN=layout.varlen, DOT_PRECISION=dot_precision(q.dtype))
+# A block number after every real one: marks a finished block list (selected.py) and a list
+# slot without a block (selection.py).
+NO_BLOCK = tl.constexpr(1 << 30)
 
 
 @jit
@@ -118,30 +110,6 @@ def load_keys(ptr, rows, row_ok, head, offs_d, stride_t, stride_h, HEAD_DIM: tl.
     else:
         mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
         return tl.load(ptr + rows[:, None] * stride_t + head * stride_h + offs_d[None, :], mask=mask, other=0.0)
-
-
-@jit
-def softmax_step(acc, row_max, row_sum, s, v, DOT_PRECISION: tl.constexpr):
-    """Fold a tile of base-2 logits s [ROWS, N] (-inf where masked) and its values v
-    [N, BLOCK_D] into the running (acc, max, sum) of an online softmax. A row that has seen no
-    visible key keeps max = -inf and subtracts 0 instead, so that exp2(-inf) = 0, not NaN."""
-    new_max = tl.maximum(row_max, tl.max(s, 1))
-    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-    p = tl.math.exp2(s - safe_max[:, None])
-    correction = tl.math.exp2(row_max - safe_max)
-    row_sum = row_sum * correction + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=DOT_PRECISION)
-    return acc, new_max, row_sum
-
-
-@jit
-def finish_softmax(acc, row_max, row_sum):
-    """(o, lse2) from the running softmax; rows without any visible key give o = 0 and
-    lse2 = -inf."""
-    has_keys = row_sum > 0.0
-    out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
-    lse = tl.where(has_keys, row_max + tl.math.log2(tl.where(has_keys, row_sum, 1.0)), float("-inf"))
-    return out, lse
 
 
 @jit

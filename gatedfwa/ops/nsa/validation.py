@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from gatedfwa.ops.validation import check_cu_seqlens, check_gate_like, check_qkv, check_scale, format_shape
+from gatedfwa.ops.common.validation import (
+    check_cu_seqlens, check_gate_like, check_positive_int, check_qkv, check_scale, check_window, format_shape,
+)
 
 __all__ = ["check_nsa_args", "canonical_block_indices"]
-
-
-def _check_positive_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def check_nsa_args(q, k, v, g, g_cmp, g_slc, g_swa, block_size, block_counts, window_size, scale, cu_seqlens,
@@ -29,13 +24,12 @@ def check_nsa_args(q, k, v, g, g_cmp, g_slc, g_swa, block_size, block_counts, wi
     if g is not None and g_swa is None:
         raise ValueError("g (the log gates of the sliding branch) was given without g_swa; the sliding branch "
                          "runs only with its gate g_swa")
-    _check_positive_int("block_size", block_size, 1)
+    check_positive_int("block_size", block_size)
     if isinstance(block_counts, torch.Tensor):
         raise TypeError("block_counts must be an int (the same number of blocks for every query); a per-query "
                         "tensor is not supported")
-    _check_positive_int("block_counts", block_counts, 1)
-    if window_size is not None:
-        _check_positive_int("window_size", window_size, 0)
+    check_positive_int("block_counts", block_counts)
+    check_window(window_size, zero_means="no sliding branch")
     if g_swa is not None and window_size == 0:
         raise ValueError("window_size must be >= 1 (or None for full causal) when g_swa is given, got 0")
     check_scale(scale)

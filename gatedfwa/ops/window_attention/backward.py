@@ -9,15 +9,15 @@ import torch
 import triton
 import triton.language as tl
 
-from gatedfwa.ops.triton_support import LOG2E, dot_precision, interpreting, token_and_head_strides
+from gatedfwa.ops.common.head_major import batch_shift, head_row
+from gatedfwa.ops.common.triton_support import LOG2E, dot_precision, interpreting, token_and_head_strides
+from gatedfwa.ops.common.varlen import query_bounds, sequence_bounds
 from gatedfwa.ops.window_attention import launch
 from gatedfwa.ops.window_attention.gate_flux import flux_tile_count, gate_gradient_from_flux
 from gatedfwa.ops.window_attention.tiles import (
-    NO_DECAY, PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, sequence_descriptor, tile_carry,
-    tile_prefix, tile_suffix,
+    NO_DECAY, PAIR_DECAY, SPLIT_DECAY, sequence_descriptor, tile_carry, tile_prefix, tile_suffix,
 )
 from gatedfwa.ops.window_attention.walk import walk_key_tiles
-from gatedfwa.ops.varlen import query_bounds
 
 __all__ = ["attention_backward"]
 
@@ -31,7 +31,7 @@ def _delta_kernel(
     HAS_GATE: tl.constexpr, VARLEN: tl.constexpr, FEWER_QUERIES: tl.constexpr,
 ):
     """delta_t = sum_d o_t * do_t in float32, the softmax-backward row term; with a gate also
-    lse2_t - P[t] (P the chunk prefix sum of gate/chunk_sums.py), the query term the dk/dv kernel
+    lse2_t - P[t] (P the chunk prefix sum of chunk_sums.py), the query term the dk/dv kernel
     subtracts from its off-diagonal logits. Rows are q's (CU_SEQLENS, seqlen: q's); with
     FEWER_QUERIES, P is read at each query's key position (CU_SEQLENS_K, seqlen_k: k's)."""
     block = tl.program_id(0)
@@ -52,7 +52,7 @@ def _delta_kernel(
     if VARLEN:
         row = head * seqlen + offs_m
     else:
-        row = (seq * num_q_heads + head) * seqlen + (offs_m - bos)
+        row = head_row(seq, head, num_q_heads) * seqlen + (offs_m - bos)
     tl.store(DELTA + row, delta, mask=row_ok)
     if HAS_GATE:
         lse2 = tl.load(LSE + row, mask=row_ok, other=0.0)
@@ -64,7 +64,7 @@ def _delta_kernel(
             if VARLEN:
                 sums_row = head * seqlen_k + key
             else:
-                sums_row = (seq * num_q_heads + head) * seqlen_k + (key - k_bos)
+                sums_row = head_row(seq, head, num_q_heads) * seqlen_k + (key - k_bos)
         prefix = tl.load(SUMS + sums_row, mask=row_ok, other=0.0)
         tl.store(SHIFTED_LSE + row, lse2 - prefix, mask=row_ok)
 
@@ -103,8 +103,9 @@ def _store_warp_totals(row_sums, pointers):
     too, once per key tile inside the dq loop (benchmarks/results/gate_gradient.md times
     both ways). Valid where every warp holds 16 whole rows, two per thread, each replicated
     over the four lanes of a quad: the layout of a Hopper tensor-core (wgmma) result with
-    BLOCK_M == 16 * num_warps (launch.flux_parts decides; tests/ops/test_gate_flux.py compares
-    the parts' sums with one tl.sum per tile on a GPU)."""
+    BLOCK_M == 16 * num_warps (launch.flux_parts decides;
+    tests/ops/window_attention/test_gate_flux.py compares the parts' sums with one tl.sum per
+    tile on a GPU)."""
     return tl.inline_asm_elementwise(
         asm=_WARP_TOTAL_PTX, constraints="=f,=f,f,f,l,l",
         args=[row_sums, pointers.to(tl.int64, bitcast=True)], dtype=tl.float32, is_pure=False, pack=2)
@@ -226,17 +227,17 @@ def _dq_kernel(
     if VARLEN:
         row_stat = head * stat_len + q_rows
     else:
-        row_stat = (seq * num_q_heads + head) * stat_len + (offs_m - query_start)
+        row_stat = head_row(seq, head, num_q_heads) * stat_len + (offs_m - query_start)
     du_row = row_stat
     if FEWER_QUERIES:
         if VARLEN:
             du_row = head * seqlen + offs_m
         else:
-            du_row = (seq * num_q_heads + head) * seqlen + (offs_m - bos)
+            du_row = head_row(seq, head, num_q_heads) * seqlen + (offs_m - bos)
     # Rows past the end load lse = 0 so that their (discarded) probabilities stay finite.
     lse2 = tl.load(LSE + row_stat, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row_stat, mask=row_ok, other=0.0)
-    p_head = SUMS + head * seqlen + gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
+    p_head = SUMS + head * seqlen + batch_shift(seq, num_q_heads, seqlen, VARLEN)
     s_head = p_head + sums_plane
     query_offset = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_GATE:
@@ -249,6 +250,8 @@ def _dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dgate_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # The row of (seq, head), as head_row gives it, written out: through the helper ptxas
+    # schedules this kernel differently (the same LLVM IR, another line table).
     flux_row = FLUX + ((seq * num_q_heads + head) * tl.num_programs(0) + block) * flux_tiles * FLUX_PARTS
     flux_tile = tl.zeros([BLOCK_M], dtype=tl.int32).sum(0)
 
@@ -404,11 +407,11 @@ def _dkdv_kernel(
         if USE_TMA:
             q_head = sequence_descriptor(q_head, stride_qt, bos, eos, HEAD_DIM, BLOCK_M, BLOCK_D)
             do_head = sequence_descriptor(do_head, stride_dot, bos, eos, HEAD_DIM, BLOCK_M, BLOCK_D)
-        p_head = SUMS + head * seqlen + gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
+        p_head = SUMS + head * seqlen + batch_shift(seq, num_q_heads, seqlen, VARLEN)
         if VARLEN:
             stat_offset = head * seqlen
         else:
-            stat_offset = (seq * num_q_heads + head) * seqlen
+            stat_offset = (seq * num_q_heads + head) * seqlen  # head_row written out, as flux_row in _dq_kernel
         query_stat_offset = stat_offset  # lse, delta: laid out like q
         if FEWER_QUERIES:
             q_head += shift * stride_qt
@@ -416,7 +419,7 @@ def _dkdv_kernel(
             if VARLEN:
                 query_stat_offset = head * seqlen_q + shift
             else:
-                query_stat_offset = (seq * num_q_heads + head) * seqlen_q - (query_start - bos)
+                query_stat_offset = head_row(seq, head, num_q_heads) * seqlen_q - (query_start - bos)
         delta_head = DELTA + query_stat_offset
         # Reference r = the key block's last position. L_j = -(g[j+1] + ... + g[r]) >= 0.
         # Diagonal query tiles lie inside the block: L_t = -(g[t+1] + ... + g[r]), walked
@@ -490,7 +493,7 @@ def _reverse_cumsum_kernel(
     if VARLEN:
         row = head * seqlen
     else:
-        row = (seq * num_q_heads + head) * seqlen - bos
+        row = head_row(seq, head, num_q_heads) * seqlen - bos
     later = tl.zeros([BLOCK], dtype=tl.float64).sum(0)
     for i in range(0, tl.cdiv(eos - bos, BLOCK)):
         offs = eos - (i + 1) * BLOCK + tl.arange(0, BLOCK)

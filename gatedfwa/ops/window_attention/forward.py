@@ -10,13 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
-from gatedfwa.ops.triton_support import LOG2E, dot_precision, token_and_head_strides
+from gatedfwa.ops.common.head_major import batch_shift, head_row
+from gatedfwa.ops.common.online_softmax import softmax_lse, softmax_output
+from gatedfwa.ops.common.triton_support import LOG2E, dot_precision, token_and_head_strides
+from gatedfwa.ops.common.varlen import query_bounds, sequence_bounds
 from gatedfwa.ops.window_attention import launch
-from gatedfwa.ops.window_attention.tiles import (
-    PAIR_DECAY, SPLIT_DECAY, gate_batch_shift, sequence_bounds, sequence_descriptor, tile_prefix,
-)
+from gatedfwa.ops.window_attention.tiles import PAIR_DECAY, SPLIT_DECAY, sequence_descriptor, tile_prefix
 from gatedfwa.ops.window_attention.walk import walk_key_tiles
-from gatedfwa.ops.varlen import query_bounds
 
 __all__ = ["attention_forward"]
 
@@ -70,6 +70,10 @@ def _forward_tile(
     if MASKED:
         visible = (distance >= 0) & (distance < window) & key_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
+    # The online softmax of common/online_softmax.py (softmax_step), with the decay's row term
+    # off the diagonal folded into the running maximum (tiles.py). Written out here: a call
+    # from this function would change the compiled kernel (the MLIR inliner then
+    # canonicalizes it before it is inlined, which reorders its constants).
     tile_max = tl.max(s, 1)
     if DECAY == SPLIT_DECAY:
         tile_max += row_shift
@@ -150,7 +154,7 @@ def _forward_kernel(
     if USE_TMA:
         k_head = sequence_descriptor(k_head, stride_kt, bos, eos, HEAD_DIM, BLOCK_N, BLOCK_D)
         v_head = sequence_descriptor(v_head, stride_vt, bos, eos, HEAD_DIM, BLOCK_N, BLOCK_D)
-    p_head = SUMS + head * seqlen + gate_batch_shift(seq, num_q_heads, seqlen, VARLEN)
+    p_head = SUMS + head * seqlen + batch_shift(seq, num_q_heads, seqlen, VARLEN)
     s_head = p_head + sums_plane
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -167,26 +171,24 @@ def _forward_kernel(
         HEAD_DIM, EVEN_D, BLOCK_M, BLOCK_N, GATE_CHUNK, HAS_GATE, DOT_PRECISION, USE_TMA)
 
     # Epilogue: normalise; rows without any visible key give 0 and lse = -inf.
-    has_keys = row_sum > 0.0
-    out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
+    out = softmax_output(acc, row_sum)
     o_mask = row_ok[:, None]
     if not EVEN_D:
         o_mask = o_mask & (offs_d[None, :] < HEAD_DIM)
     tl.store(O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=o_mask)
-    lse = row_max + tl.math.log2(tl.where(has_keys, row_sum, 1.0))
-    lse = tl.where(has_keys, lse, float("-inf"))
+    lse = softmax_lse(row_max, row_sum)
     if VARLEN:
         lse_row = LSE + head * stat_len + q_rows
     else:
-        lse_row = LSE + (seq * num_q_heads + head) * stat_len + (offs_m - query_start)
+        lse_row = LSE + head_row(seq, head, num_q_heads) * stat_len + (offs_m - query_start)
     tl.store(lse_row, lse, mask=row_ok)
 
 
 
 def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens, cu_seqlens_q=None):
     """q [B,T_q,HQ,D], k/v [B,T_k,H,D] contiguous (T_q <= T_k, queries aligned to the last
-    keys); sums [2,B,HQ,T_k] float32, the chunk gate sums of gate/chunk_sums.py at chunk length
+    keys); sums [2,B,HQ,T_k] float32, the chunk gate sums of chunk_sums.py at chunk length
     launch.gate_chunk(D), or None without gate. cu_seqlens delimits k's sequences, cu_seqlens_q
     q's (None: as k's). Returns o [B,T_q,HQ,D] (q's dtype) and the base-2 log-sum-exp lse2
     [B,HQ,T_q] float32."""

@@ -4,14 +4,14 @@
     q, k, v + chunk gate sums      --(attention kernels)--> o [B, T, HQ, D], lse
 
 Forward: one pass over gate_pre evaluates g in registers and writes only the chunk-local sums
-the attention tiles read (gate/chunk_sums.py); g [B, T, HQ] is never stored. Backward: the attention
+the attention tiles read (chunk_sums.py); g [B, T, HQ] is never stored. Backward: the attention
 backward gives dg in its [B, HQ, T] layout and the gate backward kernel (gate/kernels.py) reads it in
 place, with gate_pre, to write d(gate_pre) [B, T, n HQ] and d(b_g); the sums saved by the
 forward are reused. n is the gate's inputs per head (2 for the default gate, a and beta_pre;
 1 for "forgetting"): every function takes ``gate``, a name in gatedfwa/ops/gate/registry.py,
-and the kernels evaluate that gate's device functions. torch.compile sees two custom ops with a registered backward; eager
-calls take an autograd.Function with the same forward and backward, which skips the custom
-ops' dispatch on the host.
+and the kernels evaluate that gate's device functions. The forward and backward are a KernelOp
+(gatedfwa/ops/common/custom_op.py): torch.compile sees two custom ops with a registered
+backward, eager calls an autograd.Function with the same forward and backward.
 
 gated_fwa_attention, the public face, runs this on the Triton backend and the composition of
 the two pieces (log_gates_from_projection, then gated_window_attention) elsewhere.
@@ -23,41 +23,18 @@ import torch
 import torch.nn.functional as F
 
 from gatedfwa.ops.backend import select_backend
+from gatedfwa.ops.common.custom_op import KernelOp, no_gradient
+from gatedfwa.ops.common.triton_support import LN2
+from gatedfwa.ops.common.validation import check_attention_args, check_float_tensor, format_shape
 from gatedfwa.ops.gate.op import check_gate_bias, log_gates_from_projection
 from gatedfwa.ops.gate.registry import DEFAULT_GATE, gate_spec
-from gatedfwa.ops.triton_support import LN2
-from gatedfwa.ops.validation import check_attention_args, check_float_tensor, format_shape
-from gatedfwa.ops.window_attention.op import gated_window_attention, natural_lse_gradient
+from gatedfwa.ops.window_attention.op import gated_window_attention
+from gatedfwa.ops.window_attention.triton_path import natural_lse_gradient
 
 __all__ = ["gate_attention_from_projection", "gated_fwa_attention"]
 
 
-def _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, gate=DEFAULT_GATE):
-    """(o, lse2 [B, HQ, T] base 2, sums [2, B, HQ, T] float32) from the Triton kernels."""
-    from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums_from_projection
-    from gatedfwa.ops.window_attention.forward import attention_forward
-    from gatedfwa.ops.window_attention.launch import gate_chunk
-
-    sums = chunk_gate_sums_from_projection(gate_pre, gate_bias, gate_chunk(q.shape[-1]), cu_seqlens, gate=gate)
-    o, lse2 = attention_forward(q, k, v, sums, window_size, scale, cu_seqlens)
-    return o, lse2, sums
-
-
-def _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens, dlse2=None,
-                   gate=DEFAULT_GATE):
-    """(dq, dk, dv, d_gate_pre, d_bias) from the Triton kernels, d_bias empty without bias;
-    dlse2 is the gradient into the base-2 lse output, or None."""
-    from gatedfwa.ops.gate.op import projection_backward
-    from gatedfwa.ops.window_attention.backward import attention_backward
-
-    dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens,
-                                        dlse=natural_lse_gradient(dlse2))
-    d_gate_pre, d_bias = projection_backward(dg, gate_pre, gate_bias, dg_seqlen=gate_pre.shape[1], gate=gate)
-    return dq, dk, dv, d_gate_pre, d_bias
-
-
-@torch.library.custom_op("gatedfwa::gate_attention_forward", mutates_args=(), device_types=None)
-def _gate_attention_forward(
+def _forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -69,14 +46,20 @@ def _gate_attention_forward(
     lse_differentiable: bool = False,
     gate: str = DEFAULT_GATE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (o, lse2 [B, HQ, T] base 2, sums [2, B, HQ, T] float32); lse_differentiable:
-    the caller hands lse2 on, so its gradient reaches the backward; gate: the registered
-    gate's name."""
-    return _forward_impl(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, gate)
+    """Returns (o, lse2 [B, HQ, T] base 2, sums [2, B, HQ, T] float32) from the Triton kernels;
+    lse_differentiable: the caller hands lse2 on, so its gradient reaches the backward; gate:
+    the registered gate's name."""
+    from gatedfwa.ops.window_attention.chunk_sums import chunk_gate_sums_from_projection
+    from gatedfwa.ops.window_attention.forward import attention_forward
+    from gatedfwa.ops.window_attention.launch import gate_chunk
+
+    sums = chunk_gate_sums_from_projection(gate_pre, gate_bias, gate_chunk(q.shape[-1]), cu_seqlens, gate=gate)
+    o, lse2 = attention_forward(q, k, v, sums, window_size, scale, cu_seqlens)
+    return o, lse2, sums
 
 
-@_gate_attention_forward.register_fake
-def _(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, lse_differentiable=False, gate=DEFAULT_GATE):
+def _forward_fake(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, lse_differentiable=False,
+                  gate=DEFAULT_GATE):
     batch, seqlen, num_q_heads, _ = q.shape
     return (
         torch.empty_like(q),
@@ -85,8 +68,7 @@ def _(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, lse_differen
     )
 
 
-@torch.library.custom_op("gatedfwa::gate_attention_backward", mutates_args=(), device_types=None)
-def _gate_attention_backward(
+def _backward(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -103,19 +85,25 @@ def _gate_attention_backward(
     gate: str = DEFAULT_GATE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, d_gate_pre [B, T, n HQ] in gate_pre's dtype, d_bias [HQ] in the
-    bias's dtype, or an empty tensor without bias); dlse2: the gradient into lse2, or None."""
-    return _backward_impl(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens, dlse2,
-                          gate)
+    bias's dtype, or an empty tensor without bias) from the Triton kernels; dlse2: the gradient
+    into lse2, or None."""
+    from gatedfwa.ops.gate.op import projection_backward
+    from gatedfwa.ops.window_attention.backward import attention_backward
+
+    dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens,
+                                        dlse=natural_lse_gradient(dlse2))
+    d_gate_pre, d_bias = projection_backward(dg, gate_pre, gate_bias, dg_seqlen=gate_pre.shape[1], gate=gate)
+    return dq, dk, dv, d_gate_pre, d_bias
 
 
-@_gate_attention_backward.register_fake
-def _(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens, dlse2=None, gate=DEFAULT_GATE):
-    d_bias = gate_pre.new_empty((0,)) if gate_bias is None else torch.empty_like(gate_bias)
+def _backward_fake(do, q, k, v, gate_pre, gate_bias, sums, o, lse, window_size, scale, cu_seqlens, dlse2=None,
+                   gate=DEFAULT_GATE):
+    d_bias = no_gradient(gate_pre) if gate_bias is None else torch.empty_like(gate_bias)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(gate_pre, memory_format=torch.contiguous_format), d_bias)
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, output):
     q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, lse_differentiable, gate = inputs
     o, lse, sums = output
     ctx.save_for_backward(q, k, v, gate_pre, gate_bias, sums, o, lse, cu_seqlens)
@@ -126,10 +114,9 @@ def _setup_context(ctx, inputs, output):
     ctx.lse_differentiable = lse_differentiable
 
 
-def _gradients(ctx, do, dlse2, backward):
-    """The inputs' gradients from what _setup_context saved; `backward` is the backward custom
-    op (compiled graphs) or _backward_impl (eager calls). dlse2 is passed on only when the
-    caller returned the lse; the sums are internal (no gradient flows into them)."""
+def _gradients(ctx, backward, do, dlse2, dsums):
+    """The inputs' gradients from what _save kept. dlse2 is passed on only when the caller
+    returned the lse; the sums are internal (no gradient flows into them)."""
     q, k, v, gate_pre, gate_bias, sums, o, lse, cu_seqlens = ctx.saved_tensors
     if do is None:  # only the lse was used
         do = torch.zeros_like(o)
@@ -141,32 +128,16 @@ def _gradients(ctx, do, dlse2, backward):
     return dq, dk, dv, d_gate_pre, (d_bias if ctx.has_bias else None), None, None, None, None, None
 
 
-def _backward(ctx, do, dlse2, dsums):
-    return _gradients(ctx, do, dlse2, _gate_attention_backward)
+def _internal_outputs(inputs, output):
+    """The sums always, and lse2 unless the caller hands it on."""
+    lse_differentiable = inputs[-2]
+    return (output[2],) if lse_differentiable else (output[1], output[2])
 
 
-_gate_attention_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _GateAttention(torch.autograd.Function):
-    """The eager path: the custom ops' forward and backward without their dispatch (tens of
-    microseconds of host time per call); torch.compile gets the custom ops instead."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        *arguments, lse_differentiable, gate = inputs
-        output = _forward_impl(*arguments, gate)
-        _setup_context(ctx, inputs, output)
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-        if ctx.lse_differentiable:
-            ctx.mark_non_differentiable(output[2])
-        else:
-            ctx.mark_non_differentiable(output[1], output[2])
-        return output
-
-    @staticmethod
-    def backward(ctx, do, dlse2, dsums):
-        return _gradients(ctx, do, dlse2, _backward_impl)
+_gate_attention = KernelOp(
+    "gatedfwa::gate_attention", _forward, _forward_fake, backward=_backward, backward_fake=_backward_fake,
+    save=_save, gradients=_gradients, non_differentiable=_internal_outputs,
+)
 
 
 def _fused_gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_seqlens, lse_differentiable=False,
@@ -176,11 +147,11 @@ def _fused_gate_attention(q, k, v, gate_pre, gate_bias, window_size, scale, cu_s
     q [B, T, HQ, D], k/v [B, T, H, D], gate_pre [B, T, n HQ] (n: the gate's inputs per head),
     gate_bias [HQ] or None. Returns (o [B, T, HQ, D], lse2 [B, HQ, T] float32 in base 2);
     lse2 carries a gradient only with lse_differentiable."""
-    args = (q.contiguous(), k.contiguous(), v.contiguous(), gate_pre.contiguous(),
-            None if gate_bias is None else gate_bias.contiguous(), window_size, scale, cu_seqlens,
-            lse_differentiable, gate)
-    op = _gate_attention_forward if torch.compiler.is_compiling() else _GateAttention.apply
-    o, lse2, _ = op(*args)
+    o, lse2, _ = _gate_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), gate_pre.contiguous(),
+        None if gate_bias is None else gate_bias.contiguous(), window_size, scale, cu_seqlens, lse_differentiable,
+        gate,
+    )
     return o, lse2
 
 

@@ -29,7 +29,7 @@ at most window / BLOCK_M + 1 blocks of at most window / BLOCK_N tiles.
 
 gate_gradient_from_flux runs this as one Triton kernel (a program per query block: the
 block's in-chunk reverse sums of dU and the flux at its end, both in float64);
-reference_gate_gradient_from_flux is the same in PyTorch, where the in-chunk sums are
+naive.py's naive_gate_gradient_from_flux is the same in PyTorch, where the in-chunk sums are
 differences of one float64 reverse cumulative sum of the stored float32 dU.
 """
 
@@ -39,11 +39,12 @@ import torch
 import triton
 import triton.language as tl
 
-from gatedfwa.ops.triton_support import cdiv, interpreting, next_power_of_2
-from gatedfwa.ops.varlen import sequence_bounds
+from gatedfwa.ops.common.head_major import head_row
+from gatedfwa.ops.common.triton_support import cdiv, interpreting, next_power_of_2
+from gatedfwa.ops.common.varlen import sequence_bounds
 from gatedfwa.ops.window_attention import launch
 
-__all__ = ["boundary_fluxes", "flux_tile_count", "gate_gradient_from_flux", "reference_gate_gradient_from_flux"]
+__all__ = ["flux_tile_count", "gate_gradient_from_flux"]
 
 # The flux buffer holds flux_tile_count(...) float32 values per query block; beyond this many
 # (windows over about 4 BLOCK_M tiles of keys per block) the backward keeps the plain reverse sum.
@@ -56,54 +57,6 @@ def flux_tile_count(window: int, block_m: int, block_n: int) -> int:
     values per query block)."""
     tiles = max(1, -(-(window - 1) // block_n))
     return tiles if tiles <= MAX_FLUX_TILES_PER_BLOCK_M * block_m else 0
-
-
-def boundary_fluxes(flux: torch.Tensor, block_m: int, block_n: int, parts: int = 1) -> torch.Tensor:
-    """flux [S, HQ, NB, NT * parts] float32 (dS totals per query block and key tile, as the dq
-    kernel stores them, each tile's total in `parts` consecutive parts) -> F [S, HQ, NB + 1]
-    float64, F[..., k] = the sum of dS_tj over the pairs j < c <= t for c = bos + k BLOCK_M of
-    each sequence (F[..., NB] = 0: no query follows)."""
-    num_blocks, num_tiles = flux.shape[-2:]
-    # A tile's parts act as tiles of block_n / parts keys: the sums below only need each
-    # entry's distance from the block start in entries.
-    ratio = block_m // block_n * parts
-    # beyond[..., b, i] = flux[..., b, i] + flux[..., b, i + 1] + ...: the tiles of block b
-    # whose keys lie left of key tile i's right edge.
-    beyond = flux.double().flip(-1).cumsum(-1).flip(-1)
-    # F[k] = sum over distances d of beyond[k + d, d r]: one gather of [NB + 1, distances]
-    # entries from beyond padded with zero blocks (past the last block, and k = NB).
-    distances = -(-num_tiles // ratio)
-    beyond = torch.nn.functional.pad(beyond, (0, 0, 0, distances + 1))
-    d = torch.arange(distances, device=flux.device)
-    blocks = torch.arange(num_blocks + 1, device=flux.device)[:, None] + d
-    return beyond[..., blocks, d * ratio].sum(-1)
-
-
-def reference_gate_gradient_from_flux(du: torch.Tensor, flux: torch.Tensor, cu_seqlens: torch.Tensor | None,
-                                      block_m: int, block_n: int, parts: int = 1) -> torch.Tensor:
-    """dg [B, HQ, T] float32 from dU [B, HQ, T] float32 (row minus column sums of dS) and the
-    dq kernel's flux [S, HQ, NB, NT * parts] (S = B, or the number of sequences with cu_seqlens,
-    B = 1): dg_s = (dU_s + ... + dU_{c-1}) + F(c), c the next block start of s's sequence (or
-    its end)."""
-    batch, num_heads, seqlen = du.shape
-    fluxes = boundary_fluxes(flux, block_m, block_n, parts)  # [S, HQ, NB + 1]
-    # suffix[..., p] = dU_p + ... + dU_{T-1} in float64, suffix[..., T] = 0.
-    suffix = torch.zeros((batch, num_heads, seqlen + 1), dtype=torch.float64, device=du.device)
-    suffix[..., :seqlen] = du.double().flip(-1).cumsum(-1).flip(-1)
-    positions = torch.arange(seqlen, device=du.device)
-    if cu_seqlens is None:
-        block = positions // block_m
-        chunk_end = torch.clamp((block + 1) * block_m, max=seqlen)
-        crossing = fluxes[..., block + 1]  # [B, HQ, T]
-    else:
-        bounds = cu_seqlens.long()
-        seq = torch.bucketize(positions, bounds[1:], right=True)
-        start, end = bounds[seq], bounds[seq + 1]
-        block = (positions - start) // block_m
-        chunk_end = torch.minimum(start + (block + 1) * block_m, end)
-        crossing = fluxes[seq, :, block + 1].t()[None]  # [1, HQ, T]
-    within = suffix[..., :seqlen] - suffix[..., chunk_end]
-    return (within + crossing).float()
 
 
 @triton.jit
@@ -124,13 +77,13 @@ def _gate_gradient_kernel(
     if VARLEN:
         row = head * seqlen
     else:
-        row = (seq * num_heads + head) * seqlen - bos
+        row = head_row(seq, head, num_heads) * seqlen - bos
     offs = m0 + tl.arange(0, BLOCK_M)
     inside = offs < eos
     du = tl.load(DU + row + offs, mask=inside, other=0.0).to(tl.float64)
     tiles = tl.arange(0, TILES)
     # Blocks past the sequence's end were never written: their totals are the buffer's zeros.
-    flux_head = FLUX + (seq * num_heads + head) * num_blocks * flux_tiles
+    flux_head = FLUX + head_row(seq, head, num_heads) * num_blocks * flux_tiles
     crossing = tl.zeros([TILES], dtype=tl.float64)
     for d in range(0, distances):
         source = block + 1 + d
@@ -142,14 +95,14 @@ def _gate_gradient_kernel(
 
 def gate_gradient_from_flux(du: torch.Tensor, flux: torch.Tensor, cu_seqlens: torch.Tensor | None,
                             block_m: int, block_n: int, parts: int = 1) -> torch.Tensor:
-    """As reference_gate_gradient_from_flux, in one Triton launch: dU [B, HQ, T] float32 and
+    """As naive.naive_gate_gradient_from_flux, in one Triton launch: dU [B, HQ, T] float32 and
     flux [S, HQ, NB, NT * parts] float32 -> dg [B, HQ, T] float32."""
     batch, num_heads, seqlen = du.shape
     num_seqs, _, num_blocks, num_tiles = flux.shape
     dg = launch.allocate_like(du)
     if seqlen == 0 or num_seqs == 0:
         return dg
-    ratio = block_m // block_n * parts  # entries per query block (see boundary_fluxes)
+    ratio = block_m // block_n * parts  # entries per query block (see naive.boundary_fluxes)
     _gate_gradient_kernel[(num_blocks, num_seqs, num_heads)](
         du, flux, dg, du if cu_seqlens is None else cu_seqlens, seqlen, num_heads, num_blocks, num_tiles,
         cdiv(num_tiles, ratio), BLOCK_M=block_m, RATIO=ratio, TILES=next_power_of_2(num_tiles),

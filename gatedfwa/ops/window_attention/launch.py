@@ -1,6 +1,7 @@
 """Launch configuration of the window attention kernels: tile sizes per kernel and head
-size, the gate chunk length they imply, the sizes one call derives once, and output buffers.
-Tests and benchmarks replace CONFIGS and allocate_like through this module."""
+size, the gate chunk length they imply (and the program shape of the chunk sums kernel,
+chunk_sums.py), the sizes one call derives once, and output buffers. Tests and benchmarks
+replace CONFIGS, CHUNKS_PER_PROGRAM and allocate_like through this module."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import functools
 
 import torch
 
-from gatedfwa.ops.triton_support import cdiv, interpreting, next_power_of_2, token_and_head_strides
-from gatedfwa.ops.varlen import longest_sequence
+from gatedfwa.ops.common.triton_support import cdiv, interpreting, next_power_of_2
+from gatedfwa.ops.common.varlen import longest_sequence
 from gatedfwa.ops.window_attention.tuned import TUNED
 
-__all__ = ["CONFIGS", "WARP_FLUX_TOTALS", "warp_flux_parts", "flux_parts", "gate_chunk", "Problem", "allocate_like", "check_sums", "usable_config", "descriptors_usable"]
+__all__ = ["CONFIGS", "WARP_FLUX_TOTALS", "warp_flux_parts", "flux_parts", "gate_chunk", "CHUNKS_PER_PROGRAM",
+           "CHUNK_SUMS_WARPS", "MAX_CHUNK_SUMS_BLOCK_H", "Problem", "allocate_like", "check_sums", "usable_config",
+           "descriptors_usable"]
 
 
 def block_d_for(head_dim: int) -> int:
@@ -116,10 +119,19 @@ def flux_parts(config: dict, q: torch.Tensor) -> int:
 
 
 def gate_chunk(head_dim: int) -> int:
-    """The chunk length of the gate sums (gate/chunk_sums.py) for this head size: the smallest tile
+    """The chunk length of the gate sums (chunk_sums.py) for this head size: the smallest tile
     side of the three kernels, so that every tile is a whole number of chunks (tile sides are
     powers of two)."""
     return _smallest_tile_side(head_dim, CONFIGS["forward"], CONFIGS["dq"], CONFIGS["dkdv"])
+
+
+# The chunk sums kernel (chunk_sums.py): one program takes CHUNKS_PER_PROGRAM chunks of one
+# sequence and up to MAX_CHUNK_SUMS_BLOCK_H heads. On an H200 one chunk (4 warps) was fastest
+# of 1-8 chunks and 2-8 warps, at B = 4 and 64 (T = 8192, H = 16, chunk 64). Tests raise it to
+# see several chunks per program and ragged blocks.
+CHUNKS_PER_PROGRAM = 1
+CHUNK_SUMS_WARPS = 4
+MAX_CHUNK_SUMS_BLOCK_H = 64
 
 
 @functools.lru_cache(maxsize=None)

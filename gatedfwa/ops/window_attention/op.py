@@ -1,8 +1,8 @@
 """The public window attention op: validation, backend dispatch (gatedfwa/ops/backend.py),
-and the torch.library custom ops (with registered backward) around the Triton kernels, which
-torch.compile sees; eager calls take an autograd.Function with the same forward and backward,
-which costs the host less per call. Other devices run the chunked PyTorch path of
-reference.py.
+and on the Triton backend the kernels (triton_path.py) as a KernelOp (common/custom_op.py):
+custom ops with a registered backward, which torch.compile sees, and an autograd.Function
+with the same forward and backward for eager calls. Other devices run the chunked PyTorch
+path of torch_path.py.
 """
 
 from __future__ import annotations
@@ -10,58 +10,21 @@ from __future__ import annotations
 import torch
 
 from gatedfwa.ops.backend import select_backend
-from gatedfwa.ops.triton_support import LN2, LOG2E
-from gatedfwa.ops.validation import check_attention_args
-from gatedfwa.ops.window_attention.reference import chunked_gated_window_attention
+from gatedfwa.ops.common.custom_op import KernelOp, no_gradient
+from gatedfwa.ops.common.triton_support import LN2
+from gatedfwa.ops.common.validation import check_attention_args
+from gatedfwa.ops.window_attention.torch_path import chunked_gated_window_attention
+from gatedfwa.ops.window_attention.triton_path import window_attention_backward, window_attention_forward
 
 __all__ = ["gated_window_attention", "flash_gated_window_attention"]
 
 
-def _gate_sums(g: torch.Tensor | None, q: torch.Tensor, cu_seqlens: torch.Tensor | None):
-    """The chunk-local gate sums [2, B, HQ, T_k] the kernels read (gate/chunk_sums.py), or None;
-    g covers the key positions, cu_seqlens delimits k's sequences."""
-    if g is None:
-        return None
-    from gatedfwa.ops.gate.chunk_sums import chunk_gate_sums
-    from gatedfwa.ops.window_attention.launch import gate_chunk
-
-    return chunk_gate_sums(g, gate_chunk(q.shape[-1]), cu_seqlens)
-
-
-def natural_lse_gradient(dlse2: torch.Tensor | None) -> torch.Tensor | None:
-    """The gradient into the natural-log lse from the one into lse2 (base 2, lse = lse2 * ln 2):
-    dlse = dlse2 / ln 2."""
-    return None if dlse2 is None else dlse2 * LOG2E
-
-
-def _forward_impl(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q):
-    """(o, lse2 [B, HQ, T_q] base 2) from the Triton kernels; q, k, v, g contiguous."""
-    from gatedfwa.ops.window_attention.forward import attention_forward
-
-    return attention_forward(q, k, v, _gate_sums(g, q, cu_seqlens), window_size, scale, cu_seqlens, cu_seqlens_q)
-
-
-def _backward_impl(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q, dlse2=None):
-    """(dq, dk, dv, dg [B, T_k, HQ] in g's dtype or None without g) from the Triton kernels.
-    dlse2 [B, HQ, T_q] is the gradient into the base-2 lse2 output, or None when it has none."""
-    from gatedfwa.ops.window_attention.backward import attention_backward
-
-    sums = _gate_sums(g, q, cu_seqlens)  # recomputed: one light pass over g
-    dq, dk, dv, dg = attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q,
-                                        dlse=natural_lse_gradient(dlse2))
-    if dg is None:
-        return dq, dk, dv, None
-    return dq, dk, dv, dg.transpose(1, 2).to(g.dtype).contiguous()
-
-
 # --------------------------------------------------------------------------------------
-# Custom ops around the Triton kernels. torch.compile treats them as opaque nodes with a
-# known output shape (register_fake) and a known backward (register_autograd).
+# The Triton path as a KernelOp
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("gatedfwa::window_attention_forward", mutates_args=(), device_types=None)
-def _window_attention_forward(
+def _forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -75,17 +38,15 @@ def _window_attention_forward(
     """Returns (o, lse2): the output and the base-2 log-sum-exp [B, HQ, T_q] float32.
     cu_seqlens delimits k's sequences; cu_seqlens_q q's, None when they are k's.
     lse_differentiable: the caller hands lse2 on, so its gradient reaches the backward."""
-    return _forward_impl(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q)
+    return window_attention_forward(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q)
 
 
-@_window_attention_forward.register_fake
-def _(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q=None, lse_differentiable=False):
+def _forward_fake(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q=None, lse_differentiable=False):
     batch, seqlen, num_q_heads, _ = q.shape
     return torch.empty_like(q), q.new_empty((batch, num_q_heads, seqlen), dtype=torch.float32)
 
 
-@torch.library.custom_op("gatedfwa::window_attention_backward", mutates_args=(), device_types=None)
-def _window_attention_backward(
+def _backward(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -99,19 +60,19 @@ def _window_attention_backward(
     cu_seqlens_q: torch.Tensor | None = None,
     dlse2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """lse2 is the forward's base-2 log-sum-exp, dlse2 the gradient into it (or None).
+    """lse is the forward's base-2 log-sum-exp, dlse2 the gradient into it (or None).
     Returns (dq, dk, dv, dg); dg is an empty tensor when g is None."""
-    dq, dk, dv, dg = _backward_impl(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q, dlse2)
-    return dq, dk, dv, (q.new_empty((0,), dtype=torch.float32) if dg is None else dg)
+    dq, dk, dv, dg = window_attention_backward(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens,
+                                               cu_seqlens_q, dlse2)
+    return dq, dk, dv, (no_gradient(q) if dg is None else dg)
 
 
-@_window_attention_backward.register_fake
-def _(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q=None, dlse2=None):
-    dg = q.new_empty((0,), dtype=torch.float32) if g is None else torch.empty_like(g)
+def _backward_fake(do, q, k, v, g, o, lse, window_size, scale, cu_seqlens, cu_seqlens_q=None, dlse2=None):
+    dg = no_gradient(q) if g is None else torch.empty_like(g)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, output):
     q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q, lse_differentiable = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, g, o, lse, cu_seqlens, cu_seqlens_q)
@@ -121,10 +82,9 @@ def _setup_context(ctx, inputs, output):
     ctx.lse_differentiable = lse_differentiable
 
 
-def _gradients(ctx, do, dlse2, backward):
-    """The inputs' gradients from what _setup_context saved; `backward` is the backward custom
-    op (compiled graphs) or _backward_impl (eager calls). dlse2, the gradient into lse2, is
-    passed on only when the caller returned the lse: otherwise it is zero (or None)."""
+def _gradients(ctx, backward, do, dlse2):
+    """The inputs' gradients from what _save kept. dlse2, the gradient into lse2, is passed on
+    only when the caller returned the lse: otherwise it is zero (or None)."""
     q, k, v, g, o, lse, cu_seqlens, cu_seqlens_q = ctx.saved_tensors
     if do is None:  # only the lse was used
         do = torch.zeros_like(o)
@@ -134,30 +94,14 @@ def _gradients(ctx, do, dlse2, backward):
     return dq, dk, dv, (dg if ctx.has_gate else None), None, None, None, None, None
 
 
-def _backward(ctx, do, dlse2):
-    return _gradients(ctx, do, dlse2, _window_attention_backward)
+def _lse_unless_differentiable(inputs, output):
+    return () if inputs[-1] else (output[1],)
 
 
-_window_attention_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _WindowAttention(torch.autograd.Function):
-    """The eager path: the custom op's forward and backward without its dispatch, which costs
-    the host tens of microseconds per call. Under torch.compile the custom ops are used, so
-    that the compiler sees one opaque node with a known backward."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward_impl(*inputs[:-1])
-        _setup_context(ctx, inputs, output)
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-        if not ctx.lse_differentiable:
-            ctx.mark_non_differentiable(output[1])
-        return output
-
-    @staticmethod
-    def backward(ctx, do, dlse2):
-        return _gradients(ctx, do, dlse2, _backward_impl)
+_window_attention = KernelOp(
+    "gatedfwa::window_attention", _forward, _forward_fake, backward=_backward, backward_fake=_backward_fake,
+    save=_save, gradients=_gradients, non_differentiable=_lse_unless_differentiable,
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -220,8 +164,7 @@ def gated_window_attention(
     check_attention_args(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_q, allow_shorter_queries=True)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if select_backend(q.device) == "triton":
-        op = _window_attention_forward if torch.compiler.is_compiling() else _WindowAttention.apply
-        o, lse2 = op(
+        o, lse2 = _window_attention(
             q.contiguous(), k.contiguous(), v.contiguous(),
             None if g is None else g.contiguous(), window_size, scale, cu_seqlens, cu_seqlens_q, return_lse,
         )

@@ -1,5 +1,6 @@
-"""Device helpers shared by the forward and backward kernels: sequence bounds, and the gate's
-chunk-local sums assembled into per-tile decay terms (docs/math.md, "Numerics").
+"""Device helpers shared by the forward and backward kernels: the gate's chunk-local sums
+assembled into per-tile decay terms (docs/math.md, "Numerics"), and tensor descriptors.
+(Sequence bounds and the head-major rows: gatedfwa/ops/common/varlen.py and head_major.py.)
 
 Triton kernels for gated sliding-window attention: forward, and backward (dq, dk, dv, dg).
 
@@ -15,7 +16,7 @@ its own reference point r: L_i = U_i - U_r. A forward/dq program that owns query
 takes r = n0 + BLOCK_N - 1. Either way r lies between every key and query of the
 off-diagonal tiles, where L_t <= 0 <= L_j (gates are <= 0): the bias L_t - L_j is then a sum
 of two same-signed terms and rounds like any sum, with no cancellation. L is assembled from
-the chunk-local gate sums of gate/chunk_sums.py (inclusive prefix P and exclusive suffix S inside
+the chunk-local gate sums of chunk_sums.py (inclusive prefix P and exclusive suffix S inside
 chunks of GATE_CHUNK positions; every tile is a whole number of chunks) and a running sum of
 tile totals while the program walks outward from the diagonal, so its magnitude is bounded by
 one window, never by the sequence length, and no program scans gates itself. Only inside the
@@ -47,7 +48,8 @@ reverse sum only telescopes to it if the row and column sums agree to float32 ro
 are float32 sums of the float32 dS (rows in the dq kernel, columns in the dk/dv kernel, each
 a reduction inside the matmul layout's thread groups, no atomics). The dq kernel writes the
 row sums to dU, and the dk/dv kernel, which runs after it, subtracts its column sums there.
-tests/ops/test_attention.py checks that dg's error does not grow towards the sequence start.
+tests/ops/window_attention/test_attention.py checks that dg's error does not grow towards
+the sequence start.
 
 Layouts: q/o [B*T, HQ, D], k/v [B*T, H, D] (the caller's [B, T, ., D] flattened), gate sums
 [2, B, HQ, T] float32 (contiguous along time), lse/delta/lse2 - P/dU [B, HQ, T]
@@ -61,23 +63,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from gatedfwa.ops.varlen import sequence_bounds
-
 __all__ = [
-    "sequence_bounds", "gate_batch_shift", "tile_carry", "tile_prefix", "tile_suffix",
-    "suffix_sums_left_of", "NO_DECAY", "PAIR_DECAY", "SPLIT_DECAY", "sequence_descriptor",
+    "tile_carry", "tile_prefix", "tile_suffix", "suffix_sums_left_of", "NO_DECAY", "PAIR_DECAY", "SPLIT_DECAY",
+    "sequence_descriptor",
 ]
-
-
-@triton.jit
-def gate_batch_shift(seq, num_q_heads, seqlen, VARLEN: tl.constexpr):
-    """Gates are stored [B, HQ, T] (contiguous along time, so tiles load them in one
-    stretch) but indexed by the flattened token p = b * T + t: batch b's head h starts
-    (HQ - 1) * T * b further than p alone says."""
-    if VARLEN:
-        return 0
-    else:
-        return seq * (num_q_heads - 1) * seqlen
 
 
 @triton.jit

@@ -5,19 +5,15 @@ groups' strategies, and the strategy threshold is restored afterwards."""
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 
+from gatedfwa.ops.backend import use_backend
 from gatedfwa.ops.nsa import selected
 
 
-def test_compare_selected_rows(monkeypatch):
-    monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
-    path = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_nsa.py"
-    spec = importlib.util.spec_from_file_location("bench_nsa", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+@use_backend("torch")
+def test_compare_selected_rows(monkeypatch, benchmark_script):
+    bench = benchmark_script("bench_nsa")
     for name, value in dict(DEVICE="cpu", HEAD_DIM=16, BLOCK_SIZE=16, BLOCK_COUNTS=2, WINDOW=16,
                             HEADS=[(16, 1), (1, 1)]).items():
         monkeypatch.setattr(bench, name, value)

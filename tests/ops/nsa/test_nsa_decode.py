@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from gatedfwa.ops.nsa import NSALayerCache, decode_nsa_attention
-from gatedfwa.ops.nsa.reference import naive_nsa_attention
+from gatedfwa.ops.nsa.naive import naive_nsa_attention
 from gatedfwa.testing import assert_within_rule
-from tests.ops.nsa.helpers import make_inputs
 
 CASES = [
     # (q_heads, kv_heads, block_size, block_counts, window, branches, gate)
@@ -21,7 +20,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:5])) + "-" + "+".join(c[5]) + f"-{c[6]}")
 @pytest.mark.parametrize("prompt_len", [0, 9])
-def test_decoding_equals_the_reference_at_every_position(case, prompt_len):
+def test_decoding_equals_the_reference_at_every_position(case, prompt_len, make_inputs):
     q_heads, kv_heads, block_size, block_counts, window, branches, gate = case
     seqlen = 5 * block_size + 2
     q, k, v, gates = make_inputs(2, seqlen, q_heads, kv_heads, 8, torch.float32, "cpu", branches=branches, gate=gate,
@@ -51,7 +50,7 @@ def test_decoding_equals_the_reference_at_every_position(case, prompt_len):
     assert cache.seen_tokens == seqlen and cache.num_summaries == seqlen // block_size
 
 
-def test_decode_arguments_are_checked():
+def test_decode_arguments_are_checked(make_inputs):
     q, k, v, gates = make_inputs(1, 4, 2, 1, 8, torch.float32, "cpu", block_size=4)
     cache = NSALayerCache(3, 4)
     with pytest.raises(TypeError, match="NSALayerCache"):

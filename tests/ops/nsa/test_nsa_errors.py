@@ -40,7 +40,7 @@ def test_gate_shape(device, name):
     ("block_size", 0, ValueError, "block_size must be >= 1"),
     ("block_size", 16.0, TypeError, "block_size must be an int"),
     ("block_counts", 0, ValueError, "block_counts must be >= 1"),
-    ("window_size", -1, ValueError, "window_size must be >= 0"),
+    ("window_size", -1, ValueError, r"window_size must be >= 1 \(it counts the query itself\), 0 \(no sliding branch\)"),
     ("scale", float("nan"), ValueError, "scale must be a finite number"),
 ])
 def test_bad_numbers(device, argument, value, error, match):

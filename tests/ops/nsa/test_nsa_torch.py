@@ -1,4 +1,4 @@
-"""nsa_attention's PyTorch path (chunked.py) against the float64 reference: the rule on the
+"""nsa_attention's PyTorch path (torch_path.py) against the float64 reference: the rule on the
 output and every gradient, the selection block for block."""
 
 from __future__ import annotations
@@ -6,15 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gatedfwa.ops.backend import use_backend
 from gatedfwa.ops.nsa import nsa_attention
-from gatedfwa.ops.nsa.chunked import chunked_selected_attention
-from gatedfwa.ops.nsa.reference import naive_selected_attention
-from tests.ops.nsa.helpers import check_nsa, make_inputs
+from gatedfwa.ops.nsa.naive import naive_selected_attention
+from gatedfwa.ops.nsa.torch_path import chunked_selected_attention
 
 
 @pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("GATEDFWA_BACKEND", "torch")
+def torch_backend():
+    with use_backend("torch"):
+        yield
 
 
 # (batch, seqlen, q heads, kv heads, head dim, block size, block counts): GQA groups 1, 2, 4 and
@@ -29,25 +30,25 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-T{}-HQ{}-H{}-D{}-bs{}-S{}".format(*c))
-def test_torch_path(device, case, dtype):
+def test_torch_path(device, case, dtype, make_inputs, check_nsa):
     batch, seqlen, q_heads, kv_heads, head_dim, block_size, block_counts = case
     q, k, v, gates = make_inputs(batch, seqlen, q_heads, kv_heads, head_dim, dtype, device, block_size=block_size)
     check_nsa(q, k, v, gates, block_size=block_size, block_counts=block_counts, window_size=24)
 
 
-def test_torch_path_varlen(device):
+def test_torch_path_varlen(device, make_inputs, check_nsa):
     cu_seqlens = torch.tensor([0, 0, 9, 40, 41, 100], dtype=torch.int32, device=device)
     q, k, v, gates = make_inputs(1, 100, 4, 2, 24, torch.float32, device, block_size=8)
     check_nsa(q, k, v, gates, block_size=8, block_counts=3, window_size=12, cu_seqlens=cu_seqlens)
 
 
 @pytest.mark.parametrize("branches", [("cmp",), ("slc",), ("swa",), ("cmp", "slc")])
-def test_torch_path_branch_subsets(device, branches):
+def test_torch_path_branch_subsets(device, branches, make_inputs, check_nsa):
     q, k, v, gates = make_inputs(1, 50, 4, 2, 16, torch.float32, device, branches=branches)
     check_nsa(q, k, v, gates)
 
 
-def test_varlen_equals_separate_calls(device):
+def test_varlen_equals_separate_calls(device, make_inputs):
     """Nothing crosses a sequence boundary: blocks count from each sequence's start."""
     cu_seqlens = torch.tensor([0, 37, 80], dtype=torch.int32, device=device)
     q, k, v, gates = make_inputs(1, 80, 4, 2, 16, torch.float32, device)
@@ -60,7 +61,7 @@ def test_varlen_equals_separate_calls(device):
         assert torch.equal(packed_indices[:, start:end], indices)
 
 
-def test_given_block_indices_any_order(device):
+def test_given_block_indices_any_order(device, make_inputs, check_nsa):
     """Given indices in any order with -1 anywhere mean the same set; returned ascending."""
     q, k, v, gates = make_inputs(1, 64, 2, 1, 16, torch.float32, device, branches=("slc",))
     t = torch.arange(64, device=device)
@@ -76,7 +77,7 @@ def test_given_block_indices_any_order(device):
 
 def test_chunked_selected_attention_matches_naive(device):
     """The gathered (chunked) selected branch alone, chunks smaller than the sequence."""
-    import gatedfwa.ops.nsa.chunked as chunked
+    import gatedfwa.ops.nsa.torch_path as chunked
 
     q = torch.randn(45, 4, 16, device=device, dtype=torch.float64)
     k = torch.randn(45, 2, 16, device=device, dtype=torch.float64)
@@ -100,7 +101,7 @@ def test_selected_branch_saves_no_gathered_keys(monkeypatch):
     the gathered keys, values and probabilities of every query, and its gradients still
     match the uncheckpointed computation. Indices come in the strided layout the selection
     returns them in."""
-    from gatedfwa.ops.nsa import chunked
+    from gatedfwa.ops.nsa import torch_path as chunked
 
     monkeypatch.setattr(chunked, "GATHER_ELEMENTS", 1 << 14)  # several chunks at this size
     n, heads, dim, block, count = 256, 2, 16, 16, 4

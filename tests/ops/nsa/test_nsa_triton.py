@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gatedfwa.ops.nsa import selected, selected_block_major, selection, tiles
-from tests.ops.nsa.helpers import check_nsa, make_inputs
+from gatedfwa.ops.backend import use_backend
+from gatedfwa.ops.nsa import launch, nsa_attention, selected, selected_block_major
 
 
 # BLOCK_MAJOR_MAX_GROUP per strategy: no group block-major, every group block-major.
@@ -21,11 +21,12 @@ STRATEGIES = {"query-major": 0, "block-major": 1 << 20}
 def triton_backend(monkeypatch, request):
     """Force the Triton kernels and the selected branch's strategy, and poison the buffers
     they write with NaN."""
-    monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
     monkeypatch.setattr(selected, "BLOCK_MAJOR_MAX_GROUP", STRATEGIES[request.param])
-    monkeypatch.setattr(tiles, "allocate_like", lambda x: torch.full_like(x, float("nan")))
-    monkeypatch.setattr(selection, "allocate_indices", lambda shape, device: torch.full(
+    monkeypatch.setattr(launch, "allocate_like", lambda x: torch.full_like(x, float("nan")))
+    monkeypatch.setattr(launch, "allocate_indices", lambda shape, device: torch.full(
         shape, -7, dtype=torch.int32, device=device))
+    with use_backend("triton"):
+        yield
 
 
 # (batch, seqlen, q heads, kv heads, head dim, block counts, dtype): GQA groups 1, 2, 4 and 16,
@@ -40,14 +41,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-T{}-HQ{}-H{}-D{}-S{}-{}".format(*c[:6], str(c[6])[6:]))
-def test_triton_kernels(device, case):
+def test_triton_kernels(device, case, make_inputs, check_nsa):
     batch, seqlen, q_heads, kv_heads, head_dim, block_counts, dtype = case
     q, k, v, gates = make_inputs(batch, seqlen, q_heads, kv_heads, head_dim, dtype, device, branches=("cmp", "slc"))
     check_nsa(q, k, v, gates, block_counts=block_counts)
 
 
 @pytest.mark.parametrize("heads", [(4, 2), (3, 3), (3, 1)], ids=lambda h: "HQ{}-H{}".format(*h))
-def test_triton_varlen_with_sliding_branch(device, heads):
+def test_triton_varlen_with_sliding_branch(device, heads, make_inputs, check_nsa):
     """Empty, short (no complete block) and long sequences packed; all three branches; groups
     2, 1 and 3."""
     cu_seqlens = torch.tensor([0, 0, 11, 60, 61, 120], dtype=torch.int32, device=device)
@@ -55,13 +56,13 @@ def test_triton_varlen_with_sliding_branch(device, heads):
     check_nsa(q, k, v, gates, block_counts=3, window_size=12, cu_seqlens=cu_seqlens)
 
 
-def test_triton_block_larger_than_tile(device):
+def test_triton_block_larger_than_tile(device, make_inputs, check_nsa):
     """A block of 40 keys spans several key tiles (16 wide) of the selected kernels."""
     q, k, v, gates = make_inputs(1, 130, 2, 1, 16, torch.float32, device, branches=("cmp", "slc"), block_size=40)
     check_nsa(q, k, v, gates, block_size=40, block_counts=2)
 
 
-def test_triton_given_block_indices(device):
+def test_triton_given_block_indices(device, make_inputs, check_nsa):
     q, k, v, gates = make_inputs(1, 64, 4, 2, 24, torch.float32, device, branches=("slc",))
     t = torch.arange(64, device=device)
     own = (t // 16)[None, :, None].expand(1, 64, 2)
@@ -72,7 +73,7 @@ def test_triton_given_block_indices(device):
 
 
 @pytest.mark.parametrize("heads", [(1, 1), (3, 1)], ids=lambda h: "HQ{}-H{}".format(*h))
-def test_triton_queries_without_blocks(device, heads):
+def test_triton_queries_without_blocks(device, heads, make_inputs, check_nsa):
     """Queries whose given lists are all -1 get o_slc = 0 and no gradient from it, beside
     queries that select blocks; groups 1 and 3."""
     q, k, v, gates = make_inputs(1, 50, *heads, 16, torch.float32, device, branches=("slc",))
@@ -95,13 +96,62 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled kernels with their real tile sizes")
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "B{}-T{}-HQ{}-H{}-varlen{}".format(*c))
-def test_gpu_bf16_moderate_size(case):
+def test_gpu_bf16_moderate_size(case, make_inputs, check_nsa):
     batch, seqlen, q_heads, kv_heads, varlen = case
     q, k, v, gates = make_inputs(batch, seqlen, q_heads, kv_heads, 128, torch.bfloat16, "cuda", block_size=64)
     cu_seqlens = torch.tensor([0, 700, 701, 2100, seqlen], dtype=torch.int32, device="cuda") if varlen else None
     # bf16 summaries move near-tied importances; the selection is compared where it is clear.
     check_nsa(q, k, v, gates, block_size=64, block_counts=16, window_size=512, cu_seqlens=cu_seqlens,
               min_checked=0.5)
+
+
+def test_custom_ops_opcheck(device):
+    """The compressed and selected branches' custom ops (triton_path.py): schemas, fake
+    tensors and autograd registrations, packed sequences; the selected branch with the
+    inverted selection given (block-major) and built inside."""
+    from gatedfwa.ops.nsa import triton_path
+    from gatedfwa.ops.nsa.layout import SequenceLayout
+    from gatedfwa.ops.nsa.pooling import pool_block_summaries
+
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    cu_seqlens = torch.tensor([0, 19, 40], dtype=torch.int32, device=device)
+    q = torch.randn(1, 40, 4, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(1, 40, 2, 16, device=device, requires_grad=True) for _ in range(2))
+    layout = SequenceLayout(q, 2, 8, cu_seqlens)
+    k_cmp, v_cmp = (pool_block_summaries(x, layout).detach().requires_grad_() for x in (k, v))
+    torch.library.opcheck(triton_path._compressed.op, (q, k_cmp, v_cmp, cu_seqlens, layout.summary_offsets,
+                                                       layout.max_seqlen, 8, 0.25), test_utils=utils)
+    # Each query keeps block 0 and its own block (ascending, -1 where they coincide).
+    position = torch.cat([torch.arange(19), torch.arange(21)]).to(device)
+    own = position // 8
+    indices = torch.stack([torch.zeros_like(own), torch.where(own > 0, own, -1)], -1).to(torch.int32)
+    indices = indices[None, :, None, :].expand(1, 40, 2, 2).contiguous()
+    inverted = tuple(selected_block_major.invert_selection(indices, layout))
+    for given in (inverted, (None, None, None)):
+        torch.library.opcheck(triton_path._selected.op, (q, k, v, indices, cu_seqlens, layout.max_seqlen, 8, 0.25,
+                                                         *given), test_utils=utils)
+
+
+def test_compiles_fullgraph(device, make_inputs):
+    """Without packed sequences the Triton path is one graph under torch.compile(fullgraph=True):
+    its kernels are custom ops (aot_eager: dynamo capture and AOT autograd, no code generated);
+    loss and gradients as in eager mode."""
+    torch._dynamo.reset()
+    q, k, v, gates = make_inputs(1, 40, 4, 2, 16, torch.float32, device)
+
+    def loss(q, k, v, g):
+        o = nsa_attention(q, k, v, g, gates["g_cmp"], gates["g_slc"], gates["g_swa"], block_size=16, block_counts=2,
+                          window_size=12)
+        return o.square().mean()
+
+    def loss_and_grads(fn):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, gates["g"])]
+        value = fn(*leaves)
+        return [value.detach(), *torch.autograd.grad(value, leaves)]
+
+    compiled = loss_and_grads(torch.compile(loss, fullgraph=True, backend="aot_eager"))
+    for name, a, b in zip(("loss", "dq", "dk", "dv", "dg"), compiled, loss_and_grads(loss)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_selected_backward_work_items_cover_each_list_once(monkeypatch):
@@ -112,7 +162,7 @@ def test_selected_backward_work_items_cover_each_list_once(monkeypatch):
     monkeypatch.setattr(selected_block_major, "ROWS_PER_ITEM", 20)  # group 4: chunks of 5 queries
     monkeypatch.setattr(selected_block_major, "interpreting", lambda: False)
     q, k = torch.zeros(1, 64, 4, 16), torch.zeros(1, 64, 1, 16)
-    layout = SequenceLayout(q, k, 16, None)
+    layout = SequenceLayout(q, k.shape[2], 16, None)
     counts = torch.randint(0, 13, (layout.max_blocks,))
     counts[1] = 0
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32)
@@ -133,7 +183,7 @@ def test_invert_selection_lists_every_choice_once():
 
     cu_seqlens = torch.tensor([0, 5, 5, 40], dtype=torch.int32)
     q, k = torch.zeros(1, 40, 6, 16), torch.zeros(1, 40, 3, 16)
-    layout = SequenceLayout(q, k, 8, cu_seqlens)
+    layout = SequenceLayout(q, k.shape[2], 8, cu_seqlens)
     distinct = torch.rand(1, 40, 3, layout.max_blocks).argsort(-1)[..., :4].to(torch.int32)  # no repeats
     indices = torch.where(torch.rand(distinct.shape) < 0.3, -1, distinct)
     inverted = selected_block_major.invert_selection(indices, layout)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from gatedfwa.ops.gate.device_math import exp_nonpositive, log1p_unit
 from gatedfwa.ops.gate.spec import GateSpec
 # Triton is optional: without it the device functions are defined but never compiled.
-from gatedfwa.ops.triton_support import jit, tl
+from gatedfwa.ops.common.triton_support import jit, tl
 
 __all__ = ["GATE", "naive_forgetting_log_gates", "forgetting_log_gate", "forgetting_log_gate_derivative"]
 
