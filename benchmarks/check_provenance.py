@@ -54,6 +54,7 @@ WRITERS = [
     (r"attention_profile", ("benchmarks/profile_attention_kernels.py", "benchmarks/bench_attention.py")),
     (r"bench_generate", "benchmarks/bench_generate.py"),
     (r"context_parallel_(check|speed)", "benchmarks/bench_context_parallel.py"),
+    (r"context_parallel_drift", "benchmarks/check_context_parallel_drift.py"),
     (r"decode(_sweep)?", "benchmarks/bench_decode.py"),
     (r"gate_(numerics|bandwidth|end_to_end)", "benchmarks/bench_gate.py"),
     (r"gate_gradient", "benchmarks/bench_gate_gradient.py"),

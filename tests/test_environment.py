@@ -20,9 +20,6 @@ ENVIRONMENT_ACCESS = {"environ", "environb", "getenv", "getenvb", "putenv", "uns
 # entry is (file, the line as written). Remove an entry when its line goes: a stale entry
 # fails below, so the list only shrinks.
 PENDING = {
-    # GATEDFWA_CHECK_VALUES: becomes `... and not check_values_on_device():`.
-    ("distributed/context_parallel.py",
-     'if q.device.type != "cpu" and os.environ.get(VALUE_CHECKS_VARIABLE, "0") != "1":'),
 }
 
 

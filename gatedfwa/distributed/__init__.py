@@ -3,8 +3,13 @@
     context_parallel.py  context_parallel_gated_window_attention: one sequence split across
                          the ranks of a process group; dispatches to fused.py on the
                          Triton backend, else composes the public op
-    fused.py             the Triton path: one autograd.Function that drives the kernels and
-                         the halo exchange and owns its buffers (no full-size copies)
+    fused.py             the Triton path: the kernels and the halo exchange driven together,
+                         owning their buffers (no full-size copies)
+    compiled.py          under torch.compile: the communication as custom ops (the fused path
+                         whole, the halo, the loss's messages)
+    packed.py            packed sequences (cu_seqlens of the whole sequence): the offsets of
+                         each call on a shard
+    partial_sums.py      a gradient's parts from several calls and ranks, summed and rounded once
     sequence.py          a model's sequence across the group: shard_sequence, rotary offsets,
                          the token shift across shards, the loss (used by the layers and models)
     halo.py              the halo exchange: which ranks send which positions, and the

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from gatedfwa.distributed.partial_sums import Part, add_parts
+
 __all__ = ["HaloPlan", "PendingHalo", "start_halo_exchange", "attach_halo", "TailGradients", "expect_tail_gradients",
-           "HaloLink"]
+           "HaloLink", "exchange_halo_now", "return_halo_gradients_now"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class HaloPlan:
             if lo >= n:
                 break
             sends.append(Piece(reader, lo, n))
-        tail = n - min((p.start for p in sends), default=n)
+        tail = n - min([p.start for p in sends]) if sends else 0  # (a list: torch.compile traces this)
         return HaloPlan(rank, world, n, span, halo, tail, tuple(receives), tuple(sends))
 
     @property
@@ -111,10 +113,11 @@ class PendingHalo:
     slice [:, a:b] of a [B, h, ...] tensor is contiguous only for B == 1); wait() joins them
     into the halos [B, h, ...], one per exchanged tensor."""
 
-    def __init__(self, plan: HaloPlan, group, tensors: list[torch.Tensor]):
+    def __init__(self, plan: HaloPlan, group, tensors: list[torch.Tensor], first_position: int = 0):
         self.plan, self.group = plan, group
         self.pieces = [[_empty_along_time(x, p.end - p.start) for p in plan.receives] for x in tensors]
-        self.sent = [(p.peer, _along_time(x, p.start, p.end)) for p in plan.sends for x in tensors]
+        self.sent = [(p.peer, _along_time(x, p.start - first_position, p.end - first_position))
+                     for p in plan.sends for x in tensors]
         incoming = [(p.peer, pieces[i]) for i, p in enumerate(plan.receives) for pieces in self.pieces]
         self.works = _exchange(group, self.sent, incoming)
         self.empty = [_empty_along_time(x, 0) for x in tensors]
@@ -129,11 +132,30 @@ class PendingHalo:
         ]
 
 
-def start_halo_exchange(plan: HaloPlan, group, tensors: list[torch.Tensor]) -> PendingHalo:
-    """Post the forward exchange of `tensors` (each [B, n, ...]: k, v and possibly g) and
-    return at once, so that compute can run while it is in flight."""
+def start_halo_exchange(plan: HaloPlan, group, tensors: list[torch.Tensor], first_position: int = 0) -> PendingHalo:
+    """Post the forward exchange of `tensors` (each [B, n, ...]: k, v and possibly g; or, with
+    first_position, the shard positions from there on: [B, n - first_position, ...], which
+    must hold the tail) and return at once, so that compute can run while it is in flight."""
     with torch.no_grad():
-        return PendingHalo(plan, group, [x.detach() for x in tensors])
+        return PendingHalo(plan, group, [x.detach() for x in tensors], first_position)
+
+
+def exchange_halo_now(plan: HaloPlan, group, tails: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The forward exchange, waited for: the halos [B, h, ...] of tails [B, tail, ...] (this
+    shard's last plan.tail positions of k, v, g), in the tails' dtype. For a caller that
+    cannot keep an exchange in flight (torch.compile's custom ops, compiled.py)."""
+    return start_halo_exchange(plan, group, tails, plan.shard - plan.tail).wait()
+
+
+def return_halo_gradients_now(plan: HaloPlan, group, halo_grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The backward exchange, waited for: sends halo_grads [B, h, ...] to their owners and
+    returns the gradients of this shard's tail [B, tail, ...] that later ranks sent back
+    (zeros where none did), in halo_grads' dtype."""
+    exchange = TailGradients()
+    exchange.post(plan, group, halo_grads)
+    tail_grads = [_empty_along_time(d, plan.tail).zero_() for d in halo_grads]
+    exchange.add_to(tail_grads, plan.shard - plan.tail)
+    return tail_grads
 
 
 class TailGradients:
@@ -153,17 +175,19 @@ class TailGradients:
         incoming = [(p.peer, t) for p, ts in zip(plan.sends, self.received) for t in ts]
         self.plan, self.works = plan, _exchange(group, outgoing, incoming)
 
-    def add_to(self, grads: list[torch.Tensor], first_position: int) -> None:
+    def add_to(self, grads: list[torch.Tensor], first_position: int, more: list[Part] = ()) -> None:
         """Wait for the exchange and add the received pieces (they overlap when the window
-        spans several shards) in place to grads [B, *, ...], which cover the shard positions
-        from first_position on."""
+        spans several shards), and the parts in `more`, in place to grads [B, *, ...], which
+        cover the shard positions from first_position on (`more` in grads' coordinates).
+        Rows that take several parts are summed in float32 and rounded once
+        (partial_sums.add_parts)."""
         if self.works is None:
             raise RuntimeError("the halo's backward has not posted its gradient exchange yet")
         for work in self.works:
             work.wait()
-        for p, pieces in zip(self.plan.sends, self.received):
-            for grad, piece in zip(grads, pieces):
-                grad[:, p.start - first_position:p.end - first_position] += piece
+        received = [(p.start - first_position, p.end - first_position, pieces)
+                    for p, pieces in zip(self.plan.sends, self.received)]
+        add_parts(grads, [*more, *received])
         self.works, self.received = None, []
 
 
@@ -203,7 +227,10 @@ class _AttachHalo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pending: PendingHalo, deferred: TailGradients | None, *tails: torch.Tensor):
         ctx.plan, ctx.group, ctx.deferred = pending.plan, pending.group, deferred
-        return tuple(pending.wait())
+        # The halos in the tails' dtype: the exchange may carry a narrower one (a float32
+        # composition sends its bfloat16 inputs; widening them is exact), while the gradients
+        # travel back in the tails' dtype, unrounded.
+        return tuple(halo.to(tail.dtype) for halo, tail in zip(pending.wait(), tails))
 
     @staticmethod
     def backward(ctx, *halo_grads: torch.Tensor):
@@ -246,8 +273,9 @@ def expect_tail_gradients(tensors: list[torch.Tensor]) -> tuple[TailGradients, l
 
 def attach_halo(pending: PendingHalo, tensors: list[torch.Tensor],
                 deferred: TailGradients | None = None) -> list[torch.Tensor]:
-    """Wait for `pending` and return the halos [B, h, ...] of `tensors` (the same k, v, g that
-    started the exchange), differentiable: their gradients flow back to the owners' tensors.
+    """Wait for `pending` and return the halos [B, h, ...] of `tensors` (the k, v, g that
+    started the exchange, or wider copies of them: the halos then come in the copies' dtype),
+    differentiable: their gradients flow back to the owners' tensors.
     With `deferred` (from expect_tail_gradients, whose returned tensors are `tensors` here)
     the backward's wait for the returning gradients moves to the identity's backward.
 

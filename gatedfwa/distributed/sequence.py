@@ -7,6 +7,7 @@ Everything that acts on one position at a time (embeddings, norms, MLPs, project
 head) runs unchanged on the shard; three things look across a shard boundary and live here:
 
     shard_start                   rotary positions continue from the shards before
+    packed_shard_position_ids     ... or from the start of each packed sequence
     previous_token_across_shards  the token shift reads the previous rank's last token
     context_parallel_causal_lm_loss  the label of a shard's last token is the next shard's
                                   first label, and the mean runs over every rank's tokens
@@ -18,11 +19,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from gatedfwa.distributed.compiled import compiled_group_sum, compiled_halo, compiled_next_first_labels
 from gatedfwa.distributed.halo import HaloPlan, attach_halo, start_halo_exchange
 
 __all__ = [
     "shard_sequence",
     "shard_start",
+    "packed_shard_position_ids",
     "previous_token_across_shards",
     "context_parallel_causal_lm_loss",
     "refuse_under_context_parallel",
@@ -50,21 +53,47 @@ def shard_start(shard_length: int, group: dist.ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_rank(group) * shard_length
 
 
-def previous_token_across_shards(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def _whole_positions(shard_length: int, group: dist.ProcessGroup, device) -> torch.Tensor:
+    """[n] the whole-sequence positions of this rank's shard."""
+    start = shard_start(shard_length, group)
+    return torch.arange(start, start + shard_length, device=device)
+
+
+def packed_shard_position_ids(cu_seqlens: torch.Tensor, shard_length: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """[1, n] rotary positions of this rank's shard of packed sequences: each token's
+    distance from the start of its sequence, cu_seqlens [N + 1] delimiting the sequences of
+    the whole sequence of R * n tokens (a sequence that started on an earlier rank
+    continues its count)."""
+    positions = _whole_positions(shard_length, group, cu_seqlens.device)
+    cu = cu_seqlens.to(positions.dtype)
+    starts = cu[torch.searchsorted(cu, positions, right=True) - 1]
+    return (positions - starts)[None]
+
+
+def previous_token_across_shards(x: torch.Tensor, group: dist.ProcessGroup,
+                                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """The previous token's value at every position of this rank's shard x [B, n, ...]: the
     previous rank's last token at position 0 (zero on the group's first rank, where the
-    sequence starts). Differentiable: the gradient of the received token goes back to its
-    owner (a halo of one position, gatedfwa/distributed/halo.py)."""
-    plan = HaloPlan.build(dist.get_rank(group), dist.get_world_size(group), x.shape[1], 1)
-    halo = attach_halo(start_halo_exchange(plan, group, [x]), [x])[0]  # [B, 1, ...], or [B, 0, ...] on rank 0
+    sequence starts), and zero where a packed sequence starts (cu_seqlens [N + 1] of the
+    whole sequence, B == 1). Differentiable: the gradient of the received token goes back to
+    its owner (a halo of one position, gatedfwa/distributed/halo.py)."""
+    if torch.compiler.is_compiling():
+        halo = compiled_halo([x], group, 1)[0]
+    else:
+        plan = HaloPlan.build(dist.get_rank(group), dist.get_world_size(group), x.shape[1], 1)
+        halo = attach_halo(start_halo_exchange(plan, group, [x]), [x])[0]  # [B, 1, ...], or [B, 0, ...] on rank 0
     if halo.shape[1] == 0:
         # The sequence starts here: a zero. The empty halo stays in the graph, since every
         # rank must run the exchange's backward.
         halo = torch.cat((halo, torch.zeros_like(x[:, :1])), dim=1)
-    return torch.cat((halo, x[:, :-1]), dim=1)
+    previous = torch.cat((halo, x[:, :-1]), dim=1)
+    if cu_seqlens is None:
+        return previous
+    starts = torch.isin(_whole_positions(x.shape[1], group, x.device), cu_seqlens.to(x.device))
+    return previous.masked_fill(starts.view(1, -1, *([1] * (x.dim() - 2))), 0.0)
 
 
-def _next_shard_first_labels(labels: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def next_shard_first_labels(labels: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[B, 1]: the first label of the next rank's shard (IGNORE_INDEX on the last rank, whose
     last token has no successor)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -97,22 +126,28 @@ def context_parallel_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, 
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels must have shape [batch, shard length] = {list(logits.shape[:2])}, got {list(labels.shape)}")
     labels = labels.to(logits.device)
-    targets = torch.cat((labels[:, 1:], _next_shard_first_labels(labels, group)), dim=1)
+    compiling = torch.compiler.is_compiling()
+    following = compiled_next_first_labels(labels, group) if compiling else next_shard_first_labels(labels, group)
+    targets = torch.cat((labels[:, 1:], following), dim=1)
     total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="sum")
     count = (targets != IGNORE_INDEX).sum().to(torch.float32)
-    dist.all_reduce(count, group=group)  # a count, no gradient
+    if compiling:
+        count = compiled_group_sum(count, group)
+    else:
+        dist.all_reduce(count, group=group)  # a count, no gradient
     # Like F.cross_entropy's mean, 0 / 0 = nan when no rank holds a label.
     return total * dist.get_world_size(group) / count
 
 
 def refuse_under_context_parallel(**arguments) -> None:
     """Raise a ValueError naming the first argument given (not None) that context parallelism
-    does not support: padding masks, packed sequences and decoding caches."""
+    does not support: padding masks and decoding caches (packed sequences are given as
+    cu_seqlens of the whole sequence instead)."""
     given = [name for name, value in arguments.items() if value is not None]
     if given:
         raise ValueError(
             f"{given[0]} is not supported under context parallelism: each rank must hold a contiguous "
-            "shard of unpadded, unpacked sequences (no attention_mask, cu_seqlens, layout or cache); "
-            "call enable_context_parallel(model, None) to run without it"
+            "shard of unpadded sequences (no attention_mask, layout or cache; packed sequences go in as "
+            "cu_seqlens of the whole sequence); call enable_context_parallel(model, None) to run without it"
         )

@@ -31,7 +31,12 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from gatedfwa.distributed import context_parallel_gated_window_attention
-from gatedfwa.distributed.sequence import previous_token_across_shards, refuse_under_context_parallel, shard_start
+from gatedfwa.distributed.sequence import (
+    packed_shard_position_ids,
+    previous_token_across_shards,
+    refuse_under_context_parallel,
+    shard_start,
+)
 from gatedfwa.layers.norm import RMSNorm
 from gatedfwa.layers.padding import PackedLayout, pack_padded, unpack
 from gatedfwa.layers.rotary import apply_rotary, rotary_angles
@@ -309,6 +314,8 @@ class GatedFWAttention(nn.Module):
                 real tokens see exactly what they would see without it; padding rows of the
                 output are 0.
             cu_seqlens: int32 [N + 1] when x packs N sequences along T (B == 1; no cache).
+                Under context parallelism, the offsets of the whole sequence of R * T tokens
+                that x is this rank's shard of (docs/distributed.md).
             cache: this layer's gatedfwa.WindowLayerCache. Empty: x is a prompt; the
                 parallel path runs and fills the cache (prefill). Holding tokens: x holds
                 the next tokens (all real): up to MAX_DECODE_LENGTH of them go through the
@@ -329,7 +336,8 @@ class GatedFWAttention(nn.Module):
         (_forward_dense).
         """
         if self.context_parallel_group is not None:
-            refuse_under_context_parallel(attention_mask=attention_mask, cu_seqlens=cu_seqlens, layout=layout, cache=cache)
+            # cu_seqlens: the whole sequence's packed sequences (docs/distributed.md).
+            refuse_under_context_parallel(attention_mask=attention_mask, layout=layout, cache=cache)
         # holds_tokens, not seen_tokens: a static cache answers from a host flag (its position
         # lives on the device).
         if cache is not None and cache.holds_tokens:
@@ -368,7 +376,10 @@ class GatedFWAttention(nn.Module):
         when x is a padded batch packed, which a cache is filled from) -> [1, N, C]. Default
         positions count from each sequence's start."""
         if position_ids is None and rotary is None:
-            position_ids = default_position_ids(x.shape[0], x.shape[1], cu_seqlens, x.device)
+            if self.context_parallel_group is None:
+                position_ids = default_position_ids(x.shape[0], x.shape[1], cu_seqlens, x.device)
+            else:
+                position_ids = packed_shard_position_ids(cu_seqlens, x.shape[1], self.context_parallel_group)
         return self._forward_parallel(x, position_ids, rotary, cu_seqlens, cache, layout)
 
     def _forward_dense(self, x, position_ids, cache, rotary) -> torch.Tensor:
@@ -389,7 +400,8 @@ class GatedFWAttention(nn.Module):
             if self.context_parallel_group is None:
                 k_prev, v_prev = previous_token(k, cu_seqlens), previous_token(v, cu_seqlens)
             else:
-                k_prev, v_prev = (previous_token_across_shards(t, self.context_parallel_group) for t in (k, v))
+                k_prev, v_prev = (previous_token_across_shards(t, self.context_parallel_group, cu_seqlens)
+                                  for t in (k, v))
             k, v = self._shift(x, k, v, k_prev, v_prev)
         q, k = self._position_encode(q, k, position_ids, rotary)
         if cache is None:
@@ -406,6 +418,7 @@ class GatedFWAttention(nn.Module):
             g = self._gates_from_projection(gate_pre)
             return context_parallel_gated_window_attention(
                 q, k, v, g, window_size=self.window_size, group=self.context_parallel_group, scale=self.scale,
+                cu_seqlens=cu_seqlens,
             )
         if self.use_gate:
             return gate_attention_from_projection(

@@ -21,7 +21,11 @@ def enable_context_parallel(model: nn.Module, group: dist.ProcessGroup | None) -
     cuts them); rotary positions start at r * n; the windowed layers run
     context_parallel_gated_window_attention; the loss is this rank's part, whose mean over the
     group is the single-process loss (gradients alike). Every rank must run the same forward
-    and backward. Padding masks, packed sequences and decoding caches are refused.
+    and backward. Packed sequences (batch 1) go in as cu_seq_lens_q/k, the offsets of the
+    whole sequence, the same on every rank: positions, token shift and attention stay within
+    each sequence across the shards. Padding masks and decoding caches are refused. Under
+    torch.compile the communication runs in custom ops (gatedfwa/distributed/compiled.py), so
+    a compiled forward and backward has no graph break for it.
 
     Raises ValueError for a model with a layer of a kind whose registry entry does not
     support context parallelism (gatedfwa/attention_kinds.py: of the built-in kinds, only

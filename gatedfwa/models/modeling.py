@@ -38,7 +38,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import logging
 
 from gatedfwa.attention_kinds import attention_kind
-from gatedfwa.distributed.sequence import context_parallel_causal_lm_loss, refuse_under_context_parallel, shard_start
+from gatedfwa.distributed.sequence import (
+    context_parallel_causal_lm_loss,
+    packed_shard_position_ids,
+    refuse_under_context_parallel,
+    shard_start,
+)
 from gatedfwa.layers.attention import GatedFWAttention, default_position_ids
 from gatedfwa.layers.norm import RMSNorm
 from gatedfwa.layers.padding import flattened_layout, pack, pack_padded, unpack
@@ -131,8 +136,10 @@ class GatedFWABlock(GradientCheckpointingLayer):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedFWAMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, rotary, layout=None, cache=None):
-        x = x + self.attn(self.attn_norm(x), layout=layout, cache=cache, rotary=rotary)
+    def forward(self, x, rotary, layout=None, cache=None, cu_seqlens=None):
+        # cu_seqlens: packed sequences under context parallelism (the whole sequence's offsets).
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        x = x + self.attn(self.attn_norm(x), layout=layout, cache=cache, rotary=rotary, **packed)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -343,6 +350,9 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
             return outputs if return_dict else outputs.to_tuple()
 
         layout = None
+        # Packed sequences split across a context-parallel group: the offsets of the whole
+        # sequence go to every layer; the shard is not repacked.
+        shard_cu = None
         if cache is not None and cache.holds_tokens:
             # Decoding: the new tokens follow the cached ones and are all real tokens.
             # generate() passes the mask of the whole stream (ones appended at each step).
@@ -362,6 +372,11 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
                 position_ids = cache[0].token_counts[:, None] + torch.arange(seqlen, device=x.device)
         elif attention_mask is not None:
             layout, x, position_ids, _ = pack_padded(attention_mask, x, position_ids)
+        elif self.context_parallel_group is not None and cu_seq_lens_q is not None:
+            self._flattened_sequences(x, position_ids, cu_seq_lens_q, cu_seq_lens_k, seq_idx)  # the checks
+            shard_cu = torch.as_tensor(cu_seq_lens_q, device=x.device)
+            if position_ids is None:
+                position_ids = packed_shard_position_ids(shard_cu, seqlen, self.context_parallel_group)
         elif (layout := self._flattened_sequences(x, position_ids, cu_seq_lens_q, cu_seq_lens_k, seq_idx)) is not None:
             x = pack(x, layout)
             position_ids = (default_position_ids(1, x.shape[1], layout.cu_seqlens, x.device) if position_ids is None
@@ -376,7 +391,7 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
         for i, block in enumerate(self.layers):
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = block(x, rotary, layout=layout, cache=None if cache is None else cache[i])
+            x = block(x, rotary, layout=layout, cache=None if cache is None else cache[i], cu_seqlens=shard_cu)
         x = self.norm(x)
         if layout is not None:
             x = unpack(x, layout)
@@ -403,9 +418,10 @@ class GatedFWAModel(GatedFWAPreTrainedModel):
         if cu_seq_lens_q is None and seq_idx is None and position_ids is None:
             return None
         if self.context_parallel_group is not None:
-            if cu_seq_lens_q is not None or seq_idx is not None:
-                raise ValueError("packed sequences (cu_seq_lens_q/k, seq_idx) are not supported under context parallelism")
-            return None  # positions are the shard's; a shard holds one sequence
+            if seq_idx is not None:
+                raise ValueError("seq_idx is not supported under context parallelism: give the packed sequences as "
+                                 "cu_seq_lens_q/k, the offsets of the whole sequence across the group")
+            return None  # positions are the shard's (of each packed sequence with cu_seq_lens_q/k)
         return flattened_layout(x.shape[0], x.shape[1], x.device, position_ids=position_ids,
                                 cu_seqlens=cu_seq_lens_q, seq_idx=seq_idx)
 
@@ -527,7 +543,9 @@ class GatedFWAForCausalLM(GatedFWAPreTrainedModel, GenerationMixin):
                 flattened [B * T] tokens (equal; DataCollatorWithFlattening with
                 return_flash_attn_kwargs=True), instead of reading position_ids; seq_idx
                 (keyword): [B, T] the sequence of each token, likewise. max_length_q/k are
-                accepted and not needed.
+                accepted and not needed. Under context parallelism, cu_seq_lens_q/k are the
+                offsets of the whole sequence of R * T tokens that input_ids [1, T] is this
+                rank's shard of (seq_idx and position_ids that restart are not read there).
             Other keyword arguments go to the loss function (transformers' loss kwargs, e.g.
             shift_labels); it ignores the ones it does not know (e.g. token_type_ids).
 

@@ -1,6 +1,7 @@
 """A GatedFWA language model with its sequences split across 2 CPU processes (gloo) against
 one process on the whole sequences: the loss and every parameter gradient, averaged over the
-context-parallel group, equal the single-process ones (float32, tight tolerance).
+context-parallel group, equal the single-process ones (float32, tight tolerance); with packed
+sequences (cu_seq_lens_q/k of the whole sequence) and under torch.compile(fullgraph=True) too.
 
 Every rank builds the model from one seed (identical weights), draws the whole batch from one
 seed, runs the single-process model on it, then the context-parallel model on its shard. One
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from gatedfwa.distributed import shard_sequence
 from gatedfwa.models import GatedFWAForCausalLM, enable_context_parallel
 from tests.distributed.launch import run_on_ranks
-from tests.distributed.test_context_parallel import _expect
+from tests.distributed.test_context_parallel import _compilable_op, _expect
 from tests.models.test_model import tiny_config
 
 WORLD = 2
@@ -39,29 +40,65 @@ CASES = [
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 
 
-def _loss_and_grads(model, input_ids, labels):
+def _loss_and_grads(model, input_ids, labels, step=None):
+    """step: what computes the loss (default the model; its compiled form)."""
     model.zero_grad(set_to_none=True)
-    loss = model(input_ids, labels=labels).loss
+    loss = (model if step is None else step)(input_ids, labels=labels).loss
     loss.backward()
     return loss.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
-def _check_case(rank, case, seed) -> list[str]:
+# Packed sequences (batch 1): the whole sequence's offsets; one sequence crosses the shard
+# boundary (starting 2 before it), the next starts inside the halo of the second shard.
+PACKED_OFFSETS = [0, 3, SHARD - 2, SHARD + 2, WORLD * SHARD]
+PACKED_CASES = [
+    ("packed gatedfwa w<shard, token shift", dict(attention_kinds="gatedfwa", window_size=5, token_shift=True)),
+    ("packed swa w>shard", dict(attention_kinds="swa", window_size=9)),
+]
+# A compiled model step (torch.compile(fullgraph=True) of the forward; the backward compiled
+# with it), against one process in eager mode.
+COMPILED_CASES = [
+    ("compiled mixed kinds, token shift", dict(attention_kinds=["swa", "gatedfwa"], window_size=5, token_shift=True)),
+]
+
+
+def _loss_and_grads_packed(model, input_ids, labels, offsets):
+    cu = torch.tensor(offsets, dtype=torch.int32)
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids, labels=labels, cu_seq_lens_q=cu, cu_seq_lens_k=cu).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def _check_case(rank, case, seed, packed=False, compiled=False) -> list[str]:
     name, overrides = case
     torch.manual_seed(seed)
     model = GatedFWAForCausalLM(tiny_config(**overrides))  # the same weights on every rank
     generator = torch.Generator().manual_seed(seed + 1)
-    input_ids = torch.randint(0, model.config.vocab_size, (2, WORLD * SHARD), generator=generator)
+    rows = 1 if packed else 2
+    input_ids = torch.randint(0, model.config.vocab_size, (rows, WORLD * SHARD), generator=generator)
     labels = input_ids.clone()
     # Ignored labels, one on each side of the shard boundary, so the token count differs
     # between the ranks and the label that crosses the boundary is an ignored one in row 1.
     labels[0, SHARD - 1] = -100
-    labels[1, SHARD] = -100
-    single_loss, single_grads = _loss_and_grads(model, input_ids, labels)
+    labels[-1, SHARD] = -100
+    if packed:
+        single_loss, single_grads = _loss_and_grads_packed(model, input_ids, labels, PACKED_OFFSETS)
+    else:
+        single_loss, single_grads = _loss_and_grads(model, input_ids, labels)
 
     group = dist.group.WORLD
     enable_context_parallel(model, group)
-    loss, grads = _loss_and_grads(model, shard_sequence(input_ids, group), shard_sequence(labels, group))
+    ids, shard_labels = shard_sequence(input_ids, group), shard_sequence(labels, group)
+    if packed:
+        loss, grads = _loss_and_grads_packed(model, ids, shard_labels, PACKED_OFFSETS)
+    elif compiled:
+        torch._dynamo.reset()
+        with _compilable_op():
+            loss, grads = _loss_and_grads(model, ids, shard_labels, torch.compile(model, fullgraph=True))
+        torch._dynamo.reset()
+    else:
+        loss, grads = _loss_and_grads(model, ids, shard_labels)
     enable_context_parallel(model, None)
     dist.all_reduce(loss, group=group)
     loss /= WORLD
@@ -88,10 +125,7 @@ def _check_refusals(rank) -> list[str]:
     ids = torch.randint(0, 61, (1, SHARD))
     failures += _expect(ValueError, "attention_mask", lambda: model(ids, attention_mask=torch.ones_like(ids)))
     failures += _expect(ValueError, "use_cache", lambda: model(ids, use_cache=True))
-    attention = model.model.layers[0].attn
-    x = torch.randn(1, SHARD, 32)
-    failures += _expect(ValueError, "cu_seqlens", lambda: attention(
-        x, cu_seqlens=torch.tensor([0, 2, SHARD], dtype=torch.int32)))
+    failures += _expect(ValueError, "seq_idx", lambda: model(ids, seq_idx=torch.zeros_like(ids)))
     failures += _expect(ValueError, "multiple of the context-parallel group's size",
                         lambda: shard_sequence(torch.zeros(1, 5), group))
     return failures
@@ -101,6 +135,10 @@ def _check_all(rank, world, seed) -> list[str]:
     failures = []
     for i, case in enumerate(CASES):
         failures += _check_case(rank, case, seed + 10 * i)
+    for i, case in enumerate(PACKED_CASES):
+        failures += [f"packed: {f}" for f in _check_case(rank, case, seed + 100 + 10 * i, packed=True)]
+    for i, case in enumerate(COMPILED_CASES):
+        failures += [f"compiled: {f}" for f in _check_case(rank, case, seed + 200 + 10 * i, compiled=True)]
     return failures + [f"refusal: {f}" for f in _check_refusals(rank)]
 
 
@@ -111,7 +149,17 @@ def failures(tmp_path_factory):
 
 
 def test_loss_and_gradients_match_one_process(failures):
-    mismatches = [f for f in failures if "refusal: " not in f]
+    mismatches = [f for f in failures if not any(tag in f for tag in ("refusal: ", "packed: ", "compiled: "))]
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_packed_sequences_match_one_process(failures):
+    mismatches = [f for f in failures if "packed: " in f]
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_compiled_step_matches_one_process(failures):
+    mismatches = [f for f in failures if "compiled: " in f]
     assert not mismatches, "\n".join(mismatches)
 
 
