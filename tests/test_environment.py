@@ -16,11 +16,9 @@ from gatedfwa.errors import ConfigError
 PACKAGE = Path(gatedfwa.__file__).resolve().parent
 ENVIRONMENT_ACCESS = {"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"}
 
-# Reads in modules whose owners move them onto gatedfwa/environment.py separately; each
-# entry is (file, the line as written). Remove an entry when its line goes: a stale entry
-# fails below, so the list only shrinks.
-PENDING = {
-}
+# Reads allowed outside gatedfwa/environment.py, as (file, the line as written): none today.
+# An entry whose line is gone fails below, so the list cannot go stale.
+PENDING: set = set()
 
 
 def _environment_accesses(path: Path) -> list[str]:
