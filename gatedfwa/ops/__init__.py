@@ -1,14 +1,17 @@
 """Pure functions on tensors (no nn.Module), one package per op family:
 
-    window_attention/  gated sliding-window attention: reference, Triton forward/backward, the op,
-                       and the op fused with the gate (from the gate projection to the output)
-    gate/              the gate preprocessing: log gates from the projections, chunk-local sums
+    window_attention/  gated sliding-window attention: the op, the op fused with the gate
+                       (from the gate projection to the output), and the chunk gate sums its
+                       kernels read
+    gate/              the gate: its registry of parameterisations, log gates from the projections
     decode/            decode steps against the bounded window cache
     nsa/               Native Sparse Attention with the gated window as its sliding branch
 
-Each package has a PyTorch reference beside its Triton kernels and one public face (its
-__init__). Shared by all: backend.py (which implementation serves a call) and common/ (Triton
-support, packed sequences, argument checks).
+Each family follows one plan (docs/layout.md): naive.py (the float64 oracle of the tests),
+torch_path.py (the PyTorch path), the Triton kernels, launch.py (their configuration) and
+op.py (the public face; its __init__ exports it). Shared by all: backend.py (which
+implementation serves a call) and common/ (KernelOp, the online softmax, Triton support,
+packed sequences, argument checks).
 """
 
 from gatedfwa.ops.backend import use_backend
