@@ -68,6 +68,22 @@ def assert_elementwise_close(name: str, fast: torch.Tensor, ref64: torch.Tensor,
     assert excess <= 0, f"{name}: elementwise error exceeds {rtol:.0e} relative by {excess:.3e}"
 
 
+def assert_gate_results(label: str, names, fast, low, ref, extremes_rtol=None) -> None:
+    """A gate's value and gradients (``fast``, in order of ``names``) against the float64
+    formula ``ref`` and the same formula in the inputs' precision ``low``: finite everywhere,
+    then the rule; at extreme inputs (``extremes_rtol(dtype)`` given) the rule on relative
+    errors and an elementwise relative bound, since there the low-precision formula's own
+    gradients overflow and the rule alone would bound nothing. The log gate is <= 0."""
+    for name, x, y, z in zip(names, fast, low, ref):
+        assert torch.isfinite(x).all(), f"{label}: {name} has non-finite entries"
+        if extremes_rtol is not None:
+            assert_within_relative_rule(name, x, y, z)
+            assert_elementwise_close(name, x, z, extremes_rtol(x.dtype))
+        else:
+            assert_within_rule(name, x, y, z)
+    assert (fast[0] <= 0).all(), f"{label}: a log gate is positive"
+
+
 def op_modules() -> list:
     """Every module under gatedfwa.ops, imported: for tests and profilers that replace the
     Triton kernels they hold (import all first: a module imported after a patch would bind the
