@@ -219,6 +219,10 @@ def test_every_script_that_writes_results_takes_the_commit_through_provenance():
     assert len(scripts) >= 14, [path.name for path in scripts]
     for path in scripts + [BENCHMARKS / "experiments" / "kit.py", BENCHMARKS / "experiments" / "run.py"]:
         source = path.read_text()
-        assert "settle_or_exit(parser, args" in source, f"{path.name} does not settle the commit"
+        # directly, or through common.start_gpu_run, which settles it first
+        settles = "settle_or_exit(parser, args" in source or "start_gpu_run(parser, args)" in source
+        assert settles, f"{path.name} does not settle the commit"
         assert "add_options(parser)" in source or path.name == "run.py", f"{path.name} offers no --allow-dirty"
-    assert "**provenance.recorded()" in (BENCHMARKS / "common.py").read_text()
+    common = (BENCHMARKS / "common.py").read_text()
+    assert "**provenance.recorded()" in common
+    assert "provenance.settle_or_exit(parser, args)" in common.split("def start_gpu_run", 1)[1]
