@@ -188,7 +188,7 @@ def _check_case(rank, world, case, seed, group=None, gate_center=1.0, offsets=No
         query_rows, events = [], []
         if compiled:
             with _compilable_op():
-                fast = _with_grads(torch.compile(parallel, fullgraph=True), local, do[:, rows])
+                fast = _with_grads(torch.compile(parallel, fullgraph=True, backend="aot_eager"), local, do[:, rows])
         else:
             with _recording(shard, query_rows, events, poison=backend == "triton"):
                 fast = _with_grads(parallel, local, do[:, rows])

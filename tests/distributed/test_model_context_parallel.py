@@ -95,7 +95,7 @@ def _check_case(rank, case, seed, packed=False, compiled=False) -> list[str]:
     elif compiled:
         torch._dynamo.reset()
         with _compilable_op():
-            loss, grads = _loss_and_grads(model, ids, shard_labels, torch.compile(model, fullgraph=True))
+            loss, grads = _loss_and_grads(model, ids, shard_labels, torch.compile(model, fullgraph=True, backend="aot_eager"))
         torch._dynamo.reset()
     else:
         loss, grads = _loss_and_grads(model, ids, shard_labels)
