@@ -21,7 +21,10 @@ group is named by its group_name (a string, as custom ops take no group object):
     gatedfwa::context_parallel_sum
                                 the loss's token count over the group
 
-Every rank compiles the same graph, so the ops run in the same order on every rank. Packed
+Every rank must post its messages in the same order, though each compiles a graph of its own
+shapes: the forward ops are ordered effects (_communicates), and each backward exchange
+returns at least one position's gradient (_carried), so that the layer's gradient depends on
+it and the data orders the backward's exchanges alike on every rank. Packed
 sequences (cu_seqlens) compile on the Triton backend (the offsets are read inside the op); on
 the PyTorch path they are refused under torch.compile, since the composition would have to
 read them on the host while tracing.
@@ -43,9 +46,10 @@ IGNORE_INDEX = -100
 
 
 def _communicates(op) -> None:
-    """Mark a custom op as effectful (ordered): the compiler then neither drops it when its
-    output looks unused (an empty halo still sends) nor moves it past another such op, so
-    that every rank posts its messages in program order, whatever its own graph's shapes."""
+    """Mark a custom op as effectful (ordered): in the forward graph the compiler then neither
+    drops it when its output looks unused (an empty halo still sends) nor moves it past
+    another such op, so that every rank posts its messages in program order, whatever its own
+    graph's shapes. (The backward graph carries no such order: see _carried.)"""
     try:
         from torch._library.effects import EffectType
     except ImportError:  # older PyTorch
@@ -72,12 +76,21 @@ def _along_time_like(x: torch.Tensor, length: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
+def _carried(plan: HaloPlan) -> int:
+    """The positions of this shard that the halo op takes (and its backward returns the
+    gradient of): the tail, and at least one. Where no later rank reads the shard (its last
+    rank) that one position's gradient is zero, but it keeps the compiled backward's
+    gradient flow dependent on the op: an empty output would not, and the compiler could
+    then move the op's messages past those of other layers' exchanges on this rank only."""
+    return max(plan.tail, 1)
+
+
 @torch.library.custom_op("gatedfwa::context_parallel_halo", mutates_args=(), device_types=None)
 def _halo(tails: list[torch.Tensor], group_name: str, shard: int, halo_want: int) -> list[torch.Tensor]:
-    """The halos [B, h, ...] received for tails [B, tail, ...], this shard's last positions
-    (halo.HaloPlan: h = min(halo_want, rank * shard), tail as there)."""
+    """The halos [B, h, ...] received for tails [B, c, ...], this shard's last c = _carried
+    positions (halo.HaloPlan: h = min(halo_want, rank * shard))."""
     plan, group = _plan(group_name, shard, halo_want)
-    return exchange_halo_now(plan, group, [t.contiguous() for t in tails])
+    return exchange_halo_now(plan, group, [t.contiguous() for t in tails], shard - _carried(plan))
 
 
 @_halo.register_fake
@@ -88,15 +101,16 @@ def _(tails, group_name, shard, halo_want):
 
 @torch.library.custom_op("gatedfwa::context_parallel_halo_backward", mutates_args=(), device_types=None)
 def _halo_backward(halo_grads: list[torch.Tensor], group_name: str, shard: int, halo_want: int) -> list[torch.Tensor]:
-    """The tails' gradients [B, tail, ...]: the halo's gradients go back to their owners."""
+    """The tails' gradients [B, c, ...] (c = _carried): the halo's gradients go back to their
+    owners."""
     plan, group = _plan(group_name, shard, halo_want)
-    return return_halo_gradients_now(plan, group, [d.contiguous() for d in halo_grads])
+    return return_halo_gradients_now(plan, group, [d.contiguous() for d in halo_grads], shard - _carried(plan))
 
 
 @_halo_backward.register_fake
 def _(halo_grads, group_name, shard, halo_want):
     plan, _ = _plan(group_name, shard, halo_want)
-    return [_along_time_like(d, plan.tail) for d in halo_grads]
+    return [_along_time_like(d, _carried(plan)) for d in halo_grads]
 
 
 def _halo_setup(ctx, inputs, output):
@@ -118,7 +132,7 @@ def compiled_halo(tensors: list[torch.Tensor], group: dist.ProcessGroup, halo_wa
     rank). In the tensors' dtype: a float32 composition sends float32."""
     shard = tensors[0].shape[1]
     plan = HaloPlan.build(dist.get_rank(group), dist.get_world_size(group), shard, halo_want)
-    tails = [x[:, shard - plan.tail:] for x in tensors]
+    tails = [x[:, shard - _carried(plan):] for x in tensors]
     return _halo(tails, group.group_name, shard, halo_want)
 
 

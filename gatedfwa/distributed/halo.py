@@ -140,21 +140,24 @@ def start_halo_exchange(plan: HaloPlan, group, tensors: list[torch.Tensor], firs
         return PendingHalo(plan, group, [x.detach() for x in tensors], first_position)
 
 
-def exchange_halo_now(plan: HaloPlan, group, tails: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The forward exchange, waited for: the halos [B, h, ...] of tails [B, tail, ...] (this
-    shard's last plan.tail positions of k, v, g), in the tails' dtype. For a caller that
-    cannot keep an exchange in flight (torch.compile's custom ops, compiled.py)."""
-    return start_halo_exchange(plan, group, tails, plan.shard - plan.tail).wait()
+def exchange_halo_now(plan: HaloPlan, group, tails: list[torch.Tensor], first_position: int) -> list[torch.Tensor]:
+    """The forward exchange, waited for: the halos [B, h, ...] of tails [B, n - first_position,
+    ...] (this shard's positions of k, v, g from first_position on, the tail included), in the
+    tails' dtype. For a caller that cannot keep an exchange in flight (torch.compile's custom
+    ops, compiled.py)."""
+    return start_halo_exchange(plan, group, tails, first_position).wait()
 
 
-def return_halo_gradients_now(plan: HaloPlan, group, halo_grads: list[torch.Tensor]) -> list[torch.Tensor]:
+def return_halo_gradients_now(plan: HaloPlan, group, halo_grads: list[torch.Tensor],
+                              first_position: int) -> list[torch.Tensor]:
     """The backward exchange, waited for: sends halo_grads [B, h, ...] to their owners and
-    returns the gradients of this shard's tail [B, tail, ...] that later ranks sent back
-    (zeros where none did), in halo_grads' dtype."""
+    returns the gradients of this shard's positions from first_position on
+    [B, n - first_position, ...] (<= n - plan.tail) that later ranks sent back (zeros where
+    none did), in halo_grads' dtype."""
     exchange = TailGradients()
     exchange.post(plan, group, halo_grads)
-    tail_grads = [_empty_along_time(d, plan.tail).zero_() for d in halo_grads]
-    exchange.add_to(tail_grads, plan.shard - plan.tail)
+    tail_grads = [_empty_along_time(d, plan.shard - first_position).zero_() for d in halo_grads]
+    exchange.add_to(tail_grads, first_position)
     return tail_grads
 
 

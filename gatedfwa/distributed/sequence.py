@@ -8,7 +8,7 @@ head) runs unchanged on the shard; three things look across a shard boundary and
 
     shard_start                   rotary positions continue from the shards before
     packed_shard_position_ids     ... or from the start of each packed sequence
-    previous_token_across_shards  the token shift reads the previous rank's last token
+    previous_tokens_across_shards the token shift reads the previous rank's last token
     context_parallel_causal_lm_loss  the label of a shard's last token is the next shard's
                                   first label, and the mean runs over every rank's tokens
 """
@@ -26,7 +26,7 @@ __all__ = [
     "shard_sequence",
     "shard_start",
     "packed_shard_position_ids",
-    "previous_token_across_shards",
+    "previous_tokens_across_shards",
     "context_parallel_causal_lm_loss",
     "refuse_under_context_parallel",
 ]
@@ -70,27 +70,33 @@ def packed_shard_position_ids(cu_seqlens: torch.Tensor, shard_length: int, group
     return (positions - starts)[None]
 
 
-def previous_token_across_shards(x: torch.Tensor, group: dist.ProcessGroup,
-                                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """The previous token's value at every position of this rank's shard x [B, n, ...]: the
-    previous rank's last token at position 0 (zero on the group's first rank, where the
-    sequence starts), and zero where a packed sequence starts (cu_seqlens [N + 1] of the
-    whole sequence, B == 1). Differentiable: the gradient of the received token goes back to
-    its owner (a halo of one position, gatedfwa/distributed/halo.py)."""
+def previous_tokens_across_shards(tensors: list[torch.Tensor], group: dist.ProcessGroup,
+                                  cu_seqlens: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The previous token's value at every position of this rank's shard, for each of
+    tensors [B, n, ...] (the token shift's k and v, exchanged together): the previous rank's
+    last token at position 0 (zero on the group's first rank, where the sequence starts), and
+    zero where a packed sequence starts (cu_seqlens [N + 1] of the whole sequence, B == 1).
+    Differentiable: the gradient of the received token goes back to its owner (a halo of one
+    position, gatedfwa/distributed/halo.py)."""
     if torch.compiler.is_compiling():
-        halo = compiled_halo([x], group, 1)[0]
+        halos = compiled_halo(tensors, group, 1)
     else:
-        plan = HaloPlan.build(dist.get_rank(group), dist.get_world_size(group), x.shape[1], 1)
-        halo = attach_halo(start_halo_exchange(plan, group, [x]), [x])[0]  # [B, 1, ...], or [B, 0, ...] on rank 0
-    if halo.shape[1] == 0:
-        # The sequence starts here: a zero. The empty halo stays in the graph, since every
-        # rank must run the exchange's backward.
-        halo = torch.cat((halo, torch.zeros_like(x[:, :1])), dim=1)
-    previous = torch.cat((halo, x[:, :-1]), dim=1)
-    if cu_seqlens is None:
-        return previous
-    starts = torch.isin(_whole_positions(x.shape[1], group, x.device), cu_seqlens.to(x.device))
-    return previous.masked_fill(starts.view(1, -1, *([1] * (x.dim() - 2))), 0.0)
+        plan = HaloPlan.build(dist.get_rank(group), dist.get_world_size(group), tensors[0].shape[1], 1)
+        halos = attach_halo(start_halo_exchange(plan, group, tensors), tensors)  # [B, 1 or 0 on rank 0, ...]
+    previous = []
+    for x, halo in zip(tensors, halos):
+        # On the group's first rank the halo is empty and the sequence starts with a zero; the
+        # empty halo stays in the graph, since every rank must run the exchange's backward.
+        # The same operations on every rank, whatever the halo's length: the order in which
+        # autograd reaches the exchanges' backwards follows the graph's structure, and must
+        # be the same on every rank.
+        start = torch.zeros_like(x[:, :1 - halo.shape[1]])
+        shifted = torch.cat((start, halo, x[:, :-1]), dim=1)
+        if cu_seqlens is not None:
+            starts = torch.isin(_whole_positions(x.shape[1], group, x.device), cu_seqlens.to(x.device))
+            shifted = shifted.masked_fill(starts.view(1, -1, *([1] * (x.dim() - 2))), 0.0)
+        previous.append(shifted)
+    return previous
 
 
 def next_shard_first_labels(labels: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

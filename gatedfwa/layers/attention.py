@@ -33,7 +33,7 @@ from torch.nn.modules import module as torch_module
 from gatedfwa.distributed import context_parallel_gated_window_attention
 from gatedfwa.distributed.sequence import (
     packed_shard_position_ids,
-    previous_token_across_shards,
+    previous_tokens_across_shards,
     refuse_under_context_parallel,
     shard_start,
 )
@@ -400,8 +400,7 @@ class GatedFWAttention(nn.Module):
             if self.context_parallel_group is None:
                 k_prev, v_prev = previous_token(k, cu_seqlens), previous_token(v, cu_seqlens)
             else:
-                k_prev, v_prev = (previous_token_across_shards(t, self.context_parallel_group, cu_seqlens)
-                                  for t in (k, v))
+                k_prev, v_prev = previous_tokens_across_shards([k, v], self.context_parallel_group, cu_seqlens)
             k, v = self._shift(x, k, v, k_prev, v_prev)
         q, k = self._position_encode(q, k, position_ids, rotary)
         if cache is None:
