@@ -187,8 +187,7 @@ def _check_case(rank, world, case, seed, group=None, gate_center=1.0, offsets=No
         local = [None if x is None else x[:, rows] for x in (q, k, v, g)]
         query_rows, events = [], []
         if compiled:
-            with _compilable_op():
-                fast = _with_grads(torch.compile(parallel, fullgraph=True, backend="aot_eager"), local, do[:, rows])
+            fast = _with_grads(torch.compile(parallel, fullgraph=True, backend="aot_eager"), local, do[:, rows])
         else:
             with _recording(shard, query_rows, events, poison=backend == "triton"):
                 fast = _with_grads(parallel, local, do[:, rows])
@@ -256,30 +255,6 @@ def _check_packed(rank, world, seed) -> list[str]:
         plain, offsets = _packed(case, world)
         failures += _check_case(rank, world, plain, seed + i, offsets=offsets)
     return failures
-
-
-@contextlib.contextmanager
-def _compilable_op():
-    """While gatedfwa/ops/backend.py's backend lookup reads a ContextVar, which torch.compile
-    cannot trace, the public op itself does not compile with fullgraph=True: then its lookup
-    is made a traced constant for the duration (what the compiled graph would bake in
-    anyway). Nothing is changed where the op compiles as it is."""
-    from gatedfwa.ops import backend as backend_module
-
-    def probe(x):
-        return gated_window_attention(x, x, x, window_size=2)
-
-    torch._dynamo.reset()
-    try:
-        torch.compile(probe, fullgraph=True, backend="eager")(torch.zeros(1, 2, 1, 8))
-        yield
-        return
-    except torch._dynamo.exc.Unsupported:
-        pass
-    finally:
-        torch._dynamo.reset()
-    with _patched((backend_module, "_forced", torch.compiler.assume_constant_result(backend_module._forced))):
-        yield
 
 
 # Under torch.compile(fullgraph=True): the composition traced around the halo's custom op
