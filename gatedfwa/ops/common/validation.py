@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from gatedfwa.environment import CHECK_VALUES, check_values_on_device
+from gatedfwa.environment import check_values_on_device
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -169,10 +169,6 @@ def check_query_key_seqlens(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tens
                 f"sequence {i} has more queries ({nq}, cu_seqlens_q) than keys ({nk}, cu_seqlens_k); "
                 "each sequence's queries must be no more than its keys"
             )
-
-
-VALUE_CHECKS_VARIABLE = CHECK_VALUES.name
-"""Set to 1 to check the values of gates on CUDA too (a host sync per call)."""
 
 
 def check_log_gate_values(g: torch.Tensor | None, name: str = "g") -> None:
