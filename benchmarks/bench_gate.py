@@ -160,7 +160,7 @@ def bandwidth(sizes, dtype, ceiling_gbps) -> dict:
         row = {"B": batch, "T": seqlen, "H": heads, "dtype": str(dtype).replace("torch.", "")}
         try:
             rows = batch * seqlen
-            chunk = gate_chunk(128)  # what the attention path uses at D = 128
+            chunk = gate_chunk(128, torch.device(DEVICE))  # what the attention path uses at D = 128
             gate_pre = torch.randn(batch, seqlen, 2 * heads, device=DEVICE, dtype=dtype) * 3
             bias = torch.randn(heads, device=DEVICE, dtype=dtype)
             dg = torch.randn(batch, heads, seqlen, device=DEVICE, dtype=torch.float32)
@@ -168,7 +168,7 @@ def bandwidth(sizes, dtype, ceiling_gbps) -> dict:
             a_view, beta_view = flat[:, :heads], flat[:, heads:]
             d_gate_pre = torch.empty_like(flat)
             da_view, dbeta_view = d_gate_pre[:, :heads], d_gate_pre[:, heads:]
-            _, _, programs = gate_launch.launch_shape(rows, heads)
+            _, _, programs = gate_launch.launch_shape(rows, heads, gate_launch.program_config(torch.device(DEVICE))["ELEMENTS"])
             fwd_bytes, bwd_bytes = gate_bytes(rows, heads, gate_pre.element_size(), programs)
 
             def forward():

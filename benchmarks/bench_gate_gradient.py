@@ -5,9 +5,9 @@
 
 dg is assembled from chunk-boundary fluxes (gatedfwa/ops/window_attention/gate_flux.py); the
 plain reverse sum of dU over the whole sequence (what windows too long for the flux buffer
-still use) is the "plain" variant, selected here by MAX_FLUX_TILES_PER_BLOCK_M = 0, and its dq
+still use) is the "plain" variant, selected here by the knob max_flux_tiles_per_block_m = 0, and its dq
 kernel compiles without any flux code. The flux tile totals are stored one part per warp on
-NVIDIA GPUs (backward._store_warp_totals); the "per tile" variant (launch.WARP_FLUX_TOTALS =
+NVIDIA GPUs (backward._store_warp_totals); the "per tile" variant (knob warp_flux_totals =
 False) times the portable path, one tl.sum and one store per tile, beside it.
 
 Writes gate_gradient.json/.md under --out:
@@ -44,11 +44,11 @@ import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 from common import bench_ms, environment, error_record, kernel_device_ms, write_results  # noqa: E402
 
 from gatedfwa import gated_window_attention  # noqa: E402
-from gatedfwa.ops.window_attention import gate_flux, launch  # noqa: E402
+from gatedfwa.ops.window_attention import launch  # noqa: E402
 from gatedfwa.ops.window_attention.naive import naive_gated_window_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FLUX_LIMIT = gate_flux.MAX_FLUX_TILES_PER_BLOCK_M
+FLUX_LIMIT = launch.TUNING.knobs.max_flux_tiles_per_block_m
 VARIANTS = {"flux": FLUX_LIMIT, "plain": 0}
 # Timing also runs the flux with one total per tile: (flux limit, per-warp totals) per variant.
 TIMED = {"flux": (FLUX_LIMIT, True), "flux per tile": (FLUX_LIMIT, False), "plain": (0, True)}
@@ -73,8 +73,8 @@ def numerics(seqlen: int, window: int, span: int) -> dict:
     q, k, v, g, do = inputs(1, seqlen, 2, 64 if not QUICK else 16, torch.float32)
     row = {"part": "numerics", "T": seqlen, "window": window, "dtype": "float32"}
     for name, limit in VARIANTS.items():
-        gate_flux.MAX_FLUX_TILES_PER_BLOCK_M = limit
-        dg = gate_gradient(q, k, v, g, do, window)
+        with launch.TUNING.overridden(max_flux_tiles_per_block_m=limit):
+            dg = gate_gradient(q, k, v, g, do, window)
 
         def error_of(start, stop):
             lo, hi = max(start - window, 0), min(stop + window, seqlen)
@@ -85,7 +85,6 @@ def numerics(seqlen: int, window: int, span: int) -> dict:
 
         head, tail = error_of(0, span), error_of(seqlen - span, seqlen)
         row.update({f"{name} first err": head, f"{name} last err": tail, f"{name} first/last": head / tail})
-    gate_flux.MAX_FLUX_TILES_PER_BLOCK_M = FLUX_LIMIT
     row["ok"] = row["flux first err"] <= 2 * row["flux last err"]
     return row
 
@@ -97,21 +96,17 @@ def timing(batch, seqlen, heads, head_dim, window, dtype) -> dict:
     o = gated_window_attention(q, k, v, g, window_size=window)
     row = {"part": "timing", "T": seqlen, "window": window, "dtype": str(dtype).replace("torch.", ""),
            "shape": f"B{batch} HQ{heads} D{head_dim}"}
+    def backward():
+        torch.autograd.grad(o, (q, k, v, g), do, retain_graph=True)
+
     for name, (limit, warp_totals) in TIMED.items():
-        gate_flux.MAX_FLUX_TILES_PER_BLOCK_M = limit
-        launch.WARP_FLUX_TOTALS = warp_totals
-
-        def backward():
-            torch.autograd.grad(o, (q, k, v, g), do, retain_graph=True)
-
-        if DEVICE == "cuda":
-            row[f"{name} backward ms"] = bench_ms(backward)
-            kernels = kernel_device_ms(backward, iterations=10)
-            row[f"{name} dq ms"] = sum(ms for kernel, ms in kernels.items() if "_dq_kernel" in kernel)
-        else:
-            backward()
-    gate_flux.MAX_FLUX_TILES_PER_BLOCK_M = FLUX_LIMIT
-    launch.WARP_FLUX_TOTALS = True
+        with launch.TUNING.overridden(max_flux_tiles_per_block_m=limit, warp_flux_totals=warp_totals):
+            if DEVICE == "cuda":
+                row[f"{name} backward ms"] = bench_ms(backward)
+                kernels = kernel_device_ms(backward, iterations=10)
+                row[f"{name} dq ms"] = sum(ms for kernel, ms in kernels.items() if "_dq_kernel" in kernel)
+            else:
+                backward()
     if DEVICE == "cuda":
         row["flux share"] = row["flux backward ms"] / row["plain backward ms"] - 1
         row["ok"] = row["flux share"] <= 0.01

@@ -30,6 +30,8 @@ def error_record(exc: BaseException) -> dict:
 def environment() -> dict:
     import triton
 
+    from gatedfwa.ops.common.tuning import architecture
+
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **provenance.recorded(),
@@ -40,7 +42,7 @@ def environment() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_count=torch.cuda.device_count(), sm_count=props.multi_processor_count,
-                    cuda=torch.version.cuda)
+                    cuda=torch.version.cuda, arch=architecture(torch.device("cuda")))
     return info
 
 

@@ -52,10 +52,11 @@ KINDS = {
 # The kernels and what differs between them: pointer arguments (all else is int32 unless listed
 # as float), scale arguments, and the launch configuration for D = 128.
 KERNELS = {
-    "forward": (forward._forward_kernel, ("qk_scale",), launch.CONFIGS["forward"]),
-    "dq": (backward._dq_kernel, ("qk_scale", "scale"), launch.CONFIGS["dq"]),
-    "dkdv": (backward._dkdv_kernel, ("qk_scale", "scale"), launch.CONFIGS["dkdv"]),
+    "forward": (forward._forward_kernel, ("qk_scale",)),
+    "dq": (backward._dq_kernel, ("qk_scale", "scale")),
+    "dkdv": (backward._dkdv_kernel, ("qk_scale", "scale")),
 }
+ARCH = "sm90"  # the launch choices of launch.TUNING for an H100/H200
 LOW_PRECISION_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "CU_SEQLENS"}
 
 
@@ -66,7 +67,7 @@ def _nvdisasm() -> str:
 def compile_sass(kernel, floats, config: dict, has_gate: bool, head_dim: int) -> str:
     """SASS text of one kernel specialised for head_dim (a power of two), bf16, sm_90."""
     constants = dict(GROUP=1, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=config["BLOCK_M"],
-                     BLOCK_N=config["BLOCK_N"], GATE_CHUNK=launch.gate_chunk(head_dim),
+                     BLOCK_N=config["BLOCK_N"], GATE_CHUNK=launch.gate_chunk_on(head_dim, ARCH),
                      HAS_GATE=has_gate, VARLEN=False, DOT_PRECISION="tf32", FEWER_QUERIES=False)
     # The Hopper switches (launch.py), where the configuration sets them.
     constants.update({name: bool(config.get(name, False)) for name in ("USE_TMA",)})
@@ -132,8 +133,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     provenance.settle_or_exit(parser, args)
     rows = []
-    for name, (kernel, floats, config_of) in KERNELS.items():
-        config = config_of(args.head_dim, True)  # the gated tiles, for both variants
+    for name, (kernel, floats) in KERNELS.items():
+        # The gated tiles, for both variants.
+        config = launch.TUNING.config(name, ARCH, block_d=launch.block_d_for(args.head_dim), gate=True)
         counts = {}
         for has_gate in (False, True):
             loops = loop_bodies(compile_sass(kernel, floats, config, has_gate, args.head_dim))

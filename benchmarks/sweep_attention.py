@@ -37,10 +37,11 @@ import provenance  # noqa: E402  (the commit measured: git's HEAD, clean tree)
 
 from attention_inputs import make_inputs, short_sequences  # noqa: E402
 from common import attention_tflops, bench_ms, kernel_device_ms, start_gpu_run, window_pairs, write_results  # noqa: E402
-from sweep_to_configs import LAUNCH_TABLE_NAME, best_configs, table_source  # noqa: E402
+from sweep_to_configs import LAUNCH_TABLE_NAME, PACKAGE_TABLE, best_configs, read_table, table_source  # noqa: E402
 
 from gatedfwa import gated_window_attention  # noqa: E402
-from gatedfwa.ops.window_attention import launch  # noqa: E402  (the launch table the sweep overrides)
+from gatedfwa.ops.common.tuning import architecture  # noqa: E402
+from gatedfwa.ops.window_attention import launch  # noqa: E402  (the tuning surface the sweep overrides)
 from gatedfwa.ops.window_attention.naive import naive_gated_window_attention  # noqa: E402
 
 
@@ -83,14 +84,16 @@ KERNEL_NAMES = {"forward": "_forward_kernel", "dq": "_dq_kernel", "dkdv": "_dkdv
 CHECK_SEQLEN, CHECK_HEADS, CHECK_WINDOW = 1024, 16, 320
 
 
-def _use_configs(defaults, overrides):
-    """Point launch.CONFIGS at defaults with the given {kernel: {(block_d, gate): config}} on top."""
-    launch.CONFIGS.update(defaults)
-    for kernel, table in overrides.items():
-        def config_of(head_dim, has_gate=True, table=table, fallback=defaults[kernel]):
-            chosen = table.get((launch.block_d_for(head_dim), has_gate))
-            return dict(chosen) if chosen is not None else fallback(head_dim, has_gate)
-        launch.CONFIGS[kernel] = config_of
+def _architecture() -> str:
+    return architecture(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _with_configs(entries: dict):
+    """launch.TUNING with {(kernel, BLOCK_D, gate): config} on top of its measured entries, on
+    this machine's architecture, within the block."""
+    arch = _architecture()
+    extra = {(kernel, arch, block_d, gate): config for (kernel, block_d, gate), config in entries.items()}
+    return launch.TUNING.overridden(measured={**launch.TUNING.measured, **extra})
 
 
 def _step(q, k, v, g, do, window, cu_seqlens=None):
@@ -102,7 +105,7 @@ def _step(q, k, v, g, do, window, cu_seqlens=None):
 
 
 def check_variant(head_dim, gate):
-    """The op under the current launch.CONFIGS against the naive float64 reference, with the
+    """The op under the current launch.TUNING against the naive float64 reference, with the
     rule of docs/correctness.md (bf16; the naive path in bf16 gives the bound). Returns "ok" or
     the failure."""
     from gatedfwa.testing import assert_within_rule, float32_slack
@@ -149,23 +152,24 @@ def sweep(shapes=SWEEP_SHAPES, budget_s: float = 270.0):
     (sweep_to_configs.best_configs)."""
     started = time.time()
     rows = []
-    defaults = dict(launch.CONFIGS)
+    arch = _architecture()
     head_dims = sorted({shape[3] for shape in shapes}, reverse=True)  # D = 128 first: two of the targets
     for head_dim in head_dims:
         for gate in (True, False):
             for kernel, candidates in SWEEP.items():
-                default = dict(defaults[kernel](head_dim, gate))
+                block_d = launch.block_d_for(head_dim)
+                default = launch.TUNING.config(kernel, arch, block_d=block_d, gate=gate)
                 for config in [default] + [c for c in candidates if c != default]:
                     base = {"kernel": kernel, "head_dim": head_dim, "gate": gate, "config": config,
                             "candidate": candidate_label(config) + (" (default)" if config is default else "")}
                     if time.time() - started > budget_s:
                         rows.append({**base, "check": "skipped: time budget"})
                         continue
-                    _use_configs(defaults, {kernel: {(launch.block_d_for(head_dim), gate): config}})
-                    try:
-                        check = check_variant(head_dim, gate)
-                    except Exception as exc:
-                        check = f"{type(exc).__name__}: {exc}"[:200]
+                    with _with_configs({(kernel, block_d, gate): config}):
+                        try:
+                            check = check_variant(head_dim, gate)
+                        except Exception as exc:
+                            check = f"{type(exc).__name__}: {exc}"[:200]
                     for batch, seqlen, heads, shape_d, window in shapes:
                         if shape_d != head_dim:
                             continue
@@ -175,7 +179,8 @@ def sweep(shapes=SWEEP_SHAPES, budget_s: float = 270.0):
                             try:
                                 q, k, v, g = make_inputs(batch, seqlen, heads, heads, head_dim, gate=gate,
                                                          requires_grad=True)
-                                row.update(_kernel_times(_step(q, k, v, g, torch.randn_like(q), window)))
+                                with _with_configs({(kernel, block_d, gate): config}):
+                                    row.update(_kernel_times(_step(q, k, v, g, torch.randn_like(q), window)))
                                 row["kernel_ms"] = row[f"{kernel} ms"]
                                 pairs = window_pairs([seqlen] * batch, window)
                                 share = 1.0 if kernel == "forward" else 1.25  # of the backward's 2.5
@@ -185,7 +190,6 @@ def sweep(shapes=SWEEP_SHAPES, budget_s: float = 270.0):
                         rows.append(row)
                         print({key: row.get(key) for key in ("shape", "gate", "kernel", "candidate", "check",
                                                            "kernel_ms", "kernel TFLOP/s")}, flush=True)
-    launch.CONFIGS.update(defaults)
     return rows, best_configs(rows)
 
 
@@ -193,10 +197,6 @@ def time_best(best, shapes, label):
     """Forward and forward+backward TFLOP/s of launch.py's configurations against the sweep's
     winners (in memory), gated and not, at each shape (B, T, HQ, H, D, window, varlen)."""
     rows = []
-    defaults = dict(launch.CONFIGS)
-    overrides = {}
-    for (kernel, block_d, gate), config in best.items():
-        overrides.setdefault(kernel, {})[(block_d, gate)] = config
     for batch, seqlen, q_heads, kv_heads, head_dim, window, varlen in shapes:
         gated_rows = {}  # configs -> the gated row of this shape, for the gate's cost
         for gate in (True, False):
@@ -207,26 +207,26 @@ def time_best(best, shapes, label):
             if varlen:  # many short sequences: lengths 256-2048
                 cu, lengths = short_sequences(seqlen)
             pairs = window_pairs(lengths, window)
-            for which, table in (("launch.py", {}), ("sweep best", overrides)):
-                _use_configs(defaults, table)
+            for which, table in (("launch.py", {}), ("sweep best", best)):
                 row = {"part": label, "shape": f"B{batch} T{seqlen} HQ{q_heads} H{kv_heads} D{head_dim} w{window}"
                        + (f" varlen x{len(lengths)}" if varlen else ""), "gate": gate, "configs": which}
-                try:
-                    forward = lambda: gated_window_attention(q, k, v, g, window_size=window, cu_seqlens=cu)  # noqa: E731
-                    with torch.no_grad():
-                        forward()
-                        ms = bench_ms(forward)
-                    row["fwd ms"], row["fwd TFLOP/s"] = ms, attention_tflops(pairs, q_heads, head_dim, ms, backward=False)
-                    step = _step(q, k, v, g, do, window, cu)
-                    step()
-                    ms = bench_ms(step, grad_to_none=[x for x in (q, k, v, g) if x is not None])
-                    row["fwd+bwd ms"], row["fwd+bwd TFLOP/s"] = ms, attention_tflops(pairs, q_heads, head_dim, ms,
-                                                                                    backward=True)
-                    target = TARGETS.get((head_dim, window)) if not varlen and kv_heads == q_heads else None
-                    if target and gate:
-                        row["target fwd / fwd+bwd"] = f"{target[0]} / {target[1]}"
-                except Exception as exc:
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+                with _with_configs(table):
+                    try:
+                        forward = lambda: gated_window_attention(q, k, v, g, window_size=window, cu_seqlens=cu)  # noqa: E731
+                        with torch.no_grad():
+                            forward()
+                            ms = bench_ms(forward)
+                        row["fwd ms"], row["fwd TFLOP/s"] = ms, attention_tflops(pairs, q_heads, head_dim, ms, backward=False)
+                        step = _step(q, k, v, g, do, window, cu)
+                        step()
+                        ms = bench_ms(step, grad_to_none=[x for x in (q, k, v, g) if x is not None])
+                        row["fwd+bwd ms"], row["fwd+bwd TFLOP/s"] = ms, attention_tflops(pairs, q_heads, head_dim, ms,
+                                                                                        backward=True)
+                        target = TARGETS.get((head_dim, window)) if not varlen and kv_heads == q_heads else None
+                        if target and gate:
+                            row["target fwd / fwd+bwd"] = f"{target[0]} / {target[1]}"
+                    except Exception as exc:
+                        row["error"] = f"{type(exc).__name__}: {exc}"[:200]
                 gated_row = gated_rows.get(which) if not gate else None
                 if gated_row is not None and "fwd+bwd ms" in gated_row and "fwd+bwd ms" in row:
                     gated_row["gated / ungated fwd+bwd"] = gated_row["fwd+bwd ms"] / row["fwd+bwd ms"]
@@ -235,7 +235,6 @@ def time_best(best, shapes, label):
                 print(row, flush=True)
             del q, k, v, g, do
             torch.cuda.empty_cache()
-    launch.CONFIGS.update(defaults)
     return rows
 
 
@@ -270,7 +269,7 @@ def main(argv=None):
                                       "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s", "gated / ungated fwd+bwd",
                                       "target fwd / fwd+bwd", "error"])
     table = Path(args.out) / LAUNCH_TABLE_NAME
-    table.write_text(table_source(best, env))
+    table.write_text(table_source(best, env, _architecture(), read_table(PACKAGE_TABLE)))
     print(f"sweep done in {time.time() - started:.0f} s; launch table: {table}", flush=True)
 
 

@@ -1,9 +1,14 @@
 """Turn a kernel sweep (sweep_attention.py, attention_sweep.json) into the launch table of
 the window attention kernels, in the form the library reads
-(gatedfwa/ops/window_attention/tuned.py: TUNED[(kernel, BLOCK_D, has_gate)] = config).
+(gatedfwa/ops/window_attention/tuned.py: MEASURED[(kernel, arch, BLOCK_D, gate)] = config, the
+measured entries of launch.py's TUNING).
 
     python benchmarks/sweep_to_configs.py benchmarks/results/attention_sweep.json
     python benchmarks/sweep_to_configs.py sweep.json --out /tmp/table.py     # elsewhere
+    python benchmarks/sweep_to_configs.py old_sweep.json --arch sm90         # a sweep without its arch
+
+The architecture (e.g. "sm90") is the one the sweep recorded in its environment; entries of
+other architectures in the current table are carried over unchanged.
 
 For each kernel (forward, dq, dkdv), head size and gate setting, the winner is the candidate
 that passed the sweep's correctness check and has the least device time of that kernel,
@@ -74,36 +79,49 @@ def swept_defaults(rows: list[dict]) -> dict[tuple[str, int, bool], dict]:
     return defaults
 
 
-def table_source(best: dict, environment: dict) -> str:
-    """Python source of tuned.py holding best."""
-    measured_on = (f"{environment.get('gpu', '?')}, torch {environment.get('torch', '?')}, "
+def table_source(best: dict, environment: dict, arch: str, others: dict | None = None) -> str:
+    """Python source of tuned.py holding best ({(kernel, BLOCK_D, gate): config}) on `arch`,
+    and others ({(kernel, arch, BLOCK_D, gate): config} of other architectures) unchanged."""
+    measured_on = (f"{environment.get('gpu', '?')} ({arch}), torch {environment.get('torch', '?')}, "
                    f"triton {environment.get('triton', '?')}, commit {str(environment.get('git_commit', '?'))[:10]}, "
                    f"{environment.get('date', '?')}")
-    entries = "\n".join(f"    {key!r}: {pprint.pformat(best[key], width=200, sort_dicts=False)},"
-                        for key in sorted(best))
-    return f'''"""Measured launch configurations of the window attention kernels, written by
-benchmarks/sweep_to_configs.py from a kernel sweep's attention_sweep.json; copied over
-gatedfwa/ops/window_attention/tuned.py, launch.py uses an entry where one exists and its own
-defaults elsewhere. Regenerate, do not edit.
+    table = {key: config for key, config in (others or {}).items() if key[1] != arch}
+    table.update({(kernel, arch, block_d, gate): config for (kernel, block_d, gate), config in best.items()})
+    entries = "\n".join(f"    {key!r}: {pprint.pformat(table[key], width=200, sort_dicts=False)},"
+                        for key in sorted(table))
+    return f'''"""Measured launch configurations of the window attention kernels, for launch.py's TUNING:
+an entry takes precedence over launch.py's rule for its kernel, architecture, BLOCK_D and
+gate setting. Written by benchmarks/sweep_to_configs.py from a sweep
+(benchmarks/sweep_attention.py); adopting a table is a change to the library, made by copying
+the written file over gatedfwa/ops/window_attention/tuned.py after the GPU tests pass with it.
+Regenerate, do not edit.
 
-TUNED[(kernel, BLOCK_D, has_gate)] = dict(BLOCK_M, BLOCK_N, num_warps, num_stages[, USE_TMA]), kernel one of "forward", "dq", "dkdv".
+MEASURED[(kernel, arch, BLOCK_D, gate)] = dict(BLOCK_M, BLOCK_N, num_warps, num_stages[, USE_TMA]),
+kernel one of "forward", "dq", "dkdv"; arch as gatedfwa.ops.common.tuning.architecture names it.
 
-Measured on: {measured_on}
+Measured on ({arch}): {measured_on}
 """
 
-TUNED: dict[tuple[str, int, bool], dict] = {{
+MEASURED: dict[tuple[str, str, int, bool], dict] = {{
 {entries}
 }}
 '''
 
 
 def read_table(path: Path) -> dict | None:
-    """TUNED of a launch table file (a tuned.py), or None where there is no such file."""
+    """MEASURED of a launch table file (a tuned.py): {(kernel, arch, BLOCK_D, gate): config},
+    or None where there is no such file."""
     if not path.is_file():
         return None
     namespace: dict = {}
     exec(compile(path.read_text(), str(path), "exec"), namespace)
-    return namespace["TUNED"]
+    return namespace["MEASURED"]
+
+
+def on_architecture(table: dict, arch: str) -> dict:
+    """{(kernel, BLOCK_D, gate): config} of a MEASURED table's entries for `arch`."""
+    return {(kernel, block_d, gate): config for (kernel, entry_arch, block_d, gate), config in table.items()
+            if entry_arch == arch}
 
 
 def compare_tables(best: dict, current: dict, defaults: dict | None = None) -> list[str]:
@@ -131,22 +149,31 @@ def main(argv=None) -> None:
     parser.add_argument("sweep", help="attention_sweep.json written by sweep_attention.py")
     parser.add_argument("--out", default=str(TABLE), help=f"where to write the table (default: {TABLE.relative_to(REPO)})")
     parser.add_argument("--current", default=str(PACKAGE_TABLE),
-                        help="the table to compare with (default: the package's tuned.py)")
+                        help="the table to compare with and carry other architectures' entries from "
+                             "(default: the package's tuned.py)")
+    parser.add_argument("--arch", help="the architecture the sweep ran on (e.g. sm90), for a sweep that did not "
+                                       "record it")
     args = parser.parse_args(argv)
     if Path(args.out).resolve() == PACKAGE_TABLE.resolve():
         parser.error(f"--out {args.out}: the package's table is changed by copying the written file over it, "
                      "as a change to the library, not by this script")
     payload = json.loads(Path(args.sweep).read_text())
+    environment = payload.get("environment", {})
+    arch = environment.get("arch") or args.arch
+    if not arch:
+        parser.error(f"{args.sweep} records no architecture: pass --arch (e.g. sm90 for an H100/H200)")
+    if args.arch and args.arch != arch:
+        parser.error(f"--arch {args.arch}: the sweep records that it ran on {arch}")
     best = best_configs(payload["rows"])
     if not best:
         parser.error("no candidate passed its check at every window: nothing to write")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table_source(best, payload.get("environment", {})))
     current = read_table(Path(args.current))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(table_source(best, environment, arch, current))
     if current is None:
         print(f"(no table at {args.current} to compare with)")
-    print(f"against {args.current}:")
-    print("\n".join(compare_tables(best, current or {}, swept_defaults(payload["rows"]))))
+    print(f"against {args.current} on {arch}:")
+    print("\n".join(compare_tables(best, on_architecture(current or {}, arch), swept_defaults(payload["rows"]))))
     print(f"wrote {args.out}")
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -18,7 +19,7 @@ def test_sweep_runs_end_to_end_on_cpu(monkeypatch):
     import sweep_attention
     from sweep_attention import launch
 
-    if not launch.interpreting():
+    if not sweep_attention.architecture(torch.device("cpu")) == "interpreter":
         pytest.skip("checks the sweep's logic on the CPU; on a GPU, run the sweep itself")
     monkeypatch.setenv("GATEDFWA_BACKEND", "triton")
     monkeypatch.setattr(sweep_attention, "CHECK_SEQLEN", 40)
@@ -41,8 +42,9 @@ def test_sweep_runs_end_to_end_on_cpu(monkeypatch):
     assert all(row["step kernels ms"] == pytest.approx(row["forward ms"] + 5.5) for row in rows)
     assert {row["dkdv ms"] for row in rows} == {3.0}
     # The default forward was timed first, so it wins (the stand-in grows with every call).
-    assert best[("forward", 16, True)] == launch.CONFIGS["forward"](16, True)
-    assert best[("dkdv", 16, False)] in (launch.CONFIGS["dkdv"](16, False), dict(tma, BLOCK_M=16, BLOCK_N=32))
+    assert best[("forward", 16, True)] == launch.TUNING.config("forward", "interpreter", block_d=16, gate=True)
+    assert best[("dkdv", 16, False)] in (launch.TUNING.config("dkdv", "interpreter", block_d=16, gate=False),
+                                         dict(tma, BLOCK_M=16, BLOCK_N=32))
     timed = sweep_attention.time_best(best, [(1, 48, 2, 1, 16, 16, True)], "test")
     assert len(timed) == 4 and not any("error" in row for row in timed)
     assert timed[0]["gated / ungated fwd+bwd"] == 1.0

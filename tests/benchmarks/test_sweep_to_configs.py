@@ -39,8 +39,11 @@ def test_sweep_winners_and_table(tmp_path):
     best = sweep_to_configs.best_configs(SWEEP_ROWS)
     assert best == BEST
     out = tmp_path / "table.py"
-    out.write_text(sweep_to_configs.table_source(best, {"gpu": "test GPU"}))
-    assert sweep_to_configs.read_table(out) == best
+    other = {("dq", "sm80", 64, True): SLOW}
+    out.write_text(sweep_to_configs.table_source(best, {"gpu": "test GPU"}, "sm90", other))
+    table = sweep_to_configs.read_table(out)
+    assert sweep_to_configs.on_architecture(table, "sm90") == best
+    assert sweep_to_configs.on_architecture(table, "sm80") == {("dq", 64, True): SLOW}
     assert "test GPU" in out.read_text()
 
 
@@ -49,12 +52,16 @@ def test_sweep_to_configs_writes_beside_the_results_and_compares(tmp_path, capsy
     never into the package) and prints each entry against the current table."""
     assert sweep_to_configs.TABLE.parent == BENCHMARKS / "results"
     sweep = tmp_path / "attention_sweep.json"
-    sweep.write_text(json.dumps({"environment": {"gpu": "test GPU", "git_commit": "abc1234"}, "rows": SWEEP_ROWS}))
+    sweep.write_text(json.dumps({"environment": {"gpu": "test GPU", "git_commit": "abc1234", "arch": "sm90"},
+                                 "rows": SWEEP_ROWS}))
     current = tmp_path / "tuned.py"
-    current.write_text(sweep_to_configs.table_source({("forward", 128, True): SLOW, ("dq", 64, True): SLOW}, {}))
+    current.write_text(sweep_to_configs.table_source({("forward", 128, True): SLOW, ("dq", 64, True): SLOW}, {},
+                                                     "sm90", {("forward", "sm80", 64, False): FAST}))
     out = tmp_path / "results" / "table.py"
     sweep_to_configs.main([str(sweep), "--out", str(out), "--current", str(current)])
-    assert sweep_to_configs.read_table(out) == BEST
+    written = sweep_to_configs.read_table(out)
+    assert sweep_to_configs.on_architecture(written, "sm90") == BEST
+    assert written[("forward", "sm80", 64, False)] == FAST  # another architecture's entry carried over
     printed = capsys.readouterr().out
     assert f"changed  ('forward', 128, True): {FAST} (now {SLOW})\n" in printed
     assert f"new      ('dkdv', 64, False): {SLOW} (launch.py's default when swept)" in printed
@@ -63,9 +70,24 @@ def test_sweep_to_configs_writes_beside_the_results_and_compares(tmp_path, capsy
         sweep_to_configs.main([str(sweep), "--out", str(sweep_to_configs.PACKAGE_TABLE)])
 
 
+def test_sweep_to_configs_needs_the_architecture(tmp_path):
+    """A sweep that did not record its architecture needs --arch; a contradicting one is refused."""
+    sweep = tmp_path / "attention_sweep.json"
+    sweep.write_text(json.dumps({"environment": {"gpu": "test GPU"}, "rows": SWEEP_ROWS}))
+    out = tmp_path / "table.py"
+    with pytest.raises(SystemExit):
+        sweep_to_configs.main([str(sweep), "--out", str(out)])
+    assert not out.exists()
+    sweep_to_configs.main([str(sweep), "--out", str(out), "--arch", "sm90", "--current", str(tmp_path / "none.py")])
+    assert sweep_to_configs.on_architecture(sweep_to_configs.read_table(out), "sm90") == BEST
+    sweep.write_text(json.dumps({"environment": {"arch": "sm80"}, "rows": SWEEP_ROWS}))
+    with pytest.raises(SystemExit):
+        sweep_to_configs.main([str(sweep), "--out", str(out), "--arch", "sm90"])
+
+
 def test_sweep_to_configs_refuses_a_sweep_without_winners(tmp_path):
     sweep = tmp_path / "attention_sweep.json"
-    sweep.write_text(json.dumps({"rows": [sweep_row(WRONG, 512, 0.1, check="o: wrong")]}))
+    sweep.write_text(json.dumps({"environment": {"arch": "sm90"}, "rows": [sweep_row(WRONG, 512, 0.1, check="o: wrong")]}))
     with pytest.raises(SystemExit):
         sweep_to_configs.main([str(sweep), "--out", str(tmp_path / "table.py")])
     assert not (tmp_path / "table.py").exists()

@@ -3,6 +3,7 @@ family's own)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -23,3 +24,11 @@ def benchmark_script():
         return module
 
     return load
+
+
+@pytest.fixture
+def override_tuning():
+    """override(tuning, **changes): an op family's launch choices changed as
+    tuning.overridden(**changes) does (gatedfwa/ops/common/tuning.py), until the test ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda tuning, **changes: stack.enter_context(tuning.overridden(**changes))

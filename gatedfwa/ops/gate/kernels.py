@@ -155,12 +155,13 @@ def gate_forward_2d(a, beta_pre, bias, elements_per_program=None, spec: GateSpec
     g = launch.allocate((num_rows, num_heads), torch.float32, a.device)
     if g.numel() == 0:
         return g
-    block_rows, block_h, programs = launch.launch_shape(num_rows, num_heads, elements_per_program)
+    program = launch.program_config(a.device)
+    block_rows, block_h, programs = launch.launch_shape(num_rows, num_heads, elements_per_program or program["ELEMENTS"])
     _gate_forward_kernel[(programs,)](
         a, second, bias if bias is not None else a, g,
         num_rows, num_heads, a.stride(0), second.stride(0),
         VALUE=spec.device_value, INPUTS=spec.inputs_per_head,
-        HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=launch.NUM_WARPS,
+        HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=program["num_warps"],
     )
     return g
 
@@ -184,7 +185,8 @@ def gate_backward_2d(dg, a, beta_pre, bias, da, dbeta_pre, elements_per_program=
     # Programs never straddle two batch rows, so that dg's rows stay contiguous in each.
     seqlen = dg_seqlen or num_rows
     batch = num_rows // seqlen
-    block_rows, block_h, _ = launch.launch_shape(seqlen, num_heads, elements_per_program)
+    program = launch.program_config(a.device)
+    block_rows, block_h, _ = launch.launch_shape(seqlen, num_heads, elements_per_program or program["ELEMENTS"])
     grid = (cdiv(seqlen, block_rows), batch)
     partial = (
         launch.allocate((grid[0] * grid[1], num_heads), torch.float32, a.device) if bias is not None else dg
@@ -194,6 +196,6 @@ def gate_backward_2d(dg, a, beta_pre, bias, da, dbeta_pre, elements_per_program=
         seqlen, num_heads, a.stride(0), second.stride(0), da.stride(0), dsecond.stride(0),
         DERIVATIVES=spec.device_derivatives, INPUTS=spec.inputs_per_head,
         HAS_BIAS=bias is not None, DG_BY_HEAD=dg_seqlen is not None,
-        BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=launch.NUM_WARPS,
+        BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=program["num_warps"],
     )
     return None if bias is None else partial.sum(dim=0)

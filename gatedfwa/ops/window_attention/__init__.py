@@ -10,7 +10,8 @@
     forward.py      Triton forward kernel and its launcher
     backward.py     Triton backward kernels (dq, dk/dv, dg) and their launcher
     gate_flux.py    dg from the dq kernel's chunk-boundary fluxes
-    launch.py       tile sizes, the gate chunk length, launch bookkeeping (tuned.py: measured)
+    launch.py       the family's TUNING (tile sizes per architecture; tuned.py: measured
+                    entries), the gate chunk length, launch bookkeeping
     triton_path.py  the Triton path from g: forward and backward (context parallelism calls
                     these too)
     op.py           gated_window_attention: checks, dispatch, the Triton path as a KernelOp

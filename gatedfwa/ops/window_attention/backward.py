@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from gatedfwa.ops.common.head_major import batch_shift, head_row
-from gatedfwa.ops.common.triton_support import LOG2E, dot_precision, interpreting, token_and_head_strides
+from gatedfwa.ops.common.triton_support import LOG2E, dot_precision, token_and_head_strides
 from gatedfwa.ops.common.varlen import query_bounds, sequence_bounds
 from gatedfwa.ops.window_attention import launch
 from gatedfwa.ops.window_attention.gate_flux import flux_tile_count, gate_gradient_from_flux
@@ -178,7 +178,8 @@ def _dq_tile(
     return dq, dgate_row, flux_tile
 
 
-@triton.jit
+# window and flux_tiles only bound loops and comparisons (as in the forward kernel).
+@triton.jit(do_not_specialize=["window", "flux_tiles"])
 def _dq_kernel(
     Q, K, V, SUMS, DO, LSE, DELTA, DQ, DU, FLUX, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -196,6 +197,9 @@ def _dq_kernel(
     FLUX_PARTS] float32 takes the dS total of each key tile left of the diagonal, nearest
     first, in FLUX_PARTS parts (_dq_tile; gate_flux.py; never with FEWER_QUERIES, whose blocks
     start at the first query). FLUX_PARTS == 0 compiles no flux code at all."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "BLOCK_M must be a multiple of BLOCK_N (the diagonal tiles)")
+    tl.static_assert(BLOCK_N % GATE_CHUNK == 0, "every key tile must be whole gate chunks (launch.gate_chunk)")
+    tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must hold the head")
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -344,7 +348,7 @@ def _dkdv_tile(
     return dk, dv, dgate_col, running
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])
 def _dkdv_kernel(
     Q, K, V, SUMS, DO, LSE, SHIFTED_LSE, DELTA, DK, DV, DU, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -361,6 +365,9 @@ def _dkdv_kernel(
     counted in key positions; with FEWER_QUERIES the queries are the key positions [query_start, eos)
     (varlen.query_bounds) and q, do, lse, delta are read at key position + shift. USE_TMA loads
     q and do through tensor descriptors (launch.py chooses it; never with FEWER_QUERIES)."""
+    tl.static_assert(BLOCK_N % BLOCK_M == 0, "BLOCK_N must be a multiple of BLOCK_M (the diagonal tiles)")
+    tl.static_assert(BLOCK_M % GATE_CHUNK == 0, "every query tile must be whole gate chunks (launch.gate_chunk)")
+    tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must hold the head")
     block = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -512,10 +519,10 @@ def _reverse_cumsum_within_sequences(du: torch.Tensor, cu_seqlens: torch.Tensor 
     num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
     if num_seqs == 0 or seqlen == 0:
         return dg
-    block = 64 if interpreting() else 2048
+    program = launch.program_config("reverse_cumsum", du.device)
     _reverse_cumsum_kernel[(num_seqs, num_q_heads)](
         du, dg, du if cu_seqlens is None else cu_seqlens, seqlen, num_q_heads,
-        BLOCK=block, VARLEN=cu_seqlens is not None, num_warps=1 if interpreting() else 8,
+        BLOCK=program["BLOCK"], VARLEN=cu_seqlens is not None, num_warps=program["num_warps"],
     )
     return dg
 
@@ -550,13 +557,13 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
         du = launch.allocate_like(delta)
     precision = dot_precision(q.dtype)
     common = dict(GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
-                  GATE_CHUNK=launch.gate_chunk(problem.head_dim), HAS_GATE=has_gate, VARLEN=problem.varlen, DOT_PRECISION=precision,
+                  GATE_CHUNK=launch.gate_chunk(problem.head_dim, q.device), HAS_GATE=has_gate, VARLEN=problem.varlen, DOT_PRECISION=precision,
                   FEWER_QUERIES=problem.fewer_queries)
     sums_plane = sums.stride(0) if has_gate else 0
 
     # lse2 - P, the dk/dv kernel's query term off the diagonal (only with a gate).
     shifted_lse = launch.allocate_like(delta) if has_gate else delta
-    delta_block = 16 if interpreting() else 64
+    delta_block = launch.program_config("delta", q.device)["BLOCK"]
     _delta_kernel[problem.own_query_grid(delta_block, problem.num_q_heads)](
         o, do, lse, gf, delta, shifted_lse, problem.cu_seqlens_q,
         *token_and_head_strides(o), *token_and_head_strides(do), problem.seqlen_q, problem.num_q_heads,
@@ -569,7 +576,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
         # dlse_t * p_tj to dS_tj = p_tj (dp_tj - delta_t): the kernels' dS with delta_t - dlse_t.
         # Every consumer of dS (dq, dk, the gate fluxes) then includes it.
         delta.sub_(dlse.reshape(stats_shape).to(torch.float32))
-    config = launch.usable_config(launch.CONFIGS["dq"](problem.head_dim, has_gate), q, k, v,
+    config = launch.usable_config(launch.kernel_config("dq", problem.head_dim, has_gate, q.device), q, k, v,
                                   fewer_queries=problem.fewer_queries)
     dq_grid = problem.query_grid(config["BLOCK_M"], problem.num_q_heads)
     # The dS total per query block and key tile, for dg from chunk-boundary fluxes (gate_flux.py).
@@ -591,7 +598,7 @@ def attention_backward(do, q, k, v, sums, o, lse, window_size, scale, cu_seqlens
         problem.cu_seqlens_q, problem.seqlen_q, flux_tiles, FLUX_PARTS=parts, **common, **config,
     )
     dq_blocks = (config["BLOCK_M"], config["BLOCK_N"])
-    config = launch.usable_config(launch.CONFIGS["dkdv"](problem.head_dim, has_gate), q, do,
+    config = launch.usable_config(launch.kernel_config("dkdv", problem.head_dim, has_gate, q.device), q, do,
                                   fewer_queries=problem.fewer_queries)
     _dkdv_kernel[problem.grid(config["BLOCK_N"], problem.num_kv_heads)](
         q, k, v, gf, do, lse, shifted_lse, delta, dk, dv, du, problem.cu_seqlens,

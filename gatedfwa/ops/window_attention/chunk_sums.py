@@ -108,10 +108,11 @@ def _launch(src, second_src, bias, num_heads, batch, seqlen, chunk, cu_seqlens, 
     sums = torch.empty((2, batch, num_heads, seqlen), dtype=torch.float32, device=device)
     if sums.numel() == 0 or max_seqlen == 0:
         return sums.zero_()
-    block_h = min(next_power_of_2(num_heads), launch.MAX_CHUNK_SUMS_BLOCK_H)
+    program = launch.program_config("chunk_sums", device)
+    block_h = min(next_power_of_2(num_heads), program["MAX_BLOCK_H"])
     num_seqs = batch if cu_seqlens is None else cu_seqlens.numel() - 1
     # No more chunks per program than the longest sequence has (short sequences, decoding).
-    chunks = min(launch.CHUNKS_PER_PROGRAM, next_power_of_2(cdiv(max_seqlen, chunk)))
+    chunks = min(program["CHUNKS"], next_power_of_2(cdiv(max_seqlen, chunk)))
     grid = (cdiv(max_seqlen, chunks * chunk), num_seqs, cdiv(num_heads, block_h))
     from_projection = spec is not None
     # From g, VALUE is never called: the default gate's keeps one compiled variant.
@@ -123,7 +124,7 @@ def _launch(src, second_src, bias, num_heads, batch, seqlen, chunk, cu_seqlens, 
         src.stride(-2), second.stride(-2) if second_src is not None else 0, seqlen, num_heads, sums.stride(0),
         VALUE=spec.device_value, INPUTS=spec.inputs_per_head,
         FROM_PROJECTION=from_projection, HAS_BIAS=bias is not None, VARLEN=cu_seqlens is not None,
-        CHUNK=chunk, CHUNKS=chunks, BLOCK_H=block_h, num_warps=launch.CHUNK_SUMS_WARPS,
+        CHUNK=chunk, CHUNKS=chunks, BLOCK_H=block_h, num_warps=program["num_warps"],
     )
     return sums
 

@@ -105,7 +105,9 @@ def _forward_tile(
     return acc, new_max, row_sum
 
 
-@triton.jit
+# The window only bounds comparisons: specialising on its value (== 1, divisible by 16) would
+# compile a variant per kind of window and change no instruction at the benchmark shapes.
+@triton.jit(do_not_specialize=["window"])
 def _forward_kernel(
     Q, K, V, SUMS, O, LSE, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -121,6 +123,9 @@ def _forward_kernel(
     queries are its last key positions [query_start, eos) (varlen.query_bounds), q/o/lse
     rows are key position + shift, and the blocks start at the block holding query_start.
     USE_TMA loads keys and values through tensor descriptors (walk.py; launch.py chooses it)."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "BLOCK_M must be a multiple of BLOCK_N (the diagonal tiles)")
+    tl.static_assert(BLOCK_N % GATE_CHUNK == 0, "every key tile must be whole gate chunks (launch.gate_chunk)")
+    tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must hold the head")
     block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -189,7 +194,7 @@ def _forward_kernel(
 def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens, cu_seqlens_q=None):
     """q [B,T_q,HQ,D], k/v [B,T_k,H,D] contiguous (T_q <= T_k, queries aligned to the last
     keys); sums [2,B,HQ,T_k] float32, the chunk gate sums of chunk_sums.py at chunk length
-    launch.gate_chunk(D), or None without gate. cu_seqlens delimits k's sequences, cu_seqlens_q
+    launch.gate_chunk(D, device), or None without gate. cu_seqlens delimits k's sequences, cu_seqlens_q
     q's (None: as k's). Returns o [B,T_q,HQ,D] (q's dtype) and the base-2 log-sum-exp lse2
     [B,HQ,T_q] float32."""
     launch.check_sums(sums, q, k)
@@ -200,7 +205,7 @@ def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens, cu_seqlens_
         lse.fill_(float("-inf"))
         o.zero_()
         return o, lse
-    config = launch.usable_config(launch.CONFIGS["forward"](problem.head_dim, sums is not None), q, k, v,
+    config = launch.usable_config(launch.kernel_config("forward", problem.head_dim, sums is not None, q.device), q, k, v,
                                   fewer_queries=problem.fewer_queries)
     _forward_kernel[problem.query_grid(config["BLOCK_M"], problem.num_q_heads)](
         q, k, v, sums if sums is not None else q, o, lse, problem.cu_seqlens,
@@ -208,7 +213,7 @@ def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens, cu_seqlens_
         *token_and_head_strides(o), sums.stride(0) if sums is not None else 0,
         problem.seqlen, problem.num_q_heads, problem.window, scale * LOG2E, problem.cu_seqlens_q, problem.seqlen_q,
         GROUP=problem.group, HEAD_DIM=problem.head_dim, BLOCK_D=problem.block_d,
-        GATE_CHUNK=launch.gate_chunk(problem.head_dim), HAS_GATE=sums is not None, VARLEN=problem.varlen, DOT_PRECISION=dot_precision(q.dtype),
+        GATE_CHUNK=launch.gate_chunk(problem.head_dim, q.device), HAS_GATE=sums is not None, VARLEN=problem.varlen, DOT_PRECISION=dot_precision(q.dtype),
         FEWER_QUERIES=problem.fewer_queries,
         **config,
     )

@@ -53,7 +53,7 @@ def _forward(
     from gatedfwa.ops.window_attention.forward import attention_forward
     from gatedfwa.ops.window_attention.launch import gate_chunk
 
-    sums = chunk_gate_sums_from_projection(gate_pre, gate_bias, gate_chunk(q.shape[-1]), cu_seqlens, gate=gate)
+    sums = chunk_gate_sums_from_projection(gate_pre, gate_bias, gate_chunk(q.shape[-1], q.device), cu_seqlens, gate=gate)
     o, lse2 = attention_forward(q, k, v, sums, window_size, scale, cu_seqlens)
     return o, lse2, sums
 

@@ -40,23 +40,18 @@ import triton
 import triton.language as tl
 
 from gatedfwa.ops.common.head_major import head_row
-from gatedfwa.ops.common.triton_support import cdiv, interpreting, next_power_of_2
+from gatedfwa.ops.common.triton_support import cdiv, next_power_of_2
 from gatedfwa.ops.common.varlen import sequence_bounds
 from gatedfwa.ops.window_attention import launch
 
 __all__ = ["flux_tile_count", "gate_gradient_from_flux"]
 
-# The flux buffer holds flux_tile_count(...) float32 values per query block; beyond this many
-# (windows over about 4 BLOCK_M tiles of keys per block) the backward keeps the plain reverse sum.
-MAX_FLUX_TILES_PER_BLOCK_M = 4
-
-
 def flux_tile_count(window: int, block_m: int, block_n: int) -> int:
     """Key tiles left of the diagonal a dq program visits at most (0: the flux is not used,
-    the window being too long for a buffer of at most MAX_FLUX_TILES_PER_BLOCK_M * BLOCK_M
-    values per query block)."""
+    the window being too long for a buffer of at most launch.TUNING.knobs.max_flux_tiles_per_block_m
+    * BLOCK_M values per query block)."""
     tiles = max(1, -(-(window - 1) // block_n))
-    return tiles if tiles <= MAX_FLUX_TILES_PER_BLOCK_M * block_m else 0
+    return tiles if tiles <= launch.TUNING.knobs.max_flux_tiles_per_block_m * block_m else 0
 
 
 @triton.jit
@@ -106,6 +101,7 @@ def gate_gradient_from_flux(du: torch.Tensor, flux: torch.Tensor, cu_seqlens: to
     _gate_gradient_kernel[(num_blocks, num_seqs, num_heads)](
         du, flux, dg, du if cu_seqlens is None else cu_seqlens, seqlen, num_heads, num_blocks, num_tiles,
         cdiv(num_tiles, ratio), BLOCK_M=block_m, RATIO=ratio, TILES=next_power_of_2(num_tiles),
-        VARLEN=cu_seqlens is not None, num_warps=1 if interpreting() else 4,
+        VARLEN=cu_seqlens is not None,
+        num_warps=launch.program_config("flux_gradient", du.device)["num_warps"],
     )
     return dg

@@ -1,52 +1,44 @@
-"""Launch configuration of the window attention kernels: tile sizes per kernel and head
-size, the gate chunk length they imply (and the program shape of the chunk sums kernel,
-chunk_sums.py), the sizes one call derives once, and output buffers. Tests and benchmarks
-replace CONFIGS, CHUNKS_PER_PROGRAM and allocate_like through this module."""
+"""Launch configuration of the window attention kernels: the family's tuning surface
+(TUNING: tile sizes per kernel, architecture, head size and gate; the chunk sums kernel's
+program shape; the dq kernel's per-warp store switch), the gate chunk length the tiles imply,
+the sizes one call derives once, and output buffers. Tests and benchmarks change launch
+choices through TUNING.overridden(...) (gatedfwa/ops/common/tuning.py) and replace
+allocate_like through this module."""
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 
 import torch
 
 from gatedfwa.ops.common.triton_support import cdiv, interpreting, next_power_of_2
+from gatedfwa.ops.common.tuning import Tuning, architecture
 from gatedfwa.ops.common.varlen import longest_sequence
-from gatedfwa.ops.window_attention.tuned import TUNED
+from gatedfwa.ops.window_attention.tuned import MEASURED
 
-__all__ = ["CONFIGS", "WARP_FLUX_TOTALS", "warp_flux_parts", "flux_parts", "gate_chunk", "CHUNKS_PER_PROGRAM",
-           "CHUNK_SUMS_WARPS", "MAX_CHUNK_SUMS_BLOCK_H", "Problem", "allocate_like", "check_sums", "usable_config",
-           "descriptors_usable"]
+__all__ = ["TUNING", "kernel_config", "program_config", "warp_flux_parts", "flux_parts", "gate_chunk", "gate_chunk_on",
+           "block_d_for", "Problem", "allocate_like", "check_sums", "usable_config", "descriptors_usable"]
 
 
 def block_d_for(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
-# Tile sizes: the fastest of benchmarks/bench_attention.py --only sweep on an H200
+# Tile sizes: the fastest of benchmarks/sweep_attention.py on an H200
 # (benchmarks/results/attention_sweep.md), B=4 T=8192 H=16, w = 512 and 2048. A measured
-# entry of tuned.py (written from a sweep by benchmarks/sweep_to_configs.py) takes
-# precedence; the functions below are the fallback for shapes it has no entry for.
-# A configuration may also set USE_TMA (load tiles through Hopper tensor descriptors); it
-# defaults to off, and usable_config drops it where the tensors or the GPU do not allow it.
-# (Warp specialisation of the unmasked loops was measured and dropped: docs/performance.md.)
+# entry of tuned.py (written from a sweep by benchmarks/sweep_to_configs.py) takes precedence
+# for its architecture; these rules hold everywhere else. A configuration may also set USE_TMA
+# (load tiles through Hopper tensor descriptors); it defaults to off, and usable_config drops
+# it where the tensors or the GPU do not allow it. (Warp specialisation of the unmasked loops
+# was measured and dropped: docs/performance.md.) Under the interpreter every kernel takes
+# small tiles, so that the tests' short sequences span several of them.
 
 
-def _measured_first(kernel: str, defaults):
-    """The config function of `kernel`: tuned.py's entry for the head size and gate where it
-    has one (never under the interpreter, which keeps its small tiles), else `defaults`."""
-    def config(head_dim: int, has_gate: bool = True) -> dict:
-        tuned = None if interpreting() else TUNED.get((kernel, block_d_for(head_dim), has_gate))
-        return dict(tuned) if tuned is not None else defaults(head_dim, has_gate)
-    config.__doc__ = defaults.__doc__
-    return config
-
-
-def _forward_config(head_dim: int, has_gate: bool = True) -> dict:
+def _forward_rule(arch: str, block_d: int, gate: bool) -> dict:
     """Tile sizes for the forward kernel (BLOCK_M must be a multiple of BLOCK_N)."""
-    if interpreting():
+    if arch == "interpreter":
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
-    block_d = block_d_for(head_dim)
-    if block_d <= 64 and has_gate:
+    if block_d <= 64 and gate:
         # With the gate, 128 x 64 needs more than 255 registers and spills; 64 x 32 fits in
         # ~120 and four programs share an SM (H200, B=4 T=8192 H=16 D=64 w=512: 0.33 ms
         # against 0.41 ms for 128 x 64 with the gate, 0.31 ms without it).
@@ -58,11 +50,10 @@ def _forward_config(head_dim: int, has_gate: bool = True) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
-def _dq_config(head_dim: int, has_gate: bool = True) -> dict:
+def _dq_rule(arch: str, block_d: int, gate: bool) -> dict:
     """Tile sizes for the dq kernel (BLOCK_M must be a multiple of BLOCK_N)."""
-    if interpreting():
+    if arch == "interpreter":
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
-    block_d = block_d_for(head_dim)
     if block_d <= 64:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
     if block_d <= 128:
@@ -70,11 +61,10 @@ def _dq_config(head_dim: int, has_gate: bool = True) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
 
 
-def _dkdv_config(head_dim: int, has_gate: bool = True) -> dict:
+def _dkdv_rule(arch: str, block_d: int, gate: bool) -> dict:
     """BLOCK_N keys held per program, BLOCK_M queries per tile (BLOCK_N a multiple of BLOCK_M)."""
-    if interpreting():
+    if arch == "interpreter":
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
-    block_d = block_d_for(head_dim)
     if block_d <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     if block_d <= 128:
@@ -84,16 +74,66 @@ def _dkdv_config(head_dim: int, has_gate: bool = True) -> dict:
     return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
 
 
-# Tests and benchmarks may replace these to try other tile sizes. Each takes (head_dim,
-# has_gate); gate_chunk and the gated launches use has_gate=True.
-CONFIGS = {"forward": _measured_first("forward", _forward_config), "dq": _measured_first("dq", _dq_config),
-           "dkdv": _measured_first("dkdv", _dkdv_config)}
+def _chunk_sums_rule(arch: str, block_d: int, gate: bool) -> dict:
+    """The chunk sums kernel (chunk_sums.py): one program takes CHUNKS chunks of one sequence
+    and up to MAX_BLOCK_H heads, with num_warps warps. On an H200 one chunk (4 warps) was
+    fastest of 1-8 chunks and 2-8 warps, at B = 4 and 64 (T = 8192, H = 16, chunk 64)."""
+    return dict(CHUNKS=1, MAX_BLOCK_H=64, num_warps=4)
 
 
-# Whether the dq kernel may store its flux tile totals one part per warp (backward.py,
-# _store_warp_totals: inline PTX, no shared memory) where the layout allows it. Benchmarks turn
-# it off to time the portable path (one tl.sum per tile) beside it.
-WARP_FLUX_TOTALS = True
+def _delta_rule(arch: str, block_d: int, gate: bool) -> dict:
+    """The backward's row statistics kernel (backward.py, _delta_kernel): BLOCK query rows per
+    program."""
+    return dict(BLOCK=16 if arch == "interpreter" else 64)
+
+
+def _reverse_cumsum_rule(arch: str, block_d: int, gate: bool) -> dict:
+    """The whole-sequence reverse sum of dU (backward.py, _reverse_cumsum_within_sequences):
+    BLOCK positions per step, one program per sequence and head."""
+    if arch == "interpreter":
+        return dict(BLOCK=64, num_warps=1)
+    return dict(BLOCK=2048, num_warps=8)
+
+
+def _flux_gradient_rule(arch: str, block_d: int, gate: bool) -> dict:
+    """dg from the chunk-boundary fluxes (gate_flux.py): warps per program."""
+    return dict(num_warps=1 if arch == "interpreter" else 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowAttentionKnobs:
+    """warp_flux_totals: whether the dq kernel may store its flux tile totals one part per
+    warp (backward.py, _store_warp_totals: inline PTX, no shared memory) where the layout
+    allows it. Benchmarks turn it off to time the portable path (one tl.sum per tile).
+
+    max_flux_tiles_per_block_m: the flux buffer (gate_flux.py) holds flux_tile_count(...)
+    float32 values per query block; beyond this many per BLOCK_M rows (windows over about 4
+    BLOCK_M tiles of keys per block) the backward takes dg from a whole-sequence reverse sum
+    instead. Benchmarks set 0 to time that path everywhere."""
+
+    warp_flux_totals: bool = True
+    max_flux_tiles_per_block_m: int = 4
+
+
+TUNING = Tuning(
+    "window_attention", key_names=("block_d", "gate"),
+    rules={"forward": _forward_rule, "dq": _dq_rule, "dkdv": _dkdv_rule, "chunk_sums": _chunk_sums_rule,
+           "delta": _delta_rule, "reverse_cumsum": _reverse_cumsum_rule, "flux_gradient": _flux_gradient_rule},
+    measured=MEASURED, knobs=WindowAttentionKnobs())
+
+
+def kernel_config(kernel: str, head_dim: int, gate: bool, device: torch.device) -> dict:
+    """TUNING's configuration of `kernel` (a key of TUNING.rules) for this head
+    size and gate setting on `device`'s architecture."""
+    return TUNING.config(kernel, architecture(device), block_d=block_d_for(head_dim), gate=gate)
+
+
+# The kernels around the attention kernels ("chunk_sums", "delta", "reverse_cumsum",
+# "flux_gradient") take a program shape that depends on the architecture only: their entries
+# are keyed with BLOCK_D 0 and no gate.
+def program_config(kernel: str, device: torch.device) -> dict:
+    """TUNING's configuration of an auxiliary kernel (see above) on `device`'s architecture."""
+    return TUNING.config(kernel, architecture(device), block_d=0, gate=False)
 
 
 def warp_flux_parts(config: dict) -> int:
@@ -101,7 +141,7 @@ def warp_flux_parts(config: dict) -> int:
     its row sums come from Hopper's tensor cores (wgmma): one per warp (BLOCK_M / 16) when
     every warp holds 16 whole rows (BLOCK_M == 16 * num_warps), the layout _store_warp_totals
     is written for, else 1."""
-    if WARP_FLUX_TOTALS and config["BLOCK_M"] == 16 * config["num_warps"]:
+    if TUNING.knobs.warp_flux_totals and config["BLOCK_M"] == 16 * config["num_warps"]:
         return config["BLOCK_M"] // 16
     return 1
 
@@ -118,27 +158,18 @@ def flux_parts(config: dict, q: torch.Tensor) -> int:
     return 1
 
 
-def gate_chunk(head_dim: int) -> int:
-    """The chunk length of the gate sums (chunk_sums.py) for this head size: the smallest tile
-    side of the three kernels, so that every tile is a whole number of chunks (tile sides are
-    powers of two)."""
-    return _smallest_tile_side(head_dim, CONFIGS["forward"], CONFIGS["dq"], CONFIGS["dkdv"])
+def gate_chunk(head_dim: int, device: torch.device) -> int:
+    """The chunk length of the gate sums (chunk_sums.py) for this head size on `device`'s
+    architecture (gate_chunk_on)."""
+    return gate_chunk_on(head_dim, architecture(device))
 
 
-# The chunk sums kernel (chunk_sums.py): one program takes CHUNKS_PER_PROGRAM chunks of one
-# sequence and up to MAX_CHUNK_SUMS_BLOCK_H heads. On an H200 one chunk (4 warps) was fastest
-# of 1-8 chunks and 2-8 warps, at B = 4 and 64 (T = 8192, H = 16, chunk 64). Tests raise it to
-# see several chunks per program and ragged blocks.
-CHUNKS_PER_PROGRAM = 1
-CHUNK_SUMS_WARPS = 4
-MAX_CHUNK_SUMS_BLOCK_H = 64
-
-
-@functools.lru_cache(maxsize=None)
-def _smallest_tile_side(head_dim: int, *config_functions) -> int:
-    # Cached per set of config functions (every call of an op asks; a replaced CONFIGS entry
-    # is a new key).
-    configs = [config(head_dim) for config in config_functions]
+def gate_chunk_on(head_dim: int, arch: str) -> int:
+    """The chunk length of the gate sums for this head size on `arch`: the smallest tile side
+    of the three attention kernels' gated configurations, so that every tile is a whole number
+    of chunks (tile sides are powers of two)."""
+    configs = [TUNING.config(kernel, arch, block_d=block_d_for(head_dim), gate=True)
+               for kernel in ("forward", "dq", "dkdv")]
     return min(min(config["BLOCK_M"], config["BLOCK_N"]) for config in configs)
 
 

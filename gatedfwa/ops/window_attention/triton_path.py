@@ -23,7 +23,7 @@ def _gate_sums(g: torch.Tensor | None, q: torch.Tensor, cu_seqlens: torch.Tensor
     from gatedfwa.ops.window_attention.chunk_sums import chunk_gate_sums
     from gatedfwa.ops.window_attention.launch import gate_chunk
 
-    return chunk_gate_sums(g, gate_chunk(q.shape[-1]), cu_seqlens)
+    return chunk_gate_sums(g, gate_chunk(q.shape[-1], q.device), cu_seqlens)
 
 
 def natural_lse_gradient(dlse2: torch.Tensor | None) -> torch.Tensor | None:

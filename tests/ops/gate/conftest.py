@@ -18,8 +18,9 @@ def _nan_filled(shape, dtype, device):
 def small_programs(monkeypatch):
     """Gate kernels launched with programs of 64 elements (every test spans several programs
     and a ragged last one), their output buffers filled with NaN first."""
-    monkeypatch.setattr(launch, "ELEMENTS_PER_PROGRAM", 64)
     monkeypatch.setattr(launch, "allocate", _nan_filled)
+    with launch.TUNING.overridden(rules={"elementwise": lambda arch: dict(ELEMENTS=64, num_warps=4)}):
+        yield
 
 
 @pytest.fixture(params=["triton", "torch"])

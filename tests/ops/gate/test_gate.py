@@ -5,7 +5,7 @@ for values and gradients; plus, where the formula itself overflows in float32 (b
 finiteness and an elementwise relative comparison with the float64 reference.
 
 On the CPU the Triton kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py). The
-kernels are launched with small programs (ELEMENTS_PER_PROGRAM lowered: conftest.py) so that
+kernels are launched with small programs (the program size lowered through launch.TUNING: conftest.py) so that
 every test spans several programs and a ragged last one. The gate fused with the attention
 (gated_fwa_attention) is tested in tests/ops/window_attention/test_fused_gate.py.
 """
@@ -172,25 +172,25 @@ def test_projection(backend, dtype, with_bias, device, output_rtol):
 
 
 @pytest.mark.parametrize("elements", [64, 4096])
-def test_projection_backward_reads_dg_by_head(small_programs, monkeypatch, elements, device, output_rtol):
+def test_projection_backward_reads_dg_by_head(small_programs, elements, device, output_rtol):
     """The fused op's backward reads dg in the attention's [B, H, T] layout (dg_seqlen = T):
     the same d(gate_pre) as from dg [B*T, H], and both within the rule of the float64
     gradients. Small programs (ragged in every batch row) and one program per row."""
-    monkeypatch.setattr(launch, "ELEMENTS_PER_PROGRAM", elements)
-    batch, seqlen, heads = 3, 37, 5
-    gate_pre = torch.randn(batch, seqlen, 2 * heads, device=device) * 3
-    gate_bias = torch.randn(heads, device=device)
-    dg = torch.randn(batch, heads, seqlen, device=device)
-    by_head = gate_op.projection_backward(dg, gate_pre, gate_bias, dg_seqlen=seqlen)
-    by_row = gate_op.projection_backward(dg.transpose(1, 2).reshape(-1, heads), gate_pre, gate_bias)
-    assert torch.equal(by_head[0], by_row[0])
-    low = projection_grads(naive_log_gates_from_projection, gate_pre, gate_bias, dg.transpose(1, 2))
-    ref = projection_grads(naive_log_gates_from_projection, gate_pre.double(), gate_bias.double(), dg.transpose(1, 2))
-    for name, index in (("d_gate_pre", 0), ("d_bias", 1)):
-        for fast in (by_head, by_row):
-            assert torch.isfinite(fast[index]).all()
-            assert_within_relative_rule(name, fast[index], low[index + 1], ref[index + 1])
-    assert_elementwise_close("d_gate_pre", by_head[0], ref[1], output_rtol(torch.float32))
+    with launch.TUNING.overridden(rules={"elementwise": lambda arch: dict(ELEMENTS=elements, num_warps=4)}):
+        batch, seqlen, heads = 3, 37, 5
+        gate_pre = torch.randn(batch, seqlen, 2 * heads, device=device) * 3
+        gate_bias = torch.randn(heads, device=device)
+        dg = torch.randn(batch, heads, seqlen, device=device)
+        by_head = gate_op.projection_backward(dg, gate_pre, gate_bias, dg_seqlen=seqlen)
+        by_row = gate_op.projection_backward(dg.transpose(1, 2).reshape(-1, heads), gate_pre, gate_bias)
+        assert torch.equal(by_head[0], by_row[0])
+        low = projection_grads(naive_log_gates_from_projection, gate_pre, gate_bias, dg.transpose(1, 2))
+        ref = projection_grads(naive_log_gates_from_projection, gate_pre.double(), gate_bias.double(), dg.transpose(1, 2))
+        for name, index in (("d_gate_pre", 0), ("d_bias", 1)):
+            for fast in (by_head, by_row):
+                assert torch.isfinite(fast[index]).all()
+                assert_within_relative_rule(name, fast[index], low[index + 1], ref[index + 1])
+        assert_elementwise_close("d_gate_pre", by_head[0], ref[1], output_rtol(torch.float32))
 
 
 def test_triton_and_torch_backends_agree(small_programs, device):

@@ -86,18 +86,18 @@ SEVERAL_CHUNK_TILES = {
 
 @pytest.mark.parametrize("tiles", list(SEVERAL_CHUNK_TILES))
 @pytest.mark.parametrize("window", [40, None])
-def test_triton_tiles_of_several_gate_chunks(triton_backend, device, monkeypatch, window, tiles, make_inputs,
+def test_triton_tiles_of_several_gate_chunks(triton_backend, device, override_tuning, window, tiles, make_inputs,
                                              check_against_reference, triton_op):
     """Tiles that span 2 and 4 chunks of the gate sums (the kernels add the totals of the
     tile's other chunks), varlen, against the reference."""
     sides = dict(zip(("forward", "dq", "dkdv"), SEVERAL_CHUNK_TILES[tiles]))
-    configs = {
-        kernel: (lambda m, n: lambda d, has_gate=True: dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=1))(
+    rules = {
+        kernel: (lambda m, n: lambda arch, block_d, gate: dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=1))(
             *sides[kernel])
         for kernel in sides
     }
-    monkeypatch.setattr(launch, "CONFIGS", configs)
-    assert launch.gate_chunk(32) == 16
+    override_tuning(launch.TUNING, rules=rules)
+    assert launch.gate_chunk(32, torch.device(device)) == 16
     # The last sequence is long enough for query tiles of several chunks past a key block.
     cu_seqlens = torch.tensor([0, 70, 71, 200], dtype=torch.int32, device=device)
     q, k, v, g = make_inputs(1, 200, 2, 1, 32, True, torch.bfloat16, device)

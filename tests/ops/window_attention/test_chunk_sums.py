@@ -13,6 +13,13 @@ from gatedfwa.ops.window_attention.chunk_sums import chunk_gate_sums, chunk_gate
 from gatedfwa.ops.window_attention.naive import naive_chunk_gate_sums
 
 
+def chunk_sums_programs(chunks: int, max_block_h: int = 64):
+    """Within the block, each chunk sums program takes `chunks` chunks and up to
+    `max_block_h` heads."""
+    return launch.TUNING.overridden(rules={
+        "chunk_sums": lambda arch, block_d, gate: dict(CHUNKS=chunks, MAX_BLOCK_H=max_block_h, num_warps=4)})
+
+
 def relative_error(fast, ref):
     """Max |fast - ref| / (|ref| + 1e-6): every sum is of same-signed terms, so float32
     accuracy is relative to the sum itself."""
@@ -21,31 +28,30 @@ def relative_error(fast, ref):
 
 @pytest.mark.parametrize("chunk", [4, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sums_from_gates(chunk, dtype, device, monkeypatch):
+def test_sums_from_gates(chunk, dtype, device):
     # Programs of 4 chunks: 37 tokens end inside a program's second (chunk 16) or last
     # (chunk 4: 10 chunks, blocks of 4) chunk.
-    monkeypatch.setattr(launch, "CHUNKS_PER_PROGRAM", 4)
-    g = F.logsigmoid(torch.randn(2, 37, 5, device=device) * 3).to(dtype)
-    sums = chunk_gate_sums(g, chunk)
-    assert sums.shape == (2, 2, 5, 37) and sums.dtype == torch.float32
-    assert relative_error(sums, naive_chunk_gate_sums(g, chunk)) < 1e-5
+    with chunk_sums_programs(4):
+        g = F.logsigmoid(torch.randn(2, 37, 5, device=device) * 3).to(dtype)
+        sums = chunk_gate_sums(g, chunk)
+        assert sums.shape == (2, 2, 5, 37) and sums.dtype == torch.float32
+        assert relative_error(sums, naive_chunk_gate_sums(g, chunk)) < 1e-5
 
 
 @pytest.mark.parametrize("chunks_per_program", [1, 4])
-def test_sums_respect_sequence_boundaries(chunks_per_program, device, monkeypatch):
+def test_sums_respect_sequence_boundaries(chunks_per_program, device):
     """Packed sequences, an empty and a one-token one; several head blocks; one chunk per
     program, and several (blocks cut at each sequence's end)."""
-    monkeypatch.setattr(launch, "MAX_CHUNK_SUMS_BLOCK_H", 2)
-    monkeypatch.setattr(launch, "CHUNKS_PER_PROGRAM", chunks_per_program)
-    cu_seqlens = torch.tensor([0, 5, 5, 6, 30, 37], dtype=torch.int32, device=device)
-    g = F.logsigmoid(torch.randn(1, 37, 5, device=device) * 3)
-    sums = chunk_gate_sums(g, 8, cu_seqlens)
-    ref = naive_chunk_gate_sums(g, 8, cu_seqlens)
-    assert relative_error(sums, ref) < 1e-5
-    # A chunk never reaches into the next sequence: position 4 ends sequence 0, so its
-    # suffix is empty, and the one-token sequence's prefix is its own gate (in base 2).
-    assert torch.all(sums[1, 0, :, 4] == 0)
-    torch.testing.assert_close(sums[0, 0, :, 5], g[0, 5].float() * LOG2E)
+    with chunk_sums_programs(chunks_per_program, max_block_h=2):
+        cu_seqlens = torch.tensor([0, 5, 5, 6, 30, 37], dtype=torch.int32, device=device)
+        g = F.logsigmoid(torch.randn(1, 37, 5, device=device) * 3)
+        sums = chunk_gate_sums(g, 8, cu_seqlens)
+        ref = naive_chunk_gate_sums(g, 8, cu_seqlens)
+        assert relative_error(sums, ref) < 1e-5
+        # A chunk never reaches into the next sequence: position 4 ends sequence 0, so its
+        # suffix is empty, and the one-token sequence's prefix is its own gate (in base 2).
+        assert torch.all(sums[1, 0, :, 4] == 0)
+        torch.testing.assert_close(sums[0, 0, :, 5], g[0, 5].float() * LOG2E)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -67,19 +73,19 @@ def test_sums_from_projection(with_bias, device):
 
 
 @pytest.mark.parametrize("chunks_per_program", [1, 2])
-def test_one_gate_dominates(chunks_per_program, device, monkeypatch):
+def test_one_gate_dominates(chunks_per_program, device):
     """A gate of -1e4 among gates of ~-1e-3: P and S next to it are direct sums, so each keeps
     its own small terms to float32's relative accuracy (a difference of longer sums such as
     total - prefix, or R[t] - g[t], would round them away against 1e4)."""
-    monkeypatch.setattr(launch, "CHUNKS_PER_PROGRAM", chunks_per_program)
-    g = -torch.rand(2, 48, 3, device=device) * 1e-3
-    g[:, 7] = -1e4
-    g[1, 40, 1] = -3e4
-    sums = chunk_gate_sums(g, 16)
-    ref = naive_chunk_gate_sums(g, 16)
-    assert relative_error(sums, ref) < 1e-5
-    # S before the big gate is dominated by it; S after it holds only small gates.
-    assert (sums[1, :, :, 8:15].abs() < 1).all() and (sums[1, :, :, 8:15] < 0).all()
+    with chunk_sums_programs(chunks_per_program):
+        g = -torch.rand(2, 48, 3, device=device) * 1e-3
+        g[:, 7] = -1e4
+        g[1, 40, 1] = -3e4
+        sums = chunk_gate_sums(g, 16)
+        ref = naive_chunk_gate_sums(g, 16)
+        assert relative_error(sums, ref) < 1e-5
+        # S before the big gate is dominated by it; S after it holds only small gates.
+        assert (sums[1, :, :, 8:15].abs() < 1).all() and (sums[1, :, :, 8:15] < 0).all()
 
 
 def test_empty(device):

@@ -84,10 +84,10 @@ def test_gated_fwa_attention(batch, window_size, cu_seqlens, device):
         assert_within_rule(name, a, b, c)
 
 
-def test_projection_gate_kernel_composes_with_attention(monkeypatch, device):
+def test_projection_gate_kernel_composes_with_attention(override_tuning, device):
     """The Triton gate kernel's g (log_gates_from_projection) fed to the PyTorch attention,
     packed sequences, against the float64 reference pieces: the piece users call on its own."""
-    monkeypatch.setattr(gate_launch, "ELEMENTS_PER_PROGRAM", 64)
+    override_tuning(gate_launch.TUNING, rules={"elementwise": lambda arch: dict(ELEMENTS=64, num_warps=4)})
 
     def composite(q, k, v, x, gate_weight, gate_bias, window_size, cu_seqlens):
         with use_backend("triton"):
@@ -110,10 +110,10 @@ def test_projection_gate_kernel_composes_with_attention(monkeypatch, device):
     ids=["w8", "w12-varlen", "full", "w4-no-bias"],
 )
 @use_backend("triton")
-def test_gated_fwa_attention_all_triton(monkeypatch, batch, window_size, cu_seqlens, with_bias, device):
+def test_gated_fwa_attention_all_triton(override_tuning, batch, window_size, cu_seqlens, with_bias, device):
     """The fused op (gate sums from gate_pre, attention kernels, gate backward reading dg in
     place), GQA, against the float64 composition of the reference pieces."""
-    monkeypatch.setattr(gate_launch, "ELEMENTS_PER_PROGRAM", 64)
+    override_tuning(gate_launch.TUNING, rules={"elementwise": lambda arch: dict(ELEMENTS=64, num_warps=4)})
     q = torch.randn(batch, 40, 4, 16, device=device)
     k = torch.randn(batch, 40, 2, 16, device=device)
     v = torch.randn(batch, 40, 2, 16, device=device)

@@ -85,7 +85,7 @@ def test_flux_identity(seqlen, window, block_m, block_n, cu_seqlens, parts, devi
 def test_flux_tile_count_falls_back_for_long_windows():
     assert flux_tile_count(1, 64, 32) == 1
     assert flux_tile_count(1024, 64, 32) == 32
-    limit = gate_flux.MAX_FLUX_TILES_PER_BLOCK_M * 64
+    limit = launch.TUNING.knobs.max_flux_tiles_per_block_m * 64
     assert flux_tile_count(limit * 32 + 1, 64, 32) == limit
     assert flux_tile_count(limit * 32 + 2, 64, 32) == 0
 
@@ -118,7 +118,7 @@ def backward_with_captured_flux(monkeypatch, q, k, v, g, do, window, offsets):
 
     monkeypatch.setattr(triton_backward, "gate_gradient_from_flux", capture)
     head_dim, scale = q.shape[-1], q.shape[-1]**-0.5
-    sums = chunk_gate_sums(g, launch.gate_chunk(head_dim), offsets)
+    sums = chunk_gate_sums(g, launch.gate_chunk(head_dim, q.device), offsets)
     o, lse = attention_forward(q, k, v, sums, window, scale, offsets)
     dg = triton_backward.attention_backward(do, q, k, v, sums, o, lse, window, scale, offsets)[3]
     flux, parts = captured["flux"], captured["parts"]
@@ -168,11 +168,11 @@ def test_warp_flux_totals_match_one_sum_per_tile(triton_backend, monkeypatch, dt
     g = -0.1 * torch.rand(1, seqlen, heads, device="cuda")
     runs = {}
     for warp_totals in (True, False):
-        monkeypatch.setattr(launch, "WARP_FLUX_TOTALS", warp_totals)
-        dg, _, totals, _, parts = backward_with_captured_flux(monkeypatch, q, k, v, g, do, window, cu_seqlens)
+        with launch.TUNING.overridden(warp_flux_totals=warp_totals):
+            dg, _, totals, _, parts = backward_with_captured_flux(monkeypatch, q, k, v, g, do, window, cu_seqlens)
         runs[warp_totals] = (totals, dg, parts)
     hopper = torch.cuda.get_device_capability()[0] == 9 and torch.version.hip is None
-    expected_parts = launch.CONFIGS["dq"](head_dim)["BLOCK_M"] // 16 if hopper and dtype != torch.float32 else 1
+    expected_parts = launch.kernel_config("dq", head_dim, True, q.device)["BLOCK_M"] // 16 if hopper and dtype != torch.float32 else 1
     assert runs[True][2] == expected_parts and runs[False][2] == 1
     totals, dg, _ = runs[True]
     reference_totals, reference_dg, _ = runs[False]
