@@ -136,6 +136,11 @@ class GatedFWAttention(nn.Module):
     Every projection runs by calling its module, so wrappers (PEFT's LoRA, quantised linears,
     forward hooks) apply in training, prefill and decoding alike; see _project_with_gate for
     the one fused GEMM plain modules get.
+
+    Extending: the attention itself is three public hooks, attend (no cache), attend_with_gates
+    (a prefill) and attend_cached (decoding), plus new_cache. A new mechanism overrides them in
+    a subclass and registers a kind (gatedfwa.attention_kinds.register_attention_kind;
+    docs/models.md); NSAttention (gatedfwa/layers/nsa_attention.py) is built that way.
     """
 
     def __init__(
@@ -404,15 +409,22 @@ class GatedFWAttention(nn.Module):
             k, v = self._shift(x, k, v, k_prev, v_prev)
         q, k = self._position_encode(q, k, position_ids, rotary)
         if cache is None:
-            o = self._attend(q, k, v, x, cu_seqlens, gate_pre)
+            o = self.attend(q, k, v, x, cu_seqlens, gate_pre)
         else:
-            o, g = self._attend_for_prefill(q, k, v, x, cu_seqlens, gate_pre)
+            o, g = self.attend_with_gates(q, k, v, x, cu_seqlens, gate_pre)
             self._prefill(cache, layout, k, v, g, k_raw, v_raw)
         return self._finish(x, o)
 
-    def _attend(self, q, k, v, x, cu_seqlens, gate_pre=None):
-        """Gated (or plain) window attention of the whole sequence: [B, T, HQ, D]. gate_pre
-        [B, T, n HQ] is x's gate projection from _project_with_gate (None without the gate)."""
+    # The three attention hooks. A new attention mechanism subclasses this layer and overrides
+    # them (NSAttention does): projections, token shift, QK norm, rotary, padding and packing,
+    # the cache's prefill and the output projection stay shared. q [B, T, HQ, D] and k, v
+    # [B, T, H, D] arrive after shift, norm and rotary; x [B, T, C] is the layer's input (for
+    # gates of the layer's own); cu_seqlens splits packed sequences along T (B == 1).
+
+    def attend(self, q, k, v, x, cu_seqlens, gate_pre=None):
+        """Attention hook, training and inference without a cache: o [B, T, HQ, D]. Here gated
+        (or plain) window attention of the whole sequence; gate_pre [B, T, n HQ] is x's decay
+        gate projection from _project_with_gate (None without the gate)."""
         if self.context_parallel_group is not None:  # the gate first, then the op across ranks
             g = self._gates_from_projection(gate_pre)
             return context_parallel_gated_window_attention(
@@ -426,9 +438,10 @@ class GatedFWAttention(nn.Module):
             )
         return gated_window_attention(q, k, v, None, window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens)
 
-    def _attend_for_prefill(self, q, k, v, x, cu_seqlens, gate_pre=None):
-        """As _attend, also returning the log gates g [B, T, HQ] (None without the gate) that
-        the cache keeps: (o [B, T, HQ, D], g). The gate is computed once, outside the fused op."""
+    def attend_with_gates(self, q, k, v, x, cu_seqlens, gate_pre=None):
+        """Attention hook of a prefill (a prompt into an empty cache): as attend, also returning
+        the log gates g [B, T, HQ] (None without the gate) that the cache keeps: (o [B, T, HQ,
+        D], g). The gate is computed once, outside the fused op."""
         g = self._gates_from_projection(gate_pre)
         o = gated_window_attention(q, k, v, g, window_size=self.window_size, scale=self.scale, cu_seqlens=cu_seqlens)
         return o, g
@@ -475,11 +488,12 @@ class GatedFWAttention(nn.Module):
             cache.set_extra_state("shift_k", k_raw[:, -1])
             cache.set_extra_state("shift_v", v_raw[:, -1])
         q, k = self._position_encode(q, k, None, rotary)
-        return self._finish(x, self._decode_attend(q, k, v, x, cache))
+        return self._finish(x, self.attend_cached(q, k, v, x, cache))
 
-    def _decode_attend(self, q, k, v, x, cache) -> torch.Tensor:
-        """The attention of new tokens (q [B, L, HQ, D], k/v [B, L, H, D], after shift, norm
-        and rotary) against the cache, which takes them in: o [B, L, HQ, D]."""
+    def attend_cached(self, q, k, v, x, cache) -> torch.Tensor:
+        """Attention hook of decoding: new tokens (q [B, L, HQ, D], k/v [B, L, H, D], after
+        shift, norm and rotary) against the cache (the kind's cache_factory's), which takes
+        them in: o [B, L, HQ, D]."""
         g = self.log_gates(x) if self.use_gate else None
         static = isinstance(cache, StaticWindowLayerCache)
         # A static ring takes at most W tokens per step (it writes them at distinct slots).

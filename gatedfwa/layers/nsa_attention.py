@@ -73,10 +73,10 @@ class NSAttention(GatedFWAttention):
         gates = torch.sigmoid(self.branch_gate_proj(x)).unflatten(-1, (3, self.num_heads))
         return gates.unbind(dim=-2)
 
-    def _attend(self, q, k, v, x, cu_seqlens, gate_pre=None):
-        return self._attend_for_prefill(q, k, v, x, cu_seqlens, gate_pre)[0]
+    def attend(self, q, k, v, x, cu_seqlens, gate_pre=None):
+        return self.attend_with_gates(q, k, v, x, cu_seqlens, gate_pre)[0]
 
-    def _attend_for_prefill(self, q, k, v, x, cu_seqlens, gate_pre=None):
+    def attend_with_gates(self, q, k, v, x, cu_seqlens, gate_pre=None):
         g = self._gates_from_projection(gate_pre)
         # No sequence here has more than ceil(T / block_size) blocks: asking for more selects
         # the same blocks (every candidate) while the op would still reserve block_counts
@@ -87,7 +87,7 @@ class NSAttention(GatedFWAttention):
                           cu_seqlens=cu_seqlens)
         return o, g
 
-    def _decode_attend(self, q, k, v, x, cache):
+    def attend_cached(self, q, k, v, x, cache):
         if not isinstance(cache, NSALayerCache):
             raise TypeError(f"an NSA layer decodes with an NSALayerCache (layer.new_cache()), got {type(cache).__name__}")
         g = self.log_gates(x) if self.use_gate else None

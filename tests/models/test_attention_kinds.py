@@ -120,6 +120,78 @@ def test_registered_kind_decodes_as_its_parallel_forward(half_window_kind, stati
 
 
 # ---------------------------------------------------------------------------------------
+# A kind with a layer of its own: the attention hooks overridden in a subclass
+# ---------------------------------------------------------------------------------------
+
+SDPA_KIND = "sdpa-window"
+
+
+class SdpaWindowAttention(GatedFWAttention):
+    """Plain sliding-window attention through PyTorch's SDPA and an explicit mask: only the
+    attention hooks are its own (decoding keeps the base layer's window cache and op)."""
+
+    calls = 0
+
+    def attend(self, q, k, v, x, cu_seqlens, gate_pre=None):
+        assert cu_seqlens is None and gate_pre is None
+        type(self).calls += 1
+        seqlen = q.shape[1]
+        positions = torch.arange(seqlen)
+        distance = positions[:, None] - positions[None, :]
+        mask = (distance >= 0) & (distance < self.window_size)
+        group = self.num_heads // self.num_kv_heads
+        k, v = (t.repeat_interleave(group, dim=2) for t in (k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.scale)
+        return o.transpose(1, 2)
+
+    def attend_with_gates(self, q, k, v, x, cu_seqlens, gate_pre=None):
+        return self.attend(q, k, v, x, cu_seqlens, gate_pre), None
+
+
+def sdpa_window_layer(config, layer_idx):
+    return SdpaWindowAttention(**{**attention_layer_options(config, layer_idx), "use_gate": False})
+
+
+@pytest.fixture
+def sdpa_window_kind():
+    kind = register_attention_kind(
+        SDPA_KIND, description="sliding window through SDPA", uses_gate=False, uses_window=True,
+        layer_factory=sdpa_window_layer, cache_factory=lambda config, layer_idx: WindowLayerCache(config.window_size))
+    try:
+        yield kind
+    finally:
+        unregister_attention_kind(SDPA_KIND)
+
+
+def test_a_layer_of_its_own_matches_the_kind_it_reimplements(sdpa_window_kind):
+    """The subclass's attend (SDPA under a window mask) gives the logits and gradients of the
+    built-in "swa" kind with the same weights, through the same shared layer code (GQA, token
+    shift, QK norm), and decodes through the base layer's cache as its parallel forward."""
+    options = dict(num_hidden_layers=2, num_key_value_heads=1, token_shift=True, qk_norm=True)
+    ours = GatedFWAForCausalLM(tiny_config(attention_kinds=SDPA_KIND, **options))
+    builtin = GatedFWAForCausalLM(tiny_config(attention_kinds="swa", **options))
+    builtin.load_state_dict(ours.state_dict())
+    assert all(type(block.attn) is SdpaWindowAttention for block in ours.model.layers)
+    ids = torch.randint(0, 61, (2, 13))
+    SdpaWindowAttention.calls = 0
+    loss = ours(ids, labels=ids).loss
+    assert SdpaWindowAttention.calls == 2
+    reference = builtin(ids, labels=ids).loss
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    reference.backward()
+    for (name, p), q in zip(ours.named_parameters(), builtin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        parallel = ours(ids).logits
+        cache = ours.new_cache()
+        steps = [ours(ids[:, :6], cache=cache).logits]
+        steps += [ours(ids[:, t:t + 1], cache=cache).logits for t in range(6, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), parallel, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------
 
