@@ -3,8 +3,8 @@ group, each rank computing the queries of its own shard (docs/distributed.md).
 
 Two paths with one result:
 
-- Triton backend (gatedfwa/ops/backend.py): fused.py, one autograd.Function that calls the
-  kernels and the exchange itself and owns its buffers (the whole shard in one call while the
+- Triton backend (gatedfwa/ops/backend.py): fused.py, one KernelOp (eager and compiled) that
+  calls the kernels and the exchange itself and owns its buffers (the whole shard in one call while the
   halo travels, then the first w - 1 queries again against the halo; no full-size copies).
 - Every other backend (the PyTorch path), and the reference the fused path is tested
   against: the composition below through the public op. `gated_window_attention` takes
@@ -35,9 +35,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from gatedfwa.distributed.compiled import compiled_fused_attention, compiled_halo
+from gatedfwa.distributed.compiled import compiled_halo
 from gatedfwa.distributed.fused import fused_context_parallel_attention
-from gatedfwa.distributed.halo import HaloLink, HaloPlan, attach_halo, expect_tail_gradients, start_halo_exchange
+from gatedfwa.distributed.halo import HaloPlan, attach_halo, expect_tail_gradients, start_halo_exchange
 from gatedfwa.distributed.packed import ShardOffsets, whole_offsets
 from gatedfwa.ops import gated_window_attention
 from gatedfwa.ops.backend import select_backend
@@ -145,14 +145,14 @@ def context_parallel_gated_window_attention(
         return _compiled(q, k, v, g, window_size, scale, group, cu_seqlens)
     offsets = None if cu_seqlens is None else whole_offsets(cu_seqlens, q, dist.get_world_size(group))
     _check_same_shards(q, k, g, window_size, scale, group, offsets)
-    return context_parallel_attention_eager(q, k, v, g, window_size, scale, group, offsets)
+    return context_parallel_attention_eager(q, k, v, g, window_size, scale, group, cu_seqlens, offsets)
 
 
 def context_parallel_attention_eager(q, k, v, g, window_size: int, scale: float | None, group,
-                                     offsets: list[int] | None) -> torch.Tensor:
+                                     cu_seqlens: torch.Tensor | None, offsets: list[int] | None) -> torch.Tensor:
     """The op on validated arguments, outside torch.compile: the fused path on the Triton
-    backend, the composition on the others. offsets: packed.whole_offsets of cu_seqlens, or
-    None."""
+    backend, the composition on the others. cu_seqlens of the whole packed sequence and its
+    packed.whole_offsets, or both None."""
     plan = HaloPlan.build(dist.get_rank(group), dist.get_world_size(group), q.shape[1], window_size - 1)
     calls = ShardOffsets.build(offsets, plan, q.device)
     if not plan.exchanges:  # one rank, or w = 1: nothing crosses a shard boundary
@@ -160,7 +160,7 @@ def context_parallel_attention_eager(q, k, v, g, window_size: int, scale: float 
 
     backend = select_backend(q.device)
     if backend == "triton":
-        return fused_context_parallel_attention(q, k, v, g, window_size, scale, HaloLink(plan, group), calls)
+        return fused_context_parallel_attention(q, k, v, g, window_size, scale, group, cu_seqlens)
     dtype = composition_dtype(q, backend)
     wide_g = None if g is None else g.to(torch.promote_types(g.dtype, dtype))  # gates are never narrowed
     o = _composed(q.to(dtype), k.to(dtype), v.to(dtype), wide_g, window_size, scale, plan, group,
@@ -179,7 +179,7 @@ def _compiled(q, k, v, g, window_size: int, scale: float | None, group, cu_seqle
                                       cu_seqlens=cu_seqlens if plan.world == 1 else None)
     backend = select_backend(q.device)
     if backend == "triton":
-        return compiled_fused_attention(q, k, v, g, window_size, scale, group, cu_seqlens)
+        return fused_context_parallel_attention(q, k, v, g, window_size, scale, group, cu_seqlens)
     if cu_seqlens is not None:
         raise ValueError(
             "cu_seqlens under torch.compile needs the Triton backend (GATEDFWA_BACKEND, gatedfwa/ops/backend.py): "

@@ -1,8 +1,8 @@
 """The Triton path of context parallelism: fused_forward and fused_backward drive the kernels
 and the halo exchange themselves and own their buffers, so that no full-size tensor is copied
-(docs/distributed.md, "The scheme"). Eager calls reach them through one autograd.Function,
-compiled ones through one custom op (compiled.py). Packed sequences take the offsets of
-packed.ShardOffsets in each kernel call.
+(docs/distributed.md, "The scheme"). Both are one KernelOp (gatedfwa/ops/common/custom_op.py):
+a custom op with its backward under torch.compile, an autograd.Function in eager calls.
+Packed sequences take the offsets of packed.ShardOffsets in each kernel call.
 
 On a rank with a halo of h > 0 positions and e = min(w - 1, n) first queries (those whose
 window reaches before the shard):
@@ -36,9 +36,13 @@ only the first rows' call runs (then with every query of the shard, after the ex
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
 
-from gatedfwa.distributed.halo import HaloLink
-from gatedfwa.distributed.packed import ShardOffsets
+from gatedfwa.distributed.halo import HaloLink, HaloPlan
+from gatedfwa.distributed.ordered import mark_ordered
+from gatedfwa.distributed.packed import ShardOffsets, whole_offsets
+from gatedfwa.ops.common.custom_op import KernelOp
 from gatedfwa.ops.window_attention.triton_path import window_attention_backward as _backward_impl
 from gatedfwa.ops.window_attention.triton_path import window_attention_forward as _forward_impl
 
@@ -62,10 +66,14 @@ def _empty_halo(x: torch.Tensor) -> torch.Tensor:
 
 
 def _calls(link: HaloLink, n: int) -> tuple[int, int, bool, bool]:
+    """_calls_of the link's plan."""
+    return _calls_of(link.plan, n)
+
+
+def _calls_of(plan: HaloPlan, n: int) -> tuple[int, int, bool, bool]:
     """(edge, halo, first, whole): the queries whose window reaches before the shard, the
     halo's length, whether the first rows' call runs (a halo exists) and whether the
     whole-shard call does (it gives some exact rows)."""
-    plan = link.plan
     edge, halo = min(plan.halo_want, n), plan.halo
     first = halo > 0
     return edge, halo, first, not first or edge < n
@@ -131,30 +139,124 @@ def fused_backward(do, q, k, v, g, o, saved, window_size: int, scale: float, lin
     return dq, dk, dv, (grads[2] if g is not None else None)
 
 
-class _FusedContextParallelAttention(torch.autograd.Function):
-    """o [B, n, HQ, D] of this rank's shard; see the module docstring. Inputs contiguous."""
+# --------------------------------------------------------------------------------------
+# The fused path as one KernelOp (gatedfwa/ops/common/custom_op.py): a custom op with its
+# backward for torch.compile, an autograd.Function for eager calls. A process group cannot
+# cross a custom op, so the op takes the group's name and rebuilds the halo link (and the
+# packed offsets) in its forward and backward.
+# --------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, q, k, v, g, window_size: int, scale: float, link: HaloLink, offsets: ShardOffsets):
-        o, *saved = fused_forward(q, k, v, g, window_size, scale, link, offsets)
-        ctx.save_for_backward(q, k, v, g, o, *saved)
-        ctx.window_size, ctx.scale, ctx.link, ctx.offsets = window_size, scale, link, offsets
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, g, o, *saved = ctx.saved_tensors
-        dq, dk, dv, dg = fused_backward(do, q, k, v, g, o, saved, ctx.window_size, ctx.scale, ctx.link, ctx.offsets)
-        return dq, dk, dv, dg, None, None, None, None
+# The op's outputs: o, then SAVED (an absent one as an empty tensor: custom ops return tensors).
+_Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                 torch.Tensor]
+_Gradients = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def fused_context_parallel_attention(q, k, v, g, window_size: int, scale: float | None, link: HaloLink,
-                                     offsets: ShardOffsets = ShardOffsets()) -> torch.Tensor:
+def _plan(q: torch.Tensor, group_name: str, window_size: int) -> tuple[HaloPlan, dist.ProcessGroup]:
+    group = _resolve_process_group(group_name)
+    return HaloPlan.build(dist.get_rank(group), dist.get_world_size(group), q.shape[1], window_size - 1), group
+
+
+def _link_and_offsets(q, group_name, window_size, cu_seqlens) -> tuple[HaloLink, ShardOffsets]:
+    plan, group = _plan(q, group_name, window_size)
+    offsets = None if cu_seqlens is None else whole_offsets(cu_seqlens, q, plan.world)
+    return HaloLink(plan, group), ShardOffsets.build(offsets, plan, q.device)
+
+
+def _none_to_empty(tensors, like: torch.Tensor) -> list[torch.Tensor]:
+    return [like.new_empty((0,)) if t is None else t for t in tensors]
+
+
+def _empty_to_none(tensors) -> list[torch.Tensor | None]:
+    return [None if t.numel() == 0 and t.dim() == 1 else t for t in tensors]
+
+
+def _unaliased(outputs: list[torch.Tensor], inputs: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Custom ops may not return views of their inputs, nor one tensor twice: copy any output
+    that shares the storage of an input or of an earlier output (the first rows' queries when
+    they are all of q; the first rows' output when it is the whole output)."""
+    seen = {x.untyped_storage().data_ptr() for x in inputs if x is not None and x.numel()}
+    unaliased = []
+    for t in outputs:
+        if t.numel():
+            if t.untyped_storage().data_ptr() in seen:
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+        unaliased.append(t)
+    return unaliased
+
+
+def _along_time_like(x: torch.Tensor, length: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], length, *x.shape[2:]))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+               cu_seqlens: torch.Tensor | None, window_size: int, scale: float, group_name: str) -> _Outputs:
+    """(o, *SAVED) of fused_forward, absent ones empty."""
+    link, offsets = _link_and_offsets(q, group_name, window_size, cu_seqlens)
+    outputs = fused_forward(q, k, v, g, window_size, scale, link, offsets)
+    return tuple(_unaliased(_none_to_empty(outputs, q), [q, k, v, g]))
+
+
+def _attention_fake(q, k, v, g, cu_seqlens, window_size, scale, group_name):
+    plan, _ = _plan(q, group_name, window_size)
+    batch, n, heads, _ = q.shape
+    edge, halo, first, whole = _calls_of(plan, n)
+    empty = q.new_empty((0,))
+    lse = q.new_empty((batch, heads, n), dtype=torch.float32) if whole else empty
+    if not first:
+        return (torch.empty_like(q), lse, *(empty for _ in SAVED[1:]))
+    keys = _along_time_like(k, halo + edge)
+    gates = empty if g is None else _along_time_like(g, halo + edge)
+    return (torch.empty_like(q), lse, _along_time_like(q, edge), keys, torch.empty_like(keys), gates,
+            _along_time_like(q, edge), q.new_empty((batch, heads, edge), dtype=torch.float32))
+
+
+def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                        cu_seqlens: torch.Tensor | None, o: torch.Tensor, lse: torch.Tensor, q1: torch.Tensor,
+                        keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor, o1: torch.Tensor,
+                        lse1: torch.Tensor, window_size: int, scale: float, group_name: str) -> _Gradients:
+    """(dq, dk, dv, dg), dg empty without gates."""
+    link, offsets = _link_and_offsets(q, group_name, window_size, cu_seqlens)
+    saved = _empty_to_none([lse, q1, keys, values, gates, o1, lse1])
+    dq, dk, dv, dg = fused_backward(do, q, k, v, g, o, saved, window_size, scale, link, offsets)
+    return dq, dk, dv, q.new_empty((0,)) if dg is None else dg
+
+
+def _attention_backward_fake(do, q, k, v, g, cu_seqlens, o, lse, q1, keys, values, gates, o1, lse1, window_size,
+                             scale, group_name):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty((0,)) if g is None else torch.empty_like(g))
+
+
+def _attention_save(ctx, inputs, output):
+    q, k, v, g, cu_seqlens, window_size, scale, group_name = inputs
+    ctx.save_for_backward(q, k, v, g, cu_seqlens, *output)
+    ctx.window_size, ctx.scale, ctx.group_name, ctx.has_gate = window_size, scale, group_name, g is not None
+
+
+def _attention_gradients(ctx, backward, do, *unused):
+    q, k, v, g, cu_seqlens, o, *saved = ctx.saved_tensors
+    dq, dk, dv, dg = backward(do, q, k, v, g, cu_seqlens, o, *saved, ctx.window_size, ctx.scale, ctx.group_name)
+    return dq, dk, dv, (dg if ctx.has_gate else None), None, None, None, None
+
+
+_fused_attention = KernelOp(
+    "gatedfwa::context_parallel_attention", _attention, _attention_fake,
+    backward=_attention_backward, backward_fake=_attention_backward_fake,
+    save=_attention_save, gradients=_attention_gradients,
+    non_differentiable=lambda inputs, output: output[1:])
+# Both exchange messages: every rank must post them in the same order under torch.compile.
+mark_ordered(_fused_attention.op)
+mark_ordered(_fused_attention.backward_op)
+
+
+def fused_context_parallel_attention(q, k, v, g, window_size: int, scale: float | None, group: dist.ProcessGroup,
+                                     cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Context-parallel window attention through the Triton kernels, the halo exchanged over
-    `link` (its plan has an exchange). q [B, n, HQ, D], k, v [B, n, H, D], g [B, n, HQ] or
-    None, validated by the caller; `offsets` of packed sequences (B == 1). Returns o
-    [B, n, HQ, D] in q's dtype."""
+    `group`, eager or under torch.compile. q [B, n, HQ, D], k, v [B, n, H, D], g [B, n, HQ] or
+    None, validated by the caller; cu_seqlens of the whole packed sequence (B == 1) or None.
+    Returns o [B, n, HQ, D] in q's dtype."""
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return _FusedContextParallelAttention.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), None if g is None else g.contiguous(),
-        window_size, scale, link, offsets)
+    contiguous = [None if x is None else x.contiguous() for x in (q, k, v, g)]
+    return _fused_attention(*contiguous, cu_seqlens, window_size, scale, group.group_name)[0]
