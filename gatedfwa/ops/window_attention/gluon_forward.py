@@ -89,7 +89,7 @@ def _stream(m0, seqlen, window, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
     upper = m0 + BLOCK_M
     top = gl.where(upper < seqlen, upper, m0)
     lowest_key = gl.maximum(m0 - window + 1, 0)
-    lowest_tile = m0 - gl.cdiv(m0 - lowest_key, BLOCK_N) * BLOCK_N
+    lowest_tile = m0 - (m0 - lowest_key + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     return top, (top - lowest_tile) // BLOCK_N + 1
 
 
@@ -99,7 +99,7 @@ def _visible_tiles(r0, top, seqlen, window, BLOCK_M: gl.constexpr, BLOCK_N: gl.c
     a contiguous run from its diagonal tile (start r0) down to the tile of its lowest key.
     Empty when the block starts past the sequence end."""
     lowest_key = gl.maximum(r0 - window + 1, 0)
-    lowest_tile = r0 - gl.cdiv(r0 - lowest_key, BLOCK_N) * BLOCK_N
+    lowest_tile = r0 - (r0 - lowest_key + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     has_rows = r0 < seqlen
     first = gl.where(has_rows, (top - r0) // BLOCK_N, 0)
     last = gl.where(has_rows, (top - lowest_tile) // BLOCK_N + 1, 0)
@@ -152,6 +152,20 @@ def _producer(k_desc, v_desc, s_desc, k_bufs, v_bufs, s_bufs, ready, empty,
 # --------------------------------------------------------------------------------------
 
 
+# Row reductions written with gluon.jit combine functions rather than gl.max and gl.sum, which
+# wrap triton.jit functions: under Triton's interpreter (TRITON_INTERPRET=1, the CPU tests)
+# those become interpreted functions that a Gluon compilation cannot reference, and the CPU
+# test compiles this kernel in such a process.
+@gluon.jit
+def _maximum(a, b):
+    return gl.maximum(a, b)
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
 @gluon.jit
 def _softmax_tile(s, m_i, l_i, row_shift, HAS_GATE: gl.constexpr):
     """One tile of the online softmax in base 2 (forward.py, _forward_tile): s [BLOCK_M,
@@ -159,7 +173,7 @@ def _softmax_tile(s, m_i, l_i, row_shift, HAS_GATE: gl.constexpr):
     (folded into the running maximum instead of added per element). Returns the tile's
     probabilities p, the new running maximum and sum, and the factor that rescales the
     output accumulated so far."""
-    tile_max = gl.max(s, 1)
+    tile_max = gl.reduce(s, 1, _maximum)
     if HAS_GATE:
         tile_max += row_shift
     new_max = gl.maximum(m_i, tile_max)
@@ -171,7 +185,7 @@ def _softmax_tile(s, m_i, l_i, row_shift, HAS_GATE: gl.constexpr):
     else:
         p = gl.exp2(s - gl.expand_dims(safe_max, 1))
     correction = gl.exp2(m_i - safe_max)
-    l_i = l_i * correction + gl.sum(p, 1)
+    l_i = l_i * correction + gl.reduce(p, 1, _add)
     return p, new_max, l_i, correction
 
 
