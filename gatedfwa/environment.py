@@ -43,9 +43,11 @@ from dataclasses import dataclass
 from gatedfwa.errors import ConfigError
 
 __all__ = [
-    "Variable", "VARIABLES", "BACKEND", "CHECK_VALUES", "HOPPER_KERNELS", "HOPPER_KERNEL_CHOICES", "TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+    "Variable", "VARIABLES", "BACKEND", "CHECK_VALUES", "HOPPER_KERNELS", "HOPPER_KERNEL_CHOICES", "TRITON_INTERPRET",
+    "RANK", "WORLD_SIZE", "LOCAL_RANK",
     "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS", "HF_DATASETS_OFFLINE",
-    "forced_backend", "check_values_on_device", "hopper_kernels", "triton_interpret", "rank", "world_size", "local_rank",
+    "forced_backend", "check_values_on_device", "hopper_kernels", "triton_interpret", "rank", "world_size",
+    "local_rank",
     "local_world_size", "omp_num_threads_is_set", "forbid_dataset_downloads", "check_environment",
     "BACKENDS", "BACKEND_CHOICES", "BACKEND_VARIABLE", "HOW_TO_UNFORCE", "triton_missing",
 ]
@@ -144,8 +146,8 @@ def hopper_kernels() -> str:
     choice = raw.strip().lower() or HOPPER_KERNELS.default
     if choice not in HOPPER_KERNEL_CHOICES:
         raise ConfigError(
-            f"{HOPPER_KERNELS.name}={raw!r} is not a kernel family; accepted values: {', '.join(HOPPER_KERNEL_CHOICES)} "
-            f"({HOPPER_KERNELS.meaning})"
+            f"{HOPPER_KERNELS.name}={raw!r} is not a kernel family; accepted values: "
+            f"{', '.join(HOPPER_KERNEL_CHOICES)} ({HOPPER_KERNELS.meaning})"
         )
     return choice
 

@@ -450,7 +450,8 @@ def _rows_layout(head_dim: int, dtype: torch.dtype):
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sums: torch.Tensor | None,
-                       cu_seqlens: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None, gate_chunk: int) -> str | None:
+                       cu_seqlens: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+                       gate_chunk: int) -> str | None:
     """Why the Gluon kernel cannot serve this forward call, or None when it can. The arguments
     are attention_forward's (forward.py), checked and contiguous; gate_chunk is the chunk
     length of sums (launch.gate_chunk)."""
