@@ -71,8 +71,10 @@ _PRODUCER_REGISTERS = gl.constexpr(PRODUCER_REGISTERS)
 
 
 def kernel_config(head_dim: int) -> dict:
-    """Pipeline depth per head size: three K/V slots fit twice over in shared memory at D = 128
-    (32 KiB each with the sums), four at D = 64."""
+    """Slots of the K/V ring per head size: 3 at D = 128 (32 KiB each with the gate sums, about
+    130 KiB of shared memory with the two q buffers), 4 at D = 64 (about 82 KiB). The
+    registers allow one program per SM either way; these are first choices, to be swept on a
+    GPU."""
     return dict(STAGES=3 if head_dim > 64 else 4)
 
 
@@ -199,6 +201,17 @@ def _skip_tile(i, ready, empty, turn, CONSUMER: gl.constexpr, STAGES: gl.constex
     mbarrier.arrive(empty.index(slot), count=1)
     mbarrier.wait(turn.index(CONSUMER), (i + 1 - CONSUMER) & 1)
     mbarrier.arrive(turn.index(1 - CONSUMER), count=1)
+
+
+@gluon.jit
+def _release(empty_bar, HAS_GATE: gl.constexpr):
+    """Hand a slot back to the producer after its last use. The gate sums were read with plain
+    shared-memory loads (the generic proxy), and the producer's next TMA copy into the slot
+    writes through the async proxy: the fence orders the two. K and V are read by wgmma,
+    itself in the async proxy, and need none."""
+    if HAS_GATE:
+        fence_async_shared()
+    mbarrier.arrive(empty_bar, count=1)
 
 
 @gluon.jit
@@ -358,7 +371,7 @@ def _consumer(q_desc, o_desc, q_bufs, q_bars, k_bufs, v_bufs, s_bufs, ready, emp
                 between += tile_total
             p_new, m_i, l_i, correction = _softmax_tile(s, m_i, l_i, row_shift, HAS_GATE)
             o_acc, p = warpgroup_mma_wait(0, deps=(o_tok, p))
-            mbarrier.arrive(empty.index(prev), count=1)
+            _release(empty.index(prev), HAS_GATE)
             o_acc = o_acc * gl.expand_dims(gl.convert_layout(correction, o_rows_layout), 1)
             p = gl.convert_layout(p_new.to(dtype), p_layout)
 
@@ -366,7 +379,7 @@ def _consumer(q_desc, o_desc, q_bufs, q_bars, k_bufs, v_bufs, s_bufs, ready, emp
         prev = (last - 1) % STAGES
         o_tok = warpgroup_mma(p, v_bufs.index(prev).reshape([BLOCK_N, HEAD_DIM]), o_acc, is_async=True)
         o_acc, p = warpgroup_mma_wait(0, deps=(o_tok, p))
-        mbarrier.arrive(empty.index(prev), count=1)
+        _release(empty.index(prev), HAS_GATE)
 
     for i in range(last, num_tiles):
         _skip_tile(i, ready, empty, turn, CONSUMER, STAGES)
