@@ -4,6 +4,7 @@ and the one function that reads it. Nothing else in the package touches ``os.env
 
     GATEDFWA_BACKEND        forced_backend()           which implementation serves the ops
     GATEDFWA_CHECK_VALUES   check_values_on_device()   value checks on GPU tensors too
+    GATEDFWA_HOPPER_KERNELS hopper_kernels()           which forward kernel runs on H100/H200
     TRITON_INTERPRET        triton_interpret()         Triton's CPU interpreter
     RANK                    rank()                     torchrun: this process's index
     WORLD_SIZE              world_size()               torchrun: how many processes
@@ -20,6 +21,13 @@ GATEDFWA_BACKEND's values:
                      interpreter, TRITON_INTERPRET=1)
     torch            the PyTorch path
 
+GATEDFWA_HOPPER_KERNELS's values (the window attention forward on compute capability 9):
+
+    triton (or unset)  the Triton forward kernel (gatedfwa/ops/window_attention/forward.py)
+    gluon              the warp-specialised Gluon kernel (gluon_forward.py) for the calls it
+                       supports (fp16/bf16, D 64 or 128, as many queries as keys, no packed
+                       sequences); every other call, and the backward, stays on Triton
+
 A value that cannot be meant (a backend that does not exist, a RANK that is not a number)
 raises ConfigError naming the variable and what it accepts. This module imports nothing
 heavy, so that the command line checks the variables before torch loads
@@ -35,9 +43,11 @@ from dataclasses import dataclass
 from gatedfwa.errors import ConfigError
 
 __all__ = [
-    "Variable", "VARIABLES", "BACKEND", "CHECK_VALUES", "TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+    "Variable", "VARIABLES", "BACKEND", "CHECK_VALUES", "HOPPER_KERNELS", "HOPPER_KERNEL_CHOICES", "TRITON_INTERPRET",
+    "RANK", "WORLD_SIZE", "LOCAL_RANK",
     "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS", "HF_DATASETS_OFFLINE",
-    "forced_backend", "check_values_on_device", "triton_interpret", "rank", "world_size", "local_rank",
+    "forced_backend", "check_values_on_device", "hopper_kernels", "triton_interpret", "rank", "world_size",
+    "local_rank",
     "local_world_size", "omp_num_threads_is_set", "forbid_dataset_downloads", "check_environment",
     "BACKENDS", "BACKEND_CHOICES", "BACKEND_VARIABLE", "HOW_TO_UNFORCE", "triton_missing",
 ]
@@ -60,6 +70,10 @@ CHECK_VALUES = Variable(
     "GATEDFWA_CHECK_VALUES", "0",
     "1: check the values of log gates, and that context-parallel shards agree, on GPU tensors too "
     "(a host sync per call; CPU tensors are always checked)")
+HOPPER_KERNELS = Variable(
+    "GATEDFWA_HOPPER_KERNELS", "triton",
+    "which window attention forward kernel runs on H100/H200 (compute capability 9): triton, or gluon for "
+    "the warp-specialised Gluon kernel where it supports the call (opt-in until a benchmark shows it faster)")
 TRITON_INTERPRET = Variable(
     "TRITON_INTERPRET", "0",
     "1: Triton runs its kernels in its CPU interpreter (read once, when gatedfwa.ops loads)")
@@ -77,10 +91,11 @@ HF_DATASETS_OFFLINE = Variable(
     "HF_DATASETS_OFFLINE", "1", "not read but set, to 1 unless it is set, before --hf-dataset loads the "
     "'datasets' package: nothing is downloaded")
 
-VARIABLES = (BACKEND, CHECK_VALUES, TRITON_INTERPRET, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+VARIABLES = (BACKEND, CHECK_VALUES, HOPPER_KERNELS, TRITON_INTERPRET, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
              OMP_NUM_THREADS, HF_DATASETS_OFFLINE)
 
 BACKENDS = ("triton", "torch")
+HOPPER_KERNEL_CHOICES = ("triton", "gluon")
 BACKEND_CHOICES = ("auto", *BACKENDS)
 BACKEND_VARIABLE = BACKEND.name
 HOW_TO_UNFORCE = f"set {BACKEND_VARIABLE}=auto or {BACKEND_VARIABLE}=torch (or unset it) for the PyTorch path"
@@ -122,6 +137,19 @@ def forced_backend() -> str | None:
 def check_values_on_device() -> bool:
     """GATEDFWA_CHECK_VALUES=1: the ops check values of tensors off the CPU as well."""
     return _read(CHECK_VALUES) == "1"
+
+
+def hopper_kernels() -> str:
+    """GATEDFWA_HOPPER_KERNELS: "triton" (unset, the default) or "gluon"; ConfigError naming the
+    accepted values for anything else. Case and spaces around the value do not matter."""
+    raw = _read(HOPPER_KERNELS)
+    choice = raw.strip().lower() or HOPPER_KERNELS.default
+    if choice not in HOPPER_KERNEL_CHOICES:
+        raise ConfigError(
+            f"{HOPPER_KERNELS.name}={raw!r} is not a kernel family; accepted values: "
+            f"{', '.join(HOPPER_KERNEL_CHOICES)} ({HOPPER_KERNELS.meaning})"
+        )
+    return choice
 
 
 def triton_interpret() -> bool:
@@ -168,9 +196,11 @@ def triton_missing() -> ConfigError:
 
 def check_environment() -> None:
     """The checks of the variables that need no tensor, without importing torch or Triton:
-    GATEDFWA_BACKEND's value, "triton" while Triton is not installed, and torchrun's numbers."""
+    GATEDFWA_BACKEND's value, "triton" while Triton is not installed, GATEDFWA_HOPPER_KERNELS's
+    value, and torchrun's numbers."""
     if forced_backend() == "triton" and importlib.util.find_spec("triton") is None:
         raise triton_missing()
+    hopper_kernels()
     rank()
     world_size()
     local_rank()

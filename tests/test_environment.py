@@ -75,6 +75,7 @@ def clean(monkeypatch):
 def test_unset_variables_give_their_defaults(clean):
     assert environment.forced_backend() is None
     assert environment.check_values_on_device() is False
+    assert environment.hopper_kernels() == "triton"
     assert environment.triton_interpret() is False
     assert (environment.rank(), environment.world_size(), environment.local_rank(),
             environment.local_world_size()) == (0, 1, 0, 1)
@@ -85,6 +86,7 @@ def test_unset_variables_give_their_defaults(clean):
 def test_set_variables_are_read(clean):
     clean.setenv("GATEDFWA_BACKEND", " Torch ")
     clean.setenv("GATEDFWA_CHECK_VALUES", "1")
+    clean.setenv("GATEDFWA_HOPPER_KERNELS", " Gluon ")
     clean.setenv("TRITON_INTERPRET", "1")
     clean.setenv("RANK", "5")
     clean.setenv("WORLD_SIZE", "8")
@@ -92,6 +94,7 @@ def test_set_variables_are_read(clean):
     clean.setenv("OMP_NUM_THREADS", "3")
     assert environment.forced_backend() == "torch"
     assert environment.check_values_on_device() and environment.triton_interpret()
+    assert environment.hopper_kernels() == "gluon"
     assert (environment.rank(), environment.world_size(), environment.local_world_size()) == (5, 8, 4)
     assert environment.local_rank() == 5  # unset: RANK's value
     clean.setenv("LOCAL_RANK", "1")
@@ -103,6 +106,8 @@ def test_set_variables_are_read(clean):
 
 @pytest.mark.parametrize("name, value, message", [
     ("GATEDFWA_BACKEND", "cuda", "GATEDFWA_BACKEND='cuda' is not a backend; accepted values: auto, triton, torch"),
+    ("GATEDFWA_HOPPER_KERNELS", "cuda",
+     "GATEDFWA_HOPPER_KERNELS='cuda' is not a kernel family; accepted values: triton, gluon"),
     ("RANK", "first", "RANK='first' must be a whole number >= 0: this process's index"),
     ("WORLD_SIZE", "0", "WORLD_SIZE='0' must be a whole number >= 1"),
     ("LOCAL_RANK", "-1", "LOCAL_RANK='-1' must be a whole number >= 0"),

@@ -7,7 +7,9 @@
                     gate projection (chunk length: launch.py)
     tiles.py        device helpers: the gate's per-tile decay terms, tensor descriptors
     walk.py         the key-tile walk the forward and dq kernels share
-    forward.py      Triton forward kernel and its launcher
+    forward.py      Triton forward kernel and its launcher (the portable path and the reference)
+    gluon_forward.py  warp-specialised Gluon forward kernel for Hopper (opt-in:
+                    GATEDFWA_HOPPER_KERNELS=gluon; forward.py routes the calls it supports)
     backward.py     Triton backward kernels (dq, dk/dv, dg) and their launcher
     gate_flux.py    dg from the dq kernel's chunk-boundary fluxes
     launch.py       the family's TUNING (tile sizes per architecture; tuned.py: measured

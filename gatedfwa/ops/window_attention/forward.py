@@ -2,6 +2,10 @@
 
 One program owns BLOCK_M query rows of one sequence and one query head and walks key tiles
 outward from the diagonal (tiles.py explains the decay terms and the tile phases).
+
+On Hopper GPUs, GATEDFWA_HOPPER_KERNELS=gluon (gatedfwa/environment.py) hands the calls that
+the warp-specialised Gluon kernel supports (gluon_forward.py) to it instead; it writes the same
+o and lse2, which the Triton backward reads either way.
 """
 
 from __future__ import annotations
@@ -10,9 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from gatedfwa.environment import hopper_kernels
 from gatedfwa.ops.common.head_major import batch_shift, head_row
 from gatedfwa.ops.common.online_softmax import softmax_lse, softmax_output
-from gatedfwa.ops.common.triton_support import LOG2E, dot_precision, token_and_head_strides
+from gatedfwa.ops.common.triton_support import LOG2E, dot_precision, interpreting, token_and_head_strides
 from gatedfwa.ops.common.varlen import query_bounds, sequence_bounds
 from gatedfwa.ops.window_attention import launch
 from gatedfwa.ops.window_attention.tiles import PAIR_DECAY, SPLIT_DECAY, sequence_descriptor, tile_prefix
@@ -191,6 +196,20 @@ def _forward_kernel(
 
 
 
+def _gluon_serves(q, k, v, sums, cu_seqlens, cu_seqlens_q) -> bool:
+    """Whether the Gluon kernel (gluon_forward.py) takes this call: asked for with
+    GATEDFWA_HOPPER_KERNELS=gluon, compiled (not under the interpreter), available in the
+    installed Triton, and the call one it supports (Hopper GPU, fp16/bf16, D 64 or 128, no
+    packed sequences, as many queries as keys)."""
+    if hopper_kernels() != "gluon" or interpreting() or not q.is_cuda:
+        return False
+    try:
+        from gatedfwa.ops.window_attention import gluon_forward
+    except ImportError:  # a Triton without triton.experimental.gluon's Hopper support
+        return False
+    return gluon_forward.supports(q, k, v, sums, cu_seqlens, cu_seqlens_q, launch.gate_chunk(q.shape[-1], q.device))
+
+
 def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens, cu_seqlens_q=None):
     """q [B,T_q,HQ,D], k/v [B,T_k,H,D] contiguous (T_q <= T_k, queries aligned to the last
     keys); sums [2,B,HQ,T_k] float32, the chunk gate sums of chunk_sums.py at chunk length
@@ -204,6 +223,12 @@ def attention_forward(q, k, v, sums, window_size, scale, cu_seqlens, cu_seqlens_
     if q.shape[1] == 0 or problem.max_seqlen == 0:
         lse.fill_(float("-inf"))
         o.zero_()
+        return o, lse
+    if _gluon_serves(q, k, v, sums, cu_seqlens, cu_seqlens_q):
+        from gatedfwa.ops.window_attention.gluon_forward import gluon_attention_forward
+
+        gluon_attention_forward(q, k, v, sums, problem.window, scale, launch.gate_chunk(problem.head_dim, q.device),
+                                o, lse)
         return o, lse
     config = launch.usable_config(launch.kernel_config("forward", problem.head_dim, sums is not None, q.device), q, k, v,
                                   fewer_queries=problem.fewer_queries)

@@ -100,6 +100,14 @@ def _flux_gradient_rule(arch: str, block_d: int, gate: bool) -> dict:
     return dict(num_warps=1 if arch == "interpreter" else 4)
 
 
+def _gluon_forward_rule(arch: str, block_d: int, gate: bool) -> dict:
+    """Slots of the K/V ring of the Hopper Gluon forward (gluon_forward.py), whose 64 x 64
+    tiles are fixed by its design: 3 at D = 128 (32 KiB each with the gate sums, about 130 KiB
+    of shared memory with the two q buffers), 4 at D = 64 (about 82 KiB). The registers allow
+    one program per SM either way; first choices, to be swept on a GPU."""
+    return dict(STAGES=3 if block_d > 64 else 4)
+
+
 @dataclasses.dataclass(frozen=True)
 class WindowAttentionKnobs:
     """warp_flux_totals: whether the dq kernel may store its flux tile totals one part per
@@ -118,7 +126,8 @@ class WindowAttentionKnobs:
 TUNING = Tuning(
     "window_attention", key_names=("block_d", "gate"),
     rules={"forward": _forward_rule, "dq": _dq_rule, "dkdv": _dkdv_rule, "chunk_sums": _chunk_sums_rule,
-           "delta": _delta_rule, "reverse_cumsum": _reverse_cumsum_rule, "flux_gradient": _flux_gradient_rule},
+           "delta": _delta_rule, "reverse_cumsum": _reverse_cumsum_rule, "flux_gradient": _flux_gradient_rule,
+           "gluon_forward": _gluon_forward_rule},
     measured=MEASURED, knobs=WindowAttentionKnobs())
 
 
