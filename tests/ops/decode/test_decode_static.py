@@ -140,6 +140,24 @@ def test_static_split_step_replays(gated, device, make_inputs, force_splits, dec
     assert_within_rule("replayed split step", second, naive32, ref64)
 
 
+def test_compiled_split_step(device, make_inputs, force_splits, decode_launches):
+    """The Triton custom op with split slots inside a compiled step (fullgraph): the counters it
+    mutates and restores go through functionalisation, and every step matches float64."""
+    torch._dynamo.reset()
+    force_splits(3)
+    q, k, v, g = make_inputs(1, 36, 8, 2, 16, torch.float32, True, device=device)
+    cache = StaticWindowLayerCache(40)
+    cache.prefill(k[:, :32], v[:, :32], g[:, :32], num_q_heads=8)
+    step = torch.compile(decode_static_step, backend="aot_eager", fullgraph=True)
+    with use_backend("triton"):
+        outs = [step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], cache) for t in range(32, 36)]
+    assert decode_launches.most_splits == 3
+    assert not cache.split_counters.any()
+    ref64 = naive_decoded_outputs(q.double(), k.double(), v.double(), g.double(), 40, 32)
+    naive32 = naive_decoded_outputs(q, k, v, g, 40, 32)
+    assert_within_rule("compiled split step", torch.cat(outs, 1), naive32, ref64)
+
+
 @use_backend("torch")
 def test_static_cache_keeps_shapes_and_addresses(make_inputs):
     window = 4
