@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from gatedfwa.ops.decode.cache import WindowLayerCache
-from gatedfwa.ops.decode.launch import decode_config
+from gatedfwa.ops.decode.launch import decode_config, split_slots
 from gatedfwa.ops.common.online_softmax import softmax_lse, softmax_output, softmax_step
 from gatedfwa.ops.common.triton_support import LOG2E, LOG2E_CONSTEXPR, cdiv, dot_precision, jit, next_power_of_2, tl
 
@@ -237,8 +237,7 @@ def launch_decode(
     block_d = max(16, next_power_of_2(head_dim))
     block_l = max(16, next_power_of_2(length))
     row_blocks = cdiv(length * group, block_m)
-    slots_per_split = cdiv(cdiv(max(used, 1), config["num_splits"]), block_n) * block_n
-    num_splits = max(1, cdiv(used, slots_per_split))
+    slots_per_split, num_splits = split_slots(used, config["num_splits"], block_n)
 
     q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
     has_gate = g_new is not None

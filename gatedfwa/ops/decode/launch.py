@@ -11,7 +11,7 @@ import torch
 from gatedfwa.ops.common.hardware import streaming_multiprocessors
 from gatedfwa.ops.common.triton_support import cdiv, next_power_of_2
 
-__all__ = ["decode_config"]
+__all__ = ["decode_config", "split_slots"]
 
 PROGRAMS_PER_SM = 4
 """Programs a step aims at per SM when it splits the slots: beyond that, more splits add
@@ -41,3 +41,10 @@ def decode_config(batch: int, num_kv_heads: int, group: int, length: int, head_d
     balance = math.isqrt(used_slots * slot_bytes // partial_bytes)
     num_splits = max(1, min(fill, balance, cdiv(used_slots, block_n)))
     return dict(block_m=block_m, block_n=block_n, num_splits=num_splits, num_warps=4, num_stages=2)
+
+
+def split_slots(used_slots: int, num_splits: int, block_n: int) -> tuple[int, int]:
+    """(slots per split, splits launched) for ``num_splits`` asked: each split takes whole
+    tiles of ``block_n`` slots, so fewer splits may come out; none of them is empty."""
+    per_split = cdiv(cdiv(max(used_slots, 1), num_splits), block_n) * block_n
+    return per_split, max(1, cdiv(used_slots, per_split))
