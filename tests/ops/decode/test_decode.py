@@ -121,6 +121,8 @@ def filled_cache(make_inputs):
         (2, 20, 1, 16, 12, True, 5, 1, torch.float32),  # 100 rows: two row blocks of 64
         (2, 20, 1, 16, 40, True, 5, 2, torch.float32),  # two row blocks and two splits
         (1, 20, 1, 16, 40, True, 5, 3, torch.float32),  # batch 1, two row blocks, three splits
+        (1, 2, 2, 32, 40, True, 1, 2, torch.float32),  # one row per kv head: partials of one row
+        (1, 16, 1, 128, 40, True, 4, 3, torch.float32),  # 64 rows x 128: the merge takes one split a round
         (2, 4, 4, 32, None, True, 2, 2, torch.float32),  # unbounded cache
         (2, 4, 2, 32, 40, True, 1, 2, torch.bfloat16),
         (2, 2, 1, 100, 40, True, 2, 2, torch.float32),  # head dim not a power of two
