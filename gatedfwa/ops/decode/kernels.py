@@ -17,9 +17,11 @@ from gatedfwa.ops.common.triton_support import LOG2E, LOG2E_CONSTEXPR, cdiv, dot
 __all__ = ["decode_attention_triton", "launch_decode"]
 
 MERGE_TILE_ELEMENTS = 8192
-"""Float32 partial-output elements the merging program loads per round (splits x rows x
-head dim): 64 registers a thread at 4 warps. A power of two; fixed rather than fitted to the
-split count, so that a growing cache's changing split count compiles no new kernel."""
+"""Most float32 partial-output elements the merging program loads per round (splits x rows x
+head dim): 64 registers a thread at 4 warps, a power of two. A round takes the split count
+rounded up to a power of two when that is fewer, so that two splits (batch 64) do not hold
+registers for sixteen in every program of the launch; a growing cache then compiles at most
+one kernel per power of two of its split count."""
 
 
 @jit
@@ -252,7 +254,8 @@ def launch_decode(
     split = num_splits > 1
     # A row block's real rows: all of them fit PARTIAL_ROWS, the partials' rows per split.
     partial_rows = min(block_m, next_power_of_2(length * group))
-    merge_splits = max(1, MERGE_TILE_ELEMENTS // (partial_rows * block_d))
+    merge_splits = max(1, min(next_power_of_2(num_splits) if split else 1,
+                              MERGE_TILE_ELEMENTS // (partial_rows * block_d)))
     if split:
         # A (batch row, kv head, row block) counts on entry h * group + row block of row b.
         if tuple(split_counters.shape) != (batch, num_q_heads) or split_counters.dtype != torch.int32:
