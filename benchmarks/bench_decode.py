@@ -7,11 +7,17 @@ the kernel comes to the device's copy bandwidth.
 A decode step is memory-bound: it reads every cached key and value once (plus the decays,
 the slot positions and q). Bytes read / time, compared with a device-to-device copy measured
 in the same run (copy GB/s counts bytes read + written), says how well the kernel streams.
+Each variant reports read_GBps, the copy's copy_GBps (a 1 GiB copy) and pct_of_copy. At batch
+1 the window (17 MB) is small enough that a copy of that size does not reach the 1 GiB copy's
+rate either: b1 also reports same_size_copy_GBps, a copy of its bytes_read timed like the
+kernel (CUDA graph, cycling through buffers beyond the L2), and pct_of_same_size_copy.
+The kernel is one launch at every batch size (splits merged by the last split program);
+splits is the split count it launches (decode_config, rounded to whole tiles).
 
 Variants (bf16, HQ=32, H=8, D=128, gated, cache full, L=1 unless named):
     main        B=64, w=4096   (the target: >= 70% of copy bandwidth)
     w1024/w2048 B=64
-    b1/b8       w=4096         (flash-decoding splits keep the GPU busy; b1 target: >= 60%)
+    b1/b8       w=4096         (flash-decoding splits keep the GPU busy; b1 target: >= 60% of copy)
     L4          B=64, w=4096, 4 new tokens (speculative decoding)
     nogate      B=64, w=4096, g=None
 Timings per variant (medians of CUDA-event timings after warm-up):
@@ -25,7 +31,8 @@ Timings per variant (medians of CUDA-event timings after warm-up):
 Each variant also checks its output against the PyTorch decode path on two batch rows.
 
 Writes decode.json/.md (decode_quick.* with --quick) and decode_sweep.json/.md (tile
-sweep of the main and b1 variants) under --out. Every variant runs in its own try block: an error is
+sweep of the main and b1 variants; b1 over tiles, stages and 4-64 splits) under --out; the
+b1 line (GB/s and % of both copies) is printed at the end. Every variant runs in its own try block: an error is
 recorded and the run goes on.
 """
 
@@ -54,7 +61,7 @@ from common import bench_ms, environment, error_record, measure_ceilings, write_
 
 from gatedfwa.ops.decode import WindowLayerCache, decode_gated_window_attention  # noqa: E402
 from gatedfwa.ops.decode.kernels import decode_attention_triton  # noqa: E402
-from gatedfwa.ops.decode.launch import decode_config  # noqa: E402
+from gatedfwa.ops.decode.launch import decode_config, split_slots  # noqa: E402
 from gatedfwa.ops.decode.torch_path import decode_attention_torch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,6 +121,16 @@ def graph_ms(calls, min_ms: float = 2.0, repeats: int = 25) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def same_size_copy_gbps(nbytes: int) -> float:
+    """GB/s (bytes read + written) of a device-to-device copy of ``nbytes`` bytes, timed like
+    kernel_ms: a CUDA graph cycling through enough buffer pairs to exceed the L2 cache."""
+    pairs = max(1, min(32, -(-L2_FLUSH_BYTES // nbytes)))
+    buffers = [(torch.empty(nbytes, dtype=torch.uint8, device=DEVICE), torch.empty(nbytes, dtype=torch.uint8,
+                                                                                 device=DEVICE)) for _ in range(pairs)]
+    ms = graph_ms([lambda src=src, dst=dst: dst.copy_(src) for src, dst in buffers])
+    return 2 * nbytes / ms / 1e6
+
+
 def full_cache(batch, window, q_heads, kv_heads, head_dim, gated, dtype, **_) -> WindowLayerCache:
     """A ring that has seen 10 windows of tokens: every slot valid, decays of a plausible size
     (sums of up to w gates of about -0.01)."""
@@ -169,10 +186,11 @@ def run_variant(name: str, overrides: dict, copy_gbps: float | None) -> dict:
     q, k, v, g = new_tokens(**cfg)
     scale = cfg["head_dim"] ** -0.5
     config = decode_config(cfg["batch"], cfg["kv_heads"], cfg["q_heads"] // cfg["kv_heads"], cfg["length"],
-                           cfg["head_dim"], cache.slots_in_use, q.device)
+                           cfg["head_dim"], cache.slots_in_use, q.device, q.element_size())
     if name == "split":
         config["num_splits"] = 3
-    record.update(config=config, cache_bytes=cache.memory_bytes(), bytes_read=bytes_read(cfg))
+    record.update(config=config, splits=split_slots(cache.slots_in_use, config["num_splits"], config["block_n"])[1],
+                  cache_bytes=cache.memory_bytes(), bytes_read=bytes_read(cfg))
 
     # Correctness on two rows against the PyTorch decode path (float32 math).
     rows = min(2, cfg["batch"])
@@ -209,8 +227,12 @@ def run_variant(name: str, overrides: dict, copy_gbps: float | None) -> dict:
     written = cfg["batch"] * cfg["q_heads"] * cfg["window"] * 4 if cfg["gated"] else 0
     record["update_GBps"] = (record["bytes_read"] + written) / record["kernel_update_ms"] / 1e6
     if copy_gbps:
+        record["copy_GBps"] = copy_gbps
         record["pct_of_copy"] = 100 * record["read_GBps"] / copy_gbps
         record["update_pct_of_copy"] = 100 * record["update_GBps"] / copy_gbps
+    if cfg["batch"] == 1:
+        record["same_size_copy_GBps"] = same_size_copy_gbps(record["bytes_read"])
+        record["pct_of_same_size_copy"] = 100 * record["read_GBps"] / record["same_size_copy_GBps"]
     bytes_before = cache.memory_bytes()
     for _ in range(3 * cfg["window"] // 1024 + 3):
         decode_gated_window_attention(q, k, v, g, cache)
@@ -219,21 +241,23 @@ def run_variant(name: str, overrides: dict, copy_gbps: float | None) -> dict:
 
 
 def tile_sweep(copy_gbps: float | None, variant: str = "main") -> list[dict]:
-    """Kernel time of a variant for a grid of tile configurations: "main" (B=64) over tiles
-    and 1-2 splits, "b1" (B=1, flash-decoding) over tiles and 8-128 splits."""
+    """Kernel time of a variant for a grid of tile configurations: "main" (B=64) over tiles,
+    stages and 1-2 splits, "b1" (B=1, flash-decoding) over tiles, stages and 4-64 splits
+    asked (splits: launched, whole tiles per split)."""
     cfg = {**DEFAULTS, **FULL_VARIANTS[variant]}
     cache = full_cache(**cfg)
     q, k, v, g = new_tokens(**cfg)
     scale = cfg["head_dim"] ** -0.5
     rows = []
-    splits = (1, 2) if variant == "main" else (8, 16, 32, 64)
-    stages = (2, 3, 4) if variant == "main" else (2,)
-    for block_n in ((32, 64, 128) if variant == "main" else (32, 64, 128)):
+    splits = (1, 2) if variant == "main" else (4, 8, 16, 32, 64)
+    stages = (2, 3, 4) if variant == "main" else (2, 3)
+    for block_n in (32, 64, 128):
         for num_warps in (4, 8):
             for num_stages in stages:
                 for num_splits in splits:
                     row = dict(variant=variant, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
                                num_splits=num_splits)
+                    launched = split_slots(cache.slots_in_use, num_splits, block_n)[1]
                     try:
                         ms = graph_ms([lambda: decode_attention_triton(q, k, v, g, cache, scale,
                                                                        update_decays=True, **row)])
@@ -243,7 +267,7 @@ def tile_sweep(copy_gbps: float | None, variant: str = "main") -> list[dict]:
                             row["pct_of_copy"] = 100 * row["read_GBps"] / copy_gbps
                     except Exception as exc:
                         row["error"] = f"{type(exc).__name__}: {exc}"
-                    rows.append(row)
+                    rows.append({**row, "splits": launched})
     return rows
 
 
@@ -281,8 +305,9 @@ def main() -> None:
     payload = {"environment": env, "device": DEVICE, "variants": results,
                "note": "bytes_read = K+V cache + decays + positions + q; pct_of_copy = read GB/s of the "
                        "kernel (CUDA graph) / device-to-device copy GB/s (read + written) of the same run"}
-    columns = ["variant", "batch", "window", "length", "gated", "kernel_ms", "kernel_update_ms", "step_ms",
-               "sdpa_ms", "read_GBps", "pct_of_copy", "update_pct_of_copy", "max_abs_error_vs_torch", "cache_bytes_constant", "error"]
+    columns = ["variant", "batch", "window", "length", "gated", "splits", "kernel_ms", "kernel_update_ms", "step_ms",
+               "sdpa_ms", "read_GBps", "copy_GBps", "pct_of_copy", "update_pct_of_copy", "same_size_copy_GBps",
+               "pct_of_same_size_copy", "max_abs_error_vs_torch", "cache_bytes_constant", "error"]
     write_results(args.out, f"decode{suffix}", payload, results, columns)
 
     if TIMING and not args.no_sweep:
@@ -293,8 +318,13 @@ def main() -> None:
             except Exception as exc:
                 sweep.append({"variant": variant, **error_record(exc)})
         write_results(args.out, "decode_sweep", {"environment": env, "sweep": sweep}, sweep,
-                      ["variant", "block_n", "num_warps", "num_stages", "num_splits", "kernel_update_ms", "read_GBps",
-                       "pct_of_copy", "error"])
+                      ["variant", "block_n", "num_warps", "num_stages", "num_splits", "splits", "kernel_update_ms",
+                       "read_GBps", "pct_of_copy", "error"])
+    for r in results:
+        if r.get("batch") == 1 and "read_GBps" in r:
+            print(f"{r['variant']} (batch 1, {r['splits']} splits, one launch): {r['read_GBps']:.0f} GB/s read = "
+                  f"{r.get('pct_of_copy', float('nan')):.1f}% of copy ({r.get('copy_GBps', float('nan')):.0f} GB/s), "
+                  f"{r['pct_of_same_size_copy']:.1f}% of a same-size copy ({r['same_size_copy_GBps']:.0f} GB/s)")
     failed = [r["variant"] for r in results if "error" in r]
     print(f"wrote {args.out}/decode{suffix}.json" + (f"; failed: {failed}" if failed else ""))
 

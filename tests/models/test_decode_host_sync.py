@@ -57,7 +57,7 @@ def stub_triton_kernels(monkeypatch):
 
 def move_cache(cache, device):
     for layer in cache:
-        for name in ("keys", "values", "decays", "positions", "token_counts"):
+        for name in ("keys", "values", "decays", "positions", "token_counts", "split_counters"):
             if getattr(layer, name) is not None:
                 setattr(layer, name, getattr(layer, name).to(device))
         layer.extra_state = {k: v.to(device) for k, v in layer.extra_state.items()}

@@ -6,7 +6,7 @@
     naive.py         the float64 oracle of the tests: the window op's reference on the whole
                      stream
     torch_path.py    the decode step in PyTorch
-    kernels.py       the decode step in Triton (split window + log-sum-exp combine)
+    kernels.py       the decode step in Triton, one launch (split window, merged by the last split)
     launch.py        the kernels' tile sizes and slot splits
     op.py            decode_gated_window_attention: checks, dispatch, cache update
     static_op.py     decode_static_step: the same against a static cache, no host position

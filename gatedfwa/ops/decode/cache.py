@@ -27,6 +27,9 @@ D head dim, W capacity = window_size for a bounded window):
                                 (padding included, the same for all rows), or -1 when the
                                 slot is empty or holds a padding token. The decode op uses it
                                 for window membership (p - position < w) and validity.
+    split_counters [B, HQ]      int32, zero between steps: the Triton decode kernel counts the
+                                slot splits of each (batch row, kv head, row block) that are
+                                done on one entry, and the last one sets it back to zero.
     extra_state   dict[str, Tensor], free for the layer (e.g. the token-shift state: the
                                 previous token's key/value projections, [B, H, D] each).
 
@@ -69,6 +72,7 @@ class WindowLayerCache:
         self.decays: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.token_counts: torch.Tensor | None = None
+        self.split_counters: torch.Tensor | None = None
         self.extra_state: dict[str, torch.Tensor] = {}
         self.seen_tokens = 0
         self.num_q_heads = 0
@@ -145,6 +149,7 @@ class WindowLayerCache:
         )
         self.positions = torch.full((batch_size, slots), -1, dtype=torch.int64, device=device)
         self.token_counts = torch.zeros((batch_size,), dtype=torch.int64, device=device)
+        self.split_counters = torch.zeros((batch_size, num_q_heads), dtype=torch.int32, device=device)
         self.extra_state = {}
         self.seen_tokens = 0
         self.num_q_heads = num_q_heads
@@ -162,14 +167,15 @@ class WindowLayerCache:
 
     def memory_bytes(self) -> int:
         """Bytes held by every tensor of this cache, extra_state included."""
-        tensors = [self.keys, self.values, self.decays, self.positions, self.token_counts]
+        tensors = [self.keys, self.values, self.decays, self.positions, self.token_counts, self.split_counters]
         tensors += list(self.extra_state.values())
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the cache by name (for inspection and tests)."""
         named = {"keys": self.keys, "values": self.values, "decays": self.decays,
-                 "positions": self.positions, "token_counts": self.token_counts}
+                 "positions": self.positions, "token_counts": self.token_counts,
+                 "split_counters": self.split_counters}
         named.update({f"extra_state.{k}": v for k, v in self.extra_state.items()})
         return {k: v for k, v in named.items() if v is not None}
 
@@ -178,7 +184,7 @@ class WindowLayerCache:
         if self.keys is None:
             return
         index = batch_indices.to(self.keys.device, torch.long)
-        for name in ("keys", "values", "decays", "positions", "token_counts"):
+        for name in ("keys", "values", "decays", "positions", "token_counts", "split_counters"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, index))

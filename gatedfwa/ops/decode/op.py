@@ -21,8 +21,9 @@ Two implementations:
 * kernels.py, :func:`decode_attention_triton`: one Triton program per (batch row, key/value head, slot
   split) serves every query head of that key/value head and every new token, so the cached
   keys and values are read once per step. At small batch the slots are split over several
-  programs (flash-decoding) whose partial softmax results a second kernel combines. The
-  kernel also adds the new gates to the cached decays it reads, saving a pass over them.
+  programs (flash-decoding); the last of them to finish merges their partial softmax
+  results, in the same launch. The kernel also adds the new gates to the cached decays it
+  reads, saving a pass over them.
 :func:`decode_gated_window_attention`, here, validates, dispatches (gatedfwa/ops/backend.py)
 and updates the cache.
 """

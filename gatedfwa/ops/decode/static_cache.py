@@ -14,6 +14,7 @@ and never changes a tensor's shape or address after allocation:
     decays          [B, HQ, W]     float32 (gated layers)
     positions       [B, W]         int64, -1 = empty or padding
     token_counts    [B]            int64, real tokens per row (the rotary position)
+    split_counters  [B, HQ]        int32, zero between steps (the decode kernel's split count)
 
 A decode step (:func:`gatedfwa.ops.decode.static_op.decode_static_step`) reads every one of
 the W slots, masking the empty ones through ``positions``, and writes its tokens at slots
@@ -95,7 +96,8 @@ class StaticWindowLayerCache(WindowLayerCache):
                          capacity=self.static_capacity)
         self.next_position = torch.zeros((), dtype=torch.int64, device=device)
         self.prefilled = False
-        for tensor in (self.keys, self.values, self.decays, self.positions, self.token_counts, self.next_position):
+        for tensor in (self.keys, self.values, self.decays, self.positions, self.token_counts, self.split_counters,
+                       self.next_position):
             if tensor is not None:
                 _mark_static(tensor)
 
@@ -130,7 +132,8 @@ class StaticWindowLayerCache(WindowLayerCache):
 
     def reorder(self, batch_indices: torch.Tensor) -> None:
         """Keep rows ``batch_indices`` in place (beam search): the tensors keep their
-        addresses, so the batch size cannot change."""
+        addresses, so the batch size cannot change. The split counters are zero between
+        steps and stay as they are."""
         if self.keys is None:
             return
         index = batch_indices.to(self.keys.device, torch.long)

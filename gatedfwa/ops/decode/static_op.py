@@ -11,9 +11,11 @@ The math is op.py's; what differs is where the position lives. The step
    layer without window), computed on the device, with index_copy_;
 3. advances next_position and token_counts by L on the device.
 
-On the Triton path the kernels are a ``torch.library`` custom op (a KernelOp,
-gatedfwa/ops/common/custom_op.py), so that torch.compile(fullgraph=True) keeps them whole and
-a CUDA graph captures their launches.
+On the Triton path the kernel is a ``torch.library`` custom op (a KernelOp,
+gatedfwa/ops/common/custom_op.py), so that torch.compile(fullgraph=True) keeps it whole and
+a CUDA graph captures its launch. The kernel is one launch at every batch size: with the
+slots split over several programs, the last of them merges the splits, counting on the
+cache's split_counters, which it leaves at zero for the next replay.
 """
 
 from __future__ import annotations
@@ -31,49 +33,55 @@ from gatedfwa.ops.common.triton_support import triton
 __all__ = ["decode_static_step"]
 
 
-def _launch(q, k_new, v_new, g_new, keys, values, decays, positions, next_position, window_size, scale):
+def _launch(q, k_new, v_new, g_new, keys, values, decays, positions, split_counters, next_position, window_size,
+            scale):
     from gatedfwa.ops.decode.kernels import launch_decode
 
-    return launch_decode(q, k_new, v_new, g_new, keys, values, decays, positions, next_position, 0,
+    return launch_decode(q, k_new, v_new, g_new, keys, values, decays, positions, split_counters, next_position, 0,
                          keys.shape[2], window_size, scale, update_decays=True)
 
 
 # Two custom ops, gated and ungated, rather than one with an optional mutated argument: a
 # mutated argument that is None trips Inductor's functionalisation under fullgraph compile.
 # Neither has a backward (decoding takes no gradient): each is a KernelOp of a forward alone,
-# whose eager calls run the launch directly.
+# whose eager calls run the launch directly. Both mutate split_counters: the kernel counts
+# its splits there and leaves it at zero again.
 
 
 def _gated_step(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, g_new: torch.Tensor,
     keys: torch.Tensor, values: torch.Tensor, decays: torch.Tensor, positions: torch.Tensor,
-    next_position: torch.Tensor, window_size: int | None, scale: float,
+    split_counters: torch.Tensor, next_position: torch.Tensor, window_size: int | None, scale: float,
 ) -> torch.Tensor:
-    """The Triton kernels on a gated static cache's tensors: o [B, L, HQ, D]; adds the step's
+    """The Triton kernel on a gated static cache's tensors: o [B, L, HQ, D]; adds the step's
     gate sum to ``decays`` in place."""
-    return _launch(q, k_new, v_new, g_new, keys, values, decays, positions, next_position, window_size, scale)
+    return _launch(q, k_new, v_new, g_new, keys, values, decays, positions, split_counters, next_position,
+                   window_size, scale)
 
 
-def _gated_step_fake(q, k_new, v_new, g_new, keys, values, decays, positions, next_position, window_size, scale):
+def _gated_step_fake(q, k_new, v_new, g_new, keys, values, decays, positions, split_counters, next_position,
+                     window_size, scale):
     return torch.empty_like(q)
 
 
 def _ungated_step(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-    positions: torch.Tensor, next_position: torch.Tensor, window_size: int | None, scale: float,
+    positions: torch.Tensor, split_counters: torch.Tensor, next_position: torch.Tensor, window_size: int | None,
+    scale: float,
 ) -> torch.Tensor:
-    """The Triton kernels on an ungated static cache's tensors: o [B, L, HQ, D]."""
-    return _launch(q, k_new, v_new, None, keys, values, None, positions, next_position, window_size, scale)
+    """The Triton kernel on an ungated static cache's tensors: o [B, L, HQ, D]."""
+    return _launch(q, k_new, v_new, None, keys, values, None, positions, split_counters, next_position,
+                   window_size, scale)
 
 
-def _ungated_step_fake(q, k_new, v_new, keys, values, positions, next_position, window_size, scale):
+def _ungated_step_fake(q, k_new, v_new, keys, values, positions, split_counters, next_position, window_size, scale):
     return torch.empty_like(q)
 
 
 _decode_static_attention = KernelOp("gatedfwa::decode_static_attention", _gated_step, _gated_step_fake,
-                                    mutates_args=("decays",))
+                                    mutates_args=("decays", "split_counters"))
 _decode_static_attention_ungated = KernelOp("gatedfwa::decode_static_attention_ungated", _ungated_step,
-                                            _ungated_step_fake)
+                                            _ungated_step_fake, mutates_args=("split_counters",))
 
 
 def decode_static_step(
@@ -109,10 +117,11 @@ def decode_static_step(
     if on_triton:
         if g_new is None:
             o = _decode_static_attention_ungated(q, k_new, v_new, cache.keys, cache.values, cache.positions,
-                                                 cache.next_position, cache.window_size, scale)
+                                                 cache.split_counters, cache.next_position, cache.window_size, scale)
         else:
             o = _decode_static_attention(q, k_new, v_new, g_new, cache.keys, cache.values, cache.decays,
-                                         cache.positions, cache.next_position, cache.window_size, scale)
+                                         cache.positions, cache.split_counters, cache.next_position,
+                                         cache.window_size, scale)
     else:
         o = decode_attention_torch(q, k_new, v_new, g_new, cache, scale, first_position=cache.next_position)
     _write_step(cache, k_new, v_new, g_new, decays_shifted=on_triton)

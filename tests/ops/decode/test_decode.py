@@ -13,7 +13,9 @@ from gatedfwa import gated_window_attention
 from gatedfwa.ops.backend import use_backend
 from gatedfwa.ops.decode import MAX_DECODE_LENGTH, WindowLayerCache, decode_gated_window_attention
 from gatedfwa.ops.decode import kernels as decode_kernels
+from gatedfwa.ops.decode import launch as decode_launch
 from gatedfwa.ops.decode.kernels import decode_attention_triton
+from gatedfwa.ops.decode.launch import decode_config
 from gatedfwa.ops.decode.naive import naive_decoded_outputs
 from gatedfwa.ops.decode.torch_path import decode_attention_torch
 from gatedfwa.testing import assert_within_rule, max_abs_error
@@ -108,45 +110,37 @@ def filled_cache(make_inputs):
     return fill
 
 
-class CountingLaunches:
-    """Stands in for a Triton kernel and counts its launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
 @pytest.mark.parametrize(
-    "q_heads, kv_heads, head_dim, window, gated, length, splits, dtype",
+    "batch, q_heads, kv_heads, head_dim, window, gated, length, splits, dtype",
     [
-        (4, 2, 24, 20, True, 1, 1, torch.float32),
-        (4, 2, 24, 40, True, 3, 3, torch.float32),  # split-K over the slots + combine
-        (8, 1, 16, 40, False, 2, 2, torch.float32),  # MQA, no gate
-        (20, 1, 16, 12, True, 5, 1, torch.float32),  # 100 rows: two row blocks of 64
-        (20, 1, 16, 40, True, 5, 2, torch.float32),  # two row blocks and two splits
-        (4, 4, 32, None, True, 2, 2, torch.float32),  # unbounded cache
-        (4, 2, 32, 40, True, 1, 2, torch.bfloat16),
-        (2, 1, 100, 40, True, 2, 2, torch.float32),  # head dim not a power of two
-        (2, 2, 256, 20, True, 1, 1, torch.bfloat16),  # largest head dim
+        (2, 4, 2, 24, 20, True, 1, 1, torch.float32),
+        (2, 4, 2, 24, 40, True, 3, 3, torch.float32),  # split-K over the slots, merged in the kernel
+        (1, 4, 2, 24, 40, True, 1, 3, torch.float32),  # batch 1
+        (1, 32, 8, 32, 40, True, 1, 3, torch.float32),  # batch 1, the benchmark's heads
+        (2, 8, 1, 16, 40, False, 2, 2, torch.float32),  # MQA, no gate
+        (2, 20, 1, 16, 12, True, 5, 1, torch.float32),  # 100 rows: two row blocks of 64
+        (2, 20, 1, 16, 40, True, 5, 2, torch.float32),  # two row blocks and two splits
+        (1, 20, 1, 16, 40, True, 5, 3, torch.float32),  # batch 1, two row blocks, three splits
+        (1, 2, 2, 32, 40, True, 1, 2, torch.float32),  # one row per kv head: partials of one row
+        (1, 16, 1, 128, 40, True, 4, 3, torch.float32),  # 64 rows x 128: the merge takes one split a round
+        (2, 4, 4, 32, None, True, 2, 2, torch.float32),  # unbounded cache
+        (2, 4, 2, 32, 40, True, 1, 2, torch.bfloat16),
+        (2, 2, 1, 100, 40, True, 2, 2, torch.float32),  # head dim not a power of two
+        (2, 2, 2, 256, 20, True, 1, 1, torch.bfloat16),  # largest head dim
     ],
 )
-def test_triton_kernel_matches_torch(monkeypatch, q_heads, kv_heads, head_dim, window, gated, length, splits, dtype,
-                                     device, make_inputs, filled_cache):
-    batch = 2
+def test_triton_kernel_matches_torch(batch, q_heads, kv_heads, head_dim, window, gated, length, splits, dtype, device,
+                                     make_inputs, filled_cache, decode_launches):
     cache = filled_cache(batch, q_heads, kv_heads, head_dim, window, gated, tokens=37, dtype=dtype, device=device)
     q, k_new, v_new, g_new = make_inputs(batch, length, q_heads, kv_heads, head_dim, dtype, gated, device=device)
     scale = head_dim**-0.5
     expected = decode_attention_torch(q, k_new, v_new, g_new, cache, scale)
     decays_before = None if cache.decays is None else cache.decays.clone()
-    combine = CountingLaunches(decode_kernels._combine_kernel)
-    monkeypatch.setattr(decode_kernels, "_combine_kernel", combine)
-    # 16-slot tiles: the 37 cached tokens span 3 tiles, enough for 3 splits.
+    # 16-slot tiles: the 37 cached tokens span 3 tiles (16, 16, 5), enough for 3 splits.
     got = decode_attention_triton(q, k_new, v_new, g_new, cache, scale, update_decays=True,
                                   num_splits=splits, block_n=16)
-    assert combine.launches == (1 if splits > 1 else 0)
+    assert len(decode_launches.grids) == 1 and decode_launches.most_splits == splits  # one launch, the splits asked
+    assert not cache.split_counters.any()  # left at zero for the next step
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert max_abs_error(got, expected) < tol
     if gated:
@@ -156,18 +150,70 @@ def test_triton_kernel_matches_torch(monkeypatch, q_heads, kv_heads, head_dim, w
         assert torch.allclose(cache.decays[:, :, :used], shifted, atol=1e-6)
 
 
+def test_decode_config_balances_splits(monkeypatch):
+    """The split count is a function of the shapes and the SM count: at batch 1 it balances
+    each split's stream against the merge's read of every split's partial, it fills the GPU
+    at larger batch, and a batch that fills it alone is not split."""
+    monkeypatch.setattr(decode_launch, "streaming_multiprocessors", lambda device: 132)
+
+    def splits(batch, length=1, used=4096, element_size=2):
+        return decode_config(batch, 8, 4, length, 128, used, torch.device("cpu"), element_size)["num_splits"]
+
+    assert splits(1) == 32  # sqrt(4096 slots * 528 bytes / 2064 partial bytes)
+    assert splits(1, used=1024) == 16
+    assert splits(1, length=4) == 16  # 16 rows: partials 4x larger
+    assert splits(1, element_size=4) == 45  # float32 keys and values: more bytes per slot
+    assert splits(1, used=40) == 1  # a split holds at least one tile of 64 slots
+    assert splits(8) == 9  # ceil(4 * 132 / 64 programs)
+    assert splits(64) == 2  # 512 programs: the ceiling of 528 / 512
+    assert splits(128) == 1
+
+
+@pytest.mark.parametrize("batch, length", [(1, 1), (2, 3)])
+def test_split_merge_in_several_rounds(monkeypatch, batch, length, device, make_inputs, filled_cache, decode_launches):
+    """Eight splits, one tile of 16 slots each (the last one holds 8), merged two splits per
+    round: the online log-sum-exp over the rounds equals the PyTorch path."""
+    cache = filled_cache(batch, 4, 2, 16, 128, True, tokens=120, device=device)
+    q, k_new, v_new, g_new = make_inputs(batch, length, 4, 2, 16, torch.float32, True, device=device, gate_scale=3.0)
+    scale = 16**-0.5
+    expected = decode_attention_torch(q, k_new, v_new, g_new, cache, scale)
+    rows = min(16, 1 << (length * 2 - 1).bit_length())  # the kernel's partial rows per split
+    monkeypatch.setattr(decode_kernels, "MERGE_TILE_ELEMENTS", 2 * rows * 16)
+    got = decode_attention_triton(q, k_new, v_new, g_new, cache, scale, num_splits=8, block_n=16)
+    assert decode_launches.most_splits == 8
+    assert max_abs_error(got, expected) < 1e-5
+    assert not cache.split_counters.any()
+
+
+def test_split_counters_must_fit(make_inputs, filled_cache):
+    cache = filled_cache(1, 4, 2, 16, 40, True, tokens=37)
+    q, k_new, v_new, g_new = make_inputs(1, 1, 4, 2, 16, torch.float32, True)
+    with pytest.raises(ValueError, match="split_counters must be int32"):
+        decode_kernels.launch_decode(q, k_new, v_new, g_new, cache.keys, cache.values, cache.decays, cache.positions,
+                                     cache.split_counters[:, :2], None, 37, 37, 40, 0.25, num_splits=2, block_n=16)
+    q, k_new, v_new, g_new = make_inputs(1, 20, 4, 2, 16, torch.float32, True)
+    with pytest.raises(ValueError, match="block_m=16 cuts the 40 rows into 3 row blocks"):
+        decode_attention_triton(q, k_new, v_new, g_new, cache, 0.25, num_splits=2, block_n=16, block_m=16)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_triton_decode_step_by_step(chunk, device, make_inputs):
+def test_triton_decode_step_by_step(chunk, batch, splits, device, make_inputs, force_splits, decode_launches):
     """The dispatched op on the Triton backend equals the torch backend at every step, cache
-    state included."""
-    q, k, v, g = make_inputs(2, 18, 4, 2, 24, torch.float32, True, device=device)
+    state included, with the slots split (up to 3 tiles of 16 slots: the used slots grow from
+    30 to the 40 of the window, so the split count and the last split's length change)."""
+    force_splits(splits)
+    q, k, v, g = make_inputs(batch, 48, 4, 2, 24, torch.float32, True, device=device)
     with use_backend("torch"):
-        expected, cache_torch = decode_all(q, k, v, g, 5, 6, chunk)
+        expected, cache_torch = decode_all(q, k, v, g, 40, 30, chunk)
     with use_backend("triton"):
-        got, cache_triton = decode_all(q, k, v, g, 5, 6, chunk)
+        got, cache_triton = decode_all(q, k, v, g, 40, 30, chunk)
+    assert decode_launches.most_splits == splits
     assert max_abs_error(got, expected) < 1e-5
     for name, tensor in cache_torch.tensors().items():
         assert torch.allclose(cache_triton.tensors()[name].double(), tensor.double(), atol=1e-5), name
+    assert not cache_triton.split_counters.any()
 
 
 # --------------------------------------------------------------------------------------
@@ -175,12 +221,16 @@ def test_triton_decode_step_by_step(chunk, device, make_inputs):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_left_padded_rows_match_rows_alone(backend, device, make_inputs):
+@pytest.mark.parametrize("backend, window, splits", [("torch", 6, 1), ("triton", 6, 1), ("triton", 40, 3)])
+def test_left_padded_rows_match_rows_alone(backend, window, splits, device, make_inputs, force_splits,
+                                           decode_launches):
     """A batch of prompts of different lengths, left-padded, decodes each row exactly as
-    that row alone would (padding slots are never attended, even before they leave the ring)."""
+    that row alone would (padding slots are never attended, even before they leave the ring),
+    also with the slots split: then whole splits of one row see only padding."""
+    force_splits(splits)
     with use_backend(backend):
-        window, new_tokens, lengths = 6, 7, [9, 4]
+        new_tokens = 7
+        lengths = [9, 4] if window == 6 else [36, 5]
         longest = max(lengths)
         q, k, v, g = make_inputs(len(lengths), longest + new_tokens, 4, 2, 16, torch.float32, True, device=device)
         mask = torch.zeros(len(lengths), longest, dtype=torch.long, device=device)
@@ -203,6 +253,7 @@ def test_left_padded_rows_match_rows_alone(backend, device, make_inputs):
             sub = [x[row : row + 1, alone] for x in (q, k, v, g)]
             out, _ = decode_all(*sub, window, n, 2)
             assert max_abs_error(batched[row : row + 1], out) < 1e-5
+    assert decode_launches.most_splits == (splits if backend == "triton" else 0)
 
 
 # --------------------------------------------------------------------------------------

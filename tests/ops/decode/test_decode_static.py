@@ -2,7 +2,8 @@
 
 * decode_static_step, step by step after a prefill, against the float64 naive reference
   (docs/correctness.md) and against the host-position decode op, PyTorch and Triton
-  (interpreted) paths; the split-window kernel with splits that hold only empty slots;
+  (interpreted) paths; the split-window kernel with splits that hold only empty slots, at
+  batch 1 and 2, and a split step replayed on the same state (as a CUDA graph replays it);
 * no tensor of the static cache changes shape or address, and a compiled step
   (fullgraph) does not recompile as the position advances;
 * chunked prefill (prefill_chunk) against the naive reference;
@@ -83,7 +84,8 @@ def test_split_kernel_with_empty_splits(gated, device, make_inputs):
     scale = head_dim**-0.5
     expected = decode_attention_torch(q, k_new, v_new, g_new, cache, scale, first_position=cache.next_position)
     got = launch_decode(q, k_new, v_new, g_new, cache.keys, cache.values, cache.decays, cache.positions,
-                        cache.next_position, 0, cache.capacity, cache.window_size, scale, num_splits=4, block_n=16)
+                        cache.split_counters, cache.next_position, 0, cache.capacity, cache.window_size, scale,
+                        num_splits=4, block_n=16)
     assert torch.isfinite(got).all()
     assert max_abs_error(got, expected) < 1e-5
     # And against float64 over the whole stream.
@@ -93,6 +95,67 @@ def test_split_kernel_with_empty_splits(gated, device, make_inputs):
     ref64 = naive_decoded_outputs(qs.double(), ks.double(), vs.double(), None if gs is None else gs.double(), 64, 5)
     naive32 = naive_decoded_outputs(qs, ks, vs, gs, 64, 5)
     assert_within_rule("split kernel", got, naive32, ref64)
+
+
+@pytest.mark.parametrize("batch, chunk, gated", [(1, 1, True), (1, 3, True), (2, 3, True), (1, 1, False)])
+def test_static_split_step_matches_reference(batch, chunk, gated, device, make_inputs, force_splits, decode_launches):
+    """The Triton static step with its 40 slots split in 3 (16, 16, 8; empty slots at first,
+    then a ring that wraps) against the float64 reference, at batch 1 and 2, L = 1 and 3."""
+    force_splits(3)
+    window, prompt, seqlen = 40, 20, 48
+    q, k, v, g = make_inputs(batch, seqlen, 4, 2, 16, torch.float32, gated, device=device)
+    ref64 = naive_decoded_outputs(q.double(), k.double(), v.double(), None if g is None else g.double(), window, prompt)
+    naive32 = naive_decoded_outputs(q, k, v, g, window, prompt)
+    with use_backend("triton"):
+        out, cache = static_decode_all(q, k, v, g, window, prompt, chunk)
+    assert decode_launches.most_splits == 3
+    assert_within_rule("static split decode", out, naive32, ref64)
+    assert not cache.split_counters.any()
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_static_split_step_replays(gated, device, make_inputs, force_splits, decode_launches):
+    """A step replayed on the same cache state (what a captured CUDA graph does) gives the
+    same output both times: the split kernel leaves its counters at zero and needs nothing
+    reset between the two."""
+    force_splits(3)
+    q, k, v, g = make_inputs(1, 31, 32, 8, 16, torch.float32, gated, device=device)
+    cache = StaticWindowLayerCache(40)
+    cache.prefill(k[:, :30], v[:, :30], None if g is None else g[:, :30], num_q_heads=32)
+    state = {name: t.clone() for name, t in cache.tensors().items()}
+    position = cache.next_position.clone()
+    step = (q[:, 30:], k[:, 30:], v[:, 30:], None if g is None else g[:, 30:], cache)
+    with use_backend("triton"):
+        first = decode_static_step(*step)
+        assert not cache.split_counters.any()
+        for name, tensor in cache.tensors().items():
+            tensor.copy_(state[name])
+        cache.next_position.copy_(position)
+        second = decode_static_step(*step)
+    assert len(decode_launches.grids) == 2 and decode_launches.most_splits == 3
+    assert torch.equal(first, second)
+    assert not cache.split_counters.any()
+    ref64 = naive_decoded_outputs(q.double(), k.double(), v.double(), None if g is None else g.double(), 40, 30)
+    naive32 = naive_decoded_outputs(q, k, v, g, 40, 30)
+    assert_within_rule("replayed split step", second, naive32, ref64)
+
+
+def test_compiled_split_step(device, make_inputs, force_splits, decode_launches):
+    """The Triton custom op with split slots inside a compiled step (fullgraph): the counters it
+    mutates and restores go through functionalisation, and every step matches float64."""
+    torch._dynamo.reset()
+    force_splits(3)
+    q, k, v, g = make_inputs(1, 36, 8, 2, 16, torch.float32, True, device=device)
+    cache = StaticWindowLayerCache(40)
+    cache.prefill(k[:, :32], v[:, :32], g[:, :32], num_q_heads=8)
+    step = torch.compile(decode_static_step, backend="aot_eager", fullgraph=True)
+    with use_backend("triton"):
+        outs = [step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], cache) for t in range(32, 36)]
+    assert decode_launches.most_splits == 3
+    assert not cache.split_counters.any()
+    ref64 = naive_decoded_outputs(q.double(), k.double(), v.double(), g.double(), 40, 32)
+    naive32 = naive_decoded_outputs(q, k, v, g, 40, 32)
+    assert_within_rule("compiled split step", torch.cat(outs, 1), naive32, ref64)
 
 
 @use_backend("torch")
