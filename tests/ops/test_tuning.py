@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gatedfwa.ops.common.tuning import Tuning, architecture
+from gatedfwa.ops.decode import launch as decode_launch
 from gatedfwa.ops.gate import launch as gate_launch
 from gatedfwa.ops.window_attention import launch as attention_launch
 
@@ -102,7 +103,7 @@ def test_architecture_of_a_gpu():
 
 
 def test_every_family_keeps_one_tuning_surface():
-    """The window attention and gate families' launch choices come from their TUNING: every
+    """The window attention, gate and decode families' launch choices come from their TUNING: every
     rule answers on the architectures we tune for, and the attention tiles keep their invariants
     (forward and dq: BLOCK_M a multiple of BLOCK_N; dk/dv: BLOCK_N a multiple of BLOCK_M)."""
     for arch in ("sm90", "sm80", "interpreter", "cpu"):
@@ -115,6 +116,9 @@ def test_every_family_keeps_one_tuning_surface():
                 assert dq["BLOCK_M"] % dq["BLOCK_N"] == 0
                 assert dkdv["BLOCK_N"] % dkdv["BLOCK_M"] == 0
         assert gate_launch.TUNING.config("elementwise", arch)["ELEMENTS"] >= 1
+        for block_d in (16, 64, 128, 256):
+            step = decode_launch.TUNING.config("step", arch, block_d=block_d)
+            assert step["MAX_BLOCK_M"] >= 16 and step["BLOCK_N"] >= 16
         for kernel in ("chunk_sums", "delta", "reverse_cumsum", "flux_gradient"):
             assert attention_launch.TUNING.config(kernel, arch, block_d=0, gate=False)["num_warps" if kernel in (
                 "chunk_sums", "reverse_cumsum", "flux_gradient") else "BLOCK"] >= 1

@@ -25,8 +25,9 @@ try:
 except ImportError:
     triton = tl = None
 
-    def jit(fn):
-        return fn
+    def jit(fn=None, **options):
+        # As triton.jit, bare or with options (do_not_specialize, ...), which do not apply here.
+        return fn if fn is not None else (lambda function: function)
 
     def constexpr(value):
         return value

@@ -57,7 +57,10 @@ def _merge_splits(PART_O, PART_LSE, first_partial, num_splits, rows_ok,
     return acc / tl.where(rows_ok, total_weight, 1.0)[:, None]
 
 
-@jit
+# The positions, slot counts, splits and window change from step to step: specialising on
+# their values (== 1, divisible by 16) would compile new variants in the middle of a
+# generation. Slots are addressed through their strides, which stay specialised.
+@jit(do_not_specialize=["first_position", "used_slots", "slots_per_split", "num_splits", "window"])
 def _decode_kernel(
     Q, K_NEW, V_NEW, G_CUM,
     K_CACHE, V_CACHE, DECAYS, POSITIONS, NEXT_POSITION,
