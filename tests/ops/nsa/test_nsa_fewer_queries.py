@@ -151,3 +151,27 @@ def test_errors_name_the_argument(overrides, message):
     args.update(overrides)
     with pytest.raises(ValueError, match=message):
         nsa_attention(**args)
+
+
+def test_fewer_queries_compile_fullgraph(device, make_inputs):
+    """With T_q < T_k and no packed sequences the Triton path is still one graph under
+    torch.compile(fullgraph=True) (aot_eager); loss and gradients as in eager mode."""
+    torch._dynamo.reset()
+    q, k, v, gates = make_inputs(1, 40, 4, 2, 16, torch.float32, device, block_size=8)
+    q, gates = shorten(q, gates, lambda x: x[:, -13:])
+
+    def loss(q, k, v, g):
+        o = nsa_attention(q, k, v, g, gates["g_cmp"], gates["g_slc"], gates["g_swa"], block_size=8, block_counts=2,
+                          window_size=6)
+        return o.square().mean()
+
+    def loss_and_grads(fn):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, gates["g"])]
+        value = fn(*leaves)
+        return [value.detach(), *torch.autograd.grad(value, leaves)]
+
+    with use_backend("triton"):
+        compiled = loss_and_grads(torch.compile(loss, fullgraph=True, backend="aot_eager"))
+        eager = loss_and_grads(loss)
+    for name, a, b in zip(("loss", "dq", "dk", "dv", "dg"), compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
