@@ -133,10 +133,6 @@ class SequenceLayout:
         cu_q = self.cu_seqlens_q if self.cu_seqlens_q is not None else cu
         return cu, cu_q
 
-    def kernel_sizes(self) -> tuple[int, int]:
-        """(seqlen_k, seqlen_q): what every kernel takes to find a sequence's tokens."""
-        return self.seqlen_k, self.seqlen_q
-
     def grid(self, queries_per_program: int) -> tuple[int, int, int]:
         """One program per tile of consecutive queries, sequence and kv head."""
         return (cdiv(max(self.max_seqlen_q, 1), queries_per_program), self.num_seqs, self.num_kv_heads)
