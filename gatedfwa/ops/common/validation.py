@@ -201,6 +201,27 @@ def check_attention_args(q, k, v, g, window_size, scale, cu_seqlens, cu_seqlens_
     check_log_gate_values(g)
     check_window(window_size)
     check_scale(scale)
+    check_sequence_offsets(q, k, cu_seqlens, cu_seqlens_q)
+
+
+def resolve_sequence_offsets(cu_seqlens: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+                             cu_seqlens_k: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The public ops' two ways of delimiting packed sequences, cu_seqlens (both sides) or
+    cu_seqlens_q and cu_seqlens_k (one per side), as (k's offsets, q's offsets or None when
+    they are k's)."""
+    if cu_seqlens is not None and (cu_seqlens_q is not None or cu_seqlens_k is not None):
+        raise ValueError("give either cu_seqlens (for both q and k) or cu_seqlens_q and cu_seqlens_k, not both")
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k go together: give both, or cu_seqlens for both sides")
+    if cu_seqlens_k is None:
+        return cu_seqlens, None
+    return cu_seqlens_k, (None if cu_seqlens_q is cu_seqlens_k else cu_seqlens_q)
+
+
+def check_sequence_offsets(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                           cu_seqlens_q: torch.Tensor | None) -> None:
+    """cu_seqlens delimits k's sequences (and q's too unless cu_seqlens_q is given, which
+    then delimits q's); q shorter than k needs one per side."""
     if cu_seqlens_q is None:
         if cu_seqlens is not None and q.shape[1] != k.shape[1]:
             raise ValueError(

@@ -16,8 +16,9 @@ Files:
     triton_path.py  the Triton path: the kernels composed, with their custom ops
     validation.py   argument checks
     op.py           nsa_attention: checks, dispatch
-Decoding: cache.py (NSALayerCache: window ring buffer, every key/value, block summaries) and
-decode.py (decode_nsa_attention, the step in PyTorch).
+Decoding: cache.py (NSALayerCache: window ring buffer, every key/value, block summaries),
+decode.py (decode_nsa_attention: the step in PyTorch, and the dispatch) and decode_triton.py
+(the new tokens as one fewer-queries call of the Triton kernels).
 docs/nsa.md describes the math.
 """
 

@@ -1,4 +1,5 @@
-"""Decoding NSA against an NSALayerCache (gatedfwa/ops/nsa/cache.py), in PyTorch.
+"""Decoding NSA against an NSALayerCache (gatedfwa/ops/nsa/cache.py): the step on the PyTorch
+path, and the dispatch to the Triton kernels (decode_triton.py).
 
 A new token of rank r in its row (r + 1 real tokens with itself, n = r + 1) computes, with
 the rules of naive.py (code: rules.py):
@@ -11,17 +12,21 @@ the rules of naive.py (code: rules.py):
 * selected: softmax over the kept keys of the selected blocks, ranks <= r;
 * sliding: the window decode op (gatedfwa/ops/decode) on the layer's window cache.
 
-Tokens are taken one at a time (the kept keys and summaries grow by one token, then it
-attends). The work per token is O(T / BS) for the compressed branch and the selection and
-O(block_counts * BS) for the selected branch, in float32; no Triton decode kernel is written
-for NSA: this PyTorch path serves every device.
+Backends (gatedfwa/ops/backend.py, as the parallel op): "torch" (CPU, any device without
+Triton) takes the tokens one at a time (the kept keys and summaries grow by one token, then it
+attends), in float32. "triton" (CUDA; the interpreter in tests) writes the L new tokens to the
+cache first (L <= MAX_DECODE_LENGTH at a time), then computes the compressed and selected
+branches of all L as one call with fewer queries than keys (decode_triton.py), with the
+parallel op's kernels. The work per token is O(T / BS) for the compressed branch and the
+selection and O(block_counts * BS) for the selected branch either way.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gatedfwa.ops.decode import decode_gated_window_attention
+from gatedfwa.ops.backend import select_backend
+from gatedfwa.ops.decode import MAX_DECODE_LENGTH, decode_gated_window_attention
 from gatedfwa.ops.nsa.cache import NSALayerCache
 from gatedfwa.ops.nsa.rules import combine_branches
 from gatedfwa.ops.common.validation import check_attention_tensor, check_gate_like, check_positive_int, check_scale
@@ -70,6 +75,10 @@ def decode_nsa_attention(
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if not cache.kept.is_allocated:  # decoding without a prompt: nothing prefilled
         cache.kept.allocate(q.shape[0], k_new.shape[2], q.shape[2], q.shape[3], k_new.dtype, k_new.device, gated=False)
+    if select_backend(q.device) == "triton":
+        pieces = [slice(i, min(i + MAX_DECODE_LENGTH, q.shape[1])) for i in range(0, q.shape[1], MAX_DECODE_LENGTH)]
+        return torch.cat([_kernel_steps(q[:, p], k_new[:, p], v_new[:, p], *(_part(x, p) for x in (
+            g_new, g_cmp, g_slc, g_swa)), cache, block_counts, scale) for p in pieces], dim=1)
     outputs = []
     for i in range(q.shape[1]):
         step = slice(i, i + 1)
@@ -90,6 +99,30 @@ def decode_nsa_attention(
             branches.append((g_swa[:, i], o_swa[:, 0].float()))
         outputs.append(combine_branches(branches, torch.float32).to(q.dtype))
     return torch.stack(outputs, dim=1)
+
+
+def _part(x: torch.Tensor | None, piece: slice) -> torch.Tensor | None:
+    return None if x is None else x[:, piece]
+
+
+def _kernel_steps(q, k_new, v_new, g_new, g_cmp, g_slc, g_swa, cache: NSALayerCache, block_counts: int,
+                  scale: float) -> torch.Tensor:
+    """The Triton path for L <= MAX_DECODE_LENGTH new tokens: the window decode op on all L,
+    the tokens into the kept keys and summaries, then the compressed and selected branches as
+    one fewer-queries call (decode_triton.py)."""
+    from gatedfwa.ops.nsa.decode_triton import triton_decode_branches
+
+    # The window op checks k_new/v_new/g_new against q and the cache, and writes the window.
+    o_swa = decode_gated_window_attention(q, k_new, v_new, g_new, cache.window, scale)
+    for i in range(q.shape[1]):
+        cache.append(k_new[:, i:i + 1], v_new[:, i:i + 1])
+    branches = []
+    if g_cmp is not None or g_slc is not None:
+        o_cmp, o_slc = triton_decode_branches(q, cache, block_counts, scale, g_cmp is not None, g_slc is not None)
+        branches += [(g_cmp, o_cmp), (g_slc, o_slc)]
+    if g_swa is not None:
+        branches.append((g_swa, o_swa))
+    return combine_branches(branches, torch.float32).to(q.dtype)
 
 
 def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

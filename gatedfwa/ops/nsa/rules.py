@@ -25,8 +25,9 @@ def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block_size: int,
-                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One sequence: q [n, HQ, D], k_cmp/v_cmp [nc, H, D].
+                         scale: float, first_query: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sequence: q [n, HQ, D], k_cmp/v_cmp [nc, H, D]; query i at key position
+    first_query + i (0 unless the queries are the last ones of a longer sequence of keys).
 
     Returns (o_cmp [n, HQ, D], lse [HQ, n] natural log, -inf for queries that see no summary,
     probabilities [HQ, n, nc] with 0 at invisible summaries)."""
@@ -36,7 +37,7 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
     k_rep = k_cmp.repeat_interleave(group, dim=1).transpose(0, 1)  # [HQ, nc, D]
     v_rep = v_cmp.repeat_interleave(group, dim=1).transpose(0, 1)
     scores = torch.matmul(q.transpose(0, 1), k_rep.transpose(1, 2)) * scale  # [HQ, n, nc]
-    t = torch.arange(n, device=q.device)
+    t = torch.arange(first_query, first_query + n, device=q.device)
     c = torch.arange(num_blocks, device=q.device)
     visible = (c[None, :] + 1) * block_size <= t[:, None] + 1  # [n, nc]
     scores = scores.masked_fill(~visible, float("-inf"))
@@ -48,16 +49,18 @@ def compressed_attention(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
     return o, lse, probs
 
 
-def select_blocks_from_importance(importance: torch.Tensor, block_size: int, block_counts: int) -> torch.Tensor:
+def select_blocks_from_importance(importance: torch.Tensor, block_size: int, block_counts: int,
+                                  first_query: int = 0) -> torch.Tensor:
     """The selection rule. importance [H, n, nc]: the compressed-attention probabilities of
     each visible summary, summed over the query heads of kv head h (invisible: anything, they
-    are masked here).
+    are masked here); query i at key position first_query + i (as compressed_attention).
 
     Returns [n, H, block_counts] int64: per query the selected block numbers in ascending
     order, -1 padded."""
     num_kv_heads, n, num_complete = importance.shape
-    num_blocks = -(-n // block_size)  # blocks with at least one token, the last maybe partial
-    t = torch.arange(n, device=importance.device)
+    num_keys = first_query + n
+    num_blocks = -(-num_keys // block_size)  # blocks with at least one key, the last maybe partial
+    t = torch.arange(first_query, num_keys, device=importance.device)
     c = torch.arange(num_blocks, device=importance.device)
     own = (t // block_size)[:, None]
     visible = (c[None, :] + 1) * block_size <= t[:, None] + 1  # [n, nb]

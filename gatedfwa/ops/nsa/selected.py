@@ -38,7 +38,7 @@ from gatedfwa.ops.nsa.tiles import (
 )
 from gatedfwa.ops.common.triton_support import LOG2E, jit, tl, token_and_head_strides
 
-__all__ = ["selected_forward", "selected_backward", "BLOCK_MAJOR_MAX_GROUP"]
+__all__ = ["selected_forward", "query_major_forward", "selected_backward", "BLOCK_MAJOR_MAX_GROUP"]
 
 # Groups up to this size run the selected branch's forward and dq block-major
 # (selected_block_major.py); larger groups query-major. 0 makes every group query-major.
@@ -55,27 +55,28 @@ def block_major(layout: SequenceLayout) -> bool:
 
 
 @jit
-def _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts):
-    """Each row's block at its cursor in its query's ascending list; NO_BLOCK when done."""
+def _next_block(INDICES, row, valid, cursor, kv_head, num_kv_heads, block_counts):
+    """Each row's block at its cursor in its query's ascending list (row: the query's row);
+    NO_BLOCK when done."""
     inside = valid & (cursor < block_counts)
-    block = tl.load(INDICES + (position * num_kv_heads + kv_head) * block_counts + cursor, mask=inside, other=-1)
+    block = tl.load(INDICES + (row * num_kv_heads + kv_head) * block_counts + cursor, mask=inside, other=-1)
     return tl.where(block >= 0, block, NO_BLOCK)
 
 
 @jit
-def _first_block(INDICES, position, valid, kv_head, num_kv_heads, block_counts):
+def _first_block(INDICES, row, valid, kv_head, num_kv_heads, block_counts):
     """Start of the merge of the tile's block lists: (cursor, each row's next block, the
     lowest of them: the block to visit; NO_BLOCK when no row has any)."""
-    cursor = tl.zeros(position.shape, dtype=tl.int32)
-    current = _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts)
+    cursor = tl.zeros(row.shape, dtype=tl.int32)
+    current = _next_block(INDICES, row, valid, cursor, kv_head, num_kv_heads, block_counts)
     return cursor, current, tl.min(current, 0)
 
 
 @jit
-def _advance(INDICES, position, valid, cursor, chosen, kv_head, num_kv_heads, block_counts):
+def _advance(INDICES, row, valid, cursor, chosen, kv_head, num_kv_heads, block_counts):
     """After visiting a block: the rows that chose it step to their next entry."""
     cursor += chosen.to(tl.int32)
-    current = _next_block(INDICES, position, valid, cursor, kv_head, num_kv_heads, block_counts)
+    current = _next_block(INDICES, row, valid, cursor, kv_head, num_kv_heads, block_counts)
     return cursor, current, tl.min(current, 0)
 
 
@@ -88,21 +89,23 @@ def _block_keys(bos, eos, block, block_size, k0, BLOCK_K: tl.constexpr):
 
 @jit
 def _selected_forward_kernel(
-    Q, K, V, INDICES, O, LSE, CU_SEQLENS,
+    Q, K, V, INDICES, O, LSE, CU_SEQLENS, CU_SEQLENS_Q,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    seqlen, num_q_heads, num_kv_heads, block_size, block_counts, qk_scale,
+    seqlen, seqlen_q, num_q_heads, num_kv_heads, block_size, block_counts, qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FEWER_QUERIES: tl.constexpr,
 ):
-    seq, kv_head, bos, eos, t0, position, head, valid, offs_d, q = query_tile_rows(
-        Q, CU_SEQLENS, seqlen, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM, BLOCK_D, VARLEN)
+    seq, kv_head, bos, eos, t0, position, row, head, valid, offs_d, q = query_tile_rows(
+        Q, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM,
+        BLOCK_D, VARLEN, FEWER_QUERIES)
     if t0 >= eos:
         return
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     row_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([ROWS], dtype=tl.float32)
 
-    cursor, current, block = _first_block(INDICES, position, valid, kv_head, num_kv_heads, block_counts)
+    cursor, current, block = _first_block(INDICES, row, valid, kv_head, num_kv_heads, block_counts)
     while block < NO_BLOCK:
         chosen = current == block  # rows whose query selected this block
         for k0 in range(0, block_size, BLOCK_K):
@@ -113,32 +116,33 @@ def _selected_forward_kernel(
             s = tl.where(seen, s, float("-inf"))
             v = load_keys(V, offs_n, key_ok, kv_head, offs_d, stride_vt, stride_vh, HEAD_DIM, False)
             acc, row_max, row_sum = softmax_step(acc, row_max, row_sum, s, v, DOT_PRECISION)
-        cursor, current, block = _advance(INDICES, position, valid, cursor, chosen, kv_head, num_kv_heads,
-                                          block_counts)
+        cursor, current, block = _advance(INDICES, row, valid, cursor, chosen, kv_head, num_kv_heads, block_counts)
     out = softmax_output(acc, row_sum)
     lse = softmax_lse(row_max, row_sum)
-    store_rows(O, out, position, head, valid, offs_d, stride_ot, stride_oh, HEAD_DIM)
-    tl.store(LSE + position * num_q_heads + head, lse, mask=valid)
+    store_rows(O, out, row, head, valid, offs_d, stride_ot, stride_oh, HEAD_DIM)
+    tl.store(LSE + row * num_q_heads + head, lse, mask=valid)
 
 
 @jit
 def _selected_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, INDICES, DQ, CU_SEQLENS,
+    Q, K, V, DO, LSE, DELTA, INDICES, DQ, CU_SEQLENS, CU_SEQLENS_Q,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
-    seqlen, num_q_heads, num_kv_heads, block_size, block_counts, qk_scale, scale,
+    seqlen, seqlen_q, num_q_heads, num_kv_heads, block_size, block_counts, qk_scale, scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FEWER_QUERIES: tl.constexpr,
 ):
-    seq, kv_head, bos, eos, t0, position, head, valid, offs_d, q = query_tile_rows(
-        Q, CU_SEQLENS, seqlen, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM, BLOCK_D, VARLEN)
+    seq, kv_head, bos, eos, t0, position, row, head, valid, offs_d, q = query_tile_rows(
+        Q, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM,
+        BLOCK_D, VARLEN, FEWER_QUERIES)
     if t0 >= eos:
         return
-    do, lse, delta = load_gradient_rows(DO, LSE, DELTA, position, head, valid, offs_d, stride_dot, stride_doh,
+    do, lse, delta = load_gradient_rows(DO, LSE, DELTA, row, head, valid, offs_d, stride_dot, stride_doh,
                                         num_q_heads, HEAD_DIM)
     dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
 
-    cursor, current, block = _first_block(INDICES, position, valid, kv_head, num_kv_heads, block_counts)
+    cursor, current, block = _first_block(INDICES, row, valid, kv_head, num_kv_heads, block_counts)
     while block < NO_BLOCK:
         chosen = current == block
         for k0 in range(0, block_size, BLOCK_K):
@@ -151,30 +155,37 @@ def _selected_dq_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-        cursor, current, block = _advance(INDICES, position, valid, cursor, chosen, kv_head, num_kv_heads,
-                                          block_counts)
-    store_rows(DQ, dq * scale, position, head, valid, offs_d, stride_dqt, stride_dqh, HEAD_DIM)
+        cursor, current, block = _advance(INDICES, row, valid, cursor, chosen, kv_head, num_kv_heads, block_counts)
+    store_rows(DQ, dq * scale, row, head, valid, offs_d, stride_dqt, stride_dqh, HEAD_DIM)
 
 
 def selected_forward(q, k, v, indices, layout: SequenceLayout, scale: float, inverted=None):
-    """q [B, T, HQ, D], k/v [B, T, H, D] contiguous, indices [B, T, H, S] int32 contiguous
-    (ascending, -1 last). Returns o_slc [B, T, HQ, D] and lse2 [B*T, HQ] float32. A block-major
-    call (block_major(layout)) walks the inverted selection: given (the caller keeps it for the
-    backward), or built here."""
+    """q [B, T_q, HQ, D], k/v [B, T_k, H, D] contiguous, indices [B, T_q, H, S] int32
+    contiguous (ascending, -1 last). Returns o_slc [B, T_q, HQ, D] and lse2 [B*T_q, HQ]
+    float32. A block-major call (block_major(layout)) walks the inverted selection: given (the
+    caller keeps it for the backward), or built here."""
     if q.numel() > 0 and block_major(layout):
         if inverted is None:
             inverted = invert_selection(indices, layout)
         return block_major_forward(q, k, v, inverted, layout, scale)
+    return query_major_forward(q, k, v, indices, layout, scale)
+
+
+def query_major_forward(q, k, v, indices, layout: SequenceLayout, scale: float):
+    """The selected branch's forward, query-major, whatever the group (decoding takes it: no
+    host work to invert the selection). Arguments and result as selected_forward; k and v
+    need only the strides of a [tokens, heads, D] view (token_and_head_strides)."""
     o = launch.allocate_like(q)
-    lse = torch.empty((layout.batch * layout.seqlen, layout.num_q_heads), dtype=torch.float32, device=q.device)
+    lse = torch.empty((layout.batch * layout.seqlen_q, layout.num_q_heads), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return o, lse
     config = launch.CONFIGS["selected"](layout)
     _selected_forward_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
-        q, k, v, indices, o, lse, layout.cu_seqlens if layout.varlen else q,
+        q, k, v, indices, o, lse, *layout.sequence_pointers(q),
         *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v), *token_and_head_strides(o),
-        layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, indices.shape[-1],
-        scale * LOG2E, **launch.kernel_flags(layout, q), **config,
+        layout.seqlen_k, layout.seqlen_q, layout.num_q_heads, layout.num_kv_heads, layout.block_size,
+        indices.shape[-1], scale * LOG2E, **launch.kernel_flags(layout, q), FEWER_QUERIES=layout.fewer_queries,
+        **config,
     )
     return o, lse
 
@@ -192,11 +203,12 @@ def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scal
     with_dq = block_major(layout)
     if not with_dq:
         _selected_dq_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
-            q, k, v, do, lse, delta, indices, dq, layout.cu_seqlens if layout.varlen else q,
+            q, k, v, do, lse, delta, indices, dq, *layout.sequence_pointers(q),
             *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
             *token_and_head_strides(do), *token_and_head_strides(dq),
-            layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, indices.shape[-1],
-            scale * LOG2E, scale, **launch.kernel_flags(layout, q), **config,
+            layout.seqlen_k, layout.seqlen_q, layout.num_q_heads, layout.num_kv_heads, layout.block_size,
+            indices.shape[-1], scale * LOG2E, scale, **launch.kernel_flags(layout, q),
+            FEWER_QUERIES=layout.fewer_queries, **config,
         )
     if inverted is None:
         inverted = invert_selection(indices, layout)

@@ -33,7 +33,7 @@ from gatedfwa.ops.nsa import launch
 from gatedfwa.ops.nsa.layout import SequenceLayout
 from gatedfwa.ops.nsa.tiles import add_rows, load_gradient_rows, load_keys, load_rows, probabilities
 from gatedfwa.ops.common.triton_support import LOG2E, cdiv, interpreting, jit, tl, token_and_head_strides
-from gatedfwa.ops.common.varlen import sequence_bounds
+from gatedfwa.ops.common.varlen import query_bounds, sequence_bounds
 
 __all__ = ["InvertedSelection", "invert_selection", "work_items", "block_major_forward", "block_keys_backward"]
 
@@ -44,8 +44,8 @@ __all__ = ["InvertedSelection", "invert_selection", "work_items", "block_major_f
 
 class InvertedSelection(NamedTuple):
     """The queries that selected each block: those of list l = (n * H + h) * max_blocks + c
-    (block c of kv head h in sequence n) are queries[offsets[l] : offsets[l + 1]], flattened
-    token positions in ascending order; kv_heads[e] is the kv head of entry e."""
+    (block c of kv head h in sequence n) are queries[offsets[l] : offsets[l + 1]], query rows
+    (flattened q tokens) in ascending order; kv_heads[e] is the kv head of entry e."""
 
     queries: torch.Tensor  # int32 [max(entries, 1)]
     offsets: torch.Tensor  # int32 [N * H * max_blocks + 1]
@@ -57,8 +57,9 @@ class InvertedSelection(NamedTuple):
 
 
 def invert_selection(indices: torch.Tensor, layout: SequenceLayout) -> InvertedSelection:
-    """indices [B, T, H, S] int32 (-1: no block) -> InvertedSelection."""
-    tokens, heads = layout.batch * layout.seqlen, layout.num_kv_heads
+    """indices [B, T_q, H, S] int32 (-1: no block) -> InvertedSelection; the entries are
+    query rows (flattened q tokens)."""
+    tokens, heads = layout.batch * layout.seqlen_q, layout.num_kv_heads
     num_lists = layout.num_seqs * heads * layout.max_blocks
     # int32 sort keys where they fit: the sort of T * H * S entries is the costly step here.
     key_dtype = torch.int32 if num_lists < 2**31 else torch.int64
@@ -104,55 +105,62 @@ def work_items(offsets: torch.Tensor, layout: SequenceLayout) -> tuple[torch.Ten
 # ---------------------------------------------------------------------------------------------
 
 @jit
-def _item_keys(ITEM_LIST, ITEM_START, ITEM_END, CU_SEQLENS, seqlen, num_kv_heads, block_size, max_blocks,
-               BLOCK_K: tl.constexpr, VARLEN: tl.constexpr):
+def _item_keys(ITEM_LIST, ITEM_START, ITEM_END, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, num_kv_heads, block_size,
+               max_blocks, BLOCK_K: tl.constexpr, VARLEN: tl.constexpr, FEWER_QUERIES: tl.constexpr):
     """The program's work item and key tile (grid axis 0: item * pieces + piece, a piece being
     BLOCK_K keys of the block). Returns (piece, kv head, first and end entry of the item, key
-    positions [BLOCK_K], which of them exist)."""
+    positions [BLOCK_K], which of them exist, the sequence's shift: query row = key position +
+    shift, layout.py)."""
     pieces = tl.cdiv(block_size, BLOCK_K)
     item = tl.program_id(0) // pieces
     piece = tl.program_id(0) % pieces
     list_id = tl.load(ITEM_LIST + item)
     block = list_id % max_blocks
     kv_head = (list_id // max_blocks) % num_kv_heads
-    bos, eos = sequence_bounds(CU_SEQLENS, list_id // (max_blocks * num_kv_heads), seqlen, VARLEN)
+    seq = list_id // (max_blocks * num_kv_heads)
+    bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
+    _, shift = query_bounds(CU_SEQLENS_Q, seq, seqlen_q, bos, eos, VARLEN, FEWER_QUERIES)
     in_block = piece * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = bos + block * block_size + in_block
     key_ok = (in_block < block_size) & (offs_n < eos)
-    return piece, kv_head, tl.load(ITEM_START + item), tl.load(ITEM_END + item), offs_n, key_ok
+    return piece, kv_head, tl.load(ITEM_START + item), tl.load(ITEM_END + item), offs_n, key_ok, shift
 
 
 @jit
-def _entry_rows(QUERIES, i0, end, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr):
+def _entry_rows(QUERIES, i0, end, kv_head, shift, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                ROWS: tl.constexpr):
     """Rows of entries i0 .. i0 + ROWS // GROUP_PAD of an item, their group's heads side by
-    side (layout.py): per row its entry, token position, query head, head within the group and
-    whether it is real."""
+    side (layout.py): per row its entry, query row, key position (row - shift), query head,
+    head within the group and whether it is real."""
     r = tl.arange(0, ROWS)
     entry = i0 + r // GROUP_PAD
     in_group = r % GROUP_PAD
     valid = (entry < end) & (in_group < GROUP)
-    position = tl.load(QUERIES + entry, mask=valid, other=0)
-    return entry, position, kv_head * GROUP + in_group, in_group, valid
+    row = tl.load(QUERIES + entry, mask=valid, other=0)
+    return entry, row, row - shift, kv_head * GROUP + in_group, in_group, valid
 
 
 @jit
 def _selected_row_lse_kernel(
-    Q, K, QUERIES, ITEM_LIST, ITEM_START, ITEM_END, PARTIAL, CU_SEQLENS,
+    Q, K, QUERIES, ITEM_LIST, ITEM_START, ITEM_END, PARTIAL, CU_SEQLENS, CU_SEQLENS_Q,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    seqlen, num_kv_heads, block_size, max_blocks, num_entries, qk_scale,
+    seqlen, seqlen_q, num_kv_heads, block_size, max_blocks, num_entries, qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FEWER_QUERIES: tl.constexpr,
 ):
     """Forward pass 1: PARTIAL[piece, entry, head in group] = log2 sum_j exp2(s_j) over the
     piece's keys j the row sees (-inf when it sees none)."""
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    piece, kv_head, start, end, offs_n, key_ok = _item_keys(
-        ITEM_LIST, ITEM_START, ITEM_END, CU_SEQLENS, seqlen, num_kv_heads, block_size, max_blocks, BLOCK_K, VARLEN)
+    piece, kv_head, start, end, offs_n, key_ok, shift = _item_keys(
+        ITEM_LIST, ITEM_START, ITEM_END, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, num_kv_heads, block_size,
+        max_blocks, BLOCK_K, VARLEN, FEWER_QUERIES)
     offs_d = tl.arange(0, BLOCK_D)
     k = load_keys(K, offs_n, key_ok, kv_head, offs_d, stride_kt, stride_kh, HEAD_DIM, True)  # [BLOCK_D, BLOCK_K]
     for i0 in range(start, end, BLOCK_Q):
-        entry, position, head, in_group, valid = _entry_rows(QUERIES, i0, end, kv_head, GROUP, GROUP_PAD, ROWS)
-        q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
+        entry, row, position, head, in_group, valid = _entry_rows(QUERIES, i0, end, kv_head, shift, GROUP,
+                                                                  GROUP_PAD, ROWS)
+        q = load_rows(Q, row, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(key_ok[None, :] & (offs_n[None, :] <= position[:, None]), s, float("-inf"))
         row_max = tl.max(s, 1)
@@ -166,54 +174,59 @@ def _selected_row_lse_kernel(
 
 @jit
 def _selected_output_kernel(
-    Q, K, V, LSE, QUERIES, ITEM_LIST, ITEM_START, ITEM_END, O, CU_SEQLENS,
+    Q, K, V, LSE, QUERIES, ITEM_LIST, ITEM_START, ITEM_END, O, CU_SEQLENS, CU_SEQLENS_Q,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    seqlen, num_q_heads, num_kv_heads, block_size, max_blocks, qk_scale,
+    seqlen, seqlen_q, num_q_heads, num_kv_heads, block_size, max_blocks, qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FEWER_QUERIES: tl.constexpr,
 ):
     """Forward pass 2: o += exp2(s - lse2) v over the piece's keys, into float32 O."""
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    piece, kv_head, start, end, offs_n, key_ok = _item_keys(
-        ITEM_LIST, ITEM_START, ITEM_END, CU_SEQLENS, seqlen, num_kv_heads, block_size, max_blocks, BLOCK_K, VARLEN)
+    piece, kv_head, start, end, offs_n, key_ok, shift = _item_keys(
+        ITEM_LIST, ITEM_START, ITEM_END, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, num_kv_heads, block_size,
+        max_blocks, BLOCK_K, VARLEN, FEWER_QUERIES)
     offs_d = tl.arange(0, BLOCK_D)
     k = load_keys(K, offs_n, key_ok, kv_head, offs_d, stride_kt, stride_kh, HEAD_DIM, True)
     v = load_keys(V, offs_n, key_ok, kv_head, offs_d, stride_vt, stride_vh, HEAD_DIM, False)
     for i0 in range(start, end, BLOCK_Q):
-        entry, position, head, in_group, valid = _entry_rows(QUERIES, i0, end, kv_head, GROUP, GROUP_PAD, ROWS)
-        q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
-        lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=float("-inf"))
+        entry, row, position, head, in_group, valid = _entry_rows(QUERIES, i0, end, kv_head, shift, GROUP,
+                                                                  GROUP_PAD, ROWS)
+        q = load_rows(Q, row, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
+        lse = tl.load(LSE + row * num_q_heads + head, mask=valid, other=float("-inf"))
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         seen = valid[:, None] & key_ok[None, :] & (offs_n[None, :] <= position[:, None])
         p = probabilities(tl.where(seen, s, float("-inf")), lse)
         out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        add_rows(O, out, position, head, valid, offs_d, stride_ot, stride_oh, HEAD_DIM)
+        add_rows(O, out, row, head, valid, offs_d, stride_ot, stride_oh, HEAD_DIM)
 
 
 @jit
 def _selected_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, QUERIES, ITEM_LIST, ITEM_START, ITEM_END, DK, DV, DQ, CU_SEQLENS,
+    Q, K, V, DO, LSE, DELTA, QUERIES, ITEM_LIST, ITEM_START, ITEM_END, DK, DV, DQ, CU_SEQLENS, CU_SEQLENS_Q,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
-    seqlen, num_q_heads, num_kv_heads, block_size, max_blocks, qk_scale, scale,
+    seqlen, seqlen_q, num_q_heads, num_kv_heads, block_size, max_blocks, qk_scale, scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WITH_DQ: tl.constexpr,
+    WITH_DQ: tl.constexpr, FEWER_QUERIES: tl.constexpr,
 ):
     """dv += P^T do, dk += scale * dS^T q over the item's (query, head) rows for the piece's
     keys, added into float32 DK/DV; WITH_DQ: also dq += scale * dS k into float32 DQ."""
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    piece, kv_head, start, end, offs_n, key_ok = _item_keys(
-        ITEM_LIST, ITEM_START, ITEM_END, CU_SEQLENS, seqlen, num_kv_heads, block_size, max_blocks, BLOCK_K, VARLEN)
+    piece, kv_head, start, end, offs_n, key_ok, shift = _item_keys(
+        ITEM_LIST, ITEM_START, ITEM_END, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, num_kv_heads, block_size,
+        max_blocks, BLOCK_K, VARLEN, FEWER_QUERIES)
     offs_d = tl.arange(0, BLOCK_D)
     k = load_keys(K, offs_n, key_ok, kv_head, offs_d, stride_kt, stride_kh, HEAD_DIM, False)
     v = load_keys(V, offs_n, key_ok, kv_head, offs_d, stride_vt, stride_vh, HEAD_DIM, False)
     dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     for i0 in range(start, end, BLOCK_Q):
-        entry, position, head, in_group, valid = _entry_rows(QUERIES, i0, end, kv_head, GROUP, GROUP_PAD, ROWS)
-        q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
-        do, lse, delta = load_gradient_rows(DO, LSE, DELTA, position, head, valid, offs_d, stride_dot, stride_doh,
+        entry, row, position, head, in_group, valid = _entry_rows(QUERIES, i0, end, kv_head, shift, GROUP,
+                                                                  GROUP_PAD, ROWS)
+        q = load_rows(Q, row, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
+        do, lse, delta = load_gradient_rows(DO, LSE, DELTA, row, head, valid, offs_d, stride_dot, stride_doh,
                                             num_q_heads, HEAD_DIM)
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_K, ROWS]
         seen = key_ok[:, None] & valid[None, :] & (offs_n[:, None] <= position[None, :])
@@ -224,7 +237,7 @@ def _selected_dkdv_kernel(
         dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
         if WITH_DQ:
             dq = tl.dot(tl.trans(ds.to(k.dtype)), k, input_precision=DOT_PRECISION)  # [ROWS, BLOCK_D]
-            add_rows(DQ, dq * scale, position, head, valid, offs_d, stride_dqt, stride_dqh, HEAD_DIM)
+            add_rows(DQ, dq * scale, row, head, valid, offs_d, stride_dqt, stride_dqh, HEAD_DIM)
     mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.atomic_add(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :], dk * scale, mask=mask,
                   sem="relaxed")
@@ -240,7 +253,7 @@ def _combine_partials(partial: torch.Tensor, inverted: InvertedSelection, layout
     """partial [pieces, entries, G] base-2 log-sum-exps -> lse2 [B*T, HQ] float32: per (query,
     head) row, log2 of the sum of 2^partial over its entries and pieces; -inf for a row
     without any."""
-    group, num_rows = layout.group, layout.batch * layout.seqlen * layout.num_q_heads
+    group, num_rows = layout.group, layout.batch * layout.seqlen_q * layout.num_q_heads
     first_head = inverted.queries[: inverted.entries].long() * layout.num_q_heads + inverted.kv_heads.long() * group
     rows = (first_head[:, None] + torch.arange(group, device=partial.device)).expand_as(partial).reshape(-1)
     values = partial.reshape(-1)
@@ -259,27 +272,28 @@ def block_major_forward(q, k, v, inverted: InvertedSelection, layout: SequenceLa
     o32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     item_list, item_start, item_end = work_items(inverted.offsets, layout)
     if item_list.numel() == 0:
-        lse = torch.full((layout.batch * layout.seqlen, layout.num_q_heads), float("-inf"), device=q.device)
+        lse = torch.full((layout.batch * layout.seqlen_q, layout.num_q_heads), float("-inf"), device=q.device)
         return o32.to(q.dtype), lse
     config = launch.CONFIGS["block_major"](layout)
     pieces = cdiv(layout.block_size, config["BLOCK_K"])
     grid = (item_list.numel() * pieces, 1, 1)
-    cu = layout.cu_seqlens if layout.varlen else q
+    cu = layout.sequence_pointers(q)
+    flags = dict(**launch.kernel_flags(layout, q), FEWER_QUERIES=layout.fewer_queries, **config)
     items = (inverted.queries, item_list, item_start, item_end)
     # Every (piece, entry, head) is written, -inf where the row sees none of the piece's keys.
     partial = launch.allocate_like(q.new_empty((pieces, inverted.entries, layout.group), dtype=torch.float32))
     _selected_row_lse_kernel[grid](
-        q, k, *items, partial, cu, *token_and_head_strides(q), *token_and_head_strides(k),
-        layout.seqlen, layout.num_kv_heads, layout.block_size, layout.max_blocks, inverted.entries, scale * LOG2E,
-        **launch.kernel_flags(layout, q), **config,
+        q, k, *items, partial, *cu, *token_and_head_strides(q), *token_and_head_strides(k),
+        layout.seqlen_k, layout.seqlen_q, layout.num_kv_heads, layout.block_size, layout.max_blocks, inverted.entries,
+        scale * LOG2E, **flags,
     )
     lse = _combine_partials(partial, inverted, layout)
     _selected_output_kernel[grid](
-        q, k, v, lse, *items, o32, cu,
+        q, k, v, lse, *items, o32, *cu,
         *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
         *token_and_head_strides(o32),
-        layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, layout.max_blocks, scale * LOG2E,
-        **launch.kernel_flags(layout, q), **config,
+        layout.seqlen_k, layout.seqlen_q, layout.num_q_heads, layout.num_kv_heads, layout.block_size,
+        layout.max_blocks, scale * LOG2E, **flags,
     )
     return o32.to(q.dtype), lse
 
@@ -298,11 +312,12 @@ def block_keys_backward(q, k, v, do, lse, delta, inverted: InvertedSelection, la
         dq_arg = dq32 if with_dq else dk32  # never written without WITH_DQ
         _selected_dkdv_kernel[(item_list.numel() * pieces, 1, 1)](
             q, k, v, do, lse, delta, inverted.queries, item_list, item_start, item_end, dk32, dv32, dq_arg,
-            layout.cu_seqlens if layout.varlen else q,
+            *layout.sequence_pointers(q),
             *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v),
             *token_and_head_strides(do), *token_and_head_strides(dk32), *token_and_head_strides(dv32),
             *token_and_head_strides(dq_arg),
-            layout.seqlen, layout.num_q_heads, layout.num_kv_heads, layout.block_size, layout.max_blocks,
-            scale * LOG2E, scale, **launch.kernel_flags(layout, q), **config, WITH_DQ=with_dq,
+            layout.seqlen_k, layout.seqlen_q, layout.num_q_heads, layout.num_kv_heads, layout.block_size,
+            layout.max_blocks, scale * LOG2E, scale, **launch.kernel_flags(layout, q), **config, WITH_DQ=with_dq,
+            FEWER_QUERIES=layout.fewer_queries,
         )
     return dk32, dv32, dq32

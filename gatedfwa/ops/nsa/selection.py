@@ -32,23 +32,25 @@ __all__ = ["select_blocks"]
 
 @jit
 def _select_kernel(
-    Q, KC, LSE, INDICES, CU_SEQLENS, SUMMARY_OFFSETS,
+    Q, KC, LSE, INDICES, CU_SEQLENS, CU_SEQLENS_Q, SUMMARY_OFFSETS,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    seqlen, summaries_per_seq, num_q_heads, num_kv_heads, block_size, block_counts, qk_scale,
+    seqlen, seqlen_q, summaries_per_seq, num_q_heads, num_kv_heads, block_size, block_counts, qk_scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, S_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FEWER_QUERIES: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq, kv_head, bos, eos, t0, position, head, valid, offs_d, q = query_tile_rows(
-        Q, CU_SEQLENS, seqlen, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM, BLOCK_D, VARLEN)
+    seq, kv_head, bos, eos, t0, position, row, head, valid, offs_d, q = query_tile_rows(
+        Q, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM,
+        BLOCK_D, VARLEN, FEWER_QUERIES)
     if t0 >= eos:
         return
     first_summary, num_summaries = summary_bounds(SUMMARY_OFFSETS, seq, summaries_per_seq, VARLEN)
-    lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=float("-inf"))
+    lse = tl.load(LSE + row * num_q_heads + head, mask=valid, other=float("-inf"))
     lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows that see nothing: all logits masked
     row_visible = (position - bos + 1) // block_size
 
-    # Per query (not per row): its position in the sequence, visible summaries, own block.
+    # Per query (not per row): its key position, visible summaries, own block.
     query_pos = t0 + tl.arange(0, BLOCK_Q)
     query_ok = query_pos < eos
     query_visible = (query_pos - bos + 1) // block_size
@@ -88,7 +90,8 @@ def _select_kernel(
 
     key = tl.where(best_block >= 0, best_block, NO_BLOCK + slot[None, :])  # NO_BLOCK + slot: all distinct
     rank = tl.sum((key[:, None, :] < key[:, :, None]).to(tl.int32), 2)  # [BLOCK_Q, S_PAD]
-    out = INDICES + (query_pos[:, None] * num_kv_heads + kv_head) * block_counts + rank
+    query_row = query_pos + tl.max(row - position, 0)  # row - position: the shift, the same in every row
+    out = INDICES + (query_row[:, None] * num_kv_heads + kv_head) * block_counts + rank
     tl.store(out, best_block, mask=query_ok[:, None] & (rank < block_counts))
 
 
@@ -97,7 +100,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, layou
     """q [B, T, HQ, D] contiguous, k_cmp [num_summaries, H, D], lse [B*T, HQ] (base 2, from
     compressed_forward). Returns block indices [B, T, H, block_counts] int32, each row
     ascending, -1 last."""
-    indices = launch.allocate_indices((layout.batch, layout.seqlen, layout.num_kv_heads, block_counts), q.device)
+    indices = launch.allocate_indices((layout.batch, layout.seqlen_q, layout.num_kv_heads, block_counts), q.device)
     if q.numel() == 0:
         return indices
     if k_cmp.shape[0] == 0:
@@ -105,12 +108,12 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, layou
     config = launch.CONFIGS["selection"](layout)
     varlen = layout.varlen
     _select_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
-        q, k_cmp, lse, indices, layout.cu_seqlens if varlen else q, layout.summary_offsets if varlen else q,
+        q, k_cmp, lse, indices, *layout.sequence_pointers(q), layout.summary_offsets if varlen else q,
         *token_and_head_strides(q), k_cmp.stride(0), k_cmp.stride(1),
-        layout.seqlen, layout.summaries_per_seq, layout.num_q_heads, layout.num_kv_heads, layout.block_size,
+        layout.seqlen_k, layout.seqlen_q, layout.summaries_per_seq, layout.num_q_heads, layout.num_kv_heads, layout.block_size,
         block_counts, scale * LOG2E,
         GROUP=layout.group, GROUP_PAD=layout.group_pad, S_PAD=max(2, next_power_of_2(block_counts)),
         HEAD_DIM=layout.head_dim, BLOCK_D=layout.block_d, VARLEN=varlen, DOT_PRECISION=dot_precision(q.dtype),
-        **config,
+        FEWER_QUERIES=layout.fewer_queries, **config,
     )
     return indices

@@ -11,6 +11,11 @@ from gatedfwa.ops.window_attention import gated_window_attention
 __all__ = ["sliding_branch"]
 
 
-def sliding_branch(q, k, v, g, window_size: int, scale: float, cu_seqlens) -> torch.Tensor:
-    """o_swa [B, T, HQ, D] through the public window op (its own backend dispatch and autograd)."""
+def sliding_branch(q, k, v, g, window_size: int, scale: float, cu_seqlens, cu_seqlens_q=None) -> torch.Tensor:
+    """o_swa [B, T_q, HQ, D] through the public window op (its own backend dispatch and
+    autograd). cu_seqlens delimits k's sequences, and q's unless cu_seqlens_q is given; with
+    T_q < T_k the queries are the last key positions (the window op's convention)."""
+    if cu_seqlens_q is not None:
+        return gated_window_attention(q, k, v, g, window_size=window_size, scale=scale, cu_seqlens_q=cu_seqlens_q,
+                                      cu_seqlens_k=cu_seqlens)
     return gated_window_attention(q, k, v, g, window_size=window_size, scale=scale, cu_seqlens=cu_seqlens)

@@ -10,7 +10,7 @@ store is lse2 = lse * log2(e).
 from __future__ import annotations
 
 from gatedfwa.ops.common.triton_support import jit, tl
-from gatedfwa.ops.common.varlen import sequence_bounds
+from gatedfwa.ops.common.varlen import query_bounds, sequence_bounds
 
 # A block number after every real one: marks a finished block list (selected.py) and a list
 # slot without a block (selection.py).
@@ -18,12 +18,16 @@ NO_BLOCK = tl.constexpr(1 << 30)
 
 
 @jit
-def query_tile(CU_SEQLENS, seqlen, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr):
-    """The program's (sequence, kv head, [bos, eos) of the sequence, first query t0) for the
-    grid of layout.grid: axis 0 tiles of BLOCK_Q queries, 1 sequences, 2 kv heads."""
+def query_tile(CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr,
+               FEWER_QUERIES: tl.constexpr):
+    """The program's (sequence, kv head, [bos, eos) of the sequence's keys, first query t0 as
+    a key position, shift: query row = key position + shift) for the grid of layout.grid:
+    axis 0 tiles of BLOCK_Q queries, 1 sequences, 2 kv heads. The queries of a sequence are
+    its last key positions (layout.py); without FEWER_QUERIES, all of them (shift 0)."""
     seq = tl.program_id(1)
     bos, eos = sequence_bounds(CU_SEQLENS, seq, seqlen, VARLEN)
-    return seq, tl.program_id(2), bos, eos, bos + tl.program_id(0) * BLOCK_Q
+    query_start, shift = query_bounds(CU_SEQLENS_Q, seq, seqlen_q, bos, eos, VARLEN, FEWER_QUERIES)
+    return seq, tl.program_id(2), bos, eos, query_start + tl.program_id(0) * BLOCK_Q, shift
 
 
 @jit
@@ -50,28 +54,33 @@ def query_rows(t0, eos, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, R
 
 
 @jit
-def query_tile_rows(Q, CU_SEQLENS, seqlen, stride_qt, stride_qh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr):
+def query_tile_rows(Q, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, stride_qt, stride_qh, GROUP: tl.constexpr,
+                    GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    VARLEN: tl.constexpr, FEWER_QUERIES: tl.constexpr):
     """The prologue of every kernel with one program per query tile (layout.grid): query_tile,
     its rows (query_rows), and their q [ROWS, BLOCK_D]. Returns (seq, kv_head, bos, eos, t0,
-    position, head, valid, offs_d, q); the caller returns at once when t0 >= eos (an empty
-    tile: every row invalid, q all 0)."""
+    position, row, head, valid, offs_d, q): position is each row's key position (for masks
+    and blocks), row = position + shift its query row (for q, o, lse, do, dq, indices). The
+    caller returns at once when t0 >= eos (an empty tile: every row invalid, q all 0)."""
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
-    seq, kv_head, bos, eos, t0 = query_tile(CU_SEQLENS, seqlen, BLOCK_Q, VARLEN)
+    seq, kv_head, bos, eos, t0, shift = query_tile(CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, BLOCK_Q, VARLEN,
+                                                   FEWER_QUERIES)
     position, head, valid = query_rows(t0, eos, kv_head, GROUP, GROUP_PAD, ROWS)
+    row = position + shift
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q, position, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
-    return seq, kv_head, bos, eos, t0, position, head, valid, offs_d, q
+    q = load_rows(Q, row, head, valid, offs_d, stride_qt, stride_qh, HEAD_DIM)
+    return seq, kv_head, bos, eos, t0, position, row, head, valid, offs_d, q
 
 
 @jit
-def load_gradient_rows(DO, LSE, DELTA, position, head, valid, offs_d, stride_dot, stride_doh, num_q_heads,
+def load_gradient_rows(DO, LSE, DELTA, row, head, valid, offs_d, stride_dot, stride_doh, num_q_heads,
                        HEAD_DIM: tl.constexpr):
-    """What every backward kernel reads per query row besides q: do [ROWS, BLOCK_D], the
-    forward's lse2 (-inf where not valid) and delta = rowsum(o * do) (0 where not valid)."""
-    do = load_rows(DO, position, head, valid, offs_d, stride_dot, stride_doh, HEAD_DIM)
-    lse = tl.load(LSE + position * num_q_heads + head, mask=valid, other=float("-inf"))
-    delta = tl.load(DELTA + position * num_q_heads + head, mask=valid, other=0.0)
+    """What every backward kernel reads per query row (row: the query's row, not its key
+    position) besides q: do [ROWS, BLOCK_D], the forward's lse2 (-inf where not valid) and
+    delta = rowsum(o * do) (0 where not valid)."""
+    do = load_rows(DO, row, head, valid, offs_d, stride_dot, stride_doh, HEAD_DIM)
+    lse = tl.load(LSE + row * num_q_heads + head, mask=valid, other=float("-inf"))
+    delta = tl.load(DELTA + row * num_q_heads + head, mask=valid, other=0.0)
     return do, lse, delta
 
 

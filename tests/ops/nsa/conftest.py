@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from gatedfwa.ops.nsa import nsa_attention
 from gatedfwa.ops.nsa.naive import naive_nsa_attention
 from gatedfwa.ops.nsa.rules import compressed_attention, mean_pool_blocks
-from gatedfwa.ops.common.varlen import sequence_spans
+from gatedfwa.ops.common.varlen import query_key_spans
 from gatedfwa.testing import assert_within_rule, float32_slack
 
 GATE_NAMES = ("g", "g_cmp", "g_slc", "g_swa")
@@ -40,23 +40,25 @@ def _make_inputs(batch, seqlen, q_heads, kv_heads, head_dim, dtype, device, bran
     return q, k, v, gates
 
 
-def selection_gaps(q, k, block_size, block_counts, cu_seqlens=None) -> torch.Tensor:
-    """[B, T, H] float64: per query and kv head, the gap between the importance of the last
+def selection_gaps(q, k, block_size, block_counts, cu_seqlens=None, cu_seqlens_q=None) -> torch.Tensor:
+    """[B, T_q, H] float64: per query and kv head, the gap between the importance of the last
     block the float64 reference selects and the best one it leaves out (inf where nothing
-    is left out, or where the always-kept blocks fill every slot: their order is exact)."""
+    is left out, or where the always-kept blocks fill every slot: their order is exact).
+    cu_seqlens: k's offsets (and q's unless cu_seqlens_q is given)."""
     q64, k64 = q.double(), k.double()
     batch, seqlen, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     group = num_q_heads // num_kv_heads
     gaps = torch.full((batch, seqlen, num_kv_heads), float("inf"), dtype=torch.float64, device=q.device)
-    for b, start, end in sequence_spans(cu_seqlens, batch, seqlen):
-        ks = k64[b, start:end]
+    for b, (start, end), (k_start, k_end) in query_key_spans(cu_seqlens_q, cu_seqlens, batch, seqlen, k.shape[1]):
+        ks = k64[b, k_start:k_end]
+        first_query = (k_end - k_start) - (end - start)
         summaries = mean_pool_blocks(ks, block_size)
         _, _, probs = compressed_attention(q64[b, start:end], summaries, summaries, block_size,
-                                                 head_dim**-0.5)
+                                           head_dim**-0.5, first_query)
         importance = probs.unflatten(0, (num_kv_heads, group)).sum(dim=1)  # [H, n, nc]
         n, nc = end - start, summaries.shape[0]
-        t = torch.arange(n, device=q.device)[:, None]
+        t = torch.arange(first_query, first_query + n, device=q.device)[:, None]
         c = torch.arange(nc, device=q.device)[None, :]
         candidate = (c + 1) * block_size <= t + 1
         kept = (c == 0) | (c == t // block_size)
@@ -89,20 +91,25 @@ def fast_op(*args, **kwargs):
 
 
 def _check_nsa(q, k, v, gates, block_size=16, block_counts=3, window_size=20, cu_seqlens=None, block_indices=None,
-              min_checked=None):
+              min_checked=None, cu_seqlens_q=None, cu_seqlens_k=None):
     """Run nsa_attention (whichever backend the environment selects), check its selection
     against the float64 reference where that is not a near-tie (at least min_checked of the
     rows), then the rule on o and every gradient, the references run with the selection
-    the fast path used. Returns (o, grads, block indices)."""
-    options = dict(block_size=block_size, block_counts=block_counts, window_size=window_size, cu_seqlens=cu_seqlens)
+    the fast path used. q may be shorter than k (cu_seqlens_q and cu_seqlens_k for packed
+    sequences). Returns (o, grads, block indices)."""
+    options = dict(block_size=block_size, block_counts=block_counts, window_size=window_size, cu_seqlens=cu_seqlens,
+                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     do = torch.randn_like(q)
     o, grads, indices = run_with_grads(fast_op, q, k, v, gates, do, block_indices=block_indices, **options)
     if gates["g_slc"] is not None and block_indices is None:
         _, reference_indices = naive_nsa_attention(q.double(), k.double(), v.double(), g_slc=gates["g_slc"].double(),
                                                    block_size=block_size, block_counts=block_counts,
-                                                   cu_seqlens=cu_seqlens)
+                                                   cu_seqlens=cu_seqlens, cu_seqlens_q=cu_seqlens_q,
+                                                   cu_seqlens_k=cu_seqlens_k)
         group = q.shape[2] // k.shape[2]
-        clear = selection_gaps(q, k, block_size, block_counts, cu_seqlens) > NEAR_TIE[q.dtype] * group
+        k_offsets = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+        gaps = selection_gaps(q, k, block_size, block_counts, k_offsets, cu_seqlens_q)
+        clear = gaps > NEAR_TIE[q.dtype] * group
         if min_checked is None:
             min_checked = 0.95 if q.dtype == torch.float32 else 0.75
         assert clear.float().mean().item() >= min_checked, "too many near-ties in the test inputs"
@@ -131,7 +138,7 @@ def make_inputs():
 @pytest.fixture
 def check_nsa():
     """check_nsa(q, k, v, gates, block_size=16, block_counts=3, window_size=20, cu_seqlens=None,
-    block_indices=None, min_checked=None) -> (o, grads, block indices): nsa_attention on the
-    selected backend, its selection and the rule on o and every gradient checked against the
-    float64 reference."""
+    block_indices=None, min_checked=None, cu_seqlens_q=None, cu_seqlens_k=None) -> (o, grads,
+    block indices): nsa_attention on the selected backend, its selection and the rule on o and
+    every gradient checked against the float64 reference."""
     return _check_nsa

@@ -119,8 +119,7 @@ def test_custom_ops_opcheck(device):
     k, v = (torch.randn(1, 40, 2, 16, device=device, requires_grad=True) for _ in range(2))
     layout = SequenceLayout(q, 2, 8, cu_seqlens)
     k_cmp, v_cmp = (pool_block_summaries(x, layout).detach().requires_grad_() for x in (k, v))
-    torch.library.opcheck(triton_path._compressed.op, (q, k_cmp, v_cmp, cu_seqlens, layout.summary_offsets,
-                                                       layout.max_seqlen, 8, 0.25), test_utils=utils)
+    torch.library.opcheck(triton_path._compressed.op, (q, k_cmp, v_cmp, *layout.op_args(), 0.25), test_utils=utils)
     # Each query keeps block 0 and its own block (ascending, -1 where they coincide).
     position = torch.cat([torch.arange(19), torch.arange(21)]).to(device)
     own = position // 8
@@ -128,8 +127,8 @@ def test_custom_ops_opcheck(device):
     indices = indices[None, :, None, :].expand(1, 40, 2, 2).contiguous()
     inverted = tuple(selected_block_major.invert_selection(indices, layout))
     for given in (inverted, (None, None, None)):
-        torch.library.opcheck(triton_path._selected.op, (q, k, v, indices, cu_seqlens, layout.max_seqlen, 8, 0.25,
-                                                         *given), test_utils=utils)
+        torch.library.opcheck(triton_path._selected.op, (q, k, v, indices, cu_seqlens, None, layout.max_seqlen,
+                                                         layout.max_seqlen_q, 8, 0.25, *given), test_utils=utils)
 
 
 def test_compiles_fullgraph(device, make_inputs):
