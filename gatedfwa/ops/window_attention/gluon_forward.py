@@ -52,6 +52,11 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from gatedfwa.ops.common.triton_support import LOG2E, cdiv
 from gatedfwa.ops.window_attention import launch
 
+# Triton after 3.6 renamed the TMA copies (async_load / async_store, same arguments) and made the
+# old names raise: take whichever this Triton has.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
 __all__ = ["BLOCK_M", "BLOCK_N", "HEAD_DIMS", "supports", "unsupported_reason", "gluon_attention_forward",
            "kernel_config"]
 
@@ -142,10 +147,10 @@ def _producer(k_desc, v_desc, s_desc, k_bufs, v_bufs, s_bufs, ready, empty,
         n0 = top - i * BLOCK_N
         bar = ready.index(slot)
         mbarrier.expect(bar, TILE_BYTES)
-        tma.async_copy_global_to_shared(k_desc, [batch, n0, kv_col], bar, k_bufs.index(slot))
-        tma.async_copy_global_to_shared(v_desc, [batch, n0, kv_col], bar, v_bufs.index(slot))
+        _tma_load(k_desc, [batch, n0, kv_col], bar, k_bufs.index(slot))
+        _tma_load(v_desc, [batch, n0, kv_col], bar, v_bufs.index(slot))
         if HAS_GATE:
-            tma.async_copy_global_to_shared(s_desc, [sums_row + n0], bar, s_bufs.index(slot))
+            _tma_load(s_desc, [sums_row + n0], bar, s_bufs.index(slot))
 
 
 # --------------------------------------------------------------------------------------
@@ -303,7 +308,7 @@ def _consumer(q_desc, o_desc, q_bufs, q_bars, k_bufs, v_bufs, s_bufs, ready, emp
     q_smem = q_bufs.index(CONSUMER)
     q_bar = q_bars.index(CONSUMER)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes, pred=has_rows)
-    tma.async_copy_global_to_shared(q_desc, [batch, r0, q_col], q_bar, q_smem, pred=has_rows)
+    _tma_load(q_desc, [batch, r0, q_col], q_bar, q_smem, pred=has_rows)
 
     offs_m = r0 + gl.arange(0, BLOCK_M, layout=rows_layout)
     p_row = SUMS + row_offset
@@ -391,7 +396,7 @@ def _consumer(q_desc, o_desc, q_bufs, q_bars, k_bufs, v_bufs, s_bufs, ready, emp
         out = o_acc / gl.expand_dims(gl.convert_layout(l_safe, o_rows_layout), 1)
         q_smem.reshape([BLOCK_M, HEAD_DIM]).store(out.to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [batch, r0, q_col], q_smem)
+        _tma_store(o_desc, [batch, r0, q_col], q_smem)
         lse = gl.where(has_keys, m_i + gl.log2(l_safe), float("-inf"))
         gl.store(LSE + row_offset + offs_m, lse, mask=offs_m < seqlen)
         tma.store_wait(0)
