@@ -10,6 +10,9 @@ Runs (each "scenario:implementation"):
                                      fullgraph=True): one CUDA graph replay per token; the
                                      prompt prefilled in chunks of 8192 (O(w) attention memory)
                      gatedfwa-eager  the same model with the growing WindowCache, uncompiled
+                     nsa-eager       the same shape with attention_kinds="nsa-gatedfwa" (NSA,
+                                     its sliding branch the gated window) and its growing
+                                     NSALayerCache, uncompiled (no static NSA cache yet)
                      full-graph      the same model with attention_kinds="full" and a static
                                      cache of prompt + new tokens, compiled the same way
                      hf-static       transformers' LlamaForCausalLM of the same shape (full
@@ -78,7 +81,7 @@ QUICK_SCENARIOS = {
     "b1": (1, 24, 40, [0, 16, 32], 8),
     "b32": (3, 48, 24, [0, 16], 8),
 }
-DEFAULT_RUNS = "b1:gatedfwa-graph,b1:hf-static,b32:gatedfwa-graph,b32:hf-static,b1:gatedfwa-eager"
+DEFAULT_RUNS = "b1:gatedfwa-graph,b1:hf-static,b32:gatedfwa-graph,b32:hf-static,b1:gatedfwa-eager,b1:nsa-eager"
 PREFILL_CHUNK = 8192
 
 
@@ -138,8 +141,8 @@ class Session:
             config = LlamaConfig(**fields, max_position_embeddings=max(max_length, 2048), attn_implementation="sdpa")
             self.model = LlamaForCausalLM(config).to(device=DEVICE, dtype=dtype).eval()
         else:
-            kind = "full" if implementation == "full-graph" else "gatedfwa"
-            config = GatedFWAConfig(**model_fields, attention_kinds=kind, window_size=window if kind == "gatedfwa" else None)
+            kind = {"full-graph": "full", "nsa-eager": "nsa-gatedfwa"}.get(implementation, "gatedfwa")
+            config = GatedFWAConfig(**model_fields, attention_kinds=kind, window_size=None if kind == "full" else window)
             self.model = GatedFWAForCausalLM(config).to(device=DEVICE, dtype=dtype).eval()
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self.forward = compiled(self.model.forward) if implementation.endswith(("-graph", "-static")) else self.model.forward
@@ -151,7 +154,7 @@ class Session:
             from transformers import StaticCache
 
             return StaticCache(config=self.model.config, max_cache_len=self.max_length)
-        if self.implementation == "gatedfwa-eager":
+        if self.implementation.endswith("-eager"):
             return self.model.new_cache()
         chunk = PREFILL_CHUNK if not QUICK else 16
         return self.model.new_static_cache(self.max_length, prefill_chunk_size=chunk)
@@ -159,7 +162,7 @@ class Session:
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         batch, length = prompt.shape
-        if self.cache is not None and self.implementation != "gatedfwa-eager":
+        if self.cache is not None and not self.implementation.endswith("-eager"):
             # The same buffers again: the captured graph keeps its addresses (no re-capture).
             self.cache.reset()
         else:
@@ -194,8 +197,11 @@ class Session:
             return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
         return self.cache.memory_bytes()
 
-    def cache_shapes(self) -> list:
-        return [list(layer.keys.shape) for layer in self.cache.layers]
+    def cache_shapes(self) -> list | dict:
+        """The first layer's cache tensors' shapes (every layer's are the same)."""
+        if self.implementation == "hf-static":
+            return [list(layer.keys.shape) for layer in self.cache.layers]
+        return {name: list(t.shape) for name, t in self.cache[0].tensors().items() if t is not None}
 
 
 def run_generation(session: Session, prompt_len: int, new_tokens: int, batch: int, checkpoints: list[int],
@@ -244,7 +250,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="tiny model on the CPU: checks the logic only")
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="scenario:implementation pairs, comma-separated "
-                        "(scenarios b1, b32; implementations gatedfwa-graph, gatedfwa-eager, full-graph, hf-static)")
+                        "(scenarios b1, b32; implementations gatedfwa-graph, gatedfwa-eager, nsa-eager, full-graph, "
+                        "hf-static)")
     parser.add_argument("--window", type=int, default=None, help="window of the gatedfwa model (default 2048; quick 8)")
     parser.add_argument("--new-tokens", type=int, default=None, help="override every scenario's generated tokens")
     parser.add_argument("--budget-s", type=float, default=60.0,
@@ -272,11 +279,12 @@ def main() -> None:
             new_tokens = args.new_tokens
             checkpoints = [p for p in checkpoints if p + block <= new_tokens] + [new_tokens - block]
             checkpoints = sorted(set(p for p in checkpoints if p >= 0))
-        if implementation == "gatedfwa-eager" and not QUICK:
+        if implementation.endswith("-eager") and not QUICK:
             new_tokens, checkpoints = min(new_tokens, 1024), [p for p in checkpoints if p + block <= 1024]
         all_points.update(checkpoints)
         record = {"scenario": scenario, "implementation": implementation, "batch": batch, "prompt": prompt_len,
-                  "new_tokens": new_tokens, "window": window if implementation.startswith("gatedfwa") else None}
+                  "new_tokens": new_tokens,
+                  "window": window if implementation.startswith(("gatedfwa", "nsa")) else None}
         session = None
         try:
             if time.perf_counter() - began > args.total_budget_s:
