@@ -193,7 +193,7 @@ def compressed_forward(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor
     if q.numel() == 0:
         return o, lse
     k_cmp, v_cmp = _nonempty(k_cmp), _nonempty(v_cmp)
-    config = launch.CONFIGS["compressed"](layout)
+    config = launch.kernel_config("compressed", layout)
     pointers = _sequence_pointers(layout, q)
     _compressed_forward_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k_cmp, v_cmp, o, lse, *pointers,
@@ -214,7 +214,7 @@ def compressed_backward(do, q, k_cmp, v_cmp, o, lse, layout: SequenceLayout, sca
         return dq, dk_cmp, dv_cmp
     delta = (o.float() * do.float()).sum(-1).reshape(-1, layout.num_q_heads)
     k_in, v_in = _nonempty(k_cmp), _nonempty(v_cmp)
-    config = launch.CONFIGS["compressed"](layout)
+    config = launch.kernel_config("compressed", layout)
     pointers = _sequence_pointers(layout, q)
     sizes = (layout.seqlen_k, layout.seqlen_q, layout.summaries_per_seq, layout.num_q_heads, layout.block_size,
              scale * LOG2E, scale)

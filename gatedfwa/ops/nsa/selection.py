@@ -105,7 +105,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, layou
         return indices
     if k_cmp.shape[0] == 0:
         k_cmp = k_cmp.new_zeros((1, *k_cmp.shape[1:]))
-    config = launch.CONFIGS["selection"](layout)
+    config = launch.kernel_config("selection", layout)
     varlen = layout.varlen
     _select_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k_cmp, lse, indices, *layout.sequence_pointers(q), layout.summary_offsets if varlen else q,
