@@ -31,6 +31,7 @@ from gatedfwa.ops.nsa.selected_block_major import block_keys_backward, block_maj
 from gatedfwa.ops.common.online_softmax import softmax_lse, softmax_output, softmax_step
 from gatedfwa.ops.nsa.tiles import (
     NO_BLOCK,
+    check_tiles,
     load_gradient_rows,
     load_keys,
     probabilities,
@@ -91,6 +92,7 @@ def _selected_forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FEWER_QUERIES: tl.constexpr,
 ):
+    check_tiles(GROUP, GROUP_PAD, ROWS, BLOCK_K, HEAD_DIM, BLOCK_D)
     seq, kv_head, bos, eos, t0, position, row, head, valid, offs_d, q = query_tile_rows(
         Q, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM,
         BLOCK_D, VARLEN, FEWER_QUERIES)
@@ -128,6 +130,7 @@ def _selected_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FEWER_QUERIES: tl.constexpr,
 ):
+    check_tiles(GROUP, GROUP_PAD, ROWS, BLOCK_K, HEAD_DIM, BLOCK_D)
     seq, kv_head, bos, eos, t0, position, row, head, valid, offs_d, q = query_tile_rows(
         Q, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM,
         BLOCK_D, VARLEN, FEWER_QUERIES)

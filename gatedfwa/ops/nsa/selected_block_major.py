@@ -31,7 +31,7 @@ import torch
 
 from gatedfwa.ops.nsa import launch
 from gatedfwa.ops.nsa.layout import SequenceLayout
-from gatedfwa.ops.nsa.tiles import add_rows, load_gradient_rows, load_keys, load_rows, probabilities
+from gatedfwa.ops.nsa.tiles import add_rows, check_tiles, load_gradient_rows, load_keys, load_rows, probabilities
 from gatedfwa.ops.common.triton_support import LOG2E, cdiv, jit, tl, token_and_head_strides
 from gatedfwa.ops.common.varlen import query_bounds, sequence_bounds
 
@@ -137,7 +137,11 @@ def _entry_rows(QUERIES, i0, end, kv_head, shift, GROUP: tl.constexpr, GROUP_PAD
     return entry, row, row - shift, kv_head * GROUP + in_group, in_group, valid
 
 
-@jit
+# The block count per sequence (with the longest sequence) and the entries of the inverted
+# selection change from call to call; they only split the list id into (sequence, kv head,
+# block) and place a partial result whose other terms are not aligned anyway, so specialising
+# on their values (== 1, divisible by 16) would compile variants for nothing.
+@jit(do_not_specialize=["max_blocks", "num_entries"])
 def _selected_row_lse_kernel(
     Q, K, QUERIES, ITEM_LIST, ITEM_START, ITEM_END, PARTIAL, CU_SEQLENS, CU_SEQLENS_Q,
     stride_qt, stride_qh, stride_kt, stride_kh,
@@ -148,6 +152,7 @@ def _selected_row_lse_kernel(
 ):
     """Forward pass 1: PARTIAL[piece, entry, head in group] = log2 sum_j exp2(s_j) over the
     piece's keys j the row sees (-inf when it sees none)."""
+    check_tiles(GROUP, GROUP_PAD, ROWS, BLOCK_K, HEAD_DIM, BLOCK_D)
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
     piece, kv_head, start, end, offs_n, key_ok, shift = _item_keys(
         ITEM_LIST, ITEM_START, ITEM_END, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, num_kv_heads, block_size,
@@ -169,7 +174,7 @@ def _selected_row_lse_kernel(
         tl.store(PARTIAL + slot, partial, mask=valid)
 
 
-@jit
+@jit(do_not_specialize=["max_blocks"])
 def _selected_output_kernel(
     Q, K, V, LSE, QUERIES, ITEM_LIST, ITEM_START, ITEM_END, O, CU_SEQLENS, CU_SEQLENS_Q,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -179,6 +184,7 @@ def _selected_output_kernel(
     FEWER_QUERIES: tl.constexpr,
 ):
     """Forward pass 2: o += exp2(s - lse2) v over the piece's keys, into float32 O."""
+    check_tiles(GROUP, GROUP_PAD, ROWS, BLOCK_K, HEAD_DIM, BLOCK_D)
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
     piece, kv_head, start, end, offs_n, key_ok, shift = _item_keys(
         ITEM_LIST, ITEM_START, ITEM_END, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, num_kv_heads, block_size,
@@ -198,7 +204,7 @@ def _selected_output_kernel(
         add_rows(O, out, row, head, valid, offs_d, stride_ot, stride_oh, HEAD_DIM)
 
 
-@jit
+@jit(do_not_specialize=["max_blocks"])
 def _selected_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, QUERIES, ITEM_LIST, ITEM_START, ITEM_END, DK, DV, DQ, CU_SEQLENS, CU_SEQLENS_Q,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -210,6 +216,7 @@ def _selected_dkdv_kernel(
 ):
     """dv += P^T do, dk += scale * dS^T q over the item's (query, head) rows for the piece's
     keys, added into float32 DK/DV; WITH_DQ: also dq += scale * dS k into float32 DQ."""
+    check_tiles(GROUP, GROUP_PAD, ROWS, BLOCK_K, HEAD_DIM, BLOCK_D)
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
     piece, kv_head, start, end, offs_n, key_ok, shift = _item_keys(
         ITEM_LIST, ITEM_START, ITEM_END, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, num_kv_heads, block_size,

@@ -196,3 +196,21 @@ def test_invert_selection_lists_every_choice_once():
                 assert inverted.queries[a:b].tolist() == expected
                 assert (inverted.kv_heads[a:b] == head).all()
     assert inverted.entries == int((indices >= 0).sum())
+
+
+@pytest.mark.parametrize("rule, match", [
+    (dict(ROWS=24, BLOCK_C=16), "ROWS must be whole groups"),  # group 16: 24 rows is a group and a half
+    (dict(ROWS=48, BLOCK_C=16), "ROWS must be a power of two"),
+    (dict(ROWS=64, BLOCK_C=24), "must be a power of two of at least 16"),
+])
+def test_kernels_refuse_tiles_that_break_their_invariants(override_tuning, rule, match):
+    """A launch.TUNING rule whose tiles break the kernels' layout (tiles.check_tiles) fails
+    when the kernel is built, naming the invariant, instead of computing with torn groups."""
+    from gatedfwa.ops.nsa.compressed import compressed_forward
+    from gatedfwa.ops.nsa.layout import SequenceLayout
+
+    override_tuning(launch.TUNING, rules={"compressed": lambda arch, **keys: dict(rule, num_warps=4, num_stages=1)})
+    q = torch.randn(1, 32, 16, 16)
+    k_cmp = torch.randn(2, 1, 16)
+    with pytest.raises(Exception, match=match):
+        compressed_forward(q, k_cmp, k_cmp, SequenceLayout(q, 1, 16, None), 0.25)
