@@ -58,7 +58,7 @@ from common import (  # noqa: E402
 )
 
 from gatedfwa.ops.nsa import launch as nsa_launch  # noqa: E402
-from gatedfwa.ops.nsa import nsa_attention, selected  # noqa: E402
+from gatedfwa.ops.nsa import nsa_attention  # noqa: E402
 from gatedfwa.ops.nsa.naive import naive_nsa_attention  # noqa: E402
 from gatedfwa.ops.window_attention import gated_window_attention  # noqa: E402
 from gatedfwa.testing import assert_within_rule  # noqa: E402
@@ -227,11 +227,12 @@ def fla_peer(q, k, v, g_cmp, g_slc, g_swa, group, record, rows, shape):
 # Launch-config sweep
 # ---------------------------------------------------------------------------------------------
 
-# Each kernel family's config(layout) (gatedfwa/ops/nsa/launch.py, CONFIGS: compressed.py,
-# selection.py, selected.py, selected_block_major.py: the block-major forward's) is replaced
-# by a candidate; ROWS is raised to the group size where smaller. The first is the default.
+# Each kernel family's rule (gatedfwa/ops/nsa/launch.py, TUNING: compressed.py, selection.py,
+# selected.py, selected_block_major.py: the block-major forward's) is replaced by a candidate
+# within TUNING.overridden; ROWS is raised to the group size where smaller. The first is the
+# default.
 FAMILIES = {"compressed": "compressed", "selection": "selection", "selected": "selected",
-            "selected block-major fwd": "block_major"}  # the family's key in nsa_launch.CONFIGS
+            "selected block-major fwd": "block_major"}  # the family's rule in nsa_launch.TUNING
 KERNEL_FRAGMENT = {"compressed": "_compressed_", "selection": "_select_kernel", "selected": "_selected_",
                    "selected block-major fwd": "_selected_"}
 CANDIDATES = {
@@ -244,27 +245,24 @@ CANDIDATES = {
     "selected": [dict(ROWS=16, BLOCK_K=64, num_warps=4, num_stages=2),
                  dict(ROWS=32, BLOCK_K=64, num_warps=4, num_stages=2),
                  dict(ROWS=16, BLOCK_K=32, num_warps=2, num_stages=3)],
-    # Only groups that run block-major (selected.BLOCK_MAJOR_MAX_GROUP) tell these apart.
+    # Only groups that run block-major (TUNING's block_major_max_group) tell these apart.
     "selected block-major fwd": [dict(ROWS=64, BLOCK_K=64, num_warps=4, num_stages=2),
                                  dict(ROWS=128, BLOCK_K=64, num_warps=8, num_stages=2),
                                  dict(ROWS=32, BLOCK_K=64, num_warps=4, num_stages=2)],
 }
-DEFAULT_CONFIG = {name: nsa_launch.CONFIGS[key] for name, key in FAMILIES.items()}
 CHOSEN: dict[tuple[str, int], dict] = {}  # (family, group) -> config, filled by --sweep
 
 
-def use_config(family: str, config: dict | None) -> None:
-    """Make the family's kernels launch with config (None: the module's own default)."""
-    if config is None:
-        nsa_launch.CONFIGS[FAMILIES[family]] = DEFAULT_CONFIG[family]
-    else:
-        nsa_launch.CONFIGS[FAMILIES[family]] = lambda layout, c=config: {**c,
-                                                                         "ROWS": max(c["ROWS"], layout.group_pad)}
+def candidate_rule(config: dict):
+    """A TUNING rule that launches with config on every architecture, ROWS raised to one group."""
+    return lambda arch, block_d, group_pad, block_size: {**config, "ROWS": max(config["ROWS"], group_pad)}
 
 
-def apply_configs(group: int) -> None:
-    for family in FAMILIES:
-        use_config(family, CHOSEN.get((family, group)))
+def chosen_rules(group: int) -> dict:
+    """The rules of the configs --sweep chose for this group size (none chosen: TUNING's own),
+    for nsa_launch.TUNING.overridden(rules=...)."""
+    return {FAMILIES[family]: candidate_rule(CHOSEN[(family, group)]) for family in FAMILIES
+            if (family, group) in CHOSEN}
 
 
 def active_configs(group: int) -> dict:
@@ -332,20 +330,21 @@ def sweep(seqlen: int) -> list[dict]:
                 leaf.grad = None
 
         for family, candidates in CANDIDATES.items():
-            if family == "selected block-major fwd" and group > selected.BLOCK_MAJOR_MAX_GROUP:
+            if family == "selected block-major fwd" and group > nsa_launch.TUNING.knobs.block_major_max_group:
                 continue  # this group's forward is query-major: the candidates would all time the same
             best = None
             for config in candidates:
-                apply_configs(group)
-                use_config(family, config)
                 row = {"shape": shape, "family": family, "config": str(config)}
+                rules = {**chosen_rules(group), FAMILIES[family]: candidate_rule(config)}
                 try:
-                    row["check"] = check_config(family, q_heads, kv_heads)
-                    if row["check"] == "ok":
-                        times = kernel_device_ms(step, iterations=10)
-                        row["device ms"] = sum(ms for name, ms in times.items() if KERNEL_FRAGMENT[family] in name)
-                        if best is None or row["device ms"] < best[0]:
-                            best = (row["device ms"], config)
+                    with nsa_launch.TUNING.overridden(rules=rules):
+                        row["check"] = check_config(family, q_heads, kv_heads)
+                        if row["check"] == "ok":
+                            times = kernel_device_ms(step, iterations=10)
+                            row["device ms"] = sum(ms for name, ms in times.items()
+                                                   if KERNEL_FRAGMENT[family] in name)
+                            if best is None or row["device ms"] < best[0]:
+                                best = (row["device ms"], config)
                 except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
                     row.update(error_record(exc))
                 rows.append(row)
@@ -356,7 +355,6 @@ def sweep(seqlen: int) -> list[dict]:
                              "device ms": best[0]})
         del q, k, v, g, gates, do
         torch.cuda.empty_cache()
-    apply_configs(0)
     return rows
 
 
@@ -389,7 +387,7 @@ def add_ratios(rows):
 # The selected branch's strategies side by side
 # ---------------------------------------------------------------------------------------------
 
-# selected.BLOCK_MAJOR_MAX_GROUP per strategy: no group block-major, every group block-major.
+# TUNING's block_major_max_group per strategy: no group block-major, every group block-major.
 STRATEGIES = {"query-major": 0, "block-major": 1 << 20}
 
 
@@ -397,7 +395,7 @@ def compare_selected(seqlen: int, rows: list[dict]) -> None:
     """Per shape and strategy: the gated NSA and cmp+slc, forward and forward+backward, and
     the selected-attention kernels' device time per forward+backward."""
     options = dict(block_size=BLOCK_SIZE, block_counts=BLOCK_COUNTS, window_size=WINDOW)
-    default = selected.BLOCK_MAJOR_MAX_GROUP
+    default = nsa_launch.TUNING.knobs.block_major_max_group
     for q_heads, kv_heads in HEADS:
         group = q_heads // kv_heads
         shape = f"T{seqlen} HQ{q_heads} H{kv_heads} (group {group})"
@@ -409,36 +407,35 @@ def compare_selected(seqlen: int, rows: list[dict]) -> None:
             "cmp+slc": (lambda: nsa_attention(q, k, v, None, g_cmp, g_slc, None, **options), [q, k, v, g_cmp, g_slc]),
         }
         for strategy, max_group in STRATEGIES.items():
-            selected.BLOCK_MAJOR_MAX_GROUP = max_group
-            for name, (fwd, leaves) in variants.items():
-                row = {"shape": shape, "strategy": strategy, "variant": name,
-                       "default": strategy == ("block-major" if group <= default else "query-major")}
-                try:
-                    fwd()
-                    with torch.no_grad():
-                        row["fwd ms"] = bench_ms(fwd)
+            with nsa_launch.TUNING.overridden(block_major_max_group=max_group):
+                for name, (fwd, leaves) in variants.items():
+                    row = {"shape": shape, "strategy": strategy, "variant": name,
+                           "default": strategy == ("block-major" if group <= default else "query-major")}
+                    try:
+                        fwd()
+                        with torch.no_grad():
+                            row["fwd ms"] = bench_ms(fwd)
 
-                    def step(fwd=fwd, leaves=leaves):
-                        fwd().backward(do)
-                        for leaf in leaves:
-                            leaf.grad = None
+                        def step(fwd=fwd, leaves=leaves):
+                            fwd().backward(do)
+                            for leaf in leaves:
+                                leaf.grad = None
 
-                    step()
-                    row["fwd+bwd ms"] = bench_ms(step)
-                    row["fwd+bwd ms per query head"] = row["fwd+bwd ms"] / q_heads
-                    if name == "gated NSA":
-                        times = kernel_device_ms(step, iterations=10)
-                        for stage in ("selected attention fwd", "selected attention dq",
-                                      "selected attention dk/dv (block-major: and dq)"):
-                            row[stage + " (device ms)"] = sum(ms for kernel, ms in times.items()
-                                                             if stage_of(kernel) == stage)
-                        row["all kernels (device ms)"] = sum(times.values())
-                except Exception as exc:  # noqa: BLE001 - a failing strategy is recorded, not fatal
-                    row.update(error_record(exc))
-                    traceback.print_exc()
-                rows.append(row)
-                print({key: value for key, value in row.items() if key != "traceback"}, flush=True)
-        selected.BLOCK_MAJOR_MAX_GROUP = default
+                        step()
+                        row["fwd+bwd ms"] = bench_ms(step)
+                        row["fwd+bwd ms per query head"] = row["fwd+bwd ms"] / q_heads
+                        if name == "gated NSA":
+                            times = kernel_device_ms(step, iterations=10)
+                            for stage in ("selected attention fwd", "selected attention dq",
+                                          "selected attention dk/dv (block-major: and dq)"):
+                                row[stage + " (device ms)"] = sum(ms for kernel, ms in times.items()
+                                                                 if stage_of(kernel) == stage)
+                            row["all kernels (device ms)"] = sum(times.values())
+                    except Exception as exc:  # noqa: BLE001 - a failing strategy is recorded, not fatal
+                        row.update(error_record(exc))
+                        traceback.print_exc()
+                    rows.append(row)
+                    print({key: value for key, value in row.items() if key != "traceback"}, flush=True)
         del q, k, v, g, g_cmp, g_slc, g_swa, do
         torch.cuda.empty_cache()
 
@@ -475,7 +472,7 @@ def main(argv=None):
                     dtype="bfloat16")
     if args.compare_selected:
         compare_rows: list[dict] = []
-        settings["block_major_max_group (default)"] = selected.BLOCK_MAJOR_MAX_GROUP
+        settings["block_major_max_group (default)"] = nsa_launch.TUNING.knobs.block_major_max_group
         for seqlen in args.seqlens:
             compare_selected(seqlen, compare_rows)
             table = compare_rows + compare_ratios(compare_rows)
@@ -508,9 +505,10 @@ def main(argv=None):
 
     for seqlen in args.seqlens:
         for q_heads, kv_heads in HEADS:
-            apply_configs(q_heads // kv_heads)
             try:
-                run_shape(seqlen, q_heads, kv_heads, rows, None if args.no_kernels else kernel_table, kernel_list)
+                with nsa_launch.TUNING.overridden(rules=chosen_rules(q_heads // kv_heads)):
+                    run_shape(seqlen, q_heads, kv_heads, rows, None if args.no_kernels else kernel_table,
+                              kernel_list)
             except Exception as exc:  # e.g. out of memory at one shape: keep the others
                 rows.append({"shape": f"T{seqlen} HQ{q_heads} H{kv_heads}", **error_record(exc)})
             torch.cuda.empty_cache()

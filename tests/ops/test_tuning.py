@@ -12,6 +12,7 @@ import torch
 from gatedfwa.ops.common.tuning import Tuning, architecture
 from gatedfwa.ops.decode import launch as decode_launch
 from gatedfwa.ops.gate import launch as gate_launch
+from gatedfwa.ops.nsa import launch as nsa_launch
 from gatedfwa.ops.window_attention import launch as attention_launch
 
 
@@ -102,11 +103,17 @@ def test_architecture_of_a_gpu():
     assert architecture(torch.device("cuda")) == expected
 
 
+def is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
 def test_every_family_keeps_one_tuning_surface():
-    """The window attention, gate and decode families' launch choices come from their TUNING: every
-    rule answers on the architectures we tune for, and the attention tiles keep their invariants
-    (forward and dq: BLOCK_M a multiple of BLOCK_N; dk/dv: BLOCK_N a multiple of BLOCK_M)."""
-    for arch in ("sm90", "sm80", "interpreter", "cpu"):
+    """The window attention, gate, decode and NSA families' launch choices come from their
+    TUNING: every rule answers on the architectures we tune for, and the tiles keep the
+    invariants their kernels assert (attention forward and dq: BLOCK_M a multiple of BLOCK_N;
+    dk/dv: BLOCK_N a multiple of BLOCK_M; NSA: ROWS a power of two holding whole groups,
+    summary and key tiles powers of two of at least 16, gatedfwa/ops/nsa/tiles.py check_tiles)."""
+    for arch in ("sm90", "sm80", "rocm", "interpreter", "cpu"):
         for block_d in (16, 32, 64, 128, 256):
             for gate in (True, False):
                 forward = attention_launch.TUNING.config("forward", arch, block_d=block_d, gate=gate)
@@ -122,3 +129,18 @@ def test_every_family_keeps_one_tuning_surface():
         for kernel in ("chunk_sums", "delta", "reverse_cumsum", "flux_gradient"):
             assert attention_launch.TUNING.config(kernel, arch, block_d=0, gate=False)["num_warps" if kernel in (
                 "chunk_sums", "reverse_cumsum", "flux_gradient") else "BLOCK"] >= 1
+        for block_d in (16, 64, 128, 256):
+            for group_pad in (1, 2, 4, 8, 16, 32, 64):
+                for block_size in (8, 16, 32, 64, 128):
+                    keys = dict(block_d=block_d, group_pad=group_pad, block_size=block_size)
+                    for kernel, key_tile in (("compressed", "BLOCK_C"), ("selection", "BLOCK_C"),
+                                             ("selected", "BLOCK_K"), ("block_major", "BLOCK_K")):
+                        tiles = nsa_launch.TUNING.config(kernel, arch, **keys)
+                        assert is_power_of_two(tiles["ROWS"]) and tiles["ROWS"] >= max(16, group_pad), (kernel, keys)
+                        assert is_power_of_two(tiles[key_tile]) and tiles[key_tile] >= 16, (kernel, keys)
+                        assert tiles["num_warps"] >= 1 and tiles["num_stages"] >= 1, (kernel, keys)
+                    splits = nsa_launch.TUNING.config("query_splits", arch, **keys)
+                    assert splits["MIN_QUERY_SPAN"] >= 1 and splits["WAVES"] >= 1
+                    assert splits["MAX_SPLITS"] is None or splits["MAX_SPLITS"] >= 1
+                    assert nsa_launch.TUNING.config("work_items", arch, **keys)["ROWS_PER_ITEM"] >= group_pad
+    assert nsa_launch.TUNING.knobs.block_major_max_group >= 0

@@ -24,6 +24,7 @@ from gatedfwa.ops.nsa import launch
 from gatedfwa.ops.nsa.layout import SequenceLayout
 from gatedfwa.ops.common.online_softmax import softmax_lse, softmax_output, softmax_step
 from gatedfwa.ops.nsa.tiles import (
+    check_tiles,
     load_gradient_rows,
     load_keys,
     load_rows,
@@ -48,6 +49,7 @@ def _compressed_forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FEWER_QUERIES: tl.constexpr,
 ):
+    check_tiles(GROUP, GROUP_PAD, ROWS, BLOCK_C, HEAD_DIM, BLOCK_D)
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
     seq, kv_head, bos, eos, t0, position, row, head, valid, offs_d, q = query_tile_rows(
         Q, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM,
@@ -86,6 +88,7 @@ def _compressed_dq_kernel(
     FEWER_QUERIES: tl.constexpr,
 ):
     """dq_t = scale * sum_c P_tc (dP_tc - delta_t) k_cmp[c], dP = do . v_cmp."""
+    check_tiles(GROUP, GROUP_PAD, ROWS, BLOCK_C, HEAD_DIM, BLOCK_D)
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
     seq, kv_head, bos, eos, t0, position, row, head, valid, offs_d, q = query_tile_rows(
         Q, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM,
@@ -113,7 +116,10 @@ def _compressed_dq_kernel(
     store_rows(DQ, dq * scale, row, head, valid, offs_d, stride_dqt, stride_dqh, HEAD_DIM)
 
 
-@jit
+# The span and the number of splits change from call to call (query_splits: with the lengths
+# and the programs' count); they only bound the walk and divide the program id, so specialising
+# on their values (== 1, divisible by 16) would compile variants for nothing.
+@jit(do_not_specialize=["query_span", "num_splits"])
 def _compressed_dkdv_kernel(
     Q, KC, VC, DO, LSE, DELTA, DKC, DVC, CU_SEQLENS, CU_SEQLENS_Q, SUMMARY_OFFSETS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -130,6 +136,7 @@ def _compressed_dkdv_kernel(
     dk_c = scale * sum_t dS_tc q_t. Each split writes its own float32 partial (DKC/DVC hold
     [splits, num_summaries, H, D], split s at offset s * split_stride); the host sums them.
     A split whose span holds no query that sees the tile writes zeros."""
+    check_tiles(GROUP, GROUP_PAD, ROWS, BLOCK_C, HEAD_DIM, BLOCK_D)
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -193,7 +200,7 @@ def compressed_forward(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor
     if q.numel() == 0:
         return o, lse
     k_cmp, v_cmp = _nonempty(k_cmp), _nonempty(v_cmp)
-    config = launch.CONFIGS["compressed"](layout)
+    config = launch.kernel_config("compressed", layout)
     pointers = _sequence_pointers(layout, q)
     _compressed_forward_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k_cmp, v_cmp, o, lse, *pointers,
@@ -214,7 +221,7 @@ def compressed_backward(do, q, k_cmp, v_cmp, o, lse, layout: SequenceLayout, sca
         return dq, dk_cmp, dv_cmp
     delta = (o.float() * do.float()).sum(-1).reshape(-1, layout.num_q_heads)
     k_in, v_in = _nonempty(k_cmp), _nonempty(v_cmp)
-    config = launch.CONFIGS["compressed"](layout)
+    config = launch.kernel_config("compressed", layout)
     pointers = _sequence_pointers(layout, q)
     sizes = (layout.seqlen_k, layout.seqlen_q, layout.summaries_per_seq, layout.num_q_heads, layout.block_size,
              scale * LOG2E, scale)

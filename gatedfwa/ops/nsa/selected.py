@@ -15,7 +15,8 @@ head) row costs a row of q loaded per selected block, not a block of keys: with 
 block of keys and values for a row or two of work. The price is atomic float32 additions of
 o and dq rows and a second pass of q . k in the forward. dk/dv are block-major either way.
 
-Groups of at most BLOCK_MAJOR_MAX_GROUP take the block-major forward and dq.
+Groups of at most block_major_max_group (launch.TUNING's knob) take the block-major forward
+and dq.
 
     forward  o_slc [B*T, HQ, D], lse2 [B*T, HQ] float32 (base 2)
 """
@@ -30,6 +31,7 @@ from gatedfwa.ops.nsa.selected_block_major import block_keys_backward, block_maj
 from gatedfwa.ops.common.online_softmax import softmax_lse, softmax_output, softmax_step
 from gatedfwa.ops.nsa.tiles import (
     NO_BLOCK,
+    check_tiles,
     load_gradient_rows,
     load_keys,
     probabilities,
@@ -38,20 +40,14 @@ from gatedfwa.ops.nsa.tiles import (
 )
 from gatedfwa.ops.common.triton_support import LOG2E, jit, tl, token_and_head_strides
 
-__all__ = ["selected_forward", "query_major_forward", "selected_backward", "BLOCK_MAJOR_MAX_GROUP"]
-
-# Groups up to this size run the selected branch's forward and dq block-major
-# (selected_block_major.py); larger groups query-major. 0 makes every group query-major.
-# `python benchmarks/bench_nsa.py --compare-selected` times both at groups 1 and 16: on an H200
-# at T=32k (benchmarks/results/nsa_selected_compare.md) block-major takes group 1 from 71.1 to
-# 25.2 ms forward+backward and loses at group 16 (76.8 against 71.8 ms); groups 2-4 are not
-# measured and follow group 1, whose reason (few rows per block load) they share.
-BLOCK_MAJOR_MAX_GROUP = 4
+__all__ = ["selected_forward", "query_major_forward", "selected_backward", "block_major"]
 
 
 def block_major(layout: SequenceLayout) -> bool:
-    """Whether this call's selected forward and dq are block-major (module docstring)."""
-    return layout.group <= BLOCK_MAJOR_MAX_GROUP
+    """Whether this call's selected forward and dq are block-major (module docstring): groups
+    up to launch.TUNING's block_major_max_group (launch.py, NSAKnobs, with the measurements
+    that chose it)."""
+    return layout.group <= launch.TUNING.knobs.block_major_max_group
 
 
 @jit
@@ -96,6 +92,7 @@ def _selected_forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FEWER_QUERIES: tl.constexpr,
 ):
+    check_tiles(GROUP, GROUP_PAD, ROWS, BLOCK_K, HEAD_DIM, BLOCK_D)
     seq, kv_head, bos, eos, t0, position, row, head, valid, offs_d, q = query_tile_rows(
         Q, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM,
         BLOCK_D, VARLEN, FEWER_QUERIES)
@@ -133,6 +130,7 @@ def _selected_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FEWER_QUERIES: tl.constexpr,
 ):
+    check_tiles(GROUP, GROUP_PAD, ROWS, BLOCK_K, HEAD_DIM, BLOCK_D)
     seq, kv_head, bos, eos, t0, position, row, head, valid, offs_d, q = query_tile_rows(
         Q, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM,
         BLOCK_D, VARLEN, FEWER_QUERIES)
@@ -179,7 +177,7 @@ def query_major_forward(q, k, v, indices, layout: SequenceLayout, scale: float):
     lse = torch.empty((layout.batch * layout.seqlen_q, layout.num_q_heads), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return o, lse
-    config = launch.CONFIGS["selected"](layout)
+    config = launch.kernel_config("selected", layout)
     _selected_forward_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k, v, indices, o, lse, *layout.sequence_pointers(q),
         *token_and_head_strides(q), *token_and_head_strides(k), *token_and_head_strides(v), *token_and_head_strides(o),
@@ -199,7 +197,7 @@ def selected_backward(do, q, k, v, indices, o, lse, layout: SequenceLayout, scal
     if q.numel() == 0:
         return dq, dk, dv
     delta = (o.float() * do.float()).sum(-1).reshape(-1, layout.num_q_heads)
-    config = launch.CONFIGS["selected"](layout)
+    config = launch.kernel_config("selected", layout)
     with_dq = block_major(layout)
     if not with_dq:
         _selected_dq_kernel[layout.grid(config["ROWS"] // layout.group_pad)](

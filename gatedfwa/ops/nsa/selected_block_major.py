@@ -20,7 +20,7 @@ addition onto 0 (exact, deterministic), while query rows (o, dq) receive one add
 selected block and sum in the order the programs finish.
 
     invert_selection  indices [B, T, H, S] -> queries [entries], offsets, kv head per entry
-    work_items        the lists cut into runs of at most ROWS_PER_ITEM rows
+    work_items        the lists cut into runs of at most ROWS_PER_ITEM rows (launch.TUNING)
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 
 from gatedfwa.ops.nsa import launch
 from gatedfwa.ops.nsa.layout import SequenceLayout
-from gatedfwa.ops.nsa.tiles import add_rows, load_gradient_rows, load_keys, load_rows, probabilities
-from gatedfwa.ops.common.triton_support import LOG2E, cdiv, interpreting, jit, tl, token_and_head_strides
+from gatedfwa.ops.nsa.tiles import add_rows, check_tiles, load_gradient_rows, load_keys, load_rows, probabilities
+from gatedfwa.ops.common.triton_support import LOG2E, cdiv, jit, tl, token_and_head_strides
 from gatedfwa.ops.common.varlen import query_bounds, sequence_bounds
 
 __all__ = ["InvertedSelection", "invert_selection", "work_items", "block_major_forward", "block_keys_backward"]
@@ -81,15 +81,12 @@ def invert_selection(indices: torch.Tensor, layout: SequenceLayout) -> InvertedS
     return InvertedSelection(queries, offsets, ((list_id // layout.max_blocks) % heads).to(torch.int32))
 
 
-# Rows (query, head) one work item walks at most: a block every query keeps (block 0) is cut
-# into several items so that its program does not run T steps alone.
-ROWS_PER_ITEM = 4096
-
-
 def work_items(offsets: torch.Tensor, layout: SequenceLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(list id, first entry, end entry) int32 [items] of the non-empty block lists of
-    invert_selection, each cut into runs of at most ROWS_PER_ITEM // GROUP_PAD queries."""
-    chunk = 8 if interpreting() else max(1, ROWS_PER_ITEM // layout.group_pad)  # tests: items split too
+    invert_selection, each cut into runs of at most launch.queries_per_item(layout) queries
+    (TUNING's ROWS_PER_ITEM rows: a block every query keeps, block 0, is cut into several
+    items so that its program does not run T steps alone)."""
+    chunk = launch.queries_per_item(layout)
     counts = (offsets[1:] - offsets[:-1]).long()
     pieces = (counts + chunk - 1) // chunk  # 0 for a block nobody selected
     list_id = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), pieces)
@@ -140,7 +137,11 @@ def _entry_rows(QUERIES, i0, end, kv_head, shift, GROUP: tl.constexpr, GROUP_PAD
     return entry, row, row - shift, kv_head * GROUP + in_group, in_group, valid
 
 
-@jit
+# The block count per sequence (with the longest sequence) and the entries of the inverted
+# selection change from call to call; they only split the list id into (sequence, kv head,
+# block) and place a partial result whose other terms are not aligned anyway, so specialising
+# on their values (== 1, divisible by 16) would compile variants for nothing.
+@jit(do_not_specialize=["max_blocks", "num_entries"])
 def _selected_row_lse_kernel(
     Q, K, QUERIES, ITEM_LIST, ITEM_START, ITEM_END, PARTIAL, CU_SEQLENS, CU_SEQLENS_Q,
     stride_qt, stride_qh, stride_kt, stride_kh,
@@ -151,6 +152,7 @@ def _selected_row_lse_kernel(
 ):
     """Forward pass 1: PARTIAL[piece, entry, head in group] = log2 sum_j exp2(s_j) over the
     piece's keys j the row sees (-inf when it sees none)."""
+    check_tiles(GROUP, GROUP_PAD, ROWS, BLOCK_K, HEAD_DIM, BLOCK_D)
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
     piece, kv_head, start, end, offs_n, key_ok, shift = _item_keys(
         ITEM_LIST, ITEM_START, ITEM_END, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, num_kv_heads, block_size,
@@ -172,7 +174,7 @@ def _selected_row_lse_kernel(
         tl.store(PARTIAL + slot, partial, mask=valid)
 
 
-@jit
+@jit(do_not_specialize=["max_blocks"])
 def _selected_output_kernel(
     Q, K, V, LSE, QUERIES, ITEM_LIST, ITEM_START, ITEM_END, O, CU_SEQLENS, CU_SEQLENS_Q,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -182,6 +184,7 @@ def _selected_output_kernel(
     FEWER_QUERIES: tl.constexpr,
 ):
     """Forward pass 2: o += exp2(s - lse2) v over the piece's keys, into float32 O."""
+    check_tiles(GROUP, GROUP_PAD, ROWS, BLOCK_K, HEAD_DIM, BLOCK_D)
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
     piece, kv_head, start, end, offs_n, key_ok, shift = _item_keys(
         ITEM_LIST, ITEM_START, ITEM_END, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, num_kv_heads, block_size,
@@ -201,7 +204,7 @@ def _selected_output_kernel(
         add_rows(O, out, row, head, valid, offs_d, stride_ot, stride_oh, HEAD_DIM)
 
 
-@jit
+@jit(do_not_specialize=["max_blocks"])
 def _selected_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, QUERIES, ITEM_LIST, ITEM_START, ITEM_END, DK, DV, DQ, CU_SEQLENS, CU_SEQLENS_Q,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -213,6 +216,7 @@ def _selected_dkdv_kernel(
 ):
     """dv += P^T do, dk += scale * dS^T q over the item's (query, head) rows for the piece's
     keys, added into float32 DK/DV; WITH_DQ: also dq += scale * dS k into float32 DQ."""
+    check_tiles(GROUP, GROUP_PAD, ROWS, BLOCK_K, HEAD_DIM, BLOCK_D)
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
     piece, kv_head, start, end, offs_n, key_ok, shift = _item_keys(
         ITEM_LIST, ITEM_START, ITEM_END, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, num_kv_heads, block_size,
@@ -274,7 +278,7 @@ def block_major_forward(q, k, v, inverted: InvertedSelection, layout: SequenceLa
     if item_list.numel() == 0:
         lse = torch.full((layout.batch * layout.seqlen_q, layout.num_q_heads), float("-inf"), device=q.device)
         return o32.to(q.dtype), lse
-    config = launch.CONFIGS["block_major"](layout)
+    config = launch.kernel_config("block_major", layout)
     pieces = cdiv(layout.block_size, config["BLOCK_K"])
     grid = (item_list.numel() * pieces, 1, 1)
     cu = layout.sequence_pointers(q)
@@ -302,7 +306,7 @@ def block_keys_backward(q, k, v, do, lse, delta, inverted: InvertedSelection, la
                         config: dict, with_dq: bool):
     """float32 (dk, dv [B, T, H, D], dq [B, T, HQ, D] or None) of the selected branch from
     the forward's lse2 and delta = rowsum(o * do) [B*T, HQ]; dq only with with_dq. config:
-    ROWS, BLOCK_K and the launch options (launch.CONFIGS["selected"])."""
+    ROWS, BLOCK_K and the launch options (launch.kernel_config("selected", layout))."""
     item_list, item_start, item_end = work_items(inverted.offsets, layout)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)

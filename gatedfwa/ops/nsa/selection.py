@@ -25,7 +25,7 @@ import torch
 
 from gatedfwa.ops.nsa import launch
 from gatedfwa.ops.nsa.layout import SequenceLayout
-from gatedfwa.ops.nsa.tiles import NO_BLOCK, load_keys, query_tile_rows, summary_bounds
+from gatedfwa.ops.nsa.tiles import NO_BLOCK, check_tiles, load_keys, query_tile_rows, summary_bounds
 from gatedfwa.ops.common.triton_support import LOG2E, dot_precision, jit, next_power_of_2, tl, token_and_head_strides
 
 __all__ = ["select_blocks"]
@@ -39,6 +39,7 @@ def _select_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FEWER_QUERIES: tl.constexpr,
 ):
+    check_tiles(GROUP, GROUP_PAD, ROWS, BLOCK_C, HEAD_DIM, BLOCK_D)
     BLOCK_Q: tl.constexpr = ROWS // GROUP_PAD
     seq, kv_head, bos, eos, t0, position, row, head, valid, offs_d, q = query_tile_rows(
         Q, CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS, HEAD_DIM,
@@ -105,7 +106,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, layou
         return indices
     if k_cmp.shape[0] == 0:
         k_cmp = k_cmp.new_zeros((1, *k_cmp.shape[1:]))
-    config = launch.CONFIGS["selection"](layout)
+    config = launch.kernel_config("selection", layout)
     varlen = layout.varlen
     _select_kernel[layout.grid(config["ROWS"] // layout.group_pad)](
         q, k_cmp, lse, indices, *layout.sequence_pointers(q), layout.summary_offsets if varlen else q,

@@ -18,6 +18,22 @@ NO_BLOCK = tl.constexpr(1 << 30)
 
 
 @jit
+def check_tiles(GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr, KEY_TILE: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Compile-time checks of a kernel's tiles (launch.TUNING's rules keep them): ROWS
+    (query, head) rows are whole groups of GROUP_PAD rows (query_rows: row r is query
+    r // GROUP_PAD) and a power of two; KEY_TILE, the summaries or keys per tile (BLOCK_C,
+    BLOCK_K), a power of two of at least 16 (a tensor-core product's side); BLOCK_D holds
+    the head."""
+    tl.static_assert(GROUP_PAD >= GROUP, "GROUP_PAD must hold the group (its size rounded up to a power of two)")
+    tl.static_assert(ROWS % GROUP_PAD == 0, "ROWS must be whole groups: a multiple of GROUP_PAD")
+    tl.static_assert(ROWS & (ROWS - 1) == 0, "ROWS must be a power of two")
+    tl.static_assert(KEY_TILE >= 16 and KEY_TILE & (KEY_TILE - 1) == 0,
+                     "the summary or key tile (BLOCK_C, BLOCK_K) must be a power of two of at least 16")
+    tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must hold the head")
+
+
+@jit
 def query_tile(CU_SEQLENS, CU_SEQLENS_Q, seqlen, seqlen_q, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr,
                FEWER_QUERIES: tl.constexpr):
     """The program's (sequence, kv head, [bos, eos) of the sequence's keys, first query t0 as

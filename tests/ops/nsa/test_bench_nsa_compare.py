@@ -1,14 +1,15 @@
 """benchmarks/bench_nsa.py --compare-selected's bookkeeping on the CPU (the PyTorch path, tiny
 sizes, the timers replaced by a wall clock; the strategies' kernels are tested in
 test_nsa_triton.py): every shape, strategy and variant gets a row, the ratio rows pair the
-groups' strategies, and the strategy threshold is restored afterwards."""
+groups' strategies, and the strategy threshold (launch.TUNING's block_major_max_group) is
+restored afterwards."""
 
 from __future__ import annotations
 
 import time
 
 from gatedfwa.ops.backend import use_backend
-from gatedfwa.ops.nsa import selected
+from gatedfwa.ops.nsa import launch
 
 
 @use_backend("torch")
@@ -18,7 +19,10 @@ def test_compare_selected_rows(monkeypatch, benchmark_script):
                             HEADS=[(16, 1), (1, 1)]).items():
         monkeypatch.setattr(bench, name, value)
 
+    thresholds = []  # block_major_max_group in effect while each strategy is timed
+
     def wall_ms(fn, **_):
+        thresholds.append(launch.TUNING.knobs.block_major_max_group)
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1000
@@ -26,10 +30,11 @@ def test_compare_selected_rows(monkeypatch, benchmark_script):
     monkeypatch.setattr(bench, "bench_ms", wall_ms)
     monkeypatch.setattr(bench, "kernel_device_ms", lambda fn, iterations: {"_selected_output_kernel": 1.0,
                                                                            "_selected_dq_kernel": 2.0})
-    default = selected.BLOCK_MAJOR_MAX_GROUP
+    default = launch.TUNING.knobs.block_major_max_group
     rows: list[dict] = []
     bench.compare_selected(36, rows)
-    assert selected.BLOCK_MAJOR_MAX_GROUP == default
+    assert launch.TUNING.knobs.block_major_max_group == default
+    assert sorted(set(thresholds)) == sorted(bench.STRATEGIES.values())
     assert not any("error" in row for row in rows), [row.get("error") for row in rows]
     assert {(row["shape"], row["strategy"], row["variant"]) for row in rows} == {
         (shape, strategy, variant)

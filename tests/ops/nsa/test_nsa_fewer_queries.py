@@ -11,22 +11,22 @@ import pytest
 import torch
 
 from gatedfwa.ops.backend import use_backend
-from gatedfwa.ops.nsa import launch, nsa_attention, selected
+from gatedfwa.ops.nsa import launch, nsa_attention
 
-# Backend, and for Triton the selected branch's work split (BLOCK_MAJOR_MAX_GROUP).
+# Backend, and for Triton the selected branch's work split (launch.TUNING's block_major_max_group).
 BACKENDS = {"torch": None, "triton-query-major": 0, "triton-block-major": 1 << 20}
 BRANCH_GATES = ("g_cmp", "g_slc", "g_swa")
 
 
 @pytest.fixture(params=list(BACKENDS))
-def backend(monkeypatch, request):
+def backend(monkeypatch, override_tuning, request):
     """Every path: PyTorch, and the Triton kernels with outputs poisoned with NaN (any row a
     kernel fails to write shows), query-major and block-major."""
     if request.param == "torch":
         with use_backend("torch"):
             yield request.param
         return
-    monkeypatch.setattr(selected, "BLOCK_MAJOR_MAX_GROUP", BACKENDS[request.param])
+    override_tuning(launch.TUNING, block_major_max_group=BACKENDS[request.param])
     monkeypatch.setattr(launch, "allocate_like", lambda x: torch.full_like(x, float("nan")))
     monkeypatch.setattr(launch, "allocate_indices", lambda shape, device: torch.full(
         shape, -7, dtype=torch.int32, device=device))

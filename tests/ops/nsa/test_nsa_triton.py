@@ -10,18 +10,18 @@ import pytest
 import torch
 
 from gatedfwa.ops.backend import use_backend
-from gatedfwa.ops.nsa import launch, nsa_attention, selected, selected_block_major
+from gatedfwa.ops.nsa import launch, nsa_attention, selected_block_major
 
 
-# BLOCK_MAJOR_MAX_GROUP per strategy: no group block-major, every group block-major.
+# launch.TUNING's block_major_max_group per strategy: no group block-major, every group block-major.
 STRATEGIES = {"query-major": 0, "block-major": 1 << 20}
 
 
 @pytest.fixture(autouse=True, params=list(STRATEGIES))
-def triton_backend(monkeypatch, request):
+def triton_backend(monkeypatch, override_tuning, request):
     """Force the Triton kernels and the selected branch's strategy, and poison the buffers
     they write with NaN."""
-    monkeypatch.setattr(selected, "BLOCK_MAJOR_MAX_GROUP", STRATEGIES[request.param])
+    override_tuning(launch.TUNING, block_major_max_group=STRATEGIES[request.param])
     monkeypatch.setattr(launch, "allocate_like", lambda x: torch.full_like(x, float("nan")))
     monkeypatch.setattr(launch, "allocate_indices", lambda shape, device: torch.full(
         shape, -7, dtype=torch.int32, device=device))
@@ -153,13 +153,13 @@ def test_compiles_fullgraph(device, make_inputs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_selected_backward_work_items_cover_each_list_once(monkeypatch):
+def test_selected_backward_work_items_cover_each_list_once(override_tuning):
     """The dk/dv work items: every entry of every block list in exactly one item, each item
     inside one list and at most a chunk long, empty lists without items."""
     from gatedfwa.ops.nsa.layout import SequenceLayout
 
-    monkeypatch.setattr(selected_block_major, "ROWS_PER_ITEM", 20)  # group 4: chunks of 5 queries
-    monkeypatch.setattr(selected_block_major, "interpreting", lambda: False)
+    # 20 rows per item, group 4: chunks of 5 queries.
+    override_tuning(launch.TUNING, rules={"work_items": lambda arch, **keys: dict(ROWS_PER_ITEM=20)})
     q, k = torch.zeros(1, 64, 4, 16), torch.zeros(1, 64, 1, 16)
     layout = SequenceLayout(q, k.shape[2], 16, None)
     counts = torch.randint(0, 13, (layout.max_blocks,))
@@ -196,3 +196,21 @@ def test_invert_selection_lists_every_choice_once():
                 assert inverted.queries[a:b].tolist() == expected
                 assert (inverted.kv_heads[a:b] == head).all()
     assert inverted.entries == int((indices >= 0).sum())
+
+
+@pytest.mark.parametrize("rule, match", [
+    (dict(ROWS=24, BLOCK_C=16), "ROWS must be whole groups"),  # group 16: 24 rows is a group and a half
+    (dict(ROWS=48, BLOCK_C=16), "ROWS must be a power of two"),
+    (dict(ROWS=64, BLOCK_C=24), "must be a power of two of at least 16"),
+])
+def test_kernels_refuse_tiles_that_break_their_invariants(override_tuning, rule, match):
+    """A launch.TUNING rule whose tiles break the kernels' layout (tiles.check_tiles) fails
+    when the kernel is built, naming the invariant, instead of computing with torn groups."""
+    from gatedfwa.ops.nsa.compressed import compressed_forward
+    from gatedfwa.ops.nsa.layout import SequenceLayout
+
+    override_tuning(launch.TUNING, rules={"compressed": lambda arch, **keys: dict(rule, num_warps=4, num_stages=1)})
+    q = torch.randn(1, 32, 16, 16)
+    k_cmp = torch.randn(2, 1, 16)
+    with pytest.raises(Exception, match=match):
+        compressed_forward(q, k_cmp, k_cmp, SequenceLayout(q, 1, 16, None), 0.25)
