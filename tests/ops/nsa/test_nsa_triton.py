@@ -84,22 +84,31 @@ def test_triton_queries_without_blocks(device, heads, make_inputs, check_nsa):
     check_nsa(q, k, v, gates, block_indices=chosen)
 
 
-# (batch, seqlen, q heads, kv heads, varlen): groups 16 and 1 at the benchmark's head size,
-# block size and block count, compiled kernels with their real tiles.
+# (batch, seqlen, q heads, kv heads, varlen, head dim): groups 16, 1, 4, 2 and 3 at the
+# benchmark's head size, block size and block count, and D = 256 (the largest head the ops
+# take, whose tiles the launch rules shrink) at groups 4 and 1; compiled kernels with their
+# real tiles.
 GPU_CASES = [
-    (1, 2048, 16, 1, False),
-    (2, 1500, 4, 4, False),
-    (1, 3000, 8, 2, True),
+    (1, 2048, 16, 1, False, 128),
+    (2, 1500, 4, 4, False, 128),
+    (1, 3000, 8, 2, True, 128),
+    (1, 2048, 8, 4, False, 128),
+    (1, 2048, 12, 4, True, 128),
+    (1, 1536, 8, 2, False, 256),
+    (2, 1024, 2, 2, True, 256),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled kernels with their real tile sizes")
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "B{}-T{}-HQ{}-H{}-varlen{}".format(*c))
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "B{}-T{}-HQ{}-H{}-varlen{}-D{}".format(*c))
 def test_gpu_bf16_moderate_size(case, make_inputs, check_nsa):
-    batch, seqlen, q_heads, kv_heads, varlen = case
-    q, k, v, gates = make_inputs(batch, seqlen, q_heads, kv_heads, 128, torch.bfloat16, "cuda", block_size=64)
-    cu_seqlens = torch.tensor([0, 700, 701, 2100, seqlen], dtype=torch.int32, device="cuda") if varlen else None
+    batch, seqlen, q_heads, kv_heads, varlen, head_dim = case
+    if varlen:
+        batch = 1
+    q, k, v, gates = make_inputs(batch, seqlen, q_heads, kv_heads, head_dim, torch.bfloat16, "cuda", block_size=64)
+    cu_seqlens = torch.tensor([0, 700, 701, min(2100, seqlen - 1), seqlen], dtype=torch.int32,
+                              device="cuda") if varlen else None
     # bf16 summaries move near-tied importances; the selection is compared where it is clear.
     check_nsa(q, k, v, gates, block_size=64, block_counts=16, window_size=512, cu_seqlens=cu_seqlens,
               min_checked=0.5)
