@@ -22,6 +22,7 @@ from tests.distributed.launch import run_on_ranks
 from tests.distributed.test_context_parallel import _expect
 from tests.models.test_model import tiny_config
 
+
 WORLD = 2
 SHARD = 6  # tokens per rank; sequences of WORLD * SHARD
 
@@ -144,10 +145,15 @@ def _check_all(rank, world, seed) -> list[str]:
     return failures + [f"refusal: {f}" for f in _check_refusals(rank)]
 
 
+_FAILURES: list[list[str]] = []  # the spawned run's failures, kept for the session (as in test_context_parallel.py)
+
+
 @pytest.fixture(scope="module")
 def failures(tmp_path_factory):
-    seed = zlib.crc32(b"model context-parallel") + torch.randint(0, 2**20, ()).item()
-    return run_on_ranks(WORLD, _check_all, seed, tmp_path=tmp_path_factory.mktemp("model_cp"))
+    if not _FAILURES:
+        seed = zlib.crc32(b"model context-parallel") + torch.randint(0, 2**20, ()).item()
+        _FAILURES.append(run_on_ranks(WORLD, _check_all, seed, tmp_path=tmp_path_factory.mktemp("model_cp")))
+    return _FAILURES[0]
 
 
 def test_loss_and_gradients_match_one_process(failures):
