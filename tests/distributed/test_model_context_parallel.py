@@ -22,7 +22,6 @@ from tests.distributed.launch import run_on_ranks
 from tests.distributed.test_context_parallel import _expect
 from tests.models.test_model import tiny_config
 
-
 WORLD = 2
 SHARD = 6  # tokens per rank; sequences of WORLD * SHARD
 
