@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gatedfwa.ops.window_attention import backward as triton_backward
-from gatedfwa.ops.window_attention import gate_flux, launch
+from gatedfwa.ops.window_attention import launch
 from gatedfwa.ops.window_attention.gate_flux import flux_tile_count, gate_gradient_from_flux
 from gatedfwa.ops.window_attention.naive import boundary_fluxes, naive_gate_gradient_from_flux
 
