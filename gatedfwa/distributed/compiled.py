@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-from gatedfwa.distributed.halo import HaloPlan, exchange_halo_now, return_halo_gradients_now
+from gatedfwa.distributed.halo import HaloPlan, empty_along_time, exchange_halo_now, return_halo_gradients_now
 from gatedfwa.distributed.ordered import mark_ordered
 
 __all__ = ["compiled_halo", "compiled_next_first_labels", "compiled_group_sum"]
@@ -47,10 +47,6 @@ IGNORE_INDEX = -100
 def _plan(group_name: str, shard: int, halo_want: int) -> tuple[HaloPlan, dist.ProcessGroup]:
     group = _resolve_process_group(group_name)
     return HaloPlan.build(dist.get_rank(group), dist.get_world_size(group), shard, halo_want), group
-
-
-def _along_time_like(x: torch.Tensor, length: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], length, *x.shape[2:]))
 
 
 # --------------------------------------------------------------------------------------
@@ -78,7 +74,7 @@ def _halo(tails: list[torch.Tensor], group_name: str, shard: int, halo_want: int
 @_halo.register_fake
 def _(tails, group_name, shard, halo_want):
     plan, _ = _plan(group_name, shard, halo_want)
-    return [_along_time_like(t, plan.halo) for t in tails]
+    return [empty_along_time(t, plan.halo) for t in tails]
 
 
 @torch.library.custom_op("gatedfwa::context_parallel_halo_backward", mutates_args=(), device_types=None)
@@ -92,7 +88,7 @@ def _halo_backward(halo_grads: list[torch.Tensor], group_name: str, shard: int, 
 @_halo_backward.register_fake
 def _(halo_grads, group_name, shard, halo_want):
     plan, _ = _plan(group_name, shard, halo_want)
-    return [_along_time_like(d, _carried(plan)) for d in halo_grads]
+    return [empty_along_time(d, _carried(plan)) for d in halo_grads]
 
 
 def _halo_setup(ctx, inputs, output):

@@ -39,10 +39,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-from gatedfwa.distributed.halo import HaloLink, HaloPlan
+from gatedfwa.distributed.halo import HaloLink, HaloPlan, empty_along_time
 from gatedfwa.distributed.ordered import mark_ordered
 from gatedfwa.distributed.packed import ShardOffsets, whole_offsets
-from gatedfwa.ops.common.custom_op import KernelOp
+from gatedfwa.ops.common.custom_op import KernelOp, no_gradient
 from gatedfwa.ops.window_attention.triton_path import window_attention_backward as _backward_impl
 from gatedfwa.ops.window_attention.triton_path import window_attention_forward as _forward_impl
 
@@ -59,17 +59,6 @@ def _ignore_rows(lse2: torch.Tensor, rows: int) -> None:
     lse2[:, :, :rows] = float("inf")
 
 
-def _empty_halo(x: torch.Tensor) -> torch.Tensor:
-    """[B, 0, ...] like x: the halo gradients of a rank without a halo (it still posts its half
-    of the exchange: it receives)."""
-    return x.new_empty((x.shape[0], 0, *x.shape[2:]))
-
-
-def _calls(link: HaloLink, n: int) -> tuple[int, int, bool, bool]:
-    """_calls_of the link's plan."""
-    return _calls_of(link.plan, n)
-
-
 def _calls_of(plan: HaloPlan, n: int) -> tuple[int, int, bool, bool]:
     """(edge, halo, first, whole): the queries whose window reaches before the shard, the
     halo's length, whether the first rows' call runs (a halo exists) and whether the
@@ -84,7 +73,7 @@ def fused_forward(q, k, v, g, window_size: int, scale: float, link: HaloLink, of
     fused_backward takes (SAVED). q, k, v, g contiguous; `offsets` of packed sequences
     (ShardOffsets(), all None, without)."""
     n = q.shape[1]
-    edge, halo, first, whole = _calls(link, n)
+    edge, halo, first, whole = _calls_of(link.plan, n)
     pending = link.start([k, v] if g is None else [k, v, g])
     o = lse = None
     if whole:
@@ -111,7 +100,7 @@ def fused_backward(do, q, k, v, g, o, saved, window_size: int, scale: float, lin
     order of SAVED)."""
     lse, q1, keys, values, gates, o1, lse1 = saved
     n = q.shape[1]
-    edge, halo, first, whole = _calls(link, n)
+    edge, halo, first, whole = _calls_of(link.plan, n)
     do = do.contiguous()
     exchanged = [k, v] if g is None else [k, v, g]
     if first:
@@ -123,7 +112,8 @@ def fused_backward(do, q, k, v, g, o, saved, window_size: int, scale: float, lin
         dq1, own = first_grads[0], [d for d in first_grads[1:] if d is not None]
         returning = link.post_gradients([d[:, :halo] for d in own])
     else:
-        returning = link.post_gradients([_empty_halo(x) for x in exchanged])
+        # A rank without a halo still posts its half of the exchange (it receives).
+        returning = link.post_gradients([empty_along_time(x, 0) for x in exchanged])
     first_parts = []  # the first rows' part of the first rows' keys, added with the returning ones
     if whole:
         dq, dk, dv, dg = _backward_impl(do, q, k, v, g, o, lse, window_size, scale, offsets.whole, None)
@@ -164,7 +154,7 @@ def _link_and_offsets(q, group_name, window_size, cu_seqlens) -> tuple[HaloLink,
 
 
 def _none_to_empty(tensors, like: torch.Tensor) -> list[torch.Tensor]:
-    return [like.new_empty((0,)) if t is None else t for t in tensors]
+    return [no_gradient(like) if t is None else t for t in tensors]
 
 
 def _empty_to_none(tensors) -> list[torch.Tensor | None]:
@@ -186,10 +176,6 @@ def _unaliased(outputs: list[torch.Tensor], inputs: list[torch.Tensor | None]) -
     return unaliased
 
 
-def _along_time_like(x: torch.Tensor, length: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], length, *x.shape[2:]))
-
-
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
                cu_seqlens: torch.Tensor | None, window_size: int, scale: float, group_name: str) -> _Outputs:
     """(o, *SAVED) of fused_forward, absent ones empty."""
@@ -206,10 +192,10 @@ def _attention_fake(q, k, v, g, cu_seqlens, window_size, scale, group_name):
     lse = q.new_empty((batch, heads, n), dtype=torch.float32) if whole else empty
     if not first:
         return (torch.empty_like(q), lse, *(empty for _ in SAVED[1:]))
-    keys = _along_time_like(k, halo + edge)
-    gates = empty if g is None else _along_time_like(g, halo + edge)
-    return (torch.empty_like(q), lse, _along_time_like(q, edge), keys, torch.empty_like(keys), gates,
-            _along_time_like(q, edge), q.new_empty((batch, heads, edge), dtype=torch.float32))
+    keys = empty_along_time(k, halo + edge)
+    gates = empty if g is None else empty_along_time(g, halo + edge)
+    return (torch.empty_like(q), lse, empty_along_time(q, edge), keys, torch.empty_like(keys), gates,
+            empty_along_time(q, edge), q.new_empty((batch, heads, edge), dtype=torch.float32))
 
 
 def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from gatedfwa.distributed.partial_sums import Part, add_parts
 
 __all__ = ["HaloPlan", "PendingHalo", "start_halo_exchange", "attach_halo", "TailGradients", "expect_tail_gradients",
-           "HaloLink", "exchange_halo_now", "return_halo_gradients_now"]
+           "HaloLink", "exchange_halo_now", "return_halo_gradients_now", "empty_along_time"]
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def _exchange(group, outgoing: list, incoming: list) -> list:
     return dist.batch_isend_irecv(ops) if ops else []
 
 
-def _empty_along_time(x: torch.Tensor, length: int) -> torch.Tensor:
+def empty_along_time(x: torch.Tensor, length: int) -> torch.Tensor:
     """An uninitialised tensor like x with `length` positions along dim 1."""
     return x.new_empty((x.shape[0], length, *x.shape[2:]))
 
@@ -115,12 +115,12 @@ class PendingHalo:
 
     def __init__(self, plan: HaloPlan, group, tensors: list[torch.Tensor], first_position: int = 0):
         self.plan, self.group = plan, group
-        self.pieces = [[_empty_along_time(x, p.end - p.start) for p in plan.receives] for x in tensors]
+        self.pieces = [[empty_along_time(x, p.end - p.start) for p in plan.receives] for x in tensors]
         self.sent = [(p.peer, _along_time(x, p.start - first_position, p.end - first_position))
                      for p in plan.sends for x in tensors]
         incoming = [(p.peer, pieces[i]) for i, p in enumerate(plan.receives) for pieces in self.pieces]
         self.works = _exchange(group, self.sent, incoming)
-        self.empty = [_empty_along_time(x, 0) for x in tensors]
+        self.empty = [empty_along_time(x, 0) for x in tensors]
 
     def wait(self) -> list[torch.Tensor]:
         for work in self.works:
@@ -156,7 +156,7 @@ def return_halo_gradients_now(plan: HaloPlan, group, halo_grads: list[torch.Tens
     none did), in halo_grads' dtype."""
     exchange = TailGradients()
     exchange.post(plan, group, halo_grads)
-    tail_grads = [_empty_along_time(d, plan.shard - first_position).zero_() for d in halo_grads]
+    tail_grads = [empty_along_time(d, plan.shard - first_position).zero_() for d in halo_grads]
     exchange.add_to(tail_grads, first_position)
     return tail_grads
 
@@ -174,7 +174,7 @@ class TailGradients:
     def post(self, plan: HaloPlan, group, halo_grads) -> None:
         """Send the halo's gradients to their owners; receive this rank's tail gradients."""
         outgoing = [(p.peer, _along_time(d, p.start, p.end)) for p in plan.receives for d in halo_grads]
-        self.received = [[_empty_along_time(d, p.end - p.start) for d in halo_grads] for p in plan.sends]
+        self.received = [[empty_along_time(d, p.end - p.start) for d in halo_grads] for p in plan.sends]
         incoming = [(p.peer, t) for p, ts in zip(plan.sends, self.received) for t in ts]
         self.plan, self.works = plan, _exchange(group, outgoing, incoming)
 
@@ -242,7 +242,7 @@ class _AttachHalo(torch.autograd.Function):
         exchange.post(plan, ctx.group, halo_grads)
         if ctx.deferred is not None:
             return (None, None, *(None for _ in halo_grads))
-        tail_grads = [_empty_along_time(d, plan.tail).zero_() for d in halo_grads]
+        tail_grads = [empty_along_time(d, plan.tail).zero_() for d in halo_grads]
         exchange.add_to(tail_grads, plan.shard - plan.tail)
         return (None, None, *tail_grads)
 
