@@ -68,16 +68,20 @@ class Tuning:
                  measured: Mapping[tuple, dict] | None = None, knobs=None):
         self.family = family
         self.key_names = tuple(key_names)
-        for key in measured or {}:
-            if key[0] not in rules or len(key) != 2 + len(self.key_names):
-                raise ValueError(f"{family} tuning: measured entry {key!r} must be (kernel, arch, "
-                                 f"{', '.join(self.key_names)}) with kernel one of {sorted(rules)}")
         if knobs is not None and not (dataclasses.is_dataclass(knobs) and knobs.__dataclass_params__.frozen):
             raise TypeError(f"{family} tuning: knobs must be a frozen dataclass instance, got {type(knobs).__name__}")
         self._rules = MappingProxyType(dict(rules))
-        self._measured = MappingProxyType(dict(measured or {}))
+        self._measured = self._checked(measured or {})
         self._knobs = knobs
         self._cache: dict[tuple, dict] = {}
+
+    def _checked(self, measured: Mapping[tuple, dict]) -> Mapping[tuple, dict]:
+        """measured as a read-only mapping, each key (kernel, arch, *key_names) of a known kernel."""
+        for key in measured:
+            if key[0] not in self._rules or len(key) != 2 + len(self.key_names):
+                raise ValueError(f"{self.family} tuning: measured entry {key!r} must be (kernel, arch, "
+                                 f"{', '.join(self.key_names)}) with kernel one of {sorted(self._rules)}")
+        return MappingProxyType(dict(measured))
 
     @property
     def rules(self) -> Mapping[str, Rule]:
@@ -124,8 +128,7 @@ class Tuning:
             if rules:
                 self._rules = MappingProxyType({**self._rules, **rules})
             if measured is not None:
-                checked = Tuning(self.family, self.key_names, self._rules, measured)
-                self._measured = checked._measured
+                self._measured = self._checked(measured)
             if knobs:
                 if self._knobs is None:
                     raise TypeError(f"{self.family} tuning has no knobs")
